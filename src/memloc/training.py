@@ -199,10 +199,14 @@ class Trainer:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
+        if cfg.compile:
+            import torch._functorch.config as functorch_config
+            functorch_config.donated_buffer = False  # the accounting's first backward retains the graph
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.progress, self.log = progress, (log or (lambda s: None))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=False)
+                                   weight_decay=cfg.weight_decay, nesterov=False,
+                                   fused=self.device.type == "cuda" or None)
         n, e = data.num_train, cfg.epochs
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.is_noisy_dev = data.is_noisy.to(self.device)

@@ -1,0 +1,111 @@
+"""What every probe shares: one result type, and scoped, reversible interventions on a model.
+
+A probe writes into `RUN/probes/<name>/`: `summary.json` (settings and headline
+numbers), `arrays.npz` (the full result), and a tidy `<name>.csv`. Interventions
+(zeroing units, putting other weights into a layer) happen inside context
+managers that restore the model in `finally`, even when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RunError
+from ..models import Layer
+from ..runs import RunDir, save_npz, write_json, write_text
+
+
+@dataclass
+class ProbeResult:
+    """One probe's output: a JSON-able summary, named arrays, and rows for a tidy CSV."""
+
+    probe: str
+    summary: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def save(self, run: RunDir) -> Path:
+        d = run.probe_dir(self.probe)
+        save_npz(d / "arrays.npz", **self.arrays)
+        if self.rows:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_text(d / f"{self.probe}.csv", buf.getvalue())
+        write_json(d / "summary.json", self.summary)  # last: its presence means the probe finished
+        return d
+
+    @classmethod
+    def load(cls, run: RunDir, probe: str) -> "ProbeResult":
+        d = run.path / "probes" / probe
+        if not (d / "summary.json").exists():
+            raise RunError(f"{run.path} has no finished {probe} probe: run `memloc {probe_command(probe)} {run.path}` first")
+        summary = json.loads((d / "summary.json").read_text())
+        with np.load(d / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        rows = []
+        if (d / f"{probe}.csv").exists():
+            rows = list(csv.DictReader(io.StringIO((d / f"{probe}.csv").read_text())))
+        return cls(probe, summary, arrays, rows)
+
+
+def probe_command(probe: str) -> str:
+    return {"rewinding": "rewind", "retraining": "retrain", "flipping": "flip", "dropout": "evaluate",
+            "detection": "detect"}.get(probe, probe)
+
+
+@contextlib.contextmanager
+def zeroed_units(model: nn.Module, units: Sequence[tuple[Layer, Sequence[int]]]) -> Iterator[nn.Module]:
+    """Zero the activations of the given units (all positions) while inside; hooks removed after."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(layer: Layer, idx: torch.Tensor):
+        def hook(module, inputs, output):
+            mask_shape = [1] * output.dim()
+            dim = layer.unit_dim % output.dim()
+            mask_shape[dim] = output.shape[dim]
+            mask = torch.ones(mask_shape, dtype=output.dtype, device=output.device)
+            mask.view(-1)[idx.to(output.device)] = 0
+            return output * mask
+        return hook
+
+    try:
+        for layer, idx in units:
+            if len(idx):
+                handles.append(modules[layer.output].register_forward_hook(
+                    make_hook(layer, torch.as_tensor(list(idx), dtype=torch.long))))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def swapped_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Put the tensors of `state` (parameter and buffer names) into the model while inside; restore after."""
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise RunError(f"the model has no tensor named {unknown[0]!r}: the state comes from another model")
+    saved = {k: own[k].detach().clone() for k in state}
+    try:
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(own[k].device, own[k].dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                own[k].copy_(v)

@@ -1,0 +1,67 @@
+"""The report is rebuilt from files alone, says what is missing, and renders in a real browser."""
+
+import json
+import shutil
+
+import pytest
+
+import browser
+from memloc.cli import main
+from memloc.report import build_report
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    assert main(["train", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_report_from_files_and_rebuild_is_identical(smoke_run):
+    page = build_report(smoke_run)
+    rep = smoke_run / "report"
+    figures = sorted(p.name for p in (rep / "figures").iterdir())
+    assert figures == ["gradient_cosine.png", "gradient_norms.png", "learning_curves.png"]
+    tables = sorted(p.name for p in (rep / "tables").iterdir())
+    assert "metrics.csv" in tables and "gradients.csv" in tables
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3
+    assert "Missing: not run: `memloc rewind" in text  # probes not run: said, with the command
+    before = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    build_report(smoke_run)
+    after = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_report_bad_inputs(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a memloc run" in capsys.readouterr().err
+    fake = tmp_path / "future"
+    fake.mkdir()
+    (fake / "run.json").write_text(json.dumps({"format_version": 42, "stages": {}}))
+    assert main(["report", str(fake)]) == 2
+    err = capsys.readouterr().err
+    assert "format version 42" in err and err.count("\n") == 1
+    assert sorted(p.name for p in fake.iterdir()) == ["run.json"]  # nothing written
+
+
+def test_report_of_a_partial_run(smoke_run, tmp_path):
+    part = tmp_path / "partial"
+    shutil.copytree(smoke_run, part)
+    (part / "gradients.npz").unlink()
+    shutil.rmtree(part / "report", ignore_errors=True)
+    text = build_report(part).read_text()
+    assert "Missing: no gradients.npz" in text and text.count("data:image/png;base64,") == 1
+
+
+@pytest.mark.skipif(not browser.available(), reason="needs Debian's chromium and chromium-driver, and selenium")
+def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
+    page = build_report(smoke_run)
+    seen = browser.inspect_page(page)
+    assert seen["title"] == "memloc report"
+    assert len(seen["images"]) == 3
+    assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in seen["images"])
+    assert all(seen["decoded"])
+    errors = [m for m in seen["console"] if m.get("level") in ("SEVERE", "ERROR")]
+    assert not errors, errors
+    (tmp_path / "screenshot.png").write_bytes(seen["screenshot"])

@@ -149,3 +149,10 @@ def test_normalize_and_batches_and_augment():
     c = augment(img, pad=0, generator=torch.Generator().manual_seed(0))
     for i in range(8):
         assert torch.equal(c[i], img[i]) or torch.equal(c[i], img[i].flip(2))
+
+
+def test_normalize_never_changes_its_input():
+    x = torch.rand(2, 1, 3, 3)
+    before = x.clone()
+    out = normalize(x)
+    assert torch.equal(x, before) and torch.allclose(out, (before - 0.5) / 0.5)

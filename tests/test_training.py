@@ -141,3 +141,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert np.allclose(ga["cosine"], gb["cosine"])
     ea, eb = full.load_arrays("examples.npz"), cut.load_arrays("examples.npz")
     assert np.array_equal(ea["loss"], eb["loss"]) and np.array_equal(ea["correct_bits"], eb["correct_bits"])
+
+
+def test_predict_restores_each_modules_own_mode(tiny_data):
+    from memloc.training import predict
+    model = tiny_model(tiny_data)
+    model.train()
+    model.block1[1].eval()  # a frozen BatchNorm inside a training model
+    predict(model, tiny_data.x_train[:8])
+    assert model.training and not model.block1[1].training and model.block2[1].training

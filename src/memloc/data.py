@@ -331,7 +331,8 @@ def place(ds: Dataset, device: torch.device | str) -> Dataset:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Stored images -> model input: [0, 1] intensities with the paper's mean 0.5, std 0.5."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    # a fresh tensor either way: a float32 input must not be changed in place
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
     return x.sub_(0.5).div_(0.5)
 
 

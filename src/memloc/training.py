@@ -139,7 +139,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, with_i
     (its `tied` mode evaluates each training example through its own mask).
     """
     device = device or next(model.parameters()).device
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a partly frozen model stays so
     model.eval()
     ctx = _indices_context(model)
     outs = []
@@ -149,7 +149,8 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, with_i
             with autocast(device), (ctx(model, idx) if with_indices else contextlib.nullcontext()):
                 outs.append(model(model_input(xb, device)).float())
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

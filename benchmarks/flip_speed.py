@@ -1,0 +1,113 @@
+"""Greedy unit removal: batched vs the paper-faithful sequential mode, same model and examples, one run.
+
+CPU (2 cores, a few minutes):
+    python benchmarks/flip_speed.py --dataset mnist5k --train-size 2000 --width 0.25 --epochs 15 \
+        --examples 16 --others 128 --sequential-sample 4
+
+GPU (the paper's ResNet-9 on 50,000 CIFAR-shaped images; target >= 20x, 1000+1000 under 5 min, < 16 GB):
+    python benchmarks/flip_speed.py --dataset synthetic --width 1 --epochs 15 --examples 256 \
+        --others 512 --sequential-sample 8 --device cuda
+
+Examples are chosen among those the model predicts as their given label (so every one needs a search),
+N clean + N noisy. Each removal search is followed by the edited model's accuracy on the full training
+and test sets (or --eval-subsample). The sequential mode runs on the first --sequential-sample examples
+of each kind and is compared per example. Prints examples/s, the ratio, the extrapolated time for the
+paper's 1000 clean + 1000 noisy examples and the peak device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from memloc.data import DataConfig
+from memloc.experiment import ModelConfig, RunConfig, build
+from memloc.probes.flipping import FlipConfig, flip_units
+from memloc.training import TrainConfig, predict, resolve_device, train
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--train-size", type=int)
+    p.add_argument("--model", default="resnet9")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs before probing (0: untrained)")
+    p.add_argument("--examples", type=int, default=16, help="per kind (clean, noisy)")
+    p.add_argument("--others", type=int, default=512)
+    p.add_argument("--sequential-sample", type=int, default=4, help="per kind, for the sequential mode")
+    p.add_argument("--eval-subsample", type=int)
+    p.add_argument("--no-test-eval", action="store_true", help="after removal, training-set accuracy only (as the paper)")
+    p.add_argument("--batch-examples", type=int, default=32)
+    p.add_argument("--eval-rows", type=int, default=16384)
+    p.add_argument("--max-rows", type=int, default=2048)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    device = resolve_device(a.device)
+    data_cfg = DataConfig(dataset=a.dataset, train_size=a.train_size, noise=0.1, seed=a.seed)
+    cfg = RunConfig(data=data_cfg, model=ModelConfig(name=a.model, width=a.width),
+                    train=TrainConfig(epochs=max(1, a.epochs), lr=0.1, seed=a.seed, gradient_accounting=False,
+                                      device=str(device)))
+    data, model = build(cfg, device)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    t = time.perf_counter()
+    if a.epochs > 0:
+        train(model, data, cfg.train)
+    model.eval()
+    print(f"{a.model} width {a.width:g} on {data.name}: {data.num_train} train / {len(data.y_test)} test, "
+          f"device {device}, trained {a.epochs} epochs in {time.perf_counter() - t:.1f}s")
+    pred = predict(model, data.x_train, device=device).argmax(1).to(data.y_train.device)
+    ok = (pred == data.y_train).cpu().numpy()
+    noisy = data.is_noisy.cpu().numpy()
+    rng = np.random.default_rng(a.seed)
+    picks = []
+    for name, pool in (("clean", np.flatnonzero(ok & ~noisy)), ("noisy", np.flatnonzero(ok & noisy))):
+        n = min(a.examples, len(pool))
+        print(f"{name}: {len(pool)} predicted as labelled, taking {n}")
+        picks.append(rng.choice(pool, size=n, replace=False))
+    s = a.sequential_sample
+    seq_idx = tuple(int(i) for part in picks for i in part[:s])
+    all_idx = tuple(int(i) for part in picks for i in part)
+    common = dict(others=a.others, eval_subsample=a.eval_subsample, eval_test=not a.no_test_eval, seed=a.seed,
+                  device=str(device),
+                  batch_examples=a.batch_examples, eval_rows=a.eval_rows, max_rows=a.max_rows)
+
+    def timed(idx, sequential):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        res = flip_units(model, data, FlipConfig(indices=idx, sequential=sequential, **common))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return res, time.perf_counter() - t0
+
+    flip_units(model, data, FlipConfig(indices=all_idx[:2], **{**common, "eval_subsample": 64}))  # warm-up
+    bat, t_bat = timed(all_idx, False)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    seq, t_seq = timed(seq_idx, True)
+    same = {int(i): r["units"] for i, r in zip(seq.arrays["index"], seq.rows)}
+    agree = sum(same[int(i)] == r["units"] for i, r in zip(bat.arrays["index"], bat.rows) if int(i) in same)
+    rate_b, rate_s = len(all_idx) / t_bat, len(seq_idx) / t_seq
+    for name, res in (("batched", bat), ("sequential", seq)):
+        k = res.summary["kinds"]
+        print(f"{name:10s}: " + ", ".join(f"{kind} mean {v['mean_units']:.2f} units" for kind, v in k.items()))
+    print(f"batched   : {len(all_idx)} examples in {t_bat:.1f}s = {rate_b:.3f} examples/s")
+    print(f"sequential: {len(seq_idx)} examples in {t_seq:.1f}s = {rate_s:.3f} examples/s")
+    print(f"speed-up (per example): {rate_b / rate_s:.2f}x; same units for {agree}/{len(seq_idx)} examples")
+    print(f"1000 clean + 1000 noisy, extrapolated: batched {2000 / rate_b / 60:.1f} min, "
+          f"sequential {2000 / rate_s / 60:.1f} min")
+    if mem is not None:
+        print(f"peak device memory (batched): {mem:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,690 @@
+"""Greedy unit removal ("flipping", probe 4): how many units must be zeroed to flip one example's prediction?
+
+Semantics (what this module computes, exactly):
+
+* The model is in eval mode (BatchNorm running statistics), so rows of a batch
+  never interact and many edited models can share one forward pass.
+* Units are the units of `layers(model)` (a conv layer's output channel, a
+  linear layer's output feature); zeroing a unit multiplies its activation (the
+  output of its layer's norm+activation chain, every spatial position) by 0.
+  By default every layer except the final classifier takes part: the
+  classifier's units are the class logits themselves, and zeroing the given
+  class's logit is a trivial flip, not a memorising neuron. Counts are always
+  in units, never single weights.
+* The example's output is the mean of the *logits* over `copies` (5) copies of
+  the model input x (normalised) with Gaussian noise: for copy c at step t,
+  eps ~ N(0, I) from a local generator keyed by (seed, example, c, t), scaled
+  to norm `input_noise * ||x||` (1%). `input_noise = 0` gives noiseless copies.
+* The objective is J = mean loss of the others - loss of the example
+  (cross-entropy against the given labels; the others are `others` training
+  examples drawn once with the seed from the whole training set, independently
+  of the chosen examples, and shared by every example; an example that is
+  also among the others counts in both terms, as in the paper's batch). Zeroing unit u changes its activation a by -a, so to first order
+  J changes by -sum_positions a * dJ/da. The score of u is the first-order
+  *decrease* of J, score(u) = sum_positions a * dJ/da = dJ/dm_u, where m is
+  the unit's multiplicative mask (1 = live). Each step zeroes the live unit
+  with the highest score (the one whose removal most raises the example's loss
+  while keeping the others' loss low); when no score is positive the best one
+  is still taken, and the budget ends the search.
+* Before each step the averaged output is checked: once its argmax differs
+  from the given label the example has flipped. An example predicted wrongly
+  from the start records 0 units. An example still not flipped after `budget`
+  removals records flipped = False and num_units = budget.
+* After removal, the edited model's accuracy (against the given labels) on the
+  training set (all, clean, noisy, rare) and the test set, on all data or on a
+  seeded subsample (`eval_subsample` training and test examples).
+
+Batched mode keeps a pool of `batch_examples` examples; each carries its own
+unit mask, applied by forward hooks as an extra batch dimension (rows are
+grouped by example). The others' rows are computed once per *distinct* mask
+(every example starts from the empty mask), chunked to `max_rows` rows. The
+after-removal accuracies of many edited models are computed in one pass over
+the data (rows = (mask, data point)), in bf16 on a GPU. Sequential mode is the
+paper's loop: one example and one removal at a time, the whole batch of others,
+the accuracy after each example. Both give the same units (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Dataset
+from ..errors import ConfigError, DataError, RunError
+from ..models import Layer, layers as find_layers, select_layers
+from ..runs import write_json
+from ..training import autocast, model_input
+from .base import ProbeResult
+
+KINDS = ("clean", "noisy", "rare")
+PROBE = "flipping"
+
+
+@dataclass
+class FlipConfig:
+    """Settings of the greedy unit removal. Defaults are the paper's (5 copies, 1% noise, 512 others)."""
+
+    examples: int = 100  # per kind
+    kinds: tuple[str, ...] = ("clean", "noisy")
+    indices: tuple[int, ...] | None = None  # explicit training examples instead of a seeded choice per kind
+    others: int = 512
+    copies: int = 5
+    input_noise: float = 0.01  # noise norm as a fraction of the input's norm
+    budget: float = 0.1  # removal cap as a fraction of all candidate units ...
+    max_units: int | None = None  # ... or as a number of units (wins over `budget`)
+    layers: tuple[str, ...] | None = None  # names or indices; None: every layer but the classifier
+    include_classifier: bool = False
+    eval_subsample: int | None = None  # None: accuracy after removal on all training and test data
+    eval_test: bool = True  # False: training-set accuracy only after removal (saves the test-set passes)
+    seed: int = 0
+    sequential: bool = False
+    batch_examples: int = 32  # examples flipped at once (batched mode)
+    max_rows: int = 2048  # rows per forward+backward pass of the score step (about 4 GB on the paper's ResNet-9)
+    eval_rows: int = 16384  # rows (mask x data point) per accuracy pass
+    epoch: int | None = None  # checkpoint to probe (None: the final one)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        for k in self.kinds:
+            if k not in KINDS:
+                raise ConfigError(f"unknown kind {k!r}: choose from {', '.join(KINDS)}, e.g. --kind clean,noisy")
+        if not self.kinds and self.indices is None:
+            raise ConfigError("no kind of example chosen: pass --kind clean,noisy or --indices FILE")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ConfigError(f"--kind lists a kind twice: {','.join(self.kinds)}")
+        if self.examples < 1:
+            raise ConfigError(f"--examples must be at least 1, not {self.examples}")
+        if self.indices is not None:
+            self.indices = tuple(int(i) for i in self.indices)
+            if not self.indices:
+                raise ConfigError("the --indices file lists no examples")
+            if len(set(self.indices)) != len(self.indices):
+                raise ConfigError("the --indices file lists an example twice: examples must be distinct")
+        if self.others < 1:
+            raise ConfigError(f"--others must be at least 1, not {self.others}")
+        if self.copies < 1:
+            raise ConfigError(f"--copies must be at least 1, not {self.copies}")
+        if not (0.0 <= self.input_noise < 10.0):
+            raise ConfigError(f"--input-noise {self.input_noise} is outside [0, 10): pass e.g. 0.01 (1% of the input norm)")
+        if not (0.0 < self.budget <= 1.0):
+            raise ConfigError(f"--budget {self.budget} is outside (0, 1]: it is a fraction of all units, e.g. 0.1")
+        if self.max_units is not None and self.max_units < 1:
+            raise ConfigError(f"--max-units must be at least 1, not {self.max_units}")
+        if self.eval_subsample is not None and self.eval_subsample < 1:
+            raise ConfigError(f"--eval-subsample must be at least 1, not {self.eval_subsample}")
+        for name in ("batch_examples", "max_rows", "eval_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.layers is not None:
+            self.layers = tuple(str(n) for n in self.layers)
+
+    def settings(self) -> dict:
+        """What determines the result (batching sizes and the mode do not)."""
+        d = asdict(self)
+        for k in ("sequential", "batch_examples", "max_rows", "eval_rows", "device"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class FlipRecord:
+    """What greedy removal found for one training example."""
+
+    index: int
+    kind: str
+    label: int
+    true_label: int
+    already_wrong: bool
+    flipped: bool
+    units: list[tuple[int, int]]  # (layer index, unit index) in removal order
+    acc: dict[str, float | None] = field(default_factory=dict)  # after removal
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+
+# ----------------------------------------------------------------------------- example choice
+
+def select_examples(data: Dataset, kinds: Sequence[str], n: int, *, seed: int = 0
+                    ) -> tuple[np.ndarray, list[str]]:
+    """`n` distinct training examples of each kind, a seeded choice; returns (indices (E,), kinds)."""
+    noisy = data.is_noisy.cpu().numpy()
+    rare = data.is_rare.cpu().numpy()
+    if any(k in ("clean", "noisy") for k in kinds) and not data.noise_known:
+        raise DataError("this run's data has no known noise mask, so clean and noisy examples are unknown: "
+                        "retrain with --noise-mask FILE, or pass --indices FILE")
+    members = {"clean": ~noisy, "noisy": noisy, "rare": rare}
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(len(noisy), dtype=bool)
+    out, out_kinds = [], []
+    for k in kinds:
+        pool = np.flatnonzero(members[k] & ~taken)
+        if len(pool) == 0:
+            hint = " (pass --rare-scores when training)" if k == "rare" else ""
+            raise DataError(f"the run has no {k} training examples{hint}: choose other --kind")
+        if len(pool) < n:
+            raise DataError(f"--examples {n} is more than the {len(pool)} {k} training examples available: "
+                            f"pass --examples {len(pool)} or fewer")
+        pick = np.sort(rng.choice(pool, size=n, replace=False))
+        taken[pick] = True
+        out.append(pick)
+        out_kinds += [k] * n
+    return np.concatenate(out).astype(np.int64), out_kinds
+
+
+def kinds_of(data: Dataset, indices: np.ndarray) -> list[str]:
+    """The kind of each given example: noisy / rare / clean (noisy wins over rare)."""
+    n = data.num_train
+    bad = [int(i) for i in indices if not (0 <= int(i) < n)]
+    if bad:
+        raise DataError(f"example index {bad[0]} is outside 0..{n - 1}: the run has {n} training examples")
+    noisy, rare = data.is_noisy.cpu().numpy(), data.is_rare.cpu().numpy()
+    return ["noisy" if noisy[i] else "rare" if rare[i] else "clean" for i in indices]
+
+
+def read_indices(path: str | Path) -> tuple[int, ...]:
+    """A file of training-example indices: .npy, or text with one index (or comma-separated ones) per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--indices file {p} does not exist: pass a .npy or text file of example indices")
+    try:
+        if p.suffix == ".npy":
+            vals = np.load(p, allow_pickle=False).ravel()
+        else:
+            vals = np.array([v for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")
+                             for v in line.replace(",", " ").split()], dtype=np.float64)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"--indices file {p} is not a list of integers ({err})") from None
+    if vals.size and not np.all(np.equal(np.mod(vals, 1), 0)):
+        raise ConfigError(f"--indices file {p} holds non-integer values: list example indices")
+    return tuple(int(v) for v in vals)
+
+
+def _noise_seed(seed: int, example: int, copy: int, step: int) -> int:
+    h = hashlib.blake2b(f"flip:{seed}:{example}:{copy}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------- masks as a batch dimension
+
+class UnitMasks:
+    """Forward hooks multiplying each layer's unit activations by a per-row mask.
+
+    `rows` holds one (R, U_total) tensor for the next forward pass (R rows of
+    the batch, U_total = units of all candidate layers, concatenated in layer
+    order); None runs the model unedited. Hooks exist only inside `installed()`.
+    """
+
+    def __init__(self, model: nn.Module, candidates: list[Layer]):
+        self.model, self.layers = model, candidates
+        self.sizes = [l.units for l in candidates]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+        self.total = int(self.offsets[-1])
+        self.rows: torch.Tensor | None = None
+
+    def unit_of(self, flat: int) -> tuple[int, int]:
+        """Flat unit position -> (layer index in the model, unit index)."""
+        j = int(np.searchsorted(self.offsets, flat, side="right") - 1)
+        return self.layers[j].index, int(flat - self.offsets[j])
+
+    def flat(self, layer_index: int, unit: int) -> int:
+        j = [l.index for l in self.layers].index(layer_index)
+        return int(self.offsets[j] + unit)
+
+    def _hook(self, j: int):
+        lo, hi, dim = int(self.offsets[j]), int(self.offsets[j + 1]), self.layers[j].unit_dim
+
+        def hook(module, inputs, output):
+            if self.rows is None:
+                return None
+            m = self.rows[:, lo:hi]  # (R, U_j)
+            if m.shape[0] != output.shape[0]:
+                raise RunError(f"unit mask has {m.shape[0]} rows for a batch of {output.shape[0]}")
+            shape = [m.shape[0]] + [1] * (output.dim() - 1)
+            shape[dim % output.dim()] = m.shape[1]
+            return output * m.to(output.dtype).view(shape)  # (R, U_j, 1, 1) for conv, (R, [T,] U_j) for linear
+        return hook
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["UnitMasks"]:
+        modules = dict(self.model.named_modules())
+        handles = []
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            for j, layer in enumerate(self.layers):
+                handles.append(modules[layer.output].register_forward_hook(self._hook(j)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.rows = None
+            self.model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+class _Flipper:
+    """Greedy removal for a model, its data and the others; shared by both modes."""
+
+    def __init__(self, model: nn.Module, data: Dataset, cfg: FlipConfig, candidates: list[Layer],
+                 others: np.ndarray, eval_train: np.ndarray, eval_test: np.ndarray, budget: int):
+        self.model, self.data, self.cfg, self.budget = model, data, cfg, budget
+        self.device = next(model.parameters()).device
+        self.masks = UnitMasks(model, candidates)
+        dev = self.device
+        self.x_oth = model_input(data.x_train[torch.as_tensor(others, device=data.x_train.device)].to(dev), dev)
+        self.y_oth = data.y_train[torch.as_tensor(others, device=data.y_train.device)].to(dev)
+        self.eval_train = torch.as_tensor(eval_train, dtype=torch.long)
+        self.eval_test = torch.as_tensor(eval_test, dtype=torch.long)
+        # (5, D): which evaluation points count for train / clean / noisy / rare / test accuracy
+        nt, ne = len(eval_train), len(eval_test)
+        noisy = data.is_noisy.cpu()[self.eval_train].float()
+        rare = data.is_rare.cpu()[self.eval_train].float()
+        z, o = torch.zeros(ne), torch.ones(ne)
+        self.sets = torch.stack([torch.cat([torch.ones(nt), z]), torch.cat([1 - noisy, z]), torch.cat([noisy, z]),
+                                 torch.cat([rare, z]), torch.cat([torch.zeros(nt), o])]).to(dev)
+        self.set_names = ("train_acc", "clean_train_acc", "noisy_train_acc", "rare_train_acc", "test_acc")
+
+    # -- the score step
+    def _copies(self, examples: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+        """(B * copies, C, H, W) model inputs: each example's noisy copies at its step, example-major."""
+        dev, c = self.device, self.cfg.copies
+        idx = torch.as_tensor(list(examples), device=self.data.x_train.device)
+        x = model_input(self.data.x_train[idx].to(dev), dev)  # (B, C, H, W)
+        x = x.repeat_interleave(c, 0)  # (B * copies, C, H, W)
+        if self.cfg.input_noise == 0:
+            return x
+        # drawn on the CPU from generators keyed by (seed, example, copy, step): the same on every device
+        eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
+            _noise_seed(self.cfg.seed, int(e), k, int(s)))) for e, s in zip(examples, steps) for k in range(c)])
+        scale = self.cfg.input_noise * x.float().flatten(1).norm(dim=1).cpu() / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
+        eps = eps * scale.view(-1, *([1] * (eps.dim() - 1)))  # each copy's noise has norm input_noise * ||x||
+        return x + eps.to(dev, x.dtype)
+
+    def step(self, examples: Sequence[int], labels: torch.Tensor, masks: torch.Tensor, steps: Sequence[int],
+             want_scores: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One greedy step for B examples under their masks (B, U) of 0/1.
+
+        Returns (pred (B,) argmax of the copy-averaged logits, scores (B, U)
+        with -inf for removed units; rows not in `want_scores(pred)` (a (B,)
+        bool) get no score (-inf)).
+        """
+        c, dev = self.cfg.copies, self.device
+        B, U = masks.shape
+        leaf = masks.detach().clone().float().requires_grad_(True)  # (B, U)
+        self.masks.rows = leaf.repeat_interleave(c, 0)  # (B * copies, U)
+        with torch.enable_grad(), autocast(dev):
+            logits = self.model(self._copies(examples, steps)).float()  # (B * copies, K)
+        avg = logits.view(B, c, -1).mean(1)  # (B, K): the averaged output the flip test uses
+        pred = avg.argmax(1)
+        go = want_scores(pred)
+        scores = torch.full((B, U), -math.inf, device=dev)
+        if not bool(go.any()):
+            self.masks.rows = None
+            return pred, scores
+        # d(-loss_example)/dm, summed over examples: rows are independent in eval mode
+        loss_ex = F.cross_entropy(avg, labels.to(dev), reduction="none")  # (B,)
+        g_ex, = torch.autograd.grad(-(loss_ex * go.float()).sum(), leaf)  # (B, U)
+        # the others' mean loss, once per distinct mask among the examples still searching
+        live = torch.nonzero(go).flatten().tolist()
+        keys: dict[bytes, int] = {}
+        group = {}
+        for b in live:
+            key = masks[b].to(torch.bool).cpu().numpy().tobytes()
+            group[b] = keys.setdefault(key, len(keys))
+        first = {}
+        for b in live:
+            first.setdefault(group[b], b)
+        uniq = torch.stack([masks[first[g]] for g in range(len(keys))]).float()  # (G, U)
+        g_oth = torch.zeros_like(uniq)
+        m = len(self.y_oth)
+        per = max(1, self.cfg.max_rows // m)  # groups per pass
+        for lo in range(0, len(uniq), per):
+            part = uniq[lo:lo + per].clone().requires_grad_(True)  # (G_c, U)
+            gc = part.shape[0]
+            self.masks.rows = part.repeat_interleave(m, 0)  # (G_c * M, U)
+            x = self.x_oth.repeat(gc, *([1] * (self.x_oth.dim() - 1)))  # (G_c * M, C, H, W)
+            with torch.enable_grad(), autocast(dev):
+                out = self.model(x).float().view(gc, m, -1)  # (G_c, M, K)
+            loss = F.cross_entropy(out.transpose(1, 2), self.y_oth.expand(gc, m), reduction="none").mean(1)  # (G_c,)
+            g_oth[lo:lo + per], = torch.autograd.grad(loss.sum(), part)
+        self.masks.rows = None
+        for b in live:
+            s = g_ex[b] + g_oth[group[b]]  # dJ/dm, J = mean loss of the others - loss of the example
+            scores[b] = torch.where(masks[b] > 0, s, torch.full_like(s, -math.inf))
+        return pred, scores
+
+    # -- accuracy of edited models
+    @torch.no_grad()
+    def accuracies(self, masks: torch.Tensor) -> list[dict[str, float | None]]:
+        """Accuracies after removal for K masks (K, U): many edited models per pass over the data."""
+        dev = self.device
+        uniq, inverse = torch.unique(masks.to(torch.bool), dim=0, return_inverse=True)  # (Q, U)
+        q = uniq.shape[0]
+        correct = torch.zeros(q, self.sets.shape[0], device=dev)
+        sources = [(self.data.x_train, self.data.y_train, self.eval_train),
+                   (self.data.x_test, self.data.y_test, self.eval_test)]
+        offset = 0
+        for x_all, y_all, idx in sources:
+            n = len(idx)
+            per = max(1, self.cfg.eval_rows // q)  # data points per pass
+            for lo in range(0, n, per):
+                sel = idx[lo:lo + per].to(x_all.device)
+                d = len(sel)
+                x = model_input(x_all[sel].to(dev), dev)  # (D, C, H, W)
+                y = y_all[sel].to(dev)
+                for qlo in range(0, q, max(1, self.cfg.eval_rows // d)):
+                    qm = uniq[qlo:qlo + max(1, self.cfg.eval_rows // d)].float()  # (Q_c, U)
+                    qc = qm.shape[0]
+                    self.masks.rows = qm.repeat_interleave(d, 0)  # (Q_c * D, U)
+                    with autocast(dev):
+                        pred = self.model(x.repeat(qc, *([1] * (x.dim() - 1)))).argmax(1).view(qc, d)
+                    hit = (pred == y).float()  # (Q_c, D)
+                    correct[qlo:qlo + qc] += hit @ self.sets[:, offset + lo:offset + lo + d].T
+            offset += n
+        self.masks.rows = None
+        sizes = self.sets.sum(1)
+        acc = (correct / sizes.clamp_min(1)).cpu().numpy()
+        out = []
+        for k in inverse.tolist():
+            out.append({name: (float(acc[k, j]) if sizes[j] > 0 else None) for j, name in enumerate(self.set_names)})
+        return out
+
+
+def _record(e: int, kind: str, data: Dataset, units: list[int], flipped: bool, wrong: bool,
+            masks: UnitMasks) -> FlipRecord:
+    return FlipRecord(index=int(e), kind=kind, label=int(data.y_train[e]), true_label=int(data.y_true[e]),
+                      already_wrong=wrong, flipped=flipped, units=[masks.unit_of(u) for u in units])
+
+
+def _run_batched(fl: _Flipper, todo: list[tuple[int, str]], *, on_done: Callable[[list[FlipRecord]], None],
+                 chunk: int, sequential: bool, tick: Callable[[], None] = lambda: None) -> None:
+    """Flip every (example, kind) in `todo`; hand finished records to `on_done` in groups of `chunk`."""
+    U, dev = fl.masks.total, fl.device
+    pool_size = 1 if sequential else fl.cfg.batch_examples
+    pending = list(todo)
+    active: list[dict] = []  # per slot: e, kind, units (flat), mask (U,)
+    finished: list[tuple[FlipRecord, torch.Tensor]] = []
+
+    def flush(force: bool) -> None:
+        nonlocal finished
+        while finished and (force or len(finished) >= chunk):
+            part, finished = finished[:chunk], finished[chunk:]
+            accs = fl.accuracies(torch.stack([m for _, m in part]))
+            for (rec, _), a in zip(part, accs):
+                rec.acc = a
+            on_done([r for r, _ in part])
+
+    with fl.masks.installed():
+        while pending or active:
+            while pending and len(active) < pool_size:
+                e, kind = pending.pop(0)
+                active.append({"e": e, "kind": kind, "units": [], "mask": torch.ones(U, device=dev)})
+            masks = torch.stack([a["mask"] for a in active])  # (B, U)
+            labels = fl.data.y_train[torch.as_tensor([a["e"] for a in active], device=fl.data.y_train.device)]
+            labels = labels.to(dev)
+            counts = torch.as_tensor([len(a["units"]) for a in active], device=dev)
+            pred, scores = fl.step([a["e"] for a in active], labels, masks, counts.tolist(),
+                                   lambda p: (p == labels) & (counts < fl.budget))
+            pick = scores.argmax(1).tolist()
+            keep = []
+            for b, a in enumerate(active):
+                flipped = int(pred[b]) != int(labels[b])
+                if flipped or len(a["units"]) >= fl.budget:
+                    rec = _record(a["e"], a["kind"], fl.data, a["units"], flipped,
+                                  flipped and not a["units"], fl.masks)
+                    finished.append((rec, a["mask"]))
+                    tick()
+                else:
+                    a["units"].append(pick[b])
+                    a["mask"] = a["mask"].clone()
+                    a["mask"][pick[b]] = 0.0
+                    keep.append(a)
+            active = keep
+            flush(False)
+        flush(True)
+
+
+# ----------------------------------------------------------------------------- the public functions
+
+def candidate_layers(model: nn.Module, cfg: FlipConfig) -> list[Layer]:
+    """The layers whose units may be removed: `cfg.layers`, or all but the classifier (unless included)."""
+    all_layers = find_layers(model)
+    if cfg.layers:
+        return select_layers(all_layers, list(cfg.layers))
+    return all_layers if cfg.include_classifier or len(all_layers) == 1 else all_layers[:-1]
+
+
+def _plan(model: nn.Module, data: Dataset, cfg: FlipConfig):
+    """Everything decided before any compute: candidates, examples, others, evaluation points, budget."""
+    candidates = candidate_layers(model, cfg)
+    total = sum(l.units for l in candidates)
+    budget = cfg.max_units if cfg.max_units is not None else max(1, math.ceil(cfg.budget * total))
+    budget = min(budget, total)
+    if cfg.indices is not None:
+        idx = np.asarray(cfg.indices, dtype=np.int64)
+        kinds = kinds_of(data, idx)
+    else:
+        idx, kinds = select_examples(data, cfg.kinds, cfg.examples, seed=cfg.seed)
+    n = data.num_train
+    if n < cfg.others:
+        raise DataError(f"--others {cfg.others} is more than the {n} training examples: pass --others {n} or fewer")
+    # drawn from all training examples, independently of the chosen ones, so that any two selections
+    # (and the batched and sequential modes on a sample) share the same others
+    rng = np.random.default_rng([cfg.seed, 1])
+    others = np.sort(rng.choice(n, size=cfg.others, replace=False))
+    if cfg.eval_subsample is not None:
+        rng = np.random.default_rng([cfg.seed, 2])
+        ev_tr = np.sort(rng.choice(n, size=min(n, cfg.eval_subsample), replace=False))
+        nte = len(data.y_test)
+        ev_te = np.sort(rng.choice(nte, size=min(nte, cfg.eval_subsample), replace=False))
+    else:
+        ev_tr, ev_te = np.arange(n), np.arange(len(data.y_test))
+    if not cfg.eval_test:
+        ev_te = ev_te[:0]
+    return candidates, budget, idx, kinds, others, ev_tr, ev_te
+
+
+def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *,
+               done: Sequence[FlipRecord] = (), on_chunk: Callable[[list[FlipRecord]], None] | None = None,
+               progress: bool = False, log: Callable[[str], None] | None = None) -> ProbeResult:
+    """Greedy unit removal for the chosen training examples of `model` (eval mode) on `data`.
+
+    `done` are records of an earlier, interrupted call with the same config
+    (those examples are skipped); `on_chunk` receives all records so far after
+    each chunk of examples (to save them). The model is unchanged afterwards.
+    """
+    cfg = cfg or FlipConfig()
+    candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, data, cfg)
+    fl = _Flipper(model, data, cfg, candidates, others, ev_tr, ev_te, budget)
+    records = {r.index: r for r in done}
+    with fl.masks.installed():
+        base = fl.accuracies(torch.ones(1, fl.masks.total, device=fl.device))[0]  # the unedited model
+    todo = [(int(e), k) for e, k in zip(idx, kinds) if int(e) not in records]
+    if log:
+        log(f"flipping {len(idx)} examples ({len(idx) - len(todo)} already done), {fl.masks.total} units in "
+            f"{len(candidates)} layers, cap {budget} units, {cfg.others} others, "
+            f"{'sequential' if cfg.sequential else f'batches of {cfg.batch_examples}'}")
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(idx), initial=len(idx) - len(todo), desc="flip", unit="example")
+    t0 = time.perf_counter()
+
+    def got(recs: list[FlipRecord]) -> None:
+        for r in recs:
+            records[r.index] = r
+        if on_chunk:
+            on_chunk(list(records.values()))
+
+    try:
+        chunk = 1 if cfg.sequential else cfg.batch_examples
+        _run_batched(fl, todo, on_done=got, chunk=chunk, sequential=cfg.sequential,
+                     tick=(lambda: bar.update(1)) if bar is not None else (lambda: None))
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    ordered = [records[int(e)] for e in idx]
+    return build_result(ordered, cfg, candidates, budget, base, elapsed=elapsed, num_others=len(others),
+                        eval_sizes=(len(ev_tr), len(ev_te)))
+
+
+def build_result(records: list[FlipRecord], cfg: FlipConfig, candidates: list[Layer], budget: int,
+                 base: dict, *, elapsed: float | None = None, num_others: int = 0,
+                 eval_sizes: tuple[int, int] = (0, 0)) -> ProbeResult:
+    """Arrays, tidy rows and the summary of a list of records."""
+    E, L = len(records), len(candidates)
+    width = max([budget] + [r.num_units for r in records])
+    pos = {l.index: j for j, l in enumerate(candidates)}
+    ul = np.full((E, width), -1, dtype=np.int32)
+    ui = np.full((E, width), -1, dtype=np.int32)
+    counts = np.zeros((E, L), dtype=np.int32)
+    acc_names = ("train_acc", "clean_train_acc", "noisy_train_acc", "rare_train_acc", "test_acc")
+    accs = {k: np.full(E, np.nan) for k in acc_names}
+    for i, r in enumerate(records):
+        for j, (layer, unit) in enumerate(r.units):
+            ul[i, j], ui[i, j] = layer, unit
+            counts[i, pos[layer]] += 1
+        for k in acc_names:
+            v = r.acc.get(k)
+            accs[k][i] = np.nan if v is None else v
+    arrays = {
+        "index": np.array([r.index for r in records], dtype=np.int64),
+        "kind": np.array([r.kind for r in records]),
+        "label": np.array([r.label for r in records], dtype=np.int64),
+        "true_label": np.array([r.true_label for r in records], dtype=np.int64),
+        "already_wrong": np.array([r.already_wrong for r in records], dtype=bool),
+        "flipped": np.array([r.flipped for r in records], dtype=bool),
+        "num_units": np.array([r.num_units for r in records], dtype=np.int64),
+        "unit_layer": ul, "unit_index": ui, "layer_counts": counts,
+        "layer_names": np.array([l.name for l in candidates]),
+        "layer_index": np.array([l.index for l in candidates], dtype=np.int64),
+        **{f"{k}_after": v for k, v in accs.items()},
+    }
+    rows = [{"index": r.index, "kind": r.kind, "label": r.label, "true_label": r.true_label,
+             "already_wrong": int(r.already_wrong), "flipped": int(r.flipped), "num_units": r.num_units,
+             "units": " ".join(f"{a}:{b}" for a, b in r.units),
+             **{f"{k}_after": ("" if r.acc.get(k) is None else round(r.acc[k], 6)) for k in acc_names}}
+            for r in records]
+    kinds = {}
+    for k in dict.fromkeys(r.kind for r in records):
+        sel = np.array([r.kind == k and not r.already_wrong for r in records])
+        n_units = arrays["num_units"][sel]
+        fl = arrays["flipped"][sel]
+        lc = counts[sel].sum(0)
+
+        def drop(name):
+            b = base.get(name)
+            v = accs[name][sel]
+            return None if b is None or not np.isfinite(v).any() else float(b - np.nanmean(v))
+        kinds[k] = {
+            "examples": int(sum(r.kind == k for r in records)),
+            "already_wrong": int(sum(r.kind == k and r.already_wrong for r in records)),
+            "searched": int(sel.sum()),
+            "flipped_share": float(fl.mean()) if sel.any() else None,
+            "median_units": float(np.median(n_units)) if sel.any() else None,
+            "mean_units": float(n_units.mean()) if sel.any() else None,
+            "share_flipped_under_10": float((fl & (n_units < 10)).mean()) if sel.any() else None,
+            "mean_train_acc_drop": drop("train_acc"),
+            "mean_clean_train_acc_drop": drop("clean_train_acc"),
+            "mean_test_acc_drop": drop("test_acc"),
+            "layer_share": [float(v) for v in (lc / max(1, lc.sum()))],
+            "layers_used": int((lc > 0).sum()),
+            "mean_layers_per_example": float((counts[sel] > 0).sum(1).mean()) if sel.any() else None,
+        }
+    summary = {
+        "probe": PROBE, "settings": cfg.settings(), "mode": "sequential" if cfg.sequential else "batched",
+        "budget_units": budget, "candidate_units": int(sum(l.units for l in candidates)),
+        "layers": [{"index": l.index, "name": l.name, "units": l.units} for l in candidates],
+        "others": num_others, "eval_train_examples": eval_sizes[0], "eval_test_examples": eval_sizes[1],
+        "accuracy_before": base, "kinds": kinds, "examples": E,
+        "elapsed_s": None if elapsed is None else round(elapsed, 3),
+        "examples_per_s": None if not elapsed else round(E / elapsed, 4),
+    }
+    return ProbeResult(PROBE, summary, arrays, rows)
+
+
+def _to_json(r: FlipRecord) -> dict:
+    return {"index": r.index, "kind": r.kind, "label": r.label, "true_label": r.true_label,
+            "already_wrong": r.already_wrong, "flipped": r.flipped, "units": [list(u) for u in r.units], "acc": r.acc}
+
+
+def _from_json(d: dict) -> FlipRecord:
+    return FlipRecord(d["index"], d["kind"], d["label"], d["true_label"], d["already_wrong"], d["flipped"],
+                      [tuple(u) for u in d["units"]], d["acc"])
+
+
+def flip(run: str | Path, cfg: FlipConfig | None = None, *, overwrite: bool = False, progress: bool = True,
+         log: Callable[[str], None] | None = None) -> ProbeResult:
+    """Greedy unit removal on a run directory's final model; results in RUN/probes/flipping/.
+
+    Saves the records after every chunk of examples; a rerun with the same
+    settings continues with the examples not yet done. Different settings over
+    an unfinished or finished probe need `overwrite`.
+    """
+    from ..experiment import open_run
+    cfg = cfg or FlipConfig()
+    loaded = open_run(run, device=cfg.device)
+    if not loaded.run.saved_epochs():
+        raise RunError(f"{loaded.run.path} has no checkpoints: train it with `memloc train` first")
+    model = loaded.model(cfg.epoch)
+    epoch = cfg.epoch if cfg.epoch is not None else loaded.run.saved_epochs()[-1]
+    data = loaded.data
+    _plan(model, data, cfg)  # every bad input fails here, before anything is written
+    d = loaded.run.path / "probes" / PROBE
+    state_path = d / "progress.json"
+    settings = {**cfg.settings(), "epoch": epoch}
+    done: list[FlipRecord] = []
+    if state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+        except json.JSONDecodeError:
+            state = {"settings": None, "records": []}
+        if state.get("settings") == json.loads(json.dumps(settings)):
+            done = [_from_json(r) for r in state["records"]]
+        elif not overwrite:
+            raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
+    elif (d / "summary.json").exists() and not overwrite:
+        raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
+    if not done and (d / "summary.json").exists():
+        (d / "summary.json").unlink()  # replaced (--overwrite): never leave the old result looking finished
+    loaded.run.set_stage(PROBE, "running", examples_done=len(done))
+
+    def save(records: list[FlipRecord]) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(state_path, {"settings": settings, "records": [_to_json(r) for r in records]})
+
+    result = flip_units(model, data, cfg, done=done, on_chunk=save, progress=progress, log=log)
+    result.summary["epoch"] = epoch
+    result.summary["run"] = str(loaded.run.path)
+    save(_records_of(result))
+    result.save(loaded.run)
+    loaded.run.set_stage(PROBE, "done", examples=result.summary["examples"])
+    return result
+
+
+def _records_of(result: ProbeResult) -> list[FlipRecord]:
+    a = result.arrays
+    out = []
+    for i in range(len(a["index"])):
+        n = int(a["num_units"][i])
+        units = [(int(a["unit_layer"][i, j]), int(a["unit_index"][i, j])) for j in range(n)]
+        acc = {k[:-6]: (None if not np.isfinite(a[k][i]) else float(a[k][i])) for k in a if k.endswith("_after")}
+        out.append(FlipRecord(int(a["index"][i]), str(a["kind"][i]), int(a["label"][i]), int(a["true_label"][i]),
+                              bool(a["already_wrong"][i]), bool(a["flipped"][i]), units, acc))
+    return out

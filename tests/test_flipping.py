@@ -1,0 +1,249 @@
+"""Greedy unit removal: a hand-set model with a known answer, the engine's guarantees, the CLI, the paper's direction."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from memloc.cli import main
+from memloc.data import Dataset
+from memloc.errors import ConfigError, DataError
+from memloc.experiment import open_run
+from memloc.probes import flipping
+from memloc.probes.flipping import FlipConfig, flip_units, select_examples
+
+
+# ----------------------------------------------------------------------------- a model whose answer is known by hand
+
+def _hand_model() -> nn.Module:
+    """h = relu(W z) with h0 = relu(z_a), h1 = relu(z_b), h2 = relu(-z_a); logit0 = 2 h0, logit1 = 1."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+        model[1].bias.zero_()
+        model[3].weight.copy_(torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+        model[3].bias.copy_(torch.tensor([0.0, 1.0]))
+    model.input_shape = (1, 1, 2)
+    return model.eval()
+
+
+def _hand_data() -> Dataset:
+    # model inputs z = 2x - 1 (memloc normalises [0, 1] images with mean 0.5, std 0.5)
+    z = torch.tensor([[1.0, 0.0],    # 0: class 0 through h0 alone; zeroing unit 0 flips it
+                      [1.0, 0.0],    # 1: labelled 1 (noisy): already predicted wrongly
+                      [-1.0, 0.0],   # 2: labelled 1, h0 = 0: no removal can flip it
+                      [-1.0, 0.5], [-1.0, -0.5], [-0.5, 0.5], [-0.8, 0.0]])  # others, class 1
+    y = torch.tensor([0, 1, 1, 1, 1, 1, 1])
+    y_true = torch.tensor([0, 0, 1, 1, 1, 1, 1])
+    x = ((z + 1) / 2).view(-1, 1, 1, 2)
+    return Dataset(name="hand", x_train=x, y_train=y, y_true=y_true, is_noisy=y != y_true,
+                   is_rare=torch.zeros(7, dtype=torch.bool), x_test=x[:2].clone(), y_test=torch.tensor([0, 0]),
+                   num_classes=2)
+
+
+def _hand_cfg(**kw) -> FlipConfig:
+    return FlipConfig(**{"indices": (0, 1, 2), "others": 4, "max_units": 2, "device": "cpu", **kw})
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_hand_model_known_answer(sequential):
+    model, data = _hand_model(), _hand_data()
+    res = flip_units(model, data, _hand_cfg(sequential=sequential))
+    a = res.arrays
+    assert a["index"].tolist() == [0, 1, 2]
+    # example 0: exactly one unit, unit 0 of layer 0
+    assert a["flipped"][0] and a["num_units"][0] == 1 and (a["unit_layer"][0, 0], a["unit_index"][0, 0]) == (0, 0)
+    # example 1: already wrong -> 0 units
+    assert a["already_wrong"][1] and a["num_units"][1] == 0 and a["flipped"][1]
+    # example 2: cannot flip -> stops at the cap, recorded as not flipped
+    assert not a["flipped"][2] and a["num_units"][2] == 2
+    assert res.rows[0]["units"] == "0:0"
+    # without h0 the model predicts class 1 everywhere: the clean example 0 is lost, the noisy example 1 is "won"
+    assert a["clean_train_acc_after"][0] == pytest.approx(5 / 6)
+    assert a["noisy_train_acc_after"][0] == 1.0 and a["train_acc_after"][0] == pytest.approx(6 / 7)
+    assert res.summary["accuracy_before"]["train_acc"] == pytest.approx(6 / 7)
+    assert res.summary["candidate_units"] == 3  # the classifier's units are not candidates
+
+
+def test_no_input_noise_and_classifier_included():
+    model, data = _hand_model(), _hand_data()
+    res = flip_units(model, data, _hand_cfg(input_noise=0.0, include_classifier=True, indices=(0,)))
+    assert res.arrays["num_units"][0] == 1 and res.summary["candidate_units"] == 5
+
+
+def test_model_unchanged_and_hooks_removed_even_on_error(monkeypatch):
+    model, data = _hand_model(), _hand_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = flipping._Flipper.step
+
+    def broken(self, *args, **kw):
+        original(self, *args, **kw)
+        raise RuntimeError("boom")
+    monkeypatch.setattr(flipping._Flipper, "step", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        flip_units(model, data, _hand_cfg())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not model.training
+    monkeypatch.undo()
+    assert flip_units(model, data, _hand_cfg()).arrays["num_units"].tolist() == [1, 0, 2]
+
+
+def test_config_and_selection_errors():
+    with pytest.raises(ConfigError, match="unknown kind"):
+        FlipConfig(kinds=("weird",))
+    with pytest.raises(ConfigError, match="twice"):
+        FlipConfig(indices=(1, 1))
+    with pytest.raises(ConfigError, match="budget"):
+        FlipConfig(budget=0)
+    data = _hand_data()
+    with pytest.raises(DataError, match="more than the 1 noisy"):
+        select_examples(data, ["noisy"], 2)
+    data.is_noisy[:] = False
+    with pytest.raises(DataError, match="no noisy"):
+        select_examples(data, ["noisy"], 1)
+    data.noise_known = False
+    with pytest.raises(DataError, match="no known noise mask"):
+        select_examples(data, ["clean"], 1)
+    idx, kinds = select_examples(_hand_data(), ["noisy", "clean"], 1, seed=3)
+    assert kinds == ["noisy", "clean"] and idx[0] == 1 and len(set(idx)) == 2
+    with pytest.raises(DataError, match="--others 10"):
+        flip_units(_hand_model(), _hand_data(), _hand_cfg(others=10))
+    with pytest.raises(DataError, match="outside"):
+        flip_units(_hand_model(), _hand_data(), _hand_cfg(indices=(0, 99)))
+
+
+# ----------------------------------------------------------------------------- a trained smoke model
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flip") / "run"
+    assert main(["train", "--preset", "smoke", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def _small(**kw) -> FlipConfig:
+    return FlipConfig(**{"examples": 3, "others": 32, "eval_subsample": 100, "seed": 1, "device": "cpu",
+                         "batch_examples": 4, **kw})
+
+
+def test_batched_equals_sequential_and_is_deterministic(smoke_run):
+    loaded = open_run(smoke_run, device="cpu")
+    model = loaded.model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seq = flip_units(model, loaded.data, _small(sequential=True))
+    bat = flip_units(model, loaded.data, _small())
+    again = flip_units(model, loaded.data, _small(batch_examples=2))
+    assert [r["units"] for r in seq.rows] == [r["units"] for r in bat.rows] == [r["units"] for r in again.rows]
+    assert seq.arrays["num_units"].sum() > 0
+    np.testing.assert_allclose(seq.arrays["train_acc_after"], bat.arrays["train_acc_after"], atol=0.011)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *words):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_cli_bad_inputs_leave_the_run_intact(smoke_run, tmp_path, capsys):
+    before = _digest(smoke_run)
+    small = ["--others", "16", "--eval-subsample", "50", "--quiet", "--device", "cpu"]
+    code, _, err = _cli(capsys, "flip", str(smoke_run), "--layers", "nope", *small)
+    _one_line_error(code, err, "unknown layer 'nope'")
+    code, _, err = _cli(capsys, "flip", str(smoke_run), "--kind", "noisy", "--examples", "5000", *small)
+    _one_line_error(code, err, "noisy training examples available")
+    code, _, err = _cli(capsys, "flip", str(smoke_run), "--kind", "rare", *small)
+    _one_line_error(code, err, "no rare")
+    code, _, err = _cli(capsys, "flip", str(smoke_run), "--indices", str(tmp_path / "missing.npy"), *small)
+    _one_line_error(code, err, "does not exist")
+    assert _digest(smoke_run) == before
+    bare = tmp_path / "bare"
+    shutil.copytree(smoke_run, bare)
+    shutil.rmtree(bare / "checkpoints")
+    code, _, err = _cli(capsys, "flip", str(bare), *small)
+    _one_line_error(code, err, "no checkpoints")
+    assert not (bare / "probes").exists()
+
+
+def test_cli_end_to_end_and_resume(smoke_run, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    args = ["flip", str(run), "--examples", "2", "--others", "16", "--eval-subsample", "50", "--batch-examples", "2",
+            "--seed", "1", "--device", "cpu", "--quiet"]
+    # a probe killed after its first chunk of examples ...
+    original, calls = flipping._Flipper.accuracies, []
+
+    def dies(self, masks):
+        calls.append(1)
+        if len(calls) == 3:  # the base model, chunk 1, then killed at chunk 2
+            raise KeyboardInterrupt
+        return original(self, masks)
+    monkeypatch.setattr(flipping._Flipper, "accuracies", dies)
+    assert _cli(capsys, *args)[0] == 130
+    state = json.loads((run / "probes" / "flipping" / "progress.json").read_text())
+    assert len(state["records"]) == 2
+    assert not (run / "probes" / "flipping" / "summary.json").exists()
+    monkeypatch.undo()
+    # ... continues with the examples not done
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert "(2 already done)" in out and "noisy" in out and "done:" in out
+    d = run / "probes" / "flipping"
+    summary = json.loads((d / "summary.json").read_text())
+    assert set(summary["kinds"]) == {"clean", "noisy"} and summary["examples"] == 4
+    with np.load(d / "arrays.npz") as z:
+        assert len(set(z["index"].tolist())) == 4 and z["unit_layer"].shape[0] == 4
+    rows = (d / "flipping.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("index,kind,label")
+    first = {r["index"]: r["units"] for r in state["records"]}
+    loaded = open_run(run, device="cpu")
+    fresh = flip_units(loaded.model(), loaded.data, _small(examples=2, others=16, eval_subsample=50, batch_examples=2))
+    by_index = {int(i): u for i, u in zip(fresh.arrays["index"], fresh.rows)}
+    for i, units in first.items():
+        assert by_index[i]["units"] == " ".join(f"{a}:{b}" for a, b in units)
+    # other settings over an existing probe need --overwrite
+    code, _, err = _cli(capsys, *args[:-1], "--others", "8", "--quiet")
+    _one_line_error(code, err, "--overwrite")
+    assert _cli(capsys, *args[:-1], "--others", "8", "--quiet", "--overwrite")[0] == 0
+
+
+# ----------------------------------------------------------------------------- the paper's direction (slow)
+
+@pytest.mark.slow
+def test_paper_direction_on_mnist5k(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flipslow") / "run"
+    # resnet9 at width 0.25 memorises the 10% noisy labels of 2000 mnist5k examples (batch 128, 25 epochs)
+    assert main(["train", "--dataset", "mnist5k", "--train-size", "2000", "--model", "resnet9", "--width", "0.25",
+                 "--epochs", "25", "--batch-size", "128", "--device", "cpu", "--no-gradient-accounting",
+                 "--checkpoint-every", "25", "--out", str(out), "--quiet"]) == 0
+    res = flipping.flip(out, FlipConfig(examples=50, others=128, eval_subsample=500, device="cpu"), progress=False)
+    k = res.summary["kinds"]
+    c, n = k["clean"], k["noisy"]
+    assert res.summary["accuracy_before"]["noisy_train_acc"] > 0.9  # the noisy labels are memorised
+    assert n["median_units"] < c["median_units"]
+    assert n["share_flipped_under_10"] > c["share_flipped_under_10"]
+    assert n["mean_train_acc_drop"] < c["mean_train_acc_drop"]
+    assert c["layers_used"] > 1 and n["layers_used"] > 1

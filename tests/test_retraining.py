@@ -1,0 +1,245 @@
+"""Layer retraining: a hand-computed SGD step, only the layer changes, only clean examples, scoping, resume, CLI."""
+
+import hashlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from memloc.cli import main
+from memloc.data import Dataset
+from memloc.errors import ConfigError, DataError
+from memloc.experiment import make_model, open_run
+from memloc.models import NORM_TYPES, layers
+from memloc.probes.base import ProbeResult
+from memloc.probes.retraining import RetrainConfig, retrain, retrain_model
+from memloc.probes.sweep import layer_keys
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke preset (CLI) on 8x8 digits for speed, 3 epochs."""
+    out = tmp_path_factory.mktemp("retrain") / "run"
+    code = main(["train", "--preset", "smoke", "--dataset", "digits", "--train-size", "600", "--epochs", "3",
+                 "--batch-size", "64", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def toy_data() -> Dataset:
+    """Class 0 at (1, 0), class 1 at (0, 1) (normalised (1,-1), (-1,1)); examples 0 and 1 have flipped labels."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 5).reshape(10, 1, 1, 2)
+    y_true = torch.tensor([0, 1] * 5)
+    is_noisy = torch.zeros(10, dtype=torch.bool)
+    is_noisy[:2] = True
+    y = torch.where(is_noisy, 1 - y_true, y_true)
+    return Dataset("toy", x, y, y_true, is_noisy, torch.zeros(10, dtype=torch.bool), x.clone(), y_true.clone(), 2)
+
+
+def toy_model() -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    model.input_shape = (1, 1, 2)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(2))
+        model[2].weight.copy_(torch.eye(2))
+    return model
+
+
+def digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_toy_retraining_known_by_hand():
+    data, model = toy_data(), toy_model()
+    init = {"1.weight": torch.full((2, 2), 7.0), "2.weight": torch.zeros(2, 2)}
+    cfg = RetrainConfig(epochs=2, lr=1.0, peak_epoch=0, batch_size=10, momentum=0.0, weight_decay=0.0)
+    seen = []
+
+    def spy(idx):
+        seen.append(idx.clone())
+        if len(seen) == 2:  # after exactly one SGD step on layer "2"
+            # at zero logits d(CE)/d(logits) = softmax - onehot = -+0.5; both clean classes give the same
+            # outer product [[-.5, .5], [.5, -.5]], so W2 = -lr * mean = [[.5, -.5], [-.5, .5]]. Had the two
+            # noisy examples been trained on, it would be 0.6 times that.
+            torch.testing.assert_close(model[2].weight.detach(), torch.tensor([[0.5, -0.5], [-0.5, 0.5]]),
+                                       rtol=0, atol=1e-7)
+            assert torch.equal(model[1].weight.detach(), torch.eye(2))  # the other layer stays final
+
+    res = retrain_model(model, data, init, cfg, layers=["2"], on_step=spy)
+    assert [sorted(s.tolist()) for s in seen] == [list(range(2, 10))] * 2  # clean positions only, all of them
+    acc = res.arrays["accuracy"]  # (1, 3, 4)
+    # after the reset W2 = 0: every logit ties, argmax says class 0: half of each subset is class 0
+    np.testing.assert_array_equal(acc[0, 0], [0.5, 0.5, np.nan, 0.5])
+    # after training: clean and test right, the noisy examples get their true (not their given) label
+    np.testing.assert_array_equal(acc[0, 2], [1.0, 0.0, np.nan, 1.0])
+    assert torch.equal(model[2].weight, torch.eye(2)) and torch.equal(model[1].weight, torch.eye(2))  # restored
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_retrain_config_checks():
+    assert RetrainConfig().schedule().warmup == 0.5
+    with pytest.raises(ConfigError, match="peak-epoch"):
+        RetrainConfig(epochs=10, peak_epoch=10)
+    with pytest.raises(ConfigError):
+        RetrainConfig(epochs=0)
+    with pytest.raises(ConfigError):
+        RetrainConfig(lr=-1)
+
+
+def test_only_the_layer_changes_and_only_clean_examples(smoke_run):
+    loaded = open_run(smoke_run)
+    data = loaded.data
+    model = loaded.model()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    init = loaded.run.load_checkpoint(0)
+    modules = dict(model.named_modules())
+    clean = set(torch.nonzero(~data.is_noisy).flatten().tolist())
+    for layer in (layers(model)[0], layers(model)[-1]):  # a conv with its BatchNorm, the linear head
+        mine = set(layer_keys(model, layer))
+        steps = []
+
+        def spy(idx):
+            assert set(idx.tolist()) <= clean  # never a noisy example
+            steps.append(idx.clone())
+            state = model.state_dict()
+            for k, v in final.items():  # every tensor outside the layer is bit-identical to the final model
+                if k not in mine:
+                    assert torch.equal(state[k], v), k
+            for name, m in modules.items():  # only the layer's own norm updates statistics
+                if isinstance(m, NORM_TYPES) or isinstance(m, nn.Dropout):
+                    assert m.training == (name in layer.modules), name
+            assert all(p.requires_grad == (n in layer.params) for n, p in model.named_parameters())
+            if len(steps) == 3:  # the layer itself does train (weights and, for a conv, its statistics)
+                for k in layer.params + layer.buffers:
+                    assert not torch.equal(state[k], init[k].to(state[k].dtype)), k
+
+        cfg = RetrainConfig(epochs=2, peak_epoch=1, batch_size=128)
+        res = retrain_model(model, data, init, cfg, layers=[layer.name], on_step=spy)
+        per_epoch = len(steps) // 2
+        for e in range(2):  # each epoch sees every clean example exactly once
+            got = torch.cat(steps[e * per_epoch:(e + 1) * per_epoch]).tolist()
+            assert sorted(got) == sorted(clean)
+        assert res.arrays["accuracy"].shape == (1, 3, 4)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in final.items())  # the model is back to final
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_restored_even_on_error(smoke_run):
+    loaded = open_run(smoke_run)
+    model = loaded.model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = []
+
+    def dies(idx):
+        n.append(1)
+        if len(n) == 4:
+            raise RuntimeError("killed mid-training")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        retrain_model(model, loaded.data, loaded.run.load_checkpoint(0), RetrainConfig(epochs=2, peak_epoch=1),
+                      layers=["0"], on_step=dies)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_noise_is_refused(smoke_run):
+    loaded = open_run(smoke_run)
+    data = replace(loaded.data, noise_known=False)
+    with pytest.raises(DataError, match="clean examples only"):
+        retrain_model(loaded.model(), data, loaded.run.load_checkpoint(0))
+
+
+def test_resume_skips_finished_layers(smoke_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    loaded = open_run(run_dir)
+    cfg = RetrainConfig(epochs=2, peak_epoch=1, batch_size=256)
+    names = [l.name for l in layers(loaded.model())]
+    steps = -(-int((~loaded.data.is_noisy).sum()) // 256)  # per epoch
+    seen = []
+
+    def dies_in_third_layer(idx):
+        seen.append(1)
+        if len(seen) == steps * 2 * 2 + 1:  # 2 epochs, 2 finished layers
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg, run=loaded.run,
+                      on_step=dies_in_third_layer)
+    assert (run_dir / "probes" / "retraining" / "partial.npz").exists()
+    seen.clear()
+    res = retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg, run=loaded.run,
+                        on_step=lambda idx: seen.append(1))
+    assert len(seen) == (len(names) - 2) * steps * 2  # only the two unfinished layers were trained
+    fresh = retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg)
+    np.testing.assert_array_equal(fresh.arrays["accuracy"], res.arrays["accuracy"])  # seeded: same as uninterrupted
+    # a different setting does not reuse the partial record
+    seen.clear()
+    retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), replace(cfg, lr=0.05), run=loaded.run,
+                  layers=[names[0]], on_step=lambda idx: seen.append(1))
+    assert len(seen) == steps * 2
+
+
+def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    code = main(["retrain", str(run_dir), "--layers", "0,linear", "--epochs", "2", "--peak-epoch", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "done:" in out and "->" in out
+    res = ProbeResult.load(open_run(run_dir).run, "retraining")
+    assert res.arrays["accuracy"].shape == (2, 3, 4) and list(res.arrays["epochs"]) == [0, 1, 2]
+    assert res.summary["init"] == "epoch 0 checkpoint" and res.summary["epochs"] == 2
+    assert open_run(run_dir).run.stage("retraining")["status"] == "done"
+    # an imported run: the final checkpoint only; the initialisation is rebuilt from the seed and equals epoch 0
+    loaded = open_run(run_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(loaded.config.train.seed)
+        rebuilt = make_model(loaded.config.model, loaded.data).state_dict()
+    ckpt0 = loaded.run.load_checkpoint(0)
+    assert all(torch.equal(rebuilt[k], ckpt0[k]) for k in ckpt0)
+    for f in (run_dir / "checkpoints").glob("epoch_00[012].safetensors"):
+        f.unlink()
+    code = main(["retrain", str(run_dir), "--layers", "linear", "--epochs", "1", "--peak-epoch", "0", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert ProbeResult.load(open_run(run_dir).run, "retraining").summary["init"].startswith("rebuilt")
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--layers", "block9"], ["unknown layer 'block9'"]),
+    (["--epochs", "4", "--peak-epoch", "4"], ["--peak-epoch 4"]),
+    (["--lr", "0"], ["learning rate must be positive"]),
+])
+def test_cli_retrain_bad_input(smoke_run, tmp_path, capsys, argv, words):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    before = digest(run_dir)
+    code = main(["retrain", str(run_dir), "--quiet", *argv])
+    assert_one_line_error(code, capsys.readouterr()[1], *words)
+    assert digest(run_dir) == before
+
+
+def test_cli_retrain_without_checkpoints(smoke_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    before = digest(run_dir)
+    code = main(["retrain", str(run_dir), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr()[1], "no checkpoints")
+    assert digest(run_dir) == before

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,12 +28,21 @@ from .training import History, TrainConfig, Trainer, resolve_device
 
 @dataclass
 class ModelConfig:
-    """Which registry model, at which width, with which per-block layer (example-tied dropout)."""
+    """Which registry model, at which width, with which per-block layer.
+
+    The per-block layer is example-tied dropout (`example_tied_dropout`), or one
+    of the paper's baselines at a matched expected fraction of active units
+    (`baseline` "dropout": standard per-unit dropout keeping each unit with
+    probability `baseline_fraction` at training, identity at test; "sparse": a
+    fixed, seeded subset of that fraction of units, at training and test).
+    """
 
     name: str | None = None  # None: the CPU or GPU default
     width: float | None = None
     example_tied_dropout: tuple[float, float] | None = None  # (p_gen, p_mem)
     dropout_seed: int = 0
+    baseline: str | None = None  # None, "dropout" or "sparse"
+    baseline_fraction: float | None = None  # a = p_gen + (1 - p_gen) * p_mem of the matched example-tied layer
 
     def __post_init__(self) -> None:
         if self.example_tied_dropout is not None:
@@ -44,13 +53,27 @@ class ModelConfig:
                 if not (0.0 < v <= 1.0):
                     raise ConfigError(f"{name} = {v} is outside (0, 1]: pass e.g. --example-tied-dropout 0.4,0.1")
             self.example_tied_dropout = p
+        if self.baseline is not None:
+            if self.baseline not in BASELINES:
+                raise ConfigError(f"unknown baseline {self.baseline!r}: choose one of {', '.join(BASELINES)}")
+            if self.example_tied_dropout is not None:
+                raise ConfigError("a model takes example-tied dropout or a baseline layer, not both: drop one of them")
+            if self.baseline_fraction is None or not (0.0 < float(self.baseline_fraction) <= 1.0):
+                raise ConfigError(f"baseline {self.baseline!r} needs baseline_fraction in (0, 1], "
+                                  f"got {self.baseline_fraction!r}; pass e.g. 0.46")
+            self.baseline_fraction = float(self.baseline_fraction)
+        elif self.baseline_fraction is not None:
+            raise ConfigError("baseline_fraction is set without a baseline: set baseline to 'dropout' or 'sparse'")
 
     def resolved(self, device: torch.device) -> "ModelConfig":
         name, width = GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL
         if self.name is not None and self.name != name:
             name, width = self.name, 1.0
-        return ModelConfig(name=name, width=self.width if self.width is not None else width,
-                           example_tied_dropout=self.example_tied_dropout, dropout_seed=self.dropout_seed)
+        return replace(self, name=name, width=self.width if self.width is not None else width)
+
+
+# The paper's baselines for example-tied dropout, placed where it would sit.
+BASELINES = ("dropout", "sparse")
 
 
 @dataclass
@@ -96,12 +119,18 @@ def preset(name: str) -> dict[str, dict[str, Any]]:
 
 
 def make_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
-    """The model of `cfg` for `data`, with example-tied dropout after each block when asked."""
+    """The model of `cfg` for `data`, with example-tied dropout (or a baseline layer) after each block when asked."""
     after = None
     if cfg.example_tied_dropout is not None:
         from .dropout import ExampleTiedDropout
         p_gen, p_mem = cfg.example_tied_dropout
         after = lambda pos, units: ExampleTiedDropout(p_gen, p_mem, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
+    elif cfg.baseline == "dropout":
+        from .dropout import ChannelDropout
+        after = lambda pos, units: ChannelDropout(cfg.baseline_fraction)  # noqa: E731
+    elif cfg.baseline == "sparse":
+        from .dropout import FixedUnitMask
+        after = lambda pos, units: FixedUnitMask(cfg.baseline_fraction, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
     return build_model(cfg.name, input_shape=data.input_shape, num_classes=data.num_classes, width=cfg.width,
                        after_block=after)
 

@@ -1,0 +1,154 @@
+"""Export a model trained with example-tied dropout with its memorisation units removed for good.
+
+Each :class:`~memloc.dropout.ExampleTiedDropout` is replaced by a
+:class:`UnitScale`: a plain module holding one fixed factor per unit in a
+buffer (0 for memorisation units, the drop-mode factor for generalisation
+units). No example indices, no randomness, no mode: the exported model's
+outputs equal the trained model's "drop" mode, and it is a standard
+``nn.Module`` a user can deploy.
+
+Why a scale module and not folding the factors into the weights: in the
+conv-BN-ReLU blocks the factor could go into BatchNorm's affine weight and bias
+(ReLU is positively homogeneous), but in ResNet-9 the layer also sits after the
+residual sums ``x + f(x)``, where ``x`` feeds ``f`` too, so no single
+BatchNorm can carry it. One exact mechanism everywhere beats two.
+
+The file is safetensors: the state dict, plus metadata ``memloc`` (JSON: model
+name, width, input shape, number of classes, p_gen, p_mem, drop scale) from
+which :func:`load_exported` rebuilds the architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, example_tied_dropout, find_example_tied_dropout
+from .errors import ConfigError, RunError
+from .experiment import LoadedRun
+from .models import build_model
+from .runs import atomic_write
+
+__all__ = ["UnitScale", "remove_memorization", "export_dropped", "load_exported", "EXPORT_FORMAT"]
+
+EXPORT_FORMAT = "memloc-export-1"
+
+
+class UnitScale(nn.Module):
+    """Multiply each unit by a fixed factor: x (N, C, H, W) per channel, (N, F) / (N, T, F) per feature."""
+
+    def __init__(self, units: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(units))  # (units,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return x * self.scale.to(x.dtype).view(1, -1, 1, 1)
+        return x * self.scale.to(x.dtype)  # the last dimension is the unit dimension
+
+    def extra_repr(self) -> str:
+        return f"units={self.scale.numel()}, zeroed={int((self.scale == 0).sum())}"
+
+
+def _unit_counts(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, int]:
+    """id(layer) -> number of units, read off one tiny forward pass."""
+    counts: dict[int, int] = {}
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        counts[id(module)] = x.shape[1] if x.dim() == 4 else x.shape[-1]
+
+    handles = [m.register_forward_hook(hook) for m in find_example_tied_dropout(model)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), dropout_mode(model, "eval"):  # "eval" needs no example indices
+            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def remove_memorization(model: nn.Module, input_shape: tuple[int, ...], *, scale: str = "matched") -> nn.Module:
+    """Replace every example-tied dropout layer by its fixed drop-mode :class:`UnitScale`, in place; returns model.
+
+    input_shape: (C, H, W) of one input, for the forward pass that reads each layer's unit count.
+    """
+    if scale not in DROP_SCALES:
+        raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
+    found = find_example_tied_dropout(model)
+    if not found:
+        raise RunError("the model has no example-tied dropout layers: there are no memorisation units to remove; "
+                       "train one with `memloc train --example-tied-dropout P_GEN,P_MEM`")
+    counts = _unit_counts(model, input_shape)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, ExampleTiedDropout):
+            continue
+        units = counts.get(id(module))
+        if units is None:
+            raise RunError(f"example-tied dropout layer {name!r} is not used in the forward pass: cannot export it")
+        ones = torch.ones(1, units)
+        # The drop-mode factors, computed by the very function drop mode uses.
+        factors = example_tied_dropout(ones, None, p_gen=module.p_gen, p_mem=module.p_mem, seed=module.seed,
+                                       layer_id=module.layer_id, mode="drop", drop_scale=scale)[0]  # (units,)
+        replacement = UnitScale(units)
+        replacement.scale.copy_(factors)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement.to(next(model.parameters()).device)
+        setattr(parent, attr, replacement)
+    return model
+
+
+def export_dropped(loaded: LoadedRun, out: str | Path, *, epoch: int | None = None, scale: str = "matched",
+                   overwrite: bool = False) -> Path:
+    """Write the run's model (final epoch by default) without memorisation units to `out` (.safetensors)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"export file {out} should end in .safetensors: pass e.g. --out model.safetensors")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    if scale not in DROP_SCALES:
+        raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
+    model = loaded.model(epoch)
+    found = find_example_tied_dropout(model)
+    if not found:
+        raise RunError(f"{loaded.run.path} was trained without example-tied dropout, so it has no memorisation units "
+                       "to remove: train one with `memloc train --example-tied-dropout P_GEN,P_MEM` (e.g. 0.4,0.1)")
+    cfg, data = loaded.config.model, loaded.data
+    remove_memorization(model, data.input_shape, scale=scale)
+    meta = {"format": EXPORT_FORMAT, "model": cfg.name, "width": cfg.width, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "p_gen": found[0].p_gen, "p_mem": found[0].p_mem, "drop_scale": scale,
+            "epoch": loaded.run.saved_epochs()[-1] if epoch is None else epoch, "source_run": str(loaded.run.path),
+            "inputs": "uint8 images scaled to [0, 1] then normalised with mean 0.5, std 0.5 (memloc.data.normalize)"}
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out, lambda p: save_file(tensors, str(p), metadata={"memloc": json.dumps(meta)}))
+    return out
+
+
+def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`export_dropped` (eval mode). Feed it `memloc.data.normalize(x)`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"exported model {path} does not exist: write it with `memloc export RUN --drop-memorization --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("memloc", "null"))
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise RunError(f"{path} is not a readable safetensors file ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise RunError(f"{path} was not written by `memloc export` (no {EXPORT_FORMAT} metadata)")
+    model = build_model(meta["model"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"],
+                        width=meta["width"], after_block=lambda pos, units: UnitScale(units))
+    from .runs import load_into
+    load_into(model, state, source=str(path))
+    return model.to(device).eval()

@@ -11,6 +11,13 @@ from .models import Layer, build_model, layers  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .training import TrainConfig, evaluate, predict, train  # noqa: E402
 from .experiment import ModelConfig, RunConfig, open_run, resume_training, run_training  # noqa: E402
+from .probes.dropout_eval import evaluate_dropout  # noqa: E402
+from .export import UnitScale, export_dropped, load_exported, remove_memorization  # noqa: E402
+from .grid import DEFAULT_PAIRS, dropout_grid  # noqa: E402
+from .probes.rewinding import rewind, rewind_model  # noqa: E402
+from .probes.retraining import RetrainConfig, retrain, retrain_model  # noqa: E402
+from .probes.flipping import FlipConfig, flip, flip_units  # noqa: E402
+from .detection import DetectConfig, detect, detect_scores, plot_roc  # noqa: E402
 
 __all__ = [
     "ConfigError", "DataError", "MemlocError", "RunError",
@@ -19,4 +26,9 @@ __all__ = [
     "RunDir",
     "TrainConfig", "evaluate", "predict", "train",
     "ModelConfig", "RunConfig", "open_run", "resume_training", "run_training",
+    "evaluate_dropout", "UnitScale", "export_dropped", "load_exported", "remove_memorization",
+    "DEFAULT_PAIRS", "dropout_grid",
+    "rewind", "rewind_model", "RetrainConfig", "retrain", "retrain_model",
+    "FlipConfig", "flip", "flip_units",
+    "DetectConfig", "detect", "detect_scores", "plot_roc",
 ]

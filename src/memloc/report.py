@@ -68,6 +68,10 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _num(v) -> str:
+    return "—" if v is None else f"{v:g}"
+
+
 def _pct(v) -> str:
     return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * float(v):.1f}%"
 
@@ -217,7 +221,119 @@ def retraining(run: RunDir) -> Section:
     return sec
 
 
-RUN_SECTIONS: list[Callable[[RunDir], Section]] = [learning_curves, gradient_accounting, rewinding, retraining]
+def flipping(run: RunDir) -> Section:
+    sec, summary, arrays = _probe(run, "flipping", "flip", "Greedy unit removal (flipping)")
+    if summary is None:
+        return sec
+    kinds = [k for k in ("clean", "noisy", "rare") if k in summary["kinds"]]
+    colors = {"clean": "tab:blue", "noisy": "tab:red", "rare": "tab:purple"}
+    searched = ~arrays["already_wrong"]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    top = int(max(1, arrays["num_units"][searched].max() if searched.any() else 1))
+    bins = np.arange(0, min(top, 60) + 2) - 0.5
+    for k in kinds:
+        sel = searched & (arrays["kind"] == k)
+        axes[0].hist(np.minimum(arrays["num_units"][sel], bins[-1] - 0.5), bins=bins, alpha=0.55, color=colors[k],
+                     label=f"{k} (median {_num(summary['kinds'][k]['median_units'])})")
+    axes[0].set_xlabel("units zeroed until the prediction flips")
+    axes[0].set_ylabel("examples")
+    axes[0].legend()
+    drops = [100 * (summary["kinds"][k]["mean_train_acc_drop"] or 0) for k in kinds]
+    axes[1].bar(kinds, drops, color=[colors[k] for k in kinds])
+    axes[1].set_ylabel("training accuracy drop after removal (points)")
+    axes[1].set_title("cost of the removal to the rest of the data")
+    names = [str(n) for n in arrays["layer_names"]]
+    x = np.arange(len(names))
+    w = 0.8 / max(1, len(kinds))
+    for i, k in enumerate(kinds):
+        axes[2].bar(x + (i - (len(kinds) - 1) / 2) * w, 100 * np.array(summary["kinds"][k]["layer_share"]), w,
+                    color=colors[k], label=k)
+    axes[2].set_xticks(x, [str(int(i) + 1) for i in arrays["layer_index"]])
+    axes[2].set_xlabel("layer")
+    axes[2].set_ylabel("share of removed units (%)")
+    axes[2].legend()
+    sec.figures.append(Figure("flipping", "Left: number of units zeroed until each example's prediction flips. Middle: "
+                              "mean drop of training accuracy of the edited models. Right: the layers the removed "
+                              "units come from.", _png(fig)))
+    rows = [{"kind": k, **{key: v for key, v in summary["kinds"][k].items() if key != "layer_share"}} for k in kinds]
+    sec.tables.append(Table("summary_flipping", "Per kind of example", rows))
+    sec.notes.append(f"{summary['examples']} examples, {summary['others']} other examples in the objective, "
+                     f"removal cap {summary['budget_units']} of {summary['candidate_units']} units.")
+    return sec
+
+
+def dropout_section(run: RunDir, title: str = "Example-tied dropout") -> Section:
+    sec, summary, arrays = _probe(run, "dropout", "evaluate --drop-memorization", title)
+    if summary is None:
+        sec.missing = f"not run: `memloc evaluate {run.path} --drop-memorization`"
+        return sec
+    s = summary
+    rows = [{"measure": "clean-train accuracy", "before (tied)": _pct(s["clean_before"]), "after (drop)": _pct(s["clean_after"])},
+            {"measure": "noisy-train accuracy (given labels)", "before (tied)": _pct(s["noisy_before"]),
+             "after (drop)": _pct(s["noisy_after"])},
+            {"measure": "noisy examples predicted as their true label", "before (tied)": _pct(s.get("noisy_true_before")),
+             "after (drop)": _pct(s.get("noisy_true_after"))},
+            {"measure": "test accuracy", "before (tied)": _pct(s["test_eval"]) + " (eval mode)",
+             "after (drop)": _pct(s["test_drop"])}]
+    sec.tables.append(Table("summary_dropout", f"p_gen {s['p_gen']}, p_mem {s['p_mem']}, drop scale {s['drop_scale']}", rows))
+    images = arrays.get("forgotten_images")
+    if images is not None and len(images):
+        sec.figures.append(Figure("dropout_forgotten", "Clean training examples forgotten by the drop (right before, "
+                                  "wrong after), with their labels.", _gallery(images, arrays.get("forgotten_labels"))))
+    sec.notes.append(f"{s['forgotten_clean']} clean examples forgotten by the drop (indices in probes/dropout/arrays.npz).")
+    return sec
+
+
+def detection(run: RunDir) -> Section:
+    sec, summary, arrays = _probe(run, "detection", "detect", "Detecting mislabeled examples")
+    if summary is None:
+        return sec
+    quality = summary.get("quality") or []
+    if quality:
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+        for r in quality:
+            fpr, tpr = arrays.get(f"roc_{r['score']}_fpr"), arrays.get(f"roc_{r['score']}_tpr")
+            if fpr is not None and len(fpr):
+                ax.plot(fpr, tpr, label=f"{r['score']} (AUROC {r['auroc']:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlabel("false positive rate (clean examples flagged)")
+        ax.set_ylabel("true positive rate (noisy examples found)")
+        ax.legend(fontsize=7)
+        sec.figures.append(Figure("detection_roc", "ROC of each per-example score for finding the mislabeled examples.",
+                                  _png(fig)))
+        sec.tables.append(Table("summary_detection", "Quality of each score against the known noise", quality))
+    elif summary.get("quality_note"):
+        sec.notes.append(html.escape(summary["quality_note"]))
+    if "top_images" in arrays and len(arrays["top_images"]):
+        labels = None
+        if "top_index" in arrays:
+            given = run.load_arrays("data.npz")["given_labels"] if run.has("data.npz") else None
+            labels = None if given is None else given[arrays["top_index"]]
+        sec.figures.append(Figure("detection_suspects", f"The top suspects by {summary.get('rank_by')}, with their "
+                                  "given labels.", _gallery(arrays["top_images"], labels)))
+    return sec
+
+
+def _gallery(images: np.ndarray, labels=None, cols: int = 8) -> bytes:
+    plt = _pyplot()
+    n = min(len(images), 32)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = np.asarray(images[i])
+            img = img.transpose(1, 2, 0) if img.ndim == 3 else img  # (C, H, W) -> (H, W, C)
+            ax.imshow(img.squeeze(), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None)
+            if labels is not None:
+                ax.set_title(f"label {int(labels[i])}", fontsize=7)
+    return _png(fig)
+
+
+RUN_SECTIONS: list[Callable[[RunDir], Section]] = [learning_curves, gradient_accounting, rewinding, retraining,
+                                                   flipping, dropout_section, detection]
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -298,13 +414,233 @@ def write_report(out_dir: Path, title: str, intro: list[str], sections: list[Sec
     return page
 
 
-def run_sections(run: RunDir, extra: list[Callable[[RunDir], Section]] | None = None) -> list[Section]:
-    return [f(run) for f in RUN_SECTIONS + (extra or [])]
+def _has_example_tied_dropout(run: RunDir) -> bool:
+    try:
+        return bool(run.config.get("model", {}).get("example_tied_dropout"))
+    except RunError:
+        return False
+
+
+def run_sections(run: RunDir) -> list[Section]:
+    fns = [f for f in RUN_SECTIONS if f is not dropout_section or _has_example_tied_dropout(run)]
+    return [f(run) for f in fns]
+
+
+# ----------------------------------------------------------------------------- the paper's claims
+
+def _load_probe(run: RunDir | None, probe: str) -> tuple[dict | None, dict | None]:
+    if run is None or not (run.path / "probes" / probe / "summary.json").exists():
+        return None, None
+    d = run.path / "probes" / probe
+    with np.load(d / "arrays.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return json.loads((d / "summary.json").read_text()), arrays
+
+
+def _holds(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("holds" if ok else "does not hold")
+
+
+def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
+    """Each claim of the paper (REFERENCE.md) with our number beside it, from the files alone."""
+    out: list[dict] = []
+
+    metrics = base.read_metrics()
+    noisy = np.array([np.nan if m.get("noisy_train_acc") is None else m["noisy_train_acc"] for m in metrics])
+    memorized = bool(len(noisy) and np.isfinite(noisy[-1]) and noisy[-1] >= 0.5)
+
+    def add(claim, paper, ours, ok, *, needs_memorization=True):
+        verdict = _holds(ok)
+        if needs_memorization and not memorized and out:  # the first claim is the memorization itself
+            verdict = "not measured: the model did not memorize the noisy examples (train longer)"
+        out.append({"claim": claim, "paper": paper, "ours": ours, "verdict": verdict})
+
+    window = None
+    if metrics and np.isfinite(noisy).any():
+        lo, hi = np.nonzero(noisy >= 0.25)[0], np.nonzero(noisy >= 0.9)[0]
+        if len(lo) and len(hi):
+            window = (int(lo[0]) + 1, int(hi[0]) + 1)
+        add("mislabeled examples are memorized (noisy-train accuracy at the end)", "~100%", _pct(noisy[-1]),
+            bool(noisy[-1] >= 0.9))
+        add("mislabeled examples are learned in a middle window of training", "mostly epochs 10–30 of 50",
+            f"25% → 90% between epochs {window[0]} and {window[1]} of {len(metrics)}" if window else "never reached 90%",
+            None if window is None else bool(window[0] > 1))
+    if base.has("gradients.npz"):
+        g = base.load_arrays("gradients.npz")
+        a, b = (window[0] - 1, window[1]) if window else (0, g["cosine"].shape[1])
+        body = slice(0, max(1, len(g["layer_names"]) - 1))  # every layer but the classifier
+        ratio = g["noisy_norm"][body, a:b].sum(1) / np.maximum(g["clean_norm"][body, a:b].sum(1), 1e-30)
+        add("noisy examples' gradient norm is comparable to the clean ones' in every layer (they are 10% of the data)",
+            "comparable", f"noisy/clean {ratio.min():.2f}–{ratio.max():.2f} over layers, epochs {a + 1}–{b}",
+            bool(ratio.min() >= 0.5 and ratio.max() <= 2.0))
+        cos = g["cosine"][body, a:b]
+        add("clean and noisy gradients point in opposite directions", "cosine below −0.75 most of the time",
+            f"mean cosine {cos.mean():.2f}; {100 * (cos < -0.75).mean():.0f}% of cells below −0.75",
+            bool((cos < -0.75).mean() > 0.5))
+    s, arr = _load_probe(base, "rewinding")
+    if s is not None:
+        subsets = list(arr["subsets"])
+        acc = arr["accuracy"][:, :, subsets.index("noisy_train")]
+        epochs = list(arr["epochs"])
+        target = (window[0] - 1) if window else 0
+        j = int(np.argmin([abs(e - target) for e in epochs]))
+        col = acc[:, j]
+        if np.isfinite(col).all():
+            names = list(arr["layer_names"])
+            worst = int(np.argmin(col))
+            add("rewinding the last layers to before the noisy examples were learned barely hurts them; "
+                "the critical layers are not the final ones",
+                "critical layers depend on dataset and architecture",
+                f"rewound to epoch {epochs[j]}: last layer keeps {_pct(col[-1])} noisy; largest drop at layer "
+                f"{worst + 1} ({names[worst]}, {_pct(col[worst])})", bool(worst != len(col) - 1 and col[-1] >= 0.5))
+    s, arr = _load_probe(base, "retraining")
+    if s is not None:
+        subsets = list(arr["subsets"])
+        last = arr["accuracy"][:, -1, subsets.index("noisy_train")]
+        if np.isfinite(last).all():
+            share = float((last >= 0.9).mean())
+            add("retraining one layer on clean examples only brings noisy accuracy back for most layers",
+                "near 100% for most layers (exceptions: layers 4–5 on CIFAR-10)",
+                f"{int((last >= 0.9).sum())} of {len(last)} layers back to >= 90% noisy-train "
+                f"(min {_pct(last.min())})", share > 0.5)
+    s, arr = _load_probe(base, "flipping")
+    if s is not None and "clean" in s["kinds"] and "noisy" in s["kinds"]:
+        c, n = s["kinds"]["clean"], s["kinds"]["noisy"]
+        add("noisy examples need far fewer units zeroed to flip", "around 5 (noisy) vs more (clean)",
+            f"median {_num(n['median_units'])} (noisy) vs {_num(c['median_units'])} (clean)",
+            None if n["median_units"] is None or c["median_units"] is None else n["median_units"] < c["median_units"])
+        add("over 90% of noisy examples flip with fewer than 10 units", "> 90%",
+            f"{_pct(n['share_flipped_under_10'])} (noisy), {_pct(c['share_flipped_under_10'])} (clean)",
+            None if n["share_flipped_under_10"] is None else n["share_flipped_under_10"] > 0.9)
+        if n["mean_train_acc_drop"] is not None and c["mean_train_acc_drop"] is not None:
+            add("removing a noisy example's units costs less training accuracy than a clean one's",
+                "about 10 points less drop",
+                f"{100 * n['mean_train_acc_drop']:.1f} (noisy) vs {100 * c['mean_train_acc_drop']:.1f} (clean) points",
+                n["mean_train_acc_drop"] < c["mean_train_acc_drop"])
+        add("the critical units are spread over many layers", "many layers, clean and noisy alike",
+            f"{n['layers_used']} layers (noisy), {c['layers_used']} layers (clean)", n["layers_used"] > 1)
+    s, _ = _load_probe(drop, "dropout")
+    if s is not None:
+        add("example-tied dropout: dropping the memorisation units removes the mislabeled examples' labels",
+            "noisy-train 100% → 0.1% (MNIST), 3.1% (CIFAR-10)",
+            f"{_pct(s['noisy_before'])} → {_pct(s['noisy_after'])}",
+            None if s["noisy_after"] is None else s["noisy_after"] <= 0.1, needs_memorization=False)
+        if s["noisy_before"] is not None and s["noisy_before"] < 0.9:
+            out[-1]["verdict"] = "not measured: the dropout model did not memorize the noisy examples (train longer)"
+        if s["clean_before"] is not None and s["clean_after"] is not None:
+            d = 100 * (s["clean_before"] - s["clean_after"])
+            add("... at a small cost to clean training accuracy", "−0.8 points (MNIST), −9.2 (CIFAR-10)",
+                f"{_pct(s['clean_before'])} → {_pct(s['clean_after'])} ({-d:+.1f} points)", d <= 5,
+                needs_memorization=False)
+    s, _ = _load_probe(base, "detection")
+    if s is not None and s.get("quality"):
+        best = max(s["quality"], key=lambda r: r["auroc"] if r["auroc"] is not None else -1)
+        flip_rows = [r for r in s["quality"] if "flip" in str(r["score"])]
+        ours = f"best {best['score']} AUROC {best['auroc']:.3f}"
+        if flip_rows and flip_rows[0]["auroc"] is not None:
+            ours += f"; units-to-flip AUROC {flip_rows[0]['auroc']:.3f} (n = {flip_rows[0]['n']})"
+        add("the number of units to flip detects mislabeled examples", "suggested, not measured", ours,
+            None if not flip_rows or flip_rows[0]["auroc"] is None else flip_rows[0]["auroc"] > 0.5)
+    return out
+
+
+def claims_section(base: RunDir, drop: RunDir | None) -> Section:
+    sec = Section("Summary: the paper's claims, measured")
+    rows = claims(base, drop)
+    if not rows:
+        sec.missing = "no stage has finished yet"
+    sec.tables.append(Table("summary_claims", "Each claim with our number; verdicts compare direction and rough size",
+                            rows))
+    return sec
+
+
+def _open_study(path: Path) -> tuple[dict, list[tuple[str, RunDir | None, RunDir | None]]]:
+    from .study import Study
+    study = Study.open(path)
+    cfg = study.config
+    cells = []
+    for seed, noise in cfg.cells():
+        b, d = study.cell_dirs(seed, noise)
+        cells.append((f"seed {seed}, noise {noise:g}", RunDir.open(b) if (b / "run.json").exists() else None,
+                      RunDir.open(d) if (d / "run.json").exists() else None))
+    return study.info, cells
+
+
+def _seed_table(cells) -> Table | None:
+    if len(cells) < 2:
+        return None
+    per: dict[str, list] = {}
+    for label, b, d in cells:
+        if b is None:
+            continue
+        for r in claims(b, d):
+            per.setdefault(r["claim"], []).append(f"{label}: {r['ours']} ({r['verdict']})")
+    rows = [{"claim": k, "per seed and noise level": " | ".join(v)} for k, v in per.items()]
+    return Table("summary_seeds", "Every seed and noise level", rows)
+
+
+def _numbers_over_seeds(cells) -> list[dict]:
+    keys = {"final test accuracy": lambda b, d: (b.read_metrics() or [{}])[-1].get("test_acc"),
+            "final noisy-train accuracy": lambda b, d: (b.read_metrics() or [{}])[-1].get("noisy_train_acc"),
+            "noisy-train after the drop": lambda b, d: (_load_probe(d, "dropout")[0] or {}).get("noisy_after"),
+            "clean-train after the drop": lambda b, d: (_load_probe(d, "dropout")[0] or {}).get("clean_after")}
+    rows = []
+    for name, fn in keys.items():
+        vals = [fn(b, d) for _, b, d in cells if b is not None]
+        vals = [100 * v for v in vals if v is not None]
+        if vals:
+            rows.append({"measure": name, "mean (%)": round(float(np.mean(vals)), 2),
+                         "sd (%)": round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else 0.0, "n": len(vals)})
+    return rows
+
+
+def build_study_report(path: Path) -> Path:
+    info, cells = _open_study(path)
+    cfg = info["config"]
+    label, base, drop = cells[0]
+    intro = [f"Study <code>{html.escape(str(path))}</code>, preset {html.escape(str(cfg.get('preset')))}: "
+             f"{html.escape(str(cfg['base']['model'].get('name')))} on {html.escape(str(cfg['base']['data']['dataset']))}; "
+             f"seeds {cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt from the study's files; nothing was "
+             "recomputed."]
+    # the report's own stage is left out: rebuilding a finished study must give the same page
+    from .study import expected_stages
+    done = {k for k, v in info.get("stages", {}).items() if v.get("status") == "done"}
+    unfinished = [k for k in expected_stages(cfg) if k not in done]
+    if unfinished:
+        intro.append(f"The study is not finished (stages not done: {', '.join(unfinished) or 'not started'}): "
+                     f"finish it with <code>memloc run --resume {html.escape(str(path))}</code>.")
+    if base is None:
+        sections = [Section("Summary", missing="the base model has not been trained yet")]
+        return write_report(path / "report", "memloc study report", intro, sections)
+    summary = claims_section(base, drop)
+    over = _numbers_over_seeds(cells)
+    if len(cells) > 1 and over:
+        summary.tables.append(Table("summary_mean_sd", "Mean ± sd over seeds and noise levels", over))
+    seeds = _seed_table(cells)
+    if seeds:
+        summary.tables.append(seeds)
+    sections = [summary] + run_sections(base)
+    if drop is not None:
+        dsec = dropout_section(drop)
+        curves = learning_curves(drop)
+        for f in curves.figures:
+            f.name, f.caption = "dropout_learning_curves", "Example-tied dropout model: " + f.caption
+        dsec.figures = curves.figures + dsec.figures
+        sections.append(dsec)
+    else:
+        sections.append(Section("Example-tied dropout", missing="the dropout model has not been trained yet"))
+    grid_csv = path / "grid" / "grid.csv"
+    if grid_csv.exists():
+        rows = list(csv.DictReader(io.StringIO(grid_csv.read_text())))
+        sections.append(Section("Example-tied dropout grid and baselines", tables=[Table("grid", "grid.csv", rows)]))
+    return write_report(path / "report", "memloc study report", intro, sections)
 
 
 def build_report(path: str | Path) -> Path:
-    """Rebuild the report of a run directory from its files; returns the path of report.html."""
+    """Rebuild the report of a run or study directory from its files; returns the path of report.html."""
     path = Path(path)
+    if (path / "study.json").exists():
+        return build_study_report(path)
     run = RunDir.open(path)
     cfg = run.read_json("config.json") if run.has("config.json") else {}
     data, model = cfg.get("data", {}), cfg.get("model", {})

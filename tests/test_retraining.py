@@ -1,9 +1,7 @@
 """Layer retraining: a hand-computed SGD step, only the layer changes, only clean examples, scoping, resume, CLI."""
 
-import hashlib
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,13 +9,13 @@ import torch
 from torch import nn
 
 from memloc.cli import main
-from memloc.data import Dataset
 from memloc.errors import ConfigError, DataError
 from memloc.experiment import make_model, open_run
 from memloc.models import NORM_TYPES, layers
 from memloc.probes.base import ProbeResult
-from memloc.probes.retraining import RetrainConfig, retrain, retrain_model
+from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import layer_keys
+from toys import digest, toy_data, toy_model
 
 
 @pytest.fixture(scope="module")
@@ -28,30 +26,6 @@ def smoke_run(tmp_path_factory):
                  "--batch-size", "64", "--out", str(out), "--quiet"])
     assert code == 0
     return out
-
-
-def toy_data() -> Dataset:
-    """Class 0 at (1, 0), class 1 at (0, 1) (normalised (1,-1), (-1,1)); examples 0 and 1 have flipped labels."""
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 5).reshape(10, 1, 1, 2)
-    y_true = torch.tensor([0, 1] * 5)
-    is_noisy = torch.zeros(10, dtype=torch.bool)
-    is_noisy[:2] = True
-    y = torch.where(is_noisy, 1 - y_true, y_true)
-    return Dataset("toy", x, y, y_true, is_noisy, torch.zeros(10, dtype=torch.bool), x.clone(), y_true.clone(), 2)
-
-
-def toy_model() -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
-    model.input_shape = (1, 1, 2)
-    with torch.no_grad():
-        model[1].weight.copy_(torch.eye(2))
-        model[2].weight.copy_(torch.eye(2))
-    return model
-
-
-def digest(path: Path) -> dict:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
-            if p.is_file()}
 
 
 def test_toy_retraining_known_by_hand():

@@ -1,17 +1,13 @@
 """Layer rewinding: a hand-checked toy, equality with the naive full-forward sweep, scoping, resume, CLI and bad input."""
 
-import hashlib
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from memloc.cli import main
-from memloc.data import Dataset
 from memloc.errors import ConfigError, RunError
 from memloc.experiment import open_run
 from memloc.models import build_model, layers
@@ -20,6 +16,7 @@ from memloc.probes.rewinding import choose_epochs, rewind, rewind_model
 from memloc.probes.sweep import SUBSETS, layer_keys, split_at, subset_accuracy, sweep_states
 from memloc.runs import load_into
 from memloc.training import evaluate
+from toys import digest, toy_data, toy_model
 
 
 # ----------------------------------------------------------------------------- shared fixtures
@@ -32,30 +29,6 @@ def smoke_run(tmp_path_factory):
                  "--batch-size", "64", "--out", str(out), "--quiet"])
     assert code == 0
     return out
-
-
-def toy_data(n_noisy: int = 2) -> Dataset:
-    """Two classes on 1x1x2 'images': class 0 at (1, 0), class 1 at (0, 1) -> normalised (1,-1), (-1,1)."""
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 5).reshape(10, 1, 1, 2)
-    y_true = torch.tensor([0, 1] * 5)
-    is_noisy = torch.zeros(10, dtype=torch.bool)
-    is_noisy[:n_noisy] = True
-    y = torch.where(is_noisy, 1 - y_true, y_true)
-    return Dataset("toy", x, y, y_true, is_noisy, torch.zeros(10, dtype=torch.bool), x.clone(), y_true.clone(), 2)
-
-
-def toy_model() -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
-    model.input_shape = (1, 1, 2)
-    with torch.no_grad():
-        model[1].weight.copy_(torch.eye(2))
-        model[2].weight.copy_(torch.eye(2))
-    return model
-
-
-def digest(path: Path) -> dict:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
-            if p.is_file()}
 
 
 # ----------------------------------------------------------------------------- known answers

@@ -11,7 +11,6 @@ import pytest
 
 import browser
 from memloc.cli import main
-from memloc.report import build_report
 
 
 @pytest.fixture(scope="module")

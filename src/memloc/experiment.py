@@ -23,7 +23,7 @@ from .data import DataConfig, Dataset
 from .errors import ConfigError, RunError
 from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model
 from .runs import RunDir, default_out, load_into
-from .training import History, TrainConfig, Trainer, resolve_device
+from .training import TrainConfig, Trainer, resolve_device
 
 
 @dataclass

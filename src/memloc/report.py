@@ -15,7 +15,6 @@ import csv
 import html
 import io
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

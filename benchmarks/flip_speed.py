@@ -25,7 +25,7 @@ import torch
 
 from memloc.data import DataConfig
 from memloc.experiment import ModelConfig, RunConfig, build
-from memloc.probes.flipping import FlipConfig, flip_units
+from memloc.probes.flipping import FlipConfig, _Flipper, flip_units
 from memloc.training import TrainConfig, predict, resolve_device, train
 
 
@@ -79,20 +79,42 @@ def main(argv=None) -> int:
                   device=str(device),
                   batch_examples=a.batch_examples, eval_rows=a.eval_rows, max_rows=a.max_rows)
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    parts = {}  # seconds in the engine's two halves, per mode
+
+    def clocked(name, fn):
+        def wrapper(self, *args, **kw):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kw)
+            finally:
+                sync()
+                parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
     def timed(idx, sequential):
+        sync()
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        res = flip_units(model, data, FlipConfig(indices=idx, sequential=sequential, **common))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return res, time.perf_counter() - t0
+        parts.clear()
+        orig = _Flipper.step, _Flipper.accuracies
+        _Flipper.step, _Flipper.accuracies = clocked("score steps", orig[0]), clocked("accuracy after", orig[1])
+        try:
+            t0 = time.perf_counter()
+            res = flip_units(model, data, FlipConfig(indices=idx, sequential=sequential, **common))
+            sync()
+            return res, time.perf_counter() - t0, dict(parts)
+        finally:
+            _Flipper.step, _Flipper.accuracies = orig
 
     flip_units(model, data, FlipConfig(indices=all_idx[:2], **{**common, "eval_subsample": 64}))  # warm-up
-    bat, t_bat = timed(all_idx, False)
+    bat, t_bat, p_bat = timed(all_idx, False)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    seq, t_seq = timed(seq_idx, True)
+    seq, t_seq, p_seq = timed(seq_idx, True)
     same = {int(i): r["units"] for i, r in zip(seq.arrays["index"], seq.rows)}
     agree = sum(same[int(i)] == r["units"] for i, r in zip(bat.arrays["index"], bat.rows) if int(i) in same)
     rate_b, rate_s = len(all_idx) / t_bat, len(seq_idx) / t_seq
@@ -101,6 +123,8 @@ def main(argv=None) -> int:
         print(f"{name:10s}: " + ", ".join(f"{kind} mean {v['mean_units']:.2f} units" for kind, v in k.items()))
     print(f"batched   : {len(all_idx)} examples in {t_bat:.1f}s = {rate_b:.3f} examples/s")
     print(f"sequential: {len(seq_idx)} examples in {t_seq:.1f}s = {rate_s:.3f} examples/s")
+    for name, p_, n in (("batched", p_bat, len(all_idx)), ("sequential", p_seq, len(seq_idx))):
+        print(f"{name:10s}: per example " + ", ".join(f"{k} {v / n:.3f}s" for k, v in p_.items()))
     print(f"speed-up (per example): {rate_b / rate_s:.2f}x; same units for {agree}/{len(seq_idx)} examples")
     print(f"1000 clean + 1000 noisy, extrapolated: batched {2000 / rate_b / 60:.1f} min, "
           f"sequential {2000 / rate_s / 60:.1f} min")

@@ -247,3 +247,84 @@ def test_paper_direction_on_mnist5k(tmp_path_factory):
     assert n["share_flipped_under_10"] > c["share_flipped_under_10"]
     assert n["mean_train_acc_drop"] < c["mean_train_acc_drop"]
     assert c["layers_used"] > 1 and n["layers_used"] > 1
+
+
+# ----------------------------------------------------------------------------- the fast accuracy path == full forwards
+
+def _random_resnet9(data: Dataset) -> nn.Module:
+    """An untrained resnet9 at width 0.125 with random BatchNorm statistics (so its predictions vary)."""
+    from memloc.models import build_model
+    model = build_model("resnet9", input_shape=tuple(data.x_train.shape[1:]), num_classes=data.num_classes,
+                        width=0.125)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+    return model.eval()
+
+
+def _masks_from_layer(fl, j: int, k: int, seed: int) -> torch.Tensor:
+    """k masks (k, U) whose first edited candidate layer is j: 30% of the units of layers j.. removed."""
+    g = torch.Generator().manual_seed(seed)
+    m = (torch.rand(k, fl.masks.total, generator=g) > 0.3).float()
+    m[:, :int(fl.masks.offsets[j])] = 1
+    m[:, int(fl.masks.offsets[j])] = 0  # surely edited at layer j
+    return m
+
+
+@pytest.fixture(scope="module")
+def models_with_skips(smoke_run):
+    loaded = open_run(smoke_run, device="cpu")
+    return loaded.data, {"cnn": loaded.model(), "resnet9": _random_resnet9(loaded.data)}
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet9"])
+def test_split_with_mask_hooks_equals_full_forward(models_with_skips, name):
+    data, models = models_with_skips
+    model = models[name]
+    cfg = _small()
+    cands, budget, _, _, others, ev_tr, ev_te = flipping._plan(model, data, cfg)
+    fl = flipping._Flipper(model, data, cfg, cands, others, ev_tr[:8], ev_te[:0], budget)
+    x = flipping.model_input(data.x_train[:8], fl.device)  # (8, C, H, W)
+    with fl.masks.installed():
+        for j in range(len(cands)):
+            prefix, suffix, k = fl._split(j)
+            m = _masks_from_layer(fl, j, 1, seed=j).expand(8, -1)  # (8, U)
+            fl.masks.rows = m
+            full = model(x)
+            fl.masks.rows = None
+            live = list(prefix(x))
+            # the hook of layer j is not in the suffix: apply its mask to the cached activations by hand
+            dim = 1 if cands[j].kind == "conv" else -1
+            shape = [8] + [1] * (live[k].dim() - 1)
+            shape[dim % live[k].dim()] = cands[j].units
+            live[k] = live[k] * m[:, fl.masks.offsets[j]:fl.masks.offsets[j + 1]].reshape(shape)
+            fl.masks.rows = m  # the hooks of the later layers fire inside the suffix
+            cut = suffix(*live)
+            torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+            fl.masks.rows = None
+            assert not torch.allclose(model(x), full)  # the masks did edit the model
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet9"])
+def test_cached_accuracies_equal_full_forward_accuracies(models_with_skips, name):
+    data, models = models_with_skips
+    model = models[name]
+    cfg = _small(eval_subsample=120, eval_rows=300)  # several data chunks and mask chunks per group
+    cands, budget, _, _, others, ev_tr, ev_te = flipping._plan(model, data, cfg)
+    fast = flipping._Flipper(model, data, cfg, cands, others, ev_tr, ev_te, budget)
+    slow = flipping._Flipper(model, data, _small(eval_subsample=120, eval_rows=300, sequential=True),
+                             cands, others, ev_tr, ev_te, budget)
+    assert fast.cache and not slow.cache
+    masks = torch.cat([_masks_from_layer(fast, j, 2, seed=10 + j) for j in range(len(cands))]
+                      + [torch.ones(2, fast.masks.total)])  # every first edited layer, and the unedited model
+    masks = masks[torch.randperm(len(masks), generator=torch.Generator().manual_seed(0))]
+    with fast.masks.installed():
+        a = fast.accuracies(masks)
+    with slow.masks.installed():
+        b = slow.accuracies(masks)
+    assert a == b
+    assert len({r["train_acc"] for r in a}) > 3  # the edits change the accuracy: the comparison is not vacuous

@@ -37,11 +37,15 @@ Semantics (what this module computes, exactly):
 Batched mode keeps a pool of `batch_examples` examples; each carries its own
 unit mask, applied by forward hooks as an extra batch dimension (rows are
 grouped by example). The others' rows are computed once per *distinct* mask
-(every example starts from the empty mask), chunked to `max_rows` rows. The
-after-removal accuracies of many edited models are computed in one pass over
-the data (rows = (mask, data point)), in bf16 on a GPU. Sequential mode is the
-paper's loop: one example and one removal at a time, the whole batch of others,
-the accuracy after each example. Both give the same units (tested).
+(every example starts from the empty mask, whose gradient is computed once and
+reused), chunked to `max_rows` rows. The after-removal accuracies of many
+edited models are computed in one pass over the data (rows = (mask, data
+point)), in bf16 on a GPU; the masks are grouped by their first edited layer,
+and each group starts from that layer's unedited activations, computed once per
+data chunk (an fx prefix, `split_after`) and masked by hand, so only the layers
+after it run once per mask. Sequential mode is the paper's loop: one example
+and one removal at a time, the whole batch of others, full forward passes for
+the accuracy after each example. Both give the same units and accuracies (tested).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from ..models import Layer, layers as find_layers, select_layers
 from ..runs import write_json
 from ..training import autocast, model_input
 from .base import ProbeResult
+from .sweep import _Tracer
 
 KINDS = ("clean", "noisy", "rare")
 PROBE = "flipping"
@@ -275,6 +280,50 @@ class UnitMasks:
             self.model.train(was_training)
 
 
+def split_after(model: nn.Module, layer: Layer):
+    """(prefix, suffix, k) cutting `model` right after `layer`'s output module (its units' activations), by fx.
+
+    prefix(x) returns the tuple of every value computed up to the cut that the
+    rest still needs; live[k] is the layer's unit activations (what the mask
+    hooks multiply), so suffix(*live) == model(x) once live[k] is masked. Both
+    share the model's modules (hooks on later layers fire in the suffix). None
+    when fx cannot trace the model or the output module is called more than once.
+    Cutting after the layer rather than before it (`sweep.split_at`) lets every
+    mask of a group share the layer's own conv as well.
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
+        return None
+    nodes = list(graph.nodes)
+    heads = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer.output]
+    if len(heads) != 1:
+        return None
+    cut = heads[0] + 1
+    before = set(nodes[:cut])
+    live = [n for n in nodes[:cut] if any(u not in before for u in n.users)]
+    if nodes[heads[0]] not in live:
+        return None
+    pre = torch.fx.Graph()
+    env: dict = {}
+    for n in nodes[:cut]:
+        env[n] = pre.node_copy(n, lambda a: env[a])
+    pre.output(tuple(env[n] for n in live))
+    suf = torch.fx.Graph()
+    env = {n: suf.placeholder(f"live_{i}") for i, n in enumerate(live)}
+    for n in nodes[cut:]:
+        env[n] = suf.node_copy(n, lambda a: env[a])
+    try:
+        return torch.fx.GraphModule(model, pre), torch.fx.GraphModule(model, suf), live.index(nodes[heads[0]])
+    except Exception:
+        return None
+
+
+def _tile(a: torch.Tensor, k: int) -> torch.Tensor:
+    """(k * N, ...) copy of a (N, ...), block-major; keeps channels_last (`repeat` would not)."""
+    return torch.cat([a] * k)
+
+
 # ----------------------------------------------------------------------------- the engine
 
 class _Flipper:
@@ -298,6 +347,10 @@ class _Flipper:
         self.sets = torch.stack([torch.cat([torch.ones(nt), z]), torch.cat([1 - noisy, z]), torch.cat([noisy, z]),
                                  torch.cat([rare, z]), torch.cat([torch.zeros(nt), o])]).to(dev)
         self.set_names = ("train_acc", "clean_train_acc", "noisy_train_acc", "rare_train_acc", "test_acc")
+        # the sequential mode stays the paper-faithful baseline: full forward passes, nothing reused
+        self.cache = not cfg.sequential
+        self._splits: dict[int, object] = {}  # candidate position -> split_after's (prefix, suffix, k) or None
+        self._ones_grad: torch.Tensor | None = None  # the others' dJ/dm at the empty mask (U,)
 
     # -- the score step
     def _copies(self, examples: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
@@ -340,62 +393,76 @@ class _Flipper:
         loss_ex = F.cross_entropy(avg, labels.to(dev), reduction="none")  # (B,)
         g_ex, = torch.autograd.grad(-(loss_ex * go.float()).sum(), leaf)  # (B, U)
         # the others' mean loss, once per distinct mask among the examples still searching
-        live = torch.nonzero(go).flatten().tolist()
-        keys: dict[bytes, int] = {}
-        group = {}
-        for b in live:
-            key = masks[b].to(torch.bool).cpu().numpy().tobytes()
-            group[b] = keys.setdefault(key, len(keys))
-        first = {}
-        for b in live:
-            first.setdefault(group[b], b)
-        uniq = torch.stack([masks[first[g]] for g in range(len(keys))]).float()  # (G, U)
+        live = torch.nonzero(go).flatten()  # (B_l,)
+        uniq, group = torch.unique(masks[live].to(torch.bool), dim=0, return_inverse=True)  # (G, U), (B_l,)
+        g_oth = torch.empty(uniq.shape, device=dev)  # (G, U)
+        todo = uniq
+        # rows sort with False first, so the empty mask (every example's first step) is the last row; batched
+        # mode computes its gradient once and reuses it for every example that enters the pool later
+        reuse = self.cache and bool(uniq[-1].all())
+        if reuse:
+            if self._ones_grad is None:
+                self._ones_grad = self._others_grad(uniq[-1:].float())[0]
+            g_oth[-1] = self._ones_grad
+            todo = uniq[:-1]
+        if len(todo):
+            g_oth[:len(todo)] = self._others_grad(todo.float())
+        self.masks.rows = None
+        s = g_ex[live] + g_oth[group]  # (B_l, U): dJ/dm, J = mean loss of the others - loss of the example
+        m = masks[live]
+        scores[live] = torch.where(m > 0, s, torch.full_like(s, -math.inf))
+        return pred, scores
+
+    def _others_grad(self, uniq: torch.Tensor) -> torch.Tensor:
+        """d(mean loss of the others)/dm (G, U) for G masks (G, U), chunked to `max_rows` rows."""
+        dev, m = self.device, len(self.y_oth)
         g_oth = torch.zeros_like(uniq)
-        m = len(self.y_oth)
         per = max(1, self.cfg.max_rows // m)  # groups per pass
         for lo in range(0, len(uniq), per):
             part = uniq[lo:lo + per].clone().requires_grad_(True)  # (G_c, U)
             gc = part.shape[0]
             self.masks.rows = part.repeat_interleave(m, 0)  # (G_c * M, U)
-            x = self.x_oth.repeat(gc, *([1] * (self.x_oth.dim() - 1)))  # (G_c * M, C, H, W)
+            x = _tile(self.x_oth, gc)  # (G_c * M, C, H, W)
             with torch.enable_grad(), autocast(dev):
                 out = self.model(x).float().view(gc, m, -1)  # (G_c, M, K)
             loss = F.cross_entropy(out.transpose(1, 2), self.y_oth.expand(gc, m), reduction="none").mean(1)  # (G_c,)
             g_oth[lo:lo + per], = torch.autograd.grad(loss.sum(), part)
         self.masks.rows = None
-        for b in live:
-            s = g_ex[b] + g_oth[group[b]]  # dJ/dm, J = mean loss of the others - loss of the example
-            scores[b] = torch.where(masks[b] > 0, s, torch.full_like(s, -math.inf))
-        return pred, scores
+        return g_oth
 
     # -- accuracy of edited models
+    def _split(self, j: int):
+        """`split_after` candidate layer j, traced once; None when fx cannot split the model there."""
+        if j not in self._splits:
+            self._splits[j] = split_after(self.model, self.masks.layers[j])
+        return self._splits[j]
+
+    def _first_removed(self, masks: torch.Tensor) -> np.ndarray:
+        """(Q,) for masks (Q, U) bool: the candidate position of each mask's first edited layer (L: none)."""
+        zero = ~masks
+        # argmax returns the first maximum: the first removed unit in layer order
+        flat = torch.where(zero.any(1), zero.float().argmax(1), self.masks.total).cpu().numpy()  # (Q,)
+        return np.searchsorted(self.masks.offsets, flat, side="right").astype(int) - 1
+
     @torch.no_grad()
     def accuracies(self, masks: torch.Tensor) -> list[dict[str, float | None]]:
-        """Accuracies after removal for K masks (K, U): many edited models per pass over the data."""
-        dev = self.device
+        """Accuracies after removal for K masks (K, U): many edited models per pass over the data.
+
+        Batched mode groups the masks by their first layer with a removed unit:
+        that layer's input is unedited, so per data chunk the model runs once up
+        to that layer's unit activations (fx prefix, unmasked); only the rest
+        runs with the group's masks as an extra batch dimension. Sequential mode
+        (the paper-faithful baseline) and models fx cannot split run full forwards.
+        """
         uniq, inverse = torch.unique(masks.to(torch.bool), dim=0, return_inverse=True)  # (Q, U)
         q = uniq.shape[0]
-        correct = torch.zeros(q, self.sets.shape[0], device=dev)
-        sources = [(self.data.x_train, self.data.y_train, self.eval_train),
-                   (self.data.x_test, self.data.y_test, self.eval_test)]
-        offset = 0
-        for x_all, y_all, idx in sources:
-            n = len(idx)
-            per = max(1, self.cfg.eval_rows // q)  # data points per pass
-            for lo in range(0, n, per):
-                sel = idx[lo:lo + per].to(x_all.device)
-                d = len(sel)
-                x = model_input(x_all[sel].to(dev), dev)  # (D, C, H, W)
-                y = y_all[sel].to(dev)
-                for qlo in range(0, q, max(1, self.cfg.eval_rows // d)):
-                    qm = uniq[qlo:qlo + max(1, self.cfg.eval_rows // d)].float()  # (Q_c, U)
-                    qc = qm.shape[0]
-                    self.masks.rows = qm.repeat_interleave(d, 0)  # (Q_c * D, U)
-                    with autocast(dev):
-                        pred = self.model(x.repeat(qc, *([1] * (x.dim() - 1)))).argmax(1).view(qc, d)
-                    hit = (pred == y).float()  # (Q_c, D)
-                    correct[qlo:qlo + qc] += hit @ self.sets[:, offset + lo:offset + lo + d].T
-            offset += n
+        correct = torch.zeros(q, self.sets.shape[0], device=self.device)
+        L = len(self.masks.layers)
+        first = self._first_removed(uniq) if self.cache else np.full(q, L)
+        for j in sorted(set(first.tolist())):  # one group per first edited layer (L: the unedited model)
+            members = torch.as_tensor(np.flatnonzero(first == j), device=self.device)
+            parts = self._split(j) if j < L else None
+            self._accumulate(uniq[members].float(), members, j, parts, correct)
         self.masks.rows = None
         sizes = self.sets.sum(1)
         acc = (correct / sizes.clamp_min(1)).cpu().numpy()
@@ -403,6 +470,58 @@ class _Flipper:
         for k in inverse.tolist():
             out.append({name: (float(acc[k, j]) if sizes[j] > 0 else None) for j, name in enumerate(self.set_names)})
         return out
+
+    def _accumulate(self, qm_all: torch.Tensor, members: torch.Tensor, j: int, parts, correct: torch.Tensor) -> None:
+        """Add the correct counts per evaluation set of the masks qm_all (Q_g, U) into correct[members] (Q_g, 5).
+
+        `parts` (prefix, suffix, k) cuts the model after candidate layer j, the
+        group's first edited layer; None: full forward passes.
+        """
+        dev, rows = self.device, self.cfg.eval_rows
+        qg = qm_all.shape[0]
+        if parts is not None:
+            lo_j, hi_j, dim = int(self.masks.offsets[j]), int(self.masks.offsets[j + 1]), self.masks.layers[j].unit_dim
+        sources = [(self.data.x_train, self.data.y_train, self.eval_train),
+                   (self.data.x_test, self.data.y_test, self.eval_test)]
+        offset = 0
+        for x_all, y_all, idx in sources:
+            n = len(idx)
+            per = max(1, rows // qg)  # data points per pass
+            for lo in range(0, n, per):
+                sel = idx[lo:lo + per].to(x_all.device)
+                d = len(sel)
+                x = model_input(x_all[sel].to(dev), dev)  # (D, C, H, W)
+                y = y_all[sel].to(dev)
+                live = None
+                if parts is not None:
+                    self.masks.rows = None  # the prefix (layers up to j's activations) is unedited
+                    with autocast(dev):
+                        live = parts[0](x)
+                    # every value handed to the suffix must be per data point to take the mask dimension
+                    if not all(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == d for a in live):
+                        live, parts = None, None  # e.g. a shape read before the cut: full forwards for this group
+                        self._splits[j] = None
+                step = max(1, rows // d)
+                for qlo in range(0, qg, step):
+                    qm = qm_all[qlo:qlo + step]  # (Q_c, U)
+                    qc = qm.shape[0]
+                    self.masks.rows = qm.repeat_interleave(d, 0)  # (Q_c * D, U)
+                    with autocast(dev):
+                        if live is None:
+                            logits = self.model(_tile(x, qc))
+                        else:  # _tile copies, so an in-place op in the suffix cannot spoil `live`
+                            args = [_tile(a, qc) for a in live]
+                            act, k = args[parts[2]], parts[2]
+                            m = self.masks.rows[:, lo_j:hi_j]  # (Q_c * D, U_j): exactly what layer j's hook does
+                            shape = [m.shape[0]] + [1] * (act.dim() - 1)
+                            shape[dim % act.dim()] = m.shape[1]
+                            args[k] = act * m.to(act.dtype).view(shape)
+                            logits = parts[1](*args)
+                    pred = logits.argmax(1).view(qc, d)
+                    hit = (pred == y).float()  # (Q_c, D)
+                    correct[members[qlo:qlo + qc]] += hit @ self.sets[:, offset + lo:offset + lo + d].T
+            offset += n
+        self.masks.rows = None
 
 
 def _record(e: int, kind: str, data: Dataset, units: list[int], flipped: bool, wrong: bool,
@@ -437,13 +556,15 @@ def _run_batched(fl: _Flipper, todo: list[tuple[int, str]], *, on_done: Callable
             masks = torch.stack([a["mask"] for a in active])  # (B, U)
             labels = fl.data.y_train[torch.as_tensor([a["e"] for a in active], device=fl.data.y_train.device)]
             labels = labels.to(dev)
-            counts = torch.as_tensor([len(a["units"]) for a in active], device=dev)
-            pred, scores = fl.step([a["e"] for a in active], labels, masks, counts.tolist(),
+            steps = [len(a["units"]) for a in active]
+            counts = torch.as_tensor(steps, device=dev)
+            pred, scores = fl.step([a["e"] for a in active], labels, masks, steps,
                                    lambda p: (p == labels) & (counts < fl.budget))
             pick = scores.argmax(1).tolist()
+            wrong = (pred != labels).tolist()  # one host transfer per step, not one per example
             keep = []
             for b, a in enumerate(active):
-                flipped = int(pred[b]) != int(labels[b])
+                flipped = bool(wrong[b])
                 if flipped or len(a["units"]) >= fl.budget:
                     rec = _record(a["e"], a["kind"], fl.data, a["units"], flipped,
                                   flipped and not a["units"], fl.masks)

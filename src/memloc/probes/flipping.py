@@ -70,7 +70,7 @@ from ..models import Layer, layers as find_layers, select_layers
 from ..runs import write_json
 from ..training import autocast, model_input
 from .base import ProbeResult
-from .sweep import _Tracer
+from .sweep import cut_model
 
 KINDS = ("clean", "noisy", "rare")
 PROBE = "flipping"
@@ -291,32 +291,14 @@ def split_after(model: nn.Module, layer: Layer):
     Cutting after the layer rather than before it (`sweep.split_at`) lets every
     mask of a group share the layer's own conv as well.
     """
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
+    cut = cut_model(model, layer.output, after=True)
+    if cut is None:
         return None
-    nodes = list(graph.nodes)
-    heads = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer.output]
-    if len(heads) != 1:
+    prefix, suffix, live = cut
+    head = [n for n in live if n.op == "call_module" and n.target == layer.output]
+    if not head:
         return None
-    cut = heads[0] + 1
-    before = set(nodes[:cut])
-    live = [n for n in nodes[:cut] if any(u not in before for u in n.users)]
-    if nodes[heads[0]] not in live:
-        return None
-    pre = torch.fx.Graph()
-    env: dict = {}
-    for n in nodes[:cut]:
-        env[n] = pre.node_copy(n, lambda a: env[a])
-    pre.output(tuple(env[n] for n in live))
-    suf = torch.fx.Graph()
-    env = {n: suf.placeholder(f"live_{i}") for i, n in enumerate(live)}
-    for n in nodes[cut:]:
-        env[n] = suf.node_copy(n, lambda a: env[a])
-    try:
-        return torch.fx.GraphModule(model, pre), torch.fx.GraphModule(model, suf), live.index(nodes[heads[0]])
-    except Exception:
-        return None
+    return prefix, suffix, live.index(head[0])
 
 
 def _tile(a: torch.Tensor, k: int) -> torch.Tensor:

@@ -82,29 +82,27 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def split_at(model: nn.Module, layer: Layer) -> Split | None:
-    """(prefix, suffix) with suffix(*prefix(x)) == model(x), cut right before `layer`'s first module.
+def cut_model(model: nn.Module, module: str, *, after: bool = False):
+    """(prefix, suffix, live) cutting `model` by torch.fx at the one call of submodule `module`.
 
-    prefix(x) returns the tuple of every value computed before the layer that
-    the rest of the model still needs (the layer's input and, e.g., a residual
-    branch); the suffix takes them in that order. Both share the model's
-    modules and tensors, so a state put into the model shows in both. None when
-    the model cannot be traced or calls the layer at more than one place.
+    The cut is right before that call, or right after it with `after`. prefix(x)
+    returns the tuple of every value computed before the cut that the rest
+    still needs (e.g. a residual branch), in the order of `live` (the fx nodes);
+    suffix(*those) == model(x). Both share the model's modules and tensors, so a
+    state put into the model, or a hook on a later module, shows in both. None
+    when the model cannot be traced or calls `module` at more than one place.
     """
     try:
         graph = _Tracer().trace(model)
     except Exception:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
         return None
     nodes = list(graph.nodes)
-    heads = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer.name]
+    heads = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == module]
     if len(heads) != 1:
         return None
-    cut = heads[0]
+    cut = heads[0] + int(after)
     before = set(nodes[:cut])
-    live = []  # values computed before the cut and used at or after it, in graph order
-    for n in nodes[:cut]:
-        if any(u not in before for u in n.users):
-            live.append(n)
+    live = [n for n in nodes[:cut] if any(u not in before for u in n.users)]  # graph order
 
     pre = torch.fx.Graph()
     env: dict = {}
@@ -117,11 +115,21 @@ def split_at(model: nn.Module, layer: Layer) -> Split | None:
     for n in nodes[cut:]:
         env[n] = suf.node_copy(n, lambda a: env[a])
     try:
-        prefix = torch.fx.GraphModule(model, pre)
-        suffix = torch.fx.GraphModule(model, suf)
+        return torch.fx.GraphModule(model, pre), torch.fx.GraphModule(model, suf), live
     except Exception:
         return None
-    return prefix, suffix
+
+
+def split_at(model: nn.Module, layer: Layer) -> Split | None:
+    """(prefix, suffix) with suffix(*prefix(x)) == model(x), cut right before `layer`'s first module.
+
+    prefix(x) returns the tuple of every value computed before the layer that
+    the rest of the model still needs (the layer's input and, e.g., a residual
+    branch); the suffix takes them in that order. None when the model cannot be
+    traced or calls the layer at more than one place.
+    """
+    cut = cut_model(model, layer.name)
+    return None if cut is None else (cut[0], cut[1])
 
 
 # ----------------------------------------------------------------------------- the sweep

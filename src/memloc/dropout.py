@@ -486,22 +486,27 @@ def find_example_tied_dropout(model: nn.Module) -> list[ExampleTiedDropout]:
 
 
 @contextlib.contextmanager
-def example_indices(model: nn.Module, idx: Tensor) -> Iterator[nn.Module]:
-    """Give every example-tied dropout layer in ``model`` the batch's indices.
+def layer_setting(model: nn.Module, attr: str, value) -> Iterator[nn.Module]:
+    """Set `attr` to `value` on every example-tied dropout layer inside; each layer's own value restored after."""
+    layers = find_example_tied_dropout(model)
+    previous = [getattr(m, attr) for m in layers]
+    try:
+        for m in layers:
+            setattr(m, attr, value)
+        yield model
+    finally:
+        for m, old in zip(layers, previous):
+            setattr(m, attr, old)
+
+
+def example_indices(model: nn.Module, idx: Tensor):
+    """Give every example-tied dropout layer in ``model`` the batch's indices (a context manager).
 
     idx: (N,) int64 dataset positions of the batch, ideally already on the
     model's device (a CPU tensor is copied per layer). The previous value
     (None outside any such block) is restored on exit, even if the body raises.
     """
-    layers = find_example_tied_dropout(model)
-    previous = [m.idx for m in layers]
-    try:
-        for m in layers:
-            m.idx = idx
-        yield model
-    finally:
-        for m, old in zip(layers, previous):
-            m.idx = old
+    return layer_setting(model, "idx", idx)
 
 
 def set_dropout_mode(model: nn.Module, mode: str) -> dict[str, str]:
@@ -518,19 +523,10 @@ def set_dropout_mode(model: nn.Module, mode: str) -> dict[str, str]:
     return previous
 
 
-@contextlib.contextmanager
-def dropout_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+def dropout_mode(model: nn.Module, mode: str):
     """Context manager: :func:`set_dropout_mode` for the block, previous modes restored after."""
     _check_choice("dropout eval mode", mode, EVAL_MODES)
-    layers = find_example_tied_dropout(model)
-    previous = [m.eval_mode for m in layers]
-    try:
-        for m in layers:
-            m.eval_mode = mode
-        yield model
-    finally:
-        for m, old in zip(layers, previous):
-            m.eval_mode = old
+    return layer_setting(model, "eval_mode", mode)
 
 
 def insert_example_tied_dropout(

@@ -19,14 +19,12 @@ reports for the baselines, as both "before" and "after").
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_example_tied_dropout
+from ..dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_example_tied_dropout, layer_setting
 from ..errors import ConfigError, RunError
 from ..experiment import LoadedRun
 from ..training import evaluate, predict, subset_accuracies
@@ -44,20 +42,11 @@ def require_example_tied_dropout(model: nn.Module, where: str = "this model") ->
     return found
 
 
-@contextlib.contextmanager
-def drop_scale(model: nn.Module, scale: str) -> Iterator[nn.Module]:
+def drop_scale(model: nn.Module, scale: str):
     """Use rescaling rule `scale` ("matched", "paper" or "none") in every example-tied layer inside; restored after."""
     if scale not in DROP_SCALES:
         raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
-    found = find_example_tied_dropout(model)
-    previous = [m.drop_scale for m in found]
-    try:
-        for m in found:
-            m.drop_scale = scale
-        yield model
-    finally:
-        for m, old in zip(found, previous):
-            m.drop_scale = old
+    return layer_setting(model, "drop_scale", scale)
 
 
 def _pct(v: float | None) -> float | None:

@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--sequential-sample", type=int, default=4, help="per kind, for the sequential mode")
     p.add_argument("--eval-subsample", type=int)
     p.add_argument("--no-test-eval", action="store_true", help="after removal, training-set accuracy only (as the paper)")
-    p.add_argument("--batch-examples", type=int, default=32)
-    p.add_argument("--eval-rows", type=int, default=16384)
-    p.add_argument("--max-rows", type=int, default=2048)
+    p.add_argument("--batch-examples", type=int, default=16)
+    p.add_argument("--eval-rows", type=int, default=8192)
+    p.add_argument("--max-rows", type=int, default=4096)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -84,16 +84,21 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     parts = {}  # seconds in the engine's two halves, per mode
+    peaks = {}  # peak device memory in each half (GiB)
 
     def clocked(name, fn):
         def wrapper(self, *args, **kw):
             sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             try:
                 return fn(self, *args, **kw)
             finally:
                 sync()
                 parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
+                if device.type == "cuda":
+                    peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
         return wrapper
 
     def timed(idx, sequential):
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
 
     flip_units(model, data, FlipConfig(indices=all_idx[:2], **{**common, "eval_subsample": 64}))  # warm-up
     bat, t_bat, p_bat = timed(all_idx, False)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    mem = max(peaks.values()) if device.type == "cuda" else None
+    mem_parts = dict(peaks)
     seq, t_seq, p_seq = timed(seq_idx, True)
     same = {int(i): r["units"] for i, r in zip(seq.arrays["index"], seq.rows)}
     agree = sum(same[int(i)] == r["units"] for i, r in zip(bat.arrays["index"], bat.rows) if int(i) in same)
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
     print(f"1000 clean + 1000 noisy, extrapolated: batched {2000 / rate_b / 60:.1f} min, "
           f"sequential {2000 / rate_s / 60:.1f} min")
     if mem is not None:
-        print(f"peak device memory (batched): {mem:.2f} GiB")
+        print(f"peak device memory (batched): {mem:.2f} GiB (" + ", ".join(f"{k} {v:.2f}" for k, v in mem_parts.items()) + ")")
     return 0
 
 

@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-subsample", type=int, metavar="K", help="accuracy after removal on K seeded train and test examples")
     p.add_argument("--no-test-eval", action="store_true", help="after removal, training-set accuracy only")
     p.add_argument("--sequential", action="store_true", help="the paper's loop: one example, one removal at a time")
-    p.add_argument("--batch-examples", type=int, default=32, help="examples flipped at once (default 32)")
+    p.add_argument("--batch-examples", type=int, default=16, help="examples flipped at once (default 16)")
     p.add_argument("--epoch", type=int, help="probe this saved epoch (default: the final one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples, the others and the input noise")
     p.add_argument("--overwrite", action="store_true", help="replace a flipping probe made with other settings")

@@ -51,6 +51,7 @@ the accuracy after each example. Both give the same units and accuracies (tested
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -94,9 +95,9 @@ class FlipConfig:
     eval_test: bool = True  # False: training-set accuracy only after removal (saves the test-set passes)
     seed: int = 0
     sequential: bool = False
-    batch_examples: int = 32  # examples flipped at once (batched mode)
-    max_rows: int = 2048  # rows per forward+backward pass of the score step (about 4 GB on the paper's ResNet-9)
-    eval_rows: int = 16384  # rows (mask x data point) per accuracy pass
+    batch_examples: int = 16  # examples flipped at once (batched mode; 16 keeps the paper's ResNet-9 under 16 GB)
+    max_rows: int = 4096  # rows per forward+backward pass of the score step
+    eval_rows: int = 8192  # rows (mask x data point) per accuracy pass
     epoch: int | None = None  # checkpoint to probe (None: the final one)
     device: str = "auto"
 
@@ -239,6 +240,57 @@ class UnitMasks:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
         self.total = int(self.offsets[-1])
         self.rows: torch.Tensor | None = None
+        self.edited: list[bool] | None = None  # per layer: does any row remove one of its units
+        self.captured: list[tuple[torch.Tensor, int] | None] | None = None  # per layer: its output and version
+        self.copied: set[int] = set()  # layers whose output the model modifies in place: always a fresh tensor
+
+    def set_rows(self, rows: torch.Tensor | None, *, capture: bool = False) -> None:
+        """Use `rows` (R, U) of 0/1 for the next forward passes (None: unedited); `capture` keeps each layer's output.
+
+        Layers where no row removes a unit skip the multiply (it would be by one):
+        one host sync per call, saving an elementwise pass per such layer.
+        """
+        self.rows = rows
+        self.captured = [None] * len(self.layers) if capture else None
+        if rows is None:
+            self.edited = None
+            return
+        removed = (rows == 0).any(0).to(torch.int32).cumsum(0)  # (U,): removed columns up to each unit
+        ends = removed[torch.as_tensor(self.offsets[1:] - 1, device=rows.device)]
+        self.edited = torch.diff(ends, prepend=ends.new_zeros(1)).gt(0).tolist()
+
+    def activations(self) -> list[torch.Tensor] | None:
+        """The activations captured in the last forward pass (each requires grad), for `scores_from`.
+
+        None when the model changed one of them in place later in the pass (an
+        in-place ReLU on a norm's output): those layers get a fresh tensor from
+        now on, and the caller runs the pass again.
+        """
+        if self.captured is None or any(a is None for a in self.captured):
+            missing = [l.name for l, a in zip(self.layers, self.captured or []) if a is None]
+            raise RunError(f"layers {missing} did not run in the forward pass: they cannot be scored")
+        changed = {j for j, (a, v) in enumerate(self.captured) if a._version != v}
+        if changed:
+            self.copied |= changed
+            return None
+        return [a for a, _ in self.captured]
+
+    def scores_from(self, acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """(R, U) float32 sum over each unit's positions of a * dJ/da: dJ/dm for a unit still live (m = 1).
+
+        Equal to the gradient with respect to a multiplicative mask on the unit,
+        without multiplying by a mask of ones in the forward pass.
+        """
+        out = []
+        for layer, a, g in zip(self.layers, acts, grads):
+            dim = layer.unit_dim % a.dim()
+            if g is None:
+                out.append(a.new_zeros(a.shape[0], a.shape[dim], dtype=torch.float32))
+                continue
+            red = [d for d in range(1, a.dim()) if d != dim]
+            prod = a * g
+            out.append(prod.sum(red, dtype=torch.float32) if red else prod.float())
+        return torch.cat(out, 1)
 
     def unit_of(self, flat: int) -> tuple[int, int]:
         """Flat unit position -> (layer index in the model, unit index)."""
@@ -249,18 +301,30 @@ class UnitMasks:
         j = [l.index for l in self.layers].index(layer_index)
         return int(self.offsets[j] + unit)
 
-    def _hook(self, j: int):
+    def apply(self, j: int, output: torch.Tensor) -> torch.Tensor:
+        """Layer j's activations times its columns of `rows` (R, U_j), broadcast over positions."""
         lo, hi, dim = int(self.offsets[j]), int(self.offsets[j + 1]), self.layers[j].unit_dim
+        m = self.rows[:, lo:hi]  # (R, U_j)
+        if m.shape[0] != output.shape[0]:
+            raise RunError(f"unit mask has {m.shape[0]} rows for a batch of {output.shape[0]}")
+        shape = [m.shape[0]] + [1] * (output.dim() - 1)
+        shape[dim % output.dim()] = m.shape[1]
+        return output * m.to(output.dtype).view(shape)  # (R, U_j, 1, 1) for conv, (R, [T,] U_j) for linear
 
+    def _hook(self, j: int):
         def hook(module, inputs, output):
             if self.rows is None:
                 return None
-            m = self.rows[:, lo:hi]  # (R, U_j)
-            if m.shape[0] != output.shape[0]:
-                raise RunError(f"unit mask has {m.shape[0]} rows for a batch of {output.shape[0]}")
-            shape = [m.shape[0]] + [1] * (output.dim() - 1)
-            shape[dim % output.dim()] = m.shape[1]
-            return output * m.to(output.dtype).view(shape)  # (R, U_j, 1, 1) for conv, (R, [T,] U_j) for linear
+            if self.edited is None or self.edited[j]:
+                output = self.apply(j, output)
+            if self.captured is not None:
+                leaf = not output.requires_grad  # nothing before it needs a gradient: start the graph here
+                if leaf:
+                    output = output.detach().requires_grad_(True)
+                self.captured[j] = (output, output._version)
+                if leaf or j in self.copied:  # the model may edit what it gets in place: hand it a copy
+                    return output.clone()
+            return output
         return hook
 
     @contextlib.contextmanager
@@ -276,7 +340,7 @@ class UnitMasks:
         finally:
             for h in handles:
                 h.remove()
-            self.rows = None
+            self.set_rows(None)
             self.model.train(was_training)
 
 
@@ -301,6 +365,49 @@ def split_after(model: nn.Module, layer: Layer):
     return prefix, suffix, live.index(head[0])
 
 
+def scoring_copy(model: nn.Module, candidates: list[Layer]) -> nn.Module:
+    """A frozen eval-mode copy of `model` for the batched search, with BatchNorm folded into the layer before it.
+
+    In eval mode a BatchNorm that only reads a conv's (or linear's) output is an
+    affine map per unit, so folding it into that layer's weights computes the
+    same function with one elementwise pass fewer in each direction (torch.fx's
+    `fuse`; it skips a norm whose input has other readers). Where fx cannot trace
+    the model, or a candidate's unit output would disappear, a plain copy. No
+    parameter needs a gradient: the search differentiates activations only.
+    """
+    from torch.fx.experimental.optimization import fuse
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            out = fuse(model)
+            names = dict(out.named_modules())
+            if any(layer.output not in names for layer in candidates):
+                out = copy.deepcopy(model)
+        except Exception:  # noqa: BLE001 - fx cannot trace every model; folding is only a speed-up
+            out = copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    p = next(model.parameters())
+    if p.is_cuda:
+        out = out.to(memory_format=torch.channels_last)
+    for q in out.parameters():
+        q.requires_grad_(False)
+    return out.eval()
+
+
+@contextlib.contextmanager
+def _no_autotune() -> Iterator[None]:
+    """cuDNN autotuning off for the block: the search's batch shapes keep changing, and each new shape
+    would be benchmarked again (seconds and gigabytes of workspace each time)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 def _tile(a: torch.Tensor, k: int) -> torch.Tensor:
     """(k * N, ...) copy of a (N, ...), block-major; keeps channels_last (`repeat` would not)."""
     return torch.cat([a] * k)
@@ -313,9 +420,12 @@ class _Flipper:
 
     def __init__(self, model: nn.Module, data: Dataset, cfg: FlipConfig, candidates: list[Layer],
                  others: np.ndarray, eval_train: np.ndarray, eval_test: np.ndarray, budget: int):
-        self.model, self.data, self.cfg, self.budget = model, data, cfg, budget
+        self.data, self.cfg, self.budget = data, cfg, budget
+        # the sequential mode stays the paper-faithful baseline: the model as given, full forward passes
+        self.cache = not cfg.sequential
+        self.model = scoring_copy(model, candidates) if self.cache else model
         self.device = next(model.parameters()).device
-        self.masks = UnitMasks(model, candidates)
+        self.masks = UnitMasks(self.model, candidates)
         dev = self.device
         self.x_oth = model_input(data.x_train[torch.as_tensor(others, device=data.x_train.device)].to(dev), dev)
         self.y_oth = data.y_train[torch.as_tensor(others, device=data.y_train.device)].to(dev)
@@ -329,8 +439,6 @@ class _Flipper:
         self.sets = torch.stack([torch.cat([torch.ones(nt), z]), torch.cat([1 - noisy, z]), torch.cat([noisy, z]),
                                  torch.cat([rare, z]), torch.cat([torch.zeros(nt), o])]).to(dev)
         self.set_names = ("train_acc", "clean_train_acc", "noisy_train_acc", "rare_train_acc", "test_acc")
-        # the sequential mode stays the paper-faithful baseline: full forward passes, nothing reused
-        self.cache = not cfg.sequential
         self._splits: dict[int, object] = {}  # candidate position -> split_after's (prefix, suffix, k) or None
         self._ones_grad: torch.Tensor | None = None  # the others' dJ/dm at the empty mask (U,)
 
@@ -360,20 +468,19 @@ class _Flipper:
         """
         c, dev = self.cfg.copies, self.device
         B, U = masks.shape
-        leaf = masks.detach().clone().float().requires_grad_(True)  # (B, U)
-        self.masks.rows = leaf.repeat_interleave(c, 0)  # (B * copies, U)
-        with torch.enable_grad(), autocast(dev):
-            logits = self.model(self._copies(examples, steps)).float()  # (B * copies, K)
+        x = self._copies(examples, steps)
+        logits, acts = self._forward(x, masks.repeat_interleave(c, 0))  # (B * copies, K)
         avg = logits.view(B, c, -1).mean(1)  # (B, K): the averaged output the flip test uses
         pred = avg.argmax(1)
         go = want_scores(pred)
         scores = torch.full((B, U), -math.inf, device=dev)
         if not bool(go.any()):
-            self.masks.rows = None
             return pred, scores
-        # d(-loss_example)/dm, summed over examples: rows are independent in eval mode
+        # d(-loss_example)/dm, per example: rows are independent in eval mode
         loss_ex = F.cross_entropy(avg, labels.to(dev), reduction="none")  # (B,)
-        g_ex, = torch.autograd.grad(-(loss_ex * go.float()).sum(), leaf)  # (B, U)
+        grads = torch.autograd.grad(-(loss_ex * go.float()).sum(), acts, allow_unused=True)
+        g_ex = self.masks.scores_from(acts, grads).view(B, c, U).sum(1)  # (B, U)
+        del acts, grads, logits
         # the others' mean loss, once per distinct mask among the examples still searching
         live = torch.nonzero(go).flatten()  # (B_l,)
         uniq, group = torch.unique(masks[live].to(torch.bool), dim=0, return_inverse=True)  # (G, U), (B_l,)
@@ -384,32 +491,43 @@ class _Flipper:
         reuse = self.cache and bool(uniq[-1].all())
         if reuse:
             if self._ones_grad is None:
-                self._ones_grad = self._others_grad(uniq[-1:].float())[0]
+                self._ones_grad = self._others_grad(uniq[-1:])[0]
             g_oth[-1] = self._ones_grad
             todo = uniq[:-1]
         if len(todo):
-            g_oth[:len(todo)] = self._others_grad(todo.float())
-        self.masks.rows = None
+            g_oth[:len(todo)] = self._others_grad(todo)
         s = g_ex[live] + g_oth[group]  # (B_l, U): dJ/dm, J = mean loss of the others - loss of the example
         m = masks[live]
         scores[live] = torch.where(m > 0, s, torch.full_like(s, -math.inf))
         return pred, scores
 
+    def _forward(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Float logits (R, K) of inputs x under unit masks rows (R, U), and every layer's captured activations."""
+        for _ in range(2):  # a second pass only after finding a layer whose output the model edits in place
+            self.masks.set_rows(rows, capture=True)
+            with torch.enable_grad(), autocast(self.device):
+                # a frozen model's graph starts at its input (cheap: the first layer's few input channels)
+                logits = self.model(x.detach().requires_grad_(x.is_floating_point())).float()
+            acts = self.masks.activations()
+            self.masks.set_rows(None)
+            if acts is not None:
+                return logits, acts
+        raise RunError("a layer's activations keep changing in place during the forward pass: they cannot be scored")
+
     def _others_grad(self, uniq: torch.Tensor) -> torch.Tensor:
-        """d(mean loss of the others)/dm (G, U) for G masks (G, U), chunked to `max_rows` rows."""
+        """d(mean loss of the others)/dm (G, U) for G masks (G, U) of 0/1, chunked to `max_rows` rows."""
         dev, m = self.device, len(self.y_oth)
-        g_oth = torch.zeros_like(uniq)
+        U = uniq.shape[1]
+        g_oth = torch.zeros(uniq.shape, device=dev)
         per = max(1, self.cfg.max_rows // m)  # groups per pass
         for lo in range(0, len(uniq), per):
-            part = uniq[lo:lo + per].clone().requires_grad_(True)  # (G_c, U)
+            part = uniq[lo:lo + per].float()  # (G_c, U)
             gc = part.shape[0]
-            self.masks.rows = part.repeat_interleave(m, 0)  # (G_c * M, U)
-            x = _tile(self.x_oth, gc)  # (G_c * M, C, H, W)
-            with torch.enable_grad(), autocast(dev):
-                out = self.model(x).float().view(gc, m, -1)  # (G_c, M, K)
+            out, acts = self._forward(_tile(self.x_oth, gc), part.repeat_interleave(m, 0))  # (G_c * M, K)
+            out = out.view(gc, m, -1)  # (G_c, M, K)
             loss = F.cross_entropy(out.transpose(1, 2), self.y_oth.expand(gc, m), reduction="none").mean(1)  # (G_c,)
-            g_oth[lo:lo + per], = torch.autograd.grad(loss.sum(), part)
-        self.masks.rows = None
+            grads = torch.autograd.grad(loss.sum(), acts, allow_unused=True)
+            g_oth[lo:lo + per] = self.masks.scores_from(acts, grads).view(gc, m, U).sum(1)
         return g_oth
 
     # -- accuracy of edited models
@@ -445,7 +563,7 @@ class _Flipper:
             members = torch.as_tensor(np.flatnonzero(first == j), device=self.device)
             parts = self._split(j) if j < L else None
             self._accumulate(uniq[members].float(), members, j, parts, correct)
-        self.masks.rows = None
+        self.masks.set_rows(None)
         sizes = self.sets.sum(1)
         acc = (correct / sizes.clamp_min(1)).cpu().numpy()
         out = []
@@ -461,8 +579,6 @@ class _Flipper:
         """
         dev, rows = self.device, self.cfg.eval_rows
         qg = qm_all.shape[0]
-        if parts is not None:
-            lo_j, hi_j, dim = int(self.masks.offsets[j]), int(self.masks.offsets[j + 1]), self.masks.layers[j].unit_dim
         sources = [(self.data.x_train, self.data.y_train, self.eval_train),
                    (self.data.x_test, self.data.y_test, self.eval_test)]
         offset = 0
@@ -476,7 +592,7 @@ class _Flipper:
                 y = y_all[sel].to(dev)
                 live = None
                 if parts is not None:
-                    self.masks.rows = None  # the prefix (layers up to j's activations) is unedited
+                    self.masks.set_rows(None)  # the prefix (layers up to j's activations) is unedited
                     with autocast(dev):
                         live = parts[0](x)
                     # every value handed to the suffix must be per data point to take the mask dimension
@@ -487,23 +603,20 @@ class _Flipper:
                 for qlo in range(0, qg, step):
                     qm = qm_all[qlo:qlo + step]  # (Q_c, U)
                     qc = qm.shape[0]
-                    self.masks.rows = qm.repeat_interleave(d, 0)  # (Q_c * D, U)
+                    self.masks.set_rows(qm.repeat_interleave(d, 0))  # (Q_c * D, U)
                     with autocast(dev):
                         if live is None:
                             logits = self.model(_tile(x, qc))
                         else:  # _tile copies, so an in-place op in the suffix cannot spoil `live`
                             args = [_tile(a, qc) for a in live]
-                            act, k = args[parts[2]], parts[2]
-                            m = self.masks.rows[:, lo_j:hi_j]  # (Q_c * D, U_j): exactly what layer j's hook does
-                            shape = [m.shape[0]] + [1] * (act.dim() - 1)
-                            shape[dim % act.dim()] = m.shape[1]
-                            args[k] = act * m.to(act.dtype).view(shape)
+                            k = parts[2]
+                            args[k] = self.masks.apply(j, args[k])  # exactly what layer j's hook does
                             logits = parts[1](*args)
                     pred = logits.argmax(1).view(qc, d)
                     hit = (pred == y).float()  # (Q_c, D)
                     correct[members[qlo:qlo + qc]] += hit @ self.sets[:, offset + lo:offset + lo + d].T
             offset += n
-        self.masks.rows = None
+        self.masks.set_rows(None)
 
 
 def _record(e: int, kind: str, data: Dataset, units: list[int], flipped: bool, wrong: bool,
@@ -615,7 +728,7 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
     candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, data, cfg)
     fl = _Flipper(model, data, cfg, candidates, others, ev_tr, ev_te, budget)
     records = {r.index: r for r in done}
-    with fl.masks.installed():
+    with fl.masks.installed(), _no_autotune():
         base = fl.accuracies(torch.ones(1, fl.masks.total, device=fl.device))[0]  # the unedited model
     todo = [(int(e), k) for e, k in zip(idx, kinds) if int(e) not in records]
     if log:
@@ -636,8 +749,9 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
 
     try:
         chunk = 1 if cfg.sequential else cfg.batch_examples
-        _run_batched(fl, todo, on_done=got, chunk=chunk, sequential=cfg.sequential,
-                     tick=(lambda: bar.update(1)) if bar is not None else (lambda: None))
+        with _no_autotune():
+            _run_batched(fl, todo, on_done=got, chunk=chunk, sequential=cfg.sequential,
+                         tick=(lambda: bar.update(1)) if bar is not None else (lambda: None))
     finally:
         if bar is not None:
             bar.close()

@@ -45,7 +45,7 @@ def make(kind: str, width: float, p_gen: float, p_mem: float, device: torch.devi
     return model.train()
 
 
-def epoch(model, opt, x, y, batch_size: int, device: torch.device) -> float:
+def epoch(model, opt, x, y, batch_size: int, device: torch.device, forward=None) -> float:
     """Seconds for one pass over (x, y) in shuffled batches, examples' dataset indices handed to the layer."""
     order = torch.randperm(len(x), device=device)
     sync(device)
@@ -53,7 +53,7 @@ def epoch(model, opt, x, y, batch_size: int, device: torch.device) -> float:
     for start in range(0, len(x), batch_size):
         idx = order[start:start + batch_size]  # (B,) dataset positions
         with example_indices(model, idx), autocast(device):
-            loss = F.cross_entropy(model(model_input(x[idx], device)), y[idx])
+            loss = F.cross_entropy((model if forward is None else forward)(model_input(x[idx], device)).float(), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (median reported)")
     p.add_argument("--p-gen", type=float, default=0.4)
     p.add_argument("--p-mem", type=float, default=0.1)
+    p.add_argument("--compile", action="store_true",
+                   help="also time the three models under torch.compile (what `memloc train --compile` does)")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -83,31 +85,40 @@ def main() -> None:
           f"p_gen {args.p_gen} p_mem {args.p_mem}, median of {args.repeats} epochs after 1 warm-up")
     times, memory = {}, {}
     # interleave the variants' epochs so that drifting clocks or a busy machine hit all of them alike
-    models = {k: make(k, width, args.p_gen, args.p_mem, device) for k in ("plain", "dropout", "example_tied")}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    kinds = ("plain", "dropout", "example_tied")
+    models = {k: make(k, width, args.p_gen, args.p_mem, device) for k in kinds}
+    forwards = {k: models[k] for k in kinds}
+    if args.compile:
+        for k in kinds:
+            models[k + "+compile"] = make(k, width, args.p_gen, args.p_mem, device)
+            forwards[k + "+compile"] = torch.compile(models[k + "+compile"])
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                               fused=gpu or None)
             for k, m in models.items()}
-    for k in models:
-        epoch(models[k], opts[k], x, y, args.batch_size, device)
+    for k in models:  # warm-up (and compilation)
+        epoch(models[k], opts[k], x, y, args.batch_size, device, forwards[k])
     samples = {k: [] for k in models}
     for _ in range(args.repeats):
         for k in models:
             if gpu:
                 torch.cuda.reset_peak_memory_stats(device)
-            samples[k].append(epoch(models[k], opts[k], x, y, args.batch_size, device))
+            samples[k].append(epoch(models[k], opts[k], x, y, args.batch_size, device, forwards[k]))
             if gpu:
                 memory[k] = torch.cuda.max_memory_allocated(device) / 2**20
     for k in models:
         times[k] = statistics.median(samples[k])
     etd_state = sum(t.numel() for m in models["example_tied"].modules() if isinstance(m, ExampleTiedDropout)
                     for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
-    print(f"{'variant':14s} {'s/epoch':>9s} {'ratio':>7s}" + (f" {'peak MiB':>9s}" if gpu else ""))
+    print(f"{'variant':22s} {'s/epoch':>9s} {'ratio':>7s}" + (f" {'peak MiB':>9s}" if gpu else ""))
     for k in models:
-        line = f"{k:14s} {times[k]:9.3f} {times[k] / times['plain']:7.3f}"
+        base = "plain+compile" if k.endswith("+compile") else "plain"
+        line = f"{k:22s} {times[k]:9.3f} {times[k] / times[base]:7.3f}"
         print(line + (f" {memory[k]:9.0f}" if gpu else ""))
     print(f"example-tied dropout state: {etd_state} stored numbers (no per-example mask table)")
-    ratio = times["example_tied"] / times["plain"]
-    print(f"example-tied / plain = {ratio:.3f} ({'within' if ratio <= 1.10 else 'ABOVE'} the 1.10 bound)")
-
+    for suffix in [""] + (["+compile"] if args.compile else []):
+        ratio = times["example_tied" + suffix] / times["plain" + suffix]
+        print(f"example-tied{suffix} / plain{suffix} = {ratio:.3f} "
+              f"({'within' if ratio <= 1.10 else 'ABOVE'} the 1.10 bound)")
 
 if __name__ == "__main__":
     main()

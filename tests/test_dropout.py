@@ -129,6 +129,24 @@ def test_cpu_and_cuda_masks_identical():
         assert torch.equal(unit_hash(300, seed=seed, layer_id=layer_id), unit_hash(300, seed=seed, layer_id=layer_id, device="cuda").cpu())
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_layer_equals_cpu_layer_outputs_and_gradients():
+    """The layer's output and gradient on CUDA equal the CPU ones for every activation shape."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((37, 48, 5, 5), (37, 130), (37, 3, 66)):
+        idx = torch.randint(0, 2**31, (shape[0],), generator=g)
+        x = torch.randn(*shape, generator=g)
+        outs = []
+        for dev in ("cpu", "cuda"):
+            xd = x.detach().to(dev).requires_grad_(True)  # a fresh leaf on each device
+            y = example_tied_dropout(xd, idx.to(dev), p_gen=0.3, p_mem=0.2, seed=5, mode="train", layer_id=2)
+            y.sum().backward()
+            outs.append((y.detach().cpu(), xd.grad.cpu()))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 # --- the four modes -------------------------------------------------------------
 
 

@@ -393,7 +393,8 @@ def example_tied_dropout(
         mask = memorization_mask(
             idx, units, p_gen=p_gen, p_mem=p_mem, seed=seed, layer_id=layer_id, device=x.device
         )  # (N, units)
-        return x * mask.view(mask_view)  # bool promotes to x's dtype
+        # cast the small (N, units) mask first: a same-dtype multiply, not a bool one promoted element by element
+        return x * mask.to(x.dtype).view(mask_view)
 
     if mode == "eval":
         scale = _scale_table(units, n_gen, 1.0, p_mem, x.dtype, x.device)  # (units,)

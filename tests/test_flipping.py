@@ -254,8 +254,10 @@ def test_paper_direction_on_mnist5k(tmp_path_factory):
 def _random_resnet9(data: Dataset) -> nn.Module:
     """An untrained resnet9 at width 0.125 with random BatchNorm statistics (so its predictions vary)."""
     from memloc.models import build_model
-    model = build_model("resnet9", input_shape=tuple(data.x_train.shape[1:]), num_classes=data.num_classes,
-                        width=0.125)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same weights whichever tests ran before
+        model = build_model("resnet9", input_shape=tuple(data.x_train.shape[1:]), num_classes=data.num_classes,
+                            width=0.125)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
@@ -327,5 +329,14 @@ def test_cached_accuracies_equal_full_forward_accuracies(models_with_skips, name
         a = fast.accuracies(masks)
     with slow.masks.installed():
         b = slow.accuracies(masks)
-    assert a == b
+    # the batched mode runs a copy with BatchNorm folded into the convs: the same function up to float
+    # rounding, which may move one near-tied example (1/120) across a decision boundary
+    one = {k: 1.01 / max(1.0, float(n)) for k, n in zip(fast.set_names, fast.sets.sum(1))}  # one example
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert (ra[k] is None) == (rb[k] is None)
+            if ra[k] is not None:
+                assert abs(ra[k] - rb[k]) <= one[k], (k, ra[k], rb[k])
+    assert sum(ra == rb for ra, rb in zip(a, b)) >= len(a) - 2
     assert len({r["train_acc"] for r in a}) > 3  # the edits change the accuracy: the comparison is not vacuous

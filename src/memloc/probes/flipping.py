@@ -96,8 +96,8 @@ class FlipConfig:
     seed: int = 0
     sequential: bool = False
     batch_examples: int = 16  # examples flipped at once (batched mode; 16 keeps the paper's ResNet-9 under 16 GB)
-    max_rows: int = 4096  # rows per forward+backward pass of the score step
-    eval_rows: int = 8192  # rows (mask x data point) per accuracy pass
+    max_rows: int | None = None  # rows per forward+backward pass of the score step (None: 4096 GPU, 1024 CPU)
+    eval_rows: int | None = None  # rows (mask x data point) per accuracy pass (None: 8192 GPU, 1024 CPU)
     epoch: int | None = None  # checkpoint to probe (None: the final one)
     device: str = "auto"
 
@@ -131,7 +131,7 @@ class FlipConfig:
         if self.eval_subsample is not None and self.eval_subsample < 1:
             raise ConfigError(f"--eval-subsample must be at least 1, not {self.eval_subsample}")
         for name in ("batch_examples", "max_rows", "eval_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
@@ -425,6 +425,10 @@ class _Flipper:
         self.cache = not cfg.sequential
         self.model = scoring_copy(model, candidates) if self.cache else model
         self.device = next(model.parameters()).device
+        # big passes feed a GPU; on a CPU smaller ones stay in cache (measured: both modes ~1.5x faster at 1024)
+        gpu = self.device.type == "cuda"
+        self.max_rows = cfg.max_rows or (4096 if gpu else 1024)
+        self.eval_rows = cfg.eval_rows or (8192 if gpu else 1024)
         self.masks = UnitMasks(self.model, candidates)
         dev = self.device
         self.x_oth = model_input(data.x_train[torch.as_tensor(others, device=data.x_train.device)].to(dev), dev)
@@ -519,7 +523,7 @@ class _Flipper:
         dev, m = self.device, len(self.y_oth)
         U = uniq.shape[1]
         g_oth = torch.zeros(uniq.shape, device=dev)
-        per = max(1, self.cfg.max_rows // m)  # groups per pass
+        per = max(1, self.max_rows // m)  # groups per pass
         for lo in range(0, len(uniq), per):
             part = uniq[lo:lo + per].float()  # (G_c, U)
             gc = part.shape[0]
@@ -577,7 +581,7 @@ class _Flipper:
         `parts` (prefix, suffix, k) cuts the model after candidate layer j, the
         group's first edited layer; None: full forward passes.
         """
-        dev, rows = self.device, self.cfg.eval_rows
+        dev, rows = self.device, self.eval_rows
         qg = qm_all.shape[0]
         sources = [(self.data.x_train, self.data.y_train, self.eval_train),
                    (self.data.x_test, self.data.y_test, self.eval_test)]

@@ -132,6 +132,13 @@ def main(argv=None) -> int:
     for name, p_, n in (("batched", p_bat, len(all_idx)), ("sequential", p_seq, len(seq_idx))):
         print(f"{name:10s}: per example " + ", ".join(f"{k} {v / n:.3f}s" for k, v in p_.items()))
     print(f"speed-up (per example): {rate_b / rate_s:.2f}x; same units for {agree}/{len(seq_idx)} examples")
+    # the two samples need different numbers of removals; per score step (units + the final check) is fairer
+    steps_b = int(bat.arrays["num_units"].sum()) + len(all_idx)
+    steps_s = int(seq.arrays["num_units"].sum()) + len(seq_idx)
+    sb, ss = p_bat.get("score steps", 0.0) / steps_b, p_seq.get("score steps", 0.0) / steps_s
+    if sb > 0:
+        print(f"score steps: batched {1e3 * sb:.2f} ms, sequential {1e3 * ss:.2f} ms per example-step = {ss / sb:.2f}x; "
+              f"accuracy after: {p_seq.get('accuracy after', 0) / len(seq_idx) / max(1e-9, p_bat.get('accuracy after', 0) / len(all_idx)):.2f}x per example")
     print(f"1000 clean + 1000 noisy, extrapolated: batched {2000 / rate_b / 60:.1f} min, "
           f"sequential {2000 / rate_s / 60:.1f} min")
     if mem is not None:

@@ -36,16 +36,23 @@ Semantics (what this module computes, exactly):
 
 Batched mode keeps a pool of `batch_examples` examples; each carries its own
 unit mask, applied by forward hooks as an extra batch dimension (rows are
-grouped by example). The others' rows are computed once per *distinct* mask
-(every example starts from the empty mask, whose gradient is computed once and
-reused), chunked to `max_rows` rows. The after-removal accuracies of many
-edited models are computed in one pass over the data (rows = (mask, data
-point)), in bf16 on a GPU; the masks are grouped by their first edited layer,
-and each group starts from that layer's unedited activations, computed once per
-data chunk (an fx prefix, `split_after`) and masked by hand, so only the layers
-after it run once per mask. Sequential mode is the paper's loop: one example
-and one removal at a time, the whole batch of others, full forward passes for
-the accuracy after each example. Both give the same units and accuracies (tested).
+grouped by example), on a frozen copy of the model with every BatchNorm folded
+into the conv before it (`scoring_copy`: the same function, one elementwise
+pass fewer each way). Hooks multiply only layers where some row removes a unit,
+and the score of a live unit is read from the activation gradients as
+sum_positions a * dJ/da (equal to dJ/dm at m = 1). The others' rows are computed
+once per *distinct* mask (every example starts from the empty mask, whose
+gradient is computed once and reused), chunked to `max_rows` rows. The
+after-removal accuracies of many edited models are computed in one pass over
+the data (rows = (mask, data point)), in bf16 on a GPU; the masks are grouped
+by their first edited layer, and each group starts from that layer's unedited
+activations, computed once per data chunk (an fx prefix, `split_after`) and
+masked by hand, so only the layers after it run once per mask. cuDNN autotuning
+is off while searching (the batch shapes change at every step). Sequential mode
+is the paper's loop on the model as given: one example and one removal at a
+time, the whole batch of others, full forward passes for the accuracy after
+each example. Both give the same units and, up to float rounding, the same
+accuracies (tested).
 """
 
 from __future__ import annotations

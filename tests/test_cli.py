@@ -10,21 +10,13 @@ import numpy as np
 import pytest
 
 from memloc.cli import main
+from toys import assert_one_line_error
 
 
 def run_cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_smoke_preset_end_to_end(tmp_path, capsys):

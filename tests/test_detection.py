@@ -13,14 +13,7 @@ from memloc.detection import (DetectConfig, auroc, average_precision, detect_sco
 from memloc.errors import ConfigError
 from memloc.probes.base import ProbeResult
 from memloc.runs import RunDir
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
+from toys import assert_one_line_error
 
 
 # ----------------------------------------------------------------------------- metrics, by hand and against sklearn

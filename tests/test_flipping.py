@@ -16,6 +16,7 @@ from memloc.errors import ConfigError, DataError
 from memloc.experiment import open_run
 from memloc.probes import flipping
 from memloc.probes.flipping import FlipConfig, flip_units, select_examples
+from toys import assert_one_line_error
 
 
 # ----------------------------------------------------------------------------- a model whose answer is known by hand
@@ -160,31 +161,23 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
-def _one_line_error(code, err, *words):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def test_cli_bad_inputs_leave_the_run_intact(smoke_run, tmp_path, capsys):
     before = _digest(smoke_run)
     small = ["--others", "16", "--eval-subsample", "50", "--quiet", "--device", "cpu"]
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--layers", "nope", *small)
-    _one_line_error(code, err, "unknown layer 'nope'")
+    assert_one_line_error(code, err, "unknown layer 'nope'")
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--kind", "noisy", "--examples", "5000", *small)
-    _one_line_error(code, err, "noisy training examples available")
+    assert_one_line_error(code, err, "noisy training examples available")
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--kind", "rare", *small)
-    _one_line_error(code, err, "no rare")
+    assert_one_line_error(code, err, "no rare")
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--indices", str(tmp_path / "missing.npy"), *small)
-    _one_line_error(code, err, "does not exist")
+    assert_one_line_error(code, err, "does not exist")
     assert _digest(smoke_run) == before
     bare = tmp_path / "bare"
     shutil.copytree(smoke_run, bare)
     shutil.rmtree(bare / "checkpoints")
     code, _, err = _cli(capsys, "flip", str(bare), *small)
-    _one_line_error(code, err, "no checkpoints")
+    assert_one_line_error(code, err, "no checkpoints")
     assert not (bare / "probes").exists()
 
 
@@ -226,7 +219,7 @@ def test_cli_end_to_end_and_resume(smoke_run, tmp_path, capsys, monkeypatch):
         assert by_index[i]["units"] == " ".join(f"{a}:{b}" for a, b in units)
     # other settings over an existing probe need --overwrite
     code, _, err = _cli(capsys, *args[:-1], "--others", "8", "--quiet")
-    _one_line_error(code, err, "--overwrite")
+    assert_one_line_error(code, err, "--overwrite")
     assert _cli(capsys, *args[:-1], "--others", "8", "--quiet", "--overwrite")[0] == 0
 
 

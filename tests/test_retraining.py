@@ -15,7 +15,7 @@ from memloc.models import NORM_TYPES, layers
 from memloc.probes.base import ProbeResult
 from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import layer_keys
-from toys import digest, toy_data, toy_model
+from toys import assert_one_line_error, digest, toy_data, toy_model
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +185,6 @@ def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert ProbeResult.load(open_run(run_dir).run, "retraining").summary["init"].startswith("rebuilt")
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -16,7 +16,7 @@ from memloc.probes.rewinding import choose_epochs, rewind, rewind_model
 from memloc.probes.sweep import SUBSETS, layer_keys, split_at, subset_accuracy, sweep_states
 from memloc.runs import load_into
 from memloc.training import evaluate
-from toys import digest, toy_data, toy_model
+from toys import assert_one_line_error, digest, toy_data, toy_model
 
 
 # ----------------------------------------------------------------------------- shared fixtures
@@ -197,14 +197,6 @@ def test_cli_rewind_end_to_end(smoke_run, tmp_path, capsys):
     assert res.arrays["accuracy"].shape == (4, 3, len(SUBSETS))  # layers x epochs x subsets
     assert (run_dir / "probes" / "rewinding" / "rewinding.csv").read_text().startswith("layer,layer_index,epoch,subset")
     assert open_run(run_dir).run.stage("rewinding")["status"] == "done"
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("argv,words", [

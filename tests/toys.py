@@ -1,4 +1,4 @@
-"""Hand-checkable cases shared by the probe tests."""
+"""Hand-checkable cases and checks shared by the tests."""
 
 from __future__ import annotations
 
@@ -38,3 +38,13 @@ def digest(path: Path) -> dict:
     """sha256 of every file under `path`: proves a command left a directory untouched."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
             if p.is_file()}
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    """A CLI failure as the project promises it: exit 2, one `memloc: error:` line naming `words`, no traceback."""
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memloc: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], lines[0]

@@ -252,11 +252,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
     :func:`rewind` and :func:`retrain` need. The model is moved to the device.
     """
     from . import training
-    if cfg is None:
-        cfg = TrainConfig(**options)
-    elif options:
-        from dataclasses import replace
-        cfg = replace(cfg, **options)
+    cfg = _config(TrainConfig, cfg, options)
     prepare(model, data)
     if run is not None and not isinstance(run, RunDir):
         run = RunDir.create(run)
@@ -266,6 +262,14 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
                                        "model": {"name": type(model).__name__, "width": None},
                                        "train": {k: v for k, v in vars(cfg).items()}, "source": "python api"})
     return training.train(model, data, cfg, run=run, progress=progress, log=log)
+
+
+def _config(cls, cfg, options: dict):
+    """`cfg` with `options` applied over it, or a fresh `cls(**options)` when no config is given."""
+    from dataclasses import replace
+    if cfg is None:
+        return cls(**options)
+    return replace(cfg, **options) if options else cfg
 
 
 def _is_run(obj: Any) -> bool:
@@ -296,11 +300,7 @@ def flip(model: nn.Module | str | Path | RunDir, data: Dataset | None = None, cf
     With a run directory: the same as ``memloc flip RUN`` (saves into the run).
     """
     from .probes import flipping
-    from dataclasses import replace
-    if cfg is None:
-        cfg = flipping.FlipConfig(**options)
-    elif options:
-        cfg = replace(cfg, **options)
+    cfg = _config(flipping.FlipConfig, cfg, options)
     if _is_run(model):
         return flipping.flip(_run_path(model), cfg, progress=progress, log=log)
     data = _need_data(data, "flip")
@@ -367,13 +367,8 @@ def retrain(model: nn.Module | str | Path | RunDir, data: Dataset | None = None,
     (``data.noise_known``). Result arrays: ``accuracy`` (layers, epochs + 1,
     subsets). With a run directory: the same as ``memloc retrain RUN``.
     """
-    from dataclasses import replace
-
     from .probes import retraining
-    if cfg is None:
-        cfg = retraining.RetrainConfig(**options)
-    elif options:
-        cfg = replace(cfg, **options)
+    cfg = _config(retraining.RetrainConfig, cfg, options)
     if _is_run(model):
         return retraining.retrain(_run_path(model), cfg, layers=layers, progress=progress)
     data = _need_data(data, "retrain")

@@ -183,10 +183,15 @@ def rewinding(run: RunDir) -> Section:
     axes[0][0].set_ylabel("rewound layer")
     sec.figures.append(Figure("rewinding", "Accuracy of the final model with one layer (rows) put back to its "
                               "weights and BatchNorm statistics at an earlier epoch (columns).", _png(fig)))
-    rows = [{"layer": n, "epoch": int(e), **{f"{s}_acc": float(acc[i, j, k]) for k, s in enumerate(subsets)}}
-            for i, n in enumerate(names) for j, e in enumerate(epochs)]
+    rows = _layer_epoch_rows(acc, names, epochs, subsets)
     sec.tables.append(Table("rewinding", "Accuracy per rewound layer and epoch", rows))
     return sec
+
+
+def _layer_epoch_rows(acc: np.ndarray, names, epochs, subsets) -> list[dict]:
+    """Tidy rows of a (layers, epochs, subsets) accuracy array: one per layer and epoch."""
+    return [{"layer": n, "epoch": int(e), **{f"{s}_acc": float(acc[i, j, k]) for k, s in enumerate(subsets)}}
+            for i, n in enumerate(names) for j, e in enumerate(epochs)]
 
 
 def retraining(run: RunDir) -> Section:
@@ -214,8 +219,7 @@ def retraining(run: RunDir) -> Section:
     axes[0][0].legend(fontsize=7)
     sec.figures.append(Figure("retraining", "Each layer reset to its initialisation and retrained alone on the clean "
                               "examples only (every other layer frozen): accuracy per retraining epoch.", _png(fig)))
-    rows = [{"layer": n, "epoch": int(e), **{f"{s}_acc": float(acc[i, j, k]) for k, s in enumerate(subsets)}}
-            for i, n in enumerate(names) for j, e in enumerate(epochs)]
+    rows = _layer_epoch_rows(acc, names, epochs, subsets)
     sec.tables.append(Table("retraining", "Accuracy per retrained layer and epoch", rows))
     return sec
 

@@ -263,8 +263,8 @@ def cmd_flip(args) -> int:
                      max_units=args.max_units, layers=tuple(_names(args.layers)) if args.layers else None,
                      include_classifier=args.include_classifier, eval_subsample=args.eval_subsample,
                      eval_test=not args.no_test_eval, seed=args.seed,
-                     sequential=args.sequential, batch_examples=args.batch_examples, epoch=args.epoch,
-                     device=args.device or "auto")
+                     sequential=args.sequential, precision=args.precision, batch_examples=args.batch_examples,
+                     epoch=args.epoch, device=args.device or "auto")
     result = flip(args.run, cfg, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
     s = result.summary
     for kind, k in s["kinds"].items():
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-subsample", type=int, metavar="K", help="accuracy after removal on K seeded train and test examples")
     p.add_argument("--no-test-eval", action="store_true", help="after removal, training-set accuracy only")
     p.add_argument("--sequential", action="store_true", help="the paper's loop: one example, one removal at a time")
+    p.add_argument("--precision", default="auto", help="auto (default: bf16 where the device has it natively, "
+                   "fp32 for --sequential on a CPU), fp32 or bf16")
     p.add_argument("--batch-examples", type=int, default=16, help="examples flipped at once (default 16)")
     p.add_argument("--epoch", type=int, help="probe this saved epoch (default: the final one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples, the others and the input noise")

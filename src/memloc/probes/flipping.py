@@ -48,11 +48,15 @@ the data (rows = (mask, data point)), in bf16 on a GPU; the masks are grouped
 by their first edited layer, and each group starts from that layer's unedited
 activations, computed once per data chunk (an fx prefix, `split_after`) and
 masked by hand, so only the layers after it run once per mask. cuDNN autotuning
-is off while searching (the batch shapes change at every step). Sequential mode
-is the paper's loop on the model as given: one example and one removal at a
-time, the whole batch of others, full forward passes for the accuracy after
-each example. Both give the same units and, up to float rounding, the same
-accuracies (tested).
+is off while searching (the batch shapes change at every step). The copy runs
+channels_last on every device, and under bf16 autocast where the device has
+bf16 natively (a GPU; a CPU with AVX512-BF16 or AMX; `precision`). Sequential
+mode is the paper's loop on the model as given, in the arithmetic it trains in
+(fp32 on a CPU, bf16 autocast on a GPU): one example and one removal at a time,
+the whole batch of others, full forward passes for the accuracy after each
+example. In the same precision both give the same units and, up to float
+rounding, the same accuracies (tested); bf16 scores pick the fp32 best unit or
+one within rounding of it (tested).
 """
 
 from __future__ import annotations
@@ -76,11 +80,12 @@ from ..data import Dataset
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, layers as find_layers, select_layers
 from ..runs import write_json
-from ..training import autocast, model_input
+from ..training import model_input
 from .base import ProbeResult
 from .sweep import cut_model
 
 KINDS = ("clean", "noisy", "rare")
+PRECISIONS = ("auto", "fp32", "bf16")
 PROBE = "flipping"
 
 
@@ -102,6 +107,9 @@ class FlipConfig:
     eval_test: bool = True  # False: training-set accuracy only after removal (saves the test-set passes)
     seed: int = 0
     sequential: bool = False
+    # "auto": bf16 where the device computes it natively in batched mode (a GPU; a CPU with AVX512-BF16 or AMX),
+    # and the arithmetic the model trains in for the sequential baseline (bf16 autocast on a GPU, fp32 on a CPU)
+    precision: str = "auto"
     batch_examples: int = 16  # examples flipped at once (batched mode; 16 keeps the paper's ResNet-9 under 16 GB)
     max_rows: int | None = None  # rows per forward+backward pass of the score step (None: 4096 GPU, 1024 CPU)
     eval_rows: int | None = None  # rows (mask x data point) per accuracy pass (None: 8192 GPU, 1024 CPU)
@@ -125,6 +133,8 @@ class FlipConfig:
                 raise ConfigError("the --indices file lists no examples")
             if len(set(self.indices)) != len(self.indices):
                 raise ConfigError("the --indices file lists an example twice: examples must be distinct")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.others < 1:
             raise ConfigError(f"--others must be at least 1, not {self.others}")
         if self.copies < 1:
@@ -144,9 +154,9 @@ class FlipConfig:
             self.layers = tuple(str(n) for n in self.layers)
 
     def settings(self) -> dict:
-        """What determines the result (batching sizes and the mode do not)."""
+        """What determines the result (batching sizes, the mode and the precision do not, beyond float rounding)."""
         d = asdict(self)
-        for k in ("sequential", "batch_examples", "max_rows", "eval_rows", "device"):
+        for k in ("sequential", "precision", "batch_examples", "max_rows", "eval_rows", "device"):
             d.pop(k)
         return d
 
@@ -286,8 +296,14 @@ class UnitMasks:
         """(R, U) float32 sum over each unit's positions of a * dJ/da: dJ/dm for a unit still live (m = 1).
 
         Equal to the gradient with respect to a multiplicative mask on the unit,
-        without multiplying by a mask of ones in the forward pass.
+        without multiplying by a mask of ones in the forward pass. Computed
+        without autograd: a recorded product would keep the whole forward graph
+        of the pass alive for as long as the scores live.
         """
+        with torch.no_grad():
+            return self._scores_from(acts, grads)
+
+    def _scores_from(self, acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
         out = []
         for layer, a, g in zip(self.layers, acts, grads):
             dim = layer.unit_dim % a.dim()
@@ -395,12 +411,35 @@ def scoring_copy(model: nn.Module, candidates: list[Layer]) -> nn.Module:
             out = copy.deepcopy(model)
     finally:
         model.train(was_training)
-    p = next(model.parameters())
-    if p.is_cuda:
-        out = out.to(memory_format=torch.channels_last)
+    out = out.to(memory_format=torch.channels_last)  # 4-d weights only; the inputs follow (`_Flipper._input`)
     for q in out.parameters():
         q.requires_grad_(False)
     return out.eval()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` compute bf16 natively: a GPU, or a CPU with AVX512-BF16 or AMX (not emulated, which is slower)?"""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(torch.cpu, probe, None)
+        try:
+            if f is not None and f():
+                return True
+        except Exception:  # noqa: BLE001 - a private probe that may change: fall back to fp32
+            pass
+    return False
+
+
+def use_bf16(cfg: FlipConfig, device: torch.device) -> bool:
+    """Whether the search and the accuracy passes run under bf16 autocast (see `FlipConfig.precision`)."""
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    if cfg.sequential:  # the baseline keeps the arithmetic the model trains in (`training.autocast`)
+        return device.type == "cuda"
+    return native_bf16(device)
 
 
 @contextlib.contextmanager
@@ -432,13 +471,14 @@ class _Flipper:
         self.cache = not cfg.sequential
         self.model = scoring_copy(model, candidates) if self.cache else model
         self.device = next(model.parameters()).device
+        self.bf16 = use_bf16(cfg, self.device)
         # big passes feed a GPU; on a CPU smaller ones stay in cache (measured: both modes ~1.5x faster at 1024)
         gpu = self.device.type == "cuda"
         self.max_rows = cfg.max_rows or (4096 if gpu else 1024)
         self.eval_rows = cfg.eval_rows or (8192 if gpu else 1024)
         self.masks = UnitMasks(self.model, candidates)
         dev = self.device
-        self.x_oth = model_input(data.x_train[torch.as_tensor(others, device=data.x_train.device)].to(dev), dev)
+        self.x_oth = self._input(data.x_train[torch.as_tensor(others, device=data.x_train.device)])
         self.y_oth = data.y_train[torch.as_tensor(others, device=data.y_train.device)].to(dev)
         self.eval_train = torch.as_tensor(eval_train, dtype=torch.long)
         self.eval_test = torch.as_tensor(eval_test, dtype=torch.long)
@@ -453,21 +493,32 @@ class _Flipper:
         self._splits: dict[int, object] = {}  # candidate position -> split_after's (prefix, suffix, k) or None
         self._ones_grad: torch.Tensor | None = None  # the others' dJ/dm at the empty mask (U,)
 
+    def _input(self, xb: torch.Tensor) -> torch.Tensor:
+        """Model inputs on the device; channels_last for the batched mode's copy (also on a CPU, where
+        oneDNN's convolutions run faster on it), as the trainer feeds them for the sequential mode."""
+        return self._layout(model_input(xb.to(self.device), self.device))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cache and x.dim() == 4 else x
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
     # -- the score step
     def _copies(self, examples: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
         """(B * copies, C, H, W) model inputs: each example's noisy copies at its step, example-major."""
         dev, c = self.device, self.cfg.copies
         idx = torch.as_tensor(list(examples), device=self.data.x_train.device)
-        x = model_input(self.data.x_train[idx].to(dev), dev)  # (B, C, H, W)
+        x = self._input(self.data.x_train[idx])  # (B, C, H, W)
         x = x.repeat_interleave(c, 0)  # (B * copies, C, H, W)
         if self.cfg.input_noise == 0:
-            return x
+            return self._layout(x)
         # drawn on the CPU from generators keyed by (seed, example, copy, step): the same on every device
         eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
             _noise_seed(self.cfg.seed, int(e), k, int(s)))) for e, s in zip(examples, steps) for k in range(c)])
         scale = self.cfg.input_noise * x.float().flatten(1).norm(dim=1).cpu() / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
         eps = eps * scale.view(-1, *([1] * (eps.dim() - 1)))  # each copy's noise has norm input_noise * ||x||
-        return x + eps.to(dev, x.dtype)
+        return self._layout(x + eps.to(dev, x.dtype))
 
     def step(self, examples: Sequence[int], labels: torch.Tensor, masks: torch.Tensor, steps: Sequence[int],
              want_scores: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -516,7 +567,7 @@ class _Flipper:
         """Float logits (R, K) of inputs x under unit masks rows (R, U), and every layer's captured activations."""
         for _ in range(2):  # a second pass only after finding a layer whose output the model edits in place
             self.masks.set_rows(rows, capture=True)
-            with torch.enable_grad(), autocast(self.device):
+            with torch.enable_grad(), self._autocast():
                 # a frozen model's graph starts at its input (cheap: the first layer's few input channels)
                 logits = self.model(x.detach().requires_grad_(x.is_floating_point())).float()
             acts = self.masks.activations()
@@ -599,12 +650,12 @@ class _Flipper:
             for lo in range(0, n, per):
                 sel = idx[lo:lo + per].to(x_all.device)
                 d = len(sel)
-                x = model_input(x_all[sel].to(dev), dev)  # (D, C, H, W)
+                x = self._input(x_all[sel])  # (D, C, H, W)
                 y = y_all[sel].to(dev)
                 live = None
                 if parts is not None:
                     self.masks.set_rows(None)  # the prefix (layers up to j's activations) is unedited
-                    with autocast(dev):
+                    with self._autocast():
                         live = parts[0](x)
                     # every value handed to the suffix must be per data point to take the mask dimension
                     if not all(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == d for a in live):
@@ -615,7 +666,7 @@ class _Flipper:
                     qm = qm_all[qlo:qlo + step]  # (Q_c, U)
                     qc = qm.shape[0]
                     self.masks.set_rows(qm.repeat_interleave(d, 0))  # (Q_c * D, U)
-                    with autocast(dev):
+                    with self._autocast():
                         if live is None:
                             logits = self.model(_tile(x, qc))
                         else:  # _tile copies, so an in-place op in the suffix cannot spoil `live`
@@ -769,12 +820,12 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
     elapsed = time.perf_counter() - t0
     ordered = [records[int(e)] for e in idx]
     return build_result(ordered, cfg, candidates, budget, base, elapsed=elapsed, num_others=len(others),
-                        eval_sizes=(len(ev_tr), len(ev_te)))
+                        eval_sizes=(len(ev_tr), len(ev_te)), precision="bf16" if fl.bf16 else "fp32")
 
 
 def build_result(records: list[FlipRecord], cfg: FlipConfig, candidates: list[Layer], budget: int,
                  base: dict, *, elapsed: float | None = None, num_others: int = 0,
-                 eval_sizes: tuple[int, int] = (0, 0)) -> ProbeResult:
+                 eval_sizes: tuple[int, int] = (0, 0), precision: str | None = None) -> ProbeResult:
     """Arrays, tidy rows and the summary of a list of records."""
     E, L = len(records), len(candidates)
     width = max([budget] + [r.num_units for r in records])
@@ -837,6 +888,7 @@ def build_result(records: list[FlipRecord], cfg: FlipConfig, candidates: list[La
         }
     summary = {
         "probe": PROBE, "settings": cfg.settings(), "mode": "sequential" if cfg.sequential else "batched",
+        "precision": precision,
         "budget_units": budget, "candidate_units": int(sum(l.units for l in candidates)),
         "layers": [{"index": l.index, "name": l.name, "units": l.units} for l in candidates],
         "others": num_others, "eval_train_examples": eval_sizes[0], "eval_test_examples": eval_sizes[1],

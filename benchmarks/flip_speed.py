@@ -2,7 +2,7 @@
 
 CPU (2 cores, a few minutes):
     python benchmarks/flip_speed.py --dataset mnist5k --train-size 2000 --width 0.25 --epochs 15 \
-        --examples 16 --others 128 --sequential-sample 4
+        --examples 16 --others 128 --sequential-sample 4 --no-test-eval --compare-fp32
 
 GPU (the paper's ResNet-9 on 50,000 CIFAR-shaped images; target >= 20x, 1000+1000 under 5 min, < 16 GB):
     python benchmarks/flip_speed.py --dataset synthetic --width 1 --epochs 15 --examples 256 \
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet9")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=15, help="training epochs before probing (0: untrained)")
+    p.add_argument("--batch-size", type=int, default=512, help="training batch size")
     p.add_argument("--examples", type=int, default=16, help="per kind (clean, noisy)")
     p.add_argument("--others", type=int, default=512)
     p.add_argument("--sequential-sample", type=int, default=4, help="per kind, for the sequential mode")
@@ -44,6 +45,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-examples", type=int, default=16)
     p.add_argument("--eval-rows", type=int, help="default: 8192 on a GPU, 1024 on a CPU")
     p.add_argument("--max-rows", type=int, help="default: 4096 on a GPU, 1024 on a CPU")
+    p.add_argument("--precision", default="auto", help="of the batched mode (the sequential one keeps its default)")
+    p.add_argument("--compare-fp32", action="store_true",
+                   help="also time the batched mode in fp32, to separate what bf16 buys from what batching buys")
+    p.add_argument("--floor", action="store_true",
+                   help="also time one plain forward pass of the search's model over the evaluation images: the "
+                        "work each edited model's accuracy needs at the least, whatever the batching")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -52,6 +59,7 @@ def main(argv=None) -> int:
     data_cfg = DataConfig(dataset=a.dataset, train_size=a.train_size, noise=0.1, seed=a.seed)
     cfg = RunConfig(data=data_cfg, model=ModelConfig(name=a.model, width=a.width),
                     train=TrainConfig(epochs=max(1, a.epochs), lr=0.1, seed=a.seed, gradient_accounting=False,
+                                      batch_size=a.batch_size,
                                       device=str(device)))
     data, model = build(cfg, device)
     model = model.to(device)
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
                     peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
         return wrapper
 
-    def timed(idx, sequential):
+    def timed(idx, sequential, **kw):
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -110,17 +118,23 @@ def main(argv=None) -> int:
         _Flipper.step, _Flipper.accuracies = clocked("score steps", orig[0]), clocked("accuracy after", orig[1])
         try:
             t0 = time.perf_counter()
-            res = flip_units(model, data, FlipConfig(indices=idx, sequential=sequential, **common))
+            res = flip_units(model, data, FlipConfig(indices=idx, sequential=sequential, **{**common, **kw}))
             sync()
             return res, time.perf_counter() - t0, dict(parts)
         finally:
             _Flipper.step, _Flipper.accuracies = orig
 
     flip_units(model, data, FlipConfig(indices=all_idx[:2], **{**common, "eval_subsample": 64}))  # warm-up
-    bat, t_bat, p_bat = timed(all_idx, False)
+    bat, t_bat, p_bat = timed(all_idx, False, precision=a.precision)
     mem = max(peaks.values()) if device.type == "cuda" else None
     mem_parts = dict(peaks)
     seq, t_seq, p_seq = timed(seq_idx, True)
+    print(f"precision: batched {bat.summary['precision']}, sequential {seq.summary['precision']}")
+    if a.compare_fp32 and bat.summary["precision"] != "fp32":
+        b32, t_b32, _ = timed(all_idx, False, precision="fp32")
+        same32 = sum(r["units"] == q["units"] for r, q in zip(bat.rows, b32.rows))
+        print(f"batched fp32: {len(all_idx)} examples in {t_b32:.1f}s = {len(all_idx) / t_b32:.3f} examples/s "
+              f"({t_b32 / t_bat:.2f}x the {bat.summary['precision']} time; same units for {same32}/{len(all_idx)})")
     same = {int(i): r["units"] for i, r in zip(seq.arrays["index"], seq.rows)}
     agree = sum(same[int(i)] == r["units"] for i, r in zip(bat.arrays["index"], bat.rows) if int(i) in same)
     rate_b, rate_s = len(all_idx) / t_bat, len(seq_idx) / t_seq
@@ -139,11 +153,43 @@ def main(argv=None) -> int:
     if sb > 0:
         print(f"score steps: batched {1e3 * sb:.2f} ms, sequential {1e3 * ss:.2f} ms per example-step = {ss / sb:.2f}x; "
               f"accuracy after: {p_seq.get('accuracy after', 0) / len(seq_idx) / max(1e-9, p_bat.get('accuracy after', 0) / len(all_idx)):.2f}x per example")
+    if a.floor:
+        floor(model, data, FlipConfig(indices=all_idx[:1], precision=a.precision, **common), sync,
+              seq_per_example=t_seq / len(seq_idx), bat_acc=p_bat.get("accuracy after", 0.0) / len(all_idx))
     print(f"1000 clean + 1000 noisy, extrapolated: batched {2000 / rate_b / 60:.1f} min, "
           f"sequential {2000 / rate_s / 60:.1f} min")
     if mem is not None:
         print(f"peak device memory (batched): {mem:.2f} GiB (" + ", ".join(f"{k} {v:.2f}" for k, v in mem_parts.items()) + ")")
     return 0
+
+
+def floor(model, data, cfg, sync, *, seq_per_example: float, bat_acc: float) -> None:
+    """Time one unedited forward pass of the batched mode's own model (norms folded, its precision and
+    layout) over the evaluation images, in its pass size: what any exact accuracy-after-removal costs per
+    edited model, less only what a cached prefix saves. Prints the ratio to the sequential mode that this
+    cost alone allows."""
+    from memloc.probes.flipping import _plan
+    cands, budget, _, _, others, ev_tr, ev_te = _plan(model, data, cfg)
+    fl = _Flipper(model, data, cfg, cands, others, ev_tr, ev_te, budget)
+    idx = torch.as_tensor(np.concatenate([ev_tr]), dtype=torch.long)
+    rows = fl.eval_rows
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            for lo in range(0, len(idx), rows):
+                x = fl._input(data.x_train[idx[lo:lo + rows].to(data.x_train.device)])
+                with fl._autocast():
+                    fl.model(x).argmax(1)
+            sync()
+            times.append(time.perf_counter() - t0)
+    t = min(times)
+    print(f"floor: one plain forward of the search's model over the {len(idx)} training images = {t:.4f}s "
+          f"({'bf16' if fl.bf16 else 'fp32'}); the batched mode spends {bat_acc:.4f}s per example on the accuracy "
+          f"after removal ({bat_acc / t:.2f} passes); the sequential mode {seq_per_example:.4f}s per example in all, "
+          f"so a batched mode paying one such pass per example and nothing else is at most "
+          f"{seq_per_example / t:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -111,9 +111,16 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, *, cache: bool = True):
+    """bf16 autocast on a GPU, nothing on a CPU.
+
+    Inside one context autocast casts each weight once and reuses that copy
+    (`cache`): a block that changes weights in place between forward passes
+    must pass cache=False (or open a context per pass), or later passes run on
+    the weights of the first.
+    """
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -165,16 +165,18 @@ def sweep_states(model: nn.Module, x: torch.Tensor, layer: Layer | None, states:
             idx = idx.to(device)
             with autocast(device):
                 live = parts[0](xin) if parts is not None else None
-                for si in range(len(states)):
-                    for k in keys:
-                        own[k].copy_(stacks[k][si])
+            for si in range(len(states)):
+                for k in keys:
+                    own[k].copy_(stacks[k][si])
+                # no weight cache: autocast would keep the bf16 copy of the first state's weights for every state
+                with autocast(device, cache=False):
                     if parts is None:
                         logits = model(xin)
                     else:
                         args = live if si == len(states) - 1 else tuple(
                             a.clone() if isinstance(a, torch.Tensor) else a for a in live)
                         logits = parts[1](*args)
-                    out[si, idx] = logits.float().argmax(1)
+                out[si, idx] = logits.float().argmax(1)
             if on_batch is not None:
                 on_batch(len(idx))
     return out

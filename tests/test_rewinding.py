@@ -242,3 +242,20 @@ def test_cli_rewind_needs_per_epoch_checkpoints(smoke_run, tmp_path, capsys):
 def test_cli_rewind_not_a_run(tmp_path, capsys):
     code = main(["rewind", str(tmp_path), "--quiet"])
     assert_one_line_error(code, capsys.readouterr()[1], "not a memloc run")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_rewinding_to_the_final_epoch_is_the_final_model(tmp_path):
+    """On a GPU (bf16 autocast) every layer rewound to the final epoch is the final model, and the grid is the CPU's."""
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--dataset", "digits", "--train-size", "600", "--epochs", "3",
+                 "--batch-size", "64", "--out", str(out), "--quiet", "--device", "cuda"]) == 0
+    grids = {}
+    for dev in ("cuda", "cpu"):
+        loaded = open_run(out, device=dev)
+        res = rewind_model(loaded.model(), loaded.data, loaded.run.load_checkpoint, epochs=loaded.run.saved_epochs())
+        grids[dev] = res.arrays["accuracy"]  # (L, E, S)
+        last = grids[dev][:, -1]
+        np.testing.assert_allclose(last, np.broadcast_to(res.arrays["final"], last.shape), atol=0.01)
+    # bf16 against fp32: a few near-ties may move; a stale weight would move whole columns
+    np.testing.assert_allclose(grids["cuda"], grids["cpu"], atol=0.03)

@@ -209,7 +209,6 @@ class Trainer:
         self.model = model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
         if cfg.compile:
             import torch._functorch.config as functorch_config
             functorch_config.donated_buffer = False  # the accounting's first backward retains the graph
@@ -377,6 +376,9 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.steps_per_epoch * (cfg.epochs - start_epoch), desc="train", unit="step",
                        dynamic_ncols=True, leave=False)
+        # cuDNN autotuning pays off here (a few fixed batch shapes); given back to the caller's setting after
+        autotune = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = autotune or self.device.type == "cuda"
         try:
             for epoch in range(start_epoch + 1, cfg.epochs + 1):
                 t0 = time.perf_counter()
@@ -394,6 +396,7 @@ class Trainer:
                 if self.run is not None:
                     self._save_epoch(epoch)
         finally:
+            torch.backends.cudnn.benchmark = autotune
             if bar is not None:
                 bar.close()
         if self.run is not None:

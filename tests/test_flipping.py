@@ -199,6 +199,8 @@ def test_cli_bad_inputs_leave_the_run_intact(smoke_run, tmp_path, capsys):
     assert_one_line_error(code, err, "unknown layer 'nope'")
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--kind", "noisy", "--examples", "5000", *small)
     assert_one_line_error(code, err, "noisy training examples available")
+    code, _, err = _cli(capsys, "flip", str(smoke_run), "--precision", "fp16", *small)
+    assert_one_line_error(code, err, "unknown precision 'fp16'")
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--kind", "rare", *small)
     assert_one_line_error(code, err, "no rare")
     code, _, err = _cli(capsys, "flip", str(smoke_run), "--indices", str(tmp_path / "missing.npy"), *small)

@@ -494,11 +494,12 @@ class _Flipper:
         self._ones_grad: torch.Tensor | None = None  # the others' dJ/dm at the empty mask (U,)
 
     def _input(self, xb: torch.Tensor) -> torch.Tensor:
-        """Model inputs on the device; channels_last for the batched mode's copy (also on a CPU, where
-        oneDNN's convolutions run faster on it), as the trainer feeds them for the sequential mode."""
+        """Stored images -> model inputs on the device, laid out for the model that runs them (`_layout`)."""
         return self._layout(model_input(xb.to(self.device), self.device))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """channels_last for the batched mode's copy on every device (oneDNN's CPU convolutions are faster
+        on it too); the sequential mode keeps `model_input`'s layout, as the trainer feeds the model."""
         return x.contiguous(memory_format=torch.channels_last) if self.cache and x.dim() == 4 else x
 
     def _autocast(self):
@@ -509,8 +510,7 @@ class _Flipper:
         """(B * copies, C, H, W) model inputs: each example's noisy copies at its step, example-major."""
         dev, c = self.device, self.cfg.copies
         idx = torch.as_tensor(list(examples), device=self.data.x_train.device)
-        x = self._input(self.data.x_train[idx])  # (B, C, H, W)
-        x = x.repeat_interleave(c, 0)  # (B * copies, C, H, W)
+        x = model_input(self.data.x_train[idx].to(dev), dev).repeat_interleave(c, 0)  # (B * copies, C, H, W)
         if self.cfg.input_noise == 0:
             return self._layout(x)
         # drawn on the CPU from generators keyed by (seed, example, copy, step): the same on every device

@@ -170,6 +170,7 @@ def test_bf16_scores_pick_a_near_best_unit(smoke_run):
     live = torch.isfinite(fp)
     assert torch.equal(live, torch.isfinite(bf))  # removed units are never scored
     scale = fp[live].abs().max()
+    assert not torch.equal(bf[live], fp[live])  # the bf16 path really ran in bf16
     assert (bf[live] - fp[live]).abs().max() < 0.05 * scale  # bf16 keeps ~3 significant digits
     best = fp.max(1).values
     chosen = fp.gather(1, bf.argmax(1, keepdim=True)).squeeze(1)

@@ -339,6 +339,22 @@ def test_split_with_mask_hooks_equals_full_forward(models_with_skips, name):
             torch.testing.assert_close(fl.model(x), model(x), rtol=1e-4, atol=1e-5)  # folding keeps the function
 
 
+def test_edited_flags_name_exactly_the_layers_with_a_removed_unit(models_with_skips):
+    data, models = models_with_skips
+    cands = flipping.candidate_layers(models["resnet9"], FlipConfig())
+    um = flipping.UnitMasks(models["resnet9"], cands)
+    L, off = len(cands), um.offsets
+    assert um.edited_of(torch.ones(3, um.total)) == [False] * L
+    for j in range(L):
+        for unit in (int(off[j]), int(off[j + 1]) - 1):  # the first and the last unit of layer j
+            m = torch.ones(2, um.total)
+            m[1, unit] = 0
+            assert um.edited_of(m) == [i == j for i in range(L)], (j, unit)
+    m = torch.ones(2, um.total)
+    m[0, int(off[1])], m[1, int(off[L - 1])] = 0, 0  # different rows, different layers
+    assert um.edited_of(m) == [i in (1, L - 1) for i in range(L)]
+
+
 @pytest.mark.parametrize("name,precision", [("cnn", "fp32"), ("resnet9", "fp32"), ("resnet9", "bf16")])
 def test_cached_accuracies_equal_full_forward_accuracies(models_with_skips, name, precision):
     data, models = models_with_skips

@@ -261,20 +261,22 @@ class UnitMasks:
         self.captured: list[tuple[torch.Tensor, int] | None] | None = None  # per layer: its output and version
         self.copied: set[int] = set()  # layers whose output the model modifies in place: always a fresh tensor
 
-    def set_rows(self, rows: torch.Tensor | None, *, capture: bool = False) -> None:
+    def set_rows(self, rows: torch.Tensor | None, *, capture: bool = False, edited: list[bool] | None = None) -> None:
         """Use `rows` (R, U) of 0/1 for the next forward passes (None: unedited); `capture` keeps each layer's output.
 
-        Layers where no row removes a unit skip the multiply (it would be by one):
-        one host sync per call, saving an elementwise pass per such layer.
+        Layers where no row removes a unit skip the multiply (it would be by one).
+        `edited` gives those flags (`edited_of` of the masks the rows repeat, or
+        of a superset of them); without it they are read from `rows` (one host sync).
         """
         self.rows = rows
         self.captured = [None] * len(self.layers) if capture else None
-        if rows is None:
-            self.edited = None
-            return
-        removed = (rows == 0).any(0).to(torch.int32).cumsum(0)  # (U,): removed columns up to each unit
-        ends = removed[torch.as_tensor(self.offsets[1:] - 1, device=rows.device)]
-        self.edited = torch.diff(ends, prepend=ends.new_zeros(1)).gt(0).tolist()
+        self.edited = None if rows is None else (edited if edited is not None else self.edited_of(rows))
+
+    def edited_of(self, masks: torch.Tensor) -> list[bool]:
+        """Per candidate layer: does some row of masks (Q, U) remove one of its units (one host sync)."""
+        removed = (masks == 0).any(0).to(torch.int32).cumsum(0)  # (U,): removed columns up to each unit
+        ends = removed[torch.as_tensor(self.offsets[1:] - 1, device=masks.device)]
+        return torch.diff(ends, prepend=ends.new_zeros(1)).gt(0).tolist()
 
     def activations(self) -> list[torch.Tensor] | None:
         """The activations captured in the last forward pass (each requires grad), for `scores_from`.
@@ -531,7 +533,7 @@ class _Flipper:
         c, dev = self.cfg.copies, self.device
         B, U = masks.shape
         x = self._copies(examples, steps)
-        logits, acts = self._forward(x, masks.repeat_interleave(c, 0))  # (B * copies, K)
+        logits, acts = self._forward(x, masks, c)  # (B * copies, K)
         avg = logits.view(B, c, -1).mean(1)  # (B, K): the averaged output the flip test uses
         pred = avg.argmax(1)
         go = want_scores(pred)
@@ -563,10 +565,13 @@ class _Flipper:
         scores[live] = torch.where(m > 0, s, torch.full_like(s, -math.inf))
         return pred, scores
 
-    def _forward(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Float logits (R, K) of inputs x under unit masks rows (R, U), and every layer's captured activations."""
+    def _forward(self, x: torch.Tensor, masks: torch.Tensor, repeat: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Float logits (R, K) of inputs x (R = Q * repeat) under masks (Q, U), each repeated for `repeat`
+        consecutive rows, and every layer's captured activations."""
+        rows = masks.repeat_interleave(repeat, 0)  # (R, U)
+        edited = self.masks.edited_of(masks)  # read from the Q masks, not their R repeats
         for _ in range(2):  # a second pass only after finding a layer whose output the model edits in place
-            self.masks.set_rows(rows, capture=True)
+            self.masks.set_rows(rows, capture=True, edited=edited)
             with torch.enable_grad(), self._autocast():
                 # a frozen model's graph starts at its input (cheap: the first layer's few input channels)
                 logits = self.model(x.detach().requires_grad_(x.is_floating_point())).float()
@@ -585,7 +590,7 @@ class _Flipper:
         for lo in range(0, len(uniq), per):
             part = uniq[lo:lo + per].float()  # (G_c, U)
             gc = part.shape[0]
-            out, acts = self._forward(_tile(self.x_oth, gc), part.repeat_interleave(m, 0))  # (G_c * M, K)
+            out, acts = self._forward(_tile(self.x_oth, gc), part, m)  # (G_c * M, K)
             out = out.view(gc, m, -1)  # (G_c, M, K)
             loss = F.cross_entropy(out.transpose(1, 2), self.y_oth.expand(gc, m), reduction="none").mean(1)  # (G_c,)
             grads = torch.autograd.grad(loss.sum(), acts, allow_unused=True)
@@ -641,6 +646,7 @@ class _Flipper:
         """
         dev, rows = self.device, self.eval_rows
         qg = qm_all.shape[0]
+        edited = self.masks.edited_of(qm_all)  # once per group: a chunk's own flags would cost a sync per pass
         sources = [(self.data.x_train, self.data.y_train, self.eval_train),
                    (self.data.x_test, self.data.y_test, self.eval_test)]
         offset = 0
@@ -665,7 +671,7 @@ class _Flipper:
                 for qlo in range(0, qg, step):
                     qm = qm_all[qlo:qlo + step]  # (Q_c, U)
                     qc = qm.shape[0]
-                    self.masks.set_rows(qm.repeat_interleave(d, 0))  # (Q_c * D, U)
+                    self.masks.set_rows(qm.repeat_interleave(d, 0), edited=edited)  # (Q_c * D, U)
                     with self._autocast():
                         if live is None:
                             logits = self.model(_tile(x, qc))

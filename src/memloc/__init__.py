@@ -3,8 +3,7 @@
 The public API is what this module re-exports; everything else may change.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: F401
 from .errors import ConfigError, DataError, MemlocError, RunError  # noqa: E402
 from .data import DataConfig, Dataset, corrupt_labels, load as load_data  # noqa: E402
 from .models import Layer, build_model, layers  # noqa: E402

@@ -6,9 +6,10 @@ Bad input of any kind ends with one line `memloc: error: ...` and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .errors import ConfigError, MemlocError
 
@@ -45,6 +46,7 @@ _FIELDS = {
     "noise_mask": ("data", "noise_mask"), "rare_scores": ("data", "rare_scores"), "rare_below": ("data", "rare_below"),
     "synthetic_size": ("data", "synthetic_train"), "synthetic_test_size": ("data", "synthetic_test"),
     "synthetic_shape": ("data", "synthetic_shape"), "synthetic_classes": ("data", "synthetic_classes"),
+    "num_classes": ("data", "num_classes"),
     "model": ("model", "name"), "width": ("model", "width"), "example_tied_dropout": ("model", "example_tied_dropout"),
     "dropout_seed": ("model", "dropout_seed"),
     "epochs": ("train", "epochs"), "lr": ("train", "lr"), "schedule": ("train", "schedule"),
@@ -73,6 +75,8 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-test-size", type=int, help="synthetic: test examples (default 10000)")
     g.add_argument("--synthetic-shape", type=_shape, help="synthetic: C,H,W (default 3,32,32)")
     g.add_argument("--synthetic-classes", type=int, help="synthetic: number of classes (default 10)")
+    g.add_argument("--num-classes", type=int, help="outputs of the model for your own data (default: the largest "
+                                                     "label + 1; labels that look like ids are refused without it)")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -113,6 +117,18 @@ def run_config(args: argparse.Namespace):
             sections[sec][name] = v
     return RunConfig(data=DataConfig(**sections["data"]), model=ModelConfig(**sections["model"]),
                      train=TrainConfig(**sections["train"]))
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and what to do."""
+    what = err.strerror or str(err) or type(err).__name__
+    where = f" ({err.filename})" if err.filename else ""
+    fix = {errno.ENOSPC: "free some space and run the same command with --resume (finished work is kept)",
+           errno.EDQUOT: "free some space and run the same command with --resume (finished work is kept)",
+           errno.EROFS: "choose a writable --out folder",
+           errno.EACCES: "choose a folder you may write to, or fix its permissions",
+           errno.EPERM: "choose a folder you may write to, or fix its permissions"}.get(err.errno, "check the path and the disk")
+    return f"cannot read or write{where}: {what}: {fix}"
 
 
 def _log(args) -> Callable[[str], None]:
@@ -170,8 +186,8 @@ def cmd_evaluate(args) -> int:
         print(" ".join(f"{k} {'-' if v is None else f'{100 * v:.2f}'}" for k, v in acc.items()))
         return 0
     from .probes.dropout_eval import evaluate_dropout
-    result = evaluate_dropout(loaded, epoch=args.epoch, scale=args.drop_scale)
-    d = result.save(loaded.run)
+    result = evaluate_dropout(loaded, epoch=args.epoch, scale=args.drop_scale, save=True)
+    d = loaded.run.path / "probes" / "dropout"
     s = result.summary
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     print(f"clean-train {pct(s['clean_before'])} -> {pct(s['clean_after'])}  "
@@ -327,9 +343,21 @@ def cmd_detect(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line `memloc: error: ...`, exit 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        import re
+        m = re.match(r"argument (\S+): (\1 .*)", message)  # "argument --x: --x takes ..." says the flag once
+        message = m.group(2) if m else message
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        hint = f"`memloc {command} --help`" if command else "`memloc --help`"
+        self.exit(2, f"memloc: error: {message.strip()} (see {hint})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    parser = argparse.ArgumentParser(prog="memloc", description="Find where a network memorizes its training examples.")
+    from ._version import __version__
+    parser = _Parser(prog="memloc", description="Find where a network memorizes its training examples.")
     parser.add_argument("--version", action="version", version=f"memloc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -478,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MemlocError as err:
         print(f"memloc: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only or full disk, a folder without permission: the environment, not a bug
+        print(f"memloc: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("memloc: interrupted; what was saved is intact (resume with --resume)", file=sys.stderr)

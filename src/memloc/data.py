@@ -53,6 +53,7 @@ class DataConfig:
     synthetic_test: int = 10_000
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)
     synthetic_classes: int = 10
+    num_classes: int | None = None  # None: what the data shows (labels that look like ids are refused)
 
     def __post_init__(self) -> None:
         if self.noise is None:
@@ -72,6 +73,20 @@ class DataConfig:
         self.synthetic_shape = tuple(int(s) for s in self.synthetic_shape)
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"synthetic shape {self.synthetic_shape} must be three positive sizes C,H,W")
+        if self.synthetic_train < 2 or self.synthetic_test < 1:
+            raise ConfigError(f"synthetic sizes {self.synthetic_train} (train) and {self.synthetic_test} (test) are too "
+                              "small: pass --synthetic-size of at least 2 and --synthetic-test-size of at least 1")
+        if self.synthetic_classes < 2:
+            raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too small: pass at least 2")
+        if self.num_classes is not None and not (2 <= self.num_classes <= 10_000_000):
+            raise ConfigError(f"--num-classes {self.num_classes} is out of range: pass 2..10,000,000")
+        if self.dataset == "synthetic":
+            from .readers import available_memory
+            nbytes = (self.synthetic_train + self.synthetic_test) * math.prod(self.synthetic_shape)
+            if nbytes > available_memory():
+                raise ConfigError(f"synthetic data of {self.synthetic_train + self.synthetic_test:,} images of shape "
+                                  f"{self.synthetic_shape} needs {nbytes / 2**30:.1f} GiB, more than this machine's free "
+                                  f"memory ({available_memory() / 2**30:.1f} GiB): pass a smaller --synthetic-size")
 
 
 @dataclass
@@ -236,10 +251,11 @@ def _source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
             raise DataError(f"data file {path} does not exist: check the path given to --dataset")
         if path.is_dir():
             x, y, names = readers.read_image_folder(path)
+            num_classes = readers.class_count(y, str(path), cfg.num_classes or len(names))
         else:
             x, y = readers.read_npz(path)
-            names = [str(i) for i in range(int(y.max()) + 1)]
-        num_classes = max(len(names), int(y.max()) + 1)
+            num_classes = readers.class_count(y, f"{path}: y", cfg.num_classes)
+            names = [str(i) for i in range(num_classes)]
         tr, te = _stratified_split(y, cfg.holdout, seed=cfg.seed) if _can_stratify(y, cfg.holdout) \
             else _plain_split(len(y), cfg.holdout, cfg.seed)
         return x[tr], y[tr], x[te], y[te], num_classes, names, tr

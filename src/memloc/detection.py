@@ -415,7 +415,7 @@ def detect(run_path: str | Path, cfg: DetectConfig | None = None, *, overwrite_f
     run = RunDir.open(run_path)
     loss, margin, correct = read_records(run)
     E, n = loss.shape
-    meta = run.load_arrays("data.npz")
+    meta = run.load_arrays("data.npz", "given_labels", "is_noisy", "is_rare")
     given = meta["given_labels"]
     if len(given) != n:
         raise RunError(f"{run.path}: data.npz has {len(given)} examples but examples.npz {n}: the run is inconsistent")
@@ -441,54 +441,55 @@ def detect(run_path: str | Path, cfg: DetectConfig | None = None, *, overwrite_f
                               eval_subsample=cfg.flip_eval_subsample, device=cfg.device)
         _plan(loaded.model(), loaded.data, flip_cfg)  # bad settings fail before the cross-validation training
 
-    raw = record_scores(loss, margin, correct)
-    never = raw.pop("_never_learned")
-    extra: dict = {"records": "RUN/examples.npz: training pass of each epoch (train-mode BatchNorm)"}
-    if cfg.flip_all:
-        from .probes.flipping import flip
-        log(f"flipping probe on all {n} training examples")
-        flip(run.path, flip_cfg, overwrite=overwrite_flipping, progress=progress, log=log)
-        has_flip = True
-    if has_flip:
-        fr = ProbeResult.load(run, "flipping")
-        raw["units_to_flip"] = flip_scores(fr.arrays, n)
-        extra["flipping"] = {"covered": int(np.isfinite(raw["units_to_flip"]).sum()),
-                             "budget_units": fr.summary.get("budget_units"),
-                             "epoch": fr.summary.get("epoch")}
-    if cfg.cv:
-        probs = cross_validated_probs(loaded.config, loaded.data, folds=cfg.cv, epochs=cfg.cv_epochs,
-                                      seed=cfg.seed, log=log)
-        quality, issues = label_quality(given, probs)
-        raw["label_quality"] = quality
-        extra["cleanlab"] = {"folds": cfg.cv, "epochs": cfg.cv_epochs or loaded.config.train.epochs,
-                             "label_issues": int(issues.sum()),
-                             "out_of_fold_accuracy": float((probs.argmax(1) == given).mean())}
-        if is_noisy is not None:
-            tp = int((issues & is_noisy).sum())
-            extra["cleanlab"]["label_issues_noisy"] = tp
-            extra["cleanlab"]["label_issues_precision"] = tp / max(1, int(issues.sum()))
-            extra["cleanlab"]["label_issues_recall"] = tp / max(1, int(is_noisy.sum()))
+    with run.working(PROBE):
+        raw = record_scores(loss, margin, correct)
+        never = raw.pop("_never_learned")
+        extra: dict = {"records": "RUN/examples.npz: training pass of each epoch (train-mode BatchNorm)"}
+        if cfg.flip_all:
+            from .probes.flipping import flip
+            log(f"flipping probe on all {n} training examples")
+            flip(run.path, flip_cfg, overwrite=overwrite_flipping, progress=progress, log=log)
+            has_flip = True
+        if has_flip:
+            fr = ProbeResult.load(run, "flipping")
+            raw["units_to_flip"] = flip_scores(fr.arrays, n)
+            extra["flipping"] = {"covered": int(np.isfinite(raw["units_to_flip"]).sum()),
+                                 "budget_units": fr.summary.get("budget_units"),
+                                 "epoch": fr.summary.get("epoch")}
+        if cfg.cv:
+            probs = cross_validated_probs(loaded.config, loaded.data, folds=cfg.cv, epochs=cfg.cv_epochs,
+                                          seed=cfg.seed, log=log)
+            quality, issues = label_quality(given, probs)
+            raw["label_quality"] = quality
+            extra["cleanlab"] = {"folds": cfg.cv, "epochs": cfg.cv_epochs or loaded.config.train.epochs,
+                                 "label_issues": int(issues.sum()),
+                                 "out_of_fold_accuracy": float((probs.argmax(1) == given).mean())}
+            if is_noisy is not None:
+                tp = int((issues & is_noisy).sum())
+                extra["cleanlab"]["label_issues_noisy"] = tp
+                extra["cleanlab"]["label_issues_precision"] = tp / max(1, int(issues.sum()))
+                extra["cleanlab"]["label_issues_recall"] = tp / max(1, int(is_noisy.sum()))
 
-    model = loaded.model()
-    predicted = predict(model, loaded.data.x_train).argmax(1).cpu().numpy()
-    extra["predicted_label"] = "final model, eval mode (one pass over the training set)"
-    if rare_source:
-        extra["rare_source"] = rare_source
-    result = detect_scores(raw, given=given, is_noisy=is_noisy, is_rare=is_rare, rank_by=cfg.rank_by, epochs=E,
-                           predicted=predicted, true_labels=meta["true_labels"] if noise_known else None,
-                           never_learned=never, extra_summary=extra)
-    if cfg.cv:
-        result.arrays["cleanlab_probs"] = probs.astype(np.float32)
-        result.arrays["cleanlab_issue"] = issues
-    top = result.arrays["ranking"][:GALLERY]
-    result.arrays["top_images"] = loaded.data.x_train[torch.as_tensor(top, device=loaded.data.x_train.device)].cpu().numpy()
-    result.arrays["top_index"] = top
-    result.summary["run"] = str(run.path)
-    result.summary["settings"] = {k: v for k, v in vars(cfg).items()}
-    d = result.save(run)
-    write_text(d / "suspects.csv", (d / f"{PROBE}.csv").read_text())
-    write_text(d / "quality.csv", _quality_csv(result.summary))
-    run.set_stage(PROBE, "done", rank_by=cfg.rank_by, best=result.summary.get("best"))
+        model = loaded.model()
+        predicted = predict(model, loaded.data.x_train).argmax(1).cpu().numpy()
+        extra["predicted_label"] = "final model, eval mode (one pass over the training set)"
+        if rare_source:
+            extra["rare_source"] = rare_source
+        result = detect_scores(raw, given=given, is_noisy=is_noisy, is_rare=is_rare, rank_by=cfg.rank_by, epochs=E,
+                               predicted=predicted, true_labels=meta["true_labels"] if noise_known else None,
+                               never_learned=never, extra_summary=extra)
+        if cfg.cv:
+            result.arrays["cleanlab_probs"] = probs.astype(np.float32)
+            result.arrays["cleanlab_issue"] = issues
+        top = result.arrays["ranking"][:GALLERY]
+        result.arrays["top_images"] = loaded.data.x_train[torch.as_tensor(top, device=loaded.data.x_train.device)].cpu().numpy()
+        result.arrays["top_index"] = top
+        result.summary["run"] = str(run.path)
+        result.summary["settings"] = {k: v for k, v in vars(cfg).items()}
+        d = result.save(run)
+        write_text(d / "suspects.csv", (d / f"{PROBE}.csv").read_text())
+        write_text(d / "quality.csv", _quality_csv(result.summary))
+        run.set_stage(PROBE, "done", rank_by=cfg.rank_by, best=result.summary.get("best"))
     return result
 
 

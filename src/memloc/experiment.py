@@ -22,7 +22,7 @@ from . import data as data_mod
 from .data import DataConfig, Dataset
 from .errors import ConfigError, RunError
 from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model
-from .runs import RunDir, default_out, load_into
+from .runs import RunDir, default_out, exclusive, load_into
 from .training import TrainConfig, Trainer, resolve_device
 
 
@@ -89,6 +89,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in ("data", "model", "train")):
+            raise RunError("config.json is damaged: it is not a memloc run config (an object with data, model, train)")
+
         def build(klass, values):
             known = {f.name for f in fields(klass)}
             unknown = set(values) - known
@@ -98,7 +101,7 @@ class RunConfig:
         try:
             return cls(data=build(DataConfig, d.get("data", {})), model=build(ModelConfig, d.get("model", {})),
                        train=build(TrainConfig, d.get("train", {})))
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise RunError(f"config.json is not a memloc run config ({err})") from None
 
 
@@ -136,7 +139,7 @@ def make_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
 
 
 def environment(device: torch.device) -> dict:
-    from . import __version__
+    from ._version import __version__
     env = {"memloc": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
            "numpy": np.__version__, "platform": platform.platform(), "device": str(device),
            "threads": torch.get_num_threads()}
@@ -161,30 +164,48 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
     cfg.model = cfg.model.resolved(device)
     data, model = build(cfg, device)  # bad data or model fail here, before anything is written
     out = Path(out) if out else default_out(cfg.data.dataset, cfg.model.name, cfg.data.noise)
-    run = RunDir.create(out, overwrite=overwrite)
-    run.write_json("config.json", cfg.to_dict())
-    run.write_json("env.json", environment(device))
-    run.save_arrays("data.npz", **data.arrays())
-    if log:
-        log(f"run directory {run.path}: {cfg.model.name} (width {cfg.model.width:g}) on {data.name}, "
-            f"{data.num_train} training examples, {int(data.is_noisy.sum())} noisy, device {device}")
-    Trainer(model, data, cfg.train, run=run, progress=progress, log=log).fit()
+    with exclusive(out):  # one writer per run for the whole training
+        run = RunDir.create(out, overwrite=overwrite)
+        run.write_json("config.json", cfg.to_dict())
+        run.write_json("env.json", environment(device))
+        run.save_arrays("data.npz", **data.arrays())
+        if log:
+            log(f"run directory {run.path}: {cfg.model.name} (width {cfg.model.width:g}) on {data.name}, "
+                f"{data.num_train} training examples, {int(data.is_noisy.sum())} noisy, device {device}")
+        with run.working("train"):
+            Trainer(model, data, cfg.train, run=run, progress=progress, log=log).fit()
     return run
 
 
-def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None) -> RunDir:
-    """Continue a killed run from its newest complete checkpoint; the result equals an uninterrupted run."""
+def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None,
+                    config: RunConfig | None = None) -> RunDir:
+    """Continue a killed run from its newest complete checkpoint; the result equals an uninterrupted run.
+
+    A run killed before its first checkpoint is started again from its config.json (or `config`,
+    which a study passes for its own runs).
+    """
     run = RunDir.open(path)
-    if run.stage("train").get("status") == "done":
-        raise RunError(f"{run.path} has finished training: nothing to resume")
-    cfg = RunConfig.from_dict(run.config)
-    device = resolve_device(cfg.train.device)
-    data, model = build(cfg, device)
-    trainer = Trainer(model, data, cfg.train, run=run, progress=progress, log=log)
-    start = trainer.restore(run)
-    if log:
-        log(f"resuming {run.path} after epoch {start} of {cfg.train.epochs}")
-    trainer.fit(start_epoch=start)
+    with run.exclusive():
+        if run.stage("train").get("status") == "done":
+            raise RunError(f"{run.path} has finished training: nothing to resume")
+        if run.stage("train").get("last_checkpoint") is None:
+            if config is None:
+                if not run.has("config.json"):
+                    raise RunError(f"{run.path} was killed before it wrote its config: start it again with "
+                                   f"`memloc train ... --out {run.path} --overwrite`")
+                config = RunConfig.from_dict(run.config)
+            if log:
+                log(f"{run.path} stopped before its first checkpoint: training it from the start")
+            return run_training(config, run.path, overwrite=True, progress=progress, log=log)
+        cfg = RunConfig.from_dict(run.config)
+        device = resolve_device(cfg.train.device)
+        data, model = build(cfg, device)
+        trainer = Trainer(model, data, cfg.train, run=run, progress=progress, log=log)
+        start = trainer.restore(run)
+        if log:
+            log(f"resuming {run.path} after epoch {start} of {cfg.train.epochs}")
+        with run.working("train"):
+            trainer.fit(start_epoch=start)
     return run
 
 
@@ -220,7 +241,7 @@ def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:
     dev = resolve_device(device)
     data = data_mod.load(cfg.data, device=dev)
     if run.has("data.npz"):
-        saved = run.load_arrays("data.npz")
+        saved = run.load_arrays("data.npz", "is_noisy")
         if not np.array_equal(saved["is_noisy"], data.is_noisy.cpu().numpy()):
             raise RunError(f"the data of {run.path} no longer matches its data.npz (noise mask differs): "
                            "the data files changed since the run was trained")

@@ -37,7 +37,7 @@ from typing import Callable
 from .dropout import expected_active_fraction
 from .errors import ConfigError
 from .experiment import ModelConfig, RunConfig, make_model, open_run, resume_training, run_training
-from .runs import RunDir, _jsonable, write_json, write_text
+from .runs import LOCK_NAME, RunDir, _jsonable, exclusive, write_json, write_text
 
 __all__ = ["DEFAULT_PAIRS", "GRID_COLUMNS", "GridCell", "grid_cells", "dropout_grid"]
 
@@ -96,8 +96,7 @@ def _row(cell: GridCell, run: RunDir, epochs: int) -> dict:
     row = {"cell": cell.name, "method": cell.method, "p_gen": cell.p_gen, "p_mem": cell.p_mem,
            "active_fraction": cell.active_fraction, "epochs": epochs, "run": run.path.name}
     if cell.method == "example_tied":
-        result = evaluate_dropout(loaded)
-        result.save(run)
+        result = evaluate_dropout(loaded, save=True)
         s = result.summary
         row.update(clean_before=pct(s["clean_before"]), noisy_before=pct(s["noisy_before"]),
                    clean_after=pct(s["clean_after"]), noisy_after=pct(s["noisy_after"]),
@@ -152,38 +151,43 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
     spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
                                  default=_jsonable))
-    grid_json = out_dir / "grid.json"
-    if grid_json.exists():
-        old = json.loads(grid_json.read_text())
-        if old.get("base") != spec["base"]:
-            raise ConfigError(f"{out_dir} holds a grid with other settings: pass another --out, or the same flags to resume it")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists and is not a dropout grid: pass a new or empty --out folder")
-    _check_buildable(base, cells)  # bad model or data: one line, before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(grid_json, spec)
+    with exclusive(out_dir):  # one writer per grid folder
+        grid_json = out_dir / "grid.json"
+        if grid_json.exists():
+            try:
+                old = json.loads(grid_json.read_text())
+            except (ValueError, UnicodeDecodeError):
+                old = None
+            if not isinstance(old, dict):
+                raise ConfigError(f"{grid_json} is damaged: pass a new --out folder")
+            if old.get("base") != spec["base"]:
+                raise ConfigError(f"{out_dir} holds a grid with other settings: pass another --out, or the same flags to resume it")
+        elif out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+            raise ConfigError(f"{out_dir} exists and is not a dropout grid: pass a new or empty --out folder")
+        _check_buildable(base, cells)  # bad model or data: one line, before anything is written
+        write_json(grid_json, spec)
 
-    log = log or (lambda s: None)
-    rows = []
-    for k, cell in enumerate(cells, 1):
-        path = out_dir / cell.name
-        cfg = copy.deepcopy(base)
-        cfg.model = cell.model_config(base.model)
-        if (path / "cell.json").exists():
-            rows.append(RunDir.open(path).read_json("cell.json"))
-            log(f"[{k}/{len(cells)}] {cell.name}: done before, read back")
-        else:
-            log(f"[{k}/{len(cells)}] {cell.name}: training")
-            if (path / "config.json").exists():
-                run = RunDir.open(path)
-                if run.stage("train").get("status") != "done":
-                    run = resume_training(path, progress=progress, log=log)
+        log = log or (lambda s: None)
+        rows = []
+        for k, cell in enumerate(cells, 1):
+            path = out_dir / cell.name
+            cfg = copy.deepcopy(base)
+            cfg.model = cell.model_config(base.model)
+            if (path / "cell.json").exists():
+                rows.append(RunDir.open(path).read_json("cell.json"))
+                log(f"[{k}/{len(cells)}] {cell.name}: done before, read back")
             else:
-                run = run_training(cfg, path, overwrite=path.exists(), progress=progress, log=log)
-            row = _row(cell, run, cfg.train.epochs)
-            run.write_json("cell.json", row)  # last: its presence means the cell is finished
-            rows.append(row)
-            log(f"[{k}/{len(cells)}] {cell.name}: clean {row['clean_before']} -> {row['clean_after']}, "
-                f"noisy {row['noisy_before']} -> {row['noisy_after']}, test {row['test_eval']} / {row['test_drop']}")
-        _write_table(out_dir / "grid.csv", rows)
+                log(f"[{k}/{len(cells)}] {cell.name}: training")
+                if (path / "config.json").exists():
+                    run = RunDir.open(path)
+                    if run.stage("train").get("status") != "done":
+                        run = resume_training(path, progress=progress, log=log)
+                else:
+                    run = run_training(cfg, path, overwrite=path.exists(), progress=progress, log=log)
+                row = _row(cell, run, cfg.train.epochs)
+                run.write_json("cell.json", row)  # last: its presence means the cell is finished
+                rows.append(row)
+                log(f"[{k}/{len(cells)}] {cell.name}: clean {row['clean_before']} -> {row['clean_after']}, "
+                    f"noisy {row['noisy_before']} -> {row['noisy_after']}, test {row['test_eval']} / {row['test_drop']}")
+            _write_table(out_dir / "grid.csv", rows)
     return rows

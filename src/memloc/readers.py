@@ -357,6 +357,7 @@ def read_npz(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         missing = [k for k in ("x", "y") if k not in archive.files]
         if missing:
             raise DataError(f"{path} has no array {missing[0]!r} (found {sorted(archive.files)}); {fix}")
+        _check_npz_sizes(path, ("x", "y"), fix)
         try:
             x, y = archive["x"], archive["y"]
         except Exception as e:  # object arrays (pickles refused), corrupt members...
@@ -374,6 +375,72 @@ def read_npz(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         if hi > 1:
             x /= 255
     return np.ascontiguousarray(x), _check_labels(y, len(x), f"{path}: y")
+
+
+def _check_npz_sizes(path: Path, names: tuple[str, ...], fix: str) -> None:
+    """Refuse members whose header promises more data than the archive holds or the machine has,
+    before numpy allocates an array of the promised size."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in names:
+                info = z.getinfo(f"{name}.npy")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        continue
+                    shape, _, dtype = read_header(f)  # the header only: nothing allocated yet
+                    header = f.tell()
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > max(0, info.file_size - header):
+                    raise DataError(f"{path}: the header of {name!r} claims shape {tuple(shape)} "
+                                    f"({nbytes:,} bytes) but the archive holds {info.file_size:,} bytes: the file "
+                                    f"is damaged; {fix}")
+                if nbytes > available_memory():
+                    raise DataError(f"{path}: {name!r} needs {nbytes / 2**30:.1f} GiB, more than this machine's "
+                                    f"free memory ({available_memory() / 2**30:.1f} GiB): use a smaller subset")
+    except (KeyError, zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return  # np.load's own reading reports these with its one line
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable), or the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+MAX_CLASSES = 100_000
+
+
+def class_count(y: np.ndarray, where: str, num_classes: int | None = None) -> int:
+    """How many classes the labels `y` ask for, checked before anything is allocated per class.
+
+    Labels that look like ids rather than classes (a maximum of 100,000 or more, or at least ten
+    times the number of distinct labels) are refused unless `num_classes` (--num-classes) says so.
+    """
+    top = int(y.max()) if y.size else 0
+    if num_classes is not None:
+        if top >= num_classes:
+            raise DataError(f"{where} has label {top}, outside 0..{num_classes - 1} (--num-classes {num_classes}): "
+                            "fix the labels or raise --num-classes")
+        return num_classes
+    distinct = len(np.unique(y))
+    if top >= MAX_CLASSES or top >= 10 * max(distinct, 1):
+        raise DataError(f"{where} has label {top} but only {distinct} distinct labels, which would make a "
+                        f"{top + 1:,}-class model: number the classes 0..{distinct - 1}, or pass --num-classes N "
+                        "if the model really needs N outputs")
+    return top + 1
 
 
 def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:

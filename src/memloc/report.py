@@ -115,7 +115,7 @@ def gradient_accounting(run: RunDir) -> Section:
     if not run.has("gradients.npz"):
         sec.missing = "no gradients.npz: the run was trained with --no-gradient-accounting or has no noisy examples"
         return sec
-    g = run.load_arrays("gradients.npz")
+    g = run.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine")
     names, clean, noisy, cos = list(g["layer_names"]), g["clean_norm"], g["noisy_norm"], g["cosine"]
     epochs = clean.shape[1]
     plt = _pyplot()
@@ -312,7 +312,7 @@ def detection(run: RunDir) -> Section:
     if "top_images" in arrays and len(arrays["top_images"]):
         labels = None
         if "top_index" in arrays:
-            given = run.load_arrays("data.npz")["given_labels"] if run.has("data.npz") else None
+            given = run.load_arrays("data.npz", "given_labels")["given_labels"] if run.has("data.npz") else None
             labels = None if given is None else given[arrays["top_index"]]
         sec.figures.append(Figure("detection_suspects", f"The top suspects by {summary.get('rank_by')}, with their "
                                   "given labels.", _gallery(arrays["top_images"], labels)))
@@ -469,7 +469,7 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
             f"25% → 90% between epochs {window[0]} and {window[1]} of {len(metrics)}" if window else "never reached 90%",
             None if window is None else bool(window[0] > 1))
     if base.has("gradients.npz"):
-        g = base.load_arrays("gradients.npz")
+        g = base.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine")
         a, b = (window[0] - 1, window[1]) if window else (0, g["cosine"].shape[1])
         body = slice(0, max(1, len(g["layer_names"]) - 1))  # every layer but the classifier
         ratio = g["noisy_norm"][body, a:b].sum(1) / np.maximum(g["clean_norm"][body, a:b].sum(1), 1e-30)

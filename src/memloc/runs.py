@@ -14,20 +14,29 @@
       report/           report.html, figures/*.png, tables/*.csv
 
 Every write goes to a temporary file in the same folder and is renamed into
-place, so a killed process never leaves a half-written file behind.
+place, so a killed process never leaves a half-written file behind; the
+temporary files of a killed process are removed by the next command that
+takes the directory's lock. A command that writes into a run holds its lock
+(`exclusive`) for its whole life: a second writer gets one line and exit 2,
+readers are never blocked. `--overwrite` deletes only the files memloc itself
+writes, and only in a directory that proves to be memloc's (`memloc_kind`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
-import shutil
+import socket
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,8 +45,10 @@ from .errors import RunError
 
 FORMAT_VERSION = 1
 _CKPT = re.compile(r"^epoch_(\d{3,})\.safetensors$")
+_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+LOCK_NAME = ".memloc.lock"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -46,9 +57,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
     try:
         write(Path(tmp))
+        # after the write: mkstemp makes 0600, and some writers (safetensors) create the file anew
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -122,6 +134,243 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
     model.load_state_dict(state, strict=False)
 
 
+# ----------------------------------------------------------------------------- what is memloc's
+
+# The files memloc writes into a run, a study or a grid folder (globs relative to it); `--overwrite`
+# deletes these and nothing else. Sub-folders that are memloc directories themselves (a study's
+# cells, a grid's cells) are cleared by the same rule.
+MEMLOC_FILES = (
+    "run.json", "config.json", "env.json", "metrics.jsonl", "data.npz", "examples.npz", "gradients.npz", "cell.json",
+    "study.json", "grid.json", "grid.csv",
+    "checkpoints/epoch_*.safetensors", "checkpoints/optimizer_*.safetensors",
+    "probes/*/summary.json", "probes/*/arrays.npz", "probes/*/*.csv", "probes/*/partial.npz",
+    "probes/*/progress.json",
+    "report/report.html", "report/figures/*.png", "report/tables/*.csv",
+)
+_MEMLOC_DIRS = ("checkpoints", "probes/*", "probes", "report/figures", "report/tables", "report")
+
+
+def memloc_kind(path: str | Path) -> str | None:
+    """"run", "study" or "dropout-grid" when `path` is a directory memloc made (its marker file parses as
+    memloc's own, with a format version), else None. A file merely named run.json is not proof."""
+    path = Path(path)
+    for name in ("run.json", "study.json", "grid.json"):
+        try:
+            info = json.loads((path / name).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(info, dict):
+            continue
+        if name == "grid.json":
+            if info.get("kind") == "dropout-grid" and isinstance(info.get("base"), dict):
+                return "dropout-grid"
+        elif isinstance(info.get("format_version"), int) and isinstance(info.get("stages"), dict) \
+                and "memloc_version" in info and info.get("kind") in ("run", "study"):
+            return info["kind"]
+    return None
+
+
+def clear_memloc_files(path: str | Path) -> None:
+    """Delete what memloc wrote into the memloc directory `path` (and its memloc sub-directories), nothing else.
+
+    The user's own files there stay, and so do the folders that hold them. Symbolic links inside
+    are removed as links, never followed. The caller holds the directory's lock; each memloc
+    sub-directory is locked in turn, so a run another command is writing is never touched.
+    """
+    path = Path(path)
+    if memloc_kind(path) is None:
+        raise RunError(f"{path} is not a memloc run: refusing to delete anything in it")
+    for sub in _entries(path, dirs=True):
+        if memloc_kind(sub) is not None:
+            with exclusive(sub):
+                clear_memloc_files(sub)
+            _rmdir_if_empty(sub)
+    for pattern in MEMLOC_FILES:
+        for f in _glob(path, pattern, dirs=False):
+            f.unlink()
+    _remove_stale_tmp(path, recursive=True)
+    for pattern in _MEMLOC_DIRS:
+        for d in sorted(_glob(path, pattern, dirs=True), reverse=True):
+            _rmdir_if_empty(d)
+
+
+def _entries(d: Path, *, dirs: bool) -> list[Path]:
+    """The real (not symlinked) sub-directories of `d`, or its files and symbolic links."""
+    try:
+        with os.scandir(d) as it:
+            found = [Path(e.path) for e in it
+                     if (e.is_dir(follow_symlinks=False) if dirs else not e.is_dir(follow_symlinks=False))]
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def _glob(root: Path, pattern: str, *, dirs: bool) -> list[Path]:
+    """Matches of a relative glob under `root` that never pass through a symbolic link."""
+    import fnmatch
+    level = [root]
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        level = [p for d in level for p in _entries(d, dirs=dirs or not last) if fnmatch.fnmatchcase(p.name, part)]
+    return level
+
+
+def _rmdir_if_empty(d: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty: the user's files are in it
+        d.rmdir()
+
+
+def _remove_stale_tmp(path: Path, *, recursive: bool) -> None:
+    """Remove the temporary files a killed writer left in `path` (and below, but not in other memloc dirs)."""
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        if p.is_symlink():
+            continue
+        if p.is_file() and _TMP.match(p.name):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        elif recursive and p.is_dir() and memloc_kind(p) is None:
+            _remove_stale_tmp(p, recursive=True)
+
+
+# ----------------------------------------------------------------------------- the lock
+
+_held: dict[str, list] = {}  # real path -> [fd, depth]: re-entrant within one process
+_held_guard = threading.Lock()
+
+
+def _holder_text(fd: int | None, lock: Path) -> str:
+    try:
+        if fd is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            raw = os.read(fd, 4096)
+        else:
+            raw = lock.read_bytes()
+        h = json.loads(raw.decode() or "{}")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "another memloc command"
+    return (f"another memloc command (pid {h.get('pid')} on {h.get('host')}, `{h.get('command')}`, "
+            f"since {h.get('since')})")
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+def _acquire(path: Path) -> int:
+    """Take the exclusive lock of directory `path`; return the lock file's descriptor."""
+    lock = path / LOCK_NAME
+    holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "command": " ".join(["memloc", *sys.argv[1:]]) if sys.argv else "memloc",
+                         "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    busy = f"{path} is in use by {{}}: wait for it to finish or stop it, or use another folder"
+    for _ in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = _holder_text(fd, lock)
+            os.close(fd)
+            raise RunError(busy.format(text)) from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return _acquire_by_pid(path, holder, busy)
+        # the holder before us may have removed the file between our open and our flock: the lock
+        # counts only if the file we hold is still the one at the path
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, holder.encode())
+            return fd
+        os.close(fd)
+    raise RunError(busy.format("other memloc commands"))
+
+
+def _acquire_by_pid(path: Path, holder: str, busy: str) -> int:
+    """Where the file system has no flock: an O_EXCL lock file; one whose process is gone is stale."""
+    lock = path / LOCK_NAME
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
+        except FileExistsError:
+            try:
+                info = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                info = {}
+            if info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid")):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its process no longer exists
+                continue
+            raise RunError(busy.format(_holder_text(None, lock))) from None
+        os.write(fd, holder.encode())
+        return fd
+    raise RunError(busy.format("other memloc commands"))
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of the directory `path` (made if missing) while inside.
+
+    One writer per directory: a second process gets a RunError naming the holder. The lock is
+    re-entrant within a process, released when the process dies (flock; the lock file of a
+    killed process is taken over), and on first taking it the temporary files of a killed
+    writer are removed.
+    """
+    path = Path(path)
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is None:
+        try:
+            fd = _acquire(path)
+        except BaseException:
+            if made:
+                _rmdir_if_empty(path)
+            raise
+        with _held_guard:
+            _held[key] = entry = [fd, 1]
+        _remove_stale_tmp(path, recursive=True)
+    try:
+        yield path
+    finally:
+        with _held_guard:
+            entry[1] -= 1
+            last = entry[1] == 0
+            if last:
+                del _held[key]
+        if last:
+            with contextlib.suppress(OSError):
+                os.unlink(path / LOCK_NAME)  # while still holding it: see the inode check in _acquire
+            os.close(entry[0])
+            if made:
+                _rmdir_if_empty(path)  # a command that failed before writing leaves no folder behind
+
+
+def holds_lock(path: str | Path) -> bool:
+    """Whether this process holds the lock of `path`."""
+    with _held_guard:
+        return os.path.realpath(path) in _held
+
+
 class RunDir:
     """A run directory on disk. Create with :meth:`create`, open an existing one with :meth:`open`."""
 
@@ -131,18 +380,24 @@ class RunDir:
     # -- creation and validation
     @classmethod
     def create(cls, path: str | Path, *, overwrite: bool = False, kind: str = "run") -> "RunDir":
+        """A new run directory at `path`. An existing non-empty one is refused, or with `overwrite`
+        cleared of memloc's own files when it proves to be a memloc run (anything else is refused)."""
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            if not overwrite:
-                raise RunError(f"{path} already exists: choose another --out, pass --overwrite to replace it, or --resume it")
-            if not (path / "run.json").exists() and not (path / "study.json").exists():
-                raise RunError(f"{path} exists and is not a memloc run: refusing to delete it even with --overwrite")
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
-        from . import __version__
-        write_json(run.path / "run.json", {"format_version": FORMAT_VERSION, "kind": kind, "memloc_version": __version__,
-                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}})
+        if path.exists() and not path.is_dir():
+            raise RunError(f"{path} exists and is not a directory: choose another --out")
+        with exclusive(path):
+            if any(p.name != LOCK_NAME for p in path.iterdir()):
+                if not overwrite:
+                    raise RunError(f"{path} already exists: choose another --out, pass --overwrite to replace it, "
+                                   "or --resume it")
+                if memloc_kind(path) is None:
+                    raise RunError(f"{path} exists and is not a memloc run: refusing to delete it even with --overwrite")
+                clear_memloc_files(path)
+            run = cls(path)
+            from ._version import __version__
+            write_json(run.path / "run.json", {"format_version": FORMAT_VERSION, "kind": kind,
+                                               "memloc_version": __version__,
+                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}})
         return run
 
     @classmethod
@@ -153,40 +408,72 @@ class RunDir:
         meta = path / "run.json"
         if not meta.exists():
             raise RunError(f"{path} is not a memloc run (no run.json): pass a run directory made by `memloc train`")
-        try:
-            info = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            raise RunError(f"{meta} is corrupt: it is not valid JSON") from None
+        run = cls(path)
+        info = run.info
         version = info.get("format_version")
         if version != FORMAT_VERSION:
             raise RunError(f"{path} has run format version {version}, this memloc reads version {FORMAT_VERSION}: "
                            "use the memloc version that wrote it")
-        return cls(path)
+        return run
+
+    def exclusive(self):
+        """Hold this run's lock while inside (see :func:`exclusive`)."""
+        return exclusive(self.path)
 
     # -- metadata
-    def read_json(self, name: str) -> Any:
+    def read_json(self, name: str, *, kind: type = dict) -> Any:
+        """The JSON file `name` of the run, which must hold a `kind` (an object by default)."""
         p = self.path / name
         try:
-            return json.loads(p.read_text())
+            obj = json.loads(p.read_text())
         except FileNotFoundError:
             raise RunError(f"{p} is missing: the run is incomplete") from None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise RunError(f"{p} is corrupt: it is not valid JSON") from None
+        if not isinstance(obj, kind):
+            raise RunError(f"{p} is damaged: it holds a {type(obj).__name__}, not a JSON "
+                           f"{'object' if kind is dict else kind.__name__}")
+        return obj
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json(self.path / name, obj)
 
     @property
     def info(self) -> dict:
-        return self.read_json("run.json")
+        info = self.read_json("run.json")
+        if not isinstance(info.get("stages"), dict):
+            raise RunError(f"{self.path / 'run.json'} is damaged: it has no 'stages' record")
+        return info
 
-    def set_stage(self, stage: str, status: str, **details: Any) -> None:
-        info = self.info
-        info["stages"][stage] = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details}
-        self.write_json("run.json", info)
+    def set_stage(self, stage: str, status: str, *, keep: bool = False, **details: Any) -> None:
+        """Record the status of `stage` with `details`; `keep` keeps the details recorded before
+        (a failed training keeps its last checkpoint), except an old failure's reason."""
+        with self.exclusive():
+            info = self.info
+            old = info["stages"].get(stage) if keep else None
+            old = {k: v for k, v in old.items() if k != "reason"} if isinstance(old, dict) else {}
+            info["stages"][stage] = {**old, "status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     **details}
+            self.write_json("run.json", info)
 
     def stage(self, stage: str) -> dict:
-        return self.info["stages"].get(stage, {})
+        st = self.info["stages"].get(stage, {})
+        return st if isinstance(st, dict) else {}
+
+    @contextlib.contextmanager
+    def working(self, stage: str, **details: Any) -> Iterator["RunDir"]:
+        """Hold the run's lock and mark `stage` running while inside; the body marks it done.
+
+        A body that raises leaves the stage "failed" with the one-line reason (or "interrupted"),
+        never "running"; a kill leaves "running" with no lock held, which resume treats as unfinished.
+        """
+        with self.exclusive():
+            self.set_stage(stage, "running", keep=True, **details)
+            try:
+                yield self
+            except BaseException as err:
+                mark_failed(self.set_stage, stage, err)
+                raise
 
     @property
     def config(self) -> dict:
@@ -197,7 +484,18 @@ class RunDir:
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+                raise RunError(f"{p} is damaged at line {i}: rerun training into a new --out (or --overwrite)")
+            out.append(rec)
+        return out
 
     def write_metrics(self, records: list[dict]) -> None:
         write_text(self.path / "metrics.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in records))
@@ -206,8 +504,14 @@ class RunDir:
     def save_arrays(self, name: str, **arrays: np.ndarray) -> None:
         save_npz(self.path / name, **arrays)
 
-    def load_arrays(self, name: str) -> dict[str, np.ndarray]:
-        return load_npz(self.path / name)
+    def load_arrays(self, name: str, *required: str) -> dict[str, np.ndarray]:
+        """The arrays of `name`; each of `required` must be among them."""
+        arrays = load_npz(self.path / name)
+        missing = [k for k in required if k not in arrays]
+        if missing:
+            raise RunError(f"{self.path / name} is damaged: it has no {missing[0]!r} array; "
+                           "delete it and rerun the stage that writes it")
+        return arrays
 
     def has(self, name: str) -> bool:
         return (self.path / name).exists()
@@ -239,6 +543,18 @@ class RunDir:
         d = self.path / "probes" / probe
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+def mark_failed(set_status: Callable[..., None], stage: str, err: BaseException) -> None:
+    """Record why `stage` stopped (best effort: a full disk may refuse this write too)."""
+    from .errors import MemlocError
+    if isinstance(err, KeyboardInterrupt):
+        status, reason = "interrupted", "interrupted by the user"
+    else:
+        status = "failed"
+        reason = str(err) if isinstance(err, (MemlocError, OSError)) else f"{type(err).__name__}: {err}"
+    with contextlib.suppress(Exception):
+        set_status(stage, status, keep=True, reason=reason.splitlines()[0] if reason else type(err).__name__)
 
 
 def _ranges(xs: list[int]) -> str:

@@ -21,7 +21,7 @@ from typing import Callable
 from .data import DataConfig
 from .errors import ConfigError, RunError
 from .experiment import ModelConfig, RunConfig, run_training, resume_training
-from .runs import RunDir, write_json
+from .runs import LOCK_NAME, RunDir, exclusive, mark_failed, memloc_kind, write_json
 from .training import TrainConfig, resolve_device
 
 STUDY_FORMAT = 1
@@ -115,11 +115,12 @@ class Study:
 
     @classmethod
     def create(cls, path: Path, cfg: StudyConfig) -> "Study":
+        """A new study directory; the caller holds its lock."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
             raise RunError(f"{path} already exists: choose another --out, or continue it with `memloc run --resume {path}`")
         path.mkdir(parents=True, exist_ok=True)
-        from . import __version__
+        from ._version import __version__
         study = cls(path)
         write_json(path / "study.json", {"format_version": STUDY_FORMAT, "kind": "study", "memloc_version": __version__,
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": cfg.to_dict(),
@@ -132,18 +133,24 @@ class Study:
         meta = path / "study.json"
         if not meta.exists():
             raise RunError(f"{path} is not a memloc study (no study.json): pass a folder made by `memloc run`")
-        try:
-            info = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            raise RunError(f"{meta} is corrupt: it is not valid JSON") from None
+        study = cls(path)
+        info = study.info
         if info.get("format_version") != STUDY_FORMAT or info.get("kind") != "study":
             raise RunError(f"{path} has study format version {info.get('format_version')}, this memloc reads "
                            f"version {STUDY_FORMAT}: use the memloc version that wrote it")
-        return cls(path)
+        return study
 
     @property
     def info(self) -> dict:
-        return json.loads((self.path / "study.json").read_text())
+        meta = self.path / "study.json"
+        try:
+            info = json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{meta} is corrupt: it is not valid JSON") from None
+        if not isinstance(info, dict) or not isinstance(info.get("stages"), dict) \
+                or not isinstance(info.get("config"), dict):
+            raise RunError(f"{meta} is damaged: it is not a memloc study record (stages and config)")
+        return info
 
     @property
     def config(self) -> StudyConfig:
@@ -152,9 +159,11 @@ class Study:
     def status(self, key: str) -> str | None:
         return self.info["stages"].get(key, {}).get("status")
 
-    def mark(self, key: str, status: str, **details) -> None:
+    def mark(self, key: str, status: str, *, keep: bool = False, **details) -> None:
         info = self.info
-        info["stages"][key] = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details}
+        old = info["stages"].get(key) if keep else None
+        old = {k: v for k, v in old.items() if k != "reason"} if isinstance(old, dict) else {}
+        info["stages"][key] = {**old, "status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details}
         write_json(self.path / "study.json", info)
 
     def finished(self) -> bool:
@@ -185,12 +194,13 @@ def _cell_configs(cfg: StudyConfig, seed: int, noise: float, device) -> tuple[Ru
 
 
 def _train(run_cfg: RunConfig, out: Path, progress: bool, log) -> None:
-    if (out / "run.json").exists():
+    if memloc_kind(out) == "run":
         run = RunDir.open(out)
         if run.stage("train").get("status") != "done":
-            resume_training(out, progress=progress, log=log)
+            # a run killed before its first checkpoint (even before its config) starts again from the study's config
+            resume_training(out, progress=progress, log=log, config=run_cfg)
         return
-    run_training(run_cfg, out, progress=progress, log=log)
+    run_training(run_cfg, out, overwrite=out.exists(), progress=progress, log=log)
 
 
 def _stage_fns(cfg: StudyConfig, base_dir: Path, drop_dir: Path, base_cfg: RunConfig, drop_cfg: RunConfig,
@@ -215,9 +225,7 @@ def _stage_fns(cfg: StudyConfig, base_dir: Path, drop_dir: Path, base_cfg: RunCo
 
     def dropout_eval():
         from .probes.dropout_eval import evaluate_dropout
-        loaded = open_run(drop_dir)
-        evaluate_dropout(loaded).save(loaded.run)
-        loaded.run.set_stage("dropout", "done")
+        evaluate_dropout(open_run(drop_dir), save=True)
 
     def detection():
         from .detection import DetectConfig, detect
@@ -243,17 +251,23 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
     log = log or (lambda s: None)
     if resume is not None:
         study = Study.open(Path(resume))
-        if study.finished():
-            raise RunError(f"{study.path} is finished: nothing to resume (rebuild its report with `memloc report {study.path}`)")
-        cfg = study.config
-    else:
-        cfg = cfg or study_config()
-        name = Path(cfg.base.data.dataset).stem if "/" in cfg.base.data.dataset else cfg.base.data.dataset
-        out = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        device = resolve_device(cfg.base.train.device)
-        for seed, noise in cfg.cells():  # validate every run config before anything is written
-            _cell_configs(cfg, seed, noise, device)
-        study = Study.create(out, cfg)
+        with exclusive(study.path):
+            if study.finished():
+                raise RunError(f"{study.path} is finished: nothing to resume (rebuild its report with "
+                               f"`memloc report {study.path}`)")
+            return _run_stages(study, study.config, progress, log)
+    cfg = cfg or study_config()
+    name = Path(cfg.base.data.dataset).stem if "/" in cfg.base.data.dataset else cfg.base.data.dataset
+    out = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    device = resolve_device(cfg.base.train.device)
+    for seed, noise in cfg.cells():  # validate every run config before anything is written
+        _cell_configs(cfg, seed, noise, device)
+    with exclusive(out):  # one writer per study for its whole life
+        return _run_stages(Study.create(out, cfg), cfg, progress, log)
+
+
+def _run_stages(study: Study, cfg: StudyConfig, progress: bool, log: Callable[[str], None]) -> Path:
+    """Every stage not yet done, in order, then the report; a stage that raises is recorded as failed."""
     device = resolve_device(cfg.base.train.device)
     stages = [s for s in STAGES if s != "detection" or cfg.detection]
     work = [(seed, noise, s) for seed, noise in cfg.cells() for s in stages]
@@ -273,7 +287,11 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
                 t0 = time.perf_counter()
                 study.mark(key, "running")
                 log(f"stage {key} ...")
-                _stage_fns(cfg, base_dir, drop_dir, base_cfg, drop_cfg, progress, log)[stage]()
+                try:
+                    _stage_fns(cfg, base_dir, drop_dir, base_cfg, drop_cfg, progress, log)[stage]()
+                except BaseException as err:
+                    mark_failed(study.mark, key, err)
+                    raise
                 study.mark(key, "done", seconds=round(time.perf_counter() - t0, 2))
                 log(f"stage {key} done in {time.perf_counter() - t0:.0f}s")
             if bar is not None:
@@ -282,7 +300,11 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
             from .grid import dropout_grid
             base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
             study.mark("grid", "running")
-            dropout_grid(base_cfg, study.path / "grid", progress=progress, log=log)
+            try:
+                dropout_grid(base_cfg, study.path / "grid", progress=progress, log=log)
+            except BaseException as err:
+                mark_failed(study.mark, "grid", err)
+                raise
             study.mark("grid", "done")
             if bar is not None:
                 bar.update(1)

@@ -262,14 +262,14 @@ class Trainer:
             self._load_optimizer_state(load_state(run.checkpoint_dir / f"optimizer_{last:03d}.safetensors"))
         self.metrics = [m for m in run.read_metrics() if m["epoch"] <= last]
         if last > 0:
-            rec = run.load_arrays("examples.npz")
+            rec = run.load_arrays("examples.npz", "loss", "margin", "correct_bits")
             k = last
             self.rec_loss[:k] = torch.from_numpy(rec["loss"][:k]).to(self.device)
             self.rec_margin[:k] = torch.from_numpy(rec["margin"][:k]).to(self.device)
             correct = np.unpackbits(rec["correct_bits"], axis=1, count=self.data.num_train).astype(bool)
             self.rec_correct[:k] = torch.from_numpy(correct[:k]).to(self.device)
             if self.accounting and run.has("gradients.npz"):
-                g = run.load_arrays("gradients.npz")
+                g = run.load_arrays("gradients.npz", "clean_norm", "noisy_norm", "cosine")
                 self.grad_clean[:, :k] = torch.from_numpy(g["clean_norm"][:, :k]).to(self.device)
                 self.grad_noisy[:, :k] = torch.from_numpy(g["noisy_norm"][:, :k]).to(self.device)
                 self.grad_cos[:, :k] = torch.from_numpy(g["cosine"][:, :k]).to(self.device)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import RunError
 from ..models import Layer
-from ..runs import RunDir, save_npz, write_json, write_text
+from ..runs import RunDir, load_npz, save_npz, write_json, write_text
 
 
 @dataclass
@@ -35,15 +35,16 @@ class ProbeResult:
     rows: list[dict] = field(default_factory=list)
 
     def save(self, run: RunDir) -> Path:
-        d = run.probe_dir(self.probe)
-        save_npz(d / "arrays.npz", **self.arrays)
-        if self.rows:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-            write_text(d / f"{self.probe}.csv", buf.getvalue())
-        write_json(d / "summary.json", self.summary)  # last: its presence means the probe finished
+        with run.exclusive():  # one writer per run
+            d = run.probe_dir(self.probe)
+            save_npz(d / "arrays.npz", **self.arrays)
+            if self.rows:
+                buf = io.StringIO()
+                writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+                writer.writeheader()
+                writer.writerows(self.rows)
+                write_text(d / f"{self.probe}.csv", buf.getvalue())
+            write_json(d / "summary.json", self.summary)  # last: its presence means the probe finished
         return d
 
     @classmethod
@@ -51,9 +52,13 @@ class ProbeResult:
         d = run.path / "probes" / probe
         if not (d / "summary.json").exists():
             raise RunError(f"{run.path} has no finished {probe} probe: run `memloc {probe_command(probe)} {run.path}` first")
-        summary = json.loads((d / "summary.json").read_text())
-        with np.load(d / "arrays.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        try:
+            summary = json.loads((d / "summary.json").read_text())
+        except (ValueError, UnicodeDecodeError):
+            summary = None
+        if not isinstance(summary, dict):
+            raise RunError(f"{d / 'summary.json'} is damaged: rerun `memloc {probe_command(probe)} {run.path}`")
+        arrays = load_npz(d / "arrays.npz")
         rows = []
         if (d / f"{probe}.csv").exists():
             rows = list(csv.DictReader(io.StringIO((d / f"{probe}.csv").read_text())))

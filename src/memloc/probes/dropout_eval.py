@@ -53,9 +53,8 @@ def _pct(v: float | None) -> float | None:
     return None if v is None else round(100.0 * v, 4)
 
 
-@torch.no_grad()
 def evaluate_dropout(loaded: LoadedRun, *, epoch: int | None = None, scale: str = "matched",
-                     batch_size: int = 1024) -> ProbeResult:
+                     batch_size: int = 1024, save: bool = False) -> ProbeResult:
     """The "dropout" probe: accuracies before (tied) and after (drop) removing the memorisation units.
 
     Returns a ProbeResult whose summary holds fractions (clean_before,
@@ -63,8 +62,20 @@ def evaluate_dropout(loaded: LoadedRun, *, epoch: int | None = None, scale: str 
     test_drop, ...) and whose arrays hold the predictions (N,) / (M,) of each
     mode, `forgotten_clean` (indices of clean examples right before and wrong
     after) and `noisy_true_after` (indices of noisy examples predicted as their
-    true class after the drop). `scale` is the drop-mode rescaling rule.
+    true class after the drop). `scale` is the drop-mode rescaling rule. With
+    `save`, writes RUN/probes/dropout/ and marks the stage done.
     """
+    if not save:
+        return _evaluate_dropout(loaded, epoch=epoch, scale=scale, batch_size=batch_size)
+    with loaded.run.working("dropout"):
+        result = _evaluate_dropout(loaded, epoch=epoch, scale=scale, batch_size=batch_size)
+        result.save(loaded.run)
+        loaded.run.set_stage("dropout", "done")
+    return result
+
+
+@torch.no_grad()
+def _evaluate_dropout(loaded: LoadedRun, *, epoch: int | None, scale: str, batch_size: int) -> ProbeResult:
     if scale not in DROP_SCALES:
         raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
     model = loaded.model(epoch)

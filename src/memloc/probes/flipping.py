@@ -784,13 +784,16 @@ def _plan(model: nn.Module, data: Dataset, cfg: FlipConfig):
 
 
 def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *,
-               done: Sequence[FlipRecord] = (), on_chunk: Callable[[list[FlipRecord]], None] | None = None,
+               done: Sequence[FlipRecord] = (), done_seconds: float = 0.0,
+               on_chunk: Callable[[list[FlipRecord], float], None] | None = None,
                progress: bool = False, log: Callable[[str], None] | None = None) -> ProbeResult:
     """Greedy unit removal for the chosen training examples of `model` (eval mode) on `data`.
 
     `done` are records of an earlier, interrupted call with the same config
-    (those examples are skipped); `on_chunk` receives all records so far after
-    each chunk of examples (to save them). The model is unchanged afterwards.
+    (those examples are skipped) and `done_seconds` the time it spent; `on_chunk`
+    receives all records so far and the search time so far after each chunk of
+    examples (to save them). The summary's time and rate count every call's
+    search. The model is unchanged afterwards.
     """
     cfg = cfg or FlipConfig()
     candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, data, cfg)
@@ -813,7 +816,7 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
         for r in recs:
             records[r.index] = r
         if on_chunk:
-            on_chunk(list(records.values()))
+            on_chunk(list(records.values()), done_seconds + time.perf_counter() - t0)
 
     try:
         chunk = 1 if cfg.sequential else cfg.batch_examples
@@ -823,7 +826,7 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = done_seconds + time.perf_counter() - t0
     ordered = [records[int(e)] for e in idx]
     return build_result(ordered, cfg, candidates, budget, base, elapsed=elapsed, num_others=len(others),
                         eval_sizes=(len(ev_tr), len(ev_te)), precision="bf16" if fl.bf16 else "fp32")
@@ -935,32 +938,39 @@ def flip(run: str | Path, cfg: FlipConfig | None = None, *, overwrite: bool = Fa
     d = loaded.run.path / "probes" / PROBE
     state_path = d / "progress.json"
     settings = {**cfg.settings(), "epoch": epoch}
-    done: list[FlipRecord] = []
-    if state_path.exists():
-        try:
-            state = json.loads(state_path.read_text())
-        except json.JSONDecodeError:
-            state = {"settings": None, "records": []}
-        if state.get("settings") == json.loads(json.dumps(settings)):
-            done = [_from_json(r) for r in state["records"]]
-        elif not overwrite:
+    with loaded.run.exclusive():
+        done: list[FlipRecord] = []
+        seconds = 0.0  # search time of the earlier, interrupted calls
+        if state_path.exists():
+            try:
+                state = json.loads(state_path.read_text())
+                if not isinstance(state, dict):
+                    raise ValueError(state)
+            except (ValueError, UnicodeDecodeError):
+                state = {"settings": None, "records": []}
+            if state.get("settings") == json.loads(json.dumps(settings)):
+                done = [_from_json(r) for r in state["records"]]
+                seconds = float(state.get("seconds") or 0.0)
+            elif not overwrite:
+                raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
+        elif (d / "summary.json").exists() and not overwrite:
             raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
-    elif (d / "summary.json").exists() and not overwrite:
-        raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
-    if not done and (d / "summary.json").exists():
-        (d / "summary.json").unlink()  # replaced (--overwrite): never leave the old result looking finished
-    loaded.run.set_stage(PROBE, "running", examples_done=len(done))
+        if not done and (d / "summary.json").exists():
+            (d / "summary.json").unlink()  # replaced (--overwrite): never leave the old result looking finished
 
-    def save(records: list[FlipRecord]) -> None:
-        d.mkdir(parents=True, exist_ok=True)
-        write_json(state_path, {"settings": settings, "records": [_to_json(r) for r in records]})
+        def save(records: list[FlipRecord], elapsed: float) -> None:
+            d.mkdir(parents=True, exist_ok=True)
+            write_json(state_path, {"settings": settings, "records": [_to_json(r) for r in records],
+                                    "seconds": round(elapsed, 3)})
 
-    result = flip_units(model, data, cfg, done=done, on_chunk=save, progress=progress, log=log)
-    result.summary["epoch"] = epoch
-    result.summary["run"] = str(loaded.run.path)
-    save(_records_of(result))
-    result.save(loaded.run)
-    loaded.run.set_stage(PROBE, "done", examples=result.summary["examples"])
+        with loaded.run.working(PROBE, examples_done=len(done)):
+            result = flip_units(model, data, cfg, done=done, done_seconds=seconds, on_chunk=save, progress=progress,
+                                log=log)
+            result.summary["epoch"] = epoch
+            result.summary["run"] = str(loaded.run.path)
+            save(_records_of(result), result.summary["elapsed_s"] or 0.0)
+            result.save(loaded.run)
+            loaded.run.set_stage(PROBE, "done", examples=result.summary["examples"])
     return result
 
 

@@ -217,12 +217,11 @@ def retrain(loaded, cfg: RetrainConfig | None = None, *, layers: Sequence[str] |
             torch.manual_seed(loaded.config.train.seed)
             init = make_model(loaded.config.model, loaded.data).state_dict()
         init_source = "rebuilt from the run's seed (no epoch 0 checkpoint)"
-    if save:
-        run.set_stage(PROBE, "running")
-    result = retrain_model(model, loaded.data, init, cfg, layers=layers, progress=progress, run=run)
-    result.summary.update(run=str(run.path), final_epoch=saved[-1], init=init_source)
-    if save:
-        result.save(run)
-        clear_partial(run, PROBE)
-        run.set_stage(PROBE, "done", seconds=result.summary["seconds"])
+    with run.working(PROBE) if save else contextlib.nullcontext():
+        result = retrain_model(model, loaded.data, init, cfg, layers=layers, progress=progress, run=run)
+        result.summary.update(run=str(run.path), final_epoch=saved[-1], init=init_source)
+        if save:
+            result.save(run)
+            clear_partial(run, PROBE)
+            run.set_stage(PROBE, "done", seconds=result.summary["seconds"])
     return result

@@ -18,6 +18,8 @@ one row per (layer, epoch, subset); summary.json.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -138,16 +140,15 @@ def rewind(loaded, *, layers: Sequence[str] | None = None, epochs: Sequence[int]
     model = loaded.model()  # the final model
     if layers:
         select_layers(find_layers(model), list(layers))  # unknown names fail before any compute
-    if save:
-        run.set_stage(PROBE, "running")
-    result = rewind_model(model, loaded.data, run.load_checkpoint, epochs=chosen, layers=layers,
-                          keep_bn_stats=keep_bn_stats, batch_size=batch_size, progress=progress, run=run)
-    result.summary["run"] = str(run.path)
-    result.summary["final_epoch"] = saved[-1]
-    if save:
-        result.save(run)
-        clear_partial(run, PROBE)
-        run.set_stage(PROBE, "done", seconds=result.summary["seconds"])
+    with run.working(PROBE) if save else contextlib.nullcontext():
+        result = rewind_model(model, loaded.data, run.load_checkpoint, epochs=chosen, layers=layers,
+                              keep_bn_stats=keep_bn_stats, batch_size=batch_size, progress=progress, run=run)
+        result.summary["run"] = str(run.path)
+        result.summary["final_epoch"] = saved[-1]
+        if save:
+            result.save(run)
+            clear_partial(run, PROBE)
+            run.set_stage(PROBE, "done", seconds=result.summary["seconds"])
     return result
 
 

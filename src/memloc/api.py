@@ -37,7 +37,7 @@ from .data import Dataset
 from .errors import ConfigError, DataError, RunError
 from .models import Layer, check_input, layers as find_layers, select_layers
 from .probes.base import ProbeResult
-from .runs import RunDir
+from .runs import RunDir, exclusive
 from .training import History, TrainConfig
 
 ArrayLike = Any  # torch.Tensor or numpy array
@@ -254,14 +254,18 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
     from . import training
     cfg = _config(TrainConfig, cfg, options)
     prepare(model, data)
-    if run is not None and not isinstance(run, RunDir):
-        run = RunDir.create(run)
-    if run is not None and not run.has("config.json"):  # a run of memloc's own (run_training) keeps its files
-        run.save_arrays("data.npz", **data.arrays())
-        run.write_json("config.json", {"data": {"dataset": data.name, "noise": None},
-                                       "model": {"name": type(model).__name__, "width": None},
-                                       "train": {k: v for k, v in vars(cfg).items()}, "source": "python api"})
-    return training.train(model, data, cfg, run=run, progress=progress, log=log)
+    if run is None:
+        return training.train(model, data, cfg, progress=progress, log=log)
+    with exclusive(run.path if isinstance(run, RunDir) else run):  # one writer per run for the whole training
+        if not isinstance(run, RunDir):
+            run = RunDir.create(run)
+        if not run.has("config.json"):  # a run of memloc's own (run_training) keeps its files
+            run.save_arrays("data.npz", **data.arrays())
+            run.write_json("config.json", {"data": {"dataset": data.name, "noise": None},
+                                           "model": {"name": type(model).__name__, "width": None},
+                                           "train": {k: v for k, v in vars(cfg).items()}, "source": "python api"})
+        with run.working("train"):
+            return training.train(model, data, cfg, run=run, progress=progress, log=log)
 
 
 def _config(cls, cfg, options: dict):

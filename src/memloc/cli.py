@@ -119,13 +119,19 @@ def run_config(args: argparse.Namespace):
                      train=TrainConfig(**sections["train"]))
 
 
-def os_error_line(err: OSError) -> str:
+# how to continue after a full disk, per command (what was saved is kept: writes are atomic)
+_CONTINUE = {"train": "`memloc train --resume RUN`", "run": "`memloc run --resume STUDY`",
+             "dropout-grid": "the same command (finished cells are kept)"}
+
+
+def os_error_line(err: OSError, command: str | None = None) -> str:
     """One line for an OSError: what failed, on which path, and what to do."""
     what = err.strerror or str(err) or type(err).__name__
     where = f" ({err.filename})" if err.filename else ""
-    fix = {errno.ENOSPC: "free some space and run the same command with --resume (finished work is kept)",
-           errno.EDQUOT: "free some space and run the same command with --resume (finished work is kept)",
-           errno.EROFS: "choose a writable --out folder",
+    again = _CONTINUE.get(command or "", "the same command (it continues from what was saved)")
+    full = f"free some space, then continue with {again}"
+    fix = {errno.ENOSPC: full, errno.EDQUOT: full,
+           errno.EROFS: "the file system is read-only: choose a writable folder (--out) or copy the run to one",
            errno.EACCES: "choose a folder you may write to, or fix its permissions",
            errno.EPERM: "choose a folder you may write to, or fix its permissions"}.get(err.errno, "check the path and the disk")
     return f"cannot read or write{where}: {what}: {fix}"
@@ -508,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memloc: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only or full disk, a folder without permission: the environment, not a bug
-        print(f"memloc: error: {os_error_line(err)}", file=sys.stderr)
+        print(f"memloc: error: {os_error_line(err, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("memloc: interrupted; what was saved is intact (resume with --resume)", file=sys.stderr)

@@ -80,13 +80,6 @@ class DataConfig:
             raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too small: pass at least 2")
         if self.num_classes is not None and not (2 <= self.num_classes <= 10_000_000):
             raise ConfigError(f"--num-classes {self.num_classes} is out of range: pass 2..10,000,000")
-        if self.dataset == "synthetic":
-            from .readers import available_memory
-            nbytes = (self.synthetic_train + self.synthetic_test) * math.prod(self.synthetic_shape)
-            if nbytes > available_memory():
-                raise ConfigError(f"synthetic data of {self.synthetic_train + self.synthetic_test:,} images of shape "
-                                  f"{self.synthetic_shape} needs {nbytes / 2**30:.1f} GiB, more than this machine's free "
-                                  f"memory ({available_memory() / 2**30:.1f} GiB): pass a smaller --synthetic-size")
 
 
 @dataclass
@@ -222,6 +215,11 @@ def _source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 
     name = cfg.dataset
     if name == "synthetic":
+        nbytes = (cfg.synthetic_train + cfg.synthetic_test) * math.prod(cfg.synthetic_shape)
+        if nbytes > readers.available_memory():  # checked before the images are made
+            raise ConfigError(f"synthetic data of {cfg.synthetic_train + cfg.synthetic_test:,} images of shape "
+                              f"{cfg.synthetic_shape} needs {nbytes / 2**30:.1f} GiB, more than this machine's free "
+                              f"memory ({readers.available_memory() / 2**30:.1f} GiB): pass a smaller --synthetic-size")
         xs, ys = synthetic_images(cfg.synthetic_train + cfg.synthetic_test, cfg.synthetic_shape,
                                   cfg.synthetic_classes, seed=cfg.seed)
         k = cfg.synthetic_train

@@ -88,21 +88,22 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict, *, source: str | Path = "config.json") -> "RunConfig":
+        """The config of a run's config.json (`source` names the file in errors)."""
         if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in ("data", "model", "train")):
-            raise RunError("config.json is damaged: it is not a memloc run config (an object with data, model, train)")
+            raise RunError(f"{source} is damaged: it is not a memloc run config (an object with data, model, train)")
 
         def build(klass, values):
             known = {f.name for f in fields(klass)}
             unknown = set(values) - known
             if unknown:
-                raise RunError(f"config.json has unknown settings {sorted(unknown)}: it was written by another memloc version")
+                raise RunError(f"{source} has unknown settings {sorted(unknown)}: it was written by another memloc version")
             return klass(**values)
         try:
             return cls(data=build(DataConfig, d.get("data", {})), model=build(ModelConfig, d.get("model", {})),
                        train=build(TrainConfig, d.get("train", {})))
-        except (TypeError, ValueError) as err:
-            raise RunError(f"config.json is not a memloc run config ({err})") from None
+        except (TypeError, ValueError, ConfigError) as err:
+            raise RunError(f"{source} is damaged: it is not a memloc run config ({err})") from None
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -193,11 +194,11 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
                 if not run.has("config.json"):
                     raise RunError(f"{run.path} was killed before it wrote its config: start it again with "
                                    f"`memloc train ... --out {run.path} --overwrite`")
-                config = RunConfig.from_dict(run.config)
+                config = RunConfig.from_dict(run.config, source=run.path / "config.json")
             if log:
                 log(f"{run.path} stopped before its first checkpoint: training it from the start")
             return run_training(config, run.path, overwrite=True, progress=progress, log=log)
-        cfg = RunConfig.from_dict(run.config)
+        cfg = RunConfig.from_dict(run.config, source=run.path / "config.json")
         device = resolve_device(cfg.train.device)
         data, model = build(cfg, device)
         trainer = Trainer(model, data, cfg.train, run=run, progress=progress, log=log)
@@ -237,7 +238,7 @@ class LoadedRun:
 def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:
     """Open a run directory and rebuild its data exactly (noise mask checked against data.npz)."""
     run = RunDir.open(path)
-    cfg = RunConfig.from_dict(run.config)
+    cfg = RunConfig.from_dict(run.config, source=run.path / "config.json")
     dev = resolve_device(device)
     data = data_mod.load(cfg.data, device=dev)
     if run.has("data.npz"):

@@ -30,7 +30,7 @@ from .dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, example_tied
 from .errors import ConfigError, RunError
 from .experiment import LoadedRun
 from .models import build_model
-from .runs import atomic_write
+from .runs import save_state
 
 __all__ = ["UnitScale", "remove_memorization", "export_dropped", "load_exported", "EXPORT_FORMAT"]
 
@@ -126,9 +126,7 @@ def export_dropped(loaded: LoadedRun, out: str | Path, *, epoch: int | None = No
             "num_classes": data.num_classes, "p_gen": found[0].p_gen, "p_mem": found[0].p_mem, "drop_scale": scale,
             "epoch": loaded.run.saved_epochs()[-1] if epoch is None else epoch, "source_run": str(loaded.run.path),
             "inputs": "uint8 images scaled to [0, 1] then normalised with mean 0.5, std 0.5 (memloc.data.normalize)"}
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out, lambda p: save_file(tensors, str(p), metadata={"memloc": json.dumps(meta)}))
+    save_state(out, model.state_dict(), metadata={"memloc": json.dumps(meta)})
     return out
 
 

@@ -241,15 +241,18 @@ def read_cifar(root: PathLike, *, split: str, num_classes: int = 10) -> tuple[np
         label_key, label_bytes = "fine_labels", 2
     else:
         raise ConfigError(f"CIFAR has 10 or 100 classes, not {num_classes}")
-    fix = f"pass --data-root DIR pointing at the folder that holds {py_dir}/, or --download"
-    damaged = f"the download is damaged or incomplete: re-extract it or {fix}"
+    fix = f"pass --data-root DIR pointing at the folder that holds {py_dir}/ (or {bin_dir}/), or --download"
+
+    def damaged(folder: str) -> str:  # names the format actually being read
+        return (f"the download is damaged or incomplete: re-extract it or pass --data-root DIR pointing at the "
+                f"folder that holds {folder}/, or --download")
     for d in (root / py_dir, root):
         if (d / py_names[0]).is_file():
             parts = []
             for name in py_names:
                 if not (d / name).is_file():
-                    raise DataError(f"missing {d / name}; {damaged}")
-                parts.append(_load_cifar_pickle(d / name, label_key, num_classes, damaged))
+                    raise DataError(f"missing {d / name}; {damaged(py_dir)}")
+                parts.append(_load_cifar_pickle(d / name, label_key, num_classes, damaged(py_dir)))
             break
     else:
         for d in (root / bin_dir, root):
@@ -257,8 +260,8 @@ def read_cifar(root: PathLike, *, split: str, num_classes: int = 10) -> tuple[np
                 parts = []
                 for name in bin_names:
                     if not (d / name).is_file():
-                        raise DataError(f"missing {d / name}; {damaged}")
-                    parts.append(_load_cifar_binary(d / name, label_bytes, num_classes, damaged))
+                        raise DataError(f"missing {d / name}; {damaged(bin_dir)}")
+                    parts.append(_load_cifar_binary(d / name, label_bytes, num_classes, damaged(bin_dir)))
                 break
         else:
             raise DataError(

@@ -14,7 +14,7 @@ import base64
 import csv
 import html
 import io
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import RunError
+from .probes.base import ProbeResult
 from .runs import FORMAT_VERSION, RunDir, atomic_write, write_text
 
 
@@ -156,10 +157,8 @@ def _probe(run: RunDir, probe: str, command: str, title: str) -> tuple[Section, 
     if not (d / "summary.json").exists():
         sec.missing = f"not run: `memloc {command} {run.path}`"
         return sec, None, None
-    summary = json.loads((d / "summary.json").read_text())
-    with np.load(d / "arrays.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return sec, summary, arrays
+    result = ProbeResult.load(run, probe)
+    return sec, result.summary, result.arrays
 
 
 def rewinding(run: RunDir) -> Section:
@@ -308,7 +307,7 @@ def detection(run: RunDir) -> Section:
                                   _png(fig)))
         sec.tables.append(Table("summary_detection", "Quality of each score against the known noise", quality))
     elif summary.get("quality_note"):
-        sec.notes.append(html.escape(summary["quality_note"]))
+        sec.notes.append(str(summary["quality_note"]))
     if "top_images" in arrays and len(arrays["top_images"]):
         labels = None
         if "top_index" in arrays:
@@ -362,10 +361,17 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px so
 th{background:#f4f4f4}.missing{color:#a60}.note{color:#555;font-size:.9em}.holds{color:#070}.fails{color:#b00}"""
 
 
+def _text_html(text: str) -> str:
+    """Plain text (which may hold values read from a run's files) as HTML: everything escaped, `code` in backticks."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(str(text)))
+
+
 def render_html(title: str, intro: list[str], sections: list[Section]) -> str:
+    """The page. Every text is escaped here (intro lines and notes are plain text), so no value from a
+    run's files, however tampered, can add markup or script."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts += [f"<p class='note'>{line}</p>" for line in intro]
+    parts += [f"<p class='note'>{_text_html(line)}</p>" for line in intro]
     toc = "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a>{' (missing)' if s.missing else ''}</li>"
                   for i, s in enumerate(sections))
     parts.append(f"<ul>{toc}</ul>")
@@ -374,7 +380,7 @@ def render_html(title: str, intro: list[str], sections: list[Section]) -> str:
         if s.missing:
             parts.append(f"<p class='missing'>Missing: {html.escape(s.missing)}</p>")
         for note in s.notes:
-            parts.append(f"<p class='note'>{note}</p>")
+            parts.append(f"<p class='note'>{_text_html(note)}</p>")
         for f in s.figures:
             data = base64.b64encode(f.png).decode("ascii")
             parts.append(f"<figure><img alt='{html.escape(f.name)}' src='data:image/png;base64,{data}'>"
@@ -402,24 +408,21 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def write_report(out_dir: Path, title: str, intro: list[str], sections: list[Section]) -> Path:
     """Write report.html, figures/*.png and tables/*.csv under `out_dir`; return the HTML path."""
     out_dir = Path(out_dir)
-    try:
-        for s in sections:
-            for f in s.figures:
-                png = f.png
-                atomic_write(out_dir / "figures" / f"{f.name}.png", lambda p, png=png: p.write_bytes(png))
-            for t in s.tables:
-                _write_csv(out_dir / "tables" / f"{t.name}.csv", t.rows)
-        page = out_dir / "report.html"
-        write_text(page, render_html(title, intro, sections))
-    except OSError as err:
-        raise RunError(f"could not write the report into {out_dir} ({err.strerror or err}): free some disk space "
-                       "or choose another folder; files already there are unchanged") from None
+    for s in sections:  # each file atomically: a full disk leaves the files already there unchanged
+        for f in s.figures:
+            png = f.png
+            atomic_write(out_dir / "figures" / f"{f.name}.png", lambda p, png=png: p.write_bytes(png))
+        for t in s.tables:
+            _write_csv(out_dir / "tables" / f"{t.name}.csv", t.rows)
+    page = out_dir / "report.html"
+    write_text(page, render_html(title, intro, sections))
     return page
 
 
 def _has_example_tied_dropout(run: RunDir) -> bool:
     try:
-        return bool(run.config.get("model", {}).get("example_tied_dropout"))
+        model = run.config.get("model")
+        return isinstance(model, dict) and bool(model.get("example_tied_dropout"))
     except RunError:
         return False
 
@@ -434,10 +437,8 @@ def run_sections(run: RunDir) -> list[Section]:
 def _load_probe(run: RunDir | None, probe: str) -> tuple[dict | None, dict | None]:
     if run is None or not (run.path / "probes" / probe / "summary.json").exists():
         return None, None
-    d = run.path / "probes" / probe
-    with np.load(d / "arrays.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return json.loads((d / "summary.json").read_text()), arrays
+    result = ProbeResult.load(run, probe)
+    return result.summary, result.arrays
 
 
 def _holds(ok: bool | None) -> str:
@@ -603,17 +604,16 @@ def build_study_report(path: Path) -> Path:
     info, cells = _open_study(path)
     cfg = info["config"]
     label, base, drop = cells[0]
-    intro = [f"Study <code>{html.escape(str(path))}</code>, preset {html.escape(str(cfg.get('preset')))}: "
-             f"{html.escape(str(cfg['base']['model'].get('name')))} on {html.escape(str(cfg['base']['data']['dataset']))}; "
-             f"seeds {cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt from the study's files; nothing was "
-             "recomputed."]
+    intro = [f"Study `{path}`, preset {cfg.get('preset')}: {cfg['base']['model'].get('name')} on "
+             f"{cfg['base']['data']['dataset']}; seeds {cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt "
+             "from the study's files; nothing was recomputed."]
     # the report's own stage is left out: rebuilding a finished study must give the same page
     from .study import expected_stages
     done = {k for k, v in info.get("stages", {}).items() if v.get("status") == "done"}
     unfinished = [k for k in expected_stages(cfg) if k not in done]
     if unfinished:
         intro.append(f"The study is not finished (stages not done: {', '.join(unfinished) or 'not started'}): "
-                     f"finish it with <code>memloc run --resume {html.escape(str(path))}</code>.")
+                     f"finish it with `memloc run --resume {path}`.")
     if base is None:
         sections = [Section("Summary", missing="the base model has not been trained yet")]
         return write_report(path / "report", "memloc study report", intro, sections)
@@ -648,8 +648,8 @@ def build_report(path: str | Path) -> Path:
         return build_study_report(path)
     run = RunDir.open(path)
     cfg = run.read_json("config.json") if run.has("config.json") else {}
-    data, model = cfg.get("data", {}), cfg.get("model", {})
-    intro = [f"Run <code>{html.escape(str(path))}</code>: {html.escape(str(model.get('name')))} "
-             f"(width {model.get('width')}) on {html.escape(str(data.get('dataset')))}, noise {data.get('noise')}. "
-             f"Run format version {FORMAT_VERSION}. Rebuilt from the run's files; nothing was recomputed."]
+    data, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model"))
+    intro = [f"Run `{path}`: {model.get('name')} (width {model.get('width')}) on {data.get('dataset')}, noise "
+             f"{data.get('noise')}. Run format version {FORMAT_VERSION}. Rebuilt from the run's files; nothing was "
+             "recomputed."]
     return write_report(path / "report", "memloc report", intro, run_sections(run))

@@ -62,9 +62,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         # after the write: mkstemp makes 0600, and some writers (safetensors) create the file anew
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not err.filename and err.errno:  # writers to file objects name no path
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
         raise
 
 
@@ -105,10 +107,20 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         raise RunError(f"{path} is corrupt ({err}): delete it and rerun the stage that writes it") from None
 
 
-def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+def save_state(path: Path, state: dict[str, torch.Tensor], *, metadata: dict[str, str] | None = None) -> None:
+    """Tensors (any device) as a safetensors file, atomically."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+
+    def write(p: Path) -> None:
+        try:
+            save_file(tensors, str(p), metadata=metadata)
+        except Exception as err:  # safetensors reports a full disk as its own error type: make it an OSError
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    atomic_write(path, write)
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

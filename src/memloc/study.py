@@ -67,13 +67,13 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudyConfig":
-        d = dict(d)
-        base = RunConfig.from_dict(d.pop("base"))
-        d["example_tied_dropout"] = tuple(d["example_tied_dropout"])
         try:
+            d = dict(d)
+            base = RunConfig.from_dict(d.pop("base"), source="study.json (base)")
+            d["example_tied_dropout"] = tuple(d["example_tied_dropout"])
             return cls(base=base, **d)
-        except TypeError as err:
-            raise RunError(f"study.json is not a memloc study ({err})") from None
+        except (TypeError, ValueError, KeyError, ConfigError) as err:
+            raise RunError(f"study.json is damaged: it is not a memloc study config ({err})") from None
 
     def cells(self) -> list[tuple[int, float]]:
         return [(s, n) for s in self.seeds for n in self.noise_levels]
@@ -154,7 +154,10 @@ class Study:
 
     @property
     def config(self) -> StudyConfig:
-        return StudyConfig.from_dict(self.info["config"])
+        try:
+            return StudyConfig.from_dict(self.info["config"])
+        except RunError as err:
+            raise RunError(f"{self.path}: {err}") from None
 
     def status(self, key: str) -> str | None:
         return self.info["stages"].get(key, {}).get("status")

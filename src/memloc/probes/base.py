@@ -58,11 +58,21 @@ class ProbeResult:
             summary = None
         if not isinstance(summary, dict):
             raise RunError(f"{d / 'summary.json'} is damaged: rerun `memloc {probe_command(probe)} {run.path}`")
-        arrays = load_npz(d / "arrays.npz")
+        arrays = _Arrays(load_npz(d / "arrays.npz"))
+        arrays.source = f"{d / 'arrays.npz'} is damaged: it has no {{!r}} array; rerun `memloc {probe_command(probe)} {run.path}`"
         rows = []
         if (d / f"{probe}.csv").exists():
             rows = list(csv.DictReader(io.StringIO((d / f"{probe}.csv").read_text())))
         return cls(probe, summary, arrays, rows)
+
+
+class _Arrays(dict):
+    """A probe's arrays: a missing one (a damaged or foreign file) is a RunError naming the file."""
+
+    source = "a probe's arrays.npz is damaged: it has no {!r} array"
+
+    def __missing__(self, key):
+        raise RunError(self.source.format(key))
 
 
 def probe_command(probe: str) -> str:

@@ -1,0 +1,79 @@
+"""Runs memloc in a subprocess that kills itself (SIGKILL) at a chosen point: the fault suite's real kills.
+
+    python fault_driver.py KILL_AT -- ARGS...     ARGS as for `memloc`; KILL_AT is
+      none                   no kill
+      created:NAME           right after the run directory NAME (its run.json) is created
+      running:KEY / done:KEY right after the study marks stage KEY running / done
+      fail:KEY               stage KEY of the study raises a RunError (no kill: a failed stage)
+      epoch:N                right after training saved epoch N
+      pause:N:FILE           after training saved epoch N, wait (holding the lock) until FILE exists
+
+The monkeypatches wrap memloc's own functions, so the process dies exactly at a
+boundary of the on-disk state, as a kill by the user or the machine would leave it.
+"""
+
+import os
+import signal
+import sys
+import time
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(kill_at: str) -> None:
+    from memloc import runs, study, training
+    kind, _, arg = kill_at.partition(":")
+    if kind == "created":
+        create = runs.RunDir.create.__func__
+
+        def created(cls, path, **kw):
+            run = create(cls, path, **kw)
+            if run.path.name == arg:
+                _die()
+            return run
+        runs.RunDir.create = classmethod(created)
+    elif kind in ("running", "done"):
+        mark = study.Study.mark
+
+        def marked(self, key, status, **kw):
+            mark(self, key, status, **kw)
+            if key == arg and status == kind:
+                _die()
+        study.Study.mark = marked
+    elif kind == "fail":
+        stage_fns = study._stage_fns
+
+        def failing(*a, **k):
+            fns = stage_fns(*a, **k)
+
+            def broken():
+                from memloc.errors import RunError
+                raise RunError(f"stage {arg} broke")
+            return {**fns, arg: broken}
+        study._stage_fns = failing
+    elif kind in ("epoch", "pause"):
+        save = training.Trainer._save_epoch
+        n, _, flag = arg.partition(":")
+
+        def saved(self, epoch):
+            save(self, epoch)
+            if epoch == int(n):
+                if kind == "epoch":
+                    _die()
+                print("paused", flush=True)
+                while not os.path.exists(flag):
+                    time.sleep(0.05)
+        training.Trainer._save_epoch = saved
+    elif kind != "none":
+        raise SystemExit(f"unknown kill point {kill_at!r}")
+
+
+if __name__ == "__main__":
+    kill_at, sep, *argv = sys.argv[1:]
+    assert sep == "--"
+    install(kill_at)
+    from memloc.cli import main
+    sys.exit(main(argv))

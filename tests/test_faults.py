@@ -1,0 +1,693 @@
+"""The fault suite: what a hostile user, a kill, a second command or a full disk does to memloc.
+
+Every class of failure found by trying to break memloc has a test here (issue 19):
+data loss and mixed results (--overwrite, two writers), stuck after a kill, tracebacks
+where one line is promised (read-only and full disks, damaged run files, bad flags),
+resource exhaustion by input, and a report that must not run a tampered run's script.
+Real kills come from tests/fault_driver.py (SIGKILL at an exact boundary of the
+on-disk state); full and read-only disks are a small tmpfs where the machine allows a
+mount, and an injected ENOSPC/EROFS writer everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memloc import runs
+from memloc.cli import main
+from memloc.runs import LOCK_NAME
+from toys import assert_one_line_error, digest
+
+HERE = Path(__file__).parent
+DRIVER = [sys.executable, str(HERE / "fault_driver.py")]
+TINY = ["--preset", "smoke", "--train-size", "300", "--epochs", "3"]  # about 4 s on 2 cores
+TINY_STUDY = ["run", *TINY, "--flip-examples", "2"]  # about 20 s on 2 cores
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+    [str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def driver(kill_at: str, *argv, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`memloc ARGV` in a subprocess that SIGKILLs itself at `kill_at` (see fault_driver.py)."""
+    return subprocess.run([*DRIVER, kill_at, "--", *map(str, argv)], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+TIMING = {"updated", "created", "seconds", "elapsed_s", "examples_per_s", "epoch_time_s", "eval_time_s", "run"}
+
+
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+def comparable(root: Path) -> dict:
+    """Every result file under `root`, with wall-clock times and the directory's own name left out."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name in ("env.json", "report.html"):
+            continue
+        key = str(p.relative_to(root))
+        if p.suffix == ".json":
+            out[key] = _untimed(json.loads(p.read_text()))
+        elif p.suffix == ".jsonl":
+            out[key] = [_untimed(json.loads(l)) for l in p.read_text().splitlines()]
+        elif p.suffix == ".csv":
+            rows = list(csv.DictReader(io.StringIO(p.read_text())))
+            out[key] = [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+        else:
+            out[key] = p.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny smoke run (3 epochs, 300 digits); tests copy it."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", *TINY, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def killed_tiny(tmp_path_factory) -> Path:
+    """The tiny run killed (SIGKILL) right after it saved epoch 1: its lock file names a dead process."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    res = driver("epoch:1", "train", *TINY, "--out", out, "--quiet")
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> Path:
+    """One uninterrupted tiny study, trained in a subprocess like the killed ones it is compared with."""
+    out = tmp_path_factory.mktemp("study") / "s"
+    res = driver("none", *TINY_STUDY, "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+# ----------------------------------------------------------------------------- data loss and mixed results
+
+def test_overwrite_never_touches_a_folder_whose_run_json_is_not_memlocs(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "run.json").write_text('{"experiment": "mine"}')
+    (out / "notes.txt").write_text("three months of notes")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "epoch_000.safetensors").write_bytes(b"my own weights")
+    before = digest(out)
+    code, _, err = cli(capsys, "train", *TINY, "--out", out, "--overwrite", "--quiet")
+    assert_one_line_error(code, err, "not a memloc run")
+    assert digest(out) == before and sorted(p.name for p in out.iterdir()) == ["checkpoints", "notes.txt", "run.json"]
+
+
+def test_overwrite_deletes_only_memlocs_own_files(run_copy, tmp_path, capsys):
+    """A real run with the user's files beside memloc's: --overwrite replaces the run, keeps theirs."""
+    mine = {"notes.txt": b"keep", "probes/mine/summary.txt": b"keep too", "checkpoints/README": b"mine",
+            "report/figures/my_plot.svg": b"<svg/>", "data/raw.bin": b"\x00\x01"}
+    for rel, content in mine.items():
+        (run_copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_copy / rel).write_bytes(content)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "summary.json").write_text('{"theirs": true}')
+    (run_copy / "probes" / "linked").symlink_to(outside, target_is_directory=True)  # never followed
+    code, _, err = cli(capsys, "train", *TINY, "--seed", "1", "--out", run_copy, "--overwrite", "--quiet")
+    assert code == 0, err
+    for rel, content in mine.items():
+        assert (run_copy / rel).read_bytes() == content, rel
+    assert (outside / "summary.json").read_text() == '{"theirs": true}' and (run_copy / "probes" / "linked").is_symlink()
+    assert json.loads((run_copy / "config.json").read_text())["train"]["seed"] == 1
+    assert not (run_copy / "probes" / "rewinding").exists()  # the old run's results went with it
+    assert not list(run_copy.rglob(LOCK_NAME)) and not list(run_copy.rglob("*.tmp"))
+
+
+def test_overwrite_through_a_symlink_replaces_the_run_it_points_to(run_copy, tmp_path, capsys):
+    link = tmp_path / "latest"
+    link.symlink_to(run_copy, target_is_directory=True)
+    code, _, err = cli(capsys, "train", *TINY, "--seed", "2", "--out", link, "--overwrite", "--quiet")
+    assert code == 0, err
+    assert link.is_symlink() and json.loads((run_copy / "config.json").read_text())["train"]["seed"] == 2
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_run, tmp_path, capsys):
+    """Two `train --overwrite` into one run: the second gets one line and exit 2; the first finishes
+    and equals an uninterrupted run. Readers are not blocked meanwhile."""
+    go = tmp_path / "go"
+    run_copy = tmp_path / "run"  # a finished run of seed 1, overwritten by seed 0 while seed 1 tries again
+    assert main(["train", *TINY, "--seed", "1", "--out", str(run_copy), "--quiet"]) == 0
+    first = subprocess.Popen([*DRIVER, f"pause:1:{go}", "--", "train", *TINY, "--seed", "0", "--out", str(run_copy),
+                              "--overwrite", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=ENV)
+    try:
+        for line in first.stdout:  # epoch 1 saved, the lock held
+            if line.strip() == "paused":
+                break
+        lock = json.loads((run_copy / LOCK_NAME).read_text())
+        assert lock["pid"] == first.pid
+        second = driver("none", "train", *TINY, "--seed", "1", "--out", run_copy, "--overwrite", "--quiet")
+        assert_one_line_error(second.returncode, second.stderr, "in use", str(first.pid))
+        for argv in (["evaluate", run_copy], ["report", run_copy]):  # concurrent readers stay allowed
+            code, _, err = cli(capsys, *argv)
+            assert code == 0, err
+        code, _, err = cli(capsys, "rewind", run_copy, "--quiet")  # another writer: refused, run untouched
+        assert_one_line_error(code, err, "in use")
+    finally:
+        go.touch()
+        first.wait(timeout=300)
+    assert first.returncode == 0, first.stderr.read()
+
+    def results(d):
+        return {k: v for k, v in comparable(d).items() if not k.startswith("report/")}
+    assert results(run_copy) == results(tiny_run)
+    assert not (run_copy / LOCK_NAME).exists()
+
+
+def test_the_lock_of_a_killed_writer_is_taken_over(killed_tiny, tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(killed_tiny, out)
+    lock = json.loads((out / LOCK_NAME).read_text())  # left behind by the kill, naming a dead process
+    with pytest.raises(ProcessLookupError):
+        os.kill(lock["pid"], 0)
+    code, _, err = cli(capsys, "train", "--resume", out, "--quiet")
+    assert code == 0, err
+    assert not (out / LOCK_NAME).exists()
+    assert comparable(out) == comparable(tiny_run)
+
+
+def test_the_lock_without_flock_detects_a_stale_holder_by_pid(tmp_path, monkeypatch):
+    """File systems without flock: an O_EXCL lock file; its holder's PID decides whether it is stale."""
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runs.fcntl, "flock", no_flock)
+    d = tmp_path / "run"
+    d.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (d / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": runs.socket.gethostname()}))
+    with runs.exclusive(d):
+        assert json.loads((d / LOCK_NAME).read_text())["pid"] == os.getpid()
+    (d / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": runs.socket.gethostname()}))  # alive
+    with pytest.raises(runs.RunError, match="in use"):
+        with runs.exclusive(d):
+            pass
+
+
+def test_the_lock_is_reentrant_in_a_process_and_removes_a_killed_writers_temporary_files(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / ".metrics.jsonl.a1b2c3d4.tmp").write_text("half")
+    (d / "notes.tmp").write_text("the user's, not memloc's")
+    with runs.exclusive(d):
+        with runs.exclusive(d):
+            assert runs.holds_lock(d)
+        assert runs.holds_lock(d)
+        assert not (d / ".metrics.jsonl.a1b2c3d4.tmp").exists() and (d / "notes.tmp").exists()
+    assert not runs.holds_lock(d) and not (d / LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------- stuck after a kill
+
+def test_a_study_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result(tiny_study, tmp_path):
+    """One chain of real kills: at each boundary the process dies, `run --resume` goes on to the next."""
+    out = tmp_path / "s"
+    res = driver("created:base", *TINY_STUDY, "--out", out, "--quiet")  # base/run.json exists, nothing else
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert sorted(p.name for p in (out / "base").iterdir() if p.name != LOCK_NAME) == ["run.json"]
+    points = ["done:train", "done:rewinding", "fail:retraining", "done:retraining", "done:flipping",
+              "created:dropout", "done:dropout_train", "done:dropout_eval", "done:detection"]
+    for point in points:
+        res = driver(point, "run", "--resume", out, "--quiet")
+        if point.startswith("fail:"):  # a stage that raises: one line, recorded as failed, retried by resume
+            assert_one_line_error(res.returncode, res.stderr, "stage retraining broke")
+            stage = json.loads((out / "study.json").read_text())["stages"]["retraining"]
+            assert stage["status"] == "failed" and stage["reason"] == "stage retraining broke"
+            continue
+        assert res.returncode == -signal.SIGKILL, (point, res.stderr)
+    res = driver("none", "run", "--resume", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert comparable(out) == comparable(tiny_study)
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(LOCK_NAME))
+
+
+def test_train_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert driver("created:run", "train", *TINY, "--out", out, "--quiet").returncode == -signal.SIGKILL
+    code, _, err = cli(capsys, "train", "--resume", out, "--quiet")  # no config.json: says how to start again
+    assert_one_line_error(code, err, "--overwrite")
+    code, _, err = cli(capsys, "train", *TINY, "--out", out, "--overwrite", "--quiet")
+    assert code == 0, err
+
+
+def test_a_failed_stage_is_recorded_failed_with_its_reason(run_copy, capsys):
+    ckpt = run_copy / "checkpoints" / "epoch_001.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # a corrupt middle checkpoint
+    code, _, err = cli(capsys, "rewind", run_copy, "--quiet")
+    assert_one_line_error(code, err, "epoch_001")
+    stage = json.loads((run_copy / "run.json").read_text())["stages"]["rewinding"]
+    assert stage["status"] == "failed" and "epoch_001" in stage["reason"]
+    shutil.copy(run_copy / "checkpoints" / "epoch_002.safetensors", ckpt)  # mended: the stage runs again
+    code, _, err = cli(capsys, "rewind", run_copy, "--quiet")
+    assert code == 0, err
+    stage = json.loads((run_copy / "run.json").read_text())["stages"]["rewinding"]
+    assert stage["status"] == "done" and "reason" not in stage
+
+
+# ----------------------------------------------------------------------------- full and read-only disks
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_kb: int):
+    """A tmpfs of `size_kb` at `path`; skips where this machine allows no mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("no tmpfs mount here (needs root); the injected-writer tests cover the same paths")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+
+
+def _finish_after_a_failure(out: Path, capsys) -> None:
+    """What the error line tells the user: resume; where the run never got its config, --overwrite."""
+    if not out.exists() or not (out / "run.json").exists():  # full before anything was written: no folder left
+        assert not out.exists() or not [p for p in out.iterdir() if p.name != LOCK_NAME]
+        code, _, err = cli(capsys, "train", *TINY, "--out", out, "--quiet")
+    else:
+        code, _, err = cli(capsys, "train", "--resume", out, "--quiet")
+        if code == 2 and "--overwrite" in err:
+            code, _, err = cli(capsys, "train", *TINY, "--out", out, "--overwrite", "--quiet")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("size_kb", [32, 96, 160])  # full at the first writes, at epoch 1, at epoch 2-3
+def test_training_on_a_full_disk_stops_in_one_line_and_resumes_to_the_same_weights(tiny_run, tmp_path, capsys,
+                                                                                   size_kb):
+    with small_disk(tmp_path / "disk", size_kb) as disk:
+        out = disk / "run"
+        code, _, err = cli(capsys, "train", *TINY, "--out", out, "--quiet")
+        assert_one_line_error(code, err, "No space left on device", str(out), "memloc train --resume")
+        remount(disk, "size=8m")
+        _finish_after_a_failure(out, capsys)
+        assert comparable(out) == comparable(tiny_run)
+        assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("argv", [["rewind", "RUN", "--quiet"], ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
+                                  ["evaluate", "RUN", "--drop-memorization"], ["retrain", "RUN", "--epochs", "2", "--peak-epoch", "1", "--quiet"],
+                                  ["detect", "RUN", "--quiet"], ["report", "RUN"]])
+def test_probes_on_a_read_only_disk_say_so_in_one_line_and_change_nothing(tiny_run, tmp_path, capsys, argv):
+    with small_disk(tmp_path / "disk", 4096) as disk:
+        run = disk / "run"
+        shutil.copytree(tiny_run, run)
+        remount(disk, "ro")
+        before = digest(run)
+        code, _, err = cli(capsys, *[str(run) if a == "RUN" else a for a in argv])
+        assert_one_line_error(code, err)
+        if argv[0] != "evaluate":  # evaluate of a plain model says it has no example-tied dropout: also one line
+            assert "Read-only file system" in err and "writable folder" in err
+        assert digest(run) == before
+
+
+def test_train_into_a_read_only_disk_is_one_line(tmp_path, capsys):
+    with small_disk(tmp_path / "disk", 1024) as disk:
+        remount(disk, "ro")
+        code, _, err = cli(capsys, "train", *TINY, "--out", disk / "run", "--quiet")
+        assert_one_line_error(code, err, "Read-only file system")
+
+
+class _Failing:
+    """Stands in for `tempfile` in memloc.runs: write number `at` (from 0) fails with `code`, or every
+    write from it on with `every`. A full disk frees the failed write's space, so the writes after
+    it (the failed stage's record) usually succeed: that is the default."""
+
+    def __init__(self, code: int, at: int, *, every: bool = False):
+        self.code, self.at, self.every, self.calls = code, at, every, 0
+
+    def mkstemp(self, *a, **k):
+        self.calls += 1
+        if self.calls - 1 == self.at or (self.every and self.calls - 1 > self.at):
+            raise OSError(self.code, os.strerror(self.code), k.get("dir"))
+        import tempfile
+        return tempfile.mkstemp(*a, **k)
+
+
+@pytest.mark.parametrize("at", [0, 4, 9, 19])  # run.json, checkpoint 0, mid-training, the end
+def test_injected_full_disk_during_training_then_resume(tiny_run, tmp_path, capsys, monkeypatch, at):
+    """Where no tmpfs can be mounted (and everywhere): every write goes through memloc.runs, which fails."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(runs, "tempfile", _Failing(errno.ENOSPC, at))
+    code, _, err = cli(capsys, "train", *TINY, "--out", out, "--quiet")
+    assert_one_line_error(code, err, "No space left on device", "free some space")
+    monkeypatch.undo()
+    stage = json.loads((out / "run.json").read_text())["stages"].get("train") if (out / "run.json").exists() else None
+    if stage:
+        assert stage["status"] == "failed" and "No space" in stage["reason"]
+    _finish_after_a_failure(out, capsys)
+    assert comparable(out) == comparable(tiny_run)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+@pytest.mark.parametrize("argv", [["rewind", "RUN", "--quiet"],
+                                  ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
+                                  ["report", "RUN"], ["train", "--resume", "RUN", "--quiet"]])
+def test_injected_read_only_or_full_disk_for_every_writer(tiny_run, killed_tiny, tmp_path, capsys, monkeypatch, argv,
+                                                         code):
+    """Every write fails (and, read-only, the lock too): one line, nothing changed; then the same command
+    on a mended disk finishes."""
+    run_copy = tmp_path / "run"  # resume needs a run stopped after epoch 1; the others a finished one
+    shutil.copytree(killed_tiny if argv[0] == "train" else tiny_run, run_copy)
+    (run_copy / LOCK_NAME).unlink(missing_ok=True)
+    before = digest(run_copy)
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path / LOCK_NAME))
+    monkeypatch.setattr(runs, "tempfile", _Failing(code, 0, every=True))
+    if code == errno.EROFS:
+        monkeypatch.setattr(runs, "_acquire", read_only)
+    argv = [str(run_copy) if a == "RUN" else a for a in argv]
+    rc, _, err = cli(capsys, *argv)
+    assert_one_line_error(rc, err, os.strerror(code), "writable folder" if code == errno.EROFS else "free some space")
+    assert digest(run_copy) == before
+    monkeypatch.undo()
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err
+
+
+# ----------------------------------------------------------------------------- damaged run files
+
+def _damage(run: Path, what: str) -> None:
+    if what == "run.json is a list":
+        (run / "run.json").write_text("[1, 2]")
+    elif what == "run.json without stages":
+        info = json.loads((run / "run.json").read_text())
+        del info["stages"]
+        (run / "run.json").write_text(json.dumps(info))
+    elif what == "run.json is not JSON":
+        (run / "run.json").write_bytes(b"\xff\xfe{")
+    elif what == "config.json is a list":
+        (run / "config.json").write_text("[]")
+    elif what == "config.json with a wrong section":
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["train"] = "fast"
+        (run / "config.json").write_text(json.dumps(cfg))
+    elif what == "data.npz without is_noisy":
+        z = dict(np.load(run / "data.npz"))
+        del z["is_noisy"]
+        np.savez(run / "data.npz", **z)
+    elif what == "garbled metrics.jsonl":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write("{garbled\n")
+    elif what == "examples.npz without loss":
+        z = dict(np.load(run / "examples.npz"))
+        del z["loss"]
+        np.savez(run / "examples.npz", **z)
+    elif what == "truncated checkpoint":
+        p = run / "checkpoints" / "epoch_003.safetensors"
+        p.write_bytes(p.read_bytes()[:64])
+    elif what == "a probe summary that is a list":
+        (run / "probes").mkdir(exist_ok=True)
+        (run / "probes" / "rewinding").mkdir(exist_ok=True)
+        (run / "probes" / "rewinding" / "summary.json").write_text("[]")
+        np.savez(run / "probes" / "rewinding" / "arrays.npz", a=np.zeros(1))
+
+
+DAMAGE = {
+    "run.json is a list": ["evaluate", "rewind", "report", "resume", "flip", "detect"],
+    "run.json without stages": ["evaluate", "rewind", "report", "resume"],
+    "run.json is not JSON": ["evaluate", "report", "resume"],
+    "config.json is a list": ["evaluate", "rewind", "report", "detect"],
+    "config.json with a wrong section": ["evaluate", "retrain"],
+    "data.npz without is_noisy": ["evaluate", "rewind", "detect", "retrain"],
+    "garbled metrics.jsonl": ["report"],
+    "examples.npz without loss": ["detect"],
+    "truncated checkpoint": ["evaluate", "flip"],
+    "a probe summary that is a list": ["report"],
+}
+COMMANDS = {"evaluate": ["evaluate", "RUN"], "rewind": ["rewind", "RUN", "--quiet"], "report": ["report", "RUN"],
+            "resume": ["train", "--resume", "RUN", "--quiet"], "flip": ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
+            "detect": ["detect", "RUN", "--quiet"], "retrain": ["retrain", "RUN", "--epochs", "2", "--peak-epoch", "1", "--quiet"]}
+
+
+@pytest.mark.parametrize("what,command", [(w, c) for w, cs in DAMAGE.items() for c in cs])
+def test_damaged_run_files_give_one_line(run_copy, capsys, what, command):
+    _damage(run_copy, what)
+    if command == "resume":  # an unfinished run, so that resume reads the damaged file
+        with contextlib.suppress(Exception):
+            info = json.loads((run_copy / "run.json").read_text())
+            info["stages"]["train"]["status"] = "running"
+            (run_copy / "run.json").write_text(json.dumps(info))
+    before = digest(run_copy)
+    code, _, err = cli(capsys, *[str(run_copy) if a == "RUN" else a for a in COMMANDS[command]])
+    assert_one_line_error(code, err)
+    assert str(run_copy) in err
+    changed = {k for k in set(digest(run_copy)) | set(before) if digest(run_copy).get(k) != before.get(k)}
+    assert changed <= {"run.json"}  # at most the stage is recorded as failed
+    assert not (run_copy / LOCK_NAME).exists()
+
+
+def test_a_damaged_study_json_gives_one_line(tiny_study, tmp_path, capsys):
+    study = tmp_path / "s"
+    shutil.copytree(tiny_study, study)
+    for text in ("[]", '{"format_version": 1, "kind": "study"}', "{not json"):
+        (study / "study.json").write_text(text)
+        for argv in (["run", "--resume", study, "--quiet"], ["report", study]):
+            code, _, err = cli(capsys, *argv)
+            assert_one_line_error(code, err, "study.json")
+
+
+# ----------------------------------------------------------------------------- bad flags and inputs
+
+@pytest.mark.parametrize("argv,flag", [
+    (["train", "--noise", "abc"], "--noise"),
+    (["train", "--example-tied-dropout", "0.4"], "--example-tied-dropout"),
+    (["train", "--schedule", "bogus"], "--schedule"),
+    (["train", "--epochs", "1.5"], "--epochs"),
+    (["train", "--bogus-flag"], "--bogus-flag"),
+    (["dropout-grid", "--out", "x", "--pairs", "abc"], "--pairs"),
+    (["run", "--seeds", "abc"], "--seeds"),
+    (["run", "--noise", "0.1,x"], "--noise"),
+    (["flip", "RUN", "--examples", "many"], "--examples"),
+    (["rewind"], "RUN"),
+    (["export", "RUN", "--drop-memorization"], "--out"),
+    (["nonsense"], "nonsense"),
+])
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, argv, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path) if a == "RUN" else a for a in argv])
+    out, err = capsys.readouterr()
+    assert_one_line_error(exit_info.value.code, err, flag, "--help")
+    assert out == "" and "usage:" not in err
+
+
+def test_a_huge_label_is_refused_in_one_line_without_allocating_for_it(tmp_path, capsys):
+    x = np.random.default_rng(0).integers(0, 255, (60, 1, 8, 8)).astype(np.uint8)
+    y = np.arange(60) % 3
+    y[7] = 10 ** 12
+    np.savez(tmp_path / "ids.npz", x=x, y=y)
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "ids.npz", "--model", "mlp", "--out", tmp_path / "r",
+                       "--quiet")
+    assert time.perf_counter() - t0 < 10  # one line, not minutes of swapping (the bound is loose on purpose)
+    assert_one_line_error(code, err, "1000000000000", "--num-classes")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - high < 512 * 1024  # KiB: no class-sized allocation
+    assert not (tmp_path / "r").exists()
+    y[7] = 40  # ids that look like classes only with --num-classes
+    np.savez(tmp_path / "sparse.npz", x=x, y=y)
+    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "sparse.npz", "--model", "mlp", "--epochs", "1",
+                       "--out", tmp_path / "r", "--quiet")
+    assert_one_line_error(code, err, "--num-classes")
+    code, _, err = cli(capsys, "train", "--dataset", tmp_path / "sparse.npz", "--model", "mlp", "--epochs", "1",
+                       "--num-classes", "41", "--out", tmp_path / "r", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["num_classes"] == 41
+
+
+def test_sizes_from_input_are_checked_before_allocation(tmp_path, capsys):
+    import zipfile
+    import numpy.lib.format as npformat
+    x = np.zeros((20, 1, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "ok.npz", x=x, y=np.arange(20) % 2)
+    with zipfile.ZipFile(tmp_path / "ok.npz") as zin, zipfile.ZipFile(tmp_path / "lying.npz", "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "x.npy":  # a header that promises 6.4 TB
+                buf = io.BytesIO()
+                npformat.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (10 ** 11, 1, 8, 8)})
+                data = buf.getvalue() + data[data.index(b"\n") + 1:]
+            zout.writestr(name, data)
+    for argv, words in ((["--dataset", tmp_path / "lying.npz"], ["claims shape"]),
+                        (["--dataset", "synthetic", "--synthetic-size", str(10 ** 12)], ["GiB", "--synthetic-size"]),
+                        (["--dataset", "synthetic", "--synthetic-size", "0"], ["--synthetic-size"]),
+                        (["--dataset", "synthetic", "--synthetic-classes", "1"], ["--synthetic-classes"]),
+                        (["--num-classes", "0"], ["--num-classes"])):
+        code, _, err = cli(capsys, "train", *argv, "--model", "mlp", "--out", tmp_path / "r", "--quiet")
+        assert_one_line_error(code, err, *words)
+        assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- smaller
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+def _leaves(obj, path=()):
+    """Field paths of a config: every value that is not an object (a list of numbers is one field)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    else:
+        yield path
+
+
+def _set(obj, path, value):
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+def _tampered_report(src: Path, dst: Path, meta: str, section: str | None, fields) -> tuple[int, Path]:
+    """Copy `src` (without its report), set each field path of `fields` to a script, build the report."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("report"))
+    obj = json.loads((dst / meta).read_text())
+    target = obj if section is None else obj[section]
+    for path in fields:
+        _set(target, path, SCRIPT)
+    (dst / meta).write_text(json.dumps(obj))
+    code = main(["report", str(dst)])
+    return code, dst / "report" / "report.html"
+
+
+def _check_tampered(code: int, page: Path, capsys) -> bool:
+    """Built and escaped (True), or refused in one line with no page (False); never the script."""
+    err = capsys.readouterr().err
+    if code == 0:
+        assert "<script" not in page.read_text().lower()
+        return True
+    assert_one_line_error(code, err)
+    assert not page.exists()
+    return False
+
+
+# the study fields the report prints: each alone, so that a validation of another field cannot hide them
+STUDY_SHOWN = [("preset",), ("seeds",), ("noise_levels",), ("base", "model", "name"), ("base", "model", "width"),
+               ("base", "data", "dataset"), ("example_tied_dropout",)]
+
+
+def test_the_report_escapes_a_script_in_the_config(tiny_study, tmp_path, capsys):
+    """A shared, tampered run or study folder cannot put markup into report.html. A field whose type
+    memloc checks makes it refuse the file in one line instead; it never runs the script."""
+    run_cfg = json.loads((tiny_study / "base" / "config.json").read_text())
+    study_cfg = json.loads((tiny_study / "study.json").read_text())["config"]
+    # every field of config.json at once: the run report reads it raw, so it is built and escaped
+    assert _check_tampered(*_tampered_report(tiny_study / "base", tmp_path / "r-all", "config.json", None,
+                                             list(_leaves(run_cfg))), capsys)
+    # every field of the study's config at once: its types are checked, so it is refused
+    assert not _check_tampered(*_tampered_report(tiny_study, tmp_path / "s-all", "study.json", "config",
+                                                 list(_leaves(study_cfg))), capsys)
+    built = 0
+    for i, path in enumerate(STUDY_SHOWN):
+        built += _check_tampered(*_tampered_report(tiny_study, tmp_path / f"s{i}", "study.json", "config", [path]),
+                                 capsys)
+    assert built >= 3  # names, widths and the dataset are free text: shown, escaped
+
+
+@pytest.mark.slow
+def test_the_report_escapes_a_script_in_every_config_field_alone(tiny_study, tmp_path, capsys):
+    """The exhaustive version: every leaf of config.json and of study.json's config, one at a time."""
+    run_cfg = json.loads((tiny_study / "base" / "config.json").read_text())
+    study_cfg = json.loads((tiny_study / "study.json").read_text())["config"]
+    built = 0
+    for i, path in enumerate(_leaves(run_cfg)):
+        built += _check_tampered(*_tampered_report(tiny_study / "base", tmp_path / f"r{i}", "config.json", None,
+                                                   [path]), capsys)
+    for i, path in enumerate(_leaves(study_cfg)):
+        built += _check_tampered(*_tampered_report(tiny_study, tmp_path / f"s{i}", "study.json", "config", [path]),
+                                 capsys)
+    assert built >= 20
+
+
+def _get(obj, path):
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def test_every_file_gets_the_umask_mode(run_copy):
+    want = 0o666 & ~runs._UMASK
+    modes = {p.relative_to(run_copy): stat.S_IMODE(p.stat().st_mode) for p in run_copy.rglob("*") if p.is_file()}
+    assert modes and all(m == want for m in modes.values()), modes
+
+
+def test_a_resumed_flip_counts_the_time_of_every_part(run_copy, capsys, monkeypatch):
+    from memloc.probes import flipping
+    calls = []
+    real = flipping.write_json
+
+    def stop_after_first_chunk(path, obj):
+        real(path, obj)
+        calls.append(obj)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(flipping, "write_json", stop_after_first_chunk)
+    argv = ["flip", run_copy, "--examples", "4", "--batch-examples", "2", "--others", "64", "--eval-subsample", "100",
+            "--quiet"]
+    assert cli(capsys, *argv)[0] == 130
+    first = calls[0]
+    assert len(first["records"]) in (2, 4) and first["seconds"] > 0
+    assert json.loads((run_copy / "run.json").read_text())["stages"]["flipping"]["status"] == "interrupted"
+    monkeypatch.undo()
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    s = json.loads((run_copy / "probes" / "flipping" / "summary.json").read_text())
+    assert s["elapsed_s"] >= first["seconds"]
+    assert s["examples_per_s"] == pytest.approx(s["examples"] / s["elapsed_s"], rel=1e-2)
+
+
+def test_the_cifar_binary_reader_names_the_binary_folder(tmp_path):
+    from memloc.errors import DataError
+    from memloc.readers import read_cifar
+    d = tmp_path / "cifar-10-batches-bin"
+    d.mkdir()
+    (d / "data_batch_1.bin").write_bytes(b"\x00" * 3073)
+    with pytest.raises(DataError) as err:
+        read_cifar(tmp_path, split="train")
+    assert "cifar-10-batches-bin/" in str(err.value) and "cifar-10-batches-py/" not in str(err.value)

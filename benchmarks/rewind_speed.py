@@ -34,7 +34,8 @@ from memloc.data import Dataset
 from memloc.models import build_model, layers
 from memloc.probes.rewinding import rewind_model
 from memloc.probes.sweep import layer_keys
-from memloc.training import autocast, model_input
+from memloc.precision import autocast
+from memloc.training import model_input
 
 
 def sync(device):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from memloc.data import DataConfig, batches, load, normalize
 from memloc.models import build_model, layers
-from memloc.training import TrainConfig, Trainer, autocast, resolve_device
+from memloc.precision import autocast
+from memloc.training import TrainConfig, Trainer, resolve_device
 
 
 def make(args, device):

@@ -15,7 +15,9 @@ from memloc.data import Dataset
 from memloc.errors import ConfigError, DataError
 from memloc.experiment import open_run
 from memloc.probes import flipping
+from memloc.precision import native_bf16
 from memloc.probes.flipping import FlipConfig, flip_units, select_examples
+from memloc.units import UnitMasks
 from toys import assert_one_line_error
 
 
@@ -153,7 +155,7 @@ def test_bf16_scores_pick_a_near_best_unit(smoke_run):
     loaded = open_run(smoke_run, device="cpu")
     model, data = loaded.model(), loaded.data
     assert not flipping.use_bf16(FlipConfig(sequential=True), torch.device("cpu"))  # the CPU baseline is fp32
-    assert flipping.use_bf16(FlipConfig(), torch.device("cpu")) == flipping.native_bf16(torch.device("cpu"))
+    assert flipping.use_bf16(FlipConfig(), torch.device("cpu")) == native_bf16(torch.device("cpu"))
     picked = {}
     for precision in ("fp32", "bf16"):
         cfg = _small(precision=precision)
@@ -342,7 +344,7 @@ def test_split_with_mask_hooks_equals_full_forward(models_with_skips, name):
 def test_edited_flags_name_exactly_the_layers_with_a_removed_unit(models_with_skips):
     data, models = models_with_skips
     cands = flipping.candidate_layers(models["resnet9"], FlipConfig())
-    um = flipping.UnitMasks(models["resnet9"], cands)
+    um = UnitMasks(models["resnet9"], cands)
     L, off = len(cands), um.offsets
     assert um.edited_of(torch.ones(3, um.total)) == [False] * L
     for j in range(L):

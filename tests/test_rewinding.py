@@ -13,7 +13,8 @@ from memloc.experiment import open_run
 from memloc.models import build_model, layers
 from memloc.probes.base import ProbeResult
 from memloc.probes.rewinding import choose_epochs, rewind, rewind_model
-from memloc.probes.sweep import SUBSETS, layer_keys, split_at, subset_accuracy, sweep_states
+from memloc.cutting import split_at
+from memloc.probes.sweep import SUBSETS, layer_keys, subset_accuracy, sweep_states
 from memloc.runs import load_into
 from memloc.training import evaluate
 from toys import assert_one_line_error, digest, toy_data, toy_model

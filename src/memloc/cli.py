@@ -278,7 +278,8 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_flip(args) -> int:
-    from .probes.flipping import FlipConfig, flip, read_indices
+    from .probes.flipping import FlipConfig, flip
+    from .readers import read_indices
     kinds = tuple(_names(args.kind) or ())
     cfg = FlipConfig(examples=args.examples, kinds=kinds, indices=read_indices(args.indices) if args.indices else None,
                      others=args.others, copies=args.copies, input_noise=args.input_noise, budget=args.budget,

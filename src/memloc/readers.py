@@ -700,3 +700,23 @@ def download(name: str, root: PathLike) -> None:
             f"could not download {name} into {root}: {_reason(e)}; "
             f"check your connection or place the files there yourself"
         ) from None
+
+
+# --- example indices ---------------------------------------------------------
+
+def read_indices(path: str | Path) -> tuple[int, ...]:
+    """A file of training-example indices: .npy, or text with one index (or comma-separated ones) per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--indices file {p} does not exist: pass a .npy or text file of example indices")
+    try:
+        if p.suffix == ".npy":
+            vals = np.load(p, allow_pickle=False).ravel()
+        else:
+            vals = np.array([v for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")
+                             for v in line.replace(",", " ").split()], dtype=np.float64)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"--indices file {p} is not a list of integers ({err})") from None
+    if vals.size and not np.all(np.equal(np.mod(vals, 1), 0)):
+        raise ConfigError(f"--indices file {p} holds non-integer values: list example indices")
+    return tuple(int(v) for v in vals)

@@ -33,6 +33,7 @@ from . import data as data_mod
 from .data import Dataset
 from .errors import ConfigError, RunError
 from .models import Layer, layers as find_layers
+from .precision import autocast, cudnn_autotune
 from .runs import RunDir, load_state, save_state
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -109,19 +110,6 @@ def seeded(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def autocast(device: torch.device, *, cache: bool = True):
-    """bf16 autocast on a GPU, nothing on a CPU.
-
-    Inside one context autocast casts each weight once and reuses that copy
-    (`cache`): a block that changes weights in place between forward passes
-    must pass cache=False (or open a context per pass), or later passes run on
-    the weights of the first.
-    """
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
 
 
 def _indices_context(model: nn.Module):
@@ -377,31 +365,34 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch * (cfg.epochs - start_epoch), desc="train", unit="step",
                        dynamic_ncols=True, leave=False)
         # cuDNN autotuning pays off here (a few fixed batch shapes); given back to the caller's setting after
-        autotune = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = autotune or self.device.type == "cuda"
         try:
-            for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                t0 = time.perf_counter()
-                stats = self._epoch(epoch, bar)
-                t1 = time.perf_counter()
-                acc = evaluate(self.model, self.data, batch_size=cfg.eval_batch_size)
-                t2 = time.perf_counter()
-                record = {"epoch": epoch, "lr": learning_rate(epoch * self.steps_per_epoch - 1,
-                                                              self.steps_per_epoch * cfg.epochs, cfg),
-                          **stats, **acc, "epoch_time_s": round(t1 - t0, 4), "eval_time_s": round(t2 - t1, 4)}
-                self.metrics.append(record)
-                self.log(format_record(record))
-                if bar is not None:
-                    bar.set_postfix_str(_short(record))
-                if self.run is not None:
-                    self._save_epoch(epoch)
+            with cudnn_autotune(torch.backends.cudnn.benchmark or self.device.type == "cuda"):
+                self._fit_epochs(start_epoch, bar)
         finally:
-            torch.backends.cudnn.benchmark = autotune
             if bar is not None:
                 bar.close()
         if self.run is not None:
             self.run.set_stage("train", "done", last_checkpoint=cfg.epochs, epochs=cfg.epochs)
         return self.history()
+
+    def _fit_epochs(self, start_epoch: int, bar) -> None:
+        cfg = self.cfg
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            stats = self._epoch(epoch, bar)
+            t1 = time.perf_counter()
+            acc = evaluate(self.model, self.data, batch_size=cfg.eval_batch_size)
+            t2 = time.perf_counter()
+            record = {"epoch": epoch, "lr": learning_rate(epoch * self.steps_per_epoch - 1,
+                                                          self.steps_per_epoch * cfg.epochs, cfg),
+                      **stats, **acc, "epoch_time_s": round(t1 - t0, 4), "eval_time_s": round(t2 - t1, 4)}
+            self.metrics.append(record)
+            self.log(format_record(record))
+            if bar is not None:
+                bar.set_postfix_str(_short(record))
+            if self.run is not None:
+                self._save_epoch(epoch)
+
 
     def history(self) -> History:
         grads = None

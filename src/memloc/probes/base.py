@@ -2,8 +2,8 @@
 
 A probe writes into `RUN/probes/<name>/`: `summary.json` (settings and headline
 numbers), `arrays.npz` (the full result), and a tidy `<name>.csv`. Interventions
-(zeroing units, putting other weights into a layer) happen inside context
-managers that restore the model in `finally`, even when the body raises.
+(putting other weights into a layer here; zeroing units in `memloc.units`) happen
+inside context managers that restore the model in `finally`, even when the body raises.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import RunError
-from ..models import Layer
 from ..runs import RunDir, load_npz, save_npz, write_json, write_text
 
 
@@ -78,33 +77,6 @@ class _Arrays(dict):
 def probe_command(probe: str) -> str:
     return {"rewinding": "rewind", "retraining": "retrain", "flipping": "flip", "dropout": "evaluate",
             "detection": "detect"}.get(probe, probe)
-
-
-@contextlib.contextmanager
-def zeroed_units(model: nn.Module, units: Sequence[tuple[Layer, Sequence[int]]]) -> Iterator[nn.Module]:
-    """Zero the activations of the given units (all positions) while inside; hooks removed after."""
-    modules = dict(model.named_modules())
-    handles = []
-
-    def make_hook(layer: Layer, idx: torch.Tensor):
-        def hook(module, inputs, output):
-            mask_shape = [1] * output.dim()
-            dim = layer.unit_dim % output.dim()
-            mask_shape[dim] = output.shape[dim]
-            mask = torch.ones(mask_shape, dtype=output.dtype, device=output.device)
-            mask.view(-1)[idx.to(output.device)] = 0
-            return output * mask
-        return hook
-
-    try:
-        for layer, idx in units:
-            if len(idx):
-                handles.append(modules[layer.output].register_forward_hook(
-                    make_hook(layer, torch.as_tensor(list(idx), dtype=torch.long))))
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager

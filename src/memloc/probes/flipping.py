@@ -37,7 +37,7 @@ Semantics (what this module computes, exactly):
 Batched mode keeps a pool of `batch_examples` examples; each carries its own
 unit mask, applied by forward hooks as an extra batch dimension (rows are
 grouped by example), on a frozen copy of the model with every BatchNorm folded
-into the conv before it (`scoring_copy`: the same function, one elementwise
+into the conv before it (`cutting.fold_norms`: the same function, one elementwise
 pass fewer each way). Hooks multiply only layers where some row removes a unit,
 and the score of a live unit is read from the activation gradients as
 sum_positions a * dJ/da (equal to dJ/dm at m = 1). The others' rows are computed
@@ -61,15 +61,13 @@ one within rounding of it (tested).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -78,11 +76,13 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import ConfigError, DataError, RunError
+from ..cutting import fold_norms, split_after
 from ..models import Layer, layers as find_layers, select_layers
+from ..precision import bf16, cudnn_autotune, native_bf16
+from ..units import UnitMasks
 from ..runs import write_json
 from ..training import model_input
 from .base import ProbeResult
-from .sweep import cut_model
 
 KINDS = ("clean", "noisy", "rare")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -218,221 +218,9 @@ def kinds_of(data: Dataset, indices: np.ndarray) -> list[str]:
     return ["noisy" if noisy[i] else "rare" if rare[i] else "clean" for i in indices]
 
 
-def read_indices(path: str | Path) -> tuple[int, ...]:
-    """A file of training-example indices: .npy, or text with one index (or comma-separated ones) per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--indices file {p} does not exist: pass a .npy or text file of example indices")
-    try:
-        if p.suffix == ".npy":
-            vals = np.load(p, allow_pickle=False).ravel()
-        else:
-            vals = np.array([v for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")
-                             for v in line.replace(",", " ").split()], dtype=np.float64)
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"--indices file {p} is not a list of integers ({err})") from None
-    if vals.size and not np.all(np.equal(np.mod(vals, 1), 0)):
-        raise ConfigError(f"--indices file {p} holds non-integer values: list example indices")
-    return tuple(int(v) for v in vals)
-
-
 def _noise_seed(seed: int, example: int, copy: int, step: int) -> int:
     h = hashlib.blake2b(f"flip:{seed}:{example}:{copy}:{step}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------- masks as a batch dimension
-
-class UnitMasks:
-    """Forward hooks multiplying each layer's unit activations by a per-row mask.
-
-    `rows` holds one (R, U_total) tensor for the next forward pass (R rows of
-    the batch, U_total = units of all candidate layers, concatenated in layer
-    order); None runs the model unedited. Hooks exist only inside `installed()`.
-    """
-
-    def __init__(self, model: nn.Module, candidates: list[Layer]):
-        self.model, self.layers = model, candidates
-        self.sizes = [l.units for l in candidates]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
-        self.total = int(self.offsets[-1])
-        self.rows: torch.Tensor | None = None
-        self.edited: list[bool] | None = None  # per layer: does any row remove one of its units
-        self.captured: list[tuple[torch.Tensor, int] | None] | None = None  # per layer: its output and version
-        self.copied: set[int] = set()  # layers whose output the model modifies in place: always a fresh tensor
-
-    def set_rows(self, rows: torch.Tensor | None, *, capture: bool = False, edited: list[bool] | None = None) -> None:
-        """Use `rows` (R, U) of 0/1 for the next forward passes (None: unedited); `capture` keeps each layer's output.
-
-        Layers where no row removes a unit skip the multiply (it would be by one).
-        `edited` gives those flags (`edited_of` of the masks the rows repeat, or
-        of a superset of them); without it they are read from `rows` (one host sync).
-        """
-        self.rows = rows
-        self.captured = [None] * len(self.layers) if capture else None
-        self.edited = None if rows is None else (edited if edited is not None else self.edited_of(rows))
-
-    def edited_of(self, masks: torch.Tensor) -> list[bool]:
-        """Per candidate layer: does some row of masks (Q, U) remove one of its units (one host sync)."""
-        removed = (masks == 0).any(0).to(torch.int32).cumsum(0)  # (U,): removed columns up to each unit
-        ends = removed[torch.as_tensor(self.offsets[1:] - 1, device=masks.device)]
-        return torch.diff(ends, prepend=ends.new_zeros(1)).gt(0).tolist()
-
-    def activations(self) -> list[torch.Tensor] | None:
-        """The activations captured in the last forward pass (each requires grad), for `scores_from`.
-
-        None when the model changed one of them in place later in the pass (an
-        in-place ReLU on a norm's output): those layers get a fresh tensor from
-        now on, and the caller runs the pass again.
-        """
-        if self.captured is None or any(a is None for a in self.captured):
-            missing = [l.name for l, a in zip(self.layers, self.captured or []) if a is None]
-            raise RunError(f"layers {missing} did not run in the forward pass: they cannot be scored")
-        changed = {j for j, (a, v) in enumerate(self.captured) if a._version != v}
-        if changed:
-            self.copied |= changed
-            return None
-        return [a for a, _ in self.captured]
-
-    def scores_from(self, acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """(R, U) float32 sum over each unit's positions of a * dJ/da: dJ/dm for a unit still live (m = 1).
-
-        Equal to the gradient with respect to a multiplicative mask on the unit,
-        without multiplying by a mask of ones in the forward pass. Computed
-        without autograd: a recorded product would keep the whole forward graph
-        of the pass alive for as long as the scores live.
-        """
-        with torch.no_grad():
-            return self._scores_from(acts, grads)
-
-    def _scores_from(self, acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        out = []
-        for layer, a, g in zip(self.layers, acts, grads):
-            dim = layer.unit_dim % a.dim()
-            if g is None:
-                out.append(a.new_zeros(a.shape[0], a.shape[dim], dtype=torch.float32))
-                continue
-            red = [d for d in range(1, a.dim()) if d != dim]
-            prod = a * g
-            out.append(prod.sum(red, dtype=torch.float32) if red else prod.float())
-        return torch.cat(out, 1)
-
-    def unit_of(self, flat: int) -> tuple[int, int]:
-        """Flat unit position -> (layer index in the model, unit index)."""
-        j = int(np.searchsorted(self.offsets, flat, side="right") - 1)
-        return self.layers[j].index, int(flat - self.offsets[j])
-
-    def flat(self, layer_index: int, unit: int) -> int:
-        j = [l.index for l in self.layers].index(layer_index)
-        return int(self.offsets[j] + unit)
-
-    def apply(self, j: int, output: torch.Tensor) -> torch.Tensor:
-        """Layer j's activations times its columns of `rows` (R, U_j), broadcast over positions."""
-        lo, hi, dim = int(self.offsets[j]), int(self.offsets[j + 1]), self.layers[j].unit_dim
-        m = self.rows[:, lo:hi]  # (R, U_j)
-        if m.shape[0] != output.shape[0]:
-            raise RunError(f"unit mask has {m.shape[0]} rows for a batch of {output.shape[0]}")
-        shape = [m.shape[0]] + [1] * (output.dim() - 1)
-        shape[dim % output.dim()] = m.shape[1]
-        return output * m.to(output.dtype).view(shape)  # (R, U_j, 1, 1) for conv, (R, [T,] U_j) for linear
-
-    def _hook(self, j: int):
-        def hook(module, inputs, output):
-            if self.rows is None:
-                return None
-            if self.edited is None or self.edited[j]:
-                output = self.apply(j, output)
-            if self.captured is not None:
-                leaf = not output.requires_grad  # nothing before it needs a gradient: start the graph here
-                if leaf:
-                    output = output.detach().requires_grad_(True)
-                self.captured[j] = (output, output._version)
-                if leaf or j in self.copied:  # the model may edit what it gets in place: hand it a copy
-                    return output.clone()
-            return output
-        return hook
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["UnitMasks"]:
-        modules = dict(self.model.named_modules())
-        handles = []
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            for j, layer in enumerate(self.layers):
-                handles.append(modules[layer.output].register_forward_hook(self._hook(j)))
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self.set_rows(None)
-            self.model.train(was_training)
-
-
-def split_after(model: nn.Module, layer: Layer):
-    """(prefix, suffix, k) cutting `model` right after `layer`'s output module (its units' activations), by fx.
-
-    prefix(x) returns the tuple of every value computed up to the cut that the
-    rest still needs; live[k] is the layer's unit activations (what the mask
-    hooks multiply), so suffix(*live) == model(x) once live[k] is masked. Both
-    share the model's modules (hooks on later layers fire in the suffix). None
-    when fx cannot trace the model or the output module is called more than once.
-    Cutting after the layer rather than before it (`sweep.split_at`) lets every
-    mask of a group share the layer's own conv as well.
-    """
-    cut = cut_model(model, layer.output, after=True)
-    if cut is None:
-        return None
-    prefix, suffix, live = cut
-    head = [n for n in live if n.op == "call_module" and n.target == layer.output]
-    if not head:
-        return None
-    return prefix, suffix, live.index(head[0])
-
-
-def scoring_copy(model: nn.Module, candidates: list[Layer]) -> nn.Module:
-    """A frozen eval-mode copy of `model` for the batched search, with BatchNorm folded into the layer before it.
-
-    In eval mode a BatchNorm that only reads a conv's (or linear's) output is an
-    affine map per unit, so folding it into that layer's weights computes the
-    same function with one elementwise pass fewer in each direction (torch.fx's
-    `fuse`; it skips a norm whose input has other readers). Where fx cannot trace
-    the model, or a candidate's unit output would disappear, a plain copy. No
-    parameter needs a gradient: the search differentiates activations only.
-    """
-    from torch.fx.experimental.optimization import fuse
-    was_training = model.training
-    model.eval()
-    try:
-        try:
-            out = fuse(model)
-            names = dict(out.named_modules())
-            if any(layer.output not in names for layer in candidates):
-                out = copy.deepcopy(model)
-        except Exception:  # noqa: BLE001 - fx cannot trace every model; folding is only a speed-up
-            out = copy.deepcopy(model)
-    finally:
-        model.train(was_training)
-    out = out.to(memory_format=torch.channels_last)  # 4-d weights only; the inputs follow (`_Flipper._input`)
-    for q in out.parameters():
-        q.requires_grad_(False)
-    return out.eval()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Does `device` compute bf16 natively: a GPU, or a CPU with AVX512-BF16 or AMX (not emulated, which is slower)?"""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        f = getattr(torch.cpu, probe, None)
-        try:
-            if f is not None and f():
-                return True
-        except Exception:  # noqa: BLE001 - a private probe that may change: fall back to fp32
-            pass
-    return False
 
 
 def use_bf16(cfg: FlipConfig, device: torch.device) -> bool:
@@ -442,18 +230,6 @@ def use_bf16(cfg: FlipConfig, device: torch.device) -> bool:
     if cfg.sequential:  # the baseline keeps the arithmetic the model trains in (`training.autocast`)
         return device.type == "cuda"
     return native_bf16(device)
-
-
-@contextlib.contextmanager
-def _no_autotune() -> Iterator[None]:
-    """cuDNN autotuning off for the block: the search's batch shapes keep changing, and each new shape
-    would be benchmarked again (seconds and gigabytes of workspace each time)."""
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old
 
 
 def _tile(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -471,7 +247,7 @@ class _Flipper:
         self.data, self.cfg, self.budget = data, cfg, budget
         # the sequential mode stays the paper-faithful baseline: the model as given, full forward passes
         self.cache = not cfg.sequential
-        self.model = scoring_copy(model, candidates) if self.cache else model
+        self.model = fold_norms(model, candidates) if self.cache else model
         self.device = next(model.parameters()).device
         self.bf16 = use_bf16(cfg, self.device)
         # big passes feed a GPU; on a CPU smaller ones stay in cache (measured: both modes ~1.5x faster at 1024)
@@ -505,7 +281,7 @@ class _Flipper:
         return x.contiguous(memory_format=torch.channels_last) if self.cache and x.dim() == 4 else x
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        return bf16(self.device, self.bf16)
 
     # -- the score step
     def _copies(self, examples: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
@@ -799,7 +575,7 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
     candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, data, cfg)
     fl = _Flipper(model, data, cfg, candidates, others, ev_tr, ev_te, budget)
     records = {r.index: r for r in done}
-    with fl.masks.installed(), _no_autotune():
+    with fl.masks.installed(), cudnn_autotune(False):
         base = fl.accuracies(torch.ones(1, fl.masks.total, device=fl.device))[0]  # the unedited model
     todo = [(int(e), k) for e, k in zip(idx, kinds) if int(e) not in records]
     if log:
@@ -820,7 +596,7 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
 
     try:
         chunk = 1 if cfg.sequential else cfg.batch_examples
-        with _no_autotune():
+        with cudnn_autotune(False):
             _run_batched(fl, todo, on_done=got, chunk=chunk, sequential=cfg.sequential,
                          tick=(lambda: bar.update(1)) if bar is not None else (lambda: None))
     finally:

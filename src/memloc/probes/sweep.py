@@ -31,8 +31,10 @@ from .. import data as data_mod
 from ..data import Dataset
 from ..errors import ConfigError
 from ..models import Layer
+from ..cutting import split_at
 from ..runs import RunDir, load_npz, save_npz
-from ..training import autocast, model_input
+from ..precision import autocast
+from ..training import model_input
 
 SUBSETS = ("clean_train", "noisy_train", "rare_train", "test")
 
@@ -69,67 +71,6 @@ def module_modes(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in flags:
             m.training = t
-
-
-# ----------------------------------------------------------------------------- prefix / suffix
-
-class _Tracer(torch.fx.Tracer):
-    """fx tracer that keeps memloc's dropout modules (index-dependent control flow) as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m).__module__.startswith("memloc.dropout"):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def cut_model(model: nn.Module, module: str, *, after: bool = False):
-    """(prefix, suffix, live) cutting `model` by torch.fx at the one call of submodule `module`.
-
-    The cut is right before that call, or right after it with `after`. prefix(x)
-    returns the tuple of every value computed before the cut that the rest
-    still needs (e.g. a residual branch), in the order of `live` (the fx nodes);
-    suffix(*those) == model(x). Both share the model's modules and tensors, so a
-    state put into the model, or a hook on a later module, shows in both. None
-    when the model cannot be traced or calls `module` at more than one place.
-    """
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
-        return None
-    nodes = list(graph.nodes)
-    heads = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == module]
-    if len(heads) != 1:
-        return None
-    cut = heads[0] + int(after)
-    before = set(nodes[:cut])
-    live = [n for n in nodes[:cut] if any(u not in before for u in n.users)]  # graph order
-
-    pre = torch.fx.Graph()
-    env: dict = {}
-    for n in nodes[:cut]:
-        env[n] = pre.node_copy(n, lambda a: env[a])
-    pre.output(tuple(env[n] for n in live))
-
-    suf = torch.fx.Graph()
-    env = {n: suf.placeholder(f"live_{i}") for i, n in enumerate(live)}
-    for n in nodes[cut:]:
-        env[n] = suf.node_copy(n, lambda a: env[a])
-    try:
-        return torch.fx.GraphModule(model, pre), torch.fx.GraphModule(model, suf), live
-    except Exception:
-        return None
-
-
-def split_at(model: nn.Module, layer: Layer) -> Split | None:
-    """(prefix, suffix) with suffix(*prefix(x)) == model(x), cut right before `layer`'s first module.
-
-    prefix(x) returns the tuple of every value computed before the layer that
-    the rest of the model still needs (the layer's input and, e.g., a residual
-    branch); the suffix takes them in that order. None when the model cannot be
-    traced or calls the layer at more than one place.
-    """
-    cut = cut_model(model, layer.name)
-    return None if cut is None else (cut[0], cut[1])
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from memloc.dropout import ChannelDropout, ExampleTiedDropout, example_indices, expected_active_fraction
 from memloc.models import build_model
 from memloc.precision import autocast
-from memloc.training import model_input
+from memloc.data import model_input
 
 
 def sync(device: torch.device) -> None:

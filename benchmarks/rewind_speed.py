@@ -35,7 +35,7 @@ from memloc.models import build_model, layers
 from memloc.probes.rewinding import rewind_model
 from memloc.probes.sweep import layer_keys
 from memloc.precision import autocast
-from memloc.training import model_input
+from memloc.data import model_input
 
 
 def sync(device):

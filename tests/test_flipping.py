@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from memloc.cli import main
-from memloc.data import Dataset
+from memloc.data import Dataset, model_input
 from memloc.errors import ConfigError, DataError
 from memloc.experiment import open_run
 from memloc.probes import flipping
@@ -319,7 +319,7 @@ def test_split_with_mask_hooks_equals_full_forward(models_with_skips, name):
     cfg = _small()
     cands, budget, _, _, others, ev_tr, ev_te = flipping._plan(model, data, cfg)
     fl = flipping._Flipper(model, data, cfg, cands, others, ev_tr[:8], ev_te[:0], budget)
-    x = flipping.model_input(data.x_train[:8], fl.device)  # (8, C, H, W)
+    x = model_input(data.x_train[:8], fl.device)  # (8, C, H, W)
     with fl.masks.installed():
         for j in range(len(cands)):
             prefix, suffix, k = fl._split(j)

@@ -14,7 +14,8 @@ from memloc.models import build_model, layers
 from memloc.probes.base import ProbeResult
 from memloc.probes.rewinding import choose_epochs, rewind, rewind_model
 from memloc.cutting import split_at
-from memloc.probes.sweep import SUBSETS, layer_keys, subset_accuracy, sweep_states
+from memloc.probes.sweep import layer_keys, sweep_states
+from memloc.tasks import ClassificationTask
 from memloc.runs import load_into
 from memloc.training import evaluate
 from toys import assert_one_line_error, digest, toy_data, toy_model
@@ -55,13 +56,15 @@ def test_toy_rewinding_known_by_hand():
 
 def test_subset_accuracy_counts():
     data = toy_data(n_noisy=2)
-    pred = data.y_train[None].clone()  # (1, N): every given label predicted
-    pred_test = 1 - data.y_test[None]  # (1, N_test): all wrong
-    acc = subset_accuracy(pred, pred_test, data)
+    hits = torch.ones(1, data.num_train, dtype=torch.bool)  # (1, N): every given label predicted
+    hits_test = torch.zeros(1, len(data.y_test), dtype=torch.bool)  # (1, N_test): all wrong
+    acc = ClassificationTask(data).accuracy(hits, hits_test)
     np.testing.assert_array_equal(acc, [[1.0, 1.0, np.nan, 0.0]])
     unknown = replace(data, noise_known=False)
-    acc = subset_accuracy(pred, pred_test, unknown)
+    acc = ClassificationTask(unknown).accuracy(hits, hits_test)
     assert acc[0, 0] == 1.0 and np.isnan(acc[0, 1])  # without a noise mask: clean = all, noisy not measured
+    hits[0, 0] = False  # one noisy example (index 0) no longer predicted as given: noisy 1/2, clean 8/8
+    np.testing.assert_array_equal(ClassificationTask(data).accuracy(hits, hits_test), [[1.0, 0.5, np.nan, 0.0]])
 
 
 def test_choose_epochs():
@@ -92,17 +95,17 @@ def test_split_equals_full_forward_resnet9():
 
 
 def _cpu_bf16(device, *, cache=True):
-    """What `training.autocast` does on a GPU, on the CPU: bf16 autocast, which caches each weight's cast."""
+    """What `precision.autocast` does on a GPU, on the CPU: bf16 autocast, which caches each weight's cast."""
     return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_rewinding_equals_naive_sweep(smoke_run, monkeypatch, bf16):
     if bf16:  # the GPU's arithmetic: a sweep that kept the first state's cached bf16 weights fails here
+        import memloc.inference
         import memloc.probes.sweep
-        import memloc.training
         monkeypatch.setattr(memloc.probes.sweep, "autocast", _cpu_bf16)
-        monkeypatch.setattr(memloc.training, "autocast", _cpu_bf16)
+        monkeypatch.setattr(memloc.inference, "autocast", _cpu_bf16)
     loaded = open_run(smoke_run)
     data = replace(loaded.data, x_train=loaded.data.x_train[:150], y_train=loaded.data.y_train[:150],
                    y_true=loaded.data.y_true[:150], is_noisy=loaded.data.is_noisy[:150],
@@ -160,7 +163,7 @@ def test_sweep_restores_model_even_on_error(smoke_run):
         raise RuntimeError("killed mid-sweep")
 
     with pytest.raises(RuntimeError, match="killed"):
-        sweep_states(model, loaded.data.x_train, layer, states, batch_size=64, on_batch=boom)
+        sweep_states(model, ClassificationTask(loaded.data), "train", layer, states, batch_size=64, on_batch=boom)
     assert calls
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -171,16 +174,16 @@ def test_resume_skips_finished_layers(smoke_run, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir)
     import memloc.probes.rewinding as rw
-    real = rw.sweep_states
+    real = rw.sweep_accuracy
     seen = []
 
-    def dies_on_third_layer(model, x, layer, *a, **k):
+    def dies_on_third_layer(model, task, layer, *a, **k):
         seen.append(layer.name)
         if len(set(seen)) == 3:
             raise KeyboardInterrupt
-        return real(model, x, layer, *a, **k)
+        return real(model, task, layer, *a, **k)
 
-    monkeypatch.setattr(rw, "sweep_states", dies_on_third_layer)
+    monkeypatch.setattr(rw, "sweep_accuracy", dies_on_third_layer)
     with pytest.raises(KeyboardInterrupt):
         rewind(run_dir, epochs=[0, 3])
     assert (run_dir / "probes" / "rewinding" / "partial.npz").exists()
@@ -190,7 +193,7 @@ def test_resume_skips_finished_layers(smoke_run, tmp_path, monkeypatch):
     names = [l for l in res.summary["layers"]]
     assert sorted(set(seen)) == sorted(names[2:])  # only the unfinished layers were swept again
     assert not (run_dir / "probes" / "rewinding" / "partial.npz").exists()
-    monkeypatch.setattr(rw, "sweep_states", real)
+    monkeypatch.setattr(rw, "sweep_accuracy", real)
     fresh = rewind(open_run(run_dir), epochs=[0, 3], save=False)
     np.testing.assert_array_equal(fresh.arrays["accuracy"], res.arrays["accuracy"])
 
@@ -206,7 +209,7 @@ def test_cli_rewind_end_to_end(smoke_run, tmp_path, capsys):
     assert "done:" in out and "rewound to epoch 0" in out
     res = ProbeResult.load(open_run(run_dir).run, "rewinding")
     assert list(res.arrays["epochs"]) == [0, 2, 3]  # every 2nd saved epoch, and the last
-    assert res.arrays["accuracy"].shape == (4, 3, len(SUBSETS))  # layers x epochs x subsets
+    assert res.arrays["accuracy"].shape == (4, 3, len(ClassificationTask.subsets))  # layers x epochs x subsets
     assert (run_dir / "probes" / "rewinding" / "rewinding.csv").read_text().startswith("layer,layer_index,epoch,subset")
     assert open_run(run_dir).run.stage("rewinding")["status"] == "done"
 

@@ -144,7 +144,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_predict_restores_each_modules_own_mode(tiny_data):
-    from memloc.training import predict
+    from memloc.inference import predict
     model = tiny_model(tiny_data)
     model.train()
     model.block1[1].eval()  # a frozen BatchNorm inside a training model

@@ -8,7 +8,8 @@ from .errors import ConfigError, DataError, MemlocError, RunError  # noqa: E402
 from .data import DataConfig, Dataset, corrupt_labels, load as load_data  # noqa: E402
 from .models import Layer, build_model, layers  # noqa: E402
 from .runs import RunDir  # noqa: E402
-from .training import TrainConfig, evaluate, predict  # noqa: E402
+from .inference import predict  # noqa: E402
+from .training import TrainConfig, evaluate  # noqa: E402
 from .experiment import ModelConfig, RunConfig, open_run, resume_training, run_training  # noqa: E402
 from .probes.dropout_eval import evaluate_dropout  # noqa: E402
 from .export import UnitScale, export_dropped, load_exported, remove_memorization  # noqa: E402

@@ -405,7 +405,7 @@ def detect(model: nn.Module | str | Path | RunDir, data: Dataset | None = None, 
     (N,) most suspicious first. With a run directory: ``memloc detect RUN``.
     """
     from . import detection
-    from .training import predict
+    from .inference import predict
     if _is_run(model):
         cfg = cfg or detection.DetectConfig(**({"rank_by": rank_by} if rank_by else {}))
         return detection.detect(_run_path(model), cfg, progress=progress, log=log)

@@ -350,6 +350,12 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(0.5).div_(0.5)
 
 
+def model_input(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of stored images on `device` -> model input: normalised; channels_last on a GPU."""
+    x = normalize(xb)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
+
+
 def augment(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, per example, on x's device. x: (B, C, H, W)."""
     b, c, h, w = x.shape

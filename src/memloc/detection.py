@@ -336,7 +336,8 @@ def cross_validated_probs(run_cfg, data, *, folds: int, epochs: int | None = Non
     from sklearn.model_selection import KFold, StratifiedKFold
 
     from .experiment import make_model
-    from .training import Trainer, predict
+    from .inference import predict
+    from .training import Trainer
 
     y = data.y_train.cpu().numpy()
     n = len(y)
@@ -408,7 +409,7 @@ def detect(run_path: str | Path, cfg: DetectConfig | None = None, *, overwrite_f
     from .experiment import open_run
     from .readers import read_vector
     from .runs import RunDir, write_text
-    from .training import predict
+    from .inference import predict
 
     cfg = cfg or DetectConfig()
     log = log or (lambda s: None)

@@ -26,14 +26,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
 from .data import Dataset
 from .errors import ConfigError, RunError
-from .models import Layer, layers as find_layers
+from .accounting import GradientAccounting
+from .inference import indices_context
 from .precision import autocast, cudnn_autotune
+from .tasks import task_of
 from .runs import RunDir, load_state, save_state
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -112,68 +113,9 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-def _indices_context(model: nn.Module):
-    """The context that hands example indices to example-tied dropout layers (a no-op without them)."""
-    from .dropout import example_indices, find_example_tied_dropout
-    return example_indices if find_example_tied_dropout(model) else (lambda m, i: contextlib.nullcontext())
-
-
-def model_input(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = data_mod.normalize(xb)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, with_indices: bool = False,
-            device: torch.device | None = None) -> torch.Tensor:
-    """Logits (N, K) in float32 for stored images x (N, C, H, W), in eval mode.
-
-    With `with_indices` the dataset positions are handed to example-tied dropout
-    (its `tied` mode evaluates each training example through its own mask).
-    """
-    device = device or next(model.parameters()).device
-    modes = {m: m.training for m in model.modules()}  # restored one by one: a partly frozen model stays so
-    model.eval()
-    ctx = _indices_context(model)
-    outs = []
-    try:
-        for xb, _, idx in data_mod.batches(x, torch.zeros(len(x), dtype=torch.long, device=x.device),
-                                           batch_size=batch_size, device=device):
-            with autocast(device), (ctx(model, idx) if with_indices else contextlib.nullcontext()):
-                outs.append(model(model_input(xb, device)).float())
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return torch.cat(outs) if outs else torch.zeros(0)
-
-
-def subset_accuracies(correct: torch.Tensor, data: Dataset, pred: torch.Tensor | None = None) -> dict[str, float | None]:
-    """clean/noisy/rare training accuracy (against the given labels) from a (N,) correct mask."""
-    def acc(mask: torch.Tensor) -> float | None:
-        n = int(mask.sum())
-        return float(correct[mask].float().mean()) if n else None
-    clean = ~data.is_noisy
-    out = {"clean_train_acc": acc(clean), "noisy_train_acc": acc(data.is_noisy), "rare_train_acc": acc(data.is_rare)}
-    if pred is not None and bool(data.is_noisy.any()):
-        # how many memorized... or still predicted their true class
-        out["noisy_train_true_acc"] = float((pred[data.is_noisy] == data.y_true[data.is_noisy]).float().mean())
-    return out
-
-
-def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 1024, with_indices: bool = False) -> dict[str, float | None]:
-    """Clean-train, noisy-train, rare-train and test accuracy in eval mode (fractions in [0, 1])."""
-    device = next(model.parameters()).device
-    pred_tr = predict(model, data.x_train, batch_size=batch_size, with_indices=with_indices, device=device).argmax(1)
-    pred_tr = pred_tr.to(data.y_train.device)
-    out = subset_accuracies(pred_tr == data.y_train, data, pred_tr)
-    if len(data.x_test) == 0:  # a dataset given without a test split (memloc.wrap_data)
-        out["test_acc"] = None
-        return out
-    pred_te = predict(model, data.x_test, batch_size=batch_size, device=device).argmax(1).to(data.y_test.device)
-    out["test_acc"] = float((pred_te == data.y_test).float().mean()) if len(pred_te) else None
-    return out
+def evaluate(model: nn.Module, data, *, batch_size: int = 1024, with_indices: bool = False) -> dict[str, float | None]:
+    """Accuracy of every subset of the data's task in eval mode (fractions in [0, 1]; None: empty or unknown)."""
+    return task_of(data).evaluate(model, batch_size=batch_size, with_indices=with_indices)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -193,6 +135,7 @@ class Trainer:
     def __init__(self, model: nn.Module, data: Dataset, cfg: TrainConfig, *, run: RunDir | None = None,
                  progress: bool = True, log: Callable[[str], None] | None = None):
         self.cfg, self.data, self.run = cfg, data, run
+        self.task = task_of(data)
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         if self.device.type == "cuda":
@@ -205,24 +148,15 @@ class Trainer:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=False,
                                    fused=self.device.type == "cuda" or None)
-        n, e = data.num_train, cfg.epochs
+        n, e = self.task.num_train, cfg.epochs
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
-        self.is_noisy_dev = data.is_noisy.to(self.device)
-        self.is_noisy_cpu = data.is_noisy.cpu()
-        self.indices_ctx = _indices_context(self.model)
+        self.indices_ctx = indices_context(self.model)
         dev = self.device
         self.rec_loss = torch.zeros(e, n, dtype=torch.float16, device=dev)
         self.rec_margin = torch.zeros(e, n, dtype=torch.float16, device=dev)
         self.rec_correct = torch.zeros(e, n, dtype=torch.bool, device=dev)
-        self.accounting = cfg.gradient_accounting and bool(self.is_noisy_cpu.any()) and bool((~self.is_noisy_cpu).any())
-        self.layers: list[Layer] = find_layers(self.model) if self.accounting else []
-        if self.accounting:
-            params = dict(self.model.named_parameters())
-            self.acc_names = [p for l in self.layers for p in l.params if params[p].requires_grad]
-            self.acc_params = [params[p] for p in self.acc_names]
-            self.grad_clean = torch.zeros(len(self.layers), e, device=dev)
-            self.grad_noisy = torch.zeros(len(self.layers), e, device=dev)
-            self.grad_cos = torch.zeros(len(self.layers), e, device=dev)
+        memorized = self.task.kind_mask(self.task.memorized_kind) if cfg.gradient_accounting else None
+        self.accounting = GradientAccounting(self.model, memorized, e, dev)
         self.metrics: list[dict] = []
 
     # -- state for checkpoints and resume
@@ -254,83 +188,54 @@ class Trainer:
             k = last
             self.rec_loss[:k] = torch.from_numpy(rec["loss"][:k]).to(self.device)
             self.rec_margin[:k] = torch.from_numpy(rec["margin"][:k]).to(self.device)
-            correct = np.unpackbits(rec["correct_bits"], axis=1, count=self.data.num_train).astype(bool)
+            correct = np.unpackbits(rec["correct_bits"], axis=1, count=self.task.num_train).astype(bool)
             self.rec_correct[:k] = torch.from_numpy(correct[:k]).to(self.device)
-            if self.accounting and run.has("gradients.npz"):
-                g = run.load_arrays("gradients.npz", "clean_norm", "noisy_norm", "cosine")
-                self.grad_clean[:, :k] = torch.from_numpy(g["clean_norm"][:, :k]).to(self.device)
-                self.grad_noisy[:, :k] = torch.from_numpy(g["noisy_norm"][:, :k]).to(self.device)
-                self.grad_cos[:, :k] = torch.from_numpy(g["cosine"][:, :k]).to(self.device)
+            if self.accounting.active and run.has("gradients.npz"):
+                self.accounting.restore(run.load_arrays("gradients.npz", "clean_norm", "noisy_norm", "cosine"), k)
         return last
 
     # -- one epoch
     def _epoch(self, epoch: int, bar) -> dict:
-        cfg, model, dev = self.cfg, self.model, self.device
-        n, b = self.data.num_train, cfg.batch_size
+        cfg, model, dev, task, acc = self.cfg, self.model, self.device, self.task, self.accounting
+        n, b = task.num_train, cfg.batch_size
         total_steps = self.steps_per_epoch * cfg.epochs
         e = epoch - 1  # records row
         model.train()
         with seeded(epoch_seed(cfg.seed, epoch), dev):
             order = torch.randperm(n)  # on the CPU: the same order on every device
-            noisy_per_batch = [bool(self.is_noisy_cpu[order[s:s + b]].any()) for s in range(0, n, b)]
-            if self.accounting:
-                noisy_sum = [torch.zeros_like(p) for p in self.acc_params]
-                total_sum = [torch.zeros_like(p) for p in self.acc_params]
+            split = acc.start_epoch(order, b)
             loss_sum = torch.zeros((), device=dev)
             correct_sum = torch.zeros((), device=dev)
-            for step, (xb, yb, idx) in enumerate(data_mod.batches(self.data.x_train, self.data.y_train, batch_size=b,
+            for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, task.data.y_train, batch_size=b,
                                                                   order=order, device=dev)):
                 lr = learning_rate((epoch - 1) * self.steps_per_epoch + step, total_steps, cfg)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
-                x = data_mod.normalize(xb)
-                if cfg.augment:
-                    x = data_mod.augment(x)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = task.inputs(xb, dev, augment=cfg.augment)
                 with autocast(dev), self.indices_ctx(model, idx):
                     out = self.forward(x).float()  # (B, K)
-                loss_vec = F.cross_entropy(out, yb, reduction="none")  # (B,)
+                loss_vec = task.loss(out, yb)  # (B,)
                 self.opt.zero_grad(set_to_none=True)
-                if self.accounting and noisy_per_batch[step]:
-                    # noisy examples' share of the batch loss: same graph, full-batch BatchNorm statistics
-                    w = self.is_noisy_dev[idx].float() / len(idx)
-                    g_noisy = torch.autograd.grad((loss_vec * w).sum(), self.acc_params, retain_graph=True,
-                                                  allow_unused=True)
-                    torch._foreach_add_(noisy_sum, [g if g is not None else torch.zeros_like(p)
-                                                    for g, p in zip(g_noisy, self.acc_params)])
+                if acc.active and split[step]:
+                    acc.memorized_share(loss_vec, idx)  # same graph, full-batch BatchNorm statistics
                 loss_vec.mean().backward()
-                if self.accounting:
-                    torch._foreach_add_(total_sum, [p.grad if p.grad is not None else torch.zeros_like(p)
-                                                    for p in self.acc_params])
+                if acc.active:
+                    acc.whole_step()
                 self.opt.step()
                 with torch.no_grad():
                     ld = loss_vec.detach()
-                    true_logit = out.gather(1, yb[:, None]).squeeze(1)
-                    other = out.detach().scatter(1, yb[:, None], float("-inf")).amax(1)
+                    correct = task.match(task.predict(out), yb)
                     self.rec_loss[e, idx] = ld.half()
-                    self.rec_margin[e, idx] = (true_logit - other).detach().half()
-                    self.rec_correct[e, idx] = out.argmax(1) == yb
+                    self.rec_margin[e, idx] = task.margin(out, yb).half()
+                    self.rec_correct[e, idx] = correct
                     loss_sum += ld.sum()
-                    correct_sum += (out.argmax(1) == yb).sum()
+                    correct_sum += correct.sum()
                 if bar is not None:
                     bar.update(1)
-        if self.accounting:
-            self._close_accounting(e, noisy_sum, total_sum)
+        if acc.active:
+            acc.close_epoch(e)
         train_stats = {"train_loss": float(loss_sum) / n, "train_acc": float(correct_sum) / n}
         return train_stats
-
-    @torch.no_grad()
-    def _close_accounting(self, e: int, noisy_sum: list[torch.Tensor], total_sum: list[torch.Tensor]) -> None:
-        pos = {name: i for i, name in enumerate(self.acc_names)}
-        for li, layer in enumerate(self.layers):
-            ids = [pos[p] for p in layer.params if p in pos]
-            noisy = torch.cat([noisy_sum[i].flatten() for i in ids])
-            clean = torch.cat([total_sum[i].flatten() for i in ids]) - noisy
-            scale = math.sqrt(layer.num_params)
-            self.grad_clean[li, e] = clean.norm() / scale
-            self.grad_noisy[li, e] = noisy.norm() / scale
-            self.grad_cos[li, e] = F.cosine_similarity(clean, noisy, dim=0, eps=1e-30)
 
     # -- saving
     def _save_epoch(self, epoch: int) -> None:
@@ -338,13 +243,9 @@ class Trainer:
         k = epoch
         correct = self.rec_correct[:k].cpu().numpy()
         run.save_arrays("examples.npz", loss=self.rec_loss[:k].cpu().numpy(), margin=self.rec_margin[:k].cpu().numpy(),
-                        correct_bits=np.packbits(correct, axis=1), num_examples=np.array(self.data.num_train))
-        if self.accounting:
-            run.save_arrays("gradients.npz", clean_norm=self.grad_clean[:, :k].cpu().numpy(),
-                            noisy_norm=self.grad_noisy[:, :k].cpu().numpy(), cosine=self.grad_cos[:, :k].cpu().numpy(),
-                            layer_names=np.array([l.name for l in self.layers]),
-                            num_params=np.array([l.num_params for l in self.layers]),
-                            epochs=np.arange(1, k + 1))
+                        correct_bits=np.packbits(correct, axis=1), num_examples=np.array(self.task.num_train))
+        if self.accounting.active:
+            run.save_arrays("gradients.npz", **self.accounting.arrays(k))
         run.write_metrics(self.metrics)
         if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
             run.save_checkpoint(epoch, self.model)
@@ -395,13 +296,9 @@ class Trainer:
 
 
     def history(self) -> History:
-        grads = None
-        if self.accounting:
-            grads = {"clean_norm": self.grad_clean.cpu().numpy(), "noisy_norm": self.grad_noisy.cpu().numpy(),
-                     "cosine": self.grad_cos.cpu().numpy(), "layer_names": np.array([l.name for l in self.layers])}
         records = {"loss": self.rec_loss.cpu().numpy(), "margin": self.rec_margin.cpu().numpy(),
                    "correct": self.rec_correct.cpu().numpy()}
-        return History(self.metrics, records, grads)
+        return History(self.metrics, records, self.accounting.arrays() if self.accounting.active else None)
 
 
 def _pct(v) -> str:

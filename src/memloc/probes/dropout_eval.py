@@ -27,7 +27,9 @@ from torch import nn
 from ..dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_example_tied_dropout, layer_setting
 from ..errors import ConfigError, RunError
 from ..experiment import LoadedRun
-from ..training import evaluate, predict, subset_accuracies
+from ..inference import predict
+from ..tasks import task_of
+from ..training import evaluate
 from .base import ProbeResult
 
 __all__ = ["evaluate_dropout", "plain_accuracies", "drop_scale", "require_example_tied_dropout"]
@@ -80,61 +82,58 @@ def _evaluate_dropout(loaded: LoadedRun, *, epoch: int | None, scale: str, batch
         raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
     model = loaded.model(epoch)
     found = require_example_tied_dropout(model, str(loaded.run.path))
-    data, device = loaded.data, loaded.device
+    task, device = task_of(loaded.data), loaded.device
     epoch = loaded.run.saved_epochs()[-1] if epoch is None else epoch
+    given, true, y_test = task.targets("given"), task.targets("true"), task.targets("test")
 
-    def train_pred(mode: str) -> torch.Tensor:  # (N,) predicted classes of the training set
+    def pred(split: str, mode: str) -> torch.Tensor:  # (N,) or (M,) predictions of a split in a mode
+        x = task.data.x_train if split == "train" else task.data.x_test
         with dropout_mode(model, mode), drop_scale(model, scale):
-            logits = predict(model, data.x_train, batch_size=batch_size, with_indices=mode == "tied", device=device)
-        return logits.argmax(1).to(data.y_train.device)
+            out = predict(model, x, batch_size=batch_size, with_indices=mode == "tied", device=device,
+                          inputs=task.inputs)
+        return task.predict(out).to(given.device)
 
-    def test_pred(mode: str) -> torch.Tensor:  # (M,)
-        with dropout_mode(model, mode), drop_scale(model, scale):
-            logits = predict(model, data.x_test, batch_size=batch_size, device=device)
-        return logits.argmax(1).to(data.y_test.device)
-
-    before, after = train_pred("tied"), train_pred("drop")
-    acc_before = subset_accuracies(before == data.y_train, data, before)
-    acc_after = subset_accuracies(after == data.y_train, data, after)
-    te_eval, te_drop = test_pred("eval"), test_pred("drop")
-    n_test = len(data.y_test)
-    test_eval = float((te_eval == data.y_test).float().mean()) if n_test else None
-    test_drop = float((te_drop == data.y_test).float().mean()) if n_test else None
-
-    clean = ~data.is_noisy
-    forgotten = torch.nonzero(clean & (before == data.y_train) & (after != data.y_train)).flatten()
-    noisy_true = torch.nonzero(data.is_noisy & (after == data.y_true)).flatten()
-    summary = {
-        "epoch": epoch, "drop_scale": scale,
-        "p_gen": found[0].p_gen, "p_mem": found[0].p_mem, "layers": len(found),
-        "clean_before": acc_before["clean_train_acc"], "noisy_before": acc_before["noisy_train_acc"],
-        "clean_after": acc_after["clean_train_acc"], "noisy_after": acc_after["noisy_train_acc"],
-        "noisy_true_before": acc_before.get("noisy_train_true_acc"),
-        "noisy_true_after": acc_after.get("noisy_train_true_acc"),
-        "rare_before": acc_before["rare_train_acc"], "rare_after": acc_after["rare_train_acc"],
-        "test_eval": test_eval, "test_drop": test_drop,
-        "num_clean": int(clean.sum()), "num_noisy": int(data.is_noisy.sum()),
-        "forgotten_clean": int(forgotten.numel()), "noisy_to_true_label": int(noisy_true.numel()),
-    }
+    before, after = pred("train", "tied"), pred("train", "drop")
+    te_eval, te_drop = pred("test", "eval"), pred("test", "drop")
+    no_test = torch.zeros(2, 0, dtype=torch.bool)
+    acc = task.accuracy(torch.stack([task.match(before, given), task.match(after, given)]), no_test)  # (2, S)
+    test = [float(task.match(p, y_test).double().mean()) if len(y_test) else None for p in (te_eval, te_drop)]
+    ref, mem = task.reference_kind, task.memorized_kind
+    reference, memorized = task.kind_mask(ref), task.kind_mask(mem)
+    summary = {"epoch": epoch, "drop_scale": scale, "p_gen": found[0].p_gen, "p_mem": found[0].p_mem,
+               "layers": len(found)}
+    for i, when in enumerate(("before", "after")):
+        for kind in task.kinds:  # clean_before, noisy_before, ... (None: empty or unknown)
+            v = acc[i, task.subsets.index(f"{kind}_train")]
+            summary[f"{kind}_{when}"] = None if np.isnan(v) else float(v)
+        # the memorized examples predicted as their true target: what the drop gives back
+        hit = None if true is None or memorized is None or not bool(memorized.any()) else \
+            float(task.match((before, after)[i][memorized], true[memorized]).double().mean())
+        summary[f"{mem}_true_{when}"] = hit
+    summary.update(test_eval=test[0], test_drop=test[1])
+    forgotten = torch.nonzero(reference & task.match(before, given) & ~task.match(after, given)).flatten() \
+        if reference is not None else torch.zeros(0, dtype=torch.long)
+    recovered = torch.nonzero(memorized & task.match(after, true)).flatten() \
+        if memorized is not None and true is not None else torch.zeros(0, dtype=torch.long)
+    summary.update({f"num_{ref}": int(reference.sum()) if reference is not None else None,
+                    f"num_{mem}": int(memorized.sum()) if memorized is not None else None,
+                    f"forgotten_{ref}": int(forgotten.numel()), f"{mem}_to_true_label": int(recovered.numel())})
     arrays = {
         "pred_before": before.cpu().numpy().astype(np.int64), "pred_after": after.cpu().numpy().astype(np.int64),
         "pred_test_eval": te_eval.cpu().numpy().astype(np.int64), "pred_test_drop": te_drop.cpu().numpy().astype(np.int64),
-        "forgotten_clean": forgotten.cpu().numpy().astype(np.int64),
-        "noisy_true_after": noisy_true.cpu().numpy().astype(np.int64),
-        "is_noisy": data.is_noisy.cpu().numpy().astype(bool),
+        f"forgotten_{ref}": forgotten.cpu().numpy().astype(np.int64),
+        f"{mem}_true_after": recovered.cpu().numpy().astype(np.int64),
+        f"is_{mem}": (memorized if memorized is not None else torch.zeros_like(given, dtype=torch.bool)).cpu().numpy(),
     }
-    rows = [
-        {"split": "train", "mode": "tied", "clean_acc": _pct(summary["clean_before"]),
-         "noisy_acc": _pct(summary["noisy_before"]), "noisy_true_acc": _pct(summary["noisy_true_before"]),
-         "test_acc": None},
-        {"split": "train", "mode": "drop", "clean_acc": _pct(summary["clean_after"]),
-         "noisy_acc": _pct(summary["noisy_after"]), "noisy_true_acc": _pct(summary["noisy_true_after"]),
-         "test_acc": None},
-        {"split": "test", "mode": "eval", "clean_acc": None, "noisy_acc": None, "noisy_true_acc": None,
-         "test_acc": _pct(test_eval)},
-        {"split": "test", "mode": "drop", "clean_acc": None, "noisy_acc": None, "noisy_true_acc": None,
-         "test_acc": _pct(test_drop)},
-    ]
+    rows = []
+    for split, mode, when in (("train", "tied", "before"), ("train", "drop", "after"), ("test", "eval", None),
+                              ("test", "drop", None)):
+        train = split == "train"
+        rows.append({"split": split, "mode": mode,
+                     f"{ref}_acc": _pct(summary[f"{ref}_{when}"]) if train else None,
+                     f"{mem}_acc": _pct(summary[f"{mem}_{when}"]) if train else None,
+                     f"{mem}_true_acc": _pct(summary[f"{mem}_true_{when}"]) if train else None,
+                     "test_acc": None if train else _pct(summary[f"test_{mode}"])})
     return ProbeResult("dropout", summary, arrays, rows)
 
 

@@ -71,17 +71,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import Dataset
 from ..errors import ConfigError, DataError, RunError
 from ..cutting import fold_norms, split_after
 from ..models import Layer, layers as find_layers, select_layers
 from ..precision import bf16, cudnn_autotune, native_bf16
 from ..units import UnitMasks
 from ..runs import write_json
-from ..training import model_input
+from ..tasks import Task, task_of
 from .base import ProbeResult
 
 KINDS = ("clean", "noisy", "rare")
@@ -181,17 +179,17 @@ class FlipRecord:
 
 # ----------------------------------------------------------------------------- example choice
 
-def select_examples(data: Dataset, kinds: Sequence[str], n: int, *, seed: int = 0
-                    ) -> tuple[np.ndarray, list[str]]:
+def select_examples(data, kinds: Sequence[str], n: int, *, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """`n` distinct training examples of each kind, a seeded choice; returns (indices (E,), kinds)."""
-    noisy = data.is_noisy.cpu().numpy()
-    rare = data.is_rare.cpu().numpy()
-    if any(k in ("clean", "noisy") for k in kinds) and not data.noise_known:
-        raise DataError("this run's data has no known noise mask, so clean and noisy examples are unknown: "
-                        "retrain with --noise-mask FILE, or pass --indices FILE")
-    members = {"clean": ~noisy, "noisy": noisy, "rare": rare}
+    task = task_of(data)
+    masks = {k: task.kind_mask(k) for k in kinds}
+    unknown = [k for k, m in masks.items() if m is None]
+    if unknown:
+        raise DataError(f"this run's data has no known noise mask, so its {' and '.join(unknown)} examples are "
+                        "unknown: retrain with --noise-mask FILE, or pass --indices FILE")
+    members = {k: m.cpu().numpy() for k, m in masks.items()}
     rng = np.random.default_rng(seed)
-    taken = np.zeros(len(noisy), dtype=bool)
+    taken = np.zeros(task.num_train, dtype=bool)
     out, out_kinds = [], []
     for k in kinds:
         pool = np.flatnonzero(members[k] & ~taken)
@@ -208,14 +206,17 @@ def select_examples(data: Dataset, kinds: Sequence[str], n: int, *, seed: int = 
     return np.concatenate(out).astype(np.int64), out_kinds
 
 
-def kinds_of(data: Dataset, indices: np.ndarray) -> list[str]:
-    """The kind of each given example: noisy / rare / clean (noisy wins over rare)."""
-    n = data.num_train
+def kinds_of(data, indices: np.ndarray) -> list[str]:
+    """The kind of each given example: the memorized kind first, then the others, the reference kind last
+    (classification: noisy, then rare, else clean)."""
+    task = task_of(data)
+    n = task.num_train
     bad = [int(i) for i in indices if not (0 <= int(i) < n)]
     if bad:
         raise DataError(f"example index {bad[0]} is outside 0..{n - 1}: the run has {n} training examples")
-    noisy, rare = data.is_noisy.cpu().numpy(), data.is_rare.cpu().numpy()
-    return ["noisy" if noisy[i] else "rare" if rare[i] else "clean" for i in indices]
+    order = [task.memorized_kind] + [k for k in task.kinds if k not in (task.memorized_kind, task.reference_kind)]
+    masks = [(k, m.cpu().numpy()) for k in order if (m := task.kind_mask(k)) is not None]
+    return [next((k for k, m in masks if m[i]), task.reference_kind) for i in indices]
 
 
 def _noise_seed(seed: int, example: int, copy: int, step: int) -> int:
@@ -242,9 +243,12 @@ def _tile(a: torch.Tensor, k: int) -> torch.Tensor:
 class _Flipper:
     """Greedy removal for a model, its data and the others; shared by both modes."""
 
-    def __init__(self, model: nn.Module, data: Dataset, cfg: FlipConfig, candidates: list[Layer],
+    def __init__(self, model: nn.Module, data, cfg: FlipConfig, candidates: list[Layer],
                  others: np.ndarray, eval_train: np.ndarray, eval_test: np.ndarray, budget: int):
-        self.data, self.cfg, self.budget = data, cfg, budget
+        task = self.task = task_of(data)
+        self.cfg, self.budget = cfg, budget
+        data = task.data
+        self.y = task.targets("given")
         # the sequential mode stays the paper-faithful baseline: the model as given, full forward passes
         self.cache = not cfg.sequential
         self.model = fold_norms(model, candidates) if self.cache else model
@@ -257,23 +261,25 @@ class _Flipper:
         self.masks = UnitMasks(self.model, candidates)
         dev = self.device
         self.x_oth = self._input(data.x_train[torch.as_tensor(others, device=data.x_train.device)])
-        self.y_oth = data.y_train[torch.as_tensor(others, device=data.y_train.device)].to(dev)
+        self.y_oth = self.y[torch.as_tensor(others, device=self.y.device)].to(dev)
         self.eval_train = torch.as_tensor(eval_train, dtype=torch.long)
         self.eval_test = torch.as_tensor(eval_test, dtype=torch.long)
-        # (5, D): which evaluation points count for train / clean / noisy / rare / test accuracy
+        # (1 + subsets, D): which evaluation points count for all-train accuracy and each subset's
         nt, ne = len(eval_train), len(eval_test)
-        noisy = data.is_noisy.cpu()[self.eval_train].float()
-        rare = data.is_rare.cpu()[self.eval_train].float()
         z, o = torch.zeros(ne), torch.ones(ne)
-        self.sets = torch.stack([torch.cat([torch.ones(nt), z]), torch.cat([1 - noisy, z]), torch.cat([noisy, z]),
-                                 torch.cat([rare, z]), torch.cat([torch.zeros(nt), o])]).to(dev)
-        self.set_names = ("train_acc", "clean_train_acc", "noisy_train_acc", "rare_train_acc", "test_acc")
+        rows = [torch.cat([torch.ones(nt), z])]
+        for mask in task.subset_masks().values():
+            m = torch.zeros(nt) if mask is None else mask.cpu()[self.eval_train].float()
+            rows.append(torch.cat([m, z]))
+        rows.append(torch.cat([torch.zeros(nt), o]))
+        self.sets = torch.stack(rows).to(dev)
+        self.set_names = accuracy_names(task)
         self._splits: dict[int, object] = {}  # candidate position -> split_after's (prefix, suffix, k) or None
         self._ones_grad: torch.Tensor | None = None  # the others' dJ/dm at the empty mask (U,)
 
     def _input(self, xb: torch.Tensor) -> torch.Tensor:
-        """Stored images -> model inputs on the device, laid out for the model that runs them (`_layout`)."""
-        return self._layout(model_input(xb.to(self.device), self.device))
+        """Stored examples -> model inputs on the device, laid out for the model that runs them (`_layout`)."""
+        return self._layout(self.task.inputs(xb.to(self.device), self.device))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """channels_last for the batched mode's copy on every device (oneDNN's CPU convolutions are faster
@@ -287,8 +293,9 @@ class _Flipper:
     def _copies(self, examples: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
         """(B * copies, C, H, W) model inputs: each example's noisy copies at its step, example-major."""
         dev, c = self.device, self.cfg.copies
-        idx = torch.as_tensor(list(examples), device=self.data.x_train.device)
-        x = model_input(self.data.x_train[idx].to(dev), dev).repeat_interleave(c, 0)  # (B * copies, C, H, W)
+        x_train = self.task.data.x_train
+        idx = torch.as_tensor(list(examples), device=x_train.device)
+        x = self.task.inputs(x_train[idx].to(dev), dev).repeat_interleave(c, 0)  # (B * copies, C, H, W)
         if self.cfg.input_noise == 0:
             return self._layout(x)
         # drawn on the CPU from generators keyed by (seed, example, copy, step): the same on every device
@@ -302,22 +309,22 @@ class _Flipper:
              want_scores: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One greedy step for B examples under their masks (B, U) of 0/1.
 
-        Returns (pred (B,) argmax of the copy-averaged logits, scores (B, U)
-        with -inf for removed units; rows not in `want_scores(pred)` (a (B,)
-        bool) get no score (-inf)).
+        Returns (hits (B,) bool: the copy-averaged output still predicts the
+        given label, scores (B, U) with -inf for removed units; rows not in
+        `want_scores(hits)` (a (B,) bool) get no score (-inf)).
         """
         c, dev = self.cfg.copies, self.device
         B, U = masks.shape
         x = self._copies(examples, steps)
         logits, acts = self._forward(x, masks, c)  # (B * copies, K)
-        avg = logits.view(B, c, -1).mean(1)  # (B, K): the averaged output the flip test uses
-        pred = avg.argmax(1)
-        go = want_scores(pred)
+        avg = logits.view(B, c, *logits.shape[1:]).mean(1)  # (B, K): the averaged output the flip test uses
+        hits = self.task.match(self.task.predict(avg), labels.to(dev))  # (B,): still predicts the given label
+        go = want_scores(hits)
         scores = torch.full((B, U), -math.inf, device=dev)
         if not bool(go.any()):
-            return pred, scores
+            return hits, scores
         # d(-loss_example)/dm, per example: rows are independent in eval mode
-        loss_ex = F.cross_entropy(avg, labels.to(dev), reduction="none")  # (B,)
+        loss_ex = self.task.loss(avg, labels.to(dev))  # (B,)
         grads = torch.autograd.grad(-(loss_ex * go.float()).sum(), acts, allow_unused=True)
         g_ex = self.masks.scores_from(acts, grads).view(B, c, U).sum(1)  # (B, U)
         del acts, grads, logits
@@ -339,7 +346,7 @@ class _Flipper:
         s = g_ex[live] + g_oth[group]  # (B_l, U): dJ/dm, J = mean loss of the others - loss of the example
         m = masks[live]
         scores[live] = torch.where(m > 0, s, torch.full_like(s, -math.inf))
-        return pred, scores
+        return hits, scores
 
     def _forward(self, x: torch.Tensor, masks: torch.Tensor, repeat: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Float logits (R, K) of inputs x (R = Q * repeat) under masks (Q, U), each repeated for `repeat`
@@ -367,8 +374,7 @@ class _Flipper:
             part = uniq[lo:lo + per].float()  # (G_c, U)
             gc = part.shape[0]
             out, acts = self._forward(_tile(self.x_oth, gc), part, m)  # (G_c * M, K)
-            out = out.view(gc, m, -1)  # (G_c, M, K)
-            loss = F.cross_entropy(out.transpose(1, 2), self.y_oth.expand(gc, m), reduction="none").mean(1)  # (G_c,)
+            loss = self.task.loss(out.view(gc, m, -1), self.y_oth.expand(gc, m)).mean(1)  # (G_c,)
             grads = torch.autograd.grad(loss.sum(), acts, allow_unused=True)
             g_oth[lo:lo + per] = self.masks.scores_from(acts, grads).view(gc, m, U).sum(1)
         return g_oth
@@ -423,8 +429,8 @@ class _Flipper:
         dev, rows = self.device, self.eval_rows
         qg = qm_all.shape[0]
         edited = self.masks.edited_of(qm_all)  # once per group: a chunk's own flags would cost a sync per pass
-        sources = [(self.data.x_train, self.data.y_train, self.eval_train),
-                   (self.data.x_test, self.data.y_test, self.eval_test)]
+        sources = [(self.task.data.x_train, self.y, self.eval_train),
+                   (self.task.data.x_test, self.task.targets("test"), self.eval_test)]
         offset = 0
         for x_all, y_all, idx in sources:
             n = len(idx)
@@ -456,17 +462,17 @@ class _Flipper:
                             k = parts[2]
                             args[k] = self.masks.apply(j, args[k])  # exactly what layer j's hook does
                             logits = parts[1](*args)
-                    pred = logits.argmax(1).view(qc, d)
-                    hit = (pred == y).float()  # (Q_c, D)
+                    hit = self.task.match(self.task.predict(logits), y.repeat(qc)).view(qc, d).float()  # (Q_c, D)
                     correct[members[qlo:qlo + qc]] += hit @ self.sets[:, offset + lo:offset + lo + d].T
             offset += n
         self.masks.set_rows(None)
 
 
-def _record(e: int, kind: str, data: Dataset, units: list[int], flipped: bool, wrong: bool,
-            masks: UnitMasks) -> FlipRecord:
-    return FlipRecord(index=int(e), kind=kind, label=int(data.y_train[e]), true_label=int(data.y_true[e]),
-                      already_wrong=wrong, flipped=flipped, units=[masks.unit_of(u) for u in units])
+def _record(e: int, kind: str, fl: _Flipper, units: list[int], flipped: bool, wrong: bool) -> FlipRecord:
+    true = fl.task.targets("true")
+    true = fl.y if true is None else true  # unknown noise: the given label is the only one known
+    return FlipRecord(index=int(e), kind=kind, label=int(fl.y[e]), true_label=int(true[e]),
+                      already_wrong=wrong, flipped=flipped, units=[fl.masks.unit_of(u) for u in units])
 
 
 def _run_batched(fl: _Flipper, todo: list[tuple[int, str]], *, on_done: Callable[[list[FlipRecord]], None],
@@ -493,20 +499,18 @@ def _run_batched(fl: _Flipper, todo: list[tuple[int, str]], *, on_done: Callable
                 e, kind = pending.pop(0)
                 active.append({"e": e, "kind": kind, "units": [], "mask": torch.ones(U, device=dev)})
             masks = torch.stack([a["mask"] for a in active])  # (B, U)
-            labels = fl.data.y_train[torch.as_tensor([a["e"] for a in active], device=fl.data.y_train.device)]
-            labels = labels.to(dev)
+            labels = fl.y[torch.as_tensor([a["e"] for a in active], device=fl.y.device)].to(dev)
             steps = [len(a["units"]) for a in active]
             counts = torch.as_tensor(steps, device=dev)
-            pred, scores = fl.step([a["e"] for a in active], labels, masks, steps,
-                                   lambda p: (p == labels) & (counts < fl.budget))
+            hits, scores = fl.step([a["e"] for a in active], labels, masks, steps,
+                                   lambda h: h & (counts < fl.budget))
             pick = scores.argmax(1).tolist()
-            wrong = (pred != labels).tolist()  # one host transfer per step, not one per example
+            wrong = (~hits).tolist()  # one host transfer per step, not one per example
             keep = []
             for b, a in enumerate(active):
                 flipped = bool(wrong[b])
                 if flipped or len(a["units"]) >= fl.budget:
-                    rec = _record(a["e"], a["kind"], fl.data, a["units"], flipped,
-                                  flipped and not a["units"], fl.masks)
+                    rec = _record(a["e"], a["kind"], fl, a["units"], flipped, flipped and not a["units"])
                     finished.append((rec, a["mask"]))
                     tick()
                 else:
@@ -529,18 +533,20 @@ def candidate_layers(model: nn.Module, cfg: FlipConfig) -> list[Layer]:
     return all_layers if cfg.include_classifier or len(all_layers) == 1 else all_layers[:-1]
 
 
-def _plan(model: nn.Module, data: Dataset, cfg: FlipConfig):
+def _plan(model: nn.Module, data, cfg: FlipConfig):
     """Everything decided before any compute: candidates, examples, others, evaluation points, budget."""
+    task = task_of(data)
+    data = task.data
     candidates = candidate_layers(model, cfg)
     total = sum(l.units for l in candidates)
     budget = cfg.max_units if cfg.max_units is not None else max(1, math.ceil(cfg.budget * total))
     budget = min(budget, total)
     if cfg.indices is not None:
         idx = np.asarray(cfg.indices, dtype=np.int64)
-        kinds = kinds_of(data, idx)
+        kinds = kinds_of(task, idx)
     else:
-        idx, kinds = select_examples(data, cfg.kinds, cfg.examples, seed=cfg.seed)
-    n = data.num_train
+        idx, kinds = select_examples(task, cfg.kinds, cfg.examples, seed=cfg.seed)
+    n = task.num_train
     if n < cfg.others:
         raise DataError(f"--others {cfg.others} is more than the {n} training examples: pass --others {n} or fewer")
     # drawn from all training examples, independently of the chosen ones, so that any two selections
@@ -559,7 +565,7 @@ def _plan(model: nn.Module, data: Dataset, cfg: FlipConfig):
     return candidates, budget, idx, kinds, others, ev_tr, ev_te
 
 
-def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *,
+def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
                done: Sequence[FlipRecord] = (), done_seconds: float = 0.0,
                on_chunk: Callable[[list[FlipRecord], float], None] | None = None,
                progress: bool = False, log: Callable[[str], None] | None = None) -> ProbeResult:
@@ -572,8 +578,9 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
     search. The model is unchanged afterwards.
     """
     cfg = cfg or FlipConfig()
-    candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, data, cfg)
-    fl = _Flipper(model, data, cfg, candidates, others, ev_tr, ev_te, budget)
+    task = task_of(data)
+    candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, task, cfg)
+    fl = _Flipper(model, task, cfg, candidates, others, ev_tr, ev_te, budget)
     records = {r.index: r for r in done}
     with fl.masks.installed(), cudnn_autotune(False):
         base = fl.accuracies(torch.ones(1, fl.masks.total, device=fl.device))[0]  # the unedited model
@@ -604,11 +611,16 @@ def flip_units(model: nn.Module, data: Dataset, cfg: FlipConfig | None = None, *
             bar.close()
     elapsed = done_seconds + time.perf_counter() - t0
     ordered = [records[int(e)] for e in idx]
-    return build_result(ordered, cfg, candidates, budget, base, elapsed=elapsed, num_others=len(others),
+    return build_result(ordered, task, cfg, candidates, budget, base, elapsed=elapsed, num_others=len(others),
                         eval_sizes=(len(ev_tr), len(ev_te)), precision="bf16" if fl.bf16 else "fp32")
 
 
-def build_result(records: list[FlipRecord], cfg: FlipConfig, candidates: list[Layer], budget: int,
+def accuracy_names(task: Task) -> tuple[str, ...]:
+    """The accuracies measured after removal: all training examples, then each subset of the task."""
+    return ("train_acc",) + tuple(f"{s}_acc" for s in task.subsets)
+
+
+def build_result(records: list[FlipRecord], task: Task, cfg: FlipConfig, candidates: list[Layer], budget: int,
                  base: dict, *, elapsed: float | None = None, num_others: int = 0,
                  eval_sizes: tuple[int, int] = (0, 0), precision: str | None = None) -> ProbeResult:
     """Arrays, tidy rows and the summary of a list of records."""
@@ -618,7 +630,7 @@ def build_result(records: list[FlipRecord], cfg: FlipConfig, candidates: list[La
     ul = np.full((E, width), -1, dtype=np.int32)
     ui = np.full((E, width), -1, dtype=np.int32)
     counts = np.zeros((E, L), dtype=np.int32)
-    acc_names = ("train_acc", "clean_train_acc", "noisy_train_acc", "rare_train_acc", "test_acc")
+    acc_names = accuracy_names(task)
     accs = {k: np.full(E, np.nan) for k in acc_names}
     for i, r in enumerate(records):
         for j, (layer, unit) in enumerate(r.units):
@@ -665,7 +677,7 @@ def build_result(records: list[FlipRecord], cfg: FlipConfig, candidates: list[La
             "mean_units": float(n_units.mean()) if sel.any() else None,
             "share_flipped_under_10": float((fl & (n_units < 10)).mean()) if sel.any() else None,
             "mean_train_acc_drop": drop("train_acc"),
-            "mean_clean_train_acc_drop": drop("clean_train_acc"),
+            f"mean_{task.reference_kind}_train_acc_drop": drop(f"{task.reference_kind}_train_acc"),
             "mean_test_acc_drop": drop("test_acc"),
             "layer_share": [float(v) for v in (lc / max(1, lc.sum()))],
             "layers_used": int((lc > 0).sum()),

@@ -26,7 +26,6 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import data as data_mod
@@ -34,9 +33,11 @@ from ..data import Dataset
 from ..errors import ConfigError, DataError, RunError
 from ..models import NORM_TYPES, Layer, layers as find_layers, select_layers
 from ..runs import RunDir
-from ..training import TrainConfig, autocast, epoch_seed, learning_rate, model_input, seeded
+from ..precision import autocast
+from ..tasks import Task, task_of
+from ..training import TrainConfig, epoch_seed, learning_rate, seeded
 from .base import ProbeResult, swapped_state
-from .sweep import (SUBSETS, accuracy_dict, clear_partial, evaluate_subsets, layer_keys, layer_state, load_partial,
+from .sweep import (accuracy_dict, clear_partial, evaluate_subsets, layer_keys, layer_state, load_partial,
                     module_modes, progress_bar, save_partial, tidy_rows)
 
 PROBE = "retraining"
@@ -105,18 +106,21 @@ def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torc
     and a rerun with the same settings skips them.
     """
     cfg = cfg or RetrainConfig()
-    if not data.noise_known:
-        raise DataError("retraining trains on the clean examples only and this run's noisy examples are not known: "
+    task = task_of(data)
+    ref, mem = task.reference_kind, task.memorized_kind
+    reference = task.kind_mask(ref)
+    if reference is None:
+        raise DataError(f"retraining trains on the {ref} examples only and this run's {mem} examples are not known: "
                         "give the run a noise mask (--noise-mask) or use a run with injected noise")
-    clean = torch.nonzero(~data.is_noisy.cpu()).flatten()  # dataset positions of the clean examples
+    clean = torch.nonzero(reference.cpu()).flatten()  # dataset positions of the reference (clean) examples
     if len(clean) == 0:
-        raise DataError("retraining needs clean training examples and every example of this run is noisy")
+        raise DataError(f"retraining needs {ref} training examples and every example of this run is {mem}")
     all_layers = find_layers(model)
     picked = select_layers(all_layers, list(layers) if layers else None)
     device = next(model.parameters()).device
     settings = {"layers": [l.name for l in picked], "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
                 "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-                "seed": cfg.seed, "num_train": data.num_train}
+                "seed": cfg.seed, "num_train": task.num_train}
     resets = {l.name: layer_state(init_state, layer_keys(model, l), source="the initial state") for l in picked}
     done = load_partial(run, PROBE, settings)
     todo = [l for l in picked if l.name not in done]
@@ -126,60 +130,64 @@ def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torc
     t0 = time.perf_counter()
     try:
         for layer in todo:
-            done[layer.name] = _retrain_layer(model, data, layer, resets[layer.name], cfg, sched, clean, steps, device,
+            done[layer.name] = _retrain_layer(model, task, layer, resets[layer.name], cfg, sched, clean, steps, device,
                                               bar, on_step)
             save_partial(run, PROBE, settings, done)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    final = evaluate_subsets(model, data, batch_size=cfg.eval_batch_size, device=device)
+    final = evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device)
     names = [l.name for l in picked]
     acc = np.stack([done[n] for n in names])  # (L, E+1, S)
     summary = {
         "probe": PROBE, "layers": names, "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
         "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-        "num_clean_trained_on": int(len(clean)), "subsets": list(SUBSETS), "final": accuracy_dict(final),
-        "after_reset": {n: accuracy_dict(acc[i, 0]) for i, n in enumerate(names)},
-        "after_retraining": {n: accuracy_dict(acc[i, -1]) for i, n in enumerate(names)},
+        f"num_{ref}_trained_on": int(len(clean)), "subsets": list(task.subsets),
+        "final": accuracy_dict(final, task.subsets),
+        "after_reset": {n: accuracy_dict(acc[i, 0], task.subsets) for i, n in enumerate(names)},
+        "after_retraining": {n: accuracy_dict(acc[i, -1], task.subsets) for i, n in enumerate(names)},
         "seconds": round(seconds, 3),
     }
-    if not bool(data.is_noisy.any()):
-        summary["note"] = "the run has no noisy examples: noisy-train accuracy is not measured"
+    if not bool(task.kind_mask(mem).any()):
+        summary["note"] = f"the run has no {mem} examples: {mem}-train accuracy is not measured"
     arrays = {"accuracy": acc, "layer_names": np.array(names), "epochs": np.arange(cfg.epochs + 1),
-              "subsets": np.array(SUBSETS), "final": final}
-    return ProbeResult(PROBE, summary, arrays, tidy_rows(names, range(cfg.epochs + 1), acc, step_name="epoch"))
+              "subsets": np.array(task.subsets), "final": final}
+    return ProbeResult(PROBE, summary, arrays,
+                       tidy_rows(names, range(cfg.epochs + 1), acc, task.subsets, step_name="epoch"))
 
 
-def _retrain_layer(model, data, layer, reset, cfg, sched, clean, steps, device, bar, on_step) -> np.ndarray:
+def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: RetrainConfig, sched: TrainConfig,
+                   clean: torch.Tensor, steps: int, device: torch.device, bar, on_step) -> np.ndarray:
     """Accuracy (epochs + 1, S) of one layer's retraining; the model is restored on return."""
     rows = []
     with swapped_state(model, reset), only_layer_trainable(model, layer):
         params = [p for n, p in model.named_parameters() if n in set(layer.params)]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        rows.append(evaluate_subsets(model, data, batch_size=cfg.eval_batch_size, device=device))
+        rows.append(evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device))
         for epoch in range(1, cfg.epochs + 1):
             with seeded(epoch_seed(cfg.seed, epoch), device):
                 order = clean[torch.randperm(len(clean))]  # only clean positions ever enter a batch
-            for step, (xb, yb, idx) in enumerate(data_mod.batches(data.x_train, data.y_train, batch_size=cfg.batch_size,
-                                                                  order=order, device=device)):
+            for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, task.targets("given"),
+                                                                  batch_size=cfg.batch_size, order=order, device=device)):
                 if on_step is not None:
                     on_step(idx)
                 for g in opt.param_groups:
                     g["lr"] = learning_rate((epoch - 1) * steps + step, cfg.epochs * steps, sched)
                 with autocast(device):
-                    out = model(model_input(xb, device)).float()  # (B, K)
-                loss = F.cross_entropy(out, yb)
+                    out = model(task.inputs(xb, device)).float()  # (B, K)
+                loss = task.loss(out, yb).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if bar is not None:
                     bar.update(1)
-            rows.append(evaluate_subsets(model, data, batch_size=cfg.eval_batch_size, device=device))
+            rows.append(evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device))
             if bar is not None:
-                acc = accuracy_dict(rows[-1])
-                bar.set_postfix_str(f"{layer.name} ep {epoch} clean {_pct(acc['clean_train_acc'])} "
-                                    f"noisy {_pct(acc['noisy_train_acc'])}")
+                acc = accuracy_dict(rows[-1], task.subsets)
+                ref, mem = task.reference_kind, task.memorized_kind
+                bar.set_postfix_str(f"{layer.name} ep {epoch} {ref} {_pct(acc[f'{ref}_train_acc'])} "
+                                    f"{mem} {_pct(acc[f'{mem}_train_acc'])}")
     return np.stack(rows)  # (E+1, S)
 
 

@@ -32,8 +32,9 @@ from ..errors import ConfigError, RunError
 from ..models import layers as find_layers, select_layers
 from ..runs import RunDir
 from .base import ProbeResult
-from .sweep import (SUBSETS, accuracy_dict, clear_partial, layer_keys, layer_state, load_partial, progress_bar,
-                    save_partial, subset_accuracy, sweep_states, tidy_rows)
+from ..tasks import task_of
+from .sweep import (accuracy_dict, clear_partial, evaluate_subsets, layer_keys, layer_state, load_partial,
+                    progress_bar, save_partial, sweep_accuracy, tidy_rows)
 
 PROBE = "rewinding"
 States = Mapping[int, Mapping[str, torch.Tensor]] | Callable[[int], Mapping[str, torch.Tensor]]
@@ -65,11 +66,12 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
         missing = [e for e in epochs if e not in states_by_epoch]
         if missing:
             raise ConfigError(f"no state for epoch {missing[0]}: the states hold epochs {sorted(states_by_epoch)}")
+    task = task_of(data)
     all_layers = find_layers(model)
     picked = select_layers(all_layers, list(layers) if layers else None)
     device = next(model.parameters()).device
     settings = {"layers": [l.name for l in picked], "epochs": epochs, "keep_bn_stats": keep_bn_stats,
-                "num_train": data.num_train, "num_test": int(len(data.x_test))}
+                "num_train": task.num_train, "num_test": int(len(task.data.x_test))}
 
     keys = {l.name: layer_keys(model, l, buffers=not keep_bn_stats) for l in picked}
     done = load_partial(run, PROBE, settings)
@@ -81,17 +83,14 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
         wanted = sorted({k for l in todo for k in keys[l.name]})
         for e in epochs:
             per_epoch[e] = layer_state(get(e), wanted, source=f"the state of epoch {e}")
-    n_all = data.num_train + int(len(data.x_test))
+    n_all = task.num_train + int(len(task.data.x_test))
     bar = progress_bar(n_all * len(todo), "rewind", progress)
     try:
         for layer in todo:
             states = [{k: per_epoch[e][k] for k in keys[layer.name]} for e in epochs]
             tick = bar.update if bar is not None else None
-            pt = sweep_states(model, data.x_train, layer, states, batch_size=batch_size, device=device, split=split,
-                              on_batch=tick)
-            pe = sweep_states(model, data.x_test, layer, states, batch_size=batch_size, device=device, split=split,
-                              on_batch=tick)
-            done[layer.name] = subset_accuracy(pt, pe, data)  # (E, S)
+            done[layer.name] = sweep_accuracy(model, task, layer, states, batch_size=batch_size, device=device,
+                                              cut=split, on_batch=tick)  # (E, S)
             save_partial(run, PROBE, settings, done)
             if bar is not None:
                 bar.set_postfix_str(f"{layer.name} done")
@@ -100,24 +99,25 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
             bar.close()
     seconds = time.perf_counter() - t0
 
-    from .sweep import evaluate_subsets
-    final = evaluate_subsets(model, data, batch_size=batch_size, device=device)
+    final = evaluate_subsets(model, task, batch_size=batch_size, device=device)
     acc = np.stack([done[l.name] for l in picked])  # (L, E, S)
     names = [l.name for l in picked]
     first = epochs.index(min(epochs))
     summary = {
-        "probe": PROBE, "layers": names, "epochs": epochs, "keep_bn_stats": keep_bn_stats, "subsets": list(SUBSETS),
-        "final": accuracy_dict(final), "noise_known": bool(data.noise_known),
+        "probe": PROBE, "layers": names, "epochs": epochs, "keep_bn_stats": keep_bn_stats,
+        "subsets": list(task.subsets), "final": accuracy_dict(final, task.subsets), "noise_known": task.known,
         # headline: each layer rewound to the earliest epoch asked for
         "earliest_epoch": min(epochs),
-        "at_earliest_epoch": {n: accuracy_dict(acc[i, first]) for i, n in enumerate(names)},
+        "at_earliest_epoch": {n: accuracy_dict(acc[i, first], task.subsets) for i, n in enumerate(names)},
         "seconds": round(seconds, 3),
     }
-    if not data.noise_known or not bool(data.is_noisy.any()):
-        summary["note"] = "no known noisy examples: noisy-train accuracy is not measured (clean-train and test are)"
+    memorized = task.kind_mask(task.memorized_kind)
+    if memorized is None or not bool(memorized.any()):
+        summary["note"] = (f"no known {task.memorized_kind} examples: {task.memorized_kind}-train accuracy is not "
+                           f"measured (the other subsets are)")
     arrays = {"accuracy": acc, "layer_names": np.array(names), "epochs": np.array(epochs),
-              "subsets": np.array(SUBSETS), "final": final}
-    return ProbeResult(PROBE, summary, arrays, tidy_rows(names, epochs, acc, step_name="epoch"))
+              "subsets": np.array(task.subsets), "final": final}
+    return ProbeResult(PROBE, summary, arrays, tidy_rows(names, epochs, acc, task.subsets, step_name="epoch"))
 
 
 def rewind(loaded, *, layers: Sequence[str] | None = None, epochs: Sequence[int] | None = None, every: int | None = None,

@@ -1,0 +1,84 @@
+"""Tasks: what a probe asks of the data it works on, instead of assuming classification with label noise.
+
+A probe never tests which task it has. It asks the task for model inputs, the
+per-example loss, predictions and whether they match a target ("is it still
+memorized?"), the kinds of training example (the memorized kind, the reference
+kind that must survive), and the subsets it measures; `Task` below is that
+contract. Classification with label noise (`classification.py`) is the first
+task; adding one is a new module here and one line in `_TASKS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..data import Dataset
+from ..errors import ConfigError
+from .classification import ClassificationTask
+
+
+class Task(Protocol):
+    """The contract between the probes and a kind of data. Shapes: N training and M test examples, B a batch."""
+
+    name: str
+    subsets: tuple[str, ...]  # measured subsets, in report order; the last is the held-out one ("test")
+    kinds: tuple[str, ...]  # kinds of training example a probe can pick
+    memorized_kind: str  # the kind whose memorization the probes locate ("noisy")
+    reference_kind: str  # the kind a model must keep (retraining trains on it alone)
+    data: Any  # x_train (N, ...), y_train (N, ...) given targets, x_test (M, ...), y_test (M, ...)
+
+    @property
+    def num_train(self) -> int: ...
+
+    @property
+    def known(self) -> bool:
+        """Whether the memorized examples are known (False: rank and probe, but nothing to judge against)."""
+
+    def inputs(self, xb: torch.Tensor, device: torch.device, *, augment: bool = False) -> torch.Tensor:
+        """Stored examples (B, ...) -> model input on `device`."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example loss (B,) float32 of the model outputs against targets."""
+
+    def margin(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-example margin (B,): how far the target is ahead of the best alternative."""
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The model's predictions (B, ...) from its outputs."""
+
+    def match(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the prediction is the target (for the given targets: still memorized)."""
+
+    def targets(self, which: str) -> torch.Tensor | None:
+        """"given" (what training saw), "true" (what generalising predicts; None if unknown), or "test"."""
+
+    def kind_mask(self, kind: str) -> torch.Tensor | None:
+        """(N,) bool of the training examples of `kind`; None where the task cannot tell."""
+
+    def subset_masks(self) -> dict[str, torch.Tensor | None]:
+        """(N,) bool of each training subset (the held-out subset is the test split); None: empty or unknown."""
+
+    def accuracy(self, hits_train: torch.Tensor, hits_test: torch.Tensor) -> np.ndarray:
+        """(S, len(subsets)) float64 from hits (S, N) and (S, M) bool; NaN for an empty or unknown subset."""
+
+
+_TASKS: list[tuple[type, Callable[[Any], Task]]] = [
+    (Dataset, ClassificationTask),
+]
+
+
+def task_of(data: Any) -> Task:
+    """The task of a data object (a Task is returned as it is)."""
+    if isinstance(data, ClassificationTask) or all(hasattr(data, a) for a in ("subsets", "kinds", "match")):
+        return data
+    for kind, make in _TASKS:
+        if isinstance(data, kind):
+            return make(data)
+    raise ConfigError(f"memloc has no task for data of type {type(data).__name__}: pass a memloc Dataset "
+                      "(memloc.wrap_data or memloc.load_data)")
+
+
+__all__ = ["Task", "task_of", "ClassificationTask"]

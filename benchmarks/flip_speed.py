@@ -26,7 +26,8 @@ import torch
 from memloc.data import DataConfig
 from memloc.experiment import ModelConfig, RunConfig, build
 from memloc.probes.flipping import FlipConfig, _Flipper, flip_units
-from memloc.training import TrainConfig, predict, resolve_device, train
+from memloc.inference import predict
+from memloc.training import TrainConfig, resolve_device, train
 
 
 def main(argv=None) -> int:

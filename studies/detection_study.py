@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memloc.detection import DetectConfig, detect, format_table, plot_gallery, plot_roc, quality_table
+from memloc.probes.detection import DetectConfig, detect, format_table, plot_gallery, plot_roc, quality_table
 
 
 def partial_flip_row(run: Path, other: Path, result) -> dict | None:
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--flip-progress", metavar="OTHER_RUN")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    res = detect(args.run, DetectConfig(cv=args.cv, cv_epochs=args.cv_epochs), progress=False,
+    res = detect(args.run, cfg=DetectConfig(cv=args.cv, cv_epochs=args.cv_epochs), progress=False,
                  log=lambda s: print(s, flush=True))
     s = res.summary
     if args.flip_progress and "units_to_flip" not in s["scores"]:

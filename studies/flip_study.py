@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = FlipConfig(examples=a.examples, kinds=("clean", "noisy"), others=a.others, eval_subsample=a.eval_subsample,
                      sequential=a.sequential, seed=a.seed)
-    res = flip(a.run, cfg, progress=not a.quiet, log=lambda s: print(s, flush=True))
+    res = flip(a.run, cfg=cfg, progress=not a.quiet, log=lambda s: print(s, flush=True))
     print(claims(res.summary, res.arrays))
     return 0
 

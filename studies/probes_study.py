@@ -11,6 +11,7 @@ layer is retrained on clean examples only. Results stay in RUN/probes/.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import time
 
 import numpy as np
@@ -70,7 +71,7 @@ def main() -> None:
         t = time.perf_counter()
         peak = args.peak_epoch if args.peak_epoch is not None else args.retrain_epochs / 2
         cfg = RetrainConfig(epochs=args.retrain_epochs, lr=args.lr, peak_epoch=peak)
-        r = retrain(loaded, cfg, layers=layers, progress=not args.quiet)
+        r = retrain(loaded, cfg=replace(cfg, layers=tuple(layers) if layers else None), progress=not args.quiet)
         acc, names = r.arrays["accuracy"], list(r.arrays["layer_names"])
         print(f"\n## Layer retraining ({time.perf_counter() - t:.0f}s): reset to init, {cfg.epochs} epochs on clean "
               f"examples only (one-cycle, lr {cfg.lr:g} at epoch {peak:g})")

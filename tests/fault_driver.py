@@ -36,24 +36,22 @@ def install(kill_at: str) -> None:
             return run
         runs.RunDir.create = classmethod(created)
     elif kind in ("running", "done"):
-        mark = study.Study.mark
+        set_stage = runs.RunDir.set_stage
 
         def marked(self, key, status, **kw):
-            mark(self, key, status, **kw)
-            if key == arg and status == kind:
+            set_stage(self, key, status, **kw)
+            if self.kind == "study" and key == arg and status == kind:
                 _die()
-        study.Study.mark = marked
+        runs.RunDir.set_stage = marked
     elif kind == "fail":
-        stage_fns = study._stage_fns
+        stage = study._Cell.stage
 
-        def failing(*a, **k):
-            fns = stage_fns(*a, **k)
-
-            def broken():
+        def failing(self, name, *a, **k):
+            if name == arg:
                 from memloc.errors import RunError
                 raise RunError(f"stage {arg} broke")
-            return {**fns, arg: broken}
-        study._stage_fns = failing
+            return stage(self, name, *a, **k)
+        study._Cell.stage = failing
     elif kind in ("epoch", "pause"):
         save = training.Trainer._save_epoch
         n, _, flag = arg.partition(":")

@@ -5,10 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve as sk_roc_curve
 
 from memloc.cli import main
-from memloc.detection import (DetectConfig, auroc, average_precision, detect_scores, flip_scores, label_quality,
+from memloc.probes.detection import (DetectConfig, auroc, average_precision, detect_scores, flip_scores, label_quality,
                               plot_gallery, plot_roc, precision_at_k, record_scores, roc_curve)
 from memloc.errors import ConfigError
 from memloc.probes.base import ProbeResult
@@ -30,25 +29,16 @@ HAND_CASES = [
 
 
 @pytest.mark.parametrize("scores,labels", HAND_CASES)
-def test_metrics_agree_with_sklearn_on_hand_cases(scores, labels):
+def test_precision_at_k_is_the_expected_share_over_tied_orders(scores, labels):
+    """Precision at k against brute force: the mean over every order the tied groups allow."""
+    import itertools
     s, y = np.array(scores, float), np.array(labels, bool)
-    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
-    fpr, tpr = roc_curve(s, y)
-    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, sk_fpr)
-    np.testing.assert_allclose(tpr, sk_tpr)
-
-
-def test_metrics_agree_with_sklearn_on_random_tied_scores():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        s = rng.integers(0, 4, 30).astype(float)  # heavy ties
-        y = rng.random(30) < 0.3
-        if y.all() or not y.any():
-            continue
-        assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-        assert average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    for k in range(1, len(s) + 1):
+        shares = []
+        for perm in itertools.permutations(range(len(s))):
+            if all(s[perm[i]] >= s[perm[i + 1]] for i in range(len(s) - 1)):  # a ranking the ties allow
+                shares.append(y[list(perm[:k])].mean())
+        assert precision_at_k(s, y, k) == pytest.approx(np.mean(shares), abs=1e-12)
 
 
 def test_hand_values():
@@ -59,6 +49,11 @@ def test_hand_values():
     assert precision_at_k(s, y, 2) == pytest.approx(0.75)
     assert precision_at_k(s, y, 1) == 1.0 and precision_at_k(s, y, 3) == pytest.approx(2 / 3)
     assert auroc(s, np.zeros(4, bool)) is None and average_precision(s, np.zeros(4, bool)) is None
+    # thresholds 3 (1 of 1 positive: P 1, R 1/2) and 2 (2 of 3: P 2/3, R 1) -> AP = 1/2 * 1 + 1/2 * 2/3
+    assert average_precision(s, y) == pytest.approx(5 / 6)
+    fpr, tpr = roc_curve(s, y)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
 
 
 # ----------------------------------------------------------------------------- scores from records, by hand

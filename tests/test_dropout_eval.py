@@ -65,8 +65,8 @@ def test_unit_scale_is_per_channel_on_images():
 def test_all_generalization_units_means_nothing_is_dropped(etd_run):
     # p_gen = 1: every unit is always on, so tied, eval and drop are the same function.
     loaded = open_run(etd_run, device="cpu")
-    loaded.config = replace(loaded.config, model=replace(loaded.config.model, example_tied_dropout=(1.0, 0.5)))
-    s = evaluate_dropout(loaded).summary
+    loaded.config = replace(loaded.config, model=replace(loaded.config.model, p_gen=1.0, p_mem=0.5))
+    s = evaluate_dropout(loaded, save=False).summary
     assert s["clean_before"] == s["clean_after"] and s["noisy_before"] == s["noisy_after"]
     assert s["test_eval"] == s["test_drop"] and s["forgotten_clean"] == 0
     acc = evaluate(loaded.model(), loaded.data)
@@ -76,8 +76,8 @@ def test_all_generalization_units_means_nothing_is_dropped(etd_run):
 def test_keep_all_memorization_units_makes_tied_equal_eval(etd_run):
     # p_mem = 1: every example keeps every unit, and eval mode scales memorisation units by p_mem = 1.
     loaded = open_run(etd_run, device="cpu")
-    loaded.config = replace(loaded.config, model=replace(loaded.config.model, example_tied_dropout=(0.4, 1.0)))
-    r = evaluate_dropout(loaded)
+    loaded.config = replace(loaded.config, model=replace(loaded.config.model, p_gen=0.4, p_mem=1.0))
+    r = evaluate_dropout(loaded, save=False)
     acc = evaluate(loaded.model(), loaded.data)
     assert r.summary["clean_before"] == acc["clean_train_acc"]
     assert r.summary["noisy_before"] == acc["noisy_train_acc"]
@@ -180,15 +180,15 @@ def test_export_needs_the_flag_and_a_safetensors_name(etd_run, tmp_path, capsys)
 
 
 def test_baseline_config_validation():
-    assert ModelConfig(baseline="dropout", baseline_fraction=0.46).baseline_fraction == 0.46
+    assert ModelConfig(baseline="dropout", active_fraction=0.46).active_fraction == 0.46
     with pytest.raises(ConfigError, match="unknown baseline"):
-        ModelConfig(baseline="magic", baseline_fraction=0.5)
+        ModelConfig(baseline="magic", active_fraction=0.5)
     with pytest.raises(ConfigError, match="in \\(0, 1\\]"):
-        ModelConfig(baseline="sparse", baseline_fraction=1.5)
+        ModelConfig(baseline="sparse", active_fraction=1.5)
     with pytest.raises(ConfigError, match="not both"):
-        ModelConfig(example_tied_dropout=(0.4, 0.1), baseline="dropout", baseline_fraction=0.46)
+        ModelConfig(p_gen=0.4, p_mem=0.1, baseline="dropout", active_fraction=0.46)
     with pytest.raises(ConfigError, match="without a baseline"):
-        ModelConfig(baseline_fraction=0.46)
+        ModelConfig(active_fraction=0.46)
 
 
 # ----------------------------------------------------------------------------- the paper's claim (slow)

@@ -232,7 +232,8 @@ def test_cli_end_to_end_and_resume(smoke_run, tmp_path, capsys, monkeypatch):
         return original(self, masks)
     monkeypatch.setattr(flipping._Flipper, "accuracies", dies)
     assert _cli(capsys, *args)[0] == 130
-    state = json.loads((run / "probes" / "flipping" / "progress.json").read_text())
+    with np.load(run / "probes" / "flipping" / "partial.npz") as z:  # the engine's resumable progress
+        state = json.loads(str(z["__state__"]))
     assert len(state["records"]) == 2
     assert not (run / "probes" / "flipping" / "summary.json").exists()
     monkeypatch.undo()

@@ -12,6 +12,7 @@ from memloc.cli import main
 from memloc.errors import ConfigError, DataError
 from memloc.experiment import make_model, open_run
 from memloc.models import NORM_TYPES, layers
+from memloc.probes import Partial
 from memloc.probes.base import ProbeResult
 from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import layer_keys
@@ -144,20 +145,22 @@ def test_resume_skips_finished_layers(smoke_run, tmp_path):
         if len(seen) == steps * 2 * 2 + 1:  # 2 epochs, 2 finished layers
             raise KeyboardInterrupt
 
+    partial = Partial(loaded.run, "retraining", {"settings": "these"})
     with pytest.raises(KeyboardInterrupt):
-        retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg, run=loaded.run,
+        retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg, partial=partial,
                       on_step=dies_in_third_layer)
     assert (run_dir / "probes" / "retraining" / "partial.npz").exists()
     seen.clear()
-    res = retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg, run=loaded.run,
+    res = retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg, partial=partial,
                         on_step=lambda idx: seen.append(1))
     assert len(seen) == (len(names) - 2) * steps * 2  # only the two unfinished layers were trained
     fresh = retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), cfg)
     np.testing.assert_array_equal(fresh.arrays["accuracy"], res.arrays["accuracy"])  # seeded: same as uninterrupted
     # a different setting does not reuse the partial record
     seen.clear()
-    retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), replace(cfg, lr=0.05), run=loaded.run,
-                  layers=[names[0]], on_step=lambda idx: seen.append(1))
+    retrain_model(loaded.model(), loaded.data, loaded.run.load_checkpoint(0), replace(cfg, lr=0.05),
+                  partial=Partial(loaded.run, "retraining", {"settings": "others"}), layers=[names[0]],
+                  on_step=lambda idx: seen.append(1))
     assert len(seen) == steps * 2
 
 

@@ -240,7 +240,7 @@ def test_cli_rewind_needs_per_epoch_checkpoints(smoke_run, tmp_path, capsys):
     assert digest(run_dir) == before
     shutil.rmtree(run_dir / "checkpoints")
     code = main(["rewind", str(run_dir), "--quiet"])
-    assert_one_line_error(code, capsys.readouterr()[1], "per-epoch checkpoints")
+    assert_one_line_error(code, capsys.readouterr()[1], "no checkpoints", "memloc train")
 
 
 def test_cli_rewind_not_a_run(tmp_path, capsys):

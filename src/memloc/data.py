@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .options import ints, option
 
 NOISE_KINDS = ("uniform", "pairs")
 BUILTIN_DATASETS = {
@@ -36,24 +37,29 @@ BUILTIN_DATASETS = {
 class DataConfig:
     """Which data, which split, and what label noise. Validated on construction."""
 
-    dataset: str = "mnist5k"
-    data_root: str | None = None
-    download: bool = False
-    split: str = "train"  # "train": official train/test; "test": divide the test split by `holdout`
-    holdout: float = 0.2
-    train_size: int | None = None  # stratified subset of the training split (smoke presets)
-    noise: float | None = None  # None: 0.1, or 0 when --labels/--noise-mask give the noise
-    noise_kind: str = "uniform"
-    seed: int = 0
-    labels: str | None = None
-    noise_mask: str | None = None
-    rare_scores: str | None = None
-    rare_below: float = 0.5
-    synthetic_train: int = 50_000
-    synthetic_test: int = 10_000
-    synthetic_shape: tuple[int, int, int] = (3, 32, 32)
-    synthetic_classes: int = 10
-    num_classes: int | None = None  # None: what the data shows (labels that look like ids are refused)
+    dataset: str = option("mnist5k", "mnist5k (offline), digits, synthetic, mnist, fashion-mnist, cifar10, cifar100, "
+                          "svhn, a .npz file (x, y) or a folder of class sub-folders")
+    data_root: str | None = option(None, "folder holding the standard dataset files")
+    download: bool = option(False, "download the dataset into --data-root (needs internet)")
+    split: str = option("train", "'test' divides the test split into train/test (see --holdout)",
+                        choices=("train", "test"))
+    holdout: float = option(0.2, "test fraction when one split is divided")
+    train_size: int | None = option(None, "a stratified subset of this many training examples")
+    noise: float | None = option(None, "fraction of training labels to corrupt (default 0.1, or 0 with --labels or "
+                                 "--noise-mask)")
+    noise_kind: str = option("uniform", "uniform over wrong classes, or y -> y+1 pairs", choices=NOISE_KINDS)
+    seed: int = option(0, cli=False)  # of the noise and the subset: the study sets it per seed
+    labels: str | None = option(None, "file of given training labels (.npy or one-column CSV), for already-noisy "
+                                "data")
+    noise_mask: str | None = option(None, "file marking the known noisy training examples (1 = noisy)")
+    rare_scores: str | None = option(None, "per-example scores (.npy or CSV); examples below --rare-below are rare")
+    rare_below: float = option(0.5, "threshold for --rare-scores")
+    synthetic_train: int = option(50_000, "synthetic: training examples", flag="--synthetic-size")
+    synthetic_test: int = option(10_000, "synthetic: test examples", flag="--synthetic-test-size")
+    synthetic_shape: tuple[int, int, int] = option((3, 32, 32), "synthetic: C,H,W", parse=ints, metavar="C,H,W")
+    synthetic_classes: int = option(10, "synthetic: number of classes")
+    num_classes: int | None = option(None, "outputs of the model for your own data (default: the largest label + 1; "
+                                     "labels that look like ids are refused without it)")
 
     def __post_init__(self) -> None:
         if self.noise is None:
@@ -121,6 +127,12 @@ class Dataset:
             return t.pin_memory() if pin else t.to(device)
         return replace(self, **{k: move(getattr(self, k)) for k in
                                 ("x_train", "y_train", "y_true", "is_noisy", "is_rare", "x_test", "y_test")})
+
+    def subset(self, indices) -> "Dataset":
+        """The same data with only the training examples at `indices` (the test split unchanged)."""
+        idx = torch.as_tensor(np.asarray(indices), device=self.x_train.device)
+        return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx], y_true=self.y_true[idx],
+                       is_noisy=self.is_noisy[idx], is_rare=self.is_rare[idx], source_index=None)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What `data.npz` of a run directory stores: masks, labels and split indices."""

@@ -376,6 +376,13 @@ def example_tied_dropout(
     p_mem = _check_fraction("p_mem", p_mem)
     _check_choice("example-tied dropout mode", mode, MODES)
     _check_choice("drop_scale", drop_scale, DROP_SCALES)
+    return _example_tied_dropout(x, idx, p_gen=p_gen, p_mem=p_mem, seed=seed, mode=mode, layer_id=layer_id,
+                                 drop_scale=drop_scale)
+
+
+def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem: float, seed: int, mode: str,
+                          layer_id: int, drop_scale: str) -> Tensor:
+    """`example_tied_dropout` with its arguments already checked (the module checks them once, when built)."""
     units, mask_view, scale_view = _unit_shapes(x)
     n_gen = num_generalization_units(units, p_gen)
 
@@ -463,7 +470,7 @@ class ExampleTiedDropout(nn.Module):
         self._eval_mode = _check_choice("dropout eval mode", mode, EVAL_MODES)
 
     def forward(self, x: Tensor) -> Tensor:
-        return example_tied_dropout(
+        return _example_tied_dropout(
             x,
             self.idx,
             p_gen=self.p_gen,
@@ -581,43 +588,44 @@ class ChannelDropout(nn.Module):
     """Standard (inverted) dropout over units: the paper's dropout baseline.
 
     At training each unit (a channel of (N, C, H, W), a feature of (N, F) or
-    (N, T, F)) is kept independently per example with probability ``keep``
-    from torch's global RNG and scaled by 1 / keep; at test it is the identity.
-    Match the example-tied layer with ``keep = expected_active_fraction(p_gen, p_mem)``.
+    (N, T, F)) is kept independently per example with probability
+    ``active_fraction`` from torch's global RNG and scaled by its inverse; at
+    test it is the identity. Match the example-tied layer with
+    ``active_fraction = expected_active_fraction(p_gen, p_mem)``.
     """
 
-    def __init__(self, keep: float) -> None:
+    def __init__(self, active_fraction: float) -> None:
         super().__init__()
-        self.keep = _check_fraction("keep", keep)
+        self.active_fraction = _check_fraction("active_fraction", active_fraction)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.keep == 1.0:
+        if not self.training or self.active_fraction == 1.0:
             return x
         _, mask_view, _ = _unit_shapes(x)
-        keep = torch.rand(mask_view, device=x.device) < self.keep  # (N, C, 1, 1) / (N, F) / (N, 1, F)
-        return x * (keep.to(x.dtype) * (1.0 / self.keep))
+        keep = torch.rand(mask_view, device=x.device) < self.active_fraction  # (N, C, 1, 1) / (N, F) / (N, 1, F)
+        return x * (keep.to(x.dtype) * (1.0 / self.active_fraction))
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}"
+        return f"active_fraction={self.active_fraction}"
 
 
 class FixedUnitMask(nn.Module):
     """A fixed sparse network: the same units on for every example, at training and test.
 
-    Keeps ``max(1, round(units_keep * units))`` units of each layer, those with
+    Keeps ``max(1, round(active_fraction * units))`` units of each layer, those with
     the smallest stateless hash of (seed, layer_id, unit); no rescaling, since
     the mask never changes. The paper's fixed-sparsity baseline.
     """
 
-    def __init__(self, units_keep: float, *, seed: int = 0, layer_id: int = 0) -> None:
+    def __init__(self, active_fraction: float, *, seed: int = 0, layer_id: int = 0) -> None:
         super().__init__()
-        self.units_keep = _check_fraction("units_keep", units_keep)
+        self.active_fraction = _check_fraction("active_fraction", active_fraction)
         self.seed = _check_int("seed", seed)
         self.layer_id = _check_int("layer_id", layer_id)
 
     def unit_mask(self, units: int, device: torch.device | str | None = None) -> Tensor:
         """(units,) bool, True for the kept units."""
-        k = max(1, min(units, round(self.units_keep * units)))
+        k = max(1, min(units, round(self.active_fraction * units)))
         h = unit_hash(units, seed=self.seed, layer_id=self.layer_id, device=device)
         mask = torch.zeros(units, dtype=torch.bool, device=device)
         # Hash values of distinct units are distinct (bijective mixing), so the choice is unambiguous.
@@ -629,4 +637,4 @@ class FixedUnitMask(nn.Module):
         return x * self.unit_mask(units, x.device).to(x.dtype).view(scale_view)
 
     def extra_repr(self) -> str:
-        return f"units_keep={self.units_keep}, seed={self.seed}, layer_id={self.layer_id}"
+        return f"active_fraction={self.active_fraction}, seed={self.seed}, layer_id={self.layer_id}"

@@ -20,50 +20,79 @@ from torch import nn
 
 from . import data as data_mod
 from .data import DataConfig, Dataset
+from .dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
 from .errors import ConfigError, RunError
 from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model
+from .options import floats, option
 from .runs import RunDir, default_out, exclusive, load_into
 from .training import TrainConfig, Trainer, resolve_device
+
+
+def _pair(text: str) -> tuple[float, float]:
+    return floats(text, 2)  # type: ignore[return-value]
 
 
 @dataclass
 class ModelConfig:
     """Which registry model, at which width, with which per-block layer.
 
-    The per-block layer is example-tied dropout (`example_tied_dropout`), or one
-    of the paper's baselines at a matched expected fraction of active units
-    (`baseline` "dropout": standard per-unit dropout keeping each unit with
-    probability `baseline_fraction` at training, identity at test; "sparse": a
-    fixed, seeded subset of that fraction of units, at training and test).
+    The per-block layer is example-tied dropout (`p_gen`, `p_mem`), or one of
+    the paper's baselines at a matched expected fraction of active units
+    `active_fraction` = p_gen + (1 - p_gen) * p_mem (`baseline` "dropout":
+    standard per-unit dropout keeping each unit with that probability at
+    training, identity at test; "sparse": a fixed, seeded subset of that
+    fraction of units, at training and test). Validated on construction.
     """
 
-    name: str | None = None  # None: the CPU or GPU default
-    width: float | None = None
-    example_tied_dropout: tuple[float, float] | None = None  # (p_gen, p_mem)
-    dropout_seed: int = 0
-    baseline: str | None = None  # None, "dropout" or "sparse"
-    baseline_fraction: float | None = None  # a = p_gen + (1 - p_gen) * p_mem of the matched example-tied layer
+    name: str | None = option(None, "resnet9, resnet50, vit, cnn, mlp (default: resnet9 at width 0.25 on CPU, 1 on "
+                              "GPU)", flag="--model")
+    width: float | None = option(None, "channel/width multiplier")
+    # example-tied dropout: the first floor(p_gen * units) units of each layer are always on (generalization
+    # units); each other unit is kept for a training example with probability p_mem (its memorization units)
+    p_gen: float | None = option(None, "place example-tied dropout after every block, e.g. 0.4,0.1",
+                                 flag="--example-tied-dropout", parse=_pair, metavar="P_GEN,P_MEM",
+                                 spread=("p_gen", "p_mem"))
+    p_mem: float | None = option(None, cli=False)
+    dropout_seed: int = option(0, "seed of the example-tied masks")
+    baseline: str | None = option(None, cli=False)  # None, "dropout" or "sparse"
+    active_fraction: float | None = option(None, cli=False)  # the baselines' expected fraction of active units
 
     def __post_init__(self) -> None:
-        if self.example_tied_dropout is not None:
-            p = tuple(float(v) for v in self.example_tied_dropout)
-            if len(p) != 2:
-                raise ConfigError("--example-tied-dropout takes two numbers P_GEN,P_MEM, e.g. 0.4,0.1")
-            for name, v in zip(("p_gen", "p_mem"), p):
+        if (self.p_gen is None) != (self.p_mem is None):
+            raise ConfigError("example-tied dropout takes both fractions: pass --example-tied-dropout P_GEN,P_MEM, "
+                              "e.g. 0.4,0.1")
+        if self.p_gen is not None:
+            for name in ("p_gen", "p_mem"):
+                v = float(getattr(self, name))
                 if not (0.0 < v <= 1.0):
                     raise ConfigError(f"{name} = {v} is outside (0, 1]: pass e.g. --example-tied-dropout 0.4,0.1")
-            self.example_tied_dropout = p
+                setattr(self, name, v)
         if self.baseline is not None:
             if self.baseline not in BASELINES:
                 raise ConfigError(f"unknown baseline {self.baseline!r}: choose one of {', '.join(BASELINES)}")
-            if self.example_tied_dropout is not None:
+            if self.p_gen is not None:
                 raise ConfigError("a model takes example-tied dropout or a baseline layer, not both: drop one of them")
-            if self.baseline_fraction is None or not (0.0 < float(self.baseline_fraction) <= 1.0):
-                raise ConfigError(f"baseline {self.baseline!r} needs baseline_fraction in (0, 1], "
-                                  f"got {self.baseline_fraction!r}; pass e.g. 0.46")
-            self.baseline_fraction = float(self.baseline_fraction)
-        elif self.baseline_fraction is not None:
-            raise ConfigError("baseline_fraction is set without a baseline: set baseline to 'dropout' or 'sparse'")
+            if self.active_fraction is None or not (0.0 < float(self.active_fraction) <= 1.0):
+                raise ConfigError(f"baseline {self.baseline!r} needs active_fraction in (0, 1], "
+                                  f"got {self.active_fraction!r}; pass e.g. 0.46")
+            self.active_fraction = float(self.active_fraction)
+        elif self.active_fraction is not None:
+            raise ConfigError("active_fraction is set without a baseline: set baseline to 'dropout' or 'sparse'")
+
+    @property
+    def example_tied(self) -> bool:
+        return self.p_gen is not None
+
+    @classmethod
+    def upgraded(cls, values: dict) -> dict:
+        """A model config as an earlier memloc wrote it (example_tied_dropout, baseline_fraction) in today's names."""
+        values = dict(values)
+        pair = values.pop("example_tied_dropout", None)
+        if pair is not None:
+            values["p_gen"], values["p_mem"] = pair
+        if "baseline_fraction" in values:
+            values["active_fraction"] = values.pop("baseline_fraction")
+        return values
 
     def resolved(self, device: torch.device) -> "ModelConfig":
         name, width = GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL
@@ -100,19 +129,26 @@ class RunConfig:
                 raise RunError(f"{source} has unknown settings {sorted(unknown)}: it was written by another memloc version")
             return klass(**values)
         try:
-            return cls(data=build(DataConfig, d.get("data", {})), model=build(ModelConfig, d.get("model", {})),
+            return cls(data=build(DataConfig, d.get("data", {})),
+                       model=build(ModelConfig, ModelConfig.upgraded(d.get("model", {}))),
                        train=build(TrainConfig, d.get("train", {})))
         except (TypeError, ValueError, ConfigError) as err:
             raise RunError(f"{source} is damaged: it is not a memloc run config ({err})") from None
 
 
+# The presets, for `memloc train` (data, model, train) and `memloc run` (also study). One table.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # well under a minute on 2 CPU cores: what the end-to-end tests run
-    "smoke": {"data": {"dataset": "mnist5k", "train_size": 1000}, "model": {"name": "cnn", "width": 0.25},
-              "train": {"epochs": 4, "batch_size": 128}},
-    "default": {},
-    # the paper's setting: ResNet-9, 50 epochs, lr 0.1 with cosine and warm-up
-    "paper": {"model": {"name": "resnet9", "width": 1.0}, "train": {"epochs": 50, "lr": 0.1, "batch_size": 512}},
+    # what the end-to-end tests run: a small CNN on 1,000 real digits, about 10 s on 2 CPU cores (the study ~1 min)
+    "smoke": {"data": {"dataset": "mnist5k", "train_size": 1000}, "model": {"name": "cnn", "width": 0.5},
+              "train": {"epochs": 6, "batch_size": 128},
+              "study": {"p_gen": 0.5, "p_mem": 0.2, "retrain_epochs": 2, "flip_examples": 8, "flip_others": 64,
+                        "flip_eval_subsample": 500}},
+    # the CPU default model (the paper's ResNet-9 on a GPU), with probes sized for a CPU
+    "default": {"study": {"retrain_epochs": 10, "flip_examples": 100, "flip_others": 256, "flip_eval_subsample": 2000,
+                          "rewind_every": 2}},
+    # the paper's setting: ResNet-9, 50 epochs, lr 0.1 with cosine and warm-up, its probe sizes
+    "paper": {"model": {"name": "resnet9", "width": 1.0}, "train": {"epochs": 50, "lr": 0.1, "batch_size": 512},
+              "study": {"p_gen": 0.3, "p_mem": 0.1, "retrain_epochs": 20, "flip_examples": 1000, "flip_others": 512}},
 }
 
 
@@ -125,16 +161,13 @@ def preset(name: str) -> dict[str, dict[str, Any]]:
 def make_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
     """The model of `cfg` for `data`, with example-tied dropout (or a baseline layer) after each block when asked."""
     after = None
-    if cfg.example_tied_dropout is not None:
-        from .dropout import ExampleTiedDropout
-        p_gen, p_mem = cfg.example_tied_dropout
-        after = lambda pos, units: ExampleTiedDropout(p_gen, p_mem, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
+    if cfg.example_tied:
+        after = lambda pos, units: ExampleTiedDropout(cfg.p_gen, cfg.p_mem, seed=cfg.dropout_seed,  # noqa: E731
+                                                      layer_id=pos)
     elif cfg.baseline == "dropout":
-        from .dropout import ChannelDropout
-        after = lambda pos, units: ChannelDropout(cfg.baseline_fraction)  # noqa: E731
+        after = lambda pos, units: ChannelDropout(cfg.active_fraction)  # noqa: E731
     elif cfg.baseline == "sparse":
-        from .dropout import FixedUnitMask
-        after = lambda pos, units: FixedUnitMask(cfg.baseline_fraction, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
+        after = lambda pos, units: FixedUnitMask(cfg.active_fraction, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
     return build_model(cfg.name, input_shape=data.input_shape, num_classes=data.num_classes, width=cfg.width,
                        after_block=after)
 

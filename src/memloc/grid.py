@@ -62,8 +62,8 @@ class GridCell:
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         if self.method == "example_tied":
-            return replace(base, example_tied_dropout=(self.p_gen, self.p_mem), baseline=None, baseline_fraction=None)
-        return replace(base, example_tied_dropout=None, baseline=self.method, baseline_fraction=self.active_fraction)
+            return replace(base, p_gen=self.p_gen, p_mem=self.p_mem, baseline=None, active_fraction=None)
+        return replace(base, p_gen=None, p_mem=None, baseline=self.method, active_fraction=self.active_fraction)
 
 
 def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True) -> list[GridCell]:
@@ -144,7 +144,7 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     example-tied dropout / baseline fields are replaced per cell). Resumable:
     call again with the same arguments to finish an interrupted grid.
     """
-    if base.model.example_tied_dropout is not None or base.model.baseline is not None:
+    if base.model.example_tied or base.model.baseline is not None:
         raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
     cells = grid_cells(pairs, baselines=baselines)
     out_dir = Path(out_dir)

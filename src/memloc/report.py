@@ -22,8 +22,10 @@ from typing import Callable
 import numpy as np
 
 from .errors import RunError
+from .figures import gallery_figure, png, pyplot
+from .probes import registered
 from .probes.base import ProbeResult
-from .runs import FORMAT_VERSION, RunDir, atomic_write, write_text
+from .runs import FORMAT_VERSION, RunDir, atomic_write, study_cells, study_stages, write_text
 
 
 @dataclass
@@ -51,23 +53,6 @@ class Section:
 
 # ----------------------------------------------------------------------------- plotting helpers
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
-    return plt
-
-
-def _png(fig) -> bytes:
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: rebuilds are identical
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def _num(v) -> str:
     return "—" if v is None else f"{v:g}"
 
@@ -88,7 +73,7 @@ def learning_curves(run: RunDir) -> Section:
     if not metrics:
         sec.missing = f"no metrics.jsonl: train with `memloc train --out {run.path}`"
         return sec
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     epochs = [m["epoch"] for m in metrics]
     for key, (label, color) in SUBSET_STYLE.items():
@@ -101,7 +86,7 @@ def learning_curves(run: RunDir) -> Section:
     ax.legend(loc="lower right")
     ax.set_title("accuracy after each epoch (eval mode)")
     sec.figures.append(Figure("learning_curves", "Clean-train, noisy-train (memorized given labels) and test accuracy "
-                              "after each epoch.", _png(fig)))
+                              "after each epoch.", png(fig)))
     sec.tables.append(Table("metrics", "Per-epoch metrics", metrics))
     return sec
 
@@ -119,7 +104,7 @@ def gradient_accounting(run: RunDir) -> Section:
     g = run.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine")
     names, clean, noisy, cos = list(g["layer_names"]), g["clean_norm"], g["noisy_norm"], g["cosine"]
     epochs = clean.shape[1]
-    plt = _pyplot()
+    plt = pyplot()
     wins = _windows(epochs)
     fig, axes = plt.subplots(1, len(wins), figsize=(3.2 * len(wins), 3.4), sharey=True, squeeze=False)
     x = np.arange(len(names))
@@ -133,7 +118,7 @@ def gradient_accounting(run: RunDir) -> Section:
     axes[0][0].legend()
     sec.figures.append(Figure("gradient_norms", "Norm of the epoch-summed gradient of the clean and of the noisy "
                               "examples per layer, divided by sqrt(number of parameters), averaged over epoch windows.",
-                              _png(fig)))
+                              png(fig)))
     fig, ax = plt.subplots(figsize=(max(5, 0.15 * epochs + 2), 0.35 * len(names) + 1.5))
     im = ax.imshow(cos, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest",
                    extent=(0.5, epochs + 0.5, len(names) + 0.5, 0.5))
@@ -143,7 +128,7 @@ def gradient_accounting(run: RunDir) -> Section:
     ax.grid(False)
     fig.colorbar(im, ax=ax, label="cosine(clean gradient, noisy gradient)")
     sec.figures.append(Figure("gradient_cosine", "Cosine similarity between the clean and the noisy epoch-summed "
-                              "gradient, per layer and epoch.", _png(fig)))
+                              "gradient, per layer and epoch.", png(fig)))
     rows = [{"layer": n, "epoch": e + 1, "clean_norm": float(clean[i, e]), "noisy_norm": float(noisy[i, e]),
              "cosine": float(cos[i, e])} for i, n in enumerate(names) for e in range(epochs)]
     sec.tables.append(Table("gradients", "Per layer and epoch", rows))
@@ -166,7 +151,7 @@ def rewinding(run: RunDir) -> Section:
     if summary is None:
         return sec
     acc, names, epochs, subsets = arrays["accuracy"], list(arrays["layer_names"]), arrays["epochs"], list(arrays["subsets"])
-    plt = _pyplot()
+    plt = pyplot()
     shown = [s for s in ("clean_train", "noisy_train", "test") if s in subsets and not np.all(np.isnan(acc[:, :, subsets.index(s)]))]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.35 * len(names) + 1.8), squeeze=False)
     for ax, s in zip(axes[0], shown):
@@ -181,7 +166,7 @@ def rewinding(run: RunDir) -> Section:
         fig.colorbar(im, ax=ax)
     axes[0][0].set_ylabel("rewound layer")
     sec.figures.append(Figure("rewinding", "Accuracy of the final model with one layer (rows) put back to its "
-                              "weights and BatchNorm statistics at an earlier epoch (columns).", _png(fig)))
+                              "weights and BatchNorm statistics at an earlier epoch (columns).", png(fig)))
     rows = _layer_epoch_rows(acc, names, epochs, subsets)
     sec.tables.append(Table("rewinding", "Accuracy per rewound layer and epoch", rows))
     return sec
@@ -198,7 +183,7 @@ def retraining(run: RunDir) -> Section:
     if summary is None:
         return sec
     acc, names, epochs, subsets = arrays["accuracy"], list(arrays["layer_names"]), arrays["epochs"], list(arrays["subsets"])
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(5, len(names))
     rws = int(np.ceil(len(names) / cols))
     fig, axes = plt.subplots(rws, cols, figsize=(2.6 * cols, 2.2 * rws + 0.4), sharex=True, sharey=True, squeeze=False)
@@ -217,7 +202,7 @@ def retraining(run: RunDir) -> Section:
         r[0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
     sec.figures.append(Figure("retraining", "Each layer reset to its initialisation and retrained alone on the clean "
-                              "examples only (every other layer frozen): accuracy per retraining epoch.", _png(fig)))
+                              "examples only (every other layer frozen): accuracy per retraining epoch.", png(fig)))
     rows = _layer_epoch_rows(acc, names, epochs, subsets)
     sec.tables.append(Table("retraining", "Accuracy per retrained layer and epoch", rows))
     return sec
@@ -230,7 +215,7 @@ def flipping(run: RunDir) -> Section:
     kinds = [k for k in ("clean", "noisy", "rare") if k in summary["kinds"]]
     colors = {"clean": "tab:blue", "noisy": "tab:red", "rare": "tab:purple"}
     searched = ~arrays["already_wrong"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     top = int(max(1, arrays["num_units"][searched].max() if searched.any() else 1))
     bins = np.arange(0, min(top, 60) + 2) - 0.5
@@ -257,7 +242,7 @@ def flipping(run: RunDir) -> Section:
     axes[2].legend()
     sec.figures.append(Figure("flipping", "Left: number of units zeroed until each example's prediction flips. Middle: "
                               "mean drop of training accuracy of the edited models. Right: the layers the removed "
-                              "units come from.", _png(fig)))
+                              "units come from.", png(fig)))
     rows = [{"kind": k, **{key: v for key, v in summary["kinds"][k].items() if key != "layer_share"}} for k in kinds]
     sec.tables.append(Table("summary_flipping", "Per kind of example", rows))
     sec.notes.append(f"{summary['examples']} examples, {summary['others']} other examples in the objective, "
@@ -281,61 +266,52 @@ def dropout_section(run: RunDir, title: str = "Example-tied dropout") -> Section
     sec.tables.append(Table("summary_dropout", f"p_gen {s['p_gen']}, p_mem {s['p_mem']}, drop scale {s['drop_scale']}", rows))
     images = arrays.get("forgotten_images")
     if images is not None and len(images):
+        labels = arrays.get("forgotten_labels")
+        titles = [f"label {int(v)}" for v in labels] if labels is not None else [""] * len(images)
         sec.figures.append(Figure("dropout_forgotten", "Clean training examples forgotten by the drop (right before, "
-                                  "wrong after), with their labels.", _gallery(images, arrays.get("forgotten_labels"))))
+                                  "wrong after), with their labels.", png(gallery_figure(images[:32], titles[:32]))))
     sec.notes.append(f"{s['forgotten_clean']} clean examples forgotten by the drop (indices in probes/dropout/arrays.npz).")
     return sec
 
 
 def detection(run: RunDir) -> Section:
+    from .probes.detection import gallery, roc_figure
     sec, summary, arrays = _probe(run, "detection", "detect", "Detecting mislabeled examples")
     if summary is None:
         return sec
+    result = ProbeResult("detection", summary, arrays)
     quality = summary.get("quality") or []
     if quality:
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(5, 4.2))
-        for r in quality:
-            fpr, tpr = arrays.get(f"roc_{r['score']}_fpr"), arrays.get(f"roc_{r['score']}_tpr")
-            if fpr is not None and len(fpr):
-                ax.plot(fpr, tpr, label=f"{r['score']} (AUROC {r['auroc']:.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set_xlabel("false positive rate (clean examples flagged)")
-        ax.set_ylabel("true positive rate (noisy examples found)")
-        ax.legend(fontsize=7)
         sec.figures.append(Figure("detection_roc", "ROC of each per-example score for finding the mislabeled examples.",
-                                  _png(fig)))
+                                  png(roc_figure(result))))
         sec.tables.append(Table("summary_detection", "Quality of each score against the known noise", quality))
     elif summary.get("quality_note"):
         sec.notes.append(str(summary["quality_note"]))
     if "top_images" in arrays and len(arrays["top_images"]):
-        labels = None
-        if "top_index" in arrays:
-            given = run.load_arrays("data.npz", "given_labels")["given_labels"] if run.has("data.npz") else None
-            labels = None if given is None else given[arrays["top_index"]]
-        sec.figures.append(Figure("detection_suspects", f"The top suspects by {summary.get('rank_by')}, with their "
-                                  "given labels.", _gallery(arrays["top_images"], labels)))
+        sec.figures.append(Figure("detection_suspects", f"The top suspects by {summary.get('rank_by')}: index, given "
+                                  "label (y) and the final model's prediction (p).", png(gallery(result))))
     return sec
 
 
-def _gallery(images: np.ndarray, labels=None, cols: int = 8) -> bytes:
-    plt = _pyplot()
-    n = min(len(images), 32)
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            img = np.asarray(images[i])
-            img = img.transpose(1, 2, 0) if img.ndim == 3 else img  # (C, H, W) -> (H, W, C)
-            ax.imshow(img.squeeze(), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None)
-            if labels is not None:
-                ax.set_title(f"label {int(labels[i])}", fontsize=7)
-    return _png(fig)
+# How the report draws the paper's probes; any other registered probe gets `probe_section`.
+PROBE_SECTIONS: dict[str, Callable[[RunDir], Section]] = {
+    "rewinding": rewinding, "retraining": retraining, "flipping": flipping, "dropout": dropout_section,
+    "detection": detection}
 
 
-RUN_SECTIONS: list[Callable[[RunDir], Section]] = [learning_curves, gradient_accounting, rewinding, retraining,
-                                                   flipping, dropout_section, detection]
+def probe_section(run: RunDir, probe) -> Section:
+    """A probe without a section of its own: its headline numbers and its tidy rows, from its files."""
+    sec, summary, _ = _probe(run, probe.name, probe.command, probe.help[:1].upper() + probe.help[1:])
+    if summary is None:
+        return sec
+    result = ProbeResult.load(run, probe.name)
+    headline = [{"measure": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float, str, bool))
+                and k not in ("run",)]
+    if headline:
+        sec.tables.append(Table(f"summary_{probe.name}", "Summary", headline))
+    if result.rows:
+        sec.tables.append(Table(probe.name, f"{probe.name}.csv", result.rows))
+    return sec
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -422,14 +398,23 @@ def write_report(out_dir: Path, title: str, intro: list[str], sections: list[Sec
 def _has_example_tied_dropout(run: RunDir) -> bool:
     try:
         model = run.config.get("model")
-        return isinstance(model, dict) and bool(model.get("example_tied_dropout"))
+        return isinstance(model, dict) and bool(model.get("p_gen") or model.get("example_tied_dropout"))
     except RunError:
         return False
 
 
 def run_sections(run: RunDir) -> list[Section]:
-    fns = [f for f in RUN_SECTIONS if f is not dropout_section or _has_example_tied_dropout(run)]
-    return [f(run) for f in fns]
+    """The training sections, then one per registered probe (the example-tied one only for such a run; a probe
+    the report has no section for only when it ran)."""
+    sections = [learning_curves(run), gradient_accounting(run)]
+    for name, probe in registered().items():
+        if name == "dropout" and not _has_example_tied_dropout(run):
+            continue
+        if name in PROBE_SECTIONS:
+            sections.append(PROBE_SECTIONS[name](run))
+        elif (run.path / "probes" / name / "summary.json").exists():
+            sections.append(probe_section(run, probe))
+    return sections
 
 
 # ----------------------------------------------------------------------------- the paper's claims
@@ -560,16 +545,13 @@ def claims_section(base: RunDir, drop: RunDir | None) -> Section:
     return sec
 
 
-def _open_study(path: Path) -> tuple[dict, list[tuple[str, RunDir | None, RunDir | None]]]:
-    from .study import Study
-    study = Study.open(path)
-    cfg = study.config
+def _open_study(path: Path) -> tuple[RunDir, list[tuple[str, RunDir | None, RunDir | None]]]:
+    study = RunDir.open(path, kind="study")
     cells = []
-    for seed, noise in cfg.cells():
-        b, d = study.cell_dirs(seed, noise)
+    for seed, noise, _, b, d in study_cells(study):
         cells.append((f"seed {seed}, noise {noise:g}", RunDir.open(b) if (b / "run.json").exists() else None,
                       RunDir.open(d) if (d / "run.json").exists() else None))
-    return study.info, cells
+    return study, cells
 
 
 def _seed_table(cells) -> Table | None:
@@ -601,16 +583,18 @@ def _numbers_over_seeds(cells) -> list[dict]:
 
 
 def build_study_report(path: Path) -> Path:
-    info, cells = _open_study(path)
+    study, cells = _open_study(path)
+    info = study.info
     cfg = info["config"]
     label, base, drop = cells[0]
-    intro = [f"Study `{path}`, preset {cfg.get('preset')}: {cfg['base']['model'].get('name')} on "
-             f"{cfg['base']['data']['dataset']}; seeds {cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt "
-             "from the study's files; nothing was recomputed."]
+    base_cfg = cfg.get("base") if isinstance(cfg.get("base"), dict) else {}
+    model, data = (base_cfg.get(k) if isinstance(base_cfg.get(k), dict) else {} for k in ("model", "data"))
+    intro = [f"Study `{path}`, preset {cfg.get('preset')}: {model.get('name')} on {data.get('dataset')}; seeds "
+             f"{cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt from the study's files; nothing was "
+             "recomputed."]
     # the report's own stage is left out: rebuilding a finished study must give the same page
-    from .study import expected_stages
-    done = {k for k, v in info.get("stages", {}).items() if v.get("status") == "done"}
-    unfinished = [k for k in expected_stages(cfg) if k not in done]
+    done = {k for k, v in info.get("stages", {}).items() if isinstance(v, dict) and v.get("status") == "done"}
+    unfinished = [k for k in study_stages(study) if k not in done]
     if unfinished:
         intro.append(f"The study is not finished (stages not done: {', '.join(unfinished) or 'not started'}): "
                      f"finish it with `memloc run --resume {path}`.")
@@ -641,9 +625,9 @@ def build_study_report(path: Path) -> Path:
     return write_report(path / "report", "memloc study report", intro, sections)
 
 
-def build_report(path: str | Path) -> Path:
+def build_report(path: str | Path | RunDir) -> Path:
     """Rebuild the report of a run or study directory from its files; returns the path of report.html."""
-    path = Path(path)
+    path = Path(path.path if isinstance(path, RunDir) else path)
     if (path / "study.json").exists():
         return build_study_report(path)
     run = RunDir.open(path)

@@ -383,48 +383,69 @@ def holds_lock(path: str | Path) -> bool:
         return os.path.realpath(path) in _held
 
 
-class RunDir:
-    """A run directory on disk. Create with :meth:`create`, open an existing one with :meth:`open`."""
+META = {"run": "run.json", "study": "study.json"}  # each kind's record: format version, stages, (study) config
 
-    def __init__(self, path: str | Path):
+
+class RunDir:
+    """A run or study directory on disk: one record of stages, one lock, one layout.
+
+    A run (`memloc train`) keeps its record in run.json; a study (`memloc run`) in study.json, with its
+    config and one run directory per trained model (`study_cells`). Create with :meth:`create`, open
+    an existing one with :meth:`open`.
+    """
+
+    def __init__(self, path: str | Path, kind: str = "run"):
         self.path = Path(path)
+        self.kind = kind
+
+    @property
+    def meta(self) -> str:
+        """The name of the directory's record: run.json or study.json."""
+        return META[self.kind]
 
     # -- creation and validation
     @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False, kind: str = "run") -> "RunDir":
-        """A new run directory at `path`. An existing non-empty one is refused, or with `overwrite`
-        cleared of memloc's own files when it proves to be a memloc run (anything else is refused)."""
+    def create(cls, path: str | Path, *, overwrite: bool = False, kind: str = "run", **record: Any) -> "RunDir":
+        """A new run (or study) directory at `path`; `record` joins its run.json / study.json (a study's config).
+
+        An existing non-empty one is refused, or with `overwrite` cleared of memloc's own files when it
+        proves to be memloc's (anything else is refused)."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunError(f"{path} exists and is not a directory: choose another --out")
         with exclusive(path):
             if any(p.name != LOCK_NAME for p in path.iterdir()):
                 if not overwrite:
-                    raise RunError(f"{path} already exists: choose another --out, pass --overwrite to replace it, "
-                                   "or --resume it")
+                    resume = "`memloc run --resume`" if kind == "study" else "--resume"
+                    raise RunError(f"{path} already exists: choose another --out, "
+                                   + ("or continue it with " + resume + f" {path}" if kind == "study"
+                                      else "pass --overwrite to replace it, or --resume it"))
                 if memloc_kind(path) is None:
                     raise RunError(f"{path} exists and is not a memloc run: refusing to delete it even with --overwrite")
                 clear_memloc_files(path)
-            run = cls(path)
+            run = cls(path, kind)
             from ._version import __version__
-            write_json(run.path / "run.json", {"format_version": FORMAT_VERSION, "kind": kind,
-                                               "memloc_version": __version__,
-                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}})
+            write_json(run.path / run.meta, {"format_version": FORMAT_VERSION, "kind": kind,
+                                             "memloc_version": __version__,
+                                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "stages": {}})
         return run
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path, *, kind: str | None = None) -> "RunDir":
+        """The run or study at `path` (`kind` to insist on one)."""
         path = Path(path)
+        what = {"study": "a study made by `memloc run`"}.get(kind or "", "a run directory made by `memloc train`")
         if not path.is_dir():
-            raise RunError(f"{path} is not a directory: pass a run directory made by `memloc train`")
-        meta = path / "run.json"
-        if not meta.exists():
-            raise RunError(f"{path} is not a memloc run (no run.json): pass a run directory made by `memloc train`")
-        run = cls(path)
+            raise RunError(f"{path} is not a directory: pass {what}")
+        found = "study" if (path / "study.json").exists() else "run" if (path / "run.json").exists() else None
+        if found is None or (kind is not None and found != kind):
+            noun = "study" if kind == "study" else "run"
+            raise RunError(f"{path} is not a memloc {noun} (no {META[kind or 'run']}): pass {what}")
+        run = cls(path, found)
         info = run.info
         version = info.get("format_version")
-        if version != FORMAT_VERSION:
-            raise RunError(f"{path} has run format version {version}, this memloc reads version {FORMAT_VERSION}: "
+        if version != FORMAT_VERSION or info.get("kind", "run") != found:
+            raise RunError(f"{path} has {found} format version {version}, this memloc reads version {FORMAT_VERSION}: "
                            "use the memloc version that wrote it")
         return run
 
@@ -452,10 +473,19 @@ class RunDir:
 
     @property
     def info(self) -> dict:
-        info = self.read_json("run.json")
+        info = self.read_json(self.meta)
         if not isinstance(info.get("stages"), dict):
-            raise RunError(f"{self.path / 'run.json'} is damaged: it has no 'stages' record")
+            raise RunError(f"{self.path / self.meta} is damaged: it has no 'stages' record")
+        if self.kind == "study" and not isinstance(info.get("config"), dict):
+            raise RunError(f"{self.path / self.meta} is damaged: it has no study config")
         return info
+
+    def update_info(self, **values: Any) -> None:
+        """Set top-level values of the record (e.g. a study's `finished`)."""
+        with self.exclusive():
+            info = self.info
+            info.update(values)
+            self.write_json(self.meta, info)
 
     def set_stage(self, stage: str, status: str, *, keep: bool = False, **details: Any) -> None:
         """Record the status of `stage` with `details`; `keep` keeps the details recorded before
@@ -466,7 +496,7 @@ class RunDir:
             old = {k: v for k, v in old.items() if k != "reason"} if isinstance(old, dict) else {}
             info["stages"][stage] = {**old, "status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                      **details}
-            self.write_json("run.json", info)
+            self.write_json(self.meta, info)
 
     def stage(self, stage: str) -> dict:
         st = self.info["stages"].get(stage, {})
@@ -489,7 +519,8 @@ class RunDir:
 
     @property
     def config(self) -> dict:
-        return self.read_json("config.json")
+        """The resolved config: a run's config.json, a study's config in study.json."""
+        return self.info["config"] if self.kind == "study" else self.read_json("config.json")
 
     # -- metrics
     def read_metrics(self) -> list[dict]:
@@ -567,6 +598,41 @@ def mark_failed(set_status: Callable[..., None], stage: str, err: BaseException)
         reason = str(err) if isinstance(err, (MemlocError, OSError)) else f"{type(err).__name__}: {err}"
     with contextlib.suppress(Exception):
         set_status(stage, status, keep=True, reason=reason.splitlines()[0] if reason else type(err).__name__)
+
+
+# ----------------------------------------------------------------------------- the study layout
+
+# The stages of one cell of a study (a seed and a noise level), in order; a study's own stages are these per
+# cell (prefixed "s<seed>-n<noise>/" when there are several cells), then "grid" (with --grid) and "report".
+STUDY_STAGES = ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "detection")
+
+
+def study_cells(study: RunDir) -> list[tuple[int, float, str, Path, Path]]:
+    """(seed, noise, stage prefix, base run dir, dropout run dir) of every cell of a study, in order."""
+    cfg = study.config
+    try:
+        cells = [(int(s), float(n)) for s in cfg["seeds"] for n in cfg["noise_levels"]]
+        if not cells:
+            raise ValueError("no seeds or no noise levels")
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunError(f"{study.path / study.meta} is damaged: its seeds and noise levels are unreadable "
+                       f"({err})") from None
+    out = []
+    for seed, noise in cells:
+        tag = f"s{seed}-n{noise:g}"
+        if len(cells) == 1:
+            out.append((seed, noise, "", study.path / "base", study.path / "dropout"))
+        else:
+            out.append((seed, noise, f"{tag}/", study.path / f"base-{tag}", study.path / f"dropout-{tag}"))
+    return out
+
+
+def study_stages(study: RunDir) -> list[str]:
+    """The stage keys a study runs, in order (its report, which it always rebuilds, left out)."""
+    cfg = study.config
+    stages = [s for s in STUDY_STAGES if s != "detection" or cfg.get("detection", True)]
+    keys = [prefix + st for _, _, prefix, _, _ in study_cells(study) for st in stages]
+    return keys + (["grid"] if cfg.get("grid") else [])
 
 
 def _ranges(xs: list[int]) -> str:

@@ -22,7 +22,8 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +32,13 @@ from torch import nn
 from . import data as data_mod
 from .data import Dataset
 from .errors import ConfigError, RunError
+from .models import Layer, check_input, layers as find_layers, select_layers
+from .options import option, replaced
 from .accounting import GradientAccounting
 from .inference import indices_context
 from .precision import autocast, cudnn_autotune
 from .tasks import task_of
-from .runs import RunDir, load_state, save_state
+from .runs import RunDir, exclusive, load_state, save_state
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -44,20 +47,22 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 class TrainConfig:
     """How to train. Defaults are the paper's recipe except `lr` and `epochs` (chosen by measurement, README)."""
 
-    epochs: int = 40
-    lr: float = 0.1
-    batch_size: int = 512
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine with linear warm-up (the paper's); onecycle (triangle); constant
-    warmup: float = 0.1  # fraction of steps of linear warm-up (cosine) or to the peak (onecycle)
-    seed: int = 0
-    augment: bool = False
-    gradient_accounting: bool = True
-    checkpoint_every: int = 1
-    eval_batch_size: int = 1024
-    device: str = "auto"  # auto: cuda when present
-    compile: bool = False
+    epochs: int = option(40, "training epochs")
+    lr: float = option(0.1, "peak learning rate")
+    batch_size: int = option(512, "training batch size")
+    momentum: float = option(0.9, cli=False)
+    weight_decay: float = option(5e-4, cli=False)
+    schedule: str = option("cosine", "cosine with linear warm-up (the paper's), onecycle (triangle) or constant",
+                           choices=SCHEDULES)
+    warmup: float = option(0.1, "fraction of steps of warm-up (cosine) or to the peak (onecycle)")
+    seed: int = option(0, "seed of the initialisation and the training order")
+    augment: bool = option(False, "random crop + flip (off in the paper's main runs)")
+    gradient_accounting: bool = option(True, "skip gradient accounting (the clean and noisy gradient shares)",
+                                       negate="--no-gradient-accounting")
+    checkpoint_every: int = option(1, "save the model every K epochs")
+    eval_batch_size: int = option(1024, cli=False, result=False)
+    device: str = option("auto", "auto (cuda when present), cpu or cuda", result=False)
+    compile: bool = option(False, "torch.compile the model (GPU)", result=False)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -315,8 +320,59 @@ def format_record(r: dict) -> str:
             f"test {_pct(r.get('test_acc'))}  ({r['epoch_time_s']:.1f}s + eval {r['eval_time_s']:.1f}s)")
 
 
-def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, run: RunDir | None = None,
-          progress: bool = False, log: Callable[[str], None] | None = None) -> History:
-    """Train `model` on `data`; with `run`, write checkpoints, metrics and records into it."""
-    trainer = Trainer(model, data, cfg or TrainConfig(), run=run, progress=progress, log=log)
-    return trainer.fit()
+def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, run: RunDir | str | Path | None = None,
+          progress: bool = False, log: Callable[[str], None] | None = None, **options: Any) -> History:
+    """Train `model` on `data` with the paper's recipe (see :class:`TrainConfig`; `options` override it).
+
+    Returns the :class:`History`: ``metrics`` (one dict per epoch), ``records``
+    (loss, margin (E, N) float16, correct (E, N) bool: training history for
+    :func:`memloc.detect`) and ``gradients`` (gradient accounting, (layers, epochs)).
+    With `run` (a RunDir, or a path for a new one), every epoch's checkpoint
+    (epoch 0 = initialisation) and the records are written there: what
+    :func:`memloc.rewind` and :func:`memloc.retrain` need. The model is moved to the device.
+    """
+    cfg = replaced(TrainConfig, cfg, options)
+    prepare(model, data)
+    if run is None:
+        return Trainer(model, data, cfg, progress=progress, log=log).fit()
+    with exclusive(run.path if isinstance(run, RunDir) else run):  # one writer per run for the whole training
+        if not isinstance(run, RunDir):
+            run = RunDir.create(run)
+        if not run.has("config.json"):  # a run of memloc's own (run_training) keeps its files
+            run.save_arrays("data.npz", **data.arrays())
+            run.write_json("config.json", {"data": {"dataset": data.name, "noise": None},
+                                           "model": {"name": type(model).__name__, "width": None},
+                                           "train": {k: v for k, v in vars(cfg).items()}, "source": "python api"})
+        with run.working("train"):
+            return Trainer(model, data, cfg, run=run, progress=progress, log=log).fit()
+
+
+def prepare(model: nn.Module, data: Any, *, layers: Sequence[str] | None = None) -> list[Layer]:
+    """Check that `model` fits `data` and return its layers (or the named ones); quick, before any long work.
+
+    Records the data's input shape on the model as ``model.input_shape`` (as
+    memloc's own models carry it), so that :func:`memloc.layers` finds the
+    layers by tracing a forward pass, in forward order, for any architecture.
+    Raises ConfigError for a model without conv/linear layers, a model that
+    cannot take the data's shape, outputs the task cannot read, and unknown layer names.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch nn.Module, got {type(model).__name__}")
+    task = task_of(data)
+    if not any(True for _ in model.parameters()):
+        raise ConfigError("the model has no parameters, so no conv or linear layers: memloc probes units of conv "
+                          "and linear layers")
+    shape = tuple(task.data.input_shape)
+    check_input(model, shape)
+    model.input_shape = shape
+    all_layers = find_layers(model)
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape, device=dev))
+    finally:
+        model.train(was_training)
+    task.check_outputs(out)
+    return select_layers(all_layers, list(layers) if layers else None)

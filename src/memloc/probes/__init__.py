@@ -1,10 +1,19 @@
-"""The paper's probes: each a thin function over a shared result type and scoped interventions."""
+"""The probes: each one module with its config and compute function, run through one engine (`engine.py`).
 
-from .base import ProbeResult, swapped_state
-from .flipping import FlipConfig, FlipRecord, flip, flip_units, select_examples
-from .retraining import RetrainConfig, retrain, retrain_model
-from .rewinding import rewind, rewind_model
+To add a probe: write its module (a config dataclass, `compute(model, data, cfg, ctx)`
+and a `Probe(...)`), and add it to the import line below; the engine, the CLI and
+the report find it by name (see docs/architecture.md).
+"""
 
-__all__ = ["ProbeResult", "swapped_state",
-           "RetrainConfig", "retrain", "retrain_model", "rewind", "rewind_model",
-           "FlipConfig", "FlipRecord", "flip", "flip_units", "select_examples"]
+from .base import ProbeResult, registered, swapped_state
+from .engine import Context, Partial, Probe, prepare, run_probe
+from . import rewinding, retraining, flipping, dropout_eval, detection  # noqa: E402,F401 - the registration line
+from .detection import DetectConfig, detect
+from .dropout_eval import DropoutConfig, evaluate_dropout
+from .flipping import FlipConfig, FlipRecord, flip, select_examples
+from .retraining import RetrainConfig, retrain
+from .rewinding import RewindConfig, rewind
+
+__all__ = ["ProbeResult", "Probe", "Context", "Partial", "registered", "prepare", "run_probe", "swapped_state",
+           "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "FlipRecord", "flip",
+           "select_examples", "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect"]

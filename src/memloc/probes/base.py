@@ -26,12 +26,13 @@ from ..runs import RunDir, load_npz, save_npz, write_json, write_text
 
 @dataclass
 class ProbeResult:
-    """One probe's output: a JSON-able summary, named arrays, and rows for a tidy CSV."""
+    """One probe's output: a JSON-able summary, named arrays, rows for a tidy CSV, and other text files."""
 
     probe: str
     summary: dict = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # name -> text, e.g. detection's suspects.csv
 
     def save(self, run: RunDir) -> Path:
         with run.exclusive():  # one writer per run
@@ -43,6 +44,8 @@ class ProbeResult:
                 writer.writeheader()
                 writer.writerows(self.rows)
                 write_text(d / f"{self.probe}.csv", buf.getvalue())
+            for name, text in self.files.items():
+                write_text(d / name, text)
             write_json(d / "summary.json", self.summary)  # last: its presence means the probe finished
         return d
 
@@ -74,9 +77,23 @@ class _Arrays(dict):
         raise RunError(self.source.format(key))
 
 
+_REGISTRY: dict[str, object] = {}  # probe name -> its Probe (memloc.probes.engine), filled as the probes import
+
+
+def register(probe) -> None:
+    """Called by every `Probe` on creation: the CLI, the report and messages find probes here."""
+    _REGISTRY[probe.name] = probe
+
+
+def registered() -> dict[str, object]:
+    """Every registered probe by name, in registration order."""
+    return dict(_REGISTRY)
+
+
 def probe_command(probe: str) -> str:
-    return {"rewinding": "rewind", "retraining": "retrain", "flipping": "flip", "dropout": "evaluate",
-            "detection": "detect"}.get(probe, probe)
+    """The command that makes a probe's result, for messages."""
+    spec = _REGISTRY.get(probe)
+    return getattr(spec, "command", probe)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ reports for the baselines, as both "before" and "after").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,18 +30,20 @@ from ..dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_exampl
 from ..errors import ConfigError, RunError
 from ..experiment import LoadedRun
 from ..inference import predict
+from ..options import option
 from ..tasks import task_of
 from ..training import evaluate
 from .base import ProbeResult
+from .engine import Context, Probe, run_probe
 
-__all__ = ["evaluate_dropout", "plain_accuracies", "drop_scale", "require_example_tied_dropout"]
+__all__ = ["DropoutConfig", "evaluate_dropout", "plain_accuracies", "drop_scale", "require_example_tied_dropout"]
 
 
 def require_example_tied_dropout(model: nn.Module, where: str = "this model") -> list[ExampleTiedDropout]:
     """The model's example-tied dropout layers; a clear error when it has none."""
     found = find_example_tied_dropout(model)
     if not found:
-        raise RunError(f"{where} was trained without example-tied dropout, so it has no memorisation units to drop: "
+        raise RunError(f"{where} was trained without example-tied dropout, so it has no memorization units to drop: "
                        "train one with `memloc train --example-tied-dropout P_GEN,P_MEM` (e.g. 0.4,0.1)")
     return found
 
@@ -55,35 +59,42 @@ def _pct(v: float | None) -> float | None:
     return None if v is None else round(100.0 * v, 4)
 
 
-def evaluate_dropout(loaded: LoadedRun, *, epoch: int | None = None, scale: str = "matched",
-                     batch_size: int = 1024, save: bool = False) -> ProbeResult:
-    """The "dropout" probe: accuracies before (tied) and after (drop) removing the memorisation units.
+@dataclass
+class DropoutConfig:
+    """The example-tied evaluation: which saved epoch, and how the kept units are rescaled after the drop."""
 
-    Returns a ProbeResult whose summary holds fractions (clean_before,
-    noisy_before, clean_after, noisy_after, noisy_true_after, test_eval,
-    test_drop, ...) and whose arrays hold the predictions (N,) / (M,) of each
-    mode, `forgotten_clean` (indices of clean examples right before and wrong
-    after) and `noisy_true_after` (indices of noisy examples predicted as their
-    true class after the drop). `scale` is the drop-mode rescaling rule. With
-    `save`, writes RUN/probes/dropout/ and marks the stage done.
-    """
-    if not save:
-        return _evaluate_dropout(loaded, epoch=epoch, scale=scale, batch_size=batch_size)
-    with loaded.run.working("dropout"):
-        result = _evaluate_dropout(loaded, epoch=epoch, scale=scale, batch_size=batch_size)
-        result.save(loaded.run)
-        loaded.run.set_stage("dropout", "done")
-    return result
+    epoch: int | None = option(None, "saved epoch to evaluate (default: the last)")
+    drop_scale: str = option("matched", "rescaling of the generalization units after the drop (matched keeps the "
+                             "expected total)", choices=DROP_SCALES)
+    batch_size: int = option(1024, "evaluation batch size", result=False)
+    device: str = option("auto", "auto, cpu or cuda", result=False)
+
+    def __post_init__(self) -> None:
+        if self.drop_scale not in DROP_SCALES:
+            raise ConfigError(f"unknown drop scale {self.drop_scale!r}: use one of {', '.join(DROP_SCALES)}")
+
+
+def _check(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> None:
+    require_example_tied_dropout(model, str(ctx.run.path) if ctx.run is not None else "this model")
+
+
+def _describe(result: ProbeResult) -> list[str]:
+    s = result.summary
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+    return [f"clean-train {pct(s['clean_before'])} -> {pct(s['clean_after'])}  "
+            f"noisy-train {pct(s['noisy_before'])} -> {pct(s['noisy_after'])}  (tied -> drop)",
+            f"test {pct(s['test_eval'])} (eval) {pct(s['test_drop'])} (drop); noisy predicted as their true label "
+            f"after the drop {pct(s['noisy_true_after'])}; clean examples forgotten {s['forgotten_clean']}"]
 
 
 @torch.no_grad()
-def _evaluate_dropout(loaded: LoadedRun, *, epoch: int | None, scale: str, batch_size: int) -> ProbeResult:
-    if scale not in DROP_SCALES:
-        raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
-    model = loaded.model(epoch)
-    found = require_example_tied_dropout(model, str(loaded.run.path))
-    task, device = task_of(loaded.data), loaded.device
-    epoch = loaded.run.saved_epochs()[-1] if epoch is None else epoch
+def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> ProbeResult:
+    """Accuracies before (tied) and after (drop) removing the memorization units (see the module docstring)."""
+    found = require_example_tied_dropout(model)
+    task, device = task_of(data), next(model.parameters()).device
+    epoch, scale, batch_size = ctx.epoch, cfg.drop_scale, cfg.batch_size
     given, true, y_test = task.targets("given"), task.targets("true"), task.targets("test")
 
     def pred(split: str, mode: str) -> torch.Tensor:  # (N,) or (M,) predictions of a split in a mode
@@ -134,7 +145,28 @@ def _evaluate_dropout(loaded: LoadedRun, *, epoch: int | None, scale: str, batch
                      f"{mem}_acc": _pct(summary[f"{mem}_{when}"]) if train else None,
                      f"{mem}_true_acc": _pct(summary[f"{mem}_true_{when}"]) if train else None,
                      "test_acc": None if train else _pct(summary[f"test_{mode}"])})
-    return ProbeResult("dropout", summary, arrays, rows)
+    return ProbeResult(PROBE_NAME, summary, arrays, rows)
+
+
+PROBE_NAME = "dropout"
+PROBE = Probe(PROBE_NAME, "evaluate", DropoutConfig, _compute, check=_check, describe=_describe,
+              help="example-tied dropout runs: accuracies before (tied) and after (drop) removing the memorization "
+                   "units")
+
+
+def evaluate_dropout(target: Any, data: Any = None, cfg: DropoutConfig | None = None, *, save: bool = True,
+                     progress: bool = False, log: Callable[[str], None] | None = None, **options: Any) -> ProbeResult:
+    """The example-tied evaluation ("dropout" probe): accuracies before (tied) and after (drop) removing the
+    memorization units of a model trained with example-tied dropout.
+
+    `target`: a run directory (``memloc evaluate RUN --drop-memorization``; saved into RUN/probes/dropout/
+    unless `save` is False) or such a model with its `data`. `cfg` a :class:`DropoutConfig`, or `options`
+    its fields (``epoch``, ``drop_scale``). The summary holds fractions (clean_before, noisy_before,
+    clean_after, noisy_after, noisy_true_after, test_eval, test_drop, ...); the arrays the predictions (N,)
+    / (M,) of each mode, `forgotten_clean` (clean examples right before and wrong after) and
+    `noisy_true_after` (noisy examples predicted as their true class after the drop).
+    """
+    return run_probe(PROBE, target, data, cfg, save=save, progress=progress, log=log, **options)
 
 
 @torch.no_grad()

@@ -62,11 +62,9 @@ one within rounding of it (tested).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -76,43 +74,51 @@ from torch import nn
 from ..errors import ConfigError, DataError, RunError
 from ..cutting import fold_norms, split_after
 from ..models import Layer, layers as find_layers, select_layers
+from ..options import names, option, settings as option_settings
 from ..precision import bf16, cudnn_autotune, native_bf16
+from ..readers import read_indices
 from ..units import UnitMasks
-from ..runs import write_json
 from ..tasks import Task, task_of
 from .base import ProbeResult
+from .engine import Context, Probe, run_probe
 
 KINDS = ("clean", "noisy", "rare")
 PRECISIONS = ("auto", "fp32", "bf16")
-PROBE = "flipping"
+PROBE_NAME = "flipping"
 
 
 @dataclass
 class FlipConfig:
     """Settings of the greedy unit removal. Defaults are the paper's (5 copies, 1% noise, 512 others)."""
 
-    examples: int = 100  # per kind
-    kinds: tuple[str, ...] = ("clean", "noisy")
-    indices: tuple[int, ...] | None = None  # explicit training examples instead of a seeded choice per kind
-    others: int = 512
-    copies: int = 5
-    input_noise: float = 0.01  # noise norm as a fraction of the input's norm
-    budget: float = 0.1  # removal cap as a fraction of all candidate units ...
-    max_units: int | None = None  # ... or as a number of units (wins over `budget`)
-    layers: tuple[str, ...] | None = None  # names or indices; None: every layer but the classifier
-    include_classifier: bool = False
-    eval_subsample: int | None = None  # None: accuracy after removal on all training and test data
-    eval_test: bool = True  # False: training-set accuracy only after removal (saves the test-set passes)
-    seed: int = 0
-    sequential: bool = False
+    examples: int = option(100, "examples per kind, a seeded choice")
+    kinds: tuple[str, ...] = option(("clean", "noisy"), "comma-separated kinds: clean, noisy, rare", flag="--kind",
+                                    parse=names)
+    indices: tuple[int, ...] | None = option(None, "flip these training examples instead (.npy or text, one index a "
+                                             "line)", parse=read_indices, metavar="FILE")
+    others: int = option(512, "other training examples whose loss is kept low")
+    copies: int = option(5, "noisy copies of the example averaged")
+    input_noise: float = option(0.01, "noise norm as a fraction of the input norm")
+    budget: float = option(0.1, "removal cap as a fraction of all units")
+    max_units: int | None = option(None, "removal cap as a number of units (wins over --budget)")
+    layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all but the "
+                                            "classifier)", parse=names)
+    include_classifier: bool = option(False, "let the final classifier's units be removed too")
+    eval_subsample: int | None = option(None, "accuracy after removal on K seeded train and test examples",
+                                        metavar="K")
+    eval_test: bool = option(True, "after removal, training-set accuracy only", negate="--no-test-eval")
+    seed: int = option(0, "seed of the examples, the others and the input noise")
+    sequential: bool = option(False, "the paper's loop: one example, one removal at a time", result=False)
     # "auto": bf16 where the device computes it natively in batched mode (a GPU; a CPU with AVX512-BF16 or AMX),
     # and the arithmetic the model trains in for the sequential baseline (bf16 autocast on a GPU, fp32 on a CPU)
-    precision: str = "auto"
-    batch_examples: int = 16  # examples flipped at once (batched mode; 16 keeps the paper's ResNet-9 under 16 GB)
-    max_rows: int | None = None  # rows per forward+backward pass of the score step (None: 4096 GPU, 1024 CPU)
-    eval_rows: int | None = None  # rows (mask x data point) per accuracy pass (None: 8192 GPU, 1024 CPU)
-    epoch: int | None = None  # checkpoint to probe (None: the final one)
-    device: str = "auto"
+    precision: str = option("auto", "auto (bf16 where the device has it natively, fp32 for --sequential on a CPU), "
+                            "fp32 or bf16", result=False)
+    batch_examples: int = option(16, "examples flipped at once (16 keeps the paper's ResNet-9 under 16 GB)",
+                                 result=False)
+    max_rows: int | None = option(None, cli=False, result=False)  # rows per score pass (None: 4096 GPU, 1024 CPU)
+    eval_rows: int | None = option(None, cli=False, result=False)  # rows per accuracy pass (None: 8192 GPU, 1024 CPU)
+    epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
+    device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
@@ -153,10 +159,7 @@ class FlipConfig:
 
     def settings(self) -> dict:
         """What determines the result (batching sizes, the mode and the precision do not, beyond float rounding)."""
-        d = asdict(self)
-        for k in ("sequential", "precision", "batch_examples", "max_rows", "eval_rows", "device"):
-            d.pop(k)
-        return d
+        return option_settings(self)
 
 
 @dataclass
@@ -684,7 +687,7 @@ def build_result(records: list[FlipRecord], task: Task, cfg: FlipConfig, candida
             "mean_layers_per_example": float((counts[sel] > 0).sum(1).mean()) if sel.any() else None,
         }
     summary = {
-        "probe": PROBE, "settings": cfg.settings(), "mode": "sequential" if cfg.sequential else "batched",
+        "probe": PROBE_NAME, "settings": cfg.settings(), "mode": "sequential" if cfg.sequential else "batched",
         "precision": precision,
         "budget_units": budget, "candidate_units": int(sum(l.units for l in candidates)),
         "layers": [{"index": l.index, "name": l.name, "units": l.units} for l in candidates],
@@ -693,7 +696,7 @@ def build_result(records: list[FlipRecord], task: Task, cfg: FlipConfig, candida
         "elapsed_s": None if elapsed is None else round(elapsed, 3),
         "examples_per_s": None if not elapsed else round(E / elapsed, 4),
     }
-    return ProbeResult(PROBE, summary, arrays, rows)
+    return ProbeResult(PROBE_NAME, summary, arrays, rows)
 
 
 def _to_json(r: FlipRecord) -> dict:
@@ -706,60 +709,51 @@ def _from_json(d: dict) -> FlipRecord:
                       [tuple(u) for u in d["units"]], d["acc"])
 
 
-def flip(run: str | Path, cfg: FlipConfig | None = None, *, overwrite: bool = False, progress: bool = True,
-         log: Callable[[str], None] | None = None) -> ProbeResult:
-    """Greedy unit removal on a run directory's final model; results in RUN/probes/flipping/.
-
-    Saves the records after every chunk of examples; a rerun with the same
-    settings continues with the examples not yet done. Different settings over
-    an unfinished or finished probe need `overwrite`.
-    """
-    from ..experiment import open_run
-    cfg = cfg or FlipConfig()
-    loaded = open_run(run, device=cfg.device)
-    if not loaded.run.saved_epochs():
-        raise RunError(f"{loaded.run.path} has no checkpoints: train it with `memloc train` first")
-    model = loaded.model(cfg.epoch)
-    epoch = cfg.epoch if cfg.epoch is not None else loaded.run.saved_epochs()[-1]
-    data = loaded.data
+def _check(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> None:
     _plan(model, data, cfg)  # every bad input fails here, before anything is written
-    d = loaded.run.path / "probes" / PROBE
-    state_path = d / "progress.json"
-    settings = {**cfg.settings(), "epoch": epoch}
-    with loaded.run.exclusive():
-        done: list[FlipRecord] = []
-        seconds = 0.0  # search time of the earlier, interrupted calls
-        if state_path.exists():
-            try:
-                state = json.loads(state_path.read_text())
-                if not isinstance(state, dict):
-                    raise ValueError(state)
-            except (ValueError, UnicodeDecodeError):
-                state = {"settings": None, "records": []}
-            if state.get("settings") == json.loads(json.dumps(settings)):
-                done = [_from_json(r) for r in state["records"]]
-                seconds = float(state.get("seconds") or 0.0)
-            elif not overwrite:
-                raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
-        elif (d / "summary.json").exists() and not overwrite:
-            raise RunError(f"{d} holds a flipping probe with other settings: pass --overwrite to replace it")
-        if not done and (d / "summary.json").exists():
-            (d / "summary.json").unlink()  # replaced (--overwrite): never leave the old result looking finished
 
-        def save(records: list[FlipRecord], elapsed: float) -> None:
-            d.mkdir(parents=True, exist_ok=True)
-            write_json(state_path, {"settings": settings, "records": [_to_json(r) for r in records],
-                                    "seconds": round(elapsed, 3)})
 
-        with loaded.run.working(PROBE, examples_done=len(done)):
-            result = flip_units(model, data, cfg, done=done, done_seconds=seconds, on_chunk=save, progress=progress,
-                                log=log)
-            result.summary["epoch"] = epoch
-            result.summary["run"] = str(loaded.run.path)
-            save(_records_of(result), result.summary["elapsed_s"] or 0.0)
-            result.save(loaded.run)
-            loaded.run.set_stage(PROBE, "done", examples=result.summary["examples"])
+def _compute(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> ProbeResult:
+    """Greedy removal resuming the records of an interrupted call (kept after every chunk of examples)."""
+    _, state = ctx.partial.load()
+    done = [_from_json(r) for r in state.get("records", [])]
+
+    def save(records: list[FlipRecord], elapsed: float) -> None:
+        ctx.partial.save(state={"records": [_to_json(r) for r in records], "seconds": round(elapsed, 3)})
+
+    result = flip_units(model, data, cfg, done=done, done_seconds=float(state.get("seconds") or 0.0), on_chunk=save,
+                        progress=ctx.progress, log=ctx.log)
+    save(_records_of(result), result.summary["elapsed_s"] or 0.0)
+    if ctx.epoch is not None:
+        result.summary["epoch"] = ctx.epoch
     return result
+
+
+def _describe(result: ProbeResult) -> list[str]:
+    def pct(v):
+        return "  -  " if v is None else f"{100 * v:5.1f}"
+    return [f"{kind:6s} {k['examples']} examples: median {k['median_units']} units, flipped {pct(k['flipped_share'])}%, "
+            f"< 10 units {pct(k['share_flipped_under_10'])}%, train-acc drop {pct(k['mean_train_acc_drop'])} points, "
+            f"{k['layers_used']} layers used" for kind, k in result.summary["kinds"].items()]
+
+
+PROBE = Probe(PROBE_NAME, "flip", FlipConfig, _compute, check=_check, describe=_describe, guards=True,
+              layers_option="layers", overwrite_help="replace a flipping probe made with other settings",
+              help="greedy unit removal: the units to zero until each chosen example's prediction flips")
+
+
+def flip(target, data=None, cfg: FlipConfig | None = None, *, overwrite: bool = False, save: bool = True,
+         progress: bool = False, log: Callable[[str], None] | None = None, **options) -> ProbeResult:
+    """Greedy unit removal (the paper's neuron flipping) on a run directory or on any trained model.
+
+    `target`: a run directory (``memloc flip RUN``: its final model, or `epoch`; saved into the run, a rerun
+    with the same settings continues an interrupted one, other settings over an existing probe need
+    `overwrite`), or a trained model with its training `data`. `cfg` a :class:`FlipConfig`, or `options`
+    its fields (e.g. ``examples=20, kinds=("noisy",), layers=[...]``). Result arrays (E examples):
+    ``index`` (E,), ``num_units`` (E,), ``flipped`` (E,), ``unit_layer`` / ``unit_index`` (E, cap),
+    ``layer_counts`` (E, L).
+    """
+    return run_probe(PROBE, target, data, cfg, overwrite=overwrite, save=save, progress=progress, log=log, **options)
 
 
 def _records_of(result: ProbeResult) -> list[FlipRecord]:

@@ -22,39 +22,44 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import data as data_mod
-from ..data import Dataset
 from ..errors import ConfigError, DataError, RunError
+from ..experiment import make_model
 from ..models import NORM_TYPES, Layer, layers as find_layers, select_layers
-from ..runs import RunDir
+from ..options import names, option
 from ..precision import autocast
+from ..runs import RunDir
 from ..tasks import Task, task_of
 from ..training import TrainConfig, epoch_seed, learning_rate, seeded
 from .base import ProbeResult, swapped_state
-from .sweep import (accuracy_dict, clear_partial, evaluate_subsets, layer_keys, layer_state, load_partial,
-                    module_modes, progress_bar, save_partial, tidy_rows)
+from .engine import Context, Partial, Probe, run_probe
+from .sweep import accuracy_dict, evaluate_subsets, layer_keys, layer_state, module_modes, progress_bar, tidy_rows
 
-PROBE = "retraining"
+PROBE_NAME = "retraining"
 
 
 @dataclass
 class RetrainConfig:
     """How each layer is retrained (the paper: 20 epochs, one-cycle to lr 0.1 at epoch 10)."""
 
-    epochs: int = 20
-    lr: float = 0.1
-    peak_epoch: float = 10
-    batch_size: int = 512
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    eval_batch_size: int = 1024
+    epochs: int = option(20, "retraining epochs per layer")
+    lr: float = option(0.1, "peak learning rate of the one-cycle schedule")
+    peak_epoch: float = option(10, "epoch of the peak learning rate")
+    batch_size: int = option(512, "training batch size")
+    momentum: float = option(0.9, cli=False)
+    weight_decay: float = option(5e-4, cli=False)
+    seed: int = option(0, "seed of the training order")
+    eval_batch_size: int = option(1024, cli=False, result=False)
+    layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
+                                            parse=names)
+    device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -67,6 +72,8 @@ class RetrainConfig:
             raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError("momentum and weight decay must not be negative")
+        if self.layers is not None:
+            self.layers = tuple(str(n) for n in self.layers)
 
     def schedule(self) -> TrainConfig:
         """The one-cycle schedule as a TrainConfig for `training.learning_rate` (warm-up = peak_epoch / epochs)."""
@@ -94,16 +101,17 @@ def only_layer_trainable(model: nn.Module, layer: Layer) -> Iterator[nn.Module]:
                 p.requires_grad_(g)
 
 
-def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torch.Tensor],
+def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Tensor],
                   cfg: RetrainConfig | None = None, *, layers: Sequence[str] | None = None, progress: bool = False,
-                  run: RunDir | None = None, on_step: Callable[[torch.Tensor], None] | None = None) -> ProbeResult:
+                  partial: Partial | None = None, on_step: Callable[[torch.Tensor], None] | None = None
+                  ) -> ProbeResult:
     """Retrain each layer of the (final) `model` from `init_state` (epoch 0) on the clean examples only.
 
     Each layer is reset, trained and put back (`swapped_state`), so the model is
     unchanged afterwards, even on error. `on_step(idx)` is called with the
     dataset positions (B,) of every training batch (for logging and tests).
-    With `run`, finished layers are recorded in RUN/probes/retraining/partial.npz
-    and a rerun with the same settings skips them.
+    `partial` keeps the finished layers, so that an interrupted call resumes
+    with the others.
     """
     cfg = cfg or RetrainConfig()
     task = task_of(data)
@@ -118,11 +126,9 @@ def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torc
     all_layers = find_layers(model)
     picked = select_layers(all_layers, list(layers) if layers else None)
     device = next(model.parameters()).device
-    settings = {"layers": [l.name for l in picked], "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
-                "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-                "seed": cfg.seed, "num_train": task.num_train}
     resets = {l.name: layer_state(init_state, layer_keys(model, l), source="the initial state") for l in picked}
-    done = load_partial(run, PROBE, settings)
+    partial = partial or Partial()
+    done = dict(partial.load()[0])
     todo = [l for l in picked if l.name not in done]
     steps = math.ceil(len(clean) / cfg.batch_size)
     sched = cfg.schedule()
@@ -132,7 +138,7 @@ def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torc
         for layer in todo:
             done[layer.name] = _retrain_layer(model, task, layer, resets[layer.name], cfg, sched, clean, steps, device,
                                               bar, on_step)
-            save_partial(run, PROBE, settings, done)
+            partial.save(done)
     finally:
         if bar is not None:
             bar.close()
@@ -141,9 +147,9 @@ def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torc
     names = [l.name for l in picked]
     acc = np.stack([done[n] for n in names])  # (L, E+1, S)
     summary = {
-        "probe": PROBE, "layers": names, "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
+        "probe": PROBE_NAME, "layers": names, "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
         "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-        f"num_{ref}_trained_on": int(len(clean)), "subsets": list(task.subsets),
+        f"num_{ref}_trained_on": int(len(clean)), "trained_on": ref, "subsets": list(task.subsets),
         "final": accuracy_dict(final, task.subsets),
         "after_reset": {n: accuracy_dict(acc[i, 0], task.subsets) for i, n in enumerate(names)},
         "after_retraining": {n: accuracy_dict(acc[i, -1], task.subsets) for i, n in enumerate(names)},
@@ -153,7 +159,7 @@ def retrain_model(model: nn.Module, data: Dataset, init_state: Mapping[str, torc
         summary["note"] = f"the run has no {mem} examples: {mem}-train accuracy is not measured"
     arrays = {"accuracy": acc, "layer_names": np.array(names), "epochs": np.arange(cfg.epochs + 1),
               "subsets": np.array(task.subsets), "final": final}
-    return ProbeResult(PROBE, summary, arrays,
+    return ProbeResult(PROBE_NAME, summary, arrays,
                        tidy_rows(names, range(cfg.epochs + 1), acc, task.subsets, step_name="epoch"))
 
 
@@ -195,41 +201,75 @@ def _pct(v) -> str:
     return " - " if v is None else f"{100 * v:.1f}"
 
 
-def retrain(loaded, cfg: RetrainConfig | None = None, *, layers: Sequence[str] | None = None, progress: bool = False,
-            save: bool = True) -> ProbeResult:
-    """Layer retraining of a run (a LoadedRun from `open_run`, or a run directory path).
+def _init_state(model: nn.Module, data: Any, ctx: Context) -> tuple[Mapping[str, torch.Tensor], str]:
+    """The initialisation: the caller's `init_state`, the run's epoch-0 checkpoint, or rebuilt from its seed."""
+    init = ctx.sources.get("init_state")
+    if init is not None:
+        if isinstance(init, (str, Path)):
+            init = RunDir.open(init)
+        if isinstance(init, RunDir):
+            return init.load_checkpoint(0), f"epoch 0 checkpoint of {init.path}"
+        return init, "the given init_state"
+    if ctx.run is None:
+        raise RunError("retraining needs the initialisation: pass init_state= the model's state dict before "
+                       "training (copy.deepcopy(model.state_dict())), or the RunDir memloc.train wrote (epoch 0)")
+    if 0 in ctx.run.saved_epochs():
+        return ctx.run.load_checkpoint(0), "epoch 0 checkpoint"
+    loaded = ctx.loaded
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(loaded.config.train.seed)
+        return make_model(loaded.config.model, loaded.data).state_dict(), \
+            "rebuilt from the run's seed (no epoch 0 checkpoint)"
 
-    Needs the final model and the initialisation: the epoch-0 checkpoint, or,
-    for a run imported from a trained checkpoint without one, the
-    initialisation rebuilt from the run's seed. With `save`, writes
-    RUN/probes/retraining/ and marks the stage done.
-    """
-    from ..experiment import make_model, open_run
-    cfg = cfg or RetrainConfig()
-    if not hasattr(loaded, "run"):
-        loaded = open_run(loaded)
-    run = loaded.run
-    saved = run.saved_epochs()
-    if not saved:
-        raise RunError(f"{run.path} has no checkpoints: retraining needs the trained model (train with `memloc train`)")
-    if not loaded.data.noise_known:
-        raise DataError(f"{run.path} has no noise mask: retraining trains on the clean examples only, so it needs "
-                        "to know which are noisy (give --noise-mask when importing the run)")
-    model = loaded.model()
-    if layers:
-        select_layers(find_layers(model), list(layers))  # unknown names fail before any compute
-    if 0 in saved:
-        init, init_source = run.load_checkpoint(0), "epoch 0 checkpoint"
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(loaded.config.train.seed)
-            init = make_model(loaded.config.model, loaded.data).state_dict()
-        init_source = "rebuilt from the run's seed (no epoch 0 checkpoint)"
-    with run.working(PROBE) if save else contextlib.nullcontext():
-        result = retrain_model(model, loaded.data, init, cfg, layers=layers, progress=progress, run=run)
-        result.summary.update(run=str(run.path), final_epoch=saved[-1], init=init_source)
-        if save:
-            result.save(run)
-            clear_partial(run, PROBE)
-            run.set_stage(PROBE, "done", seconds=result.summary["seconds"])
+
+def _check(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> None:
+    task = task_of(data)
+    if task.kind_mask(task.reference_kind) is None:
+        where = f"{ctx.run.path} has no noise mask" if ctx.run is not None else "the data's noisy examples are not known"
+        raise DataError(f"{where}: retraining trains on the {task.reference_kind} examples only, so it needs to know "
+                        f"which are {task.memorized_kind} (give --noise-mask when importing a run, or noise_mask= "
+                        "to memloc.wrap_data)")
+    if cfg.layers:
+        select_layers(find_layers(model), list(cfg.layers))  # unknown names fail before any compute
+    if ctx.run is None:
+        _init_state(model, data, ctx)
+
+
+def _compute(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> ProbeResult:
+    init, source = _init_state(model, data, ctx)
+    result = retrain_model(model, data, init, cfg, layers=cfg.layers, progress=ctx.progress, partial=ctx.partial)
+    result.summary["init"] = source
+    if ctx.epoch is not None:
+        result.summary["final_epoch"] = ctx.epoch
     return result
+
+
+def _describe(result: ProbeResult) -> list[str]:
+    s = result.summary
+    shown = [k for k, v in s["final"].items() if v is not None]
+    lines = [f"each layer reset to its initialisation, then retrained {s['epochs']} epochs on "
+             f"{s.get('trained_on', 'clean')} examples only:"]
+    for name in s["layers"]:
+        a, b = s["after_reset"][name], s["after_retraining"][name]
+        lines.append(f"  {name:24s} " + "  ".join(f"{k[:-4].replace('_', '-')} {_pct(a[k])} -> {_pct(b[k])}"
+                                                 for k in shown))
+    return lines
+
+
+PROBE = Probe(PROBE_NAME, "retrain", RetrainConfig, _compute, check=_check, describe=_describe, layers_option="layers",
+              help="layer retraining: reset one layer to init, train only it on clean examples")
+
+
+def retrain(target: Any, data: Any = None, init_state: Any = None, cfg: RetrainConfig | None = None, *,
+            save: bool = True, progress: bool = False, log: Callable[[str], None] | None = None,
+            **options: Any) -> ProbeResult:
+    """Layer retraining: each layer reset to its initialisation and trained alone on the clean examples.
+
+    `target`: a run directory (``memloc retrain RUN``; the initialisation is its epoch-0 checkpoint, or
+    rebuilt from its seed), or a trained model with its `data` and `init_state` (the state dict before
+    training, ``copy.deepcopy(model.state_dict())``, or the RunDir :func:`memloc.train` wrote). `cfg` a
+    :class:`RetrainConfig`, or `options` its fields (e.g. ``epochs=20, layers=[...]``). Needs the noisy
+    examples known. Result arrays: ``accuracy`` (layers, epochs + 1, subsets).
+    """
+    return run_probe(PROBE, target, data, cfg, sources={"init_state": init_state}, save=save, progress=progress,
+                     log=log, **options)

@@ -11,6 +11,9 @@ Speed: the activations entering a layer do not depend on the layer's state, so
 for each batch the part of the model before the layer runs once and only the
 rest runs once per epoch (`sweep.split_at`); the data is read once per layer.
 
+Needs the per-epoch states: a run's checkpoints, or `states=` ({epoch: state
+dict}, or a run directory `memloc.train(..., run=PATH)` wrote) with a model in hand.
+
 Result (`RUN/probes/rewinding/`): arrays.npz with `accuracy` (layers, epochs,
 subsets), `layer_names`, `epochs`, `subsets`, `final` (subsets,); rewinding.csv
 one row per (layer, epoch, subset); summary.json.
@@ -18,39 +21,64 @@ one row per (layer, epoch, subset); summary.json.
 
 from __future__ import annotations
 
-import contextlib
-
 import time
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import Dataset
 from ..errors import ConfigError, RunError
 from ..models import layers as find_layers, select_layers
+from ..options import ints, names, option
 from ..runs import RunDir
-from .base import ProbeResult
 from ..tasks import task_of
-from .sweep import (accuracy_dict, clear_partial, evaluate_subsets, layer_keys, layer_state, load_partial,
-                    progress_bar, save_partial, sweep_accuracy, tidy_rows)
+from .base import ProbeResult
+from .engine import Context, Partial, Probe, run_probe
+from .sweep import accuracy_dict, evaluate_subsets, layer_keys, layer_state, progress_bar, sweep_accuracy, tidy_rows
 
-PROBE = "rewinding"
+PROBE_NAME = "rewinding"
 States = Mapping[int, Mapping[str, torch.Tensor]] | Callable[[int], Mapping[str, torch.Tensor]]
 
 
-def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, epochs: Sequence[int] | None = None,
+@dataclass
+class RewindConfig:
+    """Which layers go back to which saved epochs (default: every layer to every saved epoch)."""
+
+    layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
+                                            parse=names)
+    epochs: tuple[int, ...] | None = option(None, "comma-separated saved epochs to rewind to (default: all saved)",
+                                            parse=ints)
+    every: int | None = option(None, "every K-th saved epoch (the last one always included)")
+    keep_bn_stats: bool = option(False, "leave the BatchNorm statistics final (weights only)")
+    batch_size: int = option(1024, "evaluation batch size", result=False)
+    device: str = option("auto", "auto, cpu or cuda", result=False)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = tuple(str(n) for n in self.layers)
+        if self.epochs is not None:
+            self.epochs = tuple(int(e) for e in self.epochs)
+        if self.epochs is not None and self.every is not None:
+            raise ConfigError("pass either --epochs or --every, not both")
+        if self.every is not None and self.every < 1:
+            raise ConfigError(f"--every must be at least 1, not {self.every}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+def rewind_model(model: nn.Module, data: Any, states_by_epoch: States, *, epochs: Sequence[int] | None = None,
                  layers: Sequence[str] | None = None, keep_bn_stats: bool = False, batch_size: int = 1024,
-                 progress: bool = False, run: RunDir | None = None, split: bool = True) -> ProbeResult:
+                 progress: bool = False, partial: Partial | None = None, split: bool = True) -> ProbeResult:
     """Rewind each layer of the (final) `model` to each epoch's state and measure accuracy.
 
     `states_by_epoch`: {epoch: state dict} or a function epoch -> state dict
     (then `epochs` is required); only the layers' tensors are used. `layers`:
-    names or indices (default all). With `run`, finished layers are recorded in
-    RUN/probes/rewinding/partial.npz and a rerun with the same settings skips
-    them. The model is unchanged afterwards, even on error. Nothing is written
-    besides the partial record; `ProbeResult.save(run)` writes the result.
+    names or indices (default all). `partial` keeps the finished layers, so
+    that an interrupted call resumes with the others. The model is unchanged
+    afterwards, even on error.
     """
     if epochs is None:
         if callable(states_by_epoch):
@@ -70,11 +98,10 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
     all_layers = find_layers(model)
     picked = select_layers(all_layers, list(layers) if layers else None)
     device = next(model.parameters()).device
-    settings = {"layers": [l.name for l in picked], "epochs": epochs, "keep_bn_stats": keep_bn_stats,
-                "num_train": task.num_train, "num_test": int(len(task.data.x_test))}
 
     keys = {l.name: layer_keys(model, l, buffers=not keep_bn_stats) for l in picked}
-    done = load_partial(run, PROBE, settings)
+    partial = partial or Partial()
+    done = dict(partial.load()[0])
     todo = [l for l in picked if l.name not in done]
     t0 = time.perf_counter()
     # the layers' tensors at every epoch, read once per checkpoint (kept on the host until a layer is swept)
@@ -91,7 +118,7 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
             tick = bar.update if bar is not None else None
             done[layer.name] = sweep_accuracy(model, task, layer, states, batch_size=batch_size, device=device,
                                               cut=split, on_batch=tick)  # (E, S)
-            save_partial(run, PROBE, settings, done)
+            partial.save(done)
             if bar is not None:
                 bar.set_postfix_str(f"{layer.name} done")
     finally:
@@ -104,7 +131,7 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
     names = [l.name for l in picked]
     first = epochs.index(min(epochs))
     summary = {
-        "probe": PROBE, "layers": names, "epochs": epochs, "keep_bn_stats": keep_bn_stats,
+        "probe": PROBE_NAME, "layers": names, "epochs": epochs, "keep_bn_stats": keep_bn_stats,
         "subsets": list(task.subsets), "final": accuracy_dict(final, task.subsets), "noise_known": task.known,
         # headline: each layer rewound to the earliest epoch asked for
         "earliest_epoch": min(epochs),
@@ -117,39 +144,76 @@ def rewind_model(model: nn.Module, data: Dataset, states_by_epoch: States, *, ep
                            f"measured (the other subsets are)")
     arrays = {"accuracy": acc, "layer_names": np.array(names), "epochs": np.array(epochs),
               "subsets": np.array(task.subsets), "final": final}
-    return ProbeResult(PROBE, summary, arrays, tidy_rows(names, epochs, acc, task.subsets, step_name="epoch"))
+    return ProbeResult(PROBE_NAME, summary, arrays, tidy_rows(names, epochs, acc, task.subsets, step_name="epoch"))
 
 
-def rewind(loaded, *, layers: Sequence[str] | None = None, epochs: Sequence[int] | None = None, every: int | None = None,
-           keep_bn_stats: bool = False, batch_size: int = 1024, progress: bool = False, save: bool = True) -> ProbeResult:
-    """Layer rewinding of a run (a LoadedRun from `open_run`, or a run directory path).
+def _states(model: nn.Module, ctx: Context) -> tuple[Callable[[int], Mapping[str, torch.Tensor]], list[int]]:
+    """The per-epoch states (a getter and the epochs it has): the run's checkpoints, or the caller's `states`."""
+    states = ctx.sources.get("states")
+    if ctx.run is None and states is None:
+        raise RunError("rewinding needs training history: pass states= a RunDir that memloc.train(..., run=PATH) "
+                       "wrote per-epoch checkpoints into, or {epoch: state_dict}")
+    if states is None or isinstance(states, (str, Path, RunDir)):
+        run = ctx.run if states is None else (states if isinstance(states, RunDir) else RunDir.open(states))
+        saved = run.saved_epochs()
+        if len(saved) < 2:
+            fix = "train with --checkpoint-every 1" if states is None else "train with memloc.train(..., run=PATH)"
+            raise RunError(f"rewinding needs per-epoch checkpoints and {run.path} has {len(saved)}: {fix}")
+        return run.load_checkpoint, saved
+    if isinstance(states, Mapping):
+        if not states:
+            raise ConfigError("states holds no epochs: pass {epoch: state_dict} with at least one epoch")
+        return (lambda e: states[e]), sorted(int(e) for e in states)
+    raise ConfigError(f"states must be a RunDir, a run path or {{epoch: state_dict}}, not {type(states).__name__}")
 
-    `epochs`: which saved epochs (default all); `every`: every k-th saved epoch
-    (the last one always included). Checks everything before any compute;
-    with `save`, writes RUN/probes/rewinding/ and marks the stage done.
-    """
-    from ..experiment import open_run
-    if not hasattr(loaded, "run"):
-        loaded = open_run(loaded)
-    run = loaded.run
-    saved = run.saved_epochs()
-    if len(saved) < 2:
-        raise RunError(f"rewinding needs per-epoch checkpoints and {run.path} has {len(saved)}: "
-                       "train with --checkpoint-every 1")
-    chosen = choose_epochs(saved, epochs=epochs, every=every)
-    model = loaded.model()  # the final model
-    if layers:
-        select_layers(find_layers(model), list(layers))  # unknown names fail before any compute
-    with run.working(PROBE) if save else contextlib.nullcontext():
-        result = rewind_model(model, loaded.data, run.load_checkpoint, epochs=chosen, layers=layers,
-                              keep_bn_stats=keep_bn_stats, batch_size=batch_size, progress=progress, run=run)
-        result.summary["run"] = str(run.path)
-        result.summary["final_epoch"] = saved[-1]
-        if save:
-            result.save(run)
-            clear_partial(run, PROBE)
-            run.set_stage(PROBE, "done", seconds=result.summary["seconds"])
+
+def _check(model: nn.Module, data: Any, cfg: RewindConfig, ctx: Context) -> None:
+    _, saved = _states(model, ctx)
+    choose_epochs(saved, epochs=cfg.epochs, every=cfg.every)
+    if cfg.layers:
+        select_layers(find_layers(model), list(cfg.layers))  # unknown names fail before any compute
+
+
+def _compute(model: nn.Module, data: Any, cfg: RewindConfig, ctx: Context) -> ProbeResult:
+    get, saved = _states(model, ctx)
+    chosen = choose_epochs(saved, epochs=cfg.epochs, every=cfg.every)
+    result = rewind_model(model, data, get, epochs=chosen, layers=cfg.layers, keep_bn_stats=cfg.keep_bn_stats,
+                          batch_size=cfg.batch_size, progress=ctx.progress, partial=ctx.partial)
+    result.summary["final_epoch"] = saved[-1]
     return result
+
+
+def _describe(result: ProbeResult) -> list[str]:
+    s = result.summary
+    shown = [k for k, v in s["final"].items() if v is not None]  # subsets this run measures
+
+    def accs(acc: dict) -> str:
+        return "  ".join(f"{k[:-4].replace('_', '-')} {_pct(acc[k])}" for k in shown)
+    lines = ["final model: " + accs(s["final"]), f"each layer rewound to epoch {s['earliest_epoch']}:"]
+    lines += [f"  {name:24s} {accs(acc)}" for name, acc in s["at_earliest_epoch"].items()]
+    return lines
+
+
+def _pct(v) -> str:
+    return "  -  " if v is None else f"{100 * v:5.1f}"
+
+
+PROBE = Probe(PROBE_NAME, "rewind", RewindConfig, _compute, check=_check, describe=_describe, layers_option="layers",
+              help="layer rewinding: each layer back to each saved epoch inside the final model")
+
+
+def rewind(target: Any, data: Any = None, cfg: RewindConfig | None = None, *, states: Any = None, save: bool = True,
+           progress: bool = False, log: Callable[[str], None] | None = None, **options: Any) -> ProbeResult:
+    """Layer rewinding: each layer back to each earlier epoch inside the final model. Needs training history.
+
+    `target`: a run directory (``memloc rewind RUN``; saved into it unless `save` is False), or a trained
+    model with its `data` and `states` (a RunDir, or path, that :func:`memloc.train` wrote checkpoints
+    into, or ``{epoch: state_dict}``). `cfg` a :class:`RewindConfig`, or `options` its fields (``layers``,
+    ``epochs``, ``every``, ``keep_bn_stats``, ``batch_size``). Result arrays: ``accuracy`` (layers,
+    epochs, subsets), ``layer_names``, ``epochs``, ``subsets``, ``final``.
+    """
+    return run_probe(PROBE, target, data, cfg, sources={"states": states}, save=save, progress=progress, log=log,
+                     **options)
 
 
 def choose_epochs(saved: Sequence[int], *, epochs: Sequence[int] | None = None, every: int | None = None) -> list[int]:

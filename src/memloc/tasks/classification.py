@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset, augment as augment_images, model_input
+from ..errors import ConfigError
 from ..inference import predict
 
 
@@ -78,6 +79,14 @@ class ClassificationTask:
         if which == "test":
             return self.data.y_test
         raise ValueError(f"unknown targets {which!r}")
+
+    def check_outputs(self, outputs: torch.Tensor) -> None:
+        """A model's outputs for a batch of 2 must be logits (2, K) over the data's K classes."""
+        k = self.data.num_classes
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[1] != k:
+            got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise ConfigError(f"the model's output is {got} for a batch of 2, but the data has {k} classes: "
+                              f"the model must return logits of shape (batch, {k})")
 
     # -- kinds and subsets
     def kind_mask(self, kind: str) -> torch.Tensor | None:

@@ -27,10 +27,10 @@ epoch, train-mode BatchNorm, before that step's update): no extra passes over
 the data. The one extra pass is the final model's predicted label (eval mode),
 a column of ``suspects.csv`` only.
 
-Quality against a known noise mask: AUROC (rank-based, ties averaged, equal to
-scikit-learn's `roc_auc_score`), average precision (scikit-learn's step-wise
-definition, ties grouped) and precision at k = number of noisy examples
-(expected value when the k-th place falls inside a group of tied scores). A
+Quality against a known noise mask: AUROC and average precision (scikit-learn's
+`roc_auc_score` and `average_precision_score`) and precision at k = number of
+noisy examples (expected value when the k-th place falls inside a group of tied
+scores; scikit-learn has no tie-aware one). A
 score with NaN entries is judged on the examples it covers (``n`` in the table).
 Rare detection (when rare examples are marked) is judged among the clean
 examples only (noisy ones are neither rare nor typical there).
@@ -45,17 +45,30 @@ top suspects' images), suspects.csv (= detection.csv: every example ranked by
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+import torch
+from torch import nn
 
-from .errors import ConfigError, DataError, RunError
-from .probes.base import ProbeResult
+from ..errors import ConfigError, DataError, RunError
+from ..experiment import make_model
+from ..inference import predict
+from ..options import option
+from ..readers import read_vector
+from ..runs import RunDir
+from ..tasks import task_of
+from ..training import Trainer
+from .base import ProbeResult
+from .engine import Context, Probe, run_probe
+from .flipping import FlipConfig, _plan
 
-PROBE = "detection"
+PROBE_NAME = "detection"
 
 # name -> (sign turning the raw value into suspicion, what it is)
 SCORES: dict[str, tuple[int, str]] = {
@@ -75,15 +88,18 @@ GALLERY = 32  # top suspects whose images are kept in arrays.npz for the report'
 class DetectConfig:
     """Settings of `memloc detect`. The default ranking is by AUM (needs no noise mask, no extra training)."""
 
-    rank_by: str = "aum"
-    cv: int = 0  # folds of cross-validation for cleanlab (0: off); trains `cv` extra models
-    cv_epochs: int | None = None  # epochs of each fold's model (None: the run's)
-    flip_all: bool = False  # run the flipping probe on every training example first
-    flip_eval_subsample: int = 256  # accuracy after removal on this many examples (flip_all only)
-    rare_scores: str | None = None  # per-example scores file; rare = score < rare_below
-    rare_below: float = 0.5
-    seed: int = 0  # seed of the fold assignment
-    device: str = "auto"
+    rank_by: str = option("aum", "score ranking suspects.csv: aum, final_loss, mean_loss, forgetting, first_learned, "
+                          "units_to_flip, label_quality")
+    cv: int = option(0, "confident learning (cleanlab) on K-fold out-of-fold predictions: trains K extra models",
+                     metavar="K")
+    cv_epochs: int | None = option(None, "epochs of each cross-validation model (default: the run's)")
+    flip_all: bool = option(False, "run the flipping probe on every training example first (slow)")
+    flip_eval_subsample: int = option(256, cli=False)  # accuracy after removal on this many examples (flip_all)
+    rare_scores: str | None = option(None, "per-example scores file (.npy or CSV): examples below --rare-below "
+                                     "are rare")
+    rare_below: float = option(0.5, "threshold for --rare-scores")
+    seed: int = option(0, cli=False)  # seed of the fold assignment
+    device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
         if self.rank_by not in SCORES:
@@ -114,30 +130,11 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return s, y
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x (N,) ascending, tied values sharing the mean of their ranks."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first position of each tie group
-    counts = np.diff(np.r_[starts, len(xs)])
-    group_rank = starts + (counts + 1) / 2.0  # mean of the 1-based ranks start+1 .. start+count
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(group_rank, counts)
-    return ranks
-
-
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2.
-
-    Mann-Whitney from average ranks; None when either class is empty.
-    """
+    """Area under the ROC curve (scikit-learn's `roc_auc_score`: ties count 1/2); None when a class is empty."""
+    from sklearn.metrics import roc_auc_score
     s, y = _check(scores, labels)
-    p, n = int(y.sum()), int((~y).sum())
-    if p == 0 or n == 0:
-        return None
-    r = average_ranks(s)
-    return float((r[y].sum() - p * (p + 1) / 2.0) / (p * n))
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
 def _tie_groups(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,15 +148,10 @@ def _tie_groups(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """sum over thresholds of (recall_i - recall_{i-1}) * precision_i (scikit-learn's definition); None without positives."""
+    """scikit-learn's `average_precision_score` (step-wise, ties grouped); None without positives."""
+    from sklearn.metrics import average_precision_score
     s, y = _check(scores, labels)
-    p = int(y.sum())
-    if p == 0:
-        return None
-    tp, fp = _tie_groups(s, y)
-    precision = tp / (tp + fp)
-    recall = tp / p
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y, s)) if y.any() else None
 
 
 def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float | None:
@@ -178,13 +170,13 @@ def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float | No
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1); empty when a class is missing."""
+    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1) (scikit-learn's); empty when a class is missing."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
     s, y = _check(scores, labels)
-    p, n = int(y.sum()), int((~y).sum())
-    if p == 0 or n == 0:
+    if not 0 < y.sum() < len(y):
         return np.zeros(0), np.zeros(0)
-    tp, fp = _tie_groups(s, y)
-    return np.r_[0.0, fp / n], np.r_[0.0, tp / p]
+    fpr, tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr
 
 
 def quality_table(scores: np.ndarray, names: list[str], positive: np.ndarray, *,
@@ -269,7 +261,7 @@ def detect_scores(raw: dict[str, np.ndarray], *, given: np.ndarray, is_noisy: np
     j = names.index(rank_by)
     key = np.where(np.isfinite(susp[:, j]), -susp[:, j], np.inf)  # NaN (not covered) last
     ranking = np.argsort(key, kind="mergesort")  # ties keep dataset order
-    summary: dict = {"probe": PROBE, "rank_by": rank_by, "num_examples": n, "epochs": epochs,
+    summary: dict = {"probe": PROBE_NAME, "rank_by": rank_by, "num_examples": n, "epochs": epochs,
                      "scores": {s: {"sign": SCORES[s][0], "description": SCORES[s][1],
                                     "covered": int(np.isfinite(raw_m[:, i]).sum())} for i, s in enumerate(names)},
                      "orientation": "suspicion = sign * raw value; higher = more suspicious",
@@ -319,7 +311,7 @@ def detect_scores(raw: dict[str, np.ndarray], *, given: np.ndarray, is_noisy: np
                                                      else round(float(v), 5))
         row["suspicion"] = "" if not np.isfinite(susp[i, j]) else round(float(susp[i, j]), 5)
         rows.append(row)
-    return ProbeResult(PROBE, summary, arrays, rows)
+    return ProbeResult(PROBE_NAME, summary, arrays, rows)
 
 
 # ----------------------------------------------------------------------------- confident learning (cleanlab)
@@ -332,12 +324,7 @@ def cross_validated_probs(run_cfg, data, *, folds: int, epochs: int | None = Non
     accounting off, `epochs` if given), is initialised from the run's seed plus
     the fold number, and predicts its held-out fold in eval mode.
     """
-    import torch
     from sklearn.model_selection import KFold, StratifiedKFold
-
-    from .experiment import make_model
-    from .inference import predict
-    from .training import Trainer
 
     y = data.y_train.cpu().numpy()
     n = len(y)
@@ -350,10 +337,7 @@ def cross_validated_probs(run_cfg, data, *, folds: int, epochs: int | None = Non
                    epochs=epochs if epochs is not None else run_cfg.train.epochs)
     probs = np.zeros((n, data.num_classes), dtype=np.float64)
     for f, (tr, te) in enumerate(split.split(np.zeros(n), y)):
-        dev_idx = torch.as_tensor(tr, device=data.x_train.device)
-        part = replace(data, x_train=data.x_train[dev_idx], y_train=data.y_train[dev_idx],
-                       y_true=data.y_true[dev_idx], is_noisy=data.is_noisy[dev_idx], is_rare=data.is_rare[dev_idx],
-                       source_index=None)
+        part = data.subset(tr)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run_cfg.train.seed + 1000 * (f + 1))
             model = make_model(run_cfg.model, part)
@@ -397,101 +381,159 @@ def read_records(run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rec["loss"], rec["margin"], correct
 
 
-def detect(run_path: str | Path, cfg: DetectConfig | None = None, *, overwrite_flipping: bool = False,
-           progress: bool = True, log: Callable[[str], None] | None = None) -> ProbeResult:
-    """Score every training example of a run, rank them, and judge the scores against the known noise.
+def _records(ctx: Context, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The training records: the run's, or the caller's `history` (a History, a RunDir or its path); None without."""
+    history = ctx.sources.get("history")
+    if history is None and ctx.run is None:
+        return None
+    if history is not None and hasattr(history, "records"):
+        rec = history.records
+        records = rec["loss"], rec["margin"], rec["correct"]
+    else:
+        run = ctx.run if history is None else (history if isinstance(history, RunDir) else RunDir.open(history))
+        records = read_records(run)
+    if records[0].shape[1] != n:
+        raise DataError(f"the training history covers {records[0].shape[1]} examples but the data has {n}: "
+                        "pass the history of training on this data")
+    return records
 
-    Writes RUN/probes/detection/ (summary.json, arrays.npz, detection.csv,
-    suspects.csv, quality.csv). Every input is checked before any training.
-    """
-    import torch
 
-    from .experiment import open_run
-    from .readers import read_vector
-    from .runs import RunDir, write_text
-    from .inference import predict
+def _flip_config(cfg: DetectConfig, n: int) -> FlipConfig:
+    # the paper's 512 others, or the whole training set when it is smaller
+    return FlipConfig(indices=tuple(range(n)), kinds=(), others=min(512, n), eval_subsample=cfg.flip_eval_subsample,
+                      device=cfg.device)
 
-    cfg = cfg or DetectConfig()
-    log = log or (lambda s: None)
-    run = RunDir.open(run_path)
-    loss, margin, correct = read_records(run)
-    E, n = loss.shape
-    meta = run.load_arrays("data.npz", "given_labels", "is_noisy", "is_rare")
-    given = meta["given_labels"]
-    if len(given) != n:
-        raise RunError(f"{run.path}: data.npz has {len(given)} examples but examples.npz {n}: the run is inconsistent")
-    noise_known = bool(meta.get("noise_known", np.array(True)))
-    is_noisy = meta["is_noisy"].astype(bool) if noise_known else None
-    is_rare = meta["is_rare"].astype(bool) if meta["is_rare"].any() else None
-    rare_source = "the run's --rare-scores" if is_rare is not None else None
+
+def _check_inputs(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> None:
+    """Every input is checked before any training (the cross-validation's, the flipping's)."""
+    task = task_of(data)
+    _records(ctx, task.num_train)
+    if cfg.rare_scores:
+        read_vector(cfg.rare_scores, length=task.num_train, what="--rare-scores file", kind="scores")
+    has_flip = ctx.run is not None and (ctx.run.path / "probes" / "flipping" / "summary.json").exists()
+    if cfg.rank_by == "units_to_flip" and not (has_flip or cfg.flip_all):
+        where = f"`memloc flip {ctx.run.path}`" if ctx.run is not None else "memloc.flip on the run"
+        raise ConfigError(f"--rank-by units_to_flip needs the flipping probe: run {where} first, or pass --flip-all")
+    if (cfg.flip_all or cfg.cv) and ctx.loaded is None:
+        raise ConfigError("--flip-all and --cv work on a run directory: pass the run made by `memloc train`")
+    if cfg.flip_all:
+        _plan(model, data, _flip_config(cfg, task.num_train))  # bad settings fail before the cross-validation
+
+
+def _compute(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> ProbeResult:
+    """Scores of every training example, their ranking, and their quality against the known memorized kind."""
+    task = task_of(data)
+    n, given = task.num_train, task.targets("given")
+    mem, ref = task.memorized_kind, task.reference_kind
+    memorized = task.kind_mask(mem)
+    others = [k for k in task.kinds if k not in (mem, ref)]  # classification: rare, judged among the clean
+    rare, rare_source = None, None
     if cfg.rare_scores:
         scores = read_vector(cfg.rare_scores, length=n, what="--rare-scores file", kind="scores")
-        is_rare, rare_source = scores < cfg.rare_below, f"{cfg.rare_scores} < {cfg.rare_below:g}"
-    has_flip = (run.path / "probes" / "flipping" / "summary.json").exists()
-    if cfg.rank_by == "units_to_flip" and not (has_flip or cfg.flip_all):
-        raise ConfigError(f"--rank-by units_to_flip needs the flipping probe: run `memloc flip {run.path}` "
-                          "first, or pass --flip-all")
-    loaded = open_run(run.path, device=cfg.device)  # rebuilds the data; fails early when it changed
-    if not run.saved_epochs():
-        raise RunError(f"{run.path} has no checkpoints: train it with `memloc train` first")
-    flip_cfg = None
-    if cfg.flip_all:
-        from .probes.flipping import FlipConfig, _plan
-        # the paper's 512 others, or the whole training set when it is smaller
-        flip_cfg = FlipConfig(indices=tuple(range(n)), kinds=(), others=min(512, n),
-                              eval_subsample=cfg.flip_eval_subsample, device=cfg.device)
-        _plan(loaded.model(), loaded.data, flip_cfg)  # bad settings fail before the cross-validation training
-
-    with run.working(PROBE):
-        raw = record_scores(loss, margin, correct)
+        rare, rare_source = scores < cfg.rare_below, f"{cfg.rare_scores} < {cfg.rare_below:g}"
+    elif others and (m := task.kind_mask(others[0])) is not None and bool(m.any()):
+        rare, rare_source = m.cpu().numpy(), "the run's --rare-scores"
+    out = predict(model, task.data.x_train, inputs=task.inputs)  # (N, K): the final model, eval mode
+    predicted = task.predict(out).cpu().numpy()
+    records = _records(ctx, n)
+    extra: dict = {}
+    if records is not None:
+        raw = record_scores(*records)
         never = raw.pop("_never_learned")
-        extra: dict = {"records": "RUN/examples.npz: training pass of each epoch (train-mode BatchNorm)"}
-        if cfg.flip_all:
-            from .probes.flipping import flip
-            log(f"flipping probe on all {n} training examples")
-            flip(run.path, flip_cfg, overwrite=overwrite_flipping, progress=progress, log=log)
-            has_flip = True
-        if has_flip:
-            fr = ProbeResult.load(run, "flipping")
-            raw["units_to_flip"] = flip_scores(fr.arrays, n)
-            extra["flipping"] = {"covered": int(np.isfinite(raw["units_to_flip"]).sum()),
-                                 "budget_units": fr.summary.get("budget_units"),
-                                 "epoch": fr.summary.get("epoch")}
-        if cfg.cv:
-            probs = cross_validated_probs(loaded.config, loaded.data, folds=cfg.cv, epochs=cfg.cv_epochs,
-                                          seed=cfg.seed, log=log)
-            quality, issues = label_quality(given, probs)
-            raw["label_quality"] = quality
-            extra["cleanlab"] = {"folds": cfg.cv, "epochs": cfg.cv_epochs or loaded.config.train.epochs,
-                                 "label_issues": int(issues.sum()),
-                                 "out_of_fold_accuracy": float((probs.argmax(1) == given).mean())}
-            if is_noisy is not None:
-                tp = int((issues & is_noisy).sum())
-                extra["cleanlab"]["label_issues_noisy"] = tp
-                extra["cleanlab"]["label_issues_precision"] = tp / max(1, int(issues.sum()))
-                extra["cleanlab"]["label_issues_recall"] = tp / max(1, int(is_noisy.sum()))
-
-        model = loaded.model()
-        predicted = predict(model, loaded.data.x_train).argmax(1).cpu().numpy()
-        extra["predicted_label"] = "final model, eval mode (one pass over the training set)"
-        if rare_source:
-            extra["rare_source"] = rare_source
-        result = detect_scores(raw, given=given, is_noisy=is_noisy, is_rare=is_rare, rank_by=cfg.rank_by, epochs=E,
-                               predicted=predicted, true_labels=meta["true_labels"] if noise_known else None,
-                               never_learned=never, extra_summary=extra)
-        if cfg.cv:
-            result.arrays["cleanlab_probs"] = probs.astype(np.float32)
-            result.arrays["cleanlab_issue"] = issues
-        top = result.arrays["ranking"][:GALLERY]
-        result.arrays["top_images"] = loaded.data.x_train[torch.as_tensor(top, device=loaded.data.x_train.device)].cpu().numpy()
-        result.arrays["top_index"] = top
-        result.summary["run"] = str(run.path)
-        result.summary["settings"] = {k: v for k, v in vars(cfg).items()}
-        d = result.save(run)
-        write_text(d / "suspects.csv", (d / f"{PROBE}.csv").read_text())
-        write_text(d / "quality.csv", _quality_csv(result.summary))
-        run.set_stage(PROBE, "done", rank_by=cfg.rank_by, best=result.summary.get("best"))
+        epochs = int(records[0].shape[0])
+        extra["records"] = "training records: each example's loss, margin and correctness in each epoch's " \
+                           "training pass (train-mode BatchNorm)"
+    else:
+        y = given.to(out.device)
+        raw = {"aum": task.margin(out, y).double().cpu().numpy(), "final_loss": task.loss(out, y).double().cpu().numpy()}
+        never, epochs = None, 1
+        extra["records"] = "one eval-mode pass of the final model (no training history): final_loss and aum = " \
+                           "final margin"
+    if cfg.flip_all:
+        from .flipping import PROBE as FLIPPING
+        ctx.log(f"flipping probe on all {n} training examples")
+        run_probe(FLIPPING, ctx.loaded, cfg=_flip_config(cfg, n), overwrite=ctx.overwrite, progress=ctx.progress,
+                  log=ctx.log)
+    if ctx.run is not None and (ctx.run.path / "probes" / "flipping" / "summary.json").exists():
+        fr = ProbeResult.load(ctx.run, "flipping")
+        raw["units_to_flip"] = flip_scores(fr.arrays, n)
+        extra["flipping"] = {"covered": int(np.isfinite(raw["units_to_flip"]).sum()),
+                             "budget_units": fr.summary.get("budget_units"), "epoch": fr.summary.get("epoch")}
+    given_np = given.cpu().numpy()
+    if cfg.cv:
+        probs = cross_validated_probs(ctx.loaded.config, data, folds=cfg.cv, epochs=cfg.cv_epochs, seed=cfg.seed,
+                                      log=ctx.log)
+        quality, issues = label_quality(given_np, probs)
+        raw["label_quality"] = quality
+        extra["cleanlab"] = {"folds": cfg.cv, "epochs": cfg.cv_epochs or ctx.loaded.config.train.epochs,
+                             "label_issues": int(issues.sum()),
+                             "out_of_fold_accuracy": float((probs.argmax(1) == given_np).mean())}
+        if memorized is not None:
+            m = memorized.cpu().numpy()
+            tp = int((issues & m).sum())
+            extra["cleanlab"][f"label_issues_{mem}"] = tp
+            extra["cleanlab"]["label_issues_precision"] = tp / max(1, int(issues.sum()))
+            extra["cleanlab"]["label_issues_recall"] = tp / max(1, int(m.sum()))
+    extra["predicted_label"] = "final model, eval mode (one pass over the training set)"
+    if rare_source:
+        extra["rare_source"] = rare_source
+    true = task.targets("true")
+    result = detect_scores(raw, given=given_np, is_noisy=None if memorized is None else memorized.cpu().numpy(),
+                           is_rare=rare, rank_by=cfg.rank_by, epochs=epochs, predicted=predicted,
+                           true_labels=None if true is None else true.cpu().numpy(), never_learned=never,
+                           extra_summary=extra)
+    if cfg.cv:
+        result.arrays["cleanlab_probs"] = probs.astype(np.float32)
+        result.arrays["cleanlab_issue"] = issues
+    top = result.arrays["ranking"][:GALLERY]
+    x = task.data.x_train
+    result.arrays["top_images"] = x[torch.as_tensor(top, device=x.device)].cpu().numpy()
+    result.arrays["top_index"] = top
+    result.files = {"suspects.csv": _rows_csv(result.rows), "quality.csv": _quality_csv(result.summary)}
     return result
+
+
+def _rows_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _describe(result: ProbeResult) -> list[str]:
+    s = result.summary
+    lines = [format_table(s)]
+    if s.get("rare_quality"):
+        lines.append(format_table(s, target="rare"))
+    if s.get("best"):
+        lines.append(f"best score: {s['best']}")
+    lines.append(f"suspects ranked by {s['rank_by']}: {Path(s['run']) / 'probes' / PROBE_NAME / 'suspects.csv'}"
+                 if s.get("run") else f"suspects ranked by {s['rank_by']}")
+    return lines
+
+
+PROBE = Probe(PROBE_NAME, "detect", DetectConfig, _compute, check=_check_inputs, describe=_describe,
+              overwrite_help="with --flip-all: replace a flipping probe made with other settings",
+              help="score and rank training examples as suspected mislabeled; quality vs known noise")
+
+
+def detect(target: Any, data: Any = None, cfg: DetectConfig | None = None, *, history: Any = None,
+           overwrite: bool = False, save: bool = True, progress: bool = False,
+           log: Callable[[str], None] | None = None, **options: Any) -> ProbeResult:
+    """Score every training example as a suspected mislabel; rank them; judge the scores when noise is known.
+
+    `target`: a run directory (``memloc detect RUN``: the training records, the flipping probe when it ran,
+    `--cv` and `--flip-all`; saved into RUN/probes/detection/ with suspects.csv and quality.csv), or a
+    trained model with its `data`: one eval-mode pass gives ``final_loss`` and ``aum``; with `history` (the
+    :class:`History` :func:`memloc.train` returned, or the RunDir it wrote) the training records give
+    ``aum``, ``final_loss``, ``mean_loss``, ``forgetting`` and ``first_learned``. `cfg` a
+    :class:`DetectConfig`, or `options` its fields (e.g. ``rank_by="forgetting"``). Higher suspicion = more
+    likely mislabeled. Result arrays: ``raw`` and ``scores`` (N, S), ``score_names`` (S,), ``ranking`` (N,)
+    most suspicious first. `overwrite` lets --flip-all replace a flipping probe made with other settings.
+    """
+    return run_probe(PROBE, target, data, cfg, sources={"history": history}, overwrite=overwrite, save=save,
+                     progress=progress, log=log, **options)
 
 
 def _quality_csv(summary: dict) -> str:
@@ -518,17 +560,15 @@ def format_table(summary: dict, *, target: str = "noisy") -> str:
     return "\n".join(out)
 
 
-def plot_roc(result: ProbeResult, path: str | Path, *, target: str = "noisy") -> Path:
-    """Draw the ROC curve of every score (one figure) into a PNG at `path`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def roc_figure(result: ProbeResult, *, target: str = "noisy"):
+    """The ROC curve of every score (one figure), from a detection result alone."""
+    from ..figures import pyplot
+    plt = pyplot()
     rows = result.summary.get("quality" if target == "noisy" else "rare_quality")
     if not rows:
         raise RunError(f"the detection result has no {target} quality table: nothing to plot")
     prefix = "roc_" if target == "noisy" else "rare_roc_"
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5, 4.6))
     for r in rows:
         fpr, tpr = result.arrays.get(f"{prefix}{r['score']}_fpr"), result.arrays.get(f"{prefix}{r['score']}_tpr")
         if fpr is None or len(fpr) == 0:
@@ -543,19 +583,12 @@ def plot_roc(result: ProbeResult, path: str | Path, *, target: str = "noisy") ->
     ax.legend(loc="lower right", fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_gallery(result: ProbeResult, path: str | Path, *, top: int = GALLERY, columns: int = 8) -> Path:
-    """Draw the top suspects' images (from arrays.npz `top_images`) with index, given and predicted label."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def gallery(result: ProbeResult, *, top: int = GALLERY, columns: int = 8):
+    """The top suspects' images (arrays.npz `top_images`) titled with index, given and predicted label."""
+    from ..figures import gallery_figure
     images = result.arrays.get("top_images")
     if images is None or len(images) == 0:
         raise RunError("the detection result holds no top-suspect images: rerun `memloc detect`")
@@ -563,21 +596,26 @@ def plot_gallery(result: ProbeResult, path: str | Path, *, top: int = GALLERY, c
     idx, given = result.arrays["top_index"], result.arrays["given_label"]
     pred = result.arrays.get("predicted_label")
     noisy = result.arrays.get("is_noisy")
-    rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
-    for k, ax in enumerate(axes.ravel()):
-        ax.axis("off")
-        if k >= len(images):
-            continue
-        img = images[k].astype(np.float32)
-        img = img / 255.0 if images.dtype == np.uint8 else img
-        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
-        i = int(idx[k])
-        title = f"#{i} y={int(given[i])}" + (f" p={int(pred[i])}" if pred is not None else "")
-        ax.set_title(title, fontsize=7, color="red" if noisy is not None and noisy[i] else "black")
-    fig.suptitle(f"top suspects by {result.summary.get('rank_by')} (red: known noisy)", fontsize=9)
+    titles = [f"#{int(i)} y={int(given[i])}" + (f" p={int(pred[i])}" if pred is not None else "") for i in idx[:top]]
+    colors = ["red" if noisy is not None and noisy[i] else "black" for i in idx[:top]]
+    return gallery_figure(images, titles, colors=colors, columns=columns,
+                          suptitle=f"top suspects by {result.summary.get('rank_by')} (red: known noisy)")
+
+
+def plot_roc(result: ProbeResult, path: str | Path, *, target: str = "noisy") -> Path:
+    """Draw the ROC curve of every score (`roc_figure`) into a PNG at `path`."""
+    return _save(roc_figure(result, target=target), path)
+
+
+def plot_gallery(result: ProbeResult, path: str | Path, *, top: int = GALLERY, columns: int = 8) -> Path:
+    """Draw the top suspects' images (`gallery`) into a PNG at `path`."""
+    return _save(gallery(result, top=top, columns=columns), path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    from ..figures import png
+    from ..runs import atomic_write
+    data = png(fig)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    atomic_write(path, lambda p: p.write_bytes(data))
     return path

@@ -21,10 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from memloc.data import model_input
 from memloc.dropout import ChannelDropout, ExampleTiedDropout, example_indices, expected_active_fraction
 from memloc.models import build_model
 from memloc.precision import autocast
-from memloc.data import model_input
 
 
 def sync(device: torch.device) -> None:
@@ -38,7 +38,7 @@ def make(kind: str, width: float, p_gen: float, p_mem: float, device: torch.devi
         "dropout": lambda pos, units: ChannelDropout(expected_active_fraction(p_gen, p_mem)),
         "example_tied": lambda pos, units: ExampleTiedDropout(p_gen, p_mem, seed=0, layer_id=pos),
     }[kind]
-    torch.manual_seed(0)  # a script, not library code: the same initialisation for the three models
+    torch.manual_seed(0)  # a script, not library code: the same initialization for the three models
     model = build_model("resnet9", input_shape=(3, 32, 32), num_classes=10, width=width, after_block=after)
     model = model.to(device)
     if device.type == "cuda":

@@ -25,8 +25,8 @@ import torch
 
 from memloc.data import DataConfig
 from memloc.experiment import ModelConfig, RunConfig, build
-from memloc.probes.flipping import FlipConfig, _Flipper, flip_units
 from memloc.inference import predict
+from memloc.probes.flipping import FlipConfig, _Flipper, flip_units
 from memloc.training import TrainConfig, resolve_device, train
 
 
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--others", type=int, default=512)
     p.add_argument("--sequential-sample", type=int, default=4, help="per kind, for the sequential mode")
     p.add_argument("--eval-subsample", type=int)
-    p.add_argument("--no-test-eval", action="store_true", help="after removal, training-set accuracy only (as the paper)")
+    p.add_argument("--no-test-eval", action="store_true",
+                   help="after removal, training-set accuracy only (as the paper)")
     p.add_argument("--batch-examples", type=int, default=16)
     p.add_argument("--eval-rows", type=int, help="default: 8192 on a GPU, 1024 on a CPU")
     p.add_argument("--max-rows", type=int, help="default: 4096 on a GPU, 1024 on a CPU")
@@ -152,15 +153,18 @@ def main(argv=None) -> int:
     steps_s = int(seq.arrays["num_units"].sum()) + len(seq_idx)
     sb, ss = p_bat.get("score steps", 0.0) / steps_b, p_seq.get("score steps", 0.0) / steps_s
     if sb > 0:
-        print(f"score steps: batched {1e3 * sb:.2f} ms, sequential {1e3 * ss:.2f} ms per example-step = {ss / sb:.2f}x; "
-              f"accuracy after: {p_seq.get('accuracy after', 0) / len(seq_idx) / max(1e-9, p_bat.get('accuracy after', 0) / len(all_idx)):.2f}x per example")
+        acc_ratio = (p_seq.get('accuracy after', 0) / len(seq_idx)
+                     / max(1e-9, p_bat.get('accuracy after', 0) / len(all_idx)))
+        print(f"score steps: batched {1e3 * sb:.2f} ms, sequential {1e3 * ss:.2f} ms per example-step "
+              f"= {ss / sb:.2f}x; accuracy after: {acc_ratio:.2f}x per example")
     if a.floor:
         floor(model, data, FlipConfig(indices=all_idx[:1], precision=a.precision, **common), sync,
               seq_per_example=t_seq / len(seq_idx), bat_acc=p_bat.get("accuracy after", 0.0) / len(all_idx))
     print(f"1000 clean + 1000 noisy, extrapolated: batched {2000 / rate_b / 60:.1f} min, "
           f"sequential {2000 / rate_s / 60:.1f} min")
     if mem is not None:
-        print(f"peak device memory (batched): {mem:.2f} GiB (" + ", ".join(f"{k} {v:.2f}" for k, v in mem_parts.items()) + ")")
+        print(f"peak device memory (batched): {mem:.2f} GiB ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in mem_parts.items()) + ")")
     return 0
 
 
@@ -190,7 +194,8 @@ def floor(model, data, cfg, sync, *, seq_per_example: float, bat_acc: float) -> 
           f"({'bf16' if fl.bf16 else 'fp32'}); the batched mode spends {bat_acc:.4f}s per example on the accuracy "
           f"after removal ({bat_acc / t:.2f} passes); the sequential mode {seq_per_example:.4f}s per example in all, "
           f"so a batched mode that did nothing per example but that accuracy would be at most "
-          f"{seq_per_example / max(bat_acc, 1e-9):.1f}x faster ({seq_per_example / t:.1f}x at one full pass per example)")
+          f"{seq_per_example / max(bat_acc, 1e-9):.1f}x faster "
+          f"({seq_per_example / t:.1f}x at one full pass per example)")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def main() -> None:
     plain = statistics.median(ours(args, device, accounting=False))
     acct = statistics.median(ours(args, device, accounting=True))
     paper = statistics.median(paper_faithful(args, device))
-    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    res = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                      else f"cpu ({torch.get_num_threads()} threads)"),
            "dataset": args.dataset, "n": args.n, "width": args.width, "batch_size": args.batch_size,
            "compile": args.compile, "plain_epoch_s": round(plain, 4), "accounting_epoch_s": round(acct, 4),
            "paper_faithful_accounting_epoch_s": round(paper, 4), "ours_over_plain": round(acct / plain, 3),
@@ -111,7 +112,8 @@ def main() -> None:
     print(f"device {res['device']}, resnet9 width {args.width:g}, {args.n} x {args.dataset}, batch {args.batch_size}")
     print(f"plain epoch                          {plain:8.3f} s")
     print(f"our gradient accounting              {acct:8.3f} s   ({acct / plain:.2f}x plain; target <= 1.7x)")
-    print(f"paper-faithful gradient accounting   {paper:8.3f} s   ({paper / plain:.2f}x plain; {paper / acct:.2f}x ours)")
+    print(f"paper-faithful gradient accounting   {paper:8.3f} s   "
+          f"({paper / plain:.2f}x plain; {paper / acct:.2f}x ours)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

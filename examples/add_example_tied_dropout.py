@@ -4,7 +4,7 @@
 
 Your model (here a small residual CNN defined in this file) gets an `ExampleTiedDropout` after
 chosen layers (`memloc.insert_example_tied_dropout`): a fraction p_gen of each layer's units is
-always on (generalisation units), and each training example keeps its own fixed random subset of
+always on (generalization units), and each training example keeps its own fixed random subset of
 the others (memorization units, each with probability p_mem). Trained that way, the noisy labels
 are memorized in the memorization units; dropping them at test time forgets most noisy labels
 and keeps most clean accuracy.

@@ -53,7 +53,7 @@ def write_demo(path: str) -> None:
 
 def resnet18(in_channels: int, num_classes: int, seed: int) -> torch.nn.Module:
     import torchvision
-    with torch.random.fork_rng():  # the initialisation is seeded without touching the caller's random state
+    with torch.random.fork_rng():  # the initialization is seeded without touching the caller's random state
         torch.manual_seed(seed)
         model = torchvision.models.resnet18(num_classes=num_classes)
         if in_channels != 3:  # grey images: the same stem, taking one channel

@@ -70,7 +70,8 @@ def main() -> None:
     print(format_table(s))
     if s.get("cleanlab"):
         c = s["cleanlab"]
-        print(f"\ncleanlab: {c['folds']} folds x {c['epochs']} epochs, out-of-fold accuracy {c['out_of_fold_accuracy']:.3f}; "
+        print(f"\ncleanlab: {c['folds']} folds x {c['epochs']} epochs, "
+              f"out-of-fold accuracy {c['out_of_fold_accuracy']:.3f}; "
               f"find_label_issues flags {c['label_issues']} ({c.get('label_issues_noisy')} noisy: precision "
               f"{c.get('label_issues_precision', 0):.3f}, recall {c.get('label_issues_recall', 0):.3f})")
     if s.get("flipping"):

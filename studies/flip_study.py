@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 
-
 from memloc.probes.flipping import FlipConfig, flip
 
 
@@ -45,7 +44,8 @@ def claims(summary: dict, arrays: dict) -> str:
         "", f"flipped within the cap ({summary['budget_units']} of {summary['candidate_units']} units): "
         f"clean {fmt(c['flipped_share'], True)}, noisy {fmt(n['flipped_share'], True)}; already wrong: "
         f"clean {c['already_wrong']}, noisy {n['already_wrong']}",
-        f"accuracy before removal: {json.dumps({k: (None if v is None else round(v, 4)) for k, v in summary['accuracy_before'].items()})}",
+        f"accuracy before removal: "
+        f"{json.dumps({k: (None if v is None else round(v, 4)) for k, v in summary['accuracy_before'].items()})}",
         f"layer share of removed units — clean: {share('clean')}; noisy: {share('noisy')}",
         f"mean clean-train accuracy drop: clean {fmt(c['mean_clean_train_acc_drop'], True)}, "
         f"noisy {fmt(n['mean_clean_train_acc_drop'], True)}; test drop: clean {fmt(c['mean_test_acc_drop'], True)}, "

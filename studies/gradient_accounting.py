@@ -1,4 +1,4 @@
-"""Summarise a run's learning dynamics and gradient accounting against the paper's claims (probe 1).
+"""Summarize a run's learning dynamics and gradient accounting against the paper's claims (probe 1).
 
     memloc train --out runs/default          # the CPU default: resnet9 width 0.25, mnist5k, 10% noise
     python studies/gradient_accounting.py runs/default

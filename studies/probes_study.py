@@ -11,8 +11,8 @@ layer is retrained on clean examples only. Results stay in RUN/probes/.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import time
+from dataclasses import replace
 
 import numpy as np
 

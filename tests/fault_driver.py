@@ -5,6 +5,7 @@
       created:NAME           right after the run directory NAME (its run.json) is created
       running:KEY / done:KEY right after the study marks stage KEY running / done
       fail:KEY               stage KEY of the study raises a RunError (no kill: a failed stage)
+      partial:PROBE          right after the probe PROBE first saved its partial progress (mid-stage)
       epoch:N                right after training saved epoch N
       pause:N:FILE           after training saved epoch N, wait (holding the lock) until FILE exists
 
@@ -52,6 +53,15 @@ def install(kill_at: str) -> None:
                 raise RunError(f"stage {arg} broke")
             return stage(self, name, *a, **k)
         study._Cell.stage = failing
+    elif kind == "partial":
+        from memloc.probes import Partial
+        save = Partial.save
+
+        def saved_partial(self, *a, **k):
+            save(self, *a, **k)
+            if self.probe == arg:
+                _die()
+        Partial.save = saved_partial
     elif kind in ("epoch", "pause"):
         save = training.Trainer._save_epoch
         n, _, flag = arg.partition(":")

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from toys import toy_model
 
 import memloc
 from memloc import ConfigError, DataError, MemlocError, RunError
-
-from toys import toy_model
-
 
 # ----------------------------------------------------------------------------- models defined here, unknown to memloc
 
@@ -61,7 +59,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory):
-    """ResLNNet trained 3 epochs through the API, with its initialisation, history and run directory."""
+    """ResLNNet trained 3 epochs through the API, with its initialization, history and run directory."""
     run_path = tmp_path_factory.mktemp("api") / "run"
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -145,7 +143,7 @@ def test_rewind_on_own_model_needs_history(trained, digits):
 
 def test_retrain_on_own_model_needs_init(trained, digits, tmp_path):
     model, init, history, run = trained
-    with pytest.raises(RunError, match="initialisation"):
+    with pytest.raises(RunError, match="initialization"):
         memloc.retrain(model, digits)
     before = _state(model)
     res = memloc.retrain(model, digits, init, epochs=2, peak_epoch=1, layers=["fc1"])
@@ -170,7 +168,7 @@ def test_detect_with_and_without_history(trained, digits):
 
 
 def test_detect_scores_by_hand():
-    """The identity model's logits are the normalised inputs: clean margin +2, noisy -2."""
+    """The identity model's logits are the normalized inputs: clean margin +2, noisy -2."""
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 3).reshape(6, 1, 1, 2)
     true = torch.tensor([0, 1] * 3)
     given = true.clone()
@@ -282,8 +280,8 @@ def test_noise_mask_of_the_wrong_length():
         memloc.wrap_data(x, [0, 1])
     with pytest.raises(MemlocError):
         memloc.wrap_data(x, [0, 1, 0, 1, 0], x[:, :, :1], [0, 1, 0, 1, 0])  # test shape differs
-    with pytest.raises(DataError, match="memloc normalises them itself"):
-        memloc.wrap_data(x.astype(np.float32) - 0.5, [0, 1, 0, 1, 0])  # already normalised images
+    with pytest.raises(DataError, match="memloc normalizes them itself"):
+        memloc.wrap_data(x.astype(np.float32) - 0.5, [0, 1, 0, 1, 0])  # already normalized images
 
 
 def test_retrain_refuses_unknown_noise(digits):

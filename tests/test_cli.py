@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toys import assert_one_line_error
 
 from memloc.cli import main
-from toys import assert_one_line_error
 
 
 def run_cli(capsys, *argv):
@@ -29,7 +29,8 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(0 <= m["test_acc"] <= 1 for m in metrics)
     assert metrics[-1]["test_acc"] > 0.4  # the smoke model learns (chance is 0.1)
-    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == [f"epoch_{i:03d}.safetensors" for i in range(7)]
+    assert (sorted(p.name for p in (run / "checkpoints").glob("epoch_*"))
+            == [f"epoch_{i:03d}.safetensors" for i in range(7)])
     assert "epoch   6" in out and "done:" in out
 
 
@@ -76,11 +77,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args,
     for split in ("train", "t10k"):
         (corrupt / f"{split}-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (100).to_bytes(4, "big")
                                                              + (28).to_bytes(4, "big") * 2 + b"\x00" * 50)
-        (corrupt / f"{split}-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + (100).to_bytes(4, "big") + b"\x00" * 100)
+        (corrupt / f"{split}-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + (100).to_bytes(4, "big")
+                                                             + b"\x00" * 100)
     subst = {"SHORT": str(short), "NAN": str(nan), "BADLABELS": str(bad), "CORRUPT": str(tmp_path / "corrupt")}
     args = [subst.get(a, a) for a in args]
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", *args, "--out", str(out), "--epochs" if "--epochs" not in args else "--quiet",
+    code, _, err = run_cli(capsys, "train", *args, "--out", str(out),
+                           "--epochs" if "--epochs" not in args else "--quiet",
                            *(["1"] if "--epochs" not in args else []), "--quiet")
     assert_one_line_error(code, err, *words)
     assert not out.exists()
@@ -118,11 +121,13 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
     """A real SIGKILL mid-training, then `memloc train --resume`: same final weights as an uninterrupted run."""
     import signal
     import time
+
     from memloc.runs import RunDir, load_state
     base = [sys.executable, "-m", "memloc.cli", "train", "--dataset", "digits", "--train-size", "256", "--model", "cnn",
             "--width", "0.25", "--epochs", "4", "--batch-size", "32", "--device", "cpu", "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    assert subprocess.run(base + ["--out", str(tmp_path / "full")], env=env, capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run(base + ["--out", str(tmp_path / "full")], env=env, capture_output=True,
+                          timeout=300).returncode == 0
     proc = subprocess.Popen(base + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:  # kill as soon as epoch 2 is reported: mid-way through saving or epoch 3
         if line.startswith("epoch   2"):

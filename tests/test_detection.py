@@ -5,15 +5,26 @@ import shutil
 
 import numpy as np
 import pytest
-
-from memloc.cli import main
-from memloc.probes.detection import (DetectConfig, auroc, average_precision, detect_scores, flip_scores, label_quality,
-                              plot_gallery, plot_roc, precision_at_k, record_scores, roc_curve)
-from memloc.errors import ConfigError
-from memloc.probes.base import ProbeResult
-from memloc.runs import RunDir
+from conftest import copy_of
 from toys import assert_one_line_error
 
+from memloc.cli import main
+from memloc.errors import ConfigError
+from memloc.probes.base import ProbeResult
+from memloc.probes.detection import (
+    DetectConfig,
+    auroc,
+    average_precision,
+    detect_scores,
+    flip_scores,
+    label_quality,
+    plot_gallery,
+    plot_roc,
+    precision_at_k,
+    record_scores,
+    roc_curve,
+)
+from memloc.runs import RunDir
 
 # ----------------------------------------------------------------------------- metrics, by hand and against sklearn
 
@@ -124,10 +135,8 @@ def test_config_validation():
 # ----------------------------------------------------------------------------- end to end on the smoke preset
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("detect") / "run"
-    assert main(["train", "--preset", "smoke", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    return out
+def smoke_run(smoke_master, tmp_path_factory):
+    return copy_of(smoke_master, tmp_path_factory.mktemp("detect") / "run")
 
 
 def test_detect_smoke_end_to_end(smoke_run, tmp_path, capsys):
@@ -230,7 +239,7 @@ def test_bad_input_one_line(smoke_run, tmp_path, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "memloc flip")
 
 
-# ----------------------------------------------------------------------------- slow: --flip-all, and the paper-scale claim
+# -------------------------------------------------------------------------- slow: --flip-all, and the paper-scale claim
 
 @pytest.mark.slow
 def test_flip_all_covers_every_example(tmp_path, capsys):

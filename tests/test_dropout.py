@@ -37,12 +37,12 @@ def _binomial_ok(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
 
 
 def test_tiny_hand_checked_case():
-    # p_gen=0.5 on 4 units: units 0 and 1 are generalisation units, always on.
+    # p_gen=0.5 on 4 units: units 0 and 1 are generalization units, always on.
     idx = torch.arange(1000)
     m = memorization_mask(idx, 4, p_gen=0.5, p_mem=0.5, seed=0)
     assert m.shape == (1000, 4) and m.dtype == torch.bool
     assert m[:, :2].all()
-    assert 0 < m[:, 2:].sum() < 2000  # the two memorisation units vary over examples
+    assert 0 < m[:, 2:].sum() < 2000  # the two memorization units vary over examples
     # unit u of example i is on iff hash / 2**32 < p_mem, hash from the Python reference
     for i in (0, 1, 7, 999):
         for u in (2, 3):
@@ -70,7 +70,7 @@ def test_mask_deterministic_and_depends_on_seed_and_layer():
     assert torch.equal(a[::2], memorization_mask(idx[::2], 64, seed=1, **kw))  # per example, not per batch
     assert not torch.equal(a, memorization_mask(idx, 64, seed=2, **kw))
     assert not torch.equal(a, memorization_mask(idx, 64, seed=1, layer_id=1, **kw))
-    # different seeds agree on about p^2 + (1-p)^2 = 1/2 of the memorisation cells, not all
+    # different seeds agree on about p^2 + (1-p)^2 = 1/2 of the memorization cells, not all
     b = memorization_mask(idx, 64, seed=2, **kw)
     agree = (a[:, 16:] == b[:, 16:]).float().mean().item()
     assert 0.45 < agree < 0.55
@@ -82,7 +82,7 @@ def test_kept_fraction_binomial_and_generalization_units_on():
     assert m[:, :20].all()
     mem = m[:, 20:]
     assert _binomial_ok(int(mem.sum()), mem.numel(), p_mem)
-    # every memorisation unit and every example look like Bernoulli(p_mem) on their own
+    # every memorization unit and every example look like Bernoulli(p_mem) on their own
     per_unit = mem.sum(0)
     assert all(_binomial_ok(int(c), n, p_mem) for c in per_unit)
     # neighbouring units are uncorrelated across examples
@@ -119,19 +119,20 @@ def test_global_rng_untouched():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 def test_cpu_and_cuda_masks_identical():
     idx = torch.cat([torch.arange(5000), torch.tensor([2**31 - 1, 2**31, 2**33 + 7])])
     for seed, layer_id in ((0, 0), (99, 4)):
         cpu = memorization_mask(idx, 300, p_gen=0.3, p_mem=0.37, seed=seed, layer_id=layer_id)
         gpu = memorization_mask(idx.cuda(), 300, p_gen=0.3, p_mem=0.37, seed=seed, layer_id=layer_id)
         assert torch.equal(cpu, gpu.cpu())
-        assert torch.equal(unit_hash(300, seed=seed, layer_id=layer_id), unit_hash(300, seed=seed, layer_id=layer_id, device="cuda").cpu())
+        assert torch.equal(unit_hash(300, seed=seed, layer_id=layer_id),
+                           unit_hash(300, seed=seed, layer_id=layer_id, device="cuda").cpu())
 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_layer_equals_cpu_layer_outputs_and_gradients():
     """The layer's output and gradient on CUDA equal the CPU ones for every activation shape."""
     g = torch.Generator().manual_seed(0)
@@ -176,7 +177,8 @@ def test_drop_mode_zeroes_memorization_units_and_scales_generalization(drop_scal
     p_gen, p_mem = 0.25, 0.5
     x = torch.randn(5, 8, 3, 3)
     out = example_tied_dropout(x, None, p_gen=p_gen, p_mem=p_mem, seed=0, mode="drop", drop_scale=drop_scale)
-    factor = {"matched": (p_gen + (1 - p_gen) * p_mem) / p_gen, "paper": (p_gen + p_mem) / p_gen, "none": 1.0}[drop_scale]
+    factor = {"matched": (p_gen + (1 - p_gen) * p_mem) / p_gen, "paper": (p_gen + p_mem) / p_gen,
+              "none": 1.0}[drop_scale]
     assert torch.equal(out[:, 2:], torch.zeros_like(out[:, 2:]))
     assert torch.allclose(out[:, :2], x[:, :2] * factor)
 
@@ -253,7 +255,7 @@ def test_missing_idx_unknown_mode_and_bad_shapes():
         example_tied_dropout(torch.ones(4), None, p_gen=0.5, p_mem=0.5, seed=0, mode="eval")
     with pytest.raises(ConfigError, match="integer"):
         memorization_mask(torch.ones(2), 4, p_gen=0.5, p_mem=0.5, seed=0)
-    with pytest.raises(ConfigError, match="generalisation units"):
+    with pytest.raises(ConfigError, match="generalization units"):
         example_tied_dropout(torch.ones(2, 4), None, p_gen=0.2, p_mem=0.5, seed=0, mode="drop")
     layer = ExampleTiedDropout(0.5, 0.5).train()
     with pytest.raises(ConfigError, match="example_indices"):
@@ -454,7 +456,8 @@ def test_batch_memo_recomputes_for_new_or_modified_indices():
     assert torch.equal(first, memorization_mask(idx, 32, seed=0, **kw))
     assert torch.equal(memorization_mask(idx, 32, seed=1, **kw), memorization_mask(idx.clone(), 32, seed=1, **kw))
     idx.add_(1000)  # same tensor object, new contents
-    assert torch.equal(memorization_mask(idx, 32, seed=0, **kw), memorization_mask(torch.arange(1000, 1064), 32, seed=0, **kw))
+    assert torch.equal(memorization_mask(idx, 32, seed=0, **kw),
+                       memorization_mask(torch.arange(1000, 1064), 32, seed=0, **kw))
     with torch.inference_mode():
         inf_idx = torch.arange(64)
         assert torch.equal(memorization_mask(inf_idx, 32, seed=0, **kw), first)

@@ -25,8 +25,8 @@ from memloc.training import evaluate
 def etd_run(tmp_path_factory):
     """A smoke-sized run with example-tied dropout (2 epochs: fast, and the checks below need no accuracy)."""
     out = tmp_path_factory.mktemp("etd") / "run"
-    assert main(["train", "--preset", "smoke", "--epochs", "2", "--train-size", "512", "--example-tied-dropout", "0.4,0.1",
-                 "--no-gradient-accounting", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--preset", "smoke", "--epochs", "2", "--train-size", "512",
+                 "--example-tied-dropout", "0.4,0.1", "--no-gradient-accounting", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -41,7 +41,7 @@ def plain_run(tmp_path_factory):
 # ----------------------------------------------------------------------------- hand-checked cases
 
 def test_remove_memorization_hand_case():
-    # 4 units, p_gen 0.5 -> units 0, 1 are generalisation units; matched factor (0.5 + 0.5 * 0.5) / 0.5 = 1.5.
+    # 4 units, p_gen 0.5 -> units 0, 1 are generalization units; matched factor (0.5 + 0.5 * 0.5) / 0.5 = 1.5.
     model = nn.Sequential(nn.Linear(3, 4), ExampleTiedDropout(0.5, 0.5, seed=3))
     x = torch.randn(5, 3)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_all_generalization_units_means_nothing_is_dropped(etd_run):
 
 
 def test_keep_all_memorization_units_makes_tied_equal_eval(etd_run):
-    # p_mem = 1: every example keeps every unit, and eval mode scales memorisation units by p_mem = 1.
+    # p_mem = 1: every example keeps every unit, and eval mode scales memorization units by p_mem = 1.
     loaded = open_run(etd_run, device="cpu")
     loaded.config = replace(loaded.config, model=replace(loaded.config.model, p_gen=0.4, p_mem=1.0))
     r = evaluate_dropout(loaded, save=False)
@@ -194,7 +194,7 @@ def test_baseline_config_validation():
 # ----------------------------------------------------------------------------- the paper's claim (slow)
 
 # CI preset: half of mnist5k (2,000 training examples, 10% noise), the CPU default
-# ResNet-9 at width 0.25, batch 128 so that 20 epochs give enough steps to memorise.
+# ResNet-9 at width 0.25, batch 128 so that 20 epochs give enough steps to memorize.
 SCIENCE = {"data": {"dataset": "mnist5k", "train_size": 2000, "noise": 0.1},
            "model": {"name": "resnet9", "width": 0.25},
            "train": {"epochs": 20, "batch_size": 128, "gradient_accounting": False, "checkpoint_every": 20,

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toys import assert_one_line_error, digest
 
 from memloc import runs
 from memloc.cli import main
 from memloc.runs import LOCK_NAME
-from toys import assert_one_line_error, digest
 
 HERE = Path(__file__).parent
 DRIVER = [sys.executable, str(HERE / "fault_driver.py")]
@@ -151,7 +151,8 @@ def test_overwrite_deletes_only_memlocs_own_files(run_copy, tmp_path, capsys):
     assert code == 0, err
     for rel, content in mine.items():
         assert (run_copy / rel).read_bytes() == content, rel
-    assert (outside / "summary.json").read_text() == '{"theirs": true}' and (run_copy / "probes" / "linked").is_symlink()
+    assert ((outside / "summary.json").read_text() == '{"theirs": true}'
+            and (run_copy / "probes" / "linked").is_symlink())
     assert json.loads((run_copy / "config.json").read_text())["train"]["seed"] == 1
     assert not (run_copy / "probes" / "rewinding").exists()  # the old run's results went with it
     assert not list(run_copy.rglob(LOCK_NAME)) and not list(run_copy.rglob("*.tmp"))
@@ -244,21 +245,32 @@ def test_the_lock_is_reentrant_in_a_process_and_removes_a_killed_writers_tempora
 # ----------------------------------------------------------------------------- stuck after a kill
 
 def test_a_study_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result(tiny_study, tmp_path):
-    """One chain of real kills: at each boundary the process dies, `run --resume` goes on to the next."""
+    """One chain of real kills: at each stage boundary (and once inside a stage) the process dies, `run --resume`
+    goes on to the next without redoing a finished stage; a failed stage is retried; the end equals an
+    uninterrupted study."""
     out = tmp_path / "s"
     res = driver("created:base", *TINY_STUDY, "--out", out, "--quiet")  # base/run.json exists, nothing else
     assert res.returncode == -signal.SIGKILL, res.stderr
     assert sorted(p.name for p in (out / "base").iterdir() if p.name != LOCK_NAME) == ["run.json"]
-    points = ["done:train", "done:rewinding", "fail:retraining", "done:retraining", "done:flipping",
-              "created:dropout", "done:dropout_train", "done:dropout_eval", "done:detection"]
+    points = ["done:train", "done:rewinding", "partial:retraining", "fail:retraining", "done:retraining",
+              "done:flipping", "created:dropout", "done:dropout_train", "done:dropout_eval", "done:detection"]
+
+    def finished() -> dict:
+        stages = json.loads((out / "study.json").read_text())["stages"]
+        return {k: v["updated"] for k, v in stages.items() if v["status"] == "done"}
     for point in points:
+        before = finished()
         res = driver(point, "run", "--resume", out, "--quiet")
+        assert {k: v for k, v in finished().items() if k in before} == before  # nothing finished was redone
+        assert not [k for k in before if f"stage {k} ..." in res.stdout]
         if point.startswith("fail:"):  # a stage that raises: one line, recorded as failed, retried by resume
             assert_one_line_error(res.returncode, res.stderr, "stage retraining broke")
             stage = json.loads((out / "study.json").read_text())["stages"]["retraining"]
             assert stage["status"] == "failed" and stage["reason"] == "stage retraining broke"
             continue
         assert res.returncode == -signal.SIGKILL, (point, res.stderr)
+        if point.startswith("partial:"):  # killed inside the stage: its finished layers are kept for the resume
+            assert (out / "base" / "probes" / "retraining" / "partial.npz").exists()
     res = driver("none", "run", "--resume", out, "--quiet")
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
@@ -333,8 +345,10 @@ def test_training_on_a_full_disk_stops_in_one_line_and_resumes_to_the_same_weigh
         assert not list(out.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("argv", [["rewind", "RUN", "--quiet"], ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
-                                  ["evaluate", "RUN", "--drop-memorization"], ["retrain", "RUN", "--epochs", "2", "--peak-epoch", "1", "--quiet"],
+@pytest.mark.parametrize("argv", [["rewind", "RUN", "--quiet"],
+                                  ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
+                                  ["evaluate", "RUN", "--drop-memorization"],
+                                  ["retrain", "RUN", "--epochs", "2", "--peak-epoch", "1", "--quiet"],
                                   ["detect", "RUN", "--quiet"], ["report", "RUN"]])
 def test_probes_on_a_read_only_disk_say_so_in_one_line_and_change_nothing(tiny_run, tmp_path, capsys, argv):
     with small_disk(tmp_path / "disk", 4096) as disk:
@@ -465,8 +479,10 @@ DAMAGE = {
     "a probe summary that is a list": ["report"],
 }
 COMMANDS = {"evaluate": ["evaluate", "RUN"], "rewind": ["rewind", "RUN", "--quiet"], "report": ["report", "RUN"],
-            "resume": ["train", "--resume", "RUN", "--quiet"], "flip": ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
-            "detect": ["detect", "RUN", "--quiet"], "retrain": ["retrain", "RUN", "--epochs", "2", "--peak-epoch", "1", "--quiet"]}
+            "resume": ["train", "--resume", "RUN", "--quiet"],
+            "flip": ["flip", "RUN", "--examples", "2", "--others", "64", "--quiet"],
+            "detect": ["detect", "RUN", "--quiet"],
+            "retrain": ["retrain", "RUN", "--epochs", "2", "--peak-epoch", "1", "--quiet"]}
 
 
 @pytest.mark.parametrize("what,command", [(w, c) for w, cs in DAMAGE.items() for c in cs])
@@ -545,6 +561,7 @@ def test_a_huge_label_is_refused_in_one_line_without_allocating_for_it(tmp_path,
 
 def test_sizes_from_input_are_checked_before_allocation(tmp_path, capsys):
     import zipfile
+
     import numpy.lib.format as npformat
     x = np.zeros((20, 1, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "ok.npz", x=x, y=np.arange(20) % 2)

@@ -1,4 +1,5 @@
-"""Greedy unit removal: a hand-set model with a known answer, the engine's guarantees, the CLI, the paper's direction."""
+"""Greedy unit removal: a hand-set model with a known answer, the engine's guarantees, the CLI, the paper's
+direction."""
 
 import hashlib
 import json
@@ -8,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import copy_of
 from torch import nn
+from toys import assert_one_line_error
 
 from memloc.cli import main
 from memloc.data import Dataset, model_input
 from memloc.errors import ConfigError, DataError
 from memloc.experiment import open_run
-from memloc.probes import flipping
 from memloc.precision import native_bf16
+from memloc.probes import flipping
 from memloc.probes.flipping import FlipConfig, flip_units, select_examples
 from memloc.units import UnitMasks
-from toys import assert_one_line_error
-
 
 # ----------------------------------------------------------------------------- a model whose answer is known by hand
 
@@ -36,7 +37,7 @@ def _hand_model() -> nn.Module:
 
 
 def _hand_data() -> Dataset:
-    # model inputs z = 2x - 1 (memloc normalises [0, 1] images with mean 0.5, std 0.5)
+    # model inputs z = 2x - 1 (memloc normalizes [0, 1] images with mean 0.5, std 0.5)
     z = torch.tensor([[1.0, 0.0],    # 0: class 0 through h0 alone; zeroing unit 0 flips it
                       [1.0, 0.0],    # 1: labelled 1 (noisy): already predicted wrongly
                       [-1.0, 0.0],   # 2: labelled 1, h0 = 0: no removal can flip it
@@ -124,10 +125,8 @@ def test_config_and_selection_errors():
 # ----------------------------------------------------------------------------- a trained smoke model
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flip") / "run"
-    assert main(["train", "--preset", "smoke", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    return out
+def smoke_run(smoke_master, tmp_path_factory):
+    return copy_of(smoke_master, tmp_path_factory.mktemp("flip") / "run")
 
 
 def _small(**kw) -> FlipConfig:
@@ -166,7 +165,8 @@ def test_bf16_scores_pick_a_near_best_unit(smoke_run):
         masks = (torch.rand(len(idx), fl.masks.total, generator=g) > 0.1).float()  # (B, U): 10% removed
         labels = data.y_train[torch.as_tensor(idx)]
         with fl.masks.installed():
-            _, scores = fl.step(list(idx), labels, masks, [0] * len(idx), lambda p: torch.ones_like(p, dtype=torch.bool))
+            _, scores = fl.step(list(idx), labels, masks, [0] * len(idx),
+                                lambda p: torch.ones_like(p, dtype=torch.bool))
         picked[precision] = scores
     fp, bf = picked["fp32"], picked["bf16"]
     live = torch.isfinite(fp)
@@ -265,14 +265,14 @@ def test_cli_end_to_end_and_resume(smoke_run, tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_paper_direction_on_mnist5k(tmp_path_factory):
     out = tmp_path_factory.mktemp("flipslow") / "run"
-    # resnet9 at width 0.25 memorises the 10% noisy labels of 2000 mnist5k examples (batch 128, 25 epochs)
+    # resnet9 at width 0.25 memorizes the 10% noisy labels of 2000 mnist5k examples (batch 128, 25 epochs)
     assert main(["train", "--dataset", "mnist5k", "--train-size", "2000", "--model", "resnet9", "--width", "0.25",
                  "--epochs", "25", "--batch-size", "128", "--device", "cpu", "--no-gradient-accounting",
                  "--checkpoint-every", "25", "--out", str(out), "--quiet"]) == 0
     res = flipping.flip(out, FlipConfig(examples=50, others=128, eval_subsample=500, device="cpu"), progress=False)
     k = res.summary["kinds"]
     c, n = k["clean"], k["noisy"]
-    assert res.summary["accuracy_before"]["noisy_train_acc"] > 0.9  # the noisy labels are memorised
+    assert res.summary["accuracy_before"]["noisy_train_acc"] > 0.9  # the noisy labels are memorized
     assert n["median_units"] < c["median_units"]
     assert n["share_flipped_under_10"] > c["share_flipped_under_10"]
     assert n["mean_train_acc_drop"] < c["mean_train_acc_drop"]

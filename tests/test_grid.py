@@ -53,8 +53,8 @@ def test_grid_cli_bad_input_writes_nothing(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def grid_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("grid") / "g"
-    assert main(["dropout-grid", "--preset", "smoke", "--epochs", "1", "--no-gradient-accounting", "--train-size", "256",
-                 "--pairs", "0.4,0.1", "--out", str(out), "--quiet"]) == 0
+    assert main(["dropout-grid", "--preset", "smoke", "--epochs", "1", "--no-gradient-accounting",
+                 "--train-size", "256", "--pairs", "0.4,0.1", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -82,8 +82,8 @@ def test_grid_end_to_end(grid_dir):
 def test_grid_resumes_and_refuses_other_settings(grid_dir, capsys):
     before = (grid_dir / "grid.csv").read_text()
     stamp = (grid_dir / "dropout-0.46" / "cell.json").stat().st_mtime_ns
-    assert main(["dropout-grid", "--preset", "smoke", "--epochs", "1", "--no-gradient-accounting", "--train-size", "256",
-                 "--pairs", "0.4,0.1", "--out", str(grid_dir), "--quiet"]) == 0
+    assert main(["dropout-grid", "--preset", "smoke", "--epochs", "1", "--no-gradient-accounting",
+                 "--train-size", "256", "--pairs", "0.4,0.1", "--out", str(grid_dir), "--quiet"]) == 0
     assert capsys.readouterr().out.count("read back") == 3
     assert (grid_dir / "grid.csv").read_text() == before
     assert (grid_dir / "dropout-0.46" / "cell.json").stat().st_mtime_ns == stamp

@@ -3,18 +3,17 @@
 import json
 import shutil
 
-import pytest
-
 import browser
+import pytest
+from conftest import copy_of
+
 from memloc.cli import main
 from memloc.report import build_report
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    assert main(["train", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
-    return out
+def smoke_run(smoke_master, tmp_path_factory):
+    return copy_of(smoke_master, tmp_path_factory.mktemp("report") / "run")
 
 
 def test_report_from_files_and_rebuild_is_identical(smoke_run):

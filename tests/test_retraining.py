@@ -6,7 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import copy_of
 from torch import nn
+from toys import assert_one_line_error, digest, toy_data, toy_model
 
 from memloc.cli import main
 from memloc.errors import ConfigError, DataError
@@ -16,17 +18,12 @@ from memloc.probes import Partial
 from memloc.probes.base import ProbeResult
 from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import layer_keys
-from toys import assert_one_line_error, digest, toy_data, toy_model
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """The smoke preset (CLI) on 8x8 digits for speed, 3 epochs."""
-    out = tmp_path_factory.mktemp("retrain") / "run"
-    code = main(["train", "--preset", "smoke", "--dataset", "digits", "--train-size", "600", "--epochs", "3",
-                 "--batch-size", "64", "--out", str(out), "--quiet"])
-    assert code == 0
-    return out
+def smoke_run(digits_master, tmp_path_factory):
+    """The smoke preset (CLI) on 8x8 digits for speed, 3 epochs (conftest's, copied)."""
+    return copy_of(digits_master, tmp_path_factory.mktemp("retrain") / "run")
 
 
 def test_toy_retraining_known_by_hand():
@@ -175,7 +172,7 @@ def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
     assert res.arrays["accuracy"].shape == (2, 3, 4) and list(res.arrays["epochs"]) == [0, 1, 2]
     assert res.summary["init"] == "epoch 0 checkpoint" and res.summary["epochs"] == 2
     assert open_run(run_dir).run.stage("retraining")["status"] == "done"
-    # an imported run: the final checkpoint only; the initialisation is rebuilt from the seed and equals epoch 0
+    # an imported run: the final checkpoint only; the initialization is rebuilt from the seed and equals epoch 0
     loaded = open_run(run_dir)
     with torch.random.fork_rng():
         torch.manual_seed(loaded.config.train.seed)

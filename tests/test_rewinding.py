@@ -1,4 +1,5 @@
-"""Layer rewinding: a hand-checked toy, equality with the naive full-forward sweep, scoping, resume, CLI and bad input."""
+"""Layer rewinding: a hand-checked toy, equality with the naive full-forward sweep, scoping, resume, CLI and bad
+input."""
 
 import shutil
 from dataclasses import replace
@@ -6,31 +7,27 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import copy_of
+from toys import assert_one_line_error, digest, toy_data, toy_model
 
 from memloc.cli import main
+from memloc.cutting import split_at
 from memloc.errors import ConfigError, RunError
 from memloc.experiment import open_run
 from memloc.models import build_model, layers
 from memloc.probes.base import ProbeResult
 from memloc.probes.rewinding import choose_epochs, rewind, rewind_model
-from memloc.cutting import split_at
 from memloc.probes.sweep import layer_keys, sweep_states
-from memloc.tasks import ClassificationTask
 from memloc.runs import load_into
+from memloc.tasks import ClassificationTask
 from memloc.training import evaluate
-from toys import assert_one_line_error, digest, toy_data, toy_model
-
 
 # ----------------------------------------------------------------------------- shared fixtures
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """The smoke preset (CLI) on 8x8 digits for speed, 3 epochs: 4 layers x 4 checkpoints."""
-    out = tmp_path_factory.mktemp("rewind") / "run"
-    code = main(["train", "--preset", "smoke", "--dataset", "digits", "--train-size", "600", "--epochs", "3",
-                 "--batch-size", "64", "--out", str(out), "--quiet"])
-    assert code == 0
-    return out
+def smoke_run(digits_master, tmp_path_factory):
+    """The smoke preset (CLI) on 8x8 digits for speed, 3 epochs: 4 layers x 4 checkpoints (conftest's, copied)."""
+    return copy_of(digits_master, tmp_path_factory.mktemp("rewind") / "run")
 
 
 # ----------------------------------------------------------------------------- known answers
@@ -138,11 +135,13 @@ def test_keep_bn_stats_restores_weights_only(smoke_run):
     layer = layers(model)[0]
     with_stats = layer_keys(model, layer)
     without = layer_keys(model, layer, buffers=False)
-    assert any(k.endswith("running_mean") for k in with_stats) and any(k.endswith("num_batches_tracked") for k in with_stats)
+    assert (any(k.endswith("running_mean") for k in with_stats)
+            and any(k.endswith("num_batches_tracked") for k in with_stats))
     assert not any("running" in k or "num_batches" in k for k in without)
     assert set(layer.params) <= set(without)
     a = rewind_model(model, loaded.data, loaded.run.load_checkpoint, epochs=[0], layers=[layer.name])
-    b = rewind_model(model, loaded.data, loaded.run.load_checkpoint, epochs=[0], layers=[layer.name], keep_bn_stats=True)
+    b = rewind_model(model, loaded.data, loaded.run.load_checkpoint, epochs=[0], layers=[layer.name],
+                     keep_bn_stats=True)
     assert a.summary["keep_bn_stats"] is False and b.summary["keep_bn_stats"] is True
     assert not np.array_equal(a.arrays["accuracy"], b.arrays["accuracy"])  # the statistics matter
 
@@ -248,7 +247,7 @@ def test_cli_rewind_not_a_run(tmp_path, capsys):
     assert_one_line_error(code, capsys.readouterr()[1], "not a memloc run")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cuda_rewinding_to_the_final_epoch_is_the_final_model(tmp_path):
     """On a GPU (bf16 autocast) every layer rewound to the final epoch is the final model, and the grid is the CPU's."""
     out = tmp_path / "run"

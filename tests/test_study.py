@@ -2,28 +2,25 @@
 
 import errno
 import json
-import os
-import signal
-import subprocess
-import sys
-
-import pytest
+from pathlib import Path
 
 import browser
+import pytest
+from conftest import copy_of
+
 from memloc.cli import main
 
 
 @pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "s"
-    assert main(["run", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
-    return out
+def smoke_study(smoke_study_master, tmp_path_factory):
+    return copy_of(smoke_study_master, tmp_path_factory.mktemp("study") / "s")
 
 
 def test_smoke_study_makes_every_stage_and_the_report(smoke_study):
     info = json.loads((smoke_study / "study.json").read_text())
     assert info["finished"] is True
-    for stage in ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "detection", "report"):
+    for stage in ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "detection",
+                  "report"):
         assert info["stages"][stage]["status"] == "done", stage
     for probe in ("rewinding", "retraining", "flipping", "detection"):
         assert (smoke_study / "base" / "probes" / probe / "summary.json").exists(), probe
@@ -38,11 +35,14 @@ def test_smoke_study_makes_every_stage_and_the_report(smoke_study):
     assert html.count("data:image/png;base64,") == len(figures)
 
 
-def test_rebuilding_the_study_report_gives_the_same_files(smoke_study):
+def test_rebuilding_the_study_report_gives_the_same_files(smoke_study, smoke_study_master):
     rep = smoke_study / "report"
     before = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
     assert main(["report", str(smoke_study)]) == 0
     after = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+    # this copy's page names its own folder where the study's names the study's; nothing else may differ
+    page = Path("report.html")
+    assert after.pop(page) == before.pop(page).replace(str(smoke_study_master).encode(), str(smoke_study).encode())
     assert before == after
 
 
@@ -79,27 +79,3 @@ def test_report_without_disk_space_fails_cleanly_and_keeps_the_old_report(smoke_
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1
     assert before == {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
-
-
-def test_killed_study_resumes_without_redoing_finished_stages(tmp_path):
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "memloc.cli", "run", "--preset", "smoke", "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("stage retraining ..."):  # train and rewinding are done: kill inside retraining
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    info = json.loads((out / "study.json").read_text())
-    assert info["stages"]["train"]["status"] == "done" and info["stages"]["rewinding"]["status"] == "done"
-    assert info["stages"]["retraining"]["status"] == "running"
-    ckpt = out / "base" / "checkpoints" / "epoch_006.safetensors"
-    stamp = (ckpt.stat().st_mtime_ns, info["stages"]["train"]["updated"], info["stages"]["rewinding"]["updated"])
-    res = subprocess.run([sys.executable, "-m", "memloc.cli", "run", "--resume", str(out), "--quiet"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr
-    assert "stage train ..." not in res.stdout and "stage rewinding ..." not in res.stdout
-    assert "stage retraining ..." in res.stdout
-    info = json.loads((out / "study.json").read_text())
-    assert info["finished"] is True
-    assert (ckpt.stat().st_mtime_ns, info["stages"]["train"]["updated"], info["stages"]["rewinding"]["updated"]) == stamp

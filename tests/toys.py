@@ -12,7 +12,7 @@ from memloc.data import Dataset
 
 
 def toy_data(n_noisy: int = 2) -> Dataset:
-    """Two classes on 1x1x2 'images': class 0 at (1, 0), class 1 at (0, 1) -> normalised (1,-1), (-1,1).
+    """Two classes on 1x1x2 'images': class 0 at (1, 0), class 1 at (0, 1) -> normalized (1,-1), (-1,1).
 
     The first `n_noisy` examples carry the other class as their given label.
     """

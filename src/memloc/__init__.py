@@ -7,22 +7,35 @@ trained model with its data, and returns a :class:`ProbeResult`.
 """
 
 from ._version import __version__  # noqa: F401
+from .data import DataConfig, Dataset, corrupt_labels  # noqa: E402
+from .data import load as load_data
+from .dropout import ExampleTiedDropout, dropout_mode, example_indices, insert_example_tied_dropout  # noqa: E402
 from .errors import ConfigError, DataError, MemlocError, RunError  # noqa: E402
-from .data import DataConfig, Dataset, corrupt_labels, load as load_data  # noqa: E402
-from .wrap import from_torch_dataset, wrap_data  # noqa: E402
-from .tasks import Task, task_of  # noqa: E402
-from .models import Layer, build_model, layers  # noqa: E402
-from .runs import RunDir  # noqa: E402
-from .inference import predict  # noqa: E402
-from .training import History, TrainConfig, evaluate, prepare, train  # noqa: E402
 from .experiment import ModelConfig, RunConfig, open_run, resume_training, run_training  # noqa: E402
-from .probes import (DetectConfig, DropoutConfig, FlipConfig, ProbeResult, RetrainConfig, RewindConfig,  # noqa: E402
-                     detect, evaluate_dropout, flip, retrain, rewind, run_probe)
-from .probes.detection import detect_scores, plot_roc  # noqa: E402
 from .export import UnitScale, export_dropped, load_exported, remove_memorization  # noqa: E402
 from .grid import DEFAULT_PAIRS, dropout_grid  # noqa: E402
-from .dropout import ExampleTiedDropout, dropout_mode, example_indices, insert_example_tied_dropout  # noqa: E402
+from .inference import predict  # noqa: E402
+from .models import Layer, build_model, layers  # noqa: E402
+from .probes import (  # noqa: E402
+                     DetectConfig,
+                     DropoutConfig,
+                     FlipConfig,
+                     ProbeResult,
+                     RetrainConfig,
+                     RewindConfig,
+                     detect,
+                     evaluate_dropout,
+                     flip,
+                     retrain,
+                     rewind,
+                     run_probe,
+)
+from .probes.detection import detect_scores, plot_roc  # noqa: E402
 from .report import build_report  # noqa: E402
+from .runs import RunDir  # noqa: E402
+from .tasks import Task, task_of  # noqa: E402
+from .training import History, TrainConfig, evaluate, prepare, train  # noqa: E402
+from .wrap import from_torch_dataset, wrap_data  # noqa: E402
 
 __all__ = [
     "ConfigError", "DataError", "MemlocError", "RunError",

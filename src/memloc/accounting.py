@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import Layer, layers as find_layers
+from .models import Layer
+from .models import layers as find_layers
 
 
 class GradientAccounting:
@@ -82,7 +83,8 @@ class GradientAccounting:
     def arrays(self, k: int | None = None) -> dict[str, np.ndarray]:
         """What gradients.npz holds after `k` epochs (all of them by default)."""
         k = self.cosine.shape[1] if k is None else k
-        return {"clean_norm": self.rest_norm[:, :k].cpu().numpy(), "noisy_norm": self.memorized_norm[:, :k].cpu().numpy(),
+        return {"clean_norm": self.rest_norm[:, :k].cpu().numpy(),
+                "noisy_norm": self.memorized_norm[:, :k].cpu().numpy(),
                 "cosine": self.cosine[:, :k].cpu().numpy(), "layer_names": np.array([l.name for l in self.layers]),
                 "num_params": np.array([l.num_params for l in self.layers]), "epochs": np.arange(1, k + 1)}
 

@@ -42,7 +42,9 @@ def _parse(f: dataclasses.Field, flag: str) -> Callable[[str], Any]:
             if msg.startswith("takes"):
                 raise argparse.ArgumentTypeError(f"{flag} {msg}") from None
             what = getattr(parse, "__name__", "value")
-            raise argparse.ArgumentTypeError(f"{flag} takes {'a number' if what == 'float' else 'an integer' if what == 'int' else 'a value'}, not {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{flag} takes {'a number' if what == 'float' else 'an integer' if what == 'int' else 'a value'}, "
+                f"not {text!r}") from None
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert
 

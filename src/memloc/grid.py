@@ -1,7 +1,7 @@
 """The paper's robustness grid: example-tied dropout over (p_gen, p_mem) pairs, with matched baselines.
 
 For every pair one model is trained with example-tied dropout and evaluated
-before ("tied") and after ("drop") removing its memorisation units. For every
+before ("tied") and after ("drop") removing its memorization units. For every
 distinct expected fraction of active units ``a = p_gen + (1 - p_gen) * p_mem``
 two baselines are trained the same way: standard dropout keeping each unit with
 probability ``a`` at training (identity at test), and a fixed sparse network
@@ -15,12 +15,12 @@ cell (``DIR/etd-0.4-0.1/``, ``DIR/dropout-0.46/``, ``DIR/sparse-0.46/``) and
 same command resumes: finished cells are read back, a killed one is resumed
 from its newest checkpoint.
 
-Choosing p_gen (measured on mnist5k, 10% noise; README): the generalisation
+Choosing p_gen (measured on mnist5k, 10% noise; README): the generalization
 units must be able to fit the clean data on their own, so the smaller or less
 residual the network, the larger p_gen must be. ResNet-9 at full width works at
 p_gen 0.3; at width 0.25 it needs 0.4 (0.2 collapses clean accuracy after the
 drop); a plain 3-layer CNN loses far more clean accuracy at any p_gen. Too
-large a p_gen (or p_mem) lets the generalisation units memorise too, and the
+large a p_gen (or p_mem) lets the generalization units memorize too, and the
 noisy examples survive the drop. Run the grid on a subset to choose.
 """
 
@@ -161,7 +161,8 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
             if not isinstance(old, dict):
                 raise ConfigError(f"{grid_json} is damaged: pass a new --out folder")
             if old.get("base") != spec["base"]:
-                raise ConfigError(f"{out_dir} holds a grid with other settings: pass another --out, or the same flags to resume it")
+                raise ConfigError(f"{out_dir} holds a grid with other settings: "
+                                  "pass another --out, or the same flags to resume it")
         elif out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
             raise ConfigError(f"{out_dir} exists and is not a dropout grid: pass a new or empty --out folder")
         _check_buildable(base, cells)  # bad model or data: one line, before anything is written
@@ -188,6 +189,7 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
                 run.write_json("cell.json", row)  # last: its presence means the cell is finished
                 rows.append(row)
                 log(f"[{k}/{len(cells)}] {cell.name}: clean {row['clean_before']} -> {row['clean_after']}, "
-                    f"noisy {row['noisy_before']} -> {row['noisy_after']}, test {row['test_eval']} / {row['test_drop']}")
+                    f"noisy {row['noisy_before']} -> {row['noisy_after']}, "
+                    f"test {row['test_eval']} / {row['test_drop']}")
             _write_table(out_dir / "grid.csv", rows)
     return rows

@@ -30,7 +30,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, with_i
             inputs: Callable[[torch.Tensor, torch.device], torch.Tensor] = model_input) -> torch.Tensor:
     """Outputs (N, ...) in float32 for stored examples x (N, ...), in eval mode (logits (N, K) for images).
 
-    `inputs` turns a batch of stored examples into model input (default: images, normalised).
+    `inputs` turns a batch of stored examples into model input (default: images, normalized).
     """
     device = device or next(model.parameters()).device
     modes = {m: m.training for m in model.modules()}  # restored one by one: a partly frozen model stays so

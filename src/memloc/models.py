@@ -1,6 +1,6 @@
 """The model registry, and `layers(model)`: the layers and units of any nn.Module.
 
-A *layer* is one conv or linear module together with the normalisation and the
+A *layer* is one conv or linear module together with the normalization and the
 nonlinearity that directly consume its output; its *units* are its output
 channels (conv) or output features (linear), and a unit's activation is the
 output of the last module of that chain. `layers()` finds the chains by
@@ -254,8 +254,10 @@ def _build_resnet50(c, h, w, k, width, after):
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet9": ModelSpec("the paper's FFCV ResNet-9 (2.27M parameters at width 1); --width scales channels", _build_resnet9),
-    "resnet50": ModelSpec("torchvision ResNet-50 with the paper's (torchvision) stem and an N-way head", _build_resnet50, False),
+    "resnet9": ModelSpec("the paper's FFCV ResNet-9 (2.27M parameters at width 1); --width scales channels",
+                         _build_resnet9),
+    "resnet50": ModelSpec("torchvision ResNet-50 with the paper's (torchvision) stem and an N-way head",
+                          _build_resnet50, False),
     "vit": ModelSpec("the paper's small ViT: patch 2, dim 512, depth 6, 8 heads, MLP 512, dropout 0.1", _build_vit),
     "cnn": ModelSpec("small 3-block conv net (32/64/128 channels x width); fast on CPU", _build_cnn),
     "mlp": ModelSpec("2 hidden layers of 512 x width; fastest on CPU", _build_mlp),
@@ -277,7 +279,8 @@ def build_model(name: str, *, input_shape: tuple[int, int, int], num_classes: in
         raise ConfigError(f"width {width} is out of range: pass a multiplier in (0, 16], e.g. --width 0.25")
     spec = MODELS[name]
     if after_block is not None and not spec.takes_after_block:
-        raise ConfigError(f"model {name!r} has no place for a per-block layer such as example-tied dropout: choose resnet9, cnn, mlp or vit")
+        raise ConfigError(f"model {name!r} has no place for a per-block layer such as example-tied dropout: "
+                          "choose resnet9, cnn, mlp or vit")
     c, h, w = input_shape
     model = spec.build(c, h, w, num_classes, width, after_block)
     model.input_shape = tuple(input_shape)  # lets layers() trace the model without an example input
@@ -353,7 +356,8 @@ def layers(model: nn.Module, example_input: torch.Tensor | None = None) -> list[
     if example_input is None and hasattr(model, "input_shape"):
         example_input = torch.zeros(2, *model.input_shape, device=_device_of(model))
     names = {m: n for n, m in model.named_modules()}
-    chains = _trace_chains(model, example_input, names) if example_input is not None else _registration_chains(model, names)
+    chains = (_trace_chains(model, example_input, names) if example_input is not None
+              else _registration_chains(model, names))
     if not chains:
         raise ConfigError("the model has no conv or linear layers: memloc probes units of conv and linear layers")
     modules = dict(model.named_modules())
@@ -391,7 +395,8 @@ def _trace_chains(model, example_input, names) -> list[list[str]]:
             model(example_input)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"the model cannot take the example input of shape {tuple(example_input.shape)} ({first})") from None
+        raise ConfigError(f"the model cannot take the example input of shape {tuple(example_input.shape)} "
+                          f"({first})") from None
     finally:
         for h in handles:
             h.remove()

@@ -16,8 +16,9 @@ from typing import Any, Callable
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
-           choices: tuple | None = None, metavar: str | None = None, negate: str | None = None, cli: bool = True,
+def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, choices: tuple | None = None, metavar: str | None = None,
+           negate: str | None = None, cli: bool = True,
            result: bool = True, spread: tuple[str, ...] | None = None, factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with its command-line flag.
 

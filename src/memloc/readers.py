@@ -246,28 +246,23 @@ def read_cifar(root: PathLike, *, split: str, num_classes: int = 10) -> tuple[np
     def damaged(folder: str) -> str:  # names the format actually being read
         return (f"the download is damaged or incomplete: re-extract it or pass --data-root DIR pointing at the "
                 f"folder that holds {folder}/, or --download")
-    for d in (root / py_dir, root):
-        if (d / py_names[0]).is_file():
-            parts = []
-            for name in py_names:
-                if not (d / name).is_file():
-                    raise DataError(f"missing {d / name}; {damaged(py_dir)}")
-                parts.append(_load_cifar_pickle(d / name, label_key, num_classes, damaged(py_dir)))
-            break
-    else:
-        for d in (root / bin_dir, root):
-            if (d / bin_names[0]).is_file():
-                parts = []
-                for name in bin_names:
-                    if not (d / name).is_file():
-                        raise DataError(f"missing {d / name}; {damaged(bin_dir)}")
-                    parts.append(_load_cifar_binary(d / name, label_bytes, num_classes, damaged(bin_dir)))
-                break
-        else:
-            raise DataError(
-                f"no CIFAR-{num_classes} {split} files under {root} "
-                f"(looked for {py_dir}/{py_names[0]} and {bin_dir}/{bin_names[0]}); {fix}"
-            )
+    # the python format first, then the binary one; each in its own folder or right under the root
+    formats = [(py_dir, py_names, lambda f, fix: _load_cifar_pickle(f, label_key, num_classes, fix)),
+               (bin_dir, bin_names, lambda f, fix: _load_cifar_binary(f, label_bytes, num_classes, fix))]
+    parts = None
+    for folder, names, load in formats:
+        d = next((d for d in (root / folder, root) if (d / names[0]).is_file()), None)
+        if d is None:
+            continue
+        parts = []
+        for name in names:
+            if not (d / name).is_file():
+                raise DataError(f"missing {d / name}; {damaged(folder)}")
+            parts.append(load(d / name, damaged(folder)))
+        break
+    if parts is None:
+        raise DataError(f"no CIFAR-{num_classes} {split} files under {root} "
+                        f"(looked for {py_dir}/{py_names[0]} and {bin_dir}/{bin_names[0]}); {fix}")
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     return x, y

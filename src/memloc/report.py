@@ -146,13 +146,29 @@ def _probe(run: RunDir, probe: str, command: str, title: str) -> tuple[Section, 
     return sec, result.summary, result.arrays
 
 
-def rewinding(run: RunDir) -> Section:
-    sec, summary, arrays = _probe(run, "rewinding", "rewind", "Layer rewinding")
+def _layer_sweep_section(run: RunDir, probe: str, command: str, title: str, draw: Callable, caption: str,
+                         table: str) -> Section:
+    """The section of a layer sweep (rewinding, retraining): `draw(acc, names, epochs, subsets)` and its table."""
+    sec, summary, arrays = _probe(run, probe, command, title)
     if summary is None:
         return sec
-    acc, names, epochs, subsets = arrays["accuracy"], list(arrays["layer_names"]), arrays["epochs"], list(arrays["subsets"])
+    acc, names, epochs, subsets = (arrays["accuracy"], list(arrays["layer_names"]), arrays["epochs"],
+                                   list(arrays["subsets"]))
+    sec.figures.append(Figure(probe, caption, png(draw(acc, names, epochs, subsets))))
+    sec.tables.append(Table(probe, table, _layer_epoch_rows(acc, names, epochs, subsets)))
+    return sec
+
+
+def _layer_epoch_rows(acc: np.ndarray, names, epochs, subsets) -> list[dict]:
+    """Tidy rows of a (layers, epochs, subsets) accuracy array: one per layer and epoch."""
+    return [{"layer": n, "epoch": int(e), **{f"{s}_acc": float(acc[i, j, k]) for k, s in enumerate(subsets)}}
+            for i, n in enumerate(names) for j, e in enumerate(epochs)]
+
+
+def _rewinding_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str]):
     plt = pyplot()
-    shown = [s for s in ("clean_train", "noisy_train", "test") if s in subsets and not np.all(np.isnan(acc[:, :, subsets.index(s)]))]
+    shown = [s for s in ("clean_train", "noisy_train", "test")
+             if s in subsets and not np.all(np.isnan(acc[:, :, subsets.index(s)]))]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.35 * len(names) + 1.8), squeeze=False)
     for ax, s in zip(axes[0], shown):
         im = ax.imshow(100 * acc[:, :, subsets.index(s)], aspect="auto", cmap="viridis", vmin=0, vmax=100,
@@ -165,24 +181,17 @@ def rewinding(run: RunDir) -> Section:
         ax.grid(False)
         fig.colorbar(im, ax=ax)
     axes[0][0].set_ylabel("rewound layer")
-    sec.figures.append(Figure("rewinding", "Accuracy of the final model with one layer (rows) put back to its "
-                              "weights and BatchNorm statistics at an earlier epoch (columns).", png(fig)))
-    rows = _layer_epoch_rows(acc, names, epochs, subsets)
-    sec.tables.append(Table("rewinding", "Accuracy per rewound layer and epoch", rows))
-    return sec
+    return fig
 
 
-def _layer_epoch_rows(acc: np.ndarray, names, epochs, subsets) -> list[dict]:
-    """Tidy rows of a (layers, epochs, subsets) accuracy array: one per layer and epoch."""
-    return [{"layer": n, "epoch": int(e), **{f"{s}_acc": float(acc[i, j, k]) for k, s in enumerate(subsets)}}
-            for i, n in enumerate(names) for j, e in enumerate(epochs)]
+def rewinding(run: RunDir) -> Section:
+    return _layer_sweep_section(run, "rewinding", "rewind", "Layer rewinding", _rewinding_figure,
+                                "Accuracy of the final model with one layer (rows) put back to its weights and "
+                                "BatchNorm statistics at an earlier epoch (columns).",
+                                "Accuracy per rewound layer and epoch")
 
 
-def retraining(run: RunDir) -> Section:
-    sec, summary, arrays = _probe(run, "retraining", "retrain", "Layer retraining")
-    if summary is None:
-        return sec
-    acc, names, epochs, subsets = arrays["accuracy"], list(arrays["layer_names"]), arrays["epochs"], list(arrays["subsets"])
+def _retraining_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str]):
     plt = pyplot()
     cols = min(5, len(names))
     rws = int(np.ceil(len(names) / cols))
@@ -201,11 +210,14 @@ def retraining(run: RunDir) -> Section:
     for r in axes:
         r[0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    sec.figures.append(Figure("retraining", "Each layer reset to its initialisation and retrained alone on the clean "
-                              "examples only (every other layer frozen): accuracy per retraining epoch.", png(fig)))
-    rows = _layer_epoch_rows(acc, names, epochs, subsets)
-    sec.tables.append(Table("retraining", "Accuracy per retrained layer and epoch", rows))
-    return sec
+    return fig
+
+
+def retraining(run: RunDir) -> Section:
+    return _layer_sweep_section(run, "retraining", "retrain", "Layer retraining", _retraining_figure,
+                                "Each layer reset to its initialization and retrained alone on the clean examples only "
+                                "(every other layer frozen): accuracy per retraining epoch.",
+                                "Accuracy per retrained layer and epoch")
 
 
 def flipping(run: RunDir) -> Section:
@@ -256,21 +268,25 @@ def dropout_section(run: RunDir, title: str = "Example-tied dropout") -> Section
         sec.missing = f"not run: `memloc evaluate {run.path} --drop-memorization`"
         return sec
     s = summary
-    rows = [{"measure": "clean-train accuracy", "before (tied)": _pct(s["clean_before"]), "after (drop)": _pct(s["clean_after"])},
+    rows = [{"measure": "clean-train accuracy", "before (tied)": _pct(s["clean_before"]),
+             "after (drop)": _pct(s["clean_after"])},
             {"measure": "noisy-train accuracy (given labels)", "before (tied)": _pct(s["noisy_before"]),
              "after (drop)": _pct(s["noisy_after"])},
-            {"measure": "noisy examples predicted as their true label", "before (tied)": _pct(s.get("noisy_true_before")),
+            {"measure": "noisy examples predicted as their true label",
+             "before (tied)": _pct(s.get("noisy_true_before")),
              "after (drop)": _pct(s.get("noisy_true_after"))},
             {"measure": "test accuracy", "before (tied)": _pct(s["test_eval"]) + " (eval mode)",
              "after (drop)": _pct(s["test_drop"])}]
-    sec.tables.append(Table("summary_dropout", f"p_gen {s['p_gen']}, p_mem {s['p_mem']}, drop scale {s['drop_scale']}", rows))
+    sec.tables.append(Table("summary_dropout", f"p_gen {s['p_gen']}, p_mem {s['p_mem']}, drop scale {s['drop_scale']}",
+                            rows))
     images = arrays.get("forgotten_images")
     if images is not None and len(images):
         labels = arrays.get("forgotten_labels")
         titles = [f"label {int(v)}" for v in labels] if labels is not None else [""] * len(images)
         sec.figures.append(Figure("dropout_forgotten", "Clean training examples forgotten by the drop (right before, "
                                   "wrong after), with their labels.", png(gallery_figure(images[:32], titles[:32]))))
-    sec.notes.append(f"{s['forgotten_clean']} clean examples forgotten by the drop (indices in probes/dropout/arrays.npz).")
+    sec.notes.append(f"{s['forgotten_clean']} clean examples forgotten by the drop "
+                     "(indices in probes/dropout/arrays.npz).")
     return sec
 
 
@@ -333,7 +349,8 @@ def _table_html(rows: list[dict], limit: int = 40) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}\
+td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;vertical-align:top}
 th{background:#f4f4f4}.missing{color:#a60}.note{color:#555;font-size:.9em}.holds{color:#070}.fails{color:#b00}"""
 
 
@@ -452,7 +469,8 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
         add("mislabeled examples are memorized (noisy-train accuracy at the end)", "~100%", _pct(noisy[-1]),
             bool(noisy[-1] >= 0.9))
         add("mislabeled examples are learned in a middle window of training", "mostly epochs 10–30 of 50",
-            f"25% → 90% between epochs {window[0]} and {window[1]} of {len(metrics)}" if window else "never reached 90%",
+            (f"25% → 90% between epochs {window[0]} and {window[1]} of {len(metrics)}" if window
+             else "never reached 90%"),
             None if window is None else bool(window[0] > 1))
     if base.has("gradients.npz"):
         g = base.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine")
@@ -510,7 +528,7 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
             f"{n['layers_used']} layers (noisy), {c['layers_used']} layers (clean)", n["layers_used"] > 1)
     s, _ = _load_probe(drop, "dropout")
     if s is not None:
-        add("example-tied dropout: dropping the memorisation units removes the mislabeled examples' labels",
+        add("example-tied dropout: dropping the memorization units removes the mislabeled examples' labels",
             "noisy-train 100% → 0.1% (MNIST), 3.1% (CIFAR-10)",
             f"{_pct(s['noisy_before'])} → {_pct(s['noisy_after'])}",
             None if s["noisy_after"] is None else s["noisy_after"] <= 0.1, needs_memorization=False)

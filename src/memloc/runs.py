@@ -87,7 +87,7 @@ def _jsonable(o):
         return str(o)
     if isinstance(o, tuple):
         return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    raise TypeError(f"not JSON serializable: {type(o)}")
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -141,7 +141,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or extra or wrong:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
-                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]].shape)}")
+                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+                       f"the model has {tuple(own[wrong[0]].shape)}")
         raise RunError(f"checkpoint {source} does not fit this model ({detail}): it comes from another model or width")
     model.load_state_dict(state, strict=False)
 
@@ -421,7 +422,8 @@ class RunDir:
                                    + ("or continue it with " + resume + f" {path}" if kind == "study"
                                       else "pass --overwrite to replace it, or --resume it"))
                 if memloc_kind(path) is None:
-                    raise RunError(f"{path} exists and is not a memloc run: refusing to delete it even with --overwrite")
+                    raise RunError(f"{path} exists and is not a memloc run: "
+                                   "refusing to delete it even with --overwrite")
                 clear_memloc_files(path)
             run = cls(path, kind)
             from ._version import __version__

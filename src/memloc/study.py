@@ -21,11 +21,20 @@ from typing import Callable
 
 from .data import DataConfig
 from .errors import ConfigError, RunError
-from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, preset as preset_sections, resume_training, \
-    run_training
+from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
+from .experiment import preset as preset_sections
 from .options import floats, ints, option
-from .probes import DetectConfig, FlipConfig, RetrainConfig, RewindConfig, detect, evaluate_dropout, flip, retrain, \
-    rewind
+from .probes import (
+    DetectConfig,
+    FlipConfig,
+    RetrainConfig,
+    RewindConfig,
+    detect,
+    evaluate_dropout,
+    flip,
+    retrain,
+    rewind,
+)
 from .runs import RunDir, exclusive, mark_failed, memloc_kind, study_cells, study_stages
 from .training import TrainConfig, resolve_device
 

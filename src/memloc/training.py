@@ -30,15 +30,16 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .accounting import GradientAccounting
 from .data import Dataset
 from .errors import ConfigError, RunError
-from .models import Layer, check_input, layers as find_layers, select_layers
-from .options import option, replaced
-from .accounting import GradientAccounting
 from .inference import indices_context
+from .models import Layer, check_input, select_layers
+from .models import layers as find_layers
+from .options import option, replaced
 from .precision import autocast, cudnn_autotune
-from .tasks import task_of
 from .runs import RunDir, exclusive, load_state, save_state
+from .tasks import task_of
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -55,7 +56,7 @@ class TrainConfig:
     schedule: str = option("cosine", "cosine with linear warm-up (the paper's), onecycle (triangle) or constant",
                            choices=SCHEDULES)
     warmup: float = option(0.1, "fraction of steps of warm-up (cosine) or to the peak (onecycle)")
-    seed: int = option(0, "seed of the initialisation and the training order")
+    seed: int = option(0, "seed of the initialization and the training order")
     augment: bool = option(False, "random crop + flip (off in the paper's main runs)")
     gradient_accounting: bool = option(True, "skip gradient accounting (the clean and noisy gradient shares)",
                                        negate="--no-gradient-accounting")
@@ -311,7 +312,8 @@ def _pct(v) -> str:
 
 
 def _short(r: dict) -> str:
-    return f"clean {_pct(r.get('clean_train_acc'))} noisy {_pct(r.get('noisy_train_acc'))} test {_pct(r.get('test_acc'))}"
+    return (f"clean {_pct(r.get('clean_train_acc'))} noisy {_pct(r.get('noisy_train_acc'))} "
+            f"test {_pct(r.get('test_acc'))}")
 
 
 def format_record(r: dict) -> str:
@@ -328,7 +330,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
     (loss, margin (E, N) float16, correct (E, N) bool: training history for
     :func:`memloc.detect`) and ``gradients`` (gradient accounting, (layers, epochs)).
     With `run` (a RunDir, or a path for a new one), every epoch's checkpoint
-    (epoch 0 = initialisation) and the records are written there: what
+    (epoch 0 = initialization) and the records are written there: what
     :func:`memloc.rewind` and :func:`memloc.retrain` need. The model is moved to the device.
     """
     cfg = replaced(TrainConfig, cfg, options)

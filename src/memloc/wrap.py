@@ -43,10 +43,10 @@ def _images(x: ArrayLike, what: str) -> torch.Tensor:
     x = x.to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{what} contains NaN or infinite values: clean the data first")
-    # memloc normalises images itself (mean 0.5, std 0.5): already-normalised or 0..255 floats would be wrong
+    # memloc normalizes images itself (mean 0.5, std 0.5): already-normalized or 0..255 floats would be wrong
     if x.dim() == 4 and x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
         raise DataError(f"{what} float images range {float(x.min()):.3g}..{float(x.max()):.3g}: pass raw images, "
-                        "floats in [0, 1] or uint8 0..255 (memloc normalises them itself)")
+                        "floats in [0, 1] or uint8 0..255 (memloc normalizes them itself)")
     return x.contiguous()
 
 
@@ -77,7 +77,7 @@ def wrap_data(x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike | None =
     """Your tensors (or numpy arrays) as a memloc :class:`Dataset`.
 
     x_train: (N, C, H, W) images, uint8 in 0..255 or float in [0, 1] (memloc
-    normalises them with mean 0.5, std 0.5), or (N, F) features for a model that
+    normalizes them with mean 0.5, std 0.5), or (N, F) features for a model that
     takes vectors; y_train: (N,) the *given* labels (possibly noisy). x_test,
     y_test: (M, ...) and (M,), optional (empty when left out).
 

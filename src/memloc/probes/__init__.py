@@ -5,11 +5,11 @@ and a `Probe(...)`), and add it to the import line below; the engine, the CLI an
 the report find it by name (see docs/architecture.md).
 """
 
+from . import detection, dropout_eval, flipping, retraining, rewinding  # noqa: E402,F401 - the registration line
 from .base import ProbeResult, registered, swapped_state
-from .engine import Context, Partial, Probe, prepare, run_probe
-from . import rewinding, retraining, flipping, dropout_eval, detection  # noqa: E402,F401 - the registration line
 from .detection import DetectConfig, detect
 from .dropout_eval import DropoutConfig, evaluate_dropout
+from .engine import Context, Partial, Probe, prepare, run_probe
 from .flipping import FlipConfig, FlipRecord, flip, select_examples
 from .retraining import RetrainConfig, retrain
 from .rewinding import RewindConfig, rewind

@@ -53,7 +53,8 @@ class ProbeResult:
     def load(cls, run: RunDir, probe: str) -> "ProbeResult":
         d = run.path / "probes" / probe
         if not (d / "summary.json").exists():
-            raise RunError(f"{run.path} has no finished {probe} probe: run `memloc {probe_command(probe)} {run.path}` first")
+            raise RunError(f"{run.path} has no finished {probe} probe: "
+                           f"run `memloc {probe_command(probe)} {run.path}` first")
         try:
             summary = json.loads((d / "summary.json").read_text())
         except (ValueError, UnicodeDecodeError):
@@ -61,7 +62,8 @@ class ProbeResult:
         if not isinstance(summary, dict):
             raise RunError(f"{d / 'summary.json'} is damaged: rerun `memloc {probe_command(probe)} {run.path}`")
         arrays = _Arrays(load_npz(d / "arrays.npz"))
-        arrays.source = f"{d / 'arrays.npz'} is damaged: it has no {{!r}} array; rerun `memloc {probe_command(probe)} {run.path}`"
+        arrays.source = (f"{d / 'arrays.npz'} is damaged: it has no {{!r}} array; "
+                         f"rerun `memloc {probe_command(probe)} {run.path}`")
         rows = []
         if (d / f"{probe}.csv").exists():
             rows = list(csv.DictReader(io.StringIO((d / f"{probe}.csv").read_text())))

@@ -237,7 +237,8 @@ def flip_scores(arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
         raise RunError("the flipping probe's arrays.npz has no index/num_units: rerun `memloc flip` with this memloc")
     idx = np.asarray(idx, dtype=np.int64)
     if len(idx) and (idx.min() < 0 or idx.max() >= n):
-        raise RunError(f"the flipping probe covers example {int(idx.max())}, but the run has {n}: it comes from another run")
+        raise RunError(f"the flipping probe covers example {int(idx.max())}, but the run has {n}: "
+                       "it comes from another run")
     out = np.full(n, np.nan)
     out[idx] = np.asarray(units, dtype=np.float64)  # unflipped ones hold the cap: the least suspicious
     return out
@@ -321,7 +322,7 @@ def cross_validated_probs(run_cfg, data, *, folds: int, epochs: int | None = Non
     """Out-of-fold predicted probabilities (N, K): `folds` models, each trained on the other folds.
 
     Each fold's model has the run's architecture and training recipe (gradient
-    accounting off, `epochs` if given), is initialised from the run's seed plus
+    accounting off, `epochs` if given), is initialized from the run's seed plus
     the fold number, and predicts its held-out fold in eval mode.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
@@ -445,7 +446,8 @@ def _compute(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> Pr
                            "training pass (train-mode BatchNorm)"
     else:
         y = given.to(out.device)
-        raw = {"aum": task.margin(out, y).double().cpu().numpy(), "final_loss": task.loss(out, y).double().cpu().numpy()}
+        raw = {"aum": task.margin(out, y).double().cpu().numpy(),
+               "final_loss": task.loss(out, y).double().cpu().numpy()}
         never, epochs = None, 1
         extra["records"] = "one eval-mode pass of the final model (no training history): final_loss and aum = " \
                            "final margin"

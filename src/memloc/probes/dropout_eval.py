@@ -1,10 +1,10 @@
-"""Evaluate a model trained with example-tied dropout before and after dropping its memorisation units.
+"""Evaluate a model trained with example-tied dropout before and after dropping its memorization units.
 
 Before ("tied"): every training example goes through its own training-time
 mask, with the model in eval mode (BatchNorm running statistics), so this is
-the accuracy the training actually produced. After ("drop"): the memorisation
-units are zeroed and the generalisation units rescaled, the same for every
-example. Test accuracy is reported in "eval" mode (every unit on, memorisation
+the accuracy the training actually produced. After ("drop"): the memorization
+units are zeroed and the generalization units rescaled, the same for every
+example. Test accuracy is reported in "eval" mode (every unit on, memorization
 units times p_mem) and in "drop" mode.
 
 The paper's claim, checked by ``tests/test_dropout_eval.py``: after the drop
@@ -131,7 +131,8 @@ def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> P
                     f"forgotten_{ref}": int(forgotten.numel()), f"{mem}_to_true_label": int(recovered.numel())})
     arrays = {
         "pred_before": before.cpu().numpy().astype(np.int64), "pred_after": after.cpu().numpy().astype(np.int64),
-        "pred_test_eval": te_eval.cpu().numpy().astype(np.int64), "pred_test_drop": te_drop.cpu().numpy().astype(np.int64),
+        "pred_test_eval": te_eval.cpu().numpy().astype(np.int64),
+        "pred_test_drop": te_drop.cpu().numpy().astype(np.int64),
         f"forgotten_{ref}": forgotten.cpu().numpy().astype(np.int64),
         f"{mem}_true_after": recovered.cpu().numpy().astype(np.int64),
         f"is_{mem}": (memorized if memorized is not None else torch.zeros_like(given, dtype=torch.bool)).cpu().numpy(),

@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import DataError, RunError
 from ..experiment import LoadedRun, open_run
-from ..options import replaced, settings as settings_of
+from ..options import replaced
+from ..options import settings as settings_of
 from ..runs import RunDir, load_npz, save_npz
 from ..training import prepare
 from .base import ProbeResult, register

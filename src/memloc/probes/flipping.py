@@ -9,17 +9,18 @@ Semantics (what this module computes, exactly):
   output of its layer's norm+activation chain, every spatial position) by 0.
   By default every layer except the final classifier takes part: the
   classifier's units are the class logits themselves, and zeroing the given
-  class's logit is a trivial flip, not a memorising neuron. Counts are always
+  class's logit is a trivial flip, not a memorizing neuron. Counts are always
   in units, never single weights.
 * The example's output is the mean of the *logits* over `copies` (5) copies of
-  the model input x (normalised) with Gaussian noise: for copy c at step t,
+  the model input x (normalized) with Gaussian noise: for copy c at step t,
   eps ~ N(0, I) from a local generator keyed by (seed, example, c, t), scaled
   to norm `input_noise * ||x||` (1%). `input_noise = 0` gives noiseless copies.
 * The objective is J = mean loss of the others - loss of the example
   (cross-entropy against the given labels; the others are `others` training
   examples drawn once with the seed from the whole training set, independently
   of the chosen examples, and shared by every example; an example that is
-  also among the others counts in both terms, as in the paper's batch). Zeroing unit u changes its activation a by -a, so to first order
+  also among the others counts in both terms, as in the paper's batch).
+  Zeroing unit u changes its activation a by -a, so to first order
   J changes by -sum_positions a * dJ/da. The score of u is the first-order
   *decrease* of J, score(u) = sum_positions a * dJ/da = dJ/dm_u, where m is
   the unit's multiplicative mask (1 = live). Each step zeroes the live unit
@@ -71,14 +72,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataError, RunError
 from ..cutting import fold_norms, split_after
-from ..models import Layer, layers as find_layers, select_layers
-from ..options import names, option, settings as option_settings
+from ..errors import ConfigError, DataError, RunError
+from ..models import Layer, select_layers
+from ..models import layers as find_layers
+from ..options import names, option
+from ..options import settings as option_settings
 from ..precision import bf16, cudnn_autotune, native_bf16
 from ..readers import read_indices
-from ..units import UnitMasks
 from ..tasks import Task, task_of
+from ..units import UnitMasks
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 
@@ -144,7 +147,8 @@ class FlipConfig:
         if self.copies < 1:
             raise ConfigError(f"--copies must be at least 1, not {self.copies}")
         if not (0.0 <= self.input_noise < 10.0):
-            raise ConfigError(f"--input-noise {self.input_noise} is outside [0, 10): pass e.g. 0.01 (1% of the input norm)")
+            raise ConfigError(f"--input-noise {self.input_noise} is outside [0, 10): "
+                              "pass e.g. 0.01 (1% of the input norm)")
         if not (0.0 < self.budget <= 1.0):
             raise ConfigError(f"--budget {self.budget} is outside (0, 1]: it is a fraction of all units, e.g. 0.1")
         if self.max_units is not None and self.max_units < 1:
@@ -304,7 +308,8 @@ class _Flipper:
         # drawn on the CPU from generators keyed by (seed, example, copy, step): the same on every device
         eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
             _noise_seed(self.cfg.seed, int(e), k, int(s)))) for e, s in zip(examples, steps) for k in range(c)])
-        scale = self.cfg.input_noise * x.float().flatten(1).norm(dim=1).cpu() / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = (self.cfg.input_noise * x.float().flatten(1).norm(dim=1).cpu()
+                 / eps.flatten(1).norm(dim=1).clamp_min(1e-12))
         eps = eps * scale.view(-1, *([1] * (eps.dim() - 1)))  # each copy's noise has norm input_noise * ||x||
         return self._layout(x + eps.to(dev, x.dtype))
 
@@ -732,7 +737,8 @@ def _compute(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> ProbeResu
 def _describe(result: ProbeResult) -> list[str]:
     def pct(v):
         return "  -  " if v is None else f"{100 * v:5.1f}"
-    return [f"{kind:6s} {k['examples']} examples: median {k['median_units']} units, flipped {pct(k['flipped_share'])}%, "
+    return [f"{kind:6s} {k['examples']} examples: median {k['median_units']} units, "
+            f"flipped {pct(k['flipped_share'])}%, "
             f"< 10 units {pct(k['share_flipped_under_10'])}%, train-acc drop {pct(k['mean_train_acc_drop'])} points, "
             f"{k['layers_used']} layers used" for kind, k in result.summary["kinds"].items()]
 

@@ -1,4 +1,4 @@
-"""Layer retraining (paper probe 3): reset one layer to its initialisation and train only it, on clean examples.
+"""Layer retraining (paper probe 3): reset one layer to its initialization and train only it, on clean examples.
 
 For each layer: start from the final model, put the layer (parameters and its
 norm's statistics) back to epoch 0, freeze every other parameter
@@ -32,7 +32,8 @@ from torch import nn
 from .. import data as data_mod
 from ..errors import ConfigError, DataError, RunError
 from ..experiment import make_model
-from ..models import NORM_TYPES, Layer, layers as find_layers, select_layers
+from ..models import NORM_TYPES, Layer, select_layers
+from ..models import layers as find_layers
 from ..options import names, option
 from ..precision import autocast
 from ..runs import RunDir
@@ -175,7 +176,8 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
             with seeded(epoch_seed(cfg.seed, epoch), device):
                 order = clean[torch.randperm(len(clean))]  # only clean positions ever enter a batch
             for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, task.targets("given"),
-                                                                  batch_size=cfg.batch_size, order=order, device=device)):
+                                                                  batch_size=cfg.batch_size, order=order,
+                                                                  device=device)):
                 if on_step is not None:
                     on_step(idx)
                 for g in opt.param_groups:
@@ -202,7 +204,7 @@ def _pct(v) -> str:
 
 
 def _init_state(model: nn.Module, data: Any, ctx: Context) -> tuple[Mapping[str, torch.Tensor], str]:
-    """The initialisation: the caller's `init_state`, the run's epoch-0 checkpoint, or rebuilt from its seed."""
+    """The initialization: the caller's `init_state`, the run's epoch-0 checkpoint, or rebuilt from its seed."""
     init = ctx.sources.get("init_state")
     if init is not None:
         if isinstance(init, (str, Path)):
@@ -211,7 +213,7 @@ def _init_state(model: nn.Module, data: Any, ctx: Context) -> tuple[Mapping[str,
             return init.load_checkpoint(0), f"epoch 0 checkpoint of {init.path}"
         return init, "the given init_state"
     if ctx.run is None:
-        raise RunError("retraining needs the initialisation: pass init_state= the model's state dict before "
+        raise RunError("retraining needs the initialization: pass init_state= the model's state dict before "
                        "training (copy.deepcopy(model.state_dict())), or the RunDir memloc.train wrote (epoch 0)")
     if 0 in ctx.run.saved_epochs():
         return ctx.run.load_checkpoint(0), "epoch 0 checkpoint"
@@ -225,7 +227,8 @@ def _init_state(model: nn.Module, data: Any, ctx: Context) -> tuple[Mapping[str,
 def _check(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> None:
     task = task_of(data)
     if task.kind_mask(task.reference_kind) is None:
-        where = f"{ctx.run.path} has no noise mask" if ctx.run is not None else "the data's noisy examples are not known"
+        where = (f"{ctx.run.path} has no noise mask" if ctx.run is not None
+                 else "the data's noisy examples are not known")
         raise DataError(f"{where}: retraining trains on the {task.reference_kind} examples only, so it needs to know "
                         f"which are {task.memorized_kind} (give --noise-mask when importing a run, or noise_mask= "
                         "to memloc.wrap_data)")
@@ -247,7 +250,7 @@ def _compute(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> P
 def _describe(result: ProbeResult) -> list[str]:
     s = result.summary
     shown = [k for k, v in s["final"].items() if v is not None]
-    lines = [f"each layer reset to its initialisation, then retrained {s['epochs']} epochs on "
+    lines = [f"each layer reset to its initialization, then retrained {s['epochs']} epochs on "
              f"{s.get('trained_on', 'clean')} examples only:"]
     for name in s["layers"]:
         a, b = s["after_reset"][name], s["after_retraining"][name]
@@ -263,9 +266,9 @@ PROBE = Probe(PROBE_NAME, "retrain", RetrainConfig, _compute, check=_check, desc
 def retrain(target: Any, data: Any = None, init_state: Any = None, cfg: RetrainConfig | None = None, *,
             save: bool = True, progress: bool = False, log: Callable[[str], None] | None = None,
             **options: Any) -> ProbeResult:
-    """Layer retraining: each layer reset to its initialisation and trained alone on the clean examples.
+    """Layer retraining: each layer reset to its initialization and trained alone on the clean examples.
 
-    `target`: a run directory (``memloc retrain RUN``; the initialisation is its epoch-0 checkpoint, or
+    `target`: a run directory (``memloc retrain RUN``; the initialization is its epoch-0 checkpoint, or
     rebuilt from its seed), or a trained model with its `data` and `init_state` (the state dict before
     training, ``copy.deepcopy(model.state_dict())``, or the RunDir :func:`memloc.train` wrote). `cfg` a
     :class:`RetrainConfig`, or `options` its fields (e.g. ``epochs=20, layers=[...]``). Needs the noisy

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, RunError
-from ..models import layers as find_layers, select_layers
+from ..models import layers as find_layers
+from ..models import select_layers
 from ..options import ints, names, option
 from ..runs import RunDir
 from ..tasks import task_of
@@ -132,7 +133,7 @@ def rewind_model(model: nn.Module, data: Any, states_by_epoch: States, *, epochs
     first = epochs.index(min(epochs))
     summary = {
         "probe": PROBE_NAME, "layers": names, "epochs": epochs, "keep_bn_stats": keep_bn_stats,
-        "subsets": list(task.subsets), "final": accuracy_dict(final, task.subsets), "noise_known": task.known,
+        "subsets": list(task.subsets), "final": accuracy_dict(final, task.subsets), "memorized_known": task.known,
         # headline: each layer rewound to the earliest epoch asked for
         "earliest_epoch": min(epochs),
         "at_earliest_epoch": {n: accuracy_dict(acc[i, first], task.subsets) for i, n in enumerate(names)},
@@ -223,8 +224,9 @@ def choose_epochs(saved: Sequence[int], *, epochs: Sequence[int] | None = None, 
     if epochs is not None:
         missing = [e for e in epochs if e not in saved]
         if missing:
-            raise RunError(f"epoch {missing[0]} was not saved: the saved epochs are "
-                           f"{', '.join(map(str, saved)) if len(saved) <= 8 else f'{saved[0]}..{saved[-1]} ({len(saved)})'}")
+            raise RunError(
+                f"epoch {missing[0]} was not saved: the saved epochs are "
+                f"{', '.join(map(str, saved)) if len(saved) <= 8 else f'{saved[0]}..{saved[-1]} ({len(saved)})'}")
         return sorted(set(int(e) for e in epochs))
     if every is not None:
         if every < 1:

@@ -1,7 +1,7 @@
 """The layer sweep both rewinding and retraining are made of.
 
 For one layer at a time, put other tensors into that layer (its weights from an
-earlier epoch, or its initialisation, then trained) and measure the accuracy of
+earlier epoch, or its initialization, then trained) and measure the accuracy of
 the whole model on every subset of the task (clean-train, noisy-train,
 rare-train and test for classification). This module holds what the two
 probes share:
@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from .. import data as data_mod
+from ..cutting import split_at
 from ..errors import ConfigError
 from ..models import Layer
-from ..cutting import split_at
+from ..precision import autocast
 from ..runs import RunDir, load_npz, save_npz
 from ..tasks import Task
-from ..precision import autocast
 
 Split = tuple[Callable[..., tuple], Callable[..., torch.Tensor]]
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data import Dataset
 from ..errors import ConfigError
@@ -53,7 +54,7 @@ class Task(Protocol):
         """(B,) bool: the prediction is the target (for the given targets: still memorized)."""
 
     def targets(self, which: str) -> torch.Tensor | None:
-        """"given" (what training saw), "true" (what generalising predicts; None if unknown), or "test"."""
+        """"given" (what training saw), "true" (what generalizing predicts; None if unknown), or "test"."""
 
     def kind_mask(self, kind: str) -> torch.Tensor | None:
         """(N,) bool of the training examples of `kind`; None where the task cannot tell."""
@@ -63,6 +64,13 @@ class Task(Protocol):
 
     def accuracy(self, hits_train: torch.Tensor, hits_test: torch.Tensor) -> np.ndarray:
         """(S, len(subsets)) float64 from hits (S, N) and (S, M) bool; NaN for an empty or unknown subset."""
+
+    def evaluate(self, model: nn.Module, *, batch_size: int = 1024, with_indices: bool = False
+                 ) -> dict[str, float | None]:
+        """Eval-mode accuracy of every subset, keys "<subset>_acc" (what training records each epoch)."""
+
+    def check_outputs(self, outputs: torch.Tensor) -> None:
+        """Raise ConfigError when a model's outputs for a batch of 2 are not what the task reads."""
 
 
 _TASKS: list[tuple[type, Callable[[Any], Task]]] = [

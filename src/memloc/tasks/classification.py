@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Dataset, augment as augment_images, model_input
+from ..data import Dataset, model_input
+from ..data import augment as augment_images
 from ..errors import ConfigError
 from ..inference import predict
 
@@ -43,7 +44,7 @@ class ClassificationTask:
 
     # -- model input and output
     def inputs(self, xb: torch.Tensor, device: torch.device, *, augment: bool = False) -> torch.Tensor:
-        """Stored images (B, C, H, W) -> normalised model input (random crop and flip with `augment`)."""
+        """Stored images (B, C, H, W) -> normalized model input (random crop and flip with `augment`)."""
         x = model_input(xb, device)
         if augment:
             x = augment_images(x)

@@ -1,0 +1,56 @@
+"""Runs trained once per test session and shared: each test module copies what it writes into.
+
+The smoke run (`memloc train --preset smoke`), the digits run the layer sweeps use, and the smoke study
+(`memloc run --preset smoke`) are each trained once; `copy_of` gives a module or a test its own copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from memloc.cli import main
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped, with the reason, on a machine without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def copy_of(master: Path, dst: Path) -> Path:
+    """A copy of a shared run or study at `dst`, to write into."""
+    shutil.copytree(master, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smoke_master(tmp_path_factory) -> Path:
+    """`memloc train --preset smoke`: a small CNN on 1,000 real digits, 6 epochs. Read only: copy it to write."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["train", "--preset", "smoke", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_master(tmp_path_factory) -> Path:
+    """The smoke preset on 8x8 digits for speed, 3 epochs: 4 layers x 4 checkpoints. Read only."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    assert main(["train", "--preset", "smoke", "--dataset", "digits", "--train-size", "600", "--epochs", "3",
+                 "--batch-size", "64", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_study_master(tmp_path_factory) -> Path:
+    """`memloc run --preset smoke`: the whole study, once per session. Read only: copy it to write."""
+    out = tmp_path_factory.mktemp("study") / "s"
+    assert main(["run", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
+    return out

@@ -50,26 +50,34 @@ def _parse(f: dataclasses.Field, flag: str) -> Callable[[str], Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tuple[str, ...] = (),
-                     title: str | None = None) -> None:
-    """One flag per field of config dataclass `cls` made with `option(...)` (default None: "not given")."""
+                     title: str | None = None, preset_set: frozenset[str] = frozenset()) -> None:
+    """One flag per field of config dataclass `cls` made with `option(...)` (default None: "not given").
+
+    The help names the field's default; for the fields in `preset_set`, that a --preset may set it."""
     group = parser.add_argument_group(title) if title else parser
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta or not meta.get("cli", True) or f.name in exclude:
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = defaults.get(f.name)
+        if meta.get("spread"):  # one flag for several fields: their defaults together
+            default = tuple(defaults.get(n) for n in meta["spread"]) if default is not None else None
         help_ = meta.get("help", "")
+        note = " [--preset may set it]" if f.name in preset_set else ""
         if str(f.type) == "bool":
             if meta.get("negate"):  # its help says what the flag does
-                group.add_argument(meta["negate"], dest=f.name, action="store_false", default=None, help=help_)
+                group.add_argument(meta["negate"], dest=f.name, action="store_false", default=None,
+                                   help=help_ + note)
             else:
-                group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
+                group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_ + note)
             continue
         if default is not None and not isinstance(default, tuple):
             help_ = f"{help_} (default {default:g})" if isinstance(default, float) else f"{help_} (default {default})"
         elif isinstance(default, tuple):
             help_ = f"{help_} (default {','.join(map(str, default))})"
+        help_ += note
         metavar = meta.get("metavar") or (None if meta.get("choices") else flag.lstrip("-").upper().replace("-", "_"))
         group.add_argument(flag, dest=f.name, type=_parse(f, flag), default=None, help=help_,
                            choices=meta.get("choices"), metavar=metavar)
@@ -116,13 +124,20 @@ def _log(args) -> Callable[[str], None]:
     return lambda s: print(s, flush=True)
 
 
+def _preset_set(section: str) -> frozenset[str]:
+    """The fields of `section` some preset sets."""
+    from .experiment import PRESETS
+    return frozenset(k for p in PRESETS.values() for k in p.get(section, {}))
+
+
 def _run_flags(p: argparse.ArgumentParser, *, exclude: dict[str, tuple[str, ...]] | None = None) -> None:
     from .data import DataConfig
     from .experiment import ModelConfig
     from .training import TrainConfig
     exclude = exclude or {}
     for sec, cls in zip(_SECTIONS, (DataConfig, ModelConfig, TrainConfig)):
-        add_config_flags(p, cls, exclude=exclude.get(sec, ()), title="training" if sec == "train" else sec)
+        add_config_flags(p, cls, exclude=exclude.get(sec, ()), title="training" if sec == "train" else sec,
+                         preset_set=_preset_set(sec))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -275,9 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole study: train, probe, example-tied dropout, detection, report")
     p.add_argument("--preset", choices=presets,
-                   help="smoke: about 1 minute on a CPU; default: the CPU default model (the paper's on a GPU)")
+                   help="smoke: about 25 s on a CPU; default: the CPU default model (the paper's on a GPU)")
     _run_flags(p, exclude=_STUDY_SETS)
-    add_config_flags(p, StudyConfig, title="study")
+    add_config_flags(p, StudyConfig, title="study", preset_set=_preset_set("study"))
     p.add_argument("--seed", type=int, help="the seed, as --seeds N")
     p.add_argument("--out", help="study directory (default runs/study-<dataset>-<time>)")
     p.add_argument("--resume", metavar="STUDY", help="finish an interrupted study without redoing finished stages")

@@ -140,7 +140,7 @@ class RunConfig:
 
 # The presets, for `memloc train` (data, model, train) and `memloc run` (also study). One table.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # what the end-to-end tests run: a small CNN on 1,000 real digits, about 10 s on 2 CPU cores (the study ~1 min)
+    # what the end-to-end tests run: a small CNN on 1,000 real digits, about 10 s on 2 CPU cores (the study ~25 s)
     "smoke": {"data": {"dataset": "mnist5k", "train_size": 1000}, "model": {"name": "cnn", "width": 0.5},
               "train": {"epochs": 6, "batch_size": 128},
               "study": {"p_gen": 0.5, "p_mem": 0.2, "retrain_epochs": 2, "flip_examples": 8, "flip_others": 64,

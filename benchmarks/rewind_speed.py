@@ -7,7 +7,7 @@ speed does not depend on what the weights are). Both sides evaluate every
 statistics with the weights; both use the same precision (bf16 autocast and
 channels_last on CUDA).
 
-- memloc: `rewind_model` (per layer, each batch goes through the layers
+- memloc: `probes.rewinding.rewind_model`, the rewinding probe's compute (per layer, each batch goes through the layers
   before the rewound one once, then through the rest once per epoch).
 - naive (what the published code does, with its BatchNorm bug fixed): for
   each layer, for each epoch, load the layer's tensors, then a full forward

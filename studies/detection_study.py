@@ -9,7 +9,7 @@ and prints the quality table as Markdown.
 
 The paper's units-to-flip detector comes from RUN's flipping probe when it has
 finished. `--flip-progress OTHER_RUN` takes the records of a flipping probe
-still running (its progress.json) on a copy of the same run (same config and
+still running (its partial.npz) on a copy of the same run (same config and
 data, checked) and adds the units-to-flip row on the examples covered so far.
 """
 
@@ -33,10 +33,11 @@ def partial_flip_row(run: Path, other: Path, result) -> dict | None:
     with np.load(run / "data.npz") as a, np.load(other / "data.npz") as b:
         if not np.array_equal(a["is_noisy"], b["is_noisy"]):
             sys.exit(f"{other} has another noise mask than {run}")
-    p = other / "probes" / "flipping" / "progress.json"
+    p = other / "probes" / "flipping" / "partial.npz"  # the engine's progress of the flipping probe
     if not p.exists():
         return None
-    records = json.loads(p.read_text())["records"]
+    with np.load(p) as z:
+        records = json.loads(str(z["__state__"]))["records"]
     n = result.summary["num_examples"]
     units = np.full(n, np.nan)
     for r in records:

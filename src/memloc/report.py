@@ -16,6 +16,7 @@ import html
 import io
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -184,13 +185,6 @@ def _rewinding_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, sub
     return fig
 
 
-def rewinding(run: RunDir) -> Section:
-    return _layer_sweep_section(run, "rewinding", "rewind", "Layer rewinding", _rewinding_figure,
-                                "Accuracy of the final model with one layer (rows) put back to its weights and "
-                                "BatchNorm statistics at an earlier epoch (columns).",
-                                "Accuracy per rewound layer and epoch")
-
-
 def _retraining_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str]):
     plt = pyplot()
     cols = min(5, len(names))
@@ -211,13 +205,6 @@ def _retraining_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, su
         r[0].set_ylabel("accuracy (%)")
     axes[0][0].legend(fontsize=7)
     return fig
-
-
-def retraining(run: RunDir) -> Section:
-    return _layer_sweep_section(run, "retraining", "retrain", "Layer retraining", _retraining_figure,
-                                "Each layer reset to its initialization and retrained alone on the clean examples only "
-                                "(every other layer frozen): accuracy per retraining epoch.",
-                                "Accuracy per retrained layer and epoch")
 
 
 def flipping(run: RunDir) -> Section:
@@ -311,8 +298,15 @@ def detection(run: RunDir) -> Section:
 
 # How the report draws the paper's probes; any other registered probe gets `probe_section`.
 PROBE_SECTIONS: dict[str, Callable[[RunDir], Section]] = {
-    "rewinding": rewinding, "retraining": retraining, "flipping": flipping, "dropout": dropout_section,
-    "detection": detection}
+    "rewinding": partial(_layer_sweep_section, probe="rewinding", command="rewind", title="Layer rewinding",
+                         draw=_rewinding_figure, caption="Accuracy of the final model with one layer (rows) put back "
+                         "to its weights and BatchNorm statistics at an earlier epoch (columns).",
+                         table="Accuracy per rewound layer and epoch"),
+    "retraining": partial(_layer_sweep_section, probe="retraining", command="retrain", title="Layer retraining",
+                          draw=_retraining_figure, caption="Each layer reset to its initialization and retrained "
+                          "alone on the clean examples only (every other layer frozen): accuracy per retraining "
+                          "epoch.", table="Accuracy per retrained layer and epoch"),
+    "flipping": flipping, "dropout": dropout_section, "detection": detection}
 
 
 def probe_section(run: RunDir, probe) -> Section:

@@ -19,22 +19,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from . import probes
 from .data import DataConfig
 from .errors import ConfigError, RunError
 from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
 from .experiment import preset as preset_sections
 from .options import floats, ints, option
-from .probes import (
-    DetectConfig,
-    FlipConfig,
-    RetrainConfig,
-    RewindConfig,
-    detect,
-    evaluate_dropout,
-    flip,
-    retrain,
-    rewind,
-)
 from .runs import RunDir, exclusive, mark_failed, memloc_kind, study_cells, study_stages
 from .training import TrainConfig, resolve_device
 
@@ -163,19 +153,20 @@ class _Cell:
             _train(run_cfg, path, progress, log)
             self._open.pop(path, None)  # its checkpoints changed: open it afresh
         elif name == "rewinding":
-            rewind(self.loaded(self.base_dir), cfg=RewindConfig(every=cfg.rewind_every), progress=progress, log=log)
+            probes.rewind(self.loaded(self.base_dir), cfg=probes.RewindConfig(every=cfg.rewind_every),
+                          progress=progress, log=log)
         elif name == "retraining":
-            rc = RetrainConfig(epochs=cfg.retrain_epochs, peak_epoch=max(1, cfg.retrain_epochs // 2),
-                               batch_size=base_cfg.train.batch_size, seed=base_cfg.train.seed)
-            retrain(self.loaded(self.base_dir), cfg=rc, progress=progress, log=log)
+            rc = probes.RetrainConfig(epochs=cfg.retrain_epochs, peak_epoch=max(1, cfg.retrain_epochs // 2),
+                                      batch_size=base_cfg.train.batch_size, seed=base_cfg.train.seed)
+            probes.retrain(self.loaded(self.base_dir), cfg=rc, progress=progress, log=log)
         elif name == "flipping":
-            fc = FlipConfig(examples=cfg.flip_examples, kinds=("clean", "noisy"), others=cfg.flip_others,
-                            eval_subsample=cfg.flip_eval_subsample, seed=base_cfg.train.seed)
-            flip(self.loaded(self.base_dir), cfg=fc, progress=progress, log=log)
+            fc = probes.FlipConfig(examples=cfg.flip_examples, kinds=("clean", "noisy"), others=cfg.flip_others,
+                                   eval_subsample=cfg.flip_eval_subsample, seed=base_cfg.train.seed)
+            probes.flip(self.loaded(self.base_dir), cfg=fc, progress=progress, log=log)
         elif name == "dropout_eval":
-            evaluate_dropout(self.loaded(self.drop_dir), progress=progress, log=log)
+            probes.evaluate_dropout(self.loaded(self.drop_dir), progress=progress, log=log)
         elif name == "detection":
-            detect(self.loaded(self.base_dir), cfg=DetectConfig(), progress=progress, log=log)
+            probes.detect(self.loaded(self.base_dir), cfg=probes.DetectConfig(), progress=progress, log=log)
         else:
             raise ValueError(f"unknown study stage {name!r}")
 

@@ -61,6 +61,8 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclud
         if not meta or not meta.get("cli", True) or f.name in exclude:
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if flag in parser._option_string_actions:  # a flag two configs share (--holdout): one flag sets both
+            continue
         default = defaults.get(f.name)
         if meta.get("spread"):  # one flag for several fields: their defaults together
             default = tuple(defaults.get(n) for n in meta["spread"]) if default is not None else None
@@ -108,16 +110,39 @@ class _Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- configs from flags
 
+def _configs(task: str) -> tuple[type, type, type]:
+    """The data, model and training config classes of a task."""
+    from .experiment import TASK_DATA, ModelConfig
+    from .training import TrainConfig
+    return TASK_DATA[task](), ModelConfig, TrainConfig
+
+
+def _task_given(args: argparse.Namespace, task: str) -> None:
+    """Refuse the other task's data flags (e.g. --noise with --task lm) in one line."""
+    from .data import DataConfig
+    from .lm.text import TextConfig
+    other, mine = (TextConfig, DataConfig) if task == "classification" else (DataConfig, TextConfig)
+    own = {f.name for f in dataclasses.fields(mine)}
+    stray = sorted(set(given(args, other)) - own)
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise ConfigError(f"{flag} is a setting of {'--task lm' if other is TextConfig else 'image data'}, not of "
+                          f"--task {task}: drop it{' or pass --task lm' if other is TextConfig else ''}")
+
+
 def run_config(args: argparse.Namespace):
     """Dataclass defaults < preset < explicit flags -> a validated RunConfig."""
-    from .data import DataConfig
-    from .experiment import ModelConfig, RunConfig, preset
-    from .training import TrainConfig
-    sections = {sec: dict(vals) for sec, vals in preset(args.preset or "default").items() if sec in _SECTIONS}
-    for sec, cls in zip(_SECTIONS, (DataConfig, ModelConfig, TrainConfig)):
+    from .experiment import RunConfig, preset
+    task = getattr(args, "task", None) or "classification"
+    _task_given(args, task)
+    sections = {sec: dict(vals) for sec, vals in preset(args.preset or "default", task).items() if sec in _SECTIONS}
+    classes = _configs(task)
+    if task == "lm" and getattr(args, "corpus", None) and getattr(args, "sequences", None) is None:
+        sections.get("data", {}).pop("sequences", None)  # the preset's subset size is for the built-in corpus
+    for sec, cls in zip(_SECTIONS, classes):
         sections.setdefault(sec, {}).update(given(args, cls))
-    return RunConfig(data=DataConfig(**sections["data"]), model=ModelConfig(**sections["model"]),
-                     train=TrainConfig(**sections["train"]))
+    return RunConfig(data=classes[0](**sections["data"]), model=classes[1](**sections["model"]),
+                     train=classes[2](**sections["train"]), task=task)
 
 
 def _log(args) -> Callable[[str], None]:
@@ -127,17 +152,24 @@ def _log(args) -> Callable[[str], None]:
 def _preset_set(section: str) -> frozenset[str]:
     """The fields of `section` some preset sets."""
     from .experiment import PRESETS
-    return frozenset(k for p in PRESETS.values() for k in p.get(section, {}))
+    from .lm.models import LM_PRESETS
+    return frozenset(k for table in (PRESETS, LM_PRESETS) for p in table.values() for k in p.get(section, {}))
 
 
 def _run_flags(p: argparse.ArgumentParser, *, exclude: dict[str, tuple[str, ...]] | None = None) -> None:
     from .data import DataConfig
     from .experiment import ModelConfig
+    from .lm.text import TextConfig
     from .training import TrainConfig
     exclude = exclude or {}
+    p.add_argument("--task", choices=("classification", "lm"),
+                   help="classification with label noise (default), or lm: a causal language model on text with "
+                        "canaries")
     for sec, cls in zip(_SECTIONS, (DataConfig, ModelConfig, TrainConfig)):
         add_config_flags(p, cls, exclude=exclude.get(sec, ()), title="training" if sec == "train" else sec,
                          preset_set=_preset_set(sec))
+    add_config_flags(p, TextConfig, exclude=exclude.get("data", ()), title="text (--task lm)",
+                     preset_set=_preset_set("data"))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -158,6 +190,16 @@ def cmd_run(args) -> int:
     from .experiment import ModelConfig
     from .study import StudyConfig, run_study, study_config
     from .training import TrainConfig
+    if args.task == "lm" or (args.resume and (Path(args.resume) / "lm_study.json").exists()):
+        from .experiment import preset
+        from .study import run_lm_study
+        if args.resume:
+            path = run_lm_study(resume=args.resume, progress=not args.quiet, log=_log(args))
+        else:
+            study = dict(preset(args.preset or "default", "lm").get("study", {}))
+            path = run_lm_study(run_config(args), args.out, study=study, progress=not args.quiet, log=_log(args))
+        print(f"done: {path} (report: {path / 'report' / 'report.html'})")
+        return 0
     if args.resume:
         path = run_study(resume=args.resume, progress=not args.quiet, log=_log(args))
     else:

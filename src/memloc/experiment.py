@@ -46,7 +46,8 @@ class ModelConfig:
     """
 
     name: str | None = option(None, "resnet9, resnet50, vit, cnn, mlp (default: resnet9 at width 0.25 on CPU, 1 on "
-                              "GPU)", flag="--model")
+                              "GPU); language models: gpt (default), hf-gpt2, hf-gpt_neox, hf-llama, hf:FOLDER",
+                              flag="--model")
     width: float | None = option(None, "channel/width multiplier")
     # example-tied dropout: the first floor(p_gen * units) units of each layer are always on (generalization
     # units); each other unit is kept for a training example with probability p_mem (its memorization units)
@@ -55,6 +56,10 @@ class ModelConfig:
                                  spread=("p_gen", "p_mem"))
     p_mem: float | None = option(None, cli=False)
     dropout_seed: int = option(0, "seed of the example-tied masks")
+    # language models (--task lm): gpt (ours), hf-gpt2 / hf-gpt_neox / hf-llama (built from a config), hf:FOLDER
+    n_layer: int | None = option(None, "language models: transformer blocks")
+    n_head: int | None = option(None, "language models: attention heads per block")
+    n_embd: int | None = option(None, "language models: embedding width")
     baseline: str | None = option(None, cli=False)  # None, "dropout" or "sparse"
     active_fraction: float | None = option(None, cli=False)  # the baselines' expected fraction of active units
 
@@ -95,12 +100,23 @@ class ModelConfig:
             values["active_fraction"] = values.pop("baseline_fraction")
         return values
 
-    def resolved(self, device: torch.device) -> "ModelConfig":
+    def resolved(self, device: torch.device, task: str = "classification") -> "ModelConfig":
+        if task == "lm":
+            from .lm.models import resolved_lm
+            return resolved_lm(self)
         name, width = GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL
         if self.name is not None and self.name != name:
             name, width = self.name, 1.0
         return replace(self, name=name, width=self.width if self.width is not None else width)
 
+
+def _text_config() -> type:
+    from .lm.text import TextConfig
+    return TextConfig
+
+
+# the data config of each task
+TASK_DATA: dict[str, Callable[[], type]] = {"classification": lambda: DataConfig, "lm": _text_config}
 
 # The paper's baselines for example-tied dropout, placed where it would sit.
 BASELINES = ("dropout", "sparse")
@@ -110,12 +126,23 @@ BASELINES = ("dropout", "sparse")
 class RunConfig:
     """Everything a training run needs; `config.json` of a run is `asdict` of this."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = field(default_factory=DataConfig)  # DataConfig (classification) or TextConfig (lm)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "classification"  # or "lm"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_DATA:
+            raise ConfigError(f"unknown task {self.task!r}: choose one of {', '.join(TASK_DATA)}")
+        want = TASK_DATA[self.task]()
+        if not isinstance(self.data, want):
+            raise ConfigError(f"task {self.task} takes a {want.__name__}, not a {type(self.data).__name__}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.task == "classification":  # as earlier memloc wrote it
+            d.pop("task")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str | Path = "config.json") -> "RunConfig":
@@ -131,9 +158,12 @@ class RunConfig:
                                "it was written by another memloc version")
             return klass(**values)
         try:
-            return cls(data=build(DataConfig, d.get("data", {})),
+            task = d.get("task", "classification")
+            if task not in TASK_DATA:
+                raise ConfigError(f"unknown task {task!r}")
+            return cls(data=build(TASK_DATA[task](), d.get("data", {})),
                        model=build(ModelConfig, ModelConfig.upgraded(d.get("model", {}))),
-                       train=build(TrainConfig, d.get("train", {})))
+                       train=build(TrainConfig, d.get("train", {})), task=task)
         except (TypeError, ValueError, ConfigError) as err:
             raise RunError(f"{source} is damaged: it is not a memloc run config ({err})") from None
 
@@ -154,14 +184,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def preset(name: str) -> dict[str, dict[str, Any]]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+def preset(name: str, task: str = "classification") -> dict[str, dict[str, Any]]:
+    table = PRESETS
+    if task == "lm":
+        from .lm.models import LM_PRESETS as table
+    if name not in table:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(table)}")
+    return table[name]
 
 
-def make_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+def make_model(cfg: ModelConfig, data: Any) -> nn.Module:
     """The model of `cfg` for `data`, with example-tied dropout (or a baseline layer) after each block when asked."""
+    if not isinstance(data, Dataset):  # a language model for text
+        from .lm.models import build_lm
+        return build_lm(cfg, data)
     after = None
     if cfg.example_tied:
         after = lambda pos, units: ExampleTiedDropout(cfg.p_gen, cfg.p_mem, seed=cfg.dropout_seed,  # noqa: E731
@@ -184,9 +220,18 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def build(cfg: RunConfig, device: torch.device) -> tuple[Dataset, nn.Module]:
+def load_data(cfg: RunConfig, device: torch.device, run: RunDir | None = None) -> Any:
+    """The data of a run config (a language model's tokenizer from the run where it saved one)."""
+    if cfg.task == "lm":
+        from .lm.text import load_text
+        folder = run.path / "tokenizer" if run is not None else None
+        return load_text(cfg.data, device=device, tokenizer_folder=folder)
+    return data_mod.load(cfg.data, device=device)
+
+
+def build(cfg: RunConfig, device: torch.device, run: RunDir | None = None) -> tuple[Any, nn.Module]:
     """Data and freshly initialized model (seeded; the caller's RNG untouched)."""
-    data = data_mod.load(cfg.data, device=device)
+    data = load_data(cfg, device, run)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         model = make_model(cfg.model, data)
@@ -197,18 +242,27 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
                  log: Callable[[str], None] | None = None) -> RunDir:
     """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>)."""
     device = resolve_device(cfg.train.device)
-    cfg.model = cfg.model.resolved(device)
+    cfg.model = cfg.model.resolved(device, cfg.task)
     data, model = build(cfg, device)  # bad data or model fail here, before anything is written
-    out = Path(out) if out else default_out(cfg.data.dataset, cfg.model.name, cfg.data.noise)
+    if out:
+        out = Path(out)
+    elif cfg.task == "lm":
+        out = default_out(cfg.data.name, cfg.model.name.replace(":", "_").replace("/", "_"), None)
+    else:
+        out = default_out(cfg.data.dataset, cfg.model.name, cfg.data.noise)
     with exclusive(out):  # one writer per run for the whole training
         run = RunDir.create(out, overwrite=overwrite)
         run.write_json("config.json", cfg.to_dict())
         run.write_json("env.json", environment(device))
         run.save_arrays("data.npz", **data.arrays())
+        if getattr(data, "tokenizer", None) is not None and cfg.data.tokenizer != "bytes":
+            data.tokenizer.save(run.path / "tokenizer")  # what open_run rebuilds the data with
         if log:
             task = task_of(data)
             memorized = task.kind_mask(task.memorized_kind)
-            log(f"run directory {run.path}: {cfg.model.name} (width {cfg.model.width:g}) on {data.name}, "
+            size = f"width {cfg.model.width:g}" if cfg.model.width is not None else \
+                f"{sum(p.numel() for p in model.parameters()):,} parameters"
+            log(f"run directory {run.path}: {cfg.model.name} ({size}) on {data.name}, "
                 f"{task.num_train} training examples, {0 if memorized is None else int(memorized.sum())} "
                 f"{task.memorized_kind}, device {device}")
         with run.working("train"):
@@ -238,7 +292,7 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
             return run_training(config, run.path, overwrite=True, progress=progress, log=log)
         cfg = RunConfig.from_dict(run.config, source=run.path / "config.json")
         device = resolve_device(cfg.train.device)
-        data, model = build(cfg, device)
+        data, model = build(cfg, device, run)
         trainer = Trainer(model, data, cfg.train, run=run, progress=progress, log=log)
         start = trainer.restore(run)
         if log:
@@ -278,7 +332,7 @@ def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:
     run = RunDir.open(path)
     cfg = RunConfig.from_dict(run.config, source=run.path / "config.json")
     dev = resolve_device(device)
-    data = data_mod.load(cfg.data, device=dev)
+    data = load_data(cfg, dev, run)
     if run.has("data.npz"):
         differs = data.differs_from(run.load_arrays("data.npz", *data.checked))
         if differs:

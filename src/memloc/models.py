@@ -288,13 +288,14 @@ def build_model(name: str, *, input_shape: tuple[int, int, int], num_classes: in
     return model
 
 
-def check_input(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Run one tiny forward pass; a model that cannot take these images fails with one clear line."""
+def check_input(model: nn.Module, input_shape: tuple[int, ...], *, example: torch.Tensor | None = None) -> None:
+    """Run one tiny forward pass (on `example`, default zeros of `input_shape`); a model that cannot take this
+    input fails with one clear line."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=_device_of(model)))
+            model(example if example is not None else torch.zeros(2, *input_shape, device=_device_of(model)))
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"the model cannot take images of shape {tuple(input_shape)} ({first}): "
@@ -326,7 +327,8 @@ class Layer:
 
     index: int
     name: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv" or "linear"; a model's own layers (`memloc_layers`) may also be "embedding", "attention",
+    # "mlp" or "unembedding" (a transformer block's parts: see memloc.lm.gpt)
     units: int
     modules: tuple[str, ...]
     output: str
@@ -336,8 +338,9 @@ class Layer:
 
     @property
     def unit_dim(self) -> int:
-        """The dimension of the activation that indexes units: 1 for conv (N, C, ...), -1 for linear (..., F)."""
-        return 1 if self.kind == "conv" else -1
+        """The dimension of the activation that indexes units: 1 for conv (N, C, ...), -2 for attention heads
+        (B, T, heads, head_size), -1 otherwise (..., F)."""
+        return 1 if self.kind == "conv" else -2 if self.kind == "attention" else -1
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -347,12 +350,17 @@ def _is_layer(m: nn.Module) -> bool:
 def layers(model: nn.Module, example_input: torch.Tensor | None = None) -> list[Layer]:
     """The parametrized layers of `model` in forward order, with their units.
 
-    Traces one forward pass on `example_input` (default: zeros of
+    A model that knows its own layers says so with a method `memloc_layers()`
+    returning them (transformer language models: one layer per block's attention
+    and MLP, see `memloc.lm`); it is used as it is. Otherwise traces one forward
+    pass on `example_input` (default: zeros of
     `model.input_shape`, which registry models carry). Without either, falls
     back to registration order, pairing a layer with a norm registered right
     after it. Modules called only through functional code (e.g. inside
     nn.MultiheadAttention) are not seen by the trace and are not listed.
     """
+    if callable(getattr(model, "memloc_layers", None)):
+        return list(model.memloc_layers())
     if example_input is None and hasattr(model, "input_shape"):
         example_input = torch.zeros(2, *model.input_shape, device=_device_of(model))
     names = {m: n for n, m in model.named_modules()}

@@ -154,13 +154,15 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
 # cells, a grid's cells) are cleared by the same rule.
 MEMLOC_FILES = (
     "run.json", "config.json", "env.json", "metrics.jsonl", "data.npz", "examples.npz", "gradients.npz", "cell.json",
-    "study.json", "grid.json", "grid.csv",
+    "study.json", "grid.json", "grid.csv", "lm_study.json",
+    "tokenizer/tokenizer.json", "tokenizer/memloc_tokenizer.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
     "checkpoints/epoch_*.safetensors", "checkpoints/optimizer_*.safetensors",
     "probes/*/summary.json", "probes/*/arrays.npz", "probes/*/*.csv", "probes/*/partial.npz",
     "probes/*/progress.json",
     "report/report.html", "report/figures/*.png", "report/tables/*.csv",
 )
-_MEMLOC_DIRS = ("checkpoints", "probes/*", "probes", "report/figures", "report/tables", "report")
+_MEMLOC_DIRS = ("checkpoints", "tokenizer", "probes/*", "probes", "report/figures", "report/tables", "report")
 
 
 def memloc_kind(path: str | Path) -> str | None:
@@ -643,7 +645,9 @@ def _ranges(xs: list[int]) -> str:
     return f"{xs[0]}, {xs[1]}, ..., {xs[-1]} ({len(xs)} in all)"
 
 
-def default_out(dataset: str, model: str, noise: float, *, root: str | Path = "runs") -> Path:
+def default_out(dataset: str, model: str, noise: float | None, *, root: str | Path = "runs") -> Path:
+    """runs/<data>-<model>-<noise>-<time> (a language model: runs/<corpus>-<model>-lm-<time>)."""
     stem = Path(dataset).stem if ("/" in dataset or "." in dataset) else dataset
-    return Path(root) / f"{stem}-{model}-{noise:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tag = "lm" if noise is None else f"{noise:g}"
+    return Path(root) / f"{stem}-{model}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
 

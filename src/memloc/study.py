@@ -242,3 +242,59 @@ def _stage(study: RunDir, key: str, work: Callable[[], None], log: Callable[[str
         raise
     study.set_stage(key, "done", seconds=round(time.perf_counter() - t0, 2))
     log(f"stage {key} done in {time.perf_counter() - t0:.0f}s")
+
+
+# ----------------------------------------------------------------------------- the language-model study
+
+# the probes of `memloc run --task lm`, in order, with the config each gets from the preset's study section
+LM_STAGES = ("memorization", "rewinding", "retraining", "flipping")
+
+
+def _lm_probe_config(stage: str, study: dict):
+    if stage == "memorization":
+        return probes.MemorizationConfig()
+    if stage == "rewinding":
+        return probes.RewindConfig(every=study.get("rewind_every", 1))
+    if stage == "retraining":
+        epochs = study.get("retrain_epochs", 4)
+        return probes.RetrainConfig(epochs=epochs, peak_epoch=epochs / 2, lr=study.get("retrain_lr", 1e-3),
+                                    batch_size=32, optimizer="adamw", weight_decay=0.0)
+    return probes.FlipConfig(examples=study.get("flip_examples", 40), others=study.get("flip_others", 128), copies=1,
+                             input_noise=0.0, kinds=("canary",))
+
+
+def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *, study: dict | None = None,
+                 resume: str | Path | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """`memloc run --task lm`: train a language model with canaries into one run directory, run the
+    memorization probe and the paper's probes on it, and write its report. With `resume` (the run directory),
+    finish what an interrupted call left: training resumes from its checkpoint, finished probes are kept."""
+    log = log or (lambda s: None)
+    if resume is not None:
+        run = RunDir.open(resume)
+        if not run.has("lm_study.json"):
+            raise RunError(f"{run.path} is not a language-model study: resume a run with `memloc train --resume`")
+        study = run.read_json("lm_study.json")
+        if run.stage("train").get("status") != "done":
+            resume_training(run.path, progress=progress, log=log)
+    else:
+        if cfg is None or cfg.task != "lm":
+            raise ConfigError("run_lm_study takes a RunConfig with task 'lm'")
+        study = dict(study or {})
+        run = run_training(cfg, out, progress=progress, log=log)
+        run.write_json("lm_study.json", study)
+    loaded = open_run(run.path)
+    for stage in LM_STAGES:
+        if run.stage(stage).get("status") == "done":
+            continue
+        log(f"stage {stage} ...")
+        t0 = time.perf_counter()
+        result = probes.run_probe(probes.registered()[stage], loaded, cfg=_lm_probe_config(stage, study),
+                                  progress=progress, log=log)
+        describe = probes.registered()[stage].describe
+        for line in describe(result) if describe else []:
+            log(line)
+        log(f"stage {stage} done in {time.perf_counter() - t0:.0f}s")
+    from .report import build_report
+    build_report(run.path)
+    return run.path

@@ -42,6 +42,7 @@ from .runs import RunDir, exclusive, load_state, save_state
 from .tasks import task_of
 
 SCHEDULES = ("cosine", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -51,8 +52,11 @@ class TrainConfig:
     epochs: int = option(40, "training epochs")
     lr: float = option(0.1, "peak learning rate")
     batch_size: int = option(512, "training batch size")
+    optimizer: str = option("sgd", "sgd (momentum 0.9: the paper's) or adamw (betas 0.9, 0.95: language models)",
+                            choices=OPTIMIZERS)
     momentum: float = option(0.9, cli=False)
-    weight_decay: float = option(5e-4, cli=False)
+    weight_decay: float = option(5e-4, "weight decay (the paper's 5e-4; language models 0.1)")
+    clip: float | None = option(None, "clip the gradient norm of each step to this (language models: 1.0)")
     schedule: str = option("cosine", "cosine with linear warm-up (the paper's), onecycle (triangle) or constant",
                            choices=SCHEDULES)
     warmup: float = option(0.1, "fraction of steps of warm-up (cosine) or to the peak (onecycle)")
@@ -72,6 +76,10 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be positive, not {self.lr}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.clip is not None and not (self.clip > 0):
+            raise ConfigError(f"--clip {self.clip} must be positive")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not (0.0 <= self.warmup < 1.0):
@@ -151,9 +159,16 @@ class Trainer:
             functorch_config.donated_buffer = False  # the accounting's first backward retains the graph
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.progress, self.log = progress, (log or (lambda s: None))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=False,
-                                   fused=self.device.type == "cuda" or None)
+        fused = self.device.type == "cuda" or None
+        if cfg.optimizer == "adamw":  # nanoGPT's: no decay on biases, norms and embeddings' ... kept simple: all 2-D
+            decay = [p for p in self.model.parameters() if p.dim() >= 2]
+            rest = [p for p in self.model.parameters() if p.dim() < 2]
+            self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                          {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                                         fused=fused)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                       weight_decay=cfg.weight_decay, nesterov=False, fused=fused)
         n, e = self.task.num_train, cfg.epochs
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.indices_ctx = indices_context(self.model)
@@ -166,18 +181,30 @@ class Trainer:
         self.metrics: list[dict] = []
 
     # -- state for checkpoints and resume
+    # the optimizer's per-parameter tensors under their names in checkpoints (SGD's "momentum.{i}" as before)
+    _STATE_NAMES = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "step": "step"}
+
     def _optimizer_state(self) -> dict[str, torch.Tensor]:
         out = {}
         for i, p in enumerate(self.model.parameters()):
-            buf = self.opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                out[f"momentum.{i}"] = buf
+            for key, name in self._STATE_NAMES.items():
+                buf = self.opt.state.get(p, {}).get(key)
+                if isinstance(buf, torch.Tensor):
+                    out[f"{name}.{i}"] = buf.reshape(buf.shape) if buf.dim() else buf.reshape(1)
         return out
 
     def _load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         for i, p in enumerate(self.model.parameters()):
-            if f"momentum.{i}" in state:
-                self.opt.state[p]["momentum_buffer"] = state[f"momentum.{i}"].to(p.device, p.dtype).clone()
+            for key, name in self._STATE_NAMES.items():
+                if f"{name}.{i}" not in state:
+                    continue
+                t = state[f"{name}.{i}"]
+                if key == "step":  # AdamW's step count: a 0-d float tensor (on the CPU unless fused/capturable)
+                    t = t.reshape(()).to(torch.float32)
+                    t = t.to(p.device) if self.device.type == "cuda" else t
+                    self.opt.state[p][key] = t.clone()
+                else:
+                    self.opt.state[p][key] = t.to(p.device, p.dtype).clone()
 
     def restore(self, run: RunDir) -> int:
         """Load the newest complete checkpoint of `run`; return the epoch to continue from."""
@@ -227,6 +254,8 @@ class Trainer:
                 loss_vec.mean().backward()
                 if acc.active:
                     acc.whole_step()
+                if cfg.clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 self.opt.step()
                 with torch.no_grad():
                     ld = loss_vec.detach()
@@ -311,15 +340,23 @@ def _pct(v) -> str:
     return "  -  " if v is None else f"{100 * v:5.1f}"
 
 
+def _subset_keys(r: dict) -> list[str]:
+    """The per-subset accuracies of an epoch record, in the task's order ("clean_train_acc", ..., "test_acc")."""
+    return [k for k in r if k.endswith("_acc") and k not in ("train_acc", "noisy_train_true_acc")]
+
+
+def _label(key: str) -> str:
+    return key[:-4].replace("_", "-")
+
+
 def _short(r: dict) -> str:
-    return (f"clean {_pct(r.get('clean_train_acc'))} noisy {_pct(r.get('noisy_train_acc'))} "
-            f"test {_pct(r.get('test_acc'))}")
+    return " ".join(f"{_label(k).replace('-train', '')} {_pct(r[k])}" for k in _subset_keys(r) if r[k] is not None)
 
 
 def format_record(r: dict) -> str:
-    return (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.3f}  train {_pct(r['train_acc'])}  "
-            f"clean-train {_pct(r.get('clean_train_acc'))}  noisy-train {_pct(r.get('noisy_train_acc'))}  "
-            f"test {_pct(r.get('test_acc'))}  ({r['epoch_time_s']:.1f}s + eval {r['eval_time_s']:.1f}s)")
+    subsets = "  ".join(f"{_label(k)} {_pct(r[k])}" for k in _subset_keys(r))
+    return (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.3f}  train {_pct(r['train_acc'])}  {subsets}  "
+            f"({r['epoch_time_s']:.1f}s + eval {r['eval_time_s']:.1f}s)")
 
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, run: RunDir | str | Path | None = None,
@@ -365,15 +402,16 @@ def prepare(model: nn.Module, data: Any, *, layers: Sequence[str] | None = None)
         raise ConfigError("the model has no parameters, so no conv or linear layers: memloc probes units of conv "
                           "and linear layers")
     shape = tuple(task.data.input_shape)
-    check_input(model, shape)
+    dev = next(model.parameters()).device
+    example = task.example_input(2, dev)
+    check_input(model, shape, example=example)
     model.input_shape = shape
     all_layers = find_layers(model)
-    dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *shape, device=dev))
+            out = model(example)
     finally:
         model.train(was_training)
     task.check_outputs(out)

@@ -85,7 +85,7 @@ from ..units import UnitMasks
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 
-KINDS = ("clean", "noisy", "rare")
+KINDS = ("clean", "noisy", "rare", "corpus", "canary")  # every task's kinds (each task checks its own)
 PRECISIONS = ("auto", "fp32", "bf16")
 PROBE_NAME = "flipping"
 
@@ -95,8 +95,9 @@ class FlipConfig:
     """Settings of the greedy unit removal. Defaults are the paper's (5 copies, 1% noise, 512 others)."""
 
     examples: int = option(100, "examples per kind, a seeded choice")
-    kinds: tuple[str, ...] = option(("clean", "noisy"), "comma-separated kinds: clean, noisy, rare", flag="--kind",
-                                    parse=names)
+    kinds: tuple[str, ...] | None = option(None, "comma-separated kinds: clean, noisy, rare (language models: "
+                                           "corpus, canary); default: the task's reference and memorized kinds "
+                                           "(clean,noisy)", flag="--kind", parse=names)
     indices: tuple[int, ...] | None = option(None, "flip these training examples instead (.npy or text, one index a "
                                              "line)", parse=read_indices, metavar="FILE")
     others: int = option(512, "other training examples whose loss is kept low")
@@ -124,13 +125,14 @@ class FlipConfig:
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
-        self.kinds = tuple(self.kinds)
-        for k in self.kinds:
-            if k not in KINDS:
-                raise ConfigError(f"unknown kind {k!r}: choose from {', '.join(KINDS)}, e.g. --kind clean,noisy")
-        if not self.kinds and self.indices is None:
+        if self.kinds is not None:
+            self.kinds = tuple(self.kinds)
+            for k in self.kinds:
+                if k not in KINDS:
+                    raise ConfigError(f"unknown kind {k!r}: choose from {', '.join(KINDS)}, e.g. --kind clean,noisy")
+        if self.kinds is not None and not self.kinds and self.indices is None:
             raise ConfigError("no kind of example chosen: pass --kind clean,noisy or --indices FILE")
-        if len(set(self.kinds)) != len(self.kinds):
+        if self.kinds is not None and len(set(self.kinds)) != len(self.kinds):
             raise ConfigError(f"--kind lists a kind twice: {','.join(self.kinds)}")
         if self.examples < 1:
             raise ConfigError(f"--examples must be at least 1, not {self.examples}")
@@ -278,7 +280,11 @@ class _Flipper:
         for mask in task.subset_masks().values():
             m = torch.zeros(nt) if mask is None else mask.cpu()[self.eval_train].float()
             rows.append(torch.cat([m, z]))
-        rows.append(torch.cat([torch.zeros(nt), o]))
+        test_masks = task.test_masks() if hasattr(task, "test_masks") else {"test": torch.ones(ne, dtype=torch.bool)}
+        for name, mask in test_masks.items():  # held-out subsets (language models: held-out canaries, the rest)
+            m = torch.zeros(ne) if mask is None else (mask.cpu()[self.eval_test].float() if name != "test" or
+                                                      hasattr(task, "test_masks") else o)
+            rows.append(torch.cat([torch.zeros(nt), m]))
         self.sets = torch.stack(rows).to(dev)
         self.set_names = accuracy_names(task)
         self._splits: dict[int, object] = {}  # candidate position -> split_after's (prefix, suffix, k) or None
@@ -303,7 +309,7 @@ class _Flipper:
         x_train = self.task.data.x_train
         idx = torch.as_tensor(list(examples), device=x_train.device)
         x = self.task.inputs(x_train[idx].to(dev), dev).repeat_interleave(c, 0)  # (B * copies, C, H, W)
-        if self.cfg.input_noise == 0:
+        if self.cfg.input_noise == 0 or not x.is_floating_point():  # token ids take no noise: exact copies
             return self._layout(x)
         # drawn on the CPU from generators keyed by (seed, example, copy, step): the same on every device
         eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
@@ -382,7 +388,7 @@ class _Flipper:
             part = uniq[lo:lo + per].float()  # (G_c, U)
             gc = part.shape[0]
             out, acts = self._forward(_tile(self.x_oth, gc), part, m)  # (G_c * M, K)
-            loss = self.task.loss(out.view(gc, m, -1), self.y_oth.expand(gc, m)).mean(1)  # (G_c,)
+            loss = self.task.loss(out, _tile(self.y_oth, gc)).view(gc, m).mean(1)  # (G_c,)
             grads = torch.autograd.grad(loss.sum(), acts, allow_unused=True)
             g_oth[lo:lo + per] = self.masks.scores_from(acts, grads).view(gc, m, U).sum(1)
         return g_oth
@@ -470,16 +476,15 @@ class _Flipper:
                             k = parts[2]
                             args[k] = self.masks.apply(j, args[k])  # exactly what layer j's hook does
                             logits = parts[1](*args)
-                    hit = self.task.match(self.task.predict(logits), y.repeat(qc)).view(qc, d).float()  # (Q_c, D)
+                    hit = self.task.match(self.task.predict(logits), _tile(y, qc)).view(qc, d).float()  # (Q_c, D)
                     correct[members[qlo:qlo + qc]] += hit @ self.sets[:, offset + lo:offset + lo + d].T
             offset += n
         self.masks.set_rows(None)
 
 
 def _record(e: int, kind: str, fl: _Flipper, units: list[int], flipped: bool, wrong: bool) -> FlipRecord:
-    true = fl.task.targets("true")
-    true = fl.y if true is None else true  # unknown noise: the given label is the only one known
-    return FlipRecord(index=int(e), kind=kind, label=int(fl.y[e]), true_label=int(true[e]),
+    given, true = fl.task.record_labels()
+    return FlipRecord(index=int(e), kind=kind, label=int(given[e]), true_label=int(true[e]),
                       already_wrong=wrong, flipped=flipped, units=[fl.masks.unit_of(u) for u in units])
 
 
@@ -534,10 +539,16 @@ def _run_batched(fl: _Flipper, todo: list[tuple[int, str]], *, on_done: Callable
 # ----------------------------------------------------------------------------- the public functions
 
 def candidate_layers(model: nn.Module, cfg: FlipConfig) -> list[Layer]:
-    """The layers whose units may be removed: `cfg.layers`, or all but the classifier (unless included)."""
+    """The layers whose units may be removed: `cfg.layers`, or all but the classifier (unless included).
+
+    A transformer that names its layers (attention heads and MLP neurons as units) offers those by default:
+    its embedding and unembedding features are not units (`--layers` may still name them)."""
     all_layers = find_layers(model)
     if cfg.layers:
         return select_layers(all_layers, list(cfg.layers))
+    blocks = [l for l in all_layers if l.kind in ("attention", "mlp")]
+    if blocks:
+        return blocks + ([l for l in all_layers if l.kind == "unembedding"] if cfg.include_classifier else [])
     return all_layers if cfg.include_classifier or len(all_layers) == 1 else all_layers[:-1]
 
 
@@ -553,7 +564,12 @@ def _plan(model: nn.Module, data, cfg: FlipConfig):
         idx = np.asarray(cfg.indices, dtype=np.int64)
         kinds = kinds_of(task, idx)
     else:
-        idx, kinds = select_examples(task, cfg.kinds, cfg.examples, seed=cfg.seed)
+        chosen = cfg.kinds if cfg.kinds is not None else (task.reference_kind, task.memorized_kind)
+        for k in chosen:
+            if k not in task.kinds:
+                raise ConfigError(f"unknown kind {k!r}: choose from {', '.join(task.kinds)}, e.g. --kind "
+                                  f"{task.reference_kind},{task.memorized_kind}")
+        idx, kinds = select_examples(task, chosen, cfg.examples, seed=cfg.seed)
     n = task.num_train
     if n < cfg.others:
         raise DataError(f"--others {cfg.others} is more than the {n} training examples: pass --others {n} or fewer")

@@ -56,6 +56,8 @@ class RetrainConfig:
     batch_size: int = option(512, "training batch size")
     momentum: float = option(0.9, cli=False)
     weight_decay: float = option(5e-4, cli=False)
+    optimizer: str = option("sgd", "sgd (momentum: the paper's) or adamw (betas 0.9, 0.95: language models)",
+                            choices=("sgd", "adamw"))
     seed: int = option(0, "seed of the training order")
     eval_batch_size: int = option(1024, cli=False, result=False)
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
@@ -170,7 +172,10 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
     rows = []
     with swapped_state(model, reset), only_layer_trainable(model, layer):
         params = [p for n, p in model.named_parameters() if n in set(layer.params)]
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         rows.append(evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device))
         for epoch in range(1, cfg.epochs + 1):
             with seeded(epoch_seed(cfg.seed, epoch), device):

@@ -18,7 +18,9 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import ConfigError
+from ..lm.text import TextData
 from .classification import ClassificationTask
+from .lm import LanguageModelTask
 
 
 class Task(Protocol):
@@ -56,6 +58,10 @@ class Task(Protocol):
     def targets(self, which: str) -> torch.Tensor | None:
         """"given" (what training saw), "true" (what generalizing predicts; None if unknown), or "test"."""
 
+    def record_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) int of each training example for per-example records: its given and its true label (classes;
+        the canary id for language models)."""
+
     def kind_mask(self, kind: str) -> torch.Tensor | None:
         """(N,) bool of the training examples of `kind`; None where the task cannot tell."""
 
@@ -72,15 +78,20 @@ class Task(Protocol):
     def check_outputs(self, outputs: torch.Tensor) -> None:
         """Raise ConfigError when a model's outputs for a batch of 2 are not what the task reads."""
 
+    def example_input(self, n: int, device: torch.device) -> torch.Tensor:
+        """A batch of `n` model inputs (zeros) that a model for this data must take: the shape check."""
+
 
 _TASKS: list[tuple[type, Callable[[Any], Task]]] = [
     (Dataset, ClassificationTask),
+    (TextData, LanguageModelTask),
 ]
 
 
 def task_of(data: Any) -> Task:
     """The task of a data object (a Task is returned as it is)."""
-    if isinstance(data, ClassificationTask) or all(hasattr(data, a) for a in ("subsets", "kinds", "match")):
+    if isinstance(data, (ClassificationTask, LanguageModelTask)) or all(
+            hasattr(data, a) for a in ("subsets", "kinds", "match")):
         return data
     for kind, make in _TASKS:
         if isinstance(data, kind):
@@ -89,4 +100,4 @@ def task_of(data: Any) -> Task:
                       "(memloc.wrap_data or memloc.load_data)")
 
 
-__all__ = ["Task", "task_of", "ClassificationTask"]
+__all__ = ["Task", "task_of", "ClassificationTask", "LanguageModelTask"]

@@ -43,6 +43,9 @@ class ClassificationTask:
         return bool(self.data.noise_known)
 
     # -- model input and output
+    def example_input(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(n, *self.data.input_shape, device=device)
+
     def inputs(self, xb: torch.Tensor, device: torch.device, *, augment: bool = False) -> torch.Tensor:
         """Stored images (B, C, H, W) -> normalized model input (random crop and flip with `augment`)."""
         x = model_input(xb, device)
@@ -88,6 +91,11 @@ class ClassificationTask:
             got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
             raise ConfigError(f"the model's output is {got} for a batch of 2, but the data has {k} classes: "
                               f"the model must return logits of shape (batch, {k})")
+
+    def record_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) int labels a per-example record stores: the given and the true class (given where unknown)."""
+        true = self.targets("true")
+        return self.data.y_train, (self.data.y_train if true is None else true)
 
     # -- kinds and subsets
     def kind_mask(self, kind: str) -> torch.Tensor | None:

@@ -215,3 +215,31 @@ def test_memorization_rises_with_repetition(tmp_path):
     assert all(r["heldout_extracted"] == 0 for r in rows.values())
     assert rows[1]["trained_exposure"] < rows[16]["trained_exposure"] <= rows[32]["trained_exposure"] + 0.5
     assert rows[16]["trained_exposure"] > rows[16]["heldout_exposure"] + 3
+
+
+def test_lm_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """AdamW's moments and step count are checkpointed: a run stopped after epoch 2 and resumed ends bit-identical."""
+    from memloc.experiment import ModelConfig, RunConfig, resume_training, run_training
+    from memloc.runs import RunDir
+    from memloc.training import Trainer as T
+
+    def cfg():
+        return RunConfig(data=TextConfig(**SMALL), model=ModelConfig(name="gpt", n_layer=1, n_head=2, n_embd=32),
+                         train=TrainConfig(epochs=3, lr=1e-2, batch_size=32, optimizer="adamw", weight_decay=0.1,
+                                           clip=1.0, device="cpu"), task="lm")
+    whole = run_training(cfg(), tmp_path / "whole", progress=False)
+    original = T._save_epoch
+
+    def stop_after_two(self, epoch):
+        original(self, epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(T, "_save_epoch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg(), tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    resume_training(tmp_path / "cut", progress=False)
+    a, b = RunDir.open(tmp_path / "whole"), RunDir.open(whole.path.parent / "cut")
+    for key, t in a.load_checkpoint(3).items():
+        assert torch.equal(t, b.load_checkpoint(3)[key]), key
+    assert np.array_equal(np.load(a.path / "examples.npz")["loss"], np.load(b.path / "examples.npz")["loss"])

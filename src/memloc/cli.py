@@ -197,6 +197,12 @@ def cmd_run(args) -> int:
             path = run_lm_study(resume=args.resume, progress=not args.quiet, log=_log(args))
         else:
             study = dict(preset(args.preset or "default", "lm").get("study", {}))
+            chosen = given(args, StudyConfig)
+            study.update({k: v for k, v in chosen.items() if k == "flip_examples"})
+            stray = sorted(set(chosen) - {"flip_examples"}) + (["seed"] if args.seed is not None else [])
+            if stray:
+                raise ConfigError(f"--{stray[0].replace('_', '-')} is not built for --task lm yet (one seed, no "
+                                  "noise levels or dropout grid): drop it")
             path = run_lm_study(run_config(args), args.out, study=study, progress=not args.quiet, log=_log(args))
         print(f"done: {path} (report: {path / 'report' / 'report.html'})")
         return 0

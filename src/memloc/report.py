@@ -63,13 +63,66 @@ def _pct(v) -> str:
 
 
 SUBSET_STYLE = {"clean_train": ("clean-train", "tab:blue"), "noisy_train": ("noisy-train", "tab:red"),
-                "rare_train": ("rare-train", "tab:purple"), "test": ("test", "tab:green")}
+                "rare_train": ("rare-train", "tab:purple"), "test": ("test", "tab:green"),
+                "corpus_train": ("corpus-train extraction", "tab:blue"),
+                "canary_train": ("canary-train extraction", "tab:red"),
+                "canary_heldout": ("held-out canary extraction", "tab:gray")}
+LM_SUBSET_STYLE = {"test": ("held-out token accuracy", "tab:green")}  # "test" of a language model
+
+
+def _subset_style(subset: str, task: TaskWords) -> tuple[str, str]:
+    return (LM_SUBSET_STYLE if task.name == "lm" else {}).get(subset) or SUBSET_STYLE[subset]
+
+
+def _subset_title(subset: str, task: TaskWords) -> str:
+    """A panel's title: the subset and what its number measures (the language model's labels say it already)."""
+    label = _subset_style(subset, task)[0]
+    return f"{label} (%)" if task.name == "lm" else f"{label} accuracy (%)"
+
+
+# ----------------------------------------------------------------------------- what the page compares, per task
+
+@dataclass(frozen=True)
+class TaskWords:
+    """How the page speaks of one task (memloc.tasks): the subsets it compares and the words for its numbers."""
+
+    name: str
+    memorized: str  # the memorized subset; its kind is the name without "_train"
+    reference: str  # the reference subset
+    examples: str  # what a training example is called
+    measure: str  # what a subset's number is, on an axis
+    flipped: str  # when the flipping probe stops removing units from one example
+
+    @property
+    def memorized_kind(self) -> str:
+        return self.memorized.removesuffix("_train")
+
+    @property
+    def reference_kind(self) -> str:
+        return self.reference.removesuffix("_train")
+
+
+TASKS = {"classification": TaskWords("classification", "noisy_train", "clean_train", "examples", "accuracy",
+                                     "prediction flips"),
+         "lm": TaskWords("lm", "canary_train", "corpus_train", "sequences", "extraction rate / token accuracy",
+                         "sequence is no longer extracted")}
+TASK_PROBES = {"memorization": "lm", "detection": "classification"}  # probes that measure one task only
+
+
+def task_words(run: RunDir | None) -> TaskWords:
+    """The task of a run (config.json's "task"; classification when absent or unknown)."""
+    try:
+        name = run.config.get("task") if run is not None else None
+    except RunError:
+        name = None
+    return TASKS[name] if isinstance(name, str) and name in TASKS else TASKS["classification"]
 
 
 # ----------------------------------------------------------------------------- sections of a run
 
 def learning_curves(run: RunDir) -> Section:
     sec = Section("Learning curves")
+    task = task_words(run)
     metrics = run.read_metrics()
     if not metrics:
         sec.missing = f"no metrics.jsonl: train with `memloc train --out {run.path}`"
@@ -77,17 +130,22 @@ def learning_curves(run: RunDir) -> Section:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     epochs = [m["epoch"] for m in metrics]
-    for key, (label, color) in SUBSET_STYLE.items():
+    for key in [k for k in SUBSET_STYLE if k != "test"] + ["test"]:  # test last, as in each task's subsets
+        label, color = _subset_style(key, task)
         vals = [m.get(f"{key}_acc") for m in metrics]
         if any(v is not None for v in vals):
             ax.plot(epochs, [np.nan if v is None else 100 * v for v in vals], label=label, color=color)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%) against the given labels")
+    lm = task.name == "lm"
+    ax.set_ylabel(f"{task.measure} (%)" if lm else "accuracy (%) against the given labels")
     ax.set_ylim(-2, 102)
-    ax.legend(loc="lower right")
-    ax.set_title("accuracy after each epoch (eval mode)")
-    sec.figures.append(Figure("learning_curves", "Clean-train, noisy-train (memorized given labels) and test accuracy "
-                              "after each epoch.", png(fig)))
+    ax.legend(loc="upper left" if lm else "lower right")
+    ax.set_title(("extraction and token accuracy" if lm else "accuracy") + " after each epoch (eval mode)")
+    caption = ("Corpus-train extraction (greedy decoding reproduces a training sequence's suffix from its prefix), "
+               "canary-train extraction (a trained canary's secret), held-out canary extraction (never trained: the "
+               "reference) and held-out token accuracy, after each epoch."
+               if lm else "Clean-train, noisy-train (memorized given labels) and test accuracy after each epoch.")
+    sec.figures.append(Figure("learning_curves", caption, png(fig)))
     sec.tables.append(Table("metrics", "Per-epoch metrics", metrics))
     return sec
 
@@ -99,8 +157,11 @@ def _windows(epochs: int) -> list[tuple[int, int]]:
 
 def gradient_accounting(run: RunDir) -> Section:
     sec = Section("Gradient accounting")
+    task = task_words(run)
+    ref, mem = task.reference_kind, task.memorized_kind
     if not run.has("gradients.npz"):
-        sec.missing = "no gradients.npz: the run was trained with --no-gradient-accounting or has no noisy examples"
+        sec.missing = ("no gradients.npz: the run was trained with --no-gradient-accounting or has no "
+                       f"{mem} {task.examples}")
         return sec
     g = run.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine")
     names, clean, noisy, cos = list(g["layer_names"]), g["clean_norm"], g["noisy_norm"], g["cosine"]
@@ -110,16 +171,16 @@ def gradient_accounting(run: RunDir) -> Section:
     fig, axes = plt.subplots(1, len(wins), figsize=(3.2 * len(wins), 3.4), sharey=True, squeeze=False)
     x = np.arange(len(names))
     for ax, (a, b) in zip(axes[0], wins):
-        ax.bar(x - 0.2, clean[:, a:b].mean(1), 0.4, label="clean", color="tab:blue")
-        ax.bar(x + 0.2, noisy[:, a:b].mean(1), 0.4, label="noisy", color="tab:red")
+        ax.bar(x - 0.2, clean[:, a:b].mean(1), 0.4, label=ref, color="tab:blue")
+        ax.bar(x + 0.2, noisy[:, a:b].mean(1), 0.4, label=mem, color="tab:red")
         ax.set_xticks(x, [str(i + 1) for i in x])
         ax.set_xlabel("layer")
         ax.set_title(f"epochs {a + 1}–{b}")
     axes[0][0].set_ylabel("summed gradient norm / sqrt(#params)")
     axes[0][0].legend()
-    sec.figures.append(Figure("gradient_norms", "Norm of the epoch-summed gradient of the clean and of the noisy "
-                              "examples per layer, divided by sqrt(number of parameters), averaged over epoch windows.",
-                              png(fig)))
+    sec.figures.append(Figure("gradient_norms", f"Norm of the epoch-summed gradient of the {ref} and of the {mem} "
+                              f"{task.examples} per layer, divided by sqrt(number of parameters), averaged over epoch "
+                              "windows.", png(fig)))
     fig, ax = plt.subplots(figsize=(max(5, 0.15 * epochs + 2), 0.35 * len(names) + 1.5))
     im = ax.imshow(cos, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest",
                    extent=(0.5, epochs + 0.5, len(names) + 0.5, 0.5))
@@ -127,10 +188,10 @@ def gradient_accounting(run: RunDir) -> Section:
     ax.set_ylabel("layer")
     ax.set_yticks(range(1, len(names) + 1), [f"{i + 1} {n}" for i, n in enumerate(names)])
     ax.grid(False)
-    fig.colorbar(im, ax=ax, label="cosine(clean gradient, noisy gradient)")
-    sec.figures.append(Figure("gradient_cosine", "Cosine similarity between the clean and the noisy epoch-summed "
+    fig.colorbar(im, ax=ax, label=f"cosine({ref} gradient, {mem} gradient)")
+    sec.figures.append(Figure("gradient_cosine", f"Cosine similarity between the {ref} and the {mem} epoch-summed "
                               "gradient, per layer and epoch.", png(fig)))
-    rows = [{"layer": n, "epoch": e + 1, "clean_norm": float(clean[i, e]), "noisy_norm": float(noisy[i, e]),
+    rows = [{"layer": n, "epoch": e + 1, f"{ref}_norm": float(clean[i, e]), f"{mem}_norm": float(noisy[i, e]),
              "cosine": float(cos[i, e])} for i, n in enumerate(names) for e in range(epochs)]
     sec.tables.append(Table("gradients", "Per layer and epoch", rows))
     sec.notes.append(f"Share of (layer, epoch) cells with cosine below −0.75: {100 * (cos < -0.75).mean():.0f}%.")
@@ -147,16 +208,18 @@ def _probe(run: RunDir, probe: str, command: str, title: str) -> tuple[Section, 
     return sec, result.summary, result.arrays
 
 
-def _layer_sweep_section(run: RunDir, probe: str, command: str, title: str, draw: Callable, caption: str,
-                         table: str) -> Section:
-    """The section of a layer sweep (rewinding, retraining): `draw(acc, names, epochs, subsets)` and its table."""
+def _layer_sweep_section(run: RunDir, probe: str, command: str, title: str, draw: Callable,
+                         caption: dict[str, str], table: dict[str, str]) -> Section:
+    """The section of a layer sweep (rewinding, retraining): `draw(acc, names, epochs, subsets, task=...)` and its
+    table; `caption` and `table` are worded per task."""
     sec, summary, arrays = _probe(run, probe, command, title)
     if summary is None:
         return sec
+    task = task_words(run)
     acc, names, epochs, subsets = (arrays["accuracy"], list(arrays["layer_names"]), arrays["epochs"],
-                                   list(arrays["subsets"]))
-    sec.figures.append(Figure(probe, caption, png(draw(acc, names, epochs, subsets))))
-    sec.tables.append(Table(probe, table, _layer_epoch_rows(acc, names, epochs, subsets)))
+                                   [str(s) for s in arrays["subsets"]])
+    sec.figures.append(Figure(probe, caption[task.name], png(draw(acc, names, epochs, subsets, task=task))))
+    sec.tables.append(Table(probe, table[task.name], _layer_epoch_rows(acc, names, epochs, subsets)))
     return sec
 
 
@@ -166,9 +229,10 @@ def _layer_epoch_rows(acc: np.ndarray, names, epochs, subsets) -> list[dict]:
             for i, n in enumerate(names) for j, e in enumerate(epochs)]
 
 
-def _rewinding_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str]):
+def _rewinding_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str], *,
+                      task: TaskWords = TASKS["classification"]):
     plt = pyplot()
-    shown = [s for s in ("clean_train", "noisy_train", "test")
+    shown = [s for s in (task.reference, task.memorized, "test")
              if s in subsets and not np.all(np.isnan(acc[:, :, subsets.index(s)]))]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 0.35 * len(names) + 1.8), squeeze=False)
     for ax, s in zip(axes[0], shown):
@@ -178,23 +242,25 @@ def _rewinding_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, sub
         ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]])
         ax.set_yticks(range(len(names)), [f"{i + 1} {n}" for i, n in enumerate(names)])
         ax.set_xlabel("epoch the layer is rewound to")
-        ax.set_title(SUBSET_STYLE[s][0] + " accuracy (%)")
+        ax.set_title(_subset_title(s, task))
         ax.grid(False)
         fig.colorbar(im, ax=ax)
     axes[0][0].set_ylabel("rewound layer")
     return fig
 
 
-def _retraining_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str]):
+def _retraining_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, subsets: list[str], *,
+                       task: TaskWords = TASKS["classification"]):
     plt = pyplot()
     cols = min(5, len(names))
     rws = int(np.ceil(len(names) / cols))
     fig, axes = plt.subplots(rws, cols, figsize=(2.6 * cols, 2.2 * rws + 0.4), sharex=True, sharey=True, squeeze=False)
     for i, n in enumerate(names):
         ax = axes[i // cols][i % cols]
-        for s in ("clean_train", "noisy_train", "test"):
+        for s in (task.reference, task.memorized, "test"):
             if s in subsets:
-                ax.plot(epochs, 100 * acc[i, :, subsets.index(s)], color=SUBSET_STYLE[s][1], label=SUBSET_STYLE[s][0])
+                label, color = _subset_style(s, task)
+                ax.plot(epochs, 100 * acc[i, :, subsets.index(s)], color=color, label=label)
         ax.set_title(f"{i + 1} {n}", fontsize=8)
         ax.set_ylim(-2, 102)
     for j in range(len(names), rws * cols):
@@ -202,7 +268,7 @@ def _retraining_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, su
     for ax in axes[-1]:
         ax.set_xlabel("retraining epoch")
     for r in axes:
-        r[0].set_ylabel("accuracy (%)")
+        r[0].set_ylabel("accuracy (%)" if task.name == "classification" else "rate (%)")
     axes[0][0].legend(fontsize=7)
     return fig
 
@@ -211,8 +277,10 @@ def flipping(run: RunDir) -> Section:
     sec, summary, arrays = _probe(run, "flipping", "flip", "Greedy unit removal (flipping)")
     if summary is None:
         return sec
-    kinds = [k for k in ("clean", "noisy", "rare") if k in summary["kinds"]]
-    colors = {"clean": "tab:blue", "noisy": "tab:red", "rare": "tab:purple"}
+    task = task_words(run)
+    kinds = [k for k in ("clean", "noisy", "rare", "corpus", "canary") if k in summary["kinds"]]
+    colors = {"clean": "tab:blue", "noisy": "tab:red", "rare": "tab:purple", "corpus": "tab:blue", "canary": "tab:red"}
+    measure = task.measure.split()[0]  # accuracy, extraction
     searched = ~arrays["already_wrong"]
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -222,12 +290,12 @@ def flipping(run: RunDir) -> Section:
         sel = searched & (arrays["kind"] == k)
         axes[0].hist(np.minimum(arrays["num_units"][sel], bins[-1] - 0.5), bins=bins, alpha=0.55, color=colors[k],
                      label=f"{k} (median {_num(summary['kinds'][k]['median_units'])})")
-    axes[0].set_xlabel("units zeroed until the prediction flips")
+    axes[0].set_xlabel(f"units zeroed until the {task.flipped}")
     axes[0].set_ylabel("examples")
     axes[0].legend()
     drops = [100 * (summary["kinds"][k]["mean_train_acc_drop"] or 0) for k in kinds]
     axes[1].bar(kinds, drops, color=[colors[k] for k in kinds])
-    axes[1].set_ylabel("training accuracy drop after removal (points)")
+    axes[1].set_ylabel(f"training {measure} drop after removal (points)")
     axes[1].set_title("cost of the removal to the rest of the data")
     names = [str(n) for n in arrays["layer_names"]]
     x = np.arange(len(names))
@@ -239,12 +307,14 @@ def flipping(run: RunDir) -> Section:
     axes[2].set_xlabel("layer")
     axes[2].set_ylabel("share of removed units (%)")
     axes[2].legend()
-    sec.figures.append(Figure("flipping", "Left: number of units zeroed until each example's prediction flips. Middle: "
-                              "mean drop of training accuracy of the edited models. Right: the layers the removed "
-                              "units come from.", png(fig)))
+    until = "each example's prediction flips" if task.name == "classification" else f"each {task.flipped}"
+    sec.figures.append(Figure("flipping", f"Left: number of units zeroed until {until}. Middle: mean drop of "
+                              f"training {measure} of the edited models. Right: the layers the removed units come "
+                              "from.", png(fig)))
     rows = [{"kind": k, **{key: v for key, v in summary["kinds"][k].items() if key != "layer_share"}} for k in kinds]
     sec.tables.append(Table("summary_flipping", "Per kind of example", rows))
-    sec.notes.append(f"{summary['examples']} examples, {summary['others']} other examples in the objective, "
+    sec.notes.append(f"{summary['examples']} {task.examples}, {summary['others']} other {task.examples} in the "
+                     "objective, "
                      f"removal cap {summary['budget_units']} of {summary['candidate_units']} units.")
     return sec
 
@@ -296,17 +366,180 @@ def detection(run: RunDir) -> Section:
     return sec
 
 
+def _float(v) -> float | None:
+    """A number read from a probe's summary, None when it is null (or not a number)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
+
+
+def _fixed(v, digits: int) -> str:
+    v = _float(v)
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _by_repeats(summary: dict) -> list[dict]:
+    """The memorization probe's rows with a repeat count, ordered by repeats."""
+    rows = summary.get("by_repeats")
+    rows = [r for r in rows if isinstance(r, dict) and _float(r.get("repeats"))] if isinstance(rows, list) else []
+    return sorted(rows, key=lambda r: float(r["repeats"]))
+
+
+FORMAT_STYLE = {"secret": "tab:red", "random": "tab:purple", "record": "tab:orange", "all": "black"}
+
+
+def _repeats_axis(ax, repeats: list[float]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(repeats, [f"{r:g}" for r in repeats])
+    ax.minorticks_off()
+    ax.set_xlabel("training sequences holding each canary (repeats, log2 axis)")
+
+
+def _extraction_figure(rows: list[dict], heldout: float | None):
+    """Extraction rate of the trained canaries (%) against repeats: a line per format and over all of them."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    formats = sorted({str(r.get("format")) for r in rows} - {"all"}) + ["all"]
+    for f in formats:
+        pts = [(float(r["repeats"]), _float(r.get("trained_extracted"))) for r in rows if str(r.get("format")) == f]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, 100 * np.array(y), marker="o", color=FORMAT_STYLE.get(f, None), lw=2.2 if f == "all" else 1.2,
+                    label="all formats" if f == "all" else f)
+    pts = [(float(r["repeats"]), _float(r.get("in_context_extracted"))) for r in rows if r.get("format") == "all"]
+    pts = [(x, y) for x, y in pts if y is not None]
+    if pts:
+        x, y = zip(*pts)
+        ax.plot(x, 100 * np.array(y), ls=":", marker=".", color="black", label="all, in the training context")
+    if heldout is not None:
+        ax.axhline(100 * heldout, ls="--", color="tab:gray", label=f"held-out canaries ({_pct(heldout)})")
+    _repeats_axis(ax, sorted({float(r["repeats"]) for r in rows}))
+    ax.set_ylabel("canaries extracted (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("greedy decoding from the canary's prefix reproduces its secret")
+    return fig
+
+
+def _exposure_figure(rows: list[dict], most: float | None):
+    """Mean exposure (bits) of the trained and of the held-out secret canaries against repeats."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for key, label, style in (("trained_exposure", "trained canaries", dict(color="tab:red", ls="-")),
+                              ("heldout_exposure", "held-out canaries", dict(color="tab:gray", ls="--"))):
+        pts = [(float(r["repeats"]), _float(r.get(key))) for r in rows]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", label=label, **style)
+    if most is not None:
+        ax.axhline(most, ls=":", color="black", label=f"largest possible ({most:.1f} bits)")
+        ax.set_ylim(0, 1.15 * most)
+    else:
+        ax.set_ylim(bottom=0)
+    _repeats_axis(ax, sorted({float(r["repeats"]) for r in rows}))
+    ax.set_ylabel("mean exposure (bits)")
+    ax.legend(fontsize=7, loc="center right")
+    ax.set_title("exposure of the secret-number canaries")
+    return fig
+
+
+def _memorization_rows(rows: list[dict]) -> list[dict]:
+    """The table of the by-repeats rows: rates in percent, losses in nats, exposures in bits, "—" for none."""
+    in_context = any(_float(r.get("in_context_extracted")) is not None for r in rows)
+    out = []
+    for r in rows:
+        row = {"repeats": f"{float(r['repeats']):g}", "format": str(r.get("format")),
+               "canaries": _fixed(r.get("n"), 0), "extracted (trained)": _pct(_float(r.get("trained_extracted")))}
+        if in_context:
+            row["extracted in training context"] = _pct(_float(r.get("in_context_extracted")))
+        row.update({"extracted (held-out)": _pct(_float(r.get("heldout_extracted"))),
+                    "loss trained (nats)": _fixed(r.get("trained_loss"), 3),
+                    "loss held-out (nats)": _fixed(r.get("heldout_loss"), 3),
+                    "loss gap (nats)": _fixed(r.get("loss_gap"), 3),
+                    "exposure trained (bits)": _fixed(r.get("trained_exposure"), 1),
+                    "exposure held-out (bits)": _fixed(r.get("heldout_exposure"), 1)})
+        out.append(row)
+    return out
+
+
+def _largest_exposure(run: RunDir) -> float | None:
+    """log2 of a secret canary's candidates (10^digits): the exposure of a secret ranked first."""
+    try:
+        data = run.config.get("data")
+    except RunError:
+        return None
+    digits = data.get("secret_digits") if isinstance(data, dict) else None
+    return digits * float(np.log2(10)) if isinstance(digits, int) and not isinstance(digits, bool) else None
+
+
+def memorization(run: RunDir) -> Section:
+    """The canaries by repeat count (language models): extraction and exposure against held-out canaries."""
+    sec, summary, arrays = _probe(run, "memorization", "memorization", "Where memorization rises with repetition")
+    if summary is None:
+        return sec
+    rows = _by_repeats(summary)
+    if not rows:
+        sec.notes.append("The probe measured no trained canary (its summary has no rows by repeat count).")
+        return sec
+    if "extracted" in arrays and "trained" in arrays and (~arrays["trained"].astype(bool)).any():
+        heldout = float(arrays["extracted"].astype(bool)[~arrays["trained"].astype(bool)].mean())
+    else:  # the rows' held-out rates, weighted by the canaries of each repeat group
+        held = [(_float(r.get("heldout_extracted")), _float(r.get("n")) or 0.0) for r in rows
+                if r.get("format") == "all"]
+        held = [(v, n) for v, n in held if v is not None]
+        heldout = sum(v * n for v, n in held) / max(sum(n for _, n in held), 1) if held else None
+    sec.figures.append(Figure("memorization_extraction", "Share of the trained canaries that greedy decoding "
+                              "reproduces from the canary's own prefix, by the number of training sequences holding "
+                              "each canary (log2 axis), per canary format and over all formats (black; dotted: "
+                              "extracted in its training context). Dashed: the held-out canaries, never trained, as "
+                              "reference.",
+                              png(_extraction_figure(rows, heldout))))
+    secret = [r for r in rows if r.get("format") == "secret"] or [r for r in rows if r.get("format") == "all"]
+    if any(_float(r.get("trained_exposure")) is not None for r in secret):
+        sec.figures.append(Figure("memorization_exposure", "Mean exposure of the secret-number canaries: log2 of the "
+                                  "number of candidate secrets minus log2 of the secret's rank among them, for the "
+                                  "trained canaries of each repeat count and the held-out canaries of the same group; "
+                                  "dotted: the exposure of a secret ranked first.",
+                                  png(_exposure_figure(secret, _largest_exposure(run)))))
+    else:
+        sec.notes.append("No exposure was measured (no secret-number canaries, or the probe ran with --no-exposure).")
+    sec.tables.append(Table("summary_memorization", "Per repeat count and canary format (trained canaries against the "
+                            "held-out ones of the same repeat group; loss gap: held-out minus trained)",
+                            _memorization_rows(rows)))
+    result = ProbeResult.load(run, "memorization")
+    if result.rows:
+        sec.tables.append(Table("memorization_canaries", "Each canary (memorization.csv)", result.rows))
+    ppl, corpus = _float(summary.get("heldout_perplexity")), _float(summary.get("corpus_extracted"))
+    methods = summary.get("exposure_methods")
+    sec.notes.append(f"Held-out perplexity {_fixed(ppl, 2)}; corpus training sequences whose suffix is extracted: "
+                     f"{_pct(corpus)}; held-out canaries extracted: {_pct(heldout)}"
+                     + (f"; exposure by {', '.join(str(m) for m in methods)}" if isinstance(methods, list) and methods
+                        else "") + ".")
+    return sec
+
+
 # How the report draws the paper's probes; any other registered probe gets `probe_section`.
 PROBE_SECTIONS: dict[str, Callable[[RunDir], Section]] = {
     "rewinding": partial(_layer_sweep_section, probe="rewinding", command="rewind", title="Layer rewinding",
-                         draw=_rewinding_figure, caption="Accuracy of the final model with one layer (rows) put back "
-                         "to its weights and BatchNorm statistics at an earlier epoch (columns).",
-                         table="Accuracy per rewound layer and epoch"),
+                         draw=_rewinding_figure,
+                         caption={"classification": "Accuracy of the final model with one layer (rows) put back to its "
+                                  "weights and BatchNorm statistics at an earlier epoch (columns).",
+                                  "lm": "Extraction rates and held-out token accuracy of the final model with one "
+                                  "layer (rows) put back to its weights at an earlier epoch (columns)."},
+                         table={"classification": "Accuracy per rewound layer and epoch",
+                                "lm": "Extraction rate (held-out token accuracy for test) per rewound layer and "
+                                "epoch"}),
     "retraining": partial(_layer_sweep_section, probe="retraining", command="retrain", title="Layer retraining",
-                          draw=_retraining_figure, caption="Each layer reset to its initialization and retrained "
-                          "alone on the clean examples only (every other layer frozen): accuracy per retraining "
-                          "epoch.", table="Accuracy per retrained layer and epoch"),
-    "flipping": flipping, "dropout": dropout_section, "detection": detection}
+                          draw=_retraining_figure,
+                          caption={"classification": "Each layer reset to its initialization and retrained alone on "
+                                   "the clean examples only (every other layer frozen): accuracy per retraining epoch.",
+                                   "lm": "Each layer reset to its initialization and retrained alone on the corpus "
+                                   "sequences only (every other layer frozen): extraction rates and held-out token "
+                                   "accuracy per retraining epoch."},
+                          table={"classification": "Accuracy per retrained layer and epoch",
+                                 "lm": "Extraction rate (held-out token accuracy for test) per retrained layer and "
+                                 "epoch"}),
+    "flipping": flipping, "dropout": dropout_section, "detection": detection, "memorization": memorization}
 
 
 def probe_section(run: RunDir, probe) -> Section:
@@ -333,7 +566,7 @@ def _table_html(rows: list[dict], limit: int = 40) -> str:
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}"
-        return html.escape(str(v))
+        return "—" if v is None else html.escape(str(v))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows[:limit])
     more = f"<p class='note'>{len(rows) - limit} more rows in the CSV.</p>" if len(rows) > limit else ""
@@ -415,17 +648,23 @@ def _has_example_tied_dropout(run: RunDir) -> bool:
 
 
 def run_sections(run: RunDir) -> list[Section]:
-    """The training sections, then one per registered probe (the example-tied one only for such a run; a probe
-    the report has no section for only when it ran)."""
+    """The training sections, then one per registered probe (the example-tied one only for such a run, a probe of
+    another task only when it ran, a probe the report has no section for only when it ran); a language model's
+    memorization section comes first."""
+    task = task_words(run)
     sections = [learning_curves(run), gradient_accounting(run)]
+    first = []
     for name, probe in registered().items():
+        ran = (run.path / "probes" / name / "summary.json").exists()
         if name == "dropout" and not _has_example_tied_dropout(run):
             continue
+        if TASK_PROBES.get(name, task.name) != task.name and not ran:
+            continue
         if name in PROBE_SECTIONS:
-            sections.append(PROBE_SECTIONS[name](run))
-        elif (run.path / "probes" / name / "summary.json").exists():
+            (first if name == "memorization" and task.name == "lm" else sections).append(PROBE_SECTIONS[name](run))
+        elif ran:
             sections.append(probe_section(run, probe))
-    return sections
+    return first + sections
 
 
 # ----------------------------------------------------------------------------- the paper's claims
@@ -444,9 +683,10 @@ def _holds(ok: bool | None) -> str:
 def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
     """Each claim of the paper (REFERENCE.md) with our number beside it, from the files alone."""
     out: list[dict] = []
+    mem = task_words(base).memorized
 
     metrics = base.read_metrics()
-    noisy = np.array([np.nan if m.get("noisy_train_acc") is None else m["noisy_train_acc"] for m in metrics])
+    noisy = np.array([np.nan if m.get(f"{mem}_acc") is None else m[f"{mem}_acc"] for m in metrics])
     memorized = bool(len(noisy) and np.isfinite(noisy[-1]) and noisy[-1] >= 0.5)
 
     def add(claim, paper, ours, ok, *, needs_memorization=True):
@@ -479,9 +719,9 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
             f"mean cosine {cos.mean():.2f}; {100 * (cos < -0.75).mean():.0f}% of cells below −0.75",
             bool((cos < -0.75).mean() > 0.5))
     s, arr = _load_probe(base, "rewinding")
-    if s is not None:
+    if s is not None and mem in list(arr["subsets"]):
         subsets = list(arr["subsets"])
-        acc = arr["accuracy"][:, :, subsets.index("noisy_train")]
+        acc = arr["accuracy"][:, :, subsets.index(mem)]
         epochs = list(arr["epochs"])
         target = (window[0] - 1) if window else 0
         j = int(np.argmin([abs(e - target) for e in epochs]))
@@ -495,9 +735,9 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
                 f"rewound to epoch {epochs[j]}: last layer keeps {_pct(col[-1])} noisy; largest drop at layer "
                 f"{worst + 1} ({names[worst]}, {_pct(col[worst])})", bool(worst != len(col) - 1 and col[-1] >= 0.5))
     s, arr = _load_probe(base, "retraining")
-    if s is not None:
+    if s is not None and mem in list(arr["subsets"]):
         subsets = list(arr["subsets"])
-        last = arr["accuracy"][:, -1, subsets.index("noisy_train")]
+        last = arr["accuracy"][:, -1, subsets.index(mem)]
         if np.isfinite(last).all():
             share = float((last >= 0.9).mean())
             add("retraining one layer on clean examples only brings noisy accuracy back for most layers",
@@ -580,8 +820,11 @@ def _seed_table(cells) -> Table | None:
 
 
 def _numbers_over_seeds(cells) -> list[dict]:
+    task = task_words(next((b for _, b, _ in cells if b is not None), None))
+    mem = task.memorized
     keys = {"final test accuracy": lambda b, d: (b.read_metrics() or [{}])[-1].get("test_acc"),
-            "final noisy-train accuracy": lambda b, d: (b.read_metrics() or [{}])[-1].get("noisy_train_acc"),
+            f"final {_subset_title(mem, task).removesuffix(' (%)')}":
+                lambda b, d: (b.read_metrics() or [{}])[-1].get(f"{mem}_acc"),
             "noisy-train after the drop": lambda b, d: (_load_probe(d, "dropout")[0] or {}).get("noisy_after"),
             "clean-train after the drop": lambda b, d: (_load_probe(d, "dropout")[0] or {}).get("clean_after")}
     rows = []
@@ -645,7 +888,25 @@ def build_report(path: str | Path | RunDir) -> Path:
     run = RunDir.open(path)
     cfg = run.read_json("config.json") if run.has("config.json") else {}
     data, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model"))
-    intro = [f"Run `{path}`: {model.get('name')} (width {model.get('width')}) on {data.get('dataset')}, noise "
-             f"{data.get('noise')}. Run format version {FORMAT_VERSION}. Rebuilt from the run's files; nothing was "
+    if task_words(run).name == "lm":
+        what = _lm_run_words(model, data)
+    else:
+        what = f"{model.get('name')} (width {model.get('width')}) on {data.get('dataset')}, noise {data.get('noise')}"
+    intro = [f"Run `{path}`: {what}. Run format version {FORMAT_VERSION}. Rebuilt from the run's files; nothing was "
              "recomputed."]
     return write_report(path / "report", "memloc report", intro, run_sections(run))
+
+
+def _lm_run_words(model: dict, data: dict) -> str:
+    """A language-model run in words: the model, the corpus and its canaries (config.json as it is, unchecked)."""
+    def listed(v) -> str:
+        return ", ".join(str(x) for x in v) if isinstance(v, list) else str(v)
+    size = [w.format(model[k]) for k, w in (("n_layer", "{} layers"), ("n_head", "{} heads"), ("n_embd", "n_embd {}"))
+            if model.get(k) is not None]
+    size_text = f" ({', '.join(size)})" if size else ""
+    corpus = data.get("corpus")
+    corpus = Path(corpus).stem if isinstance(corpus, str) and corpus != "bible" else corpus
+    return (f"{model.get('name')}{size_text} on {corpus} ({data.get('tokenizer')} "
+            f"tokenizer, {data.get('block_size')} tokens per sequence); canaries: {data.get('canaries')} per format "
+            f"({listed(data.get('canary_formats'))}) and repeat count ({listed(data.get('repeats'))}), as many held "
+            "out")

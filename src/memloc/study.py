@@ -260,7 +260,29 @@ def _lm_probe_config(stage: str, study: dict):
         return probes.RetrainConfig(epochs=epochs, peak_epoch=epochs / 2, lr=study.get("retrain_lr", 1e-3),
                                     batch_size=32, optimizer="adamw", weight_decay=0.0)
     return probes.FlipConfig(examples=study.get("flip_examples", 40), others=study.get("flip_others", 128), copies=1,
-                             input_noise=0.0, kinds=("canary",))
+                             input_noise=0.0, kinds=("canary",), indices=study.get("flip_indices"))
+
+
+def _memorized_canaries(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[int, ...]:
+    """Up to `n` canary sequences the final model extracts in context, as evenly over repeat counts as they allow
+    (a seeded choice): what greedy removal searches (a sequence not extracted has nothing to remove)."""
+    import numpy as np
+
+    from .tasks import task_of
+    data = loaded.data
+    hits = task_of(data).hits(loaded.model(), "train").cpu().numpy()
+    canary = data.canary.cpu().numpy()
+    groups = {}
+    for i in np.flatnonzero(hits & (canary >= 0)):
+        groups.setdefault(data.canaries[int(canary[i])]["repeat_group"], []).append(int(i))
+    rng = np.random.default_rng([seed, 13])
+    pools = {r: list(rng.permutation(v)) for r, v in sorted(groups.items())}
+    chosen: list[int] = []
+    while len(chosen) < n and any(pools.values()):
+        for r in list(pools):
+            if pools[r] and len(chosen) < n:
+                chosen.append(int(pools[r].pop()))
+    return tuple(sorted(chosen))
 
 
 def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *, study: dict | None = None,
@@ -287,6 +309,12 @@ def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *,
     for stage in LM_STAGES:
         if run.stage(stage).get("status") == "done":
             continue
+        if stage == "flipping" and "flip_indices" not in study:
+            study["flip_indices"] = _memorized_canaries(loaded, study.get("flip_examples", 40))
+            run.write_json("lm_study.json", study)  # a resumed study searches the same sequences
+            if not study["flip_indices"]:
+                log("stage flipping skipped: the model extracts no canary in its training context")
+                continue
         log(f"stage {stage} ...")
         t0 = time.perf_counter()
         result = probes.run_probe(probes.registered()[stage], loaded, cfg=_lm_probe_config(stage, study),

@@ -31,8 +31,8 @@ LM_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
               "train": {"epochs": 8, "lr": 1e-2, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1,
                         "clip": 1.0, "warmup": 0.05},
               "study": {"retrain_epochs": 2, "flip_examples": 6, "flip_others": 32, "rewind_every": 2}},
-    # the CPU default: a 4-block GPT on 4,000 Bible sequences with 2 canaries per format and repeat count
-    "default": {"data": {"sequences": 4000},
+    # the CPU default: a 4-block GPT on 3,000 Bible sequences of 128 bytes with 2 canaries per format and repeat count
+    "default": {"data": {"sequences": 3000},
                 "model": {"name": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128},
                 "train": {"epochs": 16, "lr": 1e-2, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1,
                           "clip": 1.0, "warmup": 0.05},

@@ -62,7 +62,7 @@ class TextConfig:
     tokenizer: str = option("bytes", "bytes (256 ids, nothing to train), bpe (trained on the training text and saved "
                             "in the run) or hf:FOLDER (a local Hugging Face tokenizer)")
     vocab_size: int = option(512, "BPE vocabulary size (--tokenizer bpe)")
-    block_size: int = option(96, "tokens per training sequence")
+    block_size: int = option(128, "tokens per training sequence")
     sequences: int | None = option(None, "use this many training sequences (a seeded subset; default: all)")
     holdout: float = option(0.1, "held-out fraction of the sequences")
     window: bool = option(False, "cut your .txt into windows of --block-size tokens instead of one sequence per line")

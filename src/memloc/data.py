@@ -91,8 +91,22 @@ class DataConfig:
             raise ConfigError(f"--num-classes {self.num_classes} is out of range: pass 2..10,000,000")
 
 
+class Examples:
+    """What every data class shares: training examples first (x_train), held where their tensors are."""
+
+    x_train: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+
 @dataclass
-class Dataset:
+class Dataset(Examples):
     """A training and a test split held as tensors.
 
     x_train: (N, C, H, W) uint8 or float32 in [0, 1]; y_train: (N,) given labels;
@@ -115,14 +129,6 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])  # (C, H, W)
-
-    @property
-    def num_train(self) -> int:
-        return int(self.x_train.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.x_train.device
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> "Dataset":
         """The same data on `device` (or in pinned host memory when `pin`)."""

@@ -38,8 +38,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["greedy_generate", "extractable", "suffix_accuracy", "sequence_losses", "exposure", "exposures",
-           "loss_gap"]
+__all__ = ["greedy_generate", "extractable", "suffix_accuracy", "sequence_losses", "suffix_measures", "exposure",
+           "exposures", "loss_gap"]
 
 Tokens = Sequence[int]
 
@@ -189,30 +189,30 @@ def extractable(model: nn.Module, prefixes: list[list[int]], suffixes: list[list
     and the same tie rule (torch.argmax, the lowest id), so only floating-point differences between a
     full-sequence forward and a shorter one can separate them, and only at an exact near-tie.
     """
-    n, groups = _suffix_stats(model, prefixes, suffixes, batch_size)
-    out = torch.zeros(n, dtype=torch.bool)
-    for idx, correct, _ in groups:
-        out[idx] = correct.all(1)
-    return out
+    return suffix_measures(model, prefixes, suffixes, batch_size=batch_size)["extractable"]
 
 
 def suffix_accuracy(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
                     batch_size: int = 256) -> torch.Tensor:
     """Teacher-forced share of suffix tokens that are the argmax given the true preceding tokens (MemPi), (N,)."""
-    n, groups = _suffix_stats(model, prefixes, suffixes, batch_size)
-    out = torch.zeros(n)
-    for idx, correct, _ in groups:
-        out[idx] = correct.float().mean(1)
-    return out
+    return suffix_measures(model, prefixes, suffixes, batch_size=batch_size)["suffix_accuracy"]
 
 
 def sequence_losses(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
                     batch_size: int = 256) -> torch.Tensor:
     """Mean cross-entropy (nats) of the suffix tokens given the prefix and the true preceding tokens, (N,)."""
+    return suffix_measures(model, prefixes, suffixes, batch_size=batch_size)["loss"]
+
+
+def suffix_measures(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
+                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """`extractable` (N,) bool, `suffix_accuracy` (N,) and `loss` (N,) from one teacher-forced pass."""
     n, groups = _suffix_stats(model, prefixes, suffixes, batch_size)
-    out = torch.zeros(n)
-    for idx, _, nll in groups:
-        out[idx] = nll.mean(1)
+    out = {"extractable": torch.zeros(n, dtype=torch.bool), "suffix_accuracy": torch.zeros(n), "loss": torch.zeros(n)}
+    for idx, correct, nll in groups:
+        out["extractable"][idx] = correct.all(1)
+        out["suffix_accuracy"][idx] = correct.float().mean(1)
+        out["loss"][idx] = nll.mean(1)
     return out
 
 

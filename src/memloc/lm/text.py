@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import Examples
 from ..errors import ConfigError, DataError
 from ..options import ints, names, option
 from .sources import bible_verses
@@ -111,7 +112,7 @@ class TextConfig:
 
 
 @dataclass
-class TextData:
+class TextData(Examples):
     """Token windows of a corpus with canaries, split into training and held-out sequences (see the module text).
 
     x_train (N, T) int64 input ids, y_train (N, T) encoded targets (`decode_targets`),
@@ -140,14 +141,6 @@ class TextData:
     @property
     def block_size(self) -> int:
         return int(self.x_train.shape[1])
-
-    @property
-    def num_train(self) -> int:
-        return int(self.x_train.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.x_train.device
 
     @property
     def repeats(self) -> torch.Tensor:

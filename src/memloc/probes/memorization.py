@@ -87,9 +87,10 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
     cans = data.canaries
     prefixes = [c["prefix_ids"] for c in cans]
     secrets = [c["secret_ids"] for c in cans]
-    extracted = measures.extractable(model, prefixes, secrets, batch_size=cfg.batch_size).numpy()
-    loss = measures.sequence_losses(model, prefixes, secrets, batch_size=cfg.batch_size).numpy().astype(np.float64)
-    accuracy = measures.suffix_accuracy(model, prefixes, secrets, batch_size=cfg.batch_size).numpy()
+    got = measures.suffix_measures(model, prefixes, secrets, batch_size=cfg.batch_size)
+    extracted = got["extractable"].numpy()
+    loss = got["loss"].numpy().astype(np.float64)
+    accuracy = got["suffix_accuracy"].numpy()
     exposure = np.full(len(cans), np.nan)
     method = [""] * len(cans)
     if cfg.exposure:

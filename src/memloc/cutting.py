@@ -80,7 +80,7 @@ def split_at(model: nn.Module, layer: Layer) -> Split | None:
     branch); the suffix takes them in that order. None when the model cannot be
     traced or calls the layer at more than one place.
     """
-    cut = cut_model(model, layer.name)
+    cut = cut_model(model, layer.modules[0])  # the layer's first module (its name, for a traced layer)
     return None if cut is None else (cut[0], cut[1])
 
 

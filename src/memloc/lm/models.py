@@ -31,12 +31,13 @@ LM_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
               "train": {"epochs": 8, "lr": 1e-2, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1,
                         "clip": 1.0, "warmup": 0.05},
               "study": {"retrain_epochs": 2, "flip_examples": 6, "flip_others": 32, "rewind_every": 2}},
-    # the CPU default: a 4-block GPT on 3,000 Bible sequences of 128 bytes with 2 canaries per format and repeat count
-    "default": {"data": {"sequences": 3000},
-                "model": {"name": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128},
-                "train": {"epochs": 16, "lr": 1e-2, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1,
+    # the CPU default: a 4-block GPT (0.5 M parameters) on 2,000 Bible sequences of 128 bytes, 2 canaries per
+    # format and repeat count; the whole study about 12 minutes on 2 idle cores (RESULTS.md)
+    "default": {"data": {"sequences": 2000},
+                "model": {"name": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 96},
+                "train": {"epochs": 12, "lr": 1e-2, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1,
                           "clip": 1.0, "warmup": 0.05},
-                "study": {"retrain_epochs": 4, "flip_examples": 40, "flip_others": 128, "rewind_every": 4}},
+                "study": {"retrain_epochs": 2, "flip_examples": 30, "flip_others": 128, "rewind_every": 3}},
     # a GPU: a larger GPT on the whole corpus
     "paper": {"data": {"block_size": 128},
               "model": {"name": "gpt", "n_layer": 8, "n_head": 8, "n_embd": 512},

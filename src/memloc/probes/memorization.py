@@ -42,7 +42,7 @@ class MemorizationConfig:
     exposure: bool = option(True, "skip exposure (the secret-number canaries' rank among all digit strings)",
                             negate="--no-exposure")
     exact_up_to: int = option(100_000, "exposure by enumeration up to this many candidates, estimated beyond")
-    samples: int = option(20_000, "candidates sampled for the exposure estimate")
+    samples: int = option(5_000, "candidates sampled for the exposure estimate (each one forward pass)")
     batch_size: int = option(256, "evaluation batch size", result=False)
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
     device: str = option("auto", "auto, cpu or cuda", result=False)

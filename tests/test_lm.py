@@ -243,3 +243,13 @@ def test_lm_resume_equals_uninterrupted(tmp_path, monkeypatch):
     for key, t in a.load_checkpoint(3).items():
         assert torch.equal(t, b.load_checkpoint(3)[key]), key
     assert np.array_equal(np.load(a.path / "examples.npz")["loss"], np.load(b.path / "examples.npz")["loss"])
+
+
+def test_lm_text_too_short_to_measure_is_one_line(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(f"line {i} is short" for i in range(400)))
+    code = main(["train", "--task", "lm", "--corpus", str(short), "--canaries", "0", "--out", str(tmp_path / "r"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--window" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,7 @@ The run directory is written by hand from small arrays in the probes' formats (n
 report is tested apart from the probes that make these files.
 """
 
+import html
 import json
 import re
 
@@ -64,8 +65,12 @@ def _flipping() -> ProbeResult:
               "layer_share": [0.5, 0.5, 0.0], "layers_used": 2}
     summary = {"kinds": {"corpus": none, "canary": canary}, "examples": 4, "others": 16, "budget_units": 20,
                "candidate_units": 200}
+    unit_layer = np.full((4, 20), -1)  # (E, cap): the model layer of each removed unit
+    unit_layer[2, :2], unit_layer[3, :2] = [1, 2], [2, 2]
     arrays = {"kind": np.array(["corpus", "corpus", "canary", "canary"]), "already_wrong": np.array([1, 1, 0, 0], bool),
-              "num_units": np.array([0, 0, 2, 2]), "layer_names": np.array(LAYERS[1:]), "layer_index": np.arange(1, 4)}
+              "label": np.array([-1, -1, 0, 8]),  # the canaries of the sequences: trained, at 1 and 16 repeats
+              "flipped": np.array([0, 0, 1, 1], bool), "num_units": np.array([0, 0, 2, 2]), "unit_layer": unit_layer,
+              "layer_names": np.array(LAYERS[1:]), "layer_index": np.arange(1, 4)}
     return ProbeResult("flipping", summary, arrays)
 
 
@@ -106,22 +111,23 @@ def built(tmp_path_factory):
 
 
 def _headings(page: str) -> list[str]:
-    return re.findall(r"<h2 id='s\d+'>(.*?)</h2>", page)
+    return [html.unescape(h) for h in re.findall(r"<h2 id='s\d+'>(.*?)</h2>", page)]
 
 
 def test_the_report_of_a_language_model_run(built):
     run, text, drawn = built
     headings = _headings(text)
-    assert headings[0] == "Where memorization rises with repetition"  # first for a language model
+    # the paper's claims first, then the memorization section for a language model
+    assert headings[:2] == ["Summary: the paper's claims, measured", "Where memorization rises with repetition"]
     assert "Learning curves" in headings and "Layer rewinding" in headings
     assert not any("noisy" in h.lower() or "mislabeled" in h.lower() for h in headings)
     assert "Detecting mislabeled examples" not in text  # detection measures classifiers only
     plain = re.sub(r"base64,[^']*", "", text)  # the page without its images
     assert "noisy" not in plain.lower() and "mislabeled" not in plain.lower()
     for alt in ("memorization_extraction", "memorization_exposure", "learning_curves", "gradient_norms", "rewinding",
-                "retraining", "flipping"):
+                "retraining", "flipping", "flipping_canaries"):
         assert f"<img alt='{alt}' src='data:image/png;base64," in text, alt
-    assert text.count("<img ") == 8  # and gradient_cosine
+    assert text.count("<img ") == 9  # and gradient_cosine
     intro = re.search(r"<p class='note'>Run (.*?)</p>", text).group(1)
     assert "gpt (2 layers, 4 heads, n_embd 64) on bible" in intro and "width" not in intro
     # the subsets under their language-model names, in the figures and the captions
@@ -162,3 +168,197 @@ def test_the_task_of_a_run_decides_the_compared_subsets(tmp_path):
         cfg["task"] = task
         run.write_json("config.json", cfg)
         assert report.task_words(run).memorized == "noisy_train"
+
+
+def test_the_flipping_section_of_a_language_model_shows_units_by_repeat_count_and_by_layer(built, tmp_path):
+    run, text, drawn = built
+    assert "units removed per canary sequence, by repeat count" in drawn and "where the removed units are" in drawn
+    assert "1\n(n = 1)" in drawn and "16\n(n = 1)" in drawn  # one column per repeat count of the searched canaries
+    table = (run.path / "report" / "tables" / "summary_flipping_repeats.csv").read_text().splitlines()
+    assert table == ["repeats,searched,no longer extracted,median units,mean units", "1,1,1,2.0,2.0",
+                     "16,1,1,2.0,2.0"]
+    per_layer = report._units_per_layer(ProbeResult.load(run, "flipping").arrays)
+    assert per_layer[0] == LAYERS[1:] and per_layer[1].tolist() == [1, 3, 0]
+    alone = _lm_run(tmp_path / "lm", memorization=False)  # no canary -> repeat count: the layers alone, and how
+    sec = report.flipping(alone)
+    assert [f.name for f in sec.figures] == ["flipping", "flipping_canaries"]
+    assert f"`memloc memorization {alone.path}`" in " ".join(sec.notes)
+    assert "summary_flipping_repeats" not in [t.name for t in sec.tables]
+
+
+# ----------------------------------------------------------------------------- the claims table of a language model
+
+BLOCKS = ["embed", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head"]
+FINAL = {"corpus_train": 0.0, "canary_train": 0.8, "canary_heldout": 0.0, "test": 0.6}
+
+
+def _verdict(run: RunDir, key: str) -> tuple[str, str]:
+    """(our number, verdict) of one claim of the language model's table."""
+    rows = {r["claim"]: r for r in report.lm_claims(run)}
+    assert len(rows) == len(report.LM_CLAIMS)
+    row = rows[report.LM_CLAIMS[key][0]]
+    assert row["verdict"] in ("holds", "does not hold") or row["verdict"].startswith("not measured"), row
+    if row["verdict"] in ("holds", "does not hold"):
+        assert "holds if" in row["ours"], row  # the measure's threshold, stated in the row
+    return row["ours"], row["verdict"]
+
+
+def _layer_sweep(probe: str, epochs: list[int], column: int, canary: list[float], test: list[float], *,
+                 final: dict = FINAL) -> ProbeResult:
+    """A sweep over BLOCKS whose `column` (rewound to / retrained for) has the given canary-train extraction and
+    held-out token accuracy per layer; every other cell is the final model's."""
+    acc = np.tile([final[s] for s in SUBSETS], (len(BLOCKS), len(epochs), 1))  # (layers, epochs, subsets)
+    acc[:, column, SUBSETS.index("canary_train")] = canary
+    acc[:, column, SUBSETS.index("test")] = test
+    return ProbeResult(probe, {"subsets": SUBSETS}, {"accuracy": acc, "layer_names": np.array(BLOCKS),
+                                                     "epochs": np.array(epochs), "subsets": np.array(SUBSETS),
+                                                     "final": np.array([final[s] for s in SUBSETS])})
+
+
+def _remove(run: RunDir, probe: str) -> None:
+    (run.path / "probes" / probe / "summary.json").unlink()
+
+
+def test_the_claims_table_of_a_language_model_comes_first_with_every_claim(built):
+    run, text, _ = built
+    table = text[text.index("Each claim with our number"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + len(report.LM_CLAIMS)
+    assert all(html.escape(claim) in table for claim, _ in report.LM_CLAIMS.values())
+    rows = (run.path / "report" / "tables" / "summary_claims.csv").read_text()
+    assert rows.startswith("claim,paper,ours,verdict")
+
+
+def test_claim_memorization_rises_with_repetition(tmp_path):
+    run = _lm_run(tmp_path / "clear")  # in-context extraction 0% -> 100%, exposure 2 -> 8 bits
+    ours, verdict = _verdict(run, "repetition")
+    assert verdict == "holds" and "+100.0 points" in ours and "2.0 bits at 1 repeat → 8.0 at 16 repeats" in ours
+    mem = _memorization()
+    for r in mem.summary["by_repeats"]:
+        r["in_context_extracted"] = 0.3  # as often extracted seen once as 16 times
+    mem.save(run)
+    ours, verdict = _verdict(run, "repetition")
+    assert verdict == "does not hold" and "+0.0 points" in ours
+    mem = _memorization()
+    for r in mem.summary["by_repeats"]:  # extraction rises, exposure falls
+        r["trained_exposure"] = None if r["trained_exposure"] is None else 10.0 / r["repeats"]
+    mem.save(run)
+    ours, verdict = _verdict(run, "repetition")
+    assert verdict == "does not hold" and "10.0 bits at 1 repeat → 0.6 at 16 repeats" in ours
+    _remove(run, "memorization")
+    assert _verdict(run, "repetition") == ("—", f"not measured (run `memloc memorization {run.path}`)")
+
+
+def test_claim_heldout_canaries_are_never_extracted(tmp_path):
+    run = _lm_run(tmp_path / "lm")
+    ours, verdict = _verdict(run, "heldout")
+    assert verdict == "holds" and "at most 0.0% over 6 rows" in ours and "0 of 6 held-out canaries" in ours
+    mem = _memorization()
+    mem.summary["by_repeats"][0]["heldout_extracted"] = 0.5
+    mem.arrays["extracted"] = mem.arrays["extracted"] | (np.arange(12) == 1)
+    mem.save(run)
+    ours, verdict = _verdict(run, "heldout")
+    assert verdict == "does not hold" and "at most 50.0%" in ours and "1 of 6 held-out canaries" in ours
+    _remove(run, "memorization")
+    assert _verdict(run, "heldout")[1] == f"not measured (run `memloc memorization {run.path}`)"
+
+
+def test_claims_gradient_norm_comparable_and_opposed(tmp_path):
+    run = _lm_run(tmp_path / "lm")  # canary/corpus 0.5 everywhere, cosine -0.2
+    norm, cos = np.ones((4, 8)), np.full((4, 8), -0.2)  # (layers, epochs): the first quarter is epochs 1-2
+    norm[2, :2] = 0.8  # the mean of the per-epoch ratios, not of the norms
+    norm[2, 2:] = 100.0
+    run.save_arrays("gradients.npz", layer_names=np.array(LAYERS), clean_norm=np.ones((4, 8)), noisy_norm=norm,
+                    cosine=cos, epochs=np.arange(1, 9))
+    ours, verdict = _verdict(run, "gradient_norm")
+    assert verdict == "holds" and "epochs 1–2 of 8: 0.80 (blocks.0.mlp) to 1.00 (embed)" in ours
+    assert _verdict(run, "gradient_cosine")[1] == "holds"
+    norm[1, :2], cos[3, :2] = 0.1, 0.3  # one layer's canaries barely move it; another's agree with the corpus
+    cos[3, 2:] = -0.5
+    run.save_arrays("gradients.npz", layer_names=np.array(LAYERS), clean_norm=np.ones((4, 8)), noisy_norm=norm,
+                    cosine=cos, epochs=np.arange(1, 9))
+    ours, verdict = _verdict(run, "gradient_norm")
+    assert verdict == "does not hold" and "0.10 (blocks.0.attn)" in ours
+    ours, verdict = _verdict(run, "gradient_cosine")
+    assert verdict == "does not hold" and "-0.20 to 0.30 (all epochs: -0.30 to -0.20;" in ours
+    (run.path / "gradients.npz").unlink()
+    for key in ("gradient_norm", "gradient_cosine"):
+        assert _verdict(run, key)[1].startswith("not measured (no gradients.npz")
+
+
+def test_claim_memorization_is_not_confined_to_the_last_layers(tmp_path):
+    run = _lm_run(tmp_path / "lm")
+    keep = [0.1, 0.6, 0.6, 0.6, 0.55, 0.2]  # held-out token accuracy; embed and head break the model
+    cases = {  # canary-train extraction of each layer rewound to epoch 0 (final 80%): verdict
+        "holds": ([0.0, 0.3, 0.6, 0.5, 0.1, 0.0], keep),  # blocks.0.attn, blocks.1.mlp halve it
+        "only the last block": ([0.0, 0.8, 0.7, 0.4, 0.1, 0.0], keep),
+        "null": ([0.0, 0.8, 0.8, 0.8, 0.8, 0.0], keep),  # embed and head "halve" it by breaking the model
+        "broken": ([0.0, 0.1, 0.1, 0.1, 0.1, 0.0], [0.1, 0.3, 0.3, 0.3, 0.3, 0.2]),
+    }
+    for case, (canary, test) in cases.items():
+        _layer_sweep("rewinding", [0, 4, 8], 0, canary, test).save(run)
+        ours, verdict = _verdict(run, "rewinding")
+        assert verdict == ("holds" if case == "holds" else "does not hold"), (case, ours)
+        if case == "holds":
+            assert "2 of 4 layers" in ours and "within 10 points of 60.0%" in ours
+            assert "most: blocks.1.mlp (10.0%)" in ours
+    _layer_sweep("rewinding", [0, 8], 0, [0.0] * 6, keep, final={**FINAL, "canary_train": 0.05}).save(run)
+    assert _verdict(run, "rewinding")[1].startswith("not measured: the final model extracts 5.0%")
+    _remove(run, "rewinding")
+    assert _verdict(run, "rewinding")[1] == f"not measured (run `memloc rewind {run.path}`)"
+    assert report._last_block_start(BLOCKS) == 3 and report._last_block_start(["conv1", "fc"]) == 1
+    assert report._last_block_start(["wte", "transformer.h.10.mlp", "transformer.h.11.attn", "lm_head"]) == 2
+
+
+def test_claim_retraining_brings_the_canaries_back(tmp_path):
+    run = _lm_run(tmp_path / "lm")
+    _layer_sweep("retraining", [0, 1, 2], -1, [0.0, 0.75, 0.8, 0.9, 0.72, 0.1], [0.6] * 6).save(run)
+    ours, verdict = _verdict(run, "retraining")
+    assert verdict == "holds" and ours.startswith("4 of 6 layers end within 10 points of the final canary-train "
+                                                  "extraction 80.0%")
+    _layer_sweep("retraining", [0, 1, 2], -1, [0.0, 0.3, 0.2, 0.4, 0.1, 0.0], [0.6] * 6).save(run)
+    ours, verdict = _verdict(run, "retraining")
+    assert verdict == "does not hold" and ours.startswith("0 of 6") and "best blocks.1.attn: 40.0%" in ours
+    _remove(run, "retraining")
+    assert _verdict(run, "retraining")[1] == f"not measured (run `memloc retrain {run.path}`)"
+
+
+def test_claims_a_few_units_remove_a_canary_at_little_cost(tmp_path):
+    run = _lm_run(tmp_path / "lm")
+    flip = _flipping()
+    flip.summary["kinds"]["canary"]["mean_test_acc_drop"] = 0.005
+    flip.save(run)
+    ours, verdict = _verdict(run, "few_units")
+    assert verdict == "holds" and ours.startswith("median 2 units")
+    ours, verdict = _verdict(run, "cost")
+    assert verdict == "holds" and "drop 0.5 points" in ours
+    flip.summary["kinds"]["canary"].update(median_units=40.0, mean_test_acc_drop=0.106)
+    flip.save(run)
+    assert _verdict(run, "few_units")[1] == "does not hold"
+    ours, verdict = _verdict(run, "cost")
+    assert verdict == "does not hold" and "drop 10.6 points" in ours
+    del flip.summary["kinds"]["canary"]["mean_test_acc_drop"]  # not evaluated on held-out sequences
+    flip.save(run)
+    assert _verdict(run, "cost")[1].startswith("not measured (the flipping probe did not evaluate")
+    _remove(run, "flipping")
+    for key in ("few_units", "cost", "harder"):
+        assert _verdict(run, key)[1] == f"not measured (run `memloc flip {run.path}`)"
+
+
+def test_claim_more_repeats_make_a_canary_harder_to_remove(tmp_path):
+    run = _lm_run(tmp_path / "lm")
+    flip = _flipping()
+    flip.arrays.update(kind=np.array(["canary"] * 4), already_wrong=np.zeros(4, bool),
+                       label=np.array([0, 4, 8, 8]),  # canaries trained at 1, 4 and 16 repeats
+                       flipped=np.ones(4, bool), num_units=np.array([1, 3, 9, 7]))
+    flip.save(run)
+    ours, verdict = _verdict(run, "harder")
+    assert verdict == "holds" and "mean units 1.0 at 1 repeat (n = 1) → 8.0 at 16 repeats (n = 2)" in ours
+    flip.arrays["num_units"] = np.array([4, 3, 4, 4])
+    flip.save(run)
+    assert _verdict(run, "harder")[1] == "does not hold"
+    flip.arrays["label"] = np.array([8, 8, 8, 8])  # one repeat count only
+    flip.save(run)
+    assert _verdict(run, "harder")[1].startswith("not measured (the removed canaries have fewer than two")
+    _remove(run, "memorization")
+    assert _verdict(run, "harder")[1] == f"not measured (run `memloc memorization {run.path}`)"

@@ -25,7 +25,7 @@ import numpy as np
 from .errors import RunError
 from .figures import gallery_figure, png, pyplot
 from .probes import registered
-from .probes.base import ProbeResult
+from .probes.base import ProbeResult, probe_command
 from .runs import FORMAT_VERSION, RunDir, atomic_write, study_cells, study_stages, write_text
 
 
@@ -316,7 +316,109 @@ def flipping(run: RunDir) -> Section:
     sec.notes.append(f"{summary['examples']} {task.examples}, {summary['others']} other {task.examples} in the "
                      "objective, "
                      f"removal cap {summary['budget_units']} of {summary['candidate_units']} units.")
+    if task.name == "lm":
+        _canary_flipping(run, arrays, sec)
     return sec
+
+
+def _canary_repeats(run: RunDir) -> dict[int, int] | None:
+    """Canary id -> its repeat count (the memorization probe's canary_id and repeat_group); None without them."""
+    _, arr = _load_probe(run, "memorization")
+    if arr is None or "canary_id" not in arr or "repeat_group" not in arr:
+        return None
+    return {int(c): int(r) for c, r in zip(arr["canary_id"], arr["repeat_group"])}
+
+
+def _searched_canaries(arrays: dict) -> np.ndarray:
+    """(E,) the flipping probe's canary sequences that were searched (extracted before any removal)."""
+    searched = ~arrays["already_wrong"].astype(bool)
+    return searched & (arrays["kind"] == "canary") if "kind" in arrays else searched
+
+
+def _units_by_repeats(arrays: dict, repeats: dict[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per repeat count, over the searched canary sequences: units removed (n,) and whether it stopped being
+    extracted (n,). A sequence's canary is its flipping label."""
+    rep = np.array([repeats.get(int(c), 0) for c in arrays["label"]], dtype=np.int64)  # (E,)
+    flipped = arrays["flipped"].astype(bool) if "flipped" in arrays else np.ones(len(rep), bool)
+    sel = _searched_canaries(arrays) & (rep > 0)
+    return {int(r): (arrays["num_units"][sel & (rep == r)], flipped[sel & (rep == r)])
+            for r in sorted(set(rep[sel].tolist()))}
+
+
+def _units_per_layer(arrays: dict) -> tuple[list[str], np.ndarray] | None:
+    """The flipping probe's candidate layers by name and the units removed from each (L,), over the searched
+    canaries; None without unit_layer."""
+    if "unit_layer" not in arrays or "layer_index" not in arrays:
+        return None
+    removed = arrays["unit_layer"][_searched_canaries(arrays)]  # (searched, cap): model layer index, -1 past the end
+    counts = np.array([int((removed == i).sum()) for i in arrays["layer_index"]])
+    return [str(n) for n in arrays["layer_names"]], counts
+
+
+def _canary_flipping_figure(by_repeats: dict[int, tuple[np.ndarray, np.ndarray]] | None,
+                            per_layer: tuple[list[str], np.ndarray] | None):
+    """Left: units removed per canary, one column per repeat count (box of the removed canaries, every canary a
+    point). Right: units removed per layer."""
+    plt = pyplot()
+    panels = [p for p in ("repeats", "layers") if (by_repeats if p == "repeats" else per_layer)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "repeats":
+            reps = list(by_repeats)
+            done = [units[flipped] for units, flipped in by_repeats.values()]
+            shown = [i for i, d in enumerate(done) if len(d)]
+            if shown:
+                ax.boxplot([done[i] for i in shown], positions=shown, widths=0.5, showfliers=False,
+                           medianprops={"color": "black"})
+            units = np.concatenate([u for u, _ in by_repeats.values()])  # (searched,)
+            flipped = np.concatenate([f for _, f in by_repeats.values()])
+            # each column's points spread evenly across it (no random jitter: rebuilds are identical)
+            x = np.concatenate([i + (np.linspace(-0.18, 0.18, len(u)) if len(u) > 1 else np.zeros(len(u)))
+                                for i, (u, _) in enumerate(by_repeats.values())])
+            ax.scatter(x[flipped], units[flipped], s=14, color="tab:red", alpha=0.7, zorder=3,
+                       label="no longer extracted")
+            if (~flipped).any():
+                ax.scatter(x[~flipped], units[~flipped], s=18, facecolors="none", edgecolors="tab:red", zorder=3,
+                           label="still extracted at the cap")
+            ax.set_xticks(range(len(reps)), [f"{r}\n(n = {len(by_repeats[r][0])})" for r in reps])
+            ax.set_xlim(-0.6, len(reps) - 0.4)
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("training sequences holding the canary (repeats)")
+            ax.set_ylabel("units zeroed")
+            ax.legend(fontsize=7)
+            ax.set_title("units removed per canary sequence, by repeat count")
+        else:
+            names, counts = per_layer
+            ax.bar(range(len(names)), counts, color="tab:red")
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+            ax.set_ylabel("units removed (all canaries)")
+            ax.set_title("where the removed units are")
+    return fig
+
+
+def _canary_flipping(run: RunDir, arrays: dict, sec: Section) -> None:
+    """The language model's flipping figure and table: units per canary by repeat count, units per layer."""
+    repeats = _canary_repeats(run)
+    by_repeats = _units_by_repeats(arrays, repeats) if repeats is not None and "label" in arrays else None
+    per_layer = _units_per_layer(arrays)
+    if repeats is None:
+        sec.notes.append(f"Units by repeat count need the memorization probe: `memloc memorization {run.path}`.")
+    if not by_repeats and per_layer is None:
+        return
+    sec.figures.append(Figure("flipping_canaries", "Left: units zeroed per searched canary sequence until it is no "
+                              "longer extracted, one column per repeat count of its canary (box: the sequences no "
+                              "longer extracted; open circles: still extracted when the cap was reached). Right: the "
+                              "units removed from each layer, over all searched canary sequences.",
+                              png(_canary_flipping_figure(by_repeats, per_layer))))
+    if by_repeats:
+        rows = []
+        for r, (units, flipped) in by_repeats.items():
+            done = units[flipped]
+            rows.append({"repeats": r, "searched": len(units), "no longer extracted": int(flipped.sum()),
+                         "median units": float(np.median(done)) if len(done) else None,
+                         "mean units": round(float(done.mean()), 2) if len(done) else None})
+        sec.tables.append(Table("summary_flipping_repeats", "Units zeroed per canary sequence by repeat count (the "
+                                "sequences no longer extracted)", rows))
 
 
 def dropout_section(run: RunDir, title: str = "Example-tied dropout") -> Section:
@@ -681,7 +783,10 @@ def _holds(ok: bool | None) -> str:
 
 
 def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
-    """Each claim of the paper (REFERENCE.md) with our number beside it, from the files alone."""
+    """Each claim of the paper (REFERENCE.md) with our number beside it, from the files alone (a language model's
+    claims: `lm_claims`)."""
+    if task_words(base).name == "lm":
+        return lm_claims(base)
     out: list[dict] = []
     mem = task_words(base).memorized
 
@@ -787,6 +892,243 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
     return out
 
 
+# The paper's claims asked of a language model with canaries: key -> (claim, the paper's statement). Each row's
+# number says what it measures and the threshold its verdict uses.
+LM_CLAIMS = {
+    "repetition": ("memorization rises with repetition",
+                   "memorization grows with the number of times a sequence is seen"),
+    "heldout": ("held-out canaries are never extracted",
+                "a secret is extracted only when it was trained on (the reference)"),
+    "gradient_norm": ("canaries' gradient norm is comparable to the corpus's in every layer",
+                      "comparable in every layer (images: the memorized 10% of examples)"),
+    "gradient_cosine": ("canary and corpus gradients point in opposite directions",
+                        "cosine below −0.75 most of the time (images)"),
+    "rewinding": ("memorization is not confined to the last layers: rewinding a middle layer removes canaries",
+                  "critical layers depend on dataset and architecture; not only the final ones"),
+    "retraining": ("retraining one layer on corpus sequences only brings the canaries back for most layers",
+                   "near 100% for most layers (exceptions: layers 4–5 on CIFAR-10)"),
+    "few_units": ("a few units remove a canary", "fewer than 10 units for over 90% of memorized examples"),
+    "cost": ("removing them costs little held-out accuracy", "a small drop, less than for typical examples"),
+    "harder": ("more repeats make a canary harder to remove (more units)",
+               "more strongly learned examples need more units (typical vs memorized images)"),
+}
+MIN_CANARY_EXTRACTION = 0.2  # below it, "halved" and "within 10 points" of the final extraction say nothing
+
+
+def _points(v: float) -> str:
+    return f"{100 * v:+.1f} points"
+
+
+def _times(n: float, word: str) -> str:
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
+def lm_claims(run: RunDir) -> list[dict]:
+    """The paper's claims asked of a language model with canaries (LM_CLAIMS), each with our number, the measure
+    and its threshold, from the run's files alone; a claim whose files are missing is "not measured" with the
+    command that makes them."""
+    rows: dict[str, tuple[str, str]] = {}
+
+    def add(key: str, ours: str, ok: bool | str) -> None:
+        rows[key] = (ours, ok if isinstance(ok, str) else _holds(ok))
+
+    def missing(probe: str) -> str:
+        return f"not measured (run `memloc {probe_command(probe)} {run.path}`)"
+
+    mem, mem_arr = _load_probe(run, "memorization")
+    if mem is None:
+        for key in ("repetition", "heldout"):
+            add(key, "—", missing("memorization"))
+    else:
+        _repetition_claim(mem, add)
+        _heldout_claim(mem, mem_arr, add)
+    if run.has("gradients.npz"):
+        _gradient_claims(run.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine"), add)
+    else:
+        for key in ("gradient_norm", "gradient_cosine"):
+            add(key, "—", "not measured (no gradients.npz: the run was trained with --no-gradient-accounting)")
+    for probe, claim in (("rewinding", _rewinding_claim), ("retraining", _retraining_claim)):
+        s, arr = _load_probe(run, probe)
+        if s is None:
+            add(probe, "—", missing(probe))
+        else:
+            claim(arr, add)
+    flip, flip_arr = _load_probe(run, "flipping")
+    if flip is None:
+        for key in ("few_units", "cost", "harder"):
+            add(key, "—", missing("flipping"))
+    else:
+        _unit_claims(flip, add)
+        if mem is None:
+            add("harder", "—", missing("memorization"))
+        else:
+            _harder_claim(flip_arr, _canary_repeats(run) or {}, add)
+    return [{"claim": claim, "paper": paper, "ours": rows[key][0], "verdict": rows[key][1]}
+            for key, (claim, paper) in LM_CLAIMS.items()]
+
+
+def _repetition_claim(summary: dict, add: Callable) -> None:
+    """In-context extraction at the largest repeat count minus at the smallest (holds at >= 50 points), and the
+    secret canaries' exposure rising from the smallest repeat count to the largest."""
+    rows = [r for r in _by_repeats(summary) if r.get("format") == "all"]
+    key, measure = "in_context_extracted", "in-context extraction"
+    if not any(_float(r.get(key)) is not None for r in rows):  # an older probe: from the canary's own prefix
+        key, measure = "trained_extracted", "extraction from the canary's own prefix"
+    pts = [(float(r["repeats"]), _float(r.get(key))) for r in rows]
+    pts = [(x, y) for x, y in pts if y is not None]
+    if len(pts) < 2:
+        add("repetition", "—", "not measured (the memorization probe has fewer than two repeat counts)")
+        return
+    (r0, e0), (r1, e1) = pts[0], pts[-1]
+    ours = (f"{measure} {_pct(e1)} at {_times(r1, 'repeat')} − {_pct(e0)} at {_times(r0, 'repeat')} = "
+            f"{_points(e1 - e0)} (holds if ≥ +50)")
+    ok = e1 - e0 >= 0.5
+    secret = [r for r in _by_repeats(summary) if r.get("format") == "secret"] or rows
+    exp = [(float(r["repeats"]), _float(r.get("trained_exposure"))) for r in secret]
+    exp = [(x, y) for x, y in exp if y is not None]
+    if len(exp) >= 2:
+        steps = np.diff([y for _, y in exp])
+        ours += (f"; secret canaries' exposure {exp[0][1]:.1f} bits at {_times(exp[0][0], 'repeat')} → "
+                 f"{exp[-1][1]:.1f} at {_times(exp[-1][0], 'repeat')} "
+                 f"({'rising at every step' if (steps > 0).all() else 'not at every step'}; "
+                 "holds if it rises)")
+        ok = ok and exp[-1][1] > exp[0][1]
+    else:
+        ours += "; no exposure measured"
+    add("repetition", ours, ok)
+
+
+def _heldout_claim(summary: dict, arrays: dict, add: Callable) -> None:
+    """Held-out extraction in every row by repeat count and format (holds if 0 in all)."""
+    vals = [v for v in (_float(r.get("heldout_extracted")) for r in _by_repeats(summary)) if v is not None]
+    if not vals:
+        add("heldout", "—", "not measured (the memorization probe measured no held-out canary)")
+        return
+    ours = f"held-out extraction at most {_pct(max(vals))} over {len(vals)} rows (repeat count × format)"
+    if "trained" in arrays and "extracted" in arrays:
+        held = ~arrays["trained"].astype(bool)
+        ours += f"; {int(arrays['extracted'].astype(bool)[held].sum())} of {int(held.sum())} held-out canaries"
+    add("heldout", ours + " (holds if 0 in every row)", max(vals) == 0)
+
+
+def _gradient_claims(g: dict, add: Callable) -> None:
+    """Per layer, the mean over the first quarter of epochs of the per-epoch canary/corpus norm ratio (holds if
+    within [0.5, 2] in every layer) and of the cosine (holds if below 0 in every layer)."""
+    names = [str(n) for n in g["layer_names"]]
+    epochs = g["cosine"].shape[1]
+    quarter = max(1, epochs // 4)
+    ratio = (g["noisy_norm"] / np.maximum(g["clean_norm"], 1e-30))[:, :quarter].mean(1)  # (layers,)
+    lo, hi = int(np.argmin(ratio)), int(np.argmax(ratio))
+    add("gradient_norm", f"canary/corpus norm per layer, epochs 1–{quarter} of {epochs}: {ratio[lo]:.2f} "
+        f"({names[lo]}) to {ratio[hi]:.2f} ({names[hi]}) over {len(names)} layers (holds if within [0.5, 2] in "
+        "every layer)", bool(ratio.min() >= 0.5 and ratio.max() <= 2.0))
+    cos = g["cosine"][:, :quarter].mean(1)  # (layers,)
+    whole = g["cosine"].mean(1)
+    add("gradient_cosine", f"mean cosine per layer, epochs 1–{quarter}: {cos.min():.2f} to {cos.max():.2f} (all "
+        f"epochs: {whole.min():.2f} to {whole.max():.2f}; holds if below 0 in every layer)", bool(cos.max() < 0))
+
+
+def _sweep_columns(arrays: dict) -> tuple[list[str], np.ndarray, dict[str, int], str | None]:
+    """A layer sweep's layer names, accuracy (layers, epochs, subsets), subset positions, and why it cannot be
+    read for the canaries (None when it can)."""
+    subsets = {str(s): i for i, s in enumerate(arrays["subsets"])}
+    names = [str(n) for n in arrays["layer_names"]]
+    if "canary_train" not in subsets or "final" not in arrays:
+        return names, arrays["accuracy"], subsets, "not measured (the probe did not measure canary-train extraction)"
+    final = float(arrays["final"][subsets["canary_train"]])
+    if not final >= MIN_CANARY_EXTRACTION:
+        return names, arrays["accuracy"], subsets, (f"not measured: the final model extracts {_pct(final)} of the "
+                                                    "trained canaries (train longer)")
+    return names, arrays["accuracy"], subsets, None
+
+
+def _last_block_start(names: list[str]) -> int:
+    """Position of the first layer of the last numbered block (blocks.3.attn; transformer.h.11.mlp), or of the
+    last layer when no name carries a block number: it and every layer after it are "the last layers"."""
+    blocks = [m.group(1) if (m := re.match(r"(.*?\d+)\.", n)) else None for n in names]
+    numbered = [b for b in blocks if b is not None]
+    return blocks.index(numbered[-1]) if numbered else len(names) - 1
+
+
+def _rewinding_claim(arrays: dict, add: Callable) -> None:
+    """Of the layers whose rewinding to epoch 0 keeps held-out token accuracy within 10 points of the final model,
+    how many halve canary-train extraction (holds if at least 2, not all in the last block)."""
+    names, acc, subsets, why = _sweep_columns(arrays)
+    if why is None and "test" not in subsets:
+        why = "not measured (the probe did not measure held-out token accuracy)"
+    if why is not None:
+        add("rewinding", "—", why)
+        return
+    epochs = [int(e) for e in arrays["epochs"]]
+    j = epochs.index(0) if 0 in epochs else int(np.argmin(epochs))
+    canary, test = acc[:, j, subsets["canary_train"]], acc[:, j, subsets["test"]]  # (layers,)
+    final_canary, final_test = (float(arrays["final"][subsets[s]]) for s in ("canary_train", "test"))
+    working = np.nonzero(test >= final_test - 0.10)[0]
+    halving = [int(i) for i in working if canary[i] <= final_canary / 2]
+    ours = (f"rewound to epoch {epochs[j]}: {len(halving)} of {len(working)} layers that keep held-out token "
+            f"accuracy within 10 points of {_pct(final_test)} cut canary-train extraction ({_pct(final_canary)}) "
+            "by at least half")
+    if len(working):
+        most = int(working[np.argmin(canary[working])])
+        ours += f"; most: {names[most]} ({_pct(canary[most])})"
+    add("rewinding", ours + " (holds if at least 2 such layers, not only in the last block)",
+        len(halving) >= 2 and min(halving) < _last_block_start(names))
+
+
+def _retraining_claim(arrays: dict, add: Callable) -> None:
+    """How many layers, retrained alone on the corpus, end within 10 points of the final canary-train extraction
+    (holds if more than half)."""
+    names, acc, subsets, why = _sweep_columns(arrays)
+    if why is not None:
+        add("retraining", "—", why)
+        return
+    last = acc[:, -1, subsets["canary_train"]]  # (layers,) after the last retraining epoch
+    final = float(arrays["final"][subsets["canary_train"]])
+    back = int((last >= final - 0.10).sum())
+    best = int(np.argmax(last))
+    add("retraining", f"{back} of {len(names)} layers end within 10 points of the final canary-train extraction "
+        f"{_pct(final)} (best {names[best]}: {_pct(last[best])}; holds if more than half)", back > len(names) / 2)
+
+
+def _unit_claims(summary: dict, add: Callable) -> None:
+    """Median units to remove a canary (holds below 10) and the mean held-out accuracy drop (holds below 2 points)."""
+    k = summary.get("kinds", {}).get("canary")
+    if not k or not k.get("searched"):
+        for key in ("few_units", "cost"):
+            add(key, "—", "not measured (no canary sequence was searched: the model extracts none)")
+        return
+    median = _float(k.get("median_units"))
+    add("few_units", f"median {'—' if median is None else _times(median, 'unit')} "
+        f"(mean {_fixed(k.get('mean_units'), 1)}; "
+        f"{_pct(_float(k.get('share_flipped_under_10')))} removed with under 10) over {k['searched']} canary "
+        "sequences (holds if the median is below 10)", None if median is None else median < 10)
+    drop = _float(k.get("mean_test_acc_drop"))
+    if drop is None:
+        add("cost", "—", "not measured (the flipping probe did not evaluate held-out accuracy)")
+        return
+    train = _float(k.get("mean_train_acc_drop"))
+    add("cost", f"mean held-out token accuracy drop {100 * drop:.1f} points"
+        + ("" if train is None else f" (extraction of the training sequences: {100 * train:.1f})")
+        + " (holds if below 2 points)",
+        drop < 0.02)
+
+
+def _harder_claim(arrays: dict, repeats: dict[int, int], add: Callable) -> None:
+    """Mean units of the removed canaries at the largest repeat count against the smallest searched one."""
+    if "label" not in arrays or not repeats:
+        add("harder", "—", "not measured (the flipping or memorization arrays do not say each sequence's canary)")
+        return
+    by = {r: units[flipped] for r, (units, flipped) in _units_by_repeats(arrays, repeats).items() if flipped.any()}
+    if len(by) < 2:
+        add("harder", "—", "not measured (the removed canaries have fewer than two repeat counts)")
+        return
+    (r0, u0), (r1, u1) = min(by.items()), max(by.items())
+    add("harder", f"mean units {u0.mean():.1f} at {_times(r0, 'repeat')} (n = {len(u0)}) → {u1.mean():.1f} at "
+        f"{_times(r1, 'repeat')} "
+        f"(n = {len(u1)}); medians {_num(float(np.median(u0)))} → {_num(float(np.median(u1)))} (holds if the mean "
+        "rises)", bool(u1.mean() > u0.mean()))
+
+
 def claims_section(base: RunDir, drop: RunDir | None) -> Section:
     sec = Section("Summary: the paper's claims, measured")
     rows = claims(base, drop)
@@ -888,13 +1230,15 @@ def build_report(path: str | Path | RunDir) -> Path:
     run = RunDir.open(path)
     cfg = run.read_json("config.json") if run.has("config.json") else {}
     data, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model"))
-    if task_words(run).name == "lm":
+    lm = task_words(run).name == "lm"
+    if lm:
         what = _lm_run_words(model, data)
     else:
         what = f"{model.get('name')} (width {model.get('width')}) on {data.get('dataset')}, noise {data.get('noise')}"
     intro = [f"Run `{path}`: {what}. Run format version {FORMAT_VERSION}. Rebuilt from the run's files; nothing was "
              "recomputed."]
-    return write_report(path / "report", "memloc report", intro, run_sections(run))
+    sections = ([claims_section(run, None)] if lm else []) + run_sections(run)
+    return write_report(path / "report", "memloc report", intro, sections)
 
 
 def _lm_run_words(model: dict, data: dict) -> str:

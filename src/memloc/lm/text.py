@@ -19,7 +19,9 @@ Each canary is a prefix and a secret. A sequence is "still memorized" when greed
 from everything before its scored tokens reproduces them exactly: the secret of the
 canary it holds, or for a corpus sequence the ``suffix_tokens`` after its first
 ``prefix_tokens`` (Carlini et al. 2023). A held-out corpus sequence scores one token at a
-seeded position: the mean over them is held-out next-token accuracy.
+seeded position: the mean over them is held-out next-token accuracy. A line of the user's
+text shorter than prefix + suffix tokens is trained on but never scored; a text whose every
+line is that short is refused (one line: use --window).
 
 Targets are stored as one (N, block_size) int64 array that says both what training fits
 and what is scored: ``t >= 0`` a scored target token, ``t <= -2`` an unscored target token
@@ -273,6 +275,10 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
     tr, te = windows[train_ids].copy(), windows[test_ids].copy()
     tr_len, te_len = lens[train_ids], lens[test_ids]
     short = (tr_len < cfg.prefix_tokens + cfg.suffix_tokens)
+    if short.all():  # nothing of the corpus could ever be extracted: every measure of it would be empty
+        raise DataError(f"every sequence of {cfg.corpus} is shorter than --prefix-tokens {cfg.prefix_tokens} + "
+                        f"--suffix-tokens {cfg.suffix_tokens} tokens (the longest: {int(tr_len.max())}): pass --window "
+                        "to cut the text into full windows, or smaller --prefix-tokens/--suffix-tokens")
     # scored regions: corpus extraction for training windows, one token for held-out windows
     length = cfg.block_size + 1
     scored_tr = np.zeros((len(tr), length - 1), dtype=bool)

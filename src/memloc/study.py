@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import probes
 from .data import DataConfig
 from .errors import ConfigError, RunError
@@ -26,6 +28,7 @@ from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_trai
 from .experiment import preset as preset_sections
 from .options import floats, ints, option
 from .runs import RunDir, exclusive, mark_failed, memloc_kind, study_cells, study_stages
+from .tasks import task_of
 from .training import TrainConfig, resolve_device
 
 
@@ -266,9 +269,6 @@ def _lm_probe_config(stage: str, study: dict):
 def _memorized_canaries(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[int, ...]:
     """Up to `n` canary sequences the final model extracts in context, as evenly over repeat counts as they allow
     (a seeded choice): what greedy removal searches (a sequence not extracted has nothing to remove)."""
-    import numpy as np
-
-    from .tasks import task_of
     data = loaded.data
     hits = task_of(data).hits(loaded.model(), "train").cpu().numpy()
     canary = data.canary.cpu().numpy()

@@ -190,7 +190,7 @@ class Trainer:
             for key, name in self._STATE_NAMES.items():
                 buf = self.opt.state.get(p, {}).get(key)
                 if isinstance(buf, torch.Tensor):
-                    out[f"{name}.{i}"] = buf.reshape(buf.shape) if buf.dim() else buf.reshape(1)
+                    out[f"{name}.{i}"] = buf if buf.dim() else buf.reshape(1)  # safetensors: no 0-d tensors
         return out
 
     def _load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:

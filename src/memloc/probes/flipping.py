@@ -275,15 +275,13 @@ class _Flipper:
         self.eval_test = torch.as_tensor(eval_test, dtype=torch.long)
         # (1 + subsets, D): which evaluation points count for all-train accuracy and each subset's
         nt, ne = len(eval_train), len(eval_test)
-        z, o = torch.zeros(ne), torch.ones(ne)
+        z = torch.zeros(ne)
         rows = [torch.cat([torch.ones(nt), z])]
         for mask in task.subset_masks().values():
             m = torch.zeros(nt) if mask is None else mask.cpu()[self.eval_train].float()
             rows.append(torch.cat([m, z]))
-        test_masks = task.test_masks() if hasattr(task, "test_masks") else {"test": torch.ones(ne, dtype=torch.bool)}
-        for name, mask in test_masks.items():  # held-out subsets (language models: held-out canaries, the rest)
-            m = torch.zeros(ne) if mask is None else (mask.cpu()[self.eval_test].float() if name != "test" or
-                                                      hasattr(task, "test_masks") else o)
+        for mask in task.test_masks().values():  # held-out subsets (language models: held-out canaries, the rest)
+            m = torch.zeros(ne) if mask is None else mask.cpu()[self.eval_test].float()
             rows.append(torch.cat([torch.zeros(nt), m]))
         self.sets = torch.stack(rows).to(dev)
         self.set_names = accuracy_names(task)

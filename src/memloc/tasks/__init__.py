@@ -27,7 +27,7 @@ class Task(Protocol):
     """The contract between the probes and a kind of data. Shapes: N training and M test examples, B a batch."""
 
     name: str
-    subsets: tuple[str, ...]  # measured subsets, in report order; the last is the held-out one ("test")
+    subsets: tuple[str, ...]  # measured subsets, in report order: the training ones, then `test_masks`' held-out ones
     kinds: tuple[str, ...]  # kinds of training example a probe can pick
     memorized_kind: str  # the kind whose memorization the probes locate ("noisy")
     reference_kind: str  # the kind a model must keep (retraining trains on it alone)
@@ -67,6 +67,9 @@ class Task(Protocol):
 
     def subset_masks(self) -> dict[str, torch.Tensor | None]:
         """(N,) bool of each training subset (the held-out subset is the test split); None: empty or unknown."""
+
+    def test_masks(self) -> dict[str, torch.Tensor | None]:
+        """(M,) bool of each held-out subset, in `subsets` order after the training ones; None: empty."""
 
     def accuracy(self, hits_train: torch.Tensor, hits_test: torch.Tensor) -> np.ndarray:
         """(S, len(subsets)) float64 from hits (S, N) and (S, M) bool; NaN for an empty or unknown subset."""

@@ -115,6 +115,11 @@ class ClassificationTask:
                  "noisy_train": self.kind_mask("noisy"), "rare_train": self.kind_mask("rare")}
         return {k: (m if m is not None and bool(m.any()) else None) for k, m in masks.items()}
 
+    def test_masks(self) -> dict[str, torch.Tensor | None]:
+        """The held-out subsets: "test", every test example (None without a test split)."""
+        n = len(self.data.y_test)
+        return {"test": torch.ones(n, dtype=torch.bool) if n else None}
+
     def accuracy(self, hits_train: torch.Tensor, hits_test: torch.Tensor) -> np.ndarray:
         """(S, 4) float64: clean-, noisy-, rare-train and test accuracy from hits (S, N), (S, M); NaN if empty."""
         masks = self.subset_masks()

@@ -16,13 +16,18 @@ canary-held-out (extraction of canaries never trained: the reference, ~0), and t
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import batches
 from ..errors import ConfigError
+from ..inference import indices_context
 from ..lm.text import TextData, decode_targets
+from ..precision import autocast
 
 
 class LanguageModelTask:
@@ -125,11 +130,6 @@ class LanguageModelTask:
     def hits(self, model: nn.Module, split: str = "train", *, batch_size: int = 256, with_indices: bool = False
              ) -> torch.Tensor:
         """(N,) or (M,) bool: `match` of every training ("train") or held-out ("test") sequence, batch by batch."""
-        import contextlib
-
-        from ..data import batches
-        from ..inference import indices_context
-        from ..precision import autocast
         device = next(model.parameters()).device
         x, y = (self.data.x_train, self.data.y_train) if split == "train" else (self.data.x_test, self.data.y_test)
         out = torch.zeros(len(x), dtype=torch.bool, device=device)

@@ -317,10 +317,9 @@ def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *,
                 continue
         log(f"stage {stage} ...")
         t0 = time.perf_counter()
-        result = probes.run_probe(probes.registered()[stage], loaded, cfg=_lm_probe_config(stage, study),
-                                  progress=progress, log=log)
-        describe = probes.registered()[stage].describe
-        for line in describe(result) if describe else []:
+        probe = probes.registered()[stage]
+        result = probes.run_probe(probe, loaded, cfg=_lm_probe_config(stage, study), progress=progress, log=log)
+        for line in probe.describe(result) if probe.describe else []:
             log(line)
         log(f"stage {stage} done in {time.perf_counter() - t0:.0f}s")
     from .report import build_report

@@ -204,9 +204,8 @@ def _documents(cfg: TextConfig) -> list[str]:
 def _windows(cfg: TextConfig, docs: list[str], tok) -> tuple[np.ndarray, np.ndarray]:
     """(W, block_size + 1) token windows and their lengths (W,) (< block_size + 1: padded with 0)."""
     length = cfg.block_size + 1
-    line_mode = cfg.corpus != "bible" and not cfg.window and Path(cfg.corpus).suffix != "" \
-        and not Path(cfg.corpus).is_dir()
-    if line_mode or (cfg.corpus != "bible" and Path(cfg.corpus).suffix == ".jsonl"):
+    path = Path(cfg.corpus)
+    if cfg.corpus != "bible" and path.is_file() and (path.suffix == ".jsonl" or not cfg.window):  # one per line
         rows = [tok.encode(d)[:length] for d in docs]
         rows = [r for r in rows if len(r) >= 2]
         out = np.zeros((len(rows), length), dtype=np.int64)

@@ -66,7 +66,8 @@ class LanguageModelTask:
         out = outputs.detach().float()
         tokens, _, scored = decode_targets(targets.to(out.device))
         target = out.gather(-1, tokens[..., None]).squeeze(-1)
-        other = out.scatter(-1, tokens[..., None], float("-inf")).amax(-1)
+        top, where = out.topk(2, dim=-1)  # the best other logit without copying the (B, T, vocab) logits
+        other = torch.where(where[..., 0] == tokens, top[..., 1], top[..., 0])
         m = (target - other).masked_fill(~scored, float("inf")).amin(1)
         return torch.where(scored.any(1), m, torch.zeros_like(m))
 

@@ -81,8 +81,8 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclud
             help_ = f"{help_} (default {','.join(map(str, default))})"
         help_ += note
         metavar = meta.get("metavar") or (None if meta.get("choices") else flag.lstrip("-").upper().replace("-", "_"))
-        group.add_argument(flag, dest=f.name, type=_parse(f, flag), default=None, help=help_,
-                           choices=meta.get("choices"), metavar=metavar)
+        group.add_argument(flag, *meta.get("aliases", ()), dest=f.name, type=_parse(f, flag), default=None,
+                           help=help_, choices=meta.get("choices"), metavar=metavar)
 
 
 def given(args: argparse.Namespace, cls: type, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -55,6 +55,7 @@ __all__ = [
     "MODES",
     "EVAL_MODES",
     "DROP_SCALES",
+    "TIES",
     "num_generalization_units",
     "expected_active_fraction",
     "memorization_mask",
@@ -73,6 +74,7 @@ __all__ = [
 MODES = ("train", "tied", "eval", "drop")
 EVAL_MODES = ("tied", "eval", "drop")  # what an ExampleTiedDropout does when not training
 DROP_SCALES = ("matched", "paper", "none")
+TIES = ("document", "sequence")  # what a language model's example id names: a token's document, or its training row
 
 # ---------------------------------------------------------------------------
 # The hash. Everything is kept in [0, 2**32) inside int64 tensors.
@@ -392,14 +394,19 @@ def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem:
                 f"example-tied dropout in {mode} mode needs example indices: "
                 "call the model inside memloc.dropout.example_indices(model, idx)"
             )
+        kw = dict(p_gen=p_gen, p_mem=p_mem, seed=seed, layer_id=layer_id, device=x.device)
+        per_token = isinstance(idx, Tensor) and idx.dim() == 2 and x.dim() == 3 and idx.shape == x.shape[:2]
+        if per_token:  # (N, T) ids, one per token (packed sequences: each token's own document)
+            return x * _token_mask(idx, units, **kw).to(x.dtype)
+        if isinstance(idx, Tensor) and idx.dim() == 0:  # one id for the whole batch
+            return x * memorization_mask(idx.view(1), units, **kw).to(x.dtype).view(scale_view)
         if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
+            tokens = f" or one per token, shape {tuple(x.shape[:2])}" if x.dim() == 3 else ""
             raise ConfigError(
                 f"example indices have shape {tuple(getattr(idx, 'shape', ()))} but the batch has "
-                f"{x.shape[0]} examples; pass one dataset index per example, shape ({x.shape[0]},)"
+                f"{x.shape[0]} examples; pass one dataset index per example, shape ({x.shape[0]},){tokens}"
             )
-        mask = memorization_mask(
-            idx, units, p_gen=p_gen, p_mem=p_mem, seed=seed, layer_id=layer_id, device=x.device
-        )  # (N, units)
+        mask = memorization_mask(idx, units, **kw)  # (N, units)
         # cast the small (N, units) mask first: a same-dtype multiply, not a bool one promoted element by element
         return x * mask.to(x.dtype).view(mask_view)
 
@@ -416,6 +423,31 @@ def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem:
     factor = _drop_factor(units, n_gen, p_gen, p_mem, drop_scale)
     scale = _scale_table(units, n_gen, factor, 0.0, x.dtype, x.device)  # (units,)
     return x * scale.view(scale_view)
+
+
+# The per-token ids of one batch are shared by every layer: its distinct ids and their positions are found once.
+_last_unique: tuple | None = None
+
+
+def _token_mask(idx: Tensor, units: int, **kw) -> Tensor:
+    """(N, T) int ids -> (N, T, units) bool: each token's own mask (`memorization_mask` of its id).
+
+    A batch holds few distinct ids (one or two documents per row), so the masks are hashed once per distinct id
+    and gathered; compiled code hashes every token instead (no data-dependent shapes).
+    """
+    global _last_unique
+    if _is_compiling():
+        return memorization_mask(idx.flatten(), units, **kw).view(*idx.shape, units)
+    memo = not idx.is_inference()
+    last = _last_unique
+    if memo and last is not None and last[0] is idx and last[1] == idx._version:
+        distinct, where = last[2], last[3]
+    else:
+        distinct, where = torch.unique(idx, return_inverse=True)  # (U,), (N, T)
+        if memo:
+            _last_unique = (idx, idx._version, distinct, where)
+    table = memorization_mask(distinct, units, **kw)  # (U, units)
+    return table[where.to(table.device)]  # (N, T, units)
 
 
 @_cached
@@ -441,6 +473,11 @@ class ExampleTiedDropout(nn.Module):
     :func:`example_indices`; otherwise ``eval_mode`` ("eval" by default,
     "tied" or "drop"). ``layer_id`` gives each layer of a model its own mask
     stream: the hash key is (seed, layer_id, example index, unit).
+
+    The indices are (N,) one per example, (N, T) one per token of a (N, T, F)
+    activation, or a 0-d tensor for the whole batch. ``tie`` (language models:
+    "document" or "sequence") records what an id names; the task that feeds the
+    layer reads it (`Task.example_ids`), the layer itself hashes whatever it gets.
     """
 
     def __init__(
@@ -451,8 +488,10 @@ class ExampleTiedDropout(nn.Module):
         seed: int = 0,
         layer_id: int = 0,
         drop_scale: str = "matched",
+        tie: str | None = None,
     ) -> None:
         super().__init__()
+        self.tie = None if tie is None else _check_choice("tie", tie, TIES)
         self.p_gen = _check_fraction("p_gen", p_gen)
         self.p_mem = _check_fraction("p_mem", p_mem)
         self.seed = _check_int("seed", seed)
@@ -482,9 +521,10 @@ class ExampleTiedDropout(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        tie = "" if self.tie is None else f", tie={self.tie!r}"
         return (
             f"p_gen={self.p_gen}, p_mem={self.p_mem}, seed={self.seed}, layer_id={self.layer_id}, "
-            f"eval_mode={self.eval_mode!r}"
+            f"eval_mode={self.eval_mode!r}{tie}"
         )
 
 

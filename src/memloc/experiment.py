@@ -51,11 +51,14 @@ class ModelConfig:
     width: float | None = option(None, "channel/width multiplier")
     # example-tied dropout: the first floor(p_gen * units) units of each layer are always on (generalization
     # units); each other unit is kept for a training example with probability p_mem (its memorization units)
-    p_gen: float | None = option(None, "place example-tied dropout after every block, e.g. 0.4,0.1",
+    p_gen: float | None = option(None, "place example-tied dropout after every block (language models: in every MLP's "
+                                 "hidden layer, memorization sinks), e.g. 0.4,0.1",
                                  flag="--example-tied-dropout", parse=_pair, metavar="P_GEN,P_MEM",
-                                 spread=("p_gen", "p_mem"))
+                                 spread=("p_gen", "p_mem"), aliases=("--memorization-sinks",))
     p_mem: float | None = option(None, cli=False)
     dropout_seed: int = option(0, "seed of the example-tied masks")
+    tie: str = option("document", "language models with sinks: tie a token's sink neurons to its document (every copy "
+                      "of a canary shares them) or to its training sequence", choices=("document", "sequence"))
     # language models (--task lm): gpt (ours), hf-gpt2 / hf-gpt_neox / hf-llama (built from a config), hf:FOLDER
     n_layer: int | None = option(None, "language models: transformer blocks")
     n_head: int | None = option(None, "language models: attention heads per block")
@@ -84,6 +87,8 @@ class ModelConfig:
             self.active_fraction = float(self.active_fraction)
         elif self.active_fraction is not None:
             raise ConfigError("active_fraction is set without a baseline: set baseline to 'dropout' or 'sparse'")
+        if self.tie not in ("document", "sequence"):
+            raise ConfigError(f"unknown tie {self.tie!r}: choose document or sequence")
 
     @property
     def example_tied(self) -> bool:
@@ -197,17 +202,22 @@ def make_model(cfg: ModelConfig, data: Any) -> nn.Module:
     """The model of `cfg` for `data`, with example-tied dropout (or a baseline layer) after each block when asked."""
     if not isinstance(data, Dataset):  # a language model for text
         from .lm.models import build_lm
-        return build_lm(cfg, data)
-    after = None
-    if cfg.example_tied:
-        after = lambda pos, units: ExampleTiedDropout(cfg.p_gen, cfg.p_mem, seed=cfg.dropout_seed,  # noqa: E731
-                                                      layer_id=pos)
-    elif cfg.baseline == "dropout":
-        after = lambda pos, units: ChannelDropout(cfg.active_fraction)  # noqa: E731
-    elif cfg.baseline == "sparse":
-        after = lambda pos, units: FixedUnitMask(cfg.active_fraction, seed=cfg.dropout_seed, layer_id=pos)  # noqa: E731
+        return build_lm(cfg, data, after_block=per_block_layer(cfg, tie=cfg.tie))
     return build_model(cfg.name, input_shape=data.input_shape, num_classes=data.num_classes, width=cfg.width,
-                       after_block=after)
+                       after_block=per_block_layer(cfg))
+
+
+def per_block_layer(cfg: ModelConfig, tie: str | None = None) -> Callable[[int, int], nn.Module] | None:
+    """The factory (position, units) -> module of the config's per-block layer (None: no layer): example-tied
+    dropout, or a baseline at the matched active fraction. A language model's sits in every MLP's hidden layer."""
+    if cfg.example_tied:
+        return lambda pos, units: ExampleTiedDropout(cfg.p_gen, cfg.p_mem, seed=cfg.dropout_seed, layer_id=pos,
+                                                     tie=tie)
+    if cfg.baseline == "dropout":
+        return lambda pos, units: ChannelDropout(cfg.active_fraction)
+    if cfg.baseline == "sparse":
+        return lambda pos, units: FixedUnitMask(cfg.active_fraction, seed=cfg.dropout_seed, layer_id=pos)
+    return None
 
 
 def environment(device: torch.device) -> dict:

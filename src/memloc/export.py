@@ -20,6 +20,7 @@ which :func:`load_exported` rebuilds the architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .experiment import LoadedRun
 from .models import build_model
 from .runs import save_state
 
-__all__ = ["UnitScale", "remove_memorization", "export_dropped", "load_exported", "EXPORT_FORMAT"]
+__all__ = ["UnitScale", "remove_memorization", "fold_sinks", "export_dropped", "load_exported", "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "memloc-export-1"
 
@@ -105,10 +106,89 @@ def remove_memorization(model: nn.Module, input_shape: tuple[int, ...], *, scale
     return model
 
 
+def _drop_factors(module: ExampleTiedDropout, units: int, scale: str) -> Tensor:
+    """(units,) the drop-mode factors of an example-tied layer, computed by the very function drop mode uses."""
+    return example_tied_dropout(torch.ones(1, units), None, p_gen=module.p_gen, p_mem=module.p_mem, seed=module.seed,
+                                layer_id=module.layer_id, mode="drop", drop_scale=scale)[0]
+
+
+def fold_sinks(model: nn.Module, *, scale: str = "matched") -> nn.Module:
+    """Fold every memorization-sink layer of a language model into the projection after it, in place.
+
+    A sink layer sits in a `.sink` slot followed by a `.proj` (memloc's GPT MLP; a Hugging Face MLP's down
+    projection tap); `proj(x * f) == proj'(x)` with the projection's input columns scaled by f, exactly, so
+    the model keeps its architecture (no extra module) and computes what drop mode computes.
+    """
+    if scale not in DROP_SCALES:
+        raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
+    owners = [m for m in model.modules() if isinstance(getattr(m, "sink", None), ExampleTiedDropout)]
+    if not owners:
+        raise RunError("the model has no memorization sinks: there is nothing to remove; train one with "
+                       "`memloc train --task lm --memorization-sinks P_GEN,P_MEM`")
+    with torch.no_grad():
+        for m in owners:
+            proj = m.proj
+            w = proj.weight  # nn.Linear: (out, in); GPT-2's Conv1D: (in, out)
+            linear = isinstance(proj, nn.Linear)
+            units = w.shape[1] if linear else w.shape[0]
+            f = _drop_factors(m.sink, units, scale).to(w.device, w.dtype)
+            w.mul_(f[None, :] if linear else f[:, None])
+            m.sink = nn.Identity()
+    return model
+
+
+def _export_lm(loaded: LoadedRun, out: Path, *, epoch: int | None, scale: str, overwrite: bool) -> Path:
+    """A language model without its sinks: memloc's GPT as one .safetensors file, a Hugging Face model as a
+    save_pretrained folder (loadable by transformers and by `--model hf:FOLDER`)."""
+    from .lm.gpt import GPT
+    from .runs import atomic_folder
+    model = loaded.model(epoch)
+    fold_sinks(model, scale=scale)
+    ep = loaded.run.saved_epochs()[-1] if epoch is None else epoch
+    meta = {"format": EXPORT_FORMAT, "task": "lm", "drop_scale": scale, "epoch": ep, "source_run": str(loaded.run.path),
+            "p_gen": loaded.config.model.p_gen, "p_mem": loaded.config.model.p_mem,
+            "tokenizer": loaded.config.data.tokenizer}
+    if isinstance(model, GPT):
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"export file {out} should end in .safetensors: pass e.g. --out model.safetensors")
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+        meta.update(model="gpt", shape=dataclasses.asdict(model.shape))
+        save_state(out, model.state_dict(), metadata={"memloc": json.dumps(meta)})
+        return out
+    # a Hugging Face model: a folder, as save_pretrained writes it
+    if out.suffix == ".safetensors":
+        raise ConfigError(f"a Hugging Face model is exported as a folder, not {out.name}: pass e.g. --out exported/")
+    if out.exists() and not (out / EXPORT_MARKER).is_file():
+        raise ConfigError(f"{out} exists and was not written by `memloc export`: choose another --out "
+                          "(memloc replaces only its own exports)")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    from .lm.hf import _transformers
+    t = _transformers()
+    plain = t.AutoModelForCausalLM.from_config(model.hf.config)
+    plain.load_state_dict(model.inner_state_dict())
+    with atomic_folder(out) as tmp:
+        plain.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+EXPORT_MARKER = "memloc_export.json"
+
+
 def export_dropped(loaded: LoadedRun, out: str | Path, *, epoch: int | None = None, scale: str = "matched",
                    overwrite: bool = False) -> Path:
-    """Write the run's model (final epoch by default) without memorization units to `out` (.safetensors)."""
+    """Write the run's model (final epoch by default) without memorization units to `out` (.safetensors; a
+    Hugging Face language model: a folder)."""
     out = Path(out)
+    if loaded.config.task == "lm":
+        if scale not in DROP_SCALES:
+            raise ConfigError(f"unknown drop scale {scale!r}: use one of {', '.join(DROP_SCALES)}")
+        if not loaded.config.model.example_tied:
+            raise RunError(f"{loaded.run.path} was trained without memorization sinks, so there is nothing to remove: "
+                           "train one with `memloc train --task lm --memorization-sinks P_GEN,P_MEM` (e.g. 0.5,0.1)")
+        return _export_lm(loaded, out, epoch=epoch, scale=scale, overwrite=overwrite)
     if out.suffix != ".safetensors":
         raise ConfigError(f"export file {out} should end in .safetensors: pass e.g. --out model.safetensors")
     if out.exists() and not overwrite:
@@ -146,8 +226,13 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> nn
         raise RunError(f"{path} is not a readable safetensors file ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise RunError(f"{path} was not written by `memloc export` (no {EXPORT_FORMAT} metadata)")
+    from .runs import load_into
+    if meta.get("task") == "lm":  # memloc's GPT, its sinks folded into the MLP projections
+        from .lm.gpt import GPT, GPTShape
+        model = GPT(GPTShape(**meta["shape"]))
+        load_into(model, state, source=str(path))
+        return model.to(device).eval()
     model = build_model(meta["model"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_classes"],
                         width=meta["width"], after_block=lambda pos, units: UnitScale(units))
-    from .runs import load_into
     load_into(model, state, source=str(path))
     return model.to(device).eval()

@@ -48,6 +48,11 @@ DEFAULT_PAIRS: tuple[tuple[float, float], ...] = tuple(
 GRID_COLUMNS = ("cell", "method", "p_gen", "p_mem", "active_fraction", "clean_before", "noisy_before",
                 "clean_after", "noisy_after", "noisy_true_after", "test_eval", "test_drop", "forgotten_clean",
                 "epochs", "run")
+# a language model's grid (memorization sinks): the canaries repeated >= 16 times, tied -> drop; percentages,
+# losses in nats per secret token, perplexity of the held-out text
+LM_GRID_COLUMNS = ("cell", "method", "p_gen", "p_mem", "active_fraction", "extracted_before", "extracted_after",
+                   "in_context_before", "in_context_after", "loss_gap_before", "loss_gap_after", "gap_closed",
+                   "exposure_before", "exposure_after", "perplexity_eval", "perplexity_drop", "epochs", "run")
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,26 @@ class GridCell:
     def model_config(self, base: ModelConfig) -> ModelConfig:
         if self.method == "example_tied":
             return replace(base, p_gen=self.p_gen, p_mem=self.p_mem, baseline=None, active_fraction=None)
+        if self.method in UNMASKED:
+            return replace(base, p_gen=None, p_mem=None, baseline=None, active_fraction=None)
         return replace(base, p_gen=None, p_mem=None, baseline=self.method, active_fraction=self.active_fraction)
 
+    def run_config(self, base: RunConfig) -> RunConfig:
+        """The cell's whole config: its model layer; "dedup" also its data (each canary written once)."""
+        cfg = copy.deepcopy(base)
+        cfg.model = self.model_config(base.model)
+        if self.method == "dedup":
+            cfg.data = replace(cfg.data, dedup=True)
+        return cfg
 
-def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True) -> list[GridCell]:
-    """The cells for `pairs` ((p_gen, p_mem), ...): one per pair, then two baselines per distinct fraction."""
+
+# cells without a per-block layer (language models): the plain model, and the plain model on deduplicated data
+UNMASKED = ("plain", "dedup")
+
+
+def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True, task: str = "classification") -> list[GridCell]:
+    """The cells for `pairs` ((p_gen, p_mem), ...): one per pair, then two baselines per distinct fraction
+    (language models: also the plain model and the plain model on deduplicated data)."""
     pairs = [tuple(float(v) for v in p) for p in pairs]
     if not pairs:
         raise ConfigError("the grid has no (p_gen, p_mem) pairs: pass e.g. --pairs '0.4,0.1;0.3,0.1'")
@@ -85,16 +105,48 @@ def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True) -> list[GridCell]
     if baselines:
         for method in ("dropout", "sparse"):
             cells += [GridCell(f"{method}-{a:g}", method, None, None, a) for a in fractions]
+        if task == "lm":
+            # a language model's dropout cell also drops the neurons of the first pair of its fraction (are its
+            # canaries there? they should not be), so it keeps that pair
+            first = {}
+            for c in cells:
+                first.setdefault(c.active_fraction, (c.p_gen, c.p_mem))
+            cells = [replace(c, p_gen=first[c.active_fraction][0], p_mem=first[c.active_fraction][1])
+                     if c.method == "dropout" else c for c in cells]
+            cells += [GridCell(m, m, None, None, 1.0) for m in UNMASKED]
     return cells
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else round(100.0 * v, 2)
+
+
+def _lm_row(cell: GridCell, loaded, row: dict) -> dict:
+    """A language model's cell: its canaries before (tied) and after (drop) the sinks go; any cell alike (a model
+    without sinks has nothing to drop: before equals after). Saved as the cell run's dropout probe."""
+    from .lm.sinks import evaluate_sinks
+    same = (cell.p_gen, cell.p_mem) if cell.method == "dropout" else None
+    result = evaluate_sinks(loaded.model(), loaded.data, drop_units=same)
+    result.save(loaded.run)
+    s = result.summary
+    b, a = s["repeated_before"], s["repeated_after"]
+    row.update(extracted_before=_pct(b["extracted"]), extracted_after=_pct(a["extracted"]),
+               in_context_before=_pct(b["in_context"]), in_context_after=_pct(a["in_context"]),
+               loss_gap_before=b["loss_gap"], loss_gap_after=a["loss_gap"], gap_closed=_pct(s["gap_closed"]),
+               exposure_before=b["exposure"], exposure_after=a["exposure"],
+               perplexity_eval=s["heldout_perplexity_eval"], perplexity_drop=s["heldout_perplexity_drop"])
+    return {k: row.get(k) for k in LM_GRID_COLUMNS}
 
 
 def _row(cell: GridCell, run: RunDir, epochs: int) -> dict:
     """Train-set and test accuracies of a finished cell, in percent."""
     from .probes.dropout_eval import evaluate_dropout, plain_accuracies
     loaded = open_run(run.path)
-    pct = lambda v: None if v is None else round(100.0 * v, 2)  # noqa: E731
+    pct = _pct
     row = {"cell": cell.name, "method": cell.method, "p_gen": cell.p_gen, "p_mem": cell.p_mem,
            "active_fraction": cell.active_fraction, "epochs": epochs, "run": run.path.name}
+    if loaded.config.task == "lm":
+        return _lm_row(cell, loaded, row)
     if cell.method == "example_tied":
         result = evaluate_dropout(loaded, save=True)
         s = result.summary
@@ -112,7 +164,8 @@ def _row(cell: GridCell, run: RunDir, epochs: int) -> dict:
 
 def _write_table(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(GRID_COLUMNS))
+    writer = csv.DictWriter(buf, fieldnames=list(GRID_COLUMNS if not rows or "clean_before" in rows[0]
+                                                 else LM_GRID_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
@@ -122,11 +175,11 @@ def _check_buildable(base: RunConfig, cells: list[GridCell]) -> None:
     """Build every kind of cell model once, so a model without a place for the layer fails before any training."""
     import torch
 
-    from . import data as data_mod
+    from .experiment import load_data
     from .training import resolve_device
     device = resolve_device(base.train.device)
-    model_cfg = base.model.resolved(device)
-    data = data_mod.load(base.data, device=device)
+    model_cfg = base.model.resolved(device, base.task)
+    data = load_data(base, device)
     seen = set()
     for cell in cells:
         if cell.method in seen:
@@ -146,7 +199,7 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     """
     if base.model.example_tied or base.model.baseline is not None:
         raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
-    cells = grid_cells(pairs, baselines=baselines)
+    cells = grid_cells(pairs, baselines=baselines, task=base.task)
     out_dir = Path(out_dir)
     # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
     spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
@@ -172,8 +225,7 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
         rows = []
         for k, cell in enumerate(cells, 1):
             path = out_dir / cell.name
-            cfg = copy.deepcopy(base)
-            cfg.model = cell.model_config(base.model)
+            cfg = cell.run_config(base)
             if (path / "cell.json").exists():
                 rows.append(RunDir.open(path).read_json("cell.json"))
                 log(f"[{k}/{len(cells)}] {cell.name}: done before, read back")
@@ -188,8 +240,16 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
                 row = _row(cell, run, cfg.train.epochs)
                 run.write_json("cell.json", row)  # last: its presence means the cell is finished
                 rows.append(row)
-                log(f"[{k}/{len(cells)}] {cell.name}: clean {row['clean_before']} -> {row['clean_after']}, "
-                    f"noisy {row['noisy_before']} -> {row['noisy_after']}, "
-                    f"test {row['test_eval']} / {row['test_drop']}")
+                log(f"[{k}/{len(cells)}] {cell.name}: " + _cell_line(row))
             _write_table(out_dir / "grid.csv", rows)
     return rows
+
+
+def _cell_line(row: dict) -> str:
+    if "clean_before" in row:
+        return (f"clean {row['clean_before']} -> {row['clean_after']}, noisy {row['noisy_before']} -> "
+                f"{row['noisy_after']}, test {row['test_eval']} / {row['test_drop']}")
+    return (f"repeated canaries extracted {row['extracted_before']} -> {row['extracted_after']}% "
+            f"(in context {row['in_context_before']} -> {row['in_context_after']}%), loss gap "
+            f"{row['loss_gap_before']} -> {row['loss_gap_after']} nats (closed {row['gap_closed']}%), "
+            f"perplexity {row['perplexity_eval']} / {row['perplexity_drop']}")

@@ -19,9 +19,17 @@ from .dropout import example_indices, find_example_tied_dropout
 from .precision import autocast
 
 
-def indices_context(model: nn.Module):
-    """The context that hands example indices to example-tied dropout layers (a no-op without them)."""
-    return example_indices if find_example_tied_dropout(model) else (lambda m, i: contextlib.nullcontext())
+def indices_context(model: nn.Module, task=None, split: str = "train"):
+    """The context `ctx(model, idx)` that hands a batch's dataset positions `idx` (B,) to example-tied dropout
+    layers (a no-op without them), as the ids the task ties them to (`Task.example_ids`: a language model's
+    tokens take their document's id)."""
+    layers = find_example_tied_dropout(model)
+    if not layers:
+        return lambda m, i: contextlib.nullcontext()
+    tie = layers[0].tie
+    if task is None or tie is None:
+        return example_indices
+    return lambda m, idx: example_indices(m, task.example_ids(idx, tie, split))
 
 
 @torch.no_grad()

@@ -19,16 +19,18 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
            parse: Callable[[str], Any] | None = None, choices: tuple | None = None, metavar: str | None = None,
            negate: str | None = None, cli: bool = True,
-           result: bool = True, spread: tuple[str, ...] | None = None, factory: Callable[[], Any] | None = None) -> Any:
+           result: bool = True, spread: tuple[str, ...] | None = None, factory: Callable[[], Any] | None = None,
+           aliases: tuple[str, ...] = ()) -> Any:
     """A dataclass field with its command-line flag.
 
     `flag`: the flag's name (default `--field-name`); `parse`: text -> value (default: the field's
     type); `negate`: for a True-by-default bool, the flag that sets it False (e.g. "--no-test-eval");
     `spread`: the flag's value is a tuple that sets these fields in turn (`--example-tied-dropout
-    P_GEN,P_MEM`); `cli=False`: no flag; `result=False`: the field changes speed or placement, not the result.
+    P_GEN,P_MEM`); `cli=False`: no flag; `result=False`: the field changes speed or placement, not the result;
+    `aliases`: more names for the same flag.
     """
     meta = {"help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar, "negate": negate,
-            "cli": cli, "result": result, "spread": spread}
+            "cli": cli, "result": result, "spread": spread, "aliases": aliases}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -421,11 +421,18 @@ def _canary_flipping(run: RunDir, arrays: dict, sec: Section) -> None:
                                 "sequences no longer extracted)", rows))
 
 
-def dropout_section(run: RunDir, title: str = "Example-tied dropout") -> Section:
-    sec, summary, arrays = _probe(run, "dropout", "evaluate --drop-memorization", title)
+def dropout_section(run: RunDir, title: str | None = None) -> Section:
+    """Before (tied) and after (drop) removing the memorization units: the image summary, or a language model's
+    memorization sinks (`sinks_section`); titled "Example-tied dropout" or "Memorization sinks" unless `title`."""
+    lm = task_words(run).name == "lm"
+    sec, summary, arrays = _probe(run, "dropout", "evaluate --drop-memorization",
+                                  title or ("Memorization sinks" if lm else "Example-tied dropout"))
     if summary is None:
         sec.missing = f"not run: `memloc evaluate {run.path} --drop-memorization`"
         return sec
+    if "repeated_before" in summary:  # memloc.lm.sinks's summary
+        sec.title = title or "Memorization sinks"
+        return sinks_section(summary, sec)
     s = summary
     rows = [{"measure": "clean-train accuracy", "before (tied)": _pct(s["clean_before"]),
              "after (drop)": _pct(s["clean_after"])},
@@ -617,6 +624,120 @@ def memorization(run: RunDir) -> Section:
                      f"{_pct(corpus)}; held-out canaries extracted: {_pct(heldout)}"
                      + (f"; exposure by {', '.join(str(m) for m in methods)}" if isinstance(methods, list) and methods
                         else "") + ".")
+    return sec
+
+
+# ----------------------------------------------------------------------------- memorization sinks (language models)
+
+SINK_MODES = (("before", "tied (its own sinks)", "tab:red"), ("after", "drop (sinks removed)", "tab:blue"))
+
+
+def _fall(before, after) -> float | None:
+    """The relative fall 1 - after / before of a rate (None unless before > 0)."""
+    before, after = _float(before), _float(after)
+    return None if before is None or after is None or before <= 0 else 1.0 - after / before
+
+
+def _change(row: dict, key: str, show: Callable) -> str:
+    """One measure of a sinks row, before (tied) → after (drop): "40.0% → 0.0%"."""
+    return f"{show(row.get(f'{key}_before'))} → {show(row.get(f'{key}_after'))}"
+
+
+def _sinks_rows(rows: list[dict]) -> list[dict]:
+    """The table of the sinks rows over all formats by repeat count: each measure before → after."""
+    pct, nats, bits = (lambda v: _pct(_float(v))), partial(_fixed, digits=3), partial(_fixed, digits=1)
+    return [{"repeats": f"{float(r['repeats']):g}", "canaries": _fixed(r.get("n"), 0),
+             "extracted from own prefix": _change(r, "trained_extracted", pct),
+             "extracted in training context": _change(r, "in_context_extracted", pct),
+             "held-out extracted": _change(r, "heldout_extracted", pct),
+             "loss trained (nats)": _change(r, "trained_loss", nats),
+             "loss held-out (nats)": _change(r, "heldout_loss", nats),
+             "loss gap (nats)": _change(r, "loss_gap", nats), "gap closed": pct(r.get("gap_closed")),
+             "exposure trained (bits)": _change(r, "trained_exposure", bits)} for r in rows]
+
+
+def _sinks_headline(s: dict) -> list[dict]:
+    """The headline table: the canaries repeated >= s["repeated"] times, held-out perplexity and the corpus."""
+    b, a = (s.get(k) if isinstance(s.get(k), dict) else {} for k in ("repeated_before", "repeated_after"))
+    k = s.get("repeated")
+    return [{"measure": f"canaries repeated ≥ {k}x extracted from their own prefix", "before (tied)":
+             _pct(_float(b.get("extracted"))), "after (drop)": _pct(_float(a.get("extracted"))),
+             "change": f"fall {_pct(_float(s.get('extraction_fall')))}"},
+            {"measure": "... extracted in their training sequences (in context)",
+             "before (tied)": _pct(_float(b.get("in_context"))), "after (drop)": _pct(_float(a.get("in_context"))),
+             "change": f"fall {_pct(_fall(b.get('in_context'), a.get('in_context')))}"},
+            {"measure": "held-out canaries of the same repeat groups extracted",
+             "before (tied)": _pct(_float(b.get("heldout_extracted"))),
+             "after (drop)": _pct(_float(a.get("heldout_extracted"))), "change": "—"},
+            {"measure": "loss gap, held-out − trained (nats per secret token)",
+             "before (tied)": _fixed(b.get("loss_gap"), 3), "after (drop)": _fixed(a.get("loss_gap"), 3),
+             "change": f"closed {_pct(_float(s.get('gap_closed')))}"},
+            {"measure": "exposure of the trained secret canaries (bits)", "before (tied)": _fixed(b.get("exposure"), 1),
+             "after (drop)": _fixed(a.get("exposure"), 1), "change": "—"},
+            {"measure": "held-out perplexity", "before (tied)": f"{_fixed(s.get('heldout_perplexity_eval'), 3)} "
+             "(eval mode)", "after (drop)": _fixed(s.get("heldout_perplexity_drop"), 3),
+             "change": f"rise {_pct(_float(s.get('perplexity_rise')))}"},
+            {"measure": "corpus training sequences extracted", "before (tied)":
+             _pct(_float(s.get("corpus_extracted_before"))), "after (drop)":
+             _pct(_float(s.get("corpus_extracted_after"))), "change": "—"}]
+
+
+def _sinks_figure(rows: list[dict]):
+    """By repeat count (log2 axis), tied and drop: left, extraction (%) of the trained canaries in their training
+    context (from their own prefix where that was not measured) and of the held-out ones; right, the loss gap."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8))
+    in_context = any(_float(r.get(f"in_context_extracted_{w}")) is not None for r in rows for w, _, _ in SINK_MODES)
+    key = "in_context_extracted" if in_context else "trained_extracted"
+
+    def line(ax, key, when, scale=1.0, **style):
+        pts = [(float(r["repeats"]), _float(r.get(f"{key}_{when}"))) for r in rows]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, scale * np.array(y), **style)
+    for when, label, color in SINK_MODES:
+        line(axes[0], key, when, 100.0, marker="o", color=color, label=f"trained, {label}")
+        line(axes[0], "heldout_extracted", when, 100.0, marker=".", color="tab:gray",
+             ls="--" if when == "before" else ":", label=f"held-out, {label.split(' (')[0]}")
+        line(axes[1], "loss_gap", when, marker="o", color=color, label=label)
+    axes[0].set_ylim(-2, 102)
+    axes[0].set_ylabel("canaries extracted (%)")
+    axes[0].set_title("extraction " + ("in the training context" if in_context else "from the canary's own prefix"))
+    axes[1].axhline(0, color="black", lw=0.8, ls=":", label="no gap (as if never trained)")
+    axes[1].set_ylabel("loss gap, held-out − trained (nats)")
+    axes[1].set_title("the canaries' loss gap")
+    repeats = sorted({float(r["repeats"]) for r in rows})
+    for ax in axes:
+        _repeats_axis(ax, repeats)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def sinks_section(summary: dict, sec: Section) -> Section:
+    """A language model trained with memorization sinks (memloc.lm.sinks's summary), into `sec`: the headline
+    table, the canaries by repeat count before (tied) and after (drop) removing the sinks, and their figure."""
+    s = summary
+    n = (s.get("repeated_before") or {}).get("n") if isinstance(s.get("repeated_before"), dict) else None
+    sec.tables.append(Table("summary_dropout", f"Canaries repeated ≥ {s.get('repeated')}x (n = {_num(n)} trained) "
+                            "before (tied: each through its own sinks) and after (drop: every sink neuron zeroed); "
+                            f"p_gen {s.get('p_gen')}, p_mem {s.get('p_mem')}, {s.get('layers')} MLP layers with "
+                            f"sinks tied per {s.get('tie')}, drop scale {s.get('drop_scale')}", _sinks_headline(s)))
+    rows = [r for r in _by_repeats(s) if r.get("format") == "all"]
+    if not rows:
+        sec.notes.append("The evaluation measured no canary by repeat count (its summary has no rows).")
+        return sec
+    sec.figures.append(Figure("dropout_sinks", "By the number of training sequences holding each canary (log2 "
+                              "axis), before (tied: each canary through its own sinks) and after (drop: the sinks "
+                              "removed). Left: the trained canaries extracted in their training context, and the "
+                              "held-out canaries (gray) as reference. Right: the loss gap, held-out minus trained "
+                              "canaries' loss of the secret (0: no trace of training).",
+                              png(_sinks_figure(rows))))
+    sec.tables.append(Table("summary_dropout_repeats", "Per repeat count over all canary formats, before (tied) → "
+                            "after (drop); loss gap: held-out minus trained; gap closed: 1 − after / before",
+                            _sinks_rows(rows)))
+    sec.notes.append("Held-out perplexity before is in eval mode (every neuron on, the sinks at their training "
+                     "expectation), after with the sinks dropped; the full arrays are in probes/dropout/arrays.npz.")
     return sec
 
 
@@ -913,6 +1034,11 @@ LM_CLAIMS = {
                "more strongly learned examples need more units (typical vs memorized images)"),
 }
 MIN_CANARY_EXTRACTION = 0.2  # below it, "halved" and "within 10 points" of the final extraction say nothing
+# asked only of a run trained with memorization sinks and evaluated (`memloc evaluate RUN --drop-memorization`)
+LM_SINKS_CLAIM = ("memorization sinks: dropping the sinks removes the repeated canaries (>= {repeated}x) — extraction "
+                  "falls >= 80% and the loss gap closes >= 50% — at <= 5% held-out perplexity (drop vs eval)",
+                  "removing the sink neurons removes the memorized sequences while the shared neurons keep the "
+                  "model's general performance (MemSinks, Ghosal et al. 2025)")
 
 
 def _points(v: float) -> str:
@@ -926,7 +1052,8 @@ def _times(n: float, word: str) -> str:
 def lm_claims(run: RunDir) -> list[dict]:
     """The paper's claims asked of a language model with canaries (LM_CLAIMS), each with our number, the measure
     and its threshold, from the run's files alone; a claim whose files are missing is "not measured" with the
-    command that makes them."""
+    command that makes them; and LM_SINKS_CLAIM after the row of LM_CLAIMS when the run's memorization sinks were
+    evaluated (`memloc evaluate RUN --drop-memorization`)."""
     rows: dict[str, tuple[str, str]] = {}
 
     def add(key: str, ours: str, ok: bool | str) -> None:
@@ -963,8 +1090,43 @@ def lm_claims(run: RunDir) -> list[dict]:
             add("harder", "—", missing("memorization"))
         else:
             _harder_claim(flip_arr, _canary_repeats(run) or {}, add)
-    return [{"claim": claim, "paper": paper, "ours": rows[key][0], "verdict": rows[key][1]}
-            for key, (claim, paper) in LM_CLAIMS.items()]
+    out = [{"claim": claim, "paper": paper, "ours": rows[key][0], "verdict": rows[key][1]}
+           for key, (claim, paper) in LM_CLAIMS.items()]
+    sinks, _ = _load_probe(run, "dropout")
+    if sinks is not None and "repeated_before" in sinks:  # a language model's memorization sinks (memloc.lm.sinks)
+        ours, verdict = _sinks_claim(sinks)
+        out.append({"claim": LM_SINKS_CLAIM[0].format(repeated=sinks.get("repeated")), "paper": LM_SINKS_CLAIM[1],
+                    "ours": ours, "verdict": verdict})
+    return out
+
+
+def _sinks_claim(summary: dict) -> tuple[str, str]:
+    """(our numbers, verdict) of LM_SINKS_CLAIM: the canaries repeated >= summary["repeated"] times, tied -> drop.
+    Any part that fails makes it "does not hold"; a part that cannot be measured (extraction before the drop
+    under MIN_CANARY_EXTRACTION, no loss gap, no perplexity) makes it "not measured" when none fails."""
+    b, a = (summary.get(k) if isinstance(summary.get(k), dict) else {} for k in ("repeated_before", "repeated_after"))
+    k = summary.get("repeated")
+    extracted, fall = _float(b.get("extracted")), _float(summary.get("extraction_fall"))
+    closed, rise = _float(summary.get("gap_closed")), _float(summary.get("perplexity_rise"))
+    ours = (f"canaries repeated ≥ {k}x (n = {_num(b.get('n'))}): extraction {_pct(extracted)} → "
+            f"{_pct(_float(a.get('extracted')))} (fall {_pct(fall)}); loss gap {_fixed(b.get('loss_gap'), 2)} → "
+            f"{_fixed(a.get('loss_gap'), 2)} nats (closed {_pct(closed)}); held-out perplexity "
+            f"{_fixed(summary.get('heldout_perplexity_eval'), 3)} (eval) → "
+            f"{_fixed(summary.get('heldout_perplexity_drop'), 3)} (drop), "
+            + ("—" if rise is None else f"{100 * rise:+.1f}%")
+            + " (holds if extraction falls ≥ 80%, the gap closes ≥ 50% and perplexity rises ≤ 5%)")
+    parts: list[tuple[bool | None, str]] = [
+        (None if extracted is None or extracted < MIN_CANARY_EXTRACTION or fall is None else fall >= 0.8,
+         f"not measured: the model extracts {_pct(extracted)} of the canaries repeated ≥ {k}x before the drop "
+         "(train longer)"),
+        (None if closed is None else closed >= 0.5,
+         "not measured: no loss gap before the drop (no held-out canaries of those repeat groups, or the trained "
+         "ones are not predicted better)"),
+        (None if rise is None else rise <= 0.05, "not measured: no held-out perplexity")]
+    if any(ok is False for ok, _ in parts):
+        return ours, _holds(False)
+    why = [reason for ok, reason in parts if ok is None]
+    return ours, why[0] if why else _holds(True)
 
 
 def _repetition_claim(summary: dict, add: Callable) -> None:

@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -67,6 +68,28 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
         if isinstance(err, OSError) and not err.filename and err.errno:  # writers to file objects name no path
             raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path):
+    """Yield a new temporary folder beside `path`; on success it replaces `path` (a previous folder there is
+    removed only after the new one is complete); on error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")  # out of the way first: a crash now leaves the new folder in tmp
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

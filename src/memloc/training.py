@@ -171,7 +171,7 @@ class Trainer:
                                        weight_decay=cfg.weight_decay, nesterov=False, fused=fused)
         n, e = self.task.num_train, cfg.epochs
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
-        self.indices_ctx = indices_context(self.model)
+        self.indices_ctx = indices_context(self.model, self.task)
         dev = self.device
         self.rec_loss = torch.zeros(e, n, dtype=torch.float16, device=dev)
         self.rec_margin = torch.zeros(e, n, dtype=torch.float16, device=dev)

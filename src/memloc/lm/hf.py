@@ -74,6 +74,7 @@ class Tap(nn.Module):
     def __init__(self, proj: nn.Module, *, heads: int | None = None):
         super().__init__()
         self.tap = nn.Identity()
+        self.sink = nn.Identity()  # a per-unit layer after the tap (memorization sinks on an MLP's hidden units)
         self.proj = proj
         self.heads = heads
 
@@ -87,7 +88,7 @@ class Tap(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.heads is None:
-            return self.proj(self.tap(x), *args, **kwargs)  # (B, T, hidden)
+            return self.proj(self.sink(self.tap(x)), *args, **kwargs)  # (B, T, hidden)
         h = self.tap(x.unflatten(-1, (self.heads, -1)))  # (B, T, heads, head_dim)
         return self.proj(h.flatten(-2), *args, **kwargs)  # (B, T, heads * head_dim)
 
@@ -320,6 +321,16 @@ class HFCausalLM(nn.Module):
         saved = set(self.state_dict())  # non-persistent buffers (rotary tables) are not part of a layer's state
         return [dataclasses.replace(l, buffers=tuple(b for b in l.buffers if b in saved))
                 for l in layers_from_modules(self, specs)]
+
+    def place_sinks(self, after_block) -> None:
+        """Put `after_block(i, units)` on the hidden units of block i's MLP (before its down projection)."""
+        p = self.plan
+        for i in range(p.n_layer):
+            self.hf.get_submodule(f"{p.blocks}.{i}.{p.mlp_proj}").sink = after_block(i, p.intermediate)
+
+    def mlp_down(self, i: int) -> nn.Module:
+        """Block i's MLP down projection (nn.Linear, or GPT-2's Conv1D whose weight is (in, out))."""
+        return self.hf.get_submodule(f"{self.plan.blocks}.{i}.{self.plan.mlp_proj}").proj
 
     def inner_state_dict(self) -> dict[str, torch.Tensor]:
         """The inner model's state under its original Hugging Face names (no ``hf.``, no ``.proj``)."""

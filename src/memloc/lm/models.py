@@ -52,19 +52,26 @@ def resolved_lm(cfg):
     name = cfg.name or "gpt"
     if name not in LM_MODELS and not name.startswith("hf:"):
         raise ConfigError(f"unknown language model {name!r}: choose one of {', '.join(LM_MODELS)}")
-    if cfg.example_tied or cfg.baseline:
-        raise ConfigError("example-tied dropout for language models (memorization sinks) is not built yet: "
-                          "drop --example-tied-dropout")
     return replace(cfg, name=name, n_layer=cfg.n_layer or 4, n_head=cfg.n_head or 4, n_embd=cfg.n_embd or 128)
 
 
-def build_lm(cfg, data) -> nn.Module:
-    """The language model of a (resolved) model config for text data (its vocabulary and block size)."""
+def build_lm(cfg, data, *, after_block=None) -> nn.Module:
+    """The language model of a (resolved) model config for text data (its vocabulary and block size).
+
+    `after_block(position, units)`: the module put in each block's MLP hidden layer (memorization sinks), if any.
+    """
     cfg = resolved_lm(cfg)
     if cfg.name == "gpt":
         from .gpt import GPT, GPTShape
         return GPT(GPTShape(vocab_size=data.vocab_size, block_size=data.block_size, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, n_embd=cfg.n_embd))
+                            n_head=cfg.n_head, n_embd=cfg.n_embd), after_block=after_block)
+    model = _build_hf(cfg, data)
+    if after_block is not None:
+        model.place_sinks(after_block)
+    return model
+
+
+def _build_hf(cfg, data) -> nn.Module:
     from . import hf
     if cfg.name.startswith("hf:"):
         model = hf.load_hf(cfg.name[3:])

@@ -46,6 +46,9 @@ from .tokenizers import ByteTokenizer
 
 CANARY_FORMATS = ("secret", "random", "record")
 PAD = -1
+# id ranges of example-tied dropout (`TextData.example_ids`): training windows and rows below 2**30
+HELDOUT_ID_BASE = 1 << 30
+CANARY_ID_BASE = 1 << 31
 
 
 def decode_targets(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,6 +78,8 @@ class TextConfig:
     canary_formats: tuple[str, ...] = option(CANARY_FORMATS, "canary formats: secret, random, record",
                                              parse=names, metavar="F,F,...")
     secret_digits: int = option(6, "digits of a secret-number canary (exposure's candidates: 10^digits)")
+    dedup: bool = option(False, "deduplicate: write each trained canary into one training sequence only (the same "
+                         "canaries and sequences as without it; the baseline of memorization sinks)")
     prefix_tokens: int = option(32, "extraction of corpus text: the prefix length P")
     suffix_tokens: int = option(48, "extraction of corpus text: the suffix length S that must be reproduced")
     seed: int = option(0, cli=False)
@@ -135,6 +140,8 @@ class TextData(Examples):
     tokenizer: Any = None
     source_index: np.ndarray | None = None  # (N,) window id of each training sequence
     test_source_index: np.ndarray | None = None
+    canary_span: torch.Tensor | None = None  # (N, 2) input positions [start, end) of the canary a sequence holds
+    canary_span_test: torch.Tensor | None = None  # (M, 2) likewise for the held-out sequences
 
     @property
     def input_shape(self) -> tuple[int]:
@@ -151,15 +158,52 @@ class TextData(Examples):
         return table[self.canary.cpu()]
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> "TextData":
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.pin_memory() if pin else t.to(device)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None else t.pin_memory() if pin else t.to(device)
         return replace(self, **{k: move(getattr(self, k)) for k in
-                                ("x_train", "y_train", "canary", "x_test", "y_test", "canary_test")})
+                                ("x_train", "y_train", "canary", "x_test", "y_test", "canary_test", "canary_span",
+                                 "canary_span_test")})
 
     def subset(self, indices) -> "TextData":
         idx = torch.as_tensor(np.asarray(indices), device=self.x_train.device)
         return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx], canary=self.canary[idx],
-                       source_index=None)
+                       source_index=None if self.source_index is None else np.asarray(self.source_index)[
+                           np.asarray(indices)],
+                       canary_span=None if self.canary_span is None else self.canary_span[idx])
+
+    def example_ids(self, idx: torch.Tensor, tie: str, split: str = "train") -> torch.Tensor:
+        """The ids example-tied dropout hashes for the sequences at positions `idx` (B,) of `split`.
+
+        tie "sequence": one id per training row (B,): a canary's copies each get their own sink neurons.
+        tie "document": one id per token (B, T): a canary's tokens take the canary's id (its every copy, trained
+        or held out, the same), the other tokens their corpus window's (stable across --sequences subsets).
+        Held-out rows and canaries live in their own id ranges, never colliding with a training row's.
+        """
+        split_train = split == "train"
+        if tie == "sequence":
+            return idx if split_train else idx + HELDOUT_ID_BASE
+        if tie != "document":
+            raise ConfigError(f"unknown tie {tie!r}: use document or sequence")
+        source = self.source_index if split_train else self.test_source_index
+        canary = self.canary if split_train else self.canary_test
+        span = self.canary_span if split_train else self.canary_span_test
+        dev = idx.device
+        if source is not None:
+            base = torch.as_tensor(np.asarray(source), device=dev)[idx]
+        else:
+            base = idx if split_train else idx + HELDOUT_ID_BASE
+        t = self.block_size
+        ids = base[:, None].expand(len(idx), t)
+        if span is None:
+            return ids.contiguous()
+        span, owner = span.to(dev)[idx], canary.to(dev)[idx]  # (B, 2), (B,)
+        pos = torch.arange(t, device=dev)
+        inside = (pos >= span[:, :1]) & (pos < span[:, 1:]) & (owner >= 0)[:, None]  # (B, T)
+        return torch.where(inside, CANARY_ID_BASE + owner[:, None], ids)
+
+    def canary_id(self, canary: int) -> int:
+        """The example id of canary `canary`'s tokens under tie "document" (its standalone prefix and secret too)."""
+        return CANARY_ID_BASE + int(canary)
 
     checked = ("canary", "train_source_index")
 
@@ -289,6 +333,8 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
     # canaries
     canary_tr = np.full(len(tr), -1, dtype=np.int64)
     canary_te = np.full(len(te), -1, dtype=np.int64)
+    span_tr = np.zeros((len(tr), 2), dtype=np.int64)  # input positions [start, end) of the canary
+    span_te = np.zeros((len(te), 2), dtype=np.int64)
     canaries: list[dict] = []
     words = sorted({w.strip(".,;:?!()'").lower() for d in docs[:3000] for w in d.split() if w.isalpha()}) or ["x"]
     needed = cfg.canaries * len(cfg.canary_formats) * sum(cfg.repeats)
@@ -309,21 +355,25 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
                     raise DataError(f"a {fmt} canary of {c_len} tokens does not fit a sequence of {length}: raise "
                                     "--block-size")
                 cid = len(canaries)
-                canaries.append({"id": cid, "format": fmt, "repeats": r if trained else 0, "repeat_group": r,
+                kept = 1 if cfg.dedup else r  # deduplicated: the other copies' rows stay corpus text
+                canaries.append({"id": cid, "format": fmt, "repeats": kept if trained else 0, "repeat_group": r,
                                  "trained": trained, "prefix": p_text, "secret": s_text, "prefix_ids": p_ids,
                                  "secret_ids": s_ids})
                 if trained:
                     rows, used_tr = free_tr[used_tr: used_tr + r], used_tr + r
-                    arr, scored, owner = tr, scored_tr, canary_tr
+                    arr, scored, owner, span = tr, scored_tr, canary_tr, span_tr
                 else:
                     rows, used_te = free_te[used_te: used_te + 1], used_te + 1
-                    arr, scored, owner = te, scored_te, canary_te
-                for row in rows:
-                    at = int(rng.integers(0, length - c_len + 1))
+                    arr, scored, owner, span = te, scored_te, canary_te, span_te
+                for k, row in enumerate(rows):
+                    at = int(rng.integers(0, length - c_len + 1))  # drawn for every copy: dedup changes nothing else
+                    if trained and k >= kept:
+                        continue
                     arr[row, at: at + c_len] = p_ids + s_ids
                     scored[row] = False
                     scored[row, at + len(p_ids) - 1: at + c_len - 1] = True
                     owner[row] = cid
+                    span[row] = (at, min(at + c_len, length - 1))
     x_tr, y_tr = _encode(tr, tr_len, scored_tr)
     x_te, y_te = _encode(te, te_len, scored_te)
     dev = torch.device(device)
@@ -331,7 +381,8 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
                     canary=torch.from_numpy(canary_tr).to(dev),
                     x_test=x_te.to(dev), y_test=y_te.to(dev), canary_test=torch.from_numpy(canary_te).to(dev),
                     canaries=canaries, vocab_size=tok.vocab_size, tokenizer=tok, source_index=train_ids,
-                    test_source_index=test_ids)
+                    test_source_index=test_ids, canary_span=torch.from_numpy(span_tr).to(dev),
+                    canary_span_test=torch.from_numpy(span_te).to(dev))
 
 
 def _encode(windows: np.ndarray, lens: np.ndarray, scored: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,10 +68,16 @@ class DropoutConfig:
                              "expected total)", choices=DROP_SCALES)
     batch_size: int = option(1024, "evaluation batch size", result=False)
     device: str = option("auto", "auto, cpu or cuda", result=False)
+    # language models (memorization sinks)
+    repeated: int = option(16, "language models: the headline pools canaries repeated at least this many times")
+    exposure: bool = option(True, "language models: skip the secret-number canaries' exposure",
+                            negate="--no-exposure")
 
     def __post_init__(self) -> None:
         if self.drop_scale not in DROP_SCALES:
             raise ConfigError(f"unknown drop scale {self.drop_scale!r}: use one of {', '.join(DROP_SCALES)}")
+        if self.repeated < 1:
+            raise ConfigError(f"--repeated {self.repeated} must be at least 1")
 
 
 def _check(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> None:
@@ -80,6 +86,9 @@ def _check(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> Non
 
 def _describe(result: ProbeResult) -> list[str]:
     s = result.summary
+    if "repeated_before" in s:  # a language model's sinks
+        from ..lm.sinks import describe
+        return describe(s)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
@@ -94,6 +103,8 @@ def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> P
     """Accuracies before (tied) and after (drop) removing the memorization units (see the module docstring)."""
     found = require_example_tied_dropout(model)
     task, device = task_of(data), next(model.parameters()).device
+    if task.name in _OTHER_TASKS:
+        return _OTHER_TASKS[task.name](model, data, cfg)
     epoch, scale, batch_size = ctx.epoch, cfg.drop_scale, cfg.batch_size
     given, true, y_test = task.targets("given"), task.targets("true"), task.targets("test")
 
@@ -149,6 +160,14 @@ def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> P
     return ProbeResult(PROBE_NAME, summary, arrays, rows)
 
 
+def _language_model(model: nn.Module, data: Any, cfg: DropoutConfig) -> ProbeResult:
+    from ..lm.sinks import evaluate_sinks
+    return evaluate_sinks(model, data, drop_scale=cfg.drop_scale, repeated=cfg.repeated, exposure=cfg.exposure,
+                          batch_size=min(cfg.batch_size, 256))
+
+
+# the tasks whose before/after evaluation is their own (classification's is `_compute` itself)
+_OTHER_TASKS = {"lm": _language_model}
 PROBE_NAME = "dropout"
 PROBE = Probe(PROBE_NAME, "evaluate", DropoutConfig, _compute, check=_check, describe=_describe,
               help="example-tied dropout runs: accuracies before (tied) and after (drop) removing the memorization "

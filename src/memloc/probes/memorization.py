@@ -20,6 +20,7 @@ sequences whose suffix is extractable. Only for language models (`--task lm`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -82,15 +83,27 @@ def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int = 25
     return math.exp(total / max(1, count))
 
 
-def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Context) -> ProbeResult:
-    from ..tasks import task_of
+def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *, context=None
+                    ) -> dict[str, np.ndarray]:
+    """Per canary (C,): extracted (bool), loss (nats per secret token), suffix_accuracy, exposure (NaN where
+    not measured) and exposure_method, each from the canary's own prefix alone.
+
+    `context(i)`: a context manager the model runs in for canary i (example-tied dropout's "tied" mode hands it
+    the canary's id); default none. Measured one canary at a time then, all at once otherwise.
+    """
     cans = data.canaries
     prefixes = [c["prefix_ids"] for c in cans]
     secrets = [c["secret_ids"] for c in cans]
-    got = measures.suffix_measures(model, prefixes, secrets, batch_size=cfg.batch_size)
-    extracted = got["extractable"].numpy()
-    loss = got["loss"].numpy().astype(np.float64)
-    accuracy = got["suffix_accuracy"].numpy()
+    if context is None:
+        got = measures.suffix_measures(model, prefixes, secrets, batch_size=cfg.batch_size)
+    else:
+        parts = []
+        for i in range(len(cans)):
+            with context(i):
+                parts.append(measures.suffix_measures(model, prefixes[i:i + 1], secrets[i:i + 1],
+                                                      batch_size=cfg.batch_size))
+        got = {k: torch.cat([p[k] for p in parts]) for k in ("extractable", "loss", "suffix_accuracy")} if parts \
+            else {k: torch.zeros(0) for k in ("extractable", "loss", "suffix_accuracy")}
     exposure = np.full(len(cans), np.nan)
     method = [""] * len(cans)
     if cfg.exposure:
@@ -98,19 +111,27 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
         for i, c in enumerate(cans):
             if c["format"] != "secret":
                 continue
-            got = measures.exposure(model, c["prefix_ids"], c["secret_ids"], digits, method="auto",
-                                    samples=cfg.samples, seed=cfg.seed, batch_size=1024, max_exact=cfg.exact_up_to)
-            exposure[i], method[i] = float(got["exposure"]), got["method"]
-    trained = np.array([c["trained"] for c in cans])
+            with context(i) if context is not None else contextlib.nullcontext():
+                e = measures.exposure(model, c["prefix_ids"], c["secret_ids"], digits, method="auto",
+                                      samples=cfg.samples, seed=cfg.seed, batch_size=1024, max_exact=cfg.exact_up_to)
+            exposure[i], method[i] = float(e["exposure"]), e["method"]
+    return {"extracted": got["extractable"].numpy().astype(bool), "loss": got["loss"].numpy().astype(np.float64),
+            "suffix_accuracy": got["suffix_accuracy"].numpy(), "exposure": exposure, "exposure_method": method}
+
+
+def _mean(v: np.ndarray) -> float | None:
+    v = v[~np.isnan(v)] if v.dtype.kind == "f" else v
+    return None if len(v) == 0 else round(float(np.mean(v)), 6)
+
+
+def by_repeats(data: TextData, m: dict[str, np.ndarray], hits: np.ndarray) -> list[dict]:
+    """Per repeat count and format (and "all"): extraction, loss and exposure of the trained canaries against
+    the held-out ones of the same group, the loss gap, and in-context extraction from `hits` (N,) bool."""
+    cans = data.canaries
+    trained = np.array([c["trained"] for c in cans], dtype=bool)
     group = np.array([c["repeat_group"] for c in cans])
     fmt = np.array([c["format"] for c in cans])
-
-    def mean(v: np.ndarray) -> float | None:
-        v = v[~np.isnan(v)] if v.dtype.kind == "f" else v
-        return None if len(v) == 0 else round(float(np.mean(v)), 6)
-
-    task = task_of(data)
-    hits = task.hits(model, "train", batch_size=cfg.batch_size).cpu().numpy()  # in their training context
+    extracted, loss, exposure = m["extracted"], m["loss"], m["exposure"]
     seq_group = np.array([cans[c]["repeat_group"] if c >= 0 else 0 for c in data.canary.cpu().tolist()])
     seq_fmt = np.array([cans[c]["format"] if c >= 0 else "" for c in data.canary.cpu().tolist()])
     by = []
@@ -120,31 +141,47 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
             tr, ho = sel & trained, sel & ~trained
             if not tr.any():
                 continue
-            gap = (mean(loss[ho]) - mean(loss[tr])) if ho.any() else None
+            gap = (_mean(loss[ho]) - _mean(loss[tr])) if ho.any() else None
             seqs = (seq_group == r) & ((seq_fmt == f) if f != "all" else (seq_fmt != ""))
             by.append({"repeats": int(r), "format": f, "n": int(tr.sum()),
-                       "trained_extracted": mean(extracted[tr].astype(float)),
-                       "in_context_extracted": mean(hits[seqs].astype(float)),
-                       "heldout_extracted": mean(extracted[ho].astype(float)) if ho.any() else None,
-                       "trained_loss": mean(loss[tr]), "heldout_loss": mean(loss[ho]) if ho.any() else None,
+                       "trained_extracted": _mean(extracted[tr].astype(float)),
+                       "in_context_extracted": _mean(hits[seqs].astype(float)),
+                       "heldout_extracted": _mean(extracted[ho].astype(float)) if ho.any() else None,
+                       "trained_loss": _mean(loss[tr]), "heldout_loss": _mean(loss[ho]) if ho.any() else None,
                        "loss_gap": None if gap is None else round(gap, 6),
-                       "trained_exposure": mean(exposure[tr]), "heldout_exposure": mean(exposure[ho])})
+                       "trained_exposure": _mean(exposure[tr]), "heldout_exposure": _mean(exposure[ho])})
+    return by
+
+
+def canary_rows(data: TextData, m: dict[str, np.ndarray]) -> list[dict]:
+    """One row per canary: its id, format, repeats, and the measures of `m`."""
+    return [{"canary": c["id"], "format": c["format"], "trained": c["trained"], "repeats": c["repeats"],
+             "repeat_group": c["repeat_group"], "extracted": bool(m["extracted"][i]),
+             "suffix_accuracy": round(float(m["suffix_accuracy"][i]), 4), "loss": round(float(m["loss"][i]), 5),
+             "exposure": None if np.isnan(m["exposure"][i]) else round(float(m["exposure"][i]), 3),
+             "exposure_method": m["exposure_method"][i], "prefix": c["prefix"], "secret": c["secret"]}
+            for i, c in enumerate(data.canaries)]
+
+
+def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Context) -> ProbeResult:
+    from ..tasks import task_of
+    cans = data.canaries
+    m = canary_measures(model, data, cfg)
+    task = task_of(data)
+    hits = task.hits(model, "train", batch_size=cfg.batch_size).cpu().numpy()  # in their training context
+    trained = np.array([c["trained"] for c in cans], dtype=bool)
     corpus = task.kind_mask("corpus").cpu().numpy()
     corpus_extracted = float(hits[corpus].mean()) if corpus.any() else None
     ppl = heldout_perplexity(model, data, batch_size=cfg.batch_size)
-    summary = {"by_repeats": by, "heldout_perplexity": round(ppl, 4),
+    summary = {"by_repeats": by_repeats(data, m, hits), "heldout_perplexity": round(ppl, 4),
                "corpus_extracted": None if corpus_extracted is None else round(corpus_extracted, 6),
                "canaries": len(cans), "trained_canaries": int(trained.sum()),
-               "exposure_methods": sorted(set(m for m in method if m))}
-    rows = [{"canary": c["id"], "format": c["format"], "trained": c["trained"], "repeats": c["repeats"],
-             "repeat_group": c["repeat_group"], "extracted": bool(extracted[i]),
-             "suffix_accuracy": round(float(accuracy[i]), 4), "loss": round(float(loss[i]), 5),
-             "exposure": None if np.isnan(exposure[i]) else round(float(exposure[i]), 3), "exposure_method": method[i],
-             "prefix": c["prefix"], "secret": c["secret"]} for i, c in enumerate(cans)]
-    arrays = {"canary_id": np.array([c["id"] for c in cans]), "repeat_group": group, "trained": trained,
-              "extracted": extracted.astype(bool), "suffix_accuracy": accuracy, "loss": loss, "exposure": exposure,
-              "format": fmt}
-    return ProbeResult(PROBE_NAME, summary, arrays, rows)
+               "exposure_methods": sorted(set(x for x in m["exposure_method"] if x))}
+    arrays = {"canary_id": np.array([c["id"] for c in cans]), "repeat_group": np.array([c["repeat_group"] for c in
+                                                                                          cans]),
+              "trained": trained, "extracted": m["extracted"], "suffix_accuracy": m["suffix_accuracy"],
+              "loss": m["loss"], "exposure": m["exposure"], "format": np.array([c["format"] for c in cans])}
+    return ProbeResult(PROBE_NAME, summary, arrays, canary_rows(data, m))
 
 
 def _describe(result: ProbeResult) -> list[str]:

@@ -62,6 +62,10 @@ class Task(Protocol):
         """(N,) int of each training example for per-example records: its given and its true label (classes;
         the canary id for language models)."""
 
+    def example_ids(self, idx: torch.Tensor, tie: str, split: str = "train") -> torch.Tensor:
+        """The ids example-tied dropout hashes for the examples at positions `idx` (B,) of `split`: (B,) or one
+        per token (B, T); `tie` is what the model's layers were tied to (see `memloc.dropout.TIES`)."""
+
     def kind_mask(self, kind: str) -> torch.Tensor | None:
         """(N,) bool of the training examples of `kind`; None where the task cannot tell."""
 

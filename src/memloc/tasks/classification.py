@@ -98,6 +98,10 @@ class ClassificationTask:
         return self.data.y_train, (self.data.y_train if true is None else true)
 
     # -- kinds and subsets
+    def example_ids(self, idx: torch.Tensor, tie: str, split: str = "train") -> torch.Tensor:
+        """An image is its own example: its dataset position is its id."""
+        return idx
+
     def kind_mask(self, kind: str) -> torch.Tensor | None:
         """(N,) bool: clean and noisy need a known noise mask (None without one); rare is always known."""
         if kind == "rare":

@@ -47,6 +47,10 @@ class LanguageModelTask:
     def num_train(self) -> int:
         return self.data.num_train
 
+    def example_ids(self, idx: torch.Tensor, tie: str, split: str = "train") -> torch.Tensor:
+        """What example-tied dropout (memorization sinks) hashes for sequences `idx`: see `TextData.example_ids`."""
+        return self.data.example_ids(idx, tie, split)
+
     def example_input(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(n, self.data.block_size, dtype=torch.long, device=device)
 
@@ -135,7 +139,7 @@ class LanguageModelTask:
         x, y = (self.data.x_train, self.data.y_train) if split == "train" else (self.data.x_test, self.data.y_test)
         out = torch.zeros(len(x), dtype=torch.bool, device=device)
         modes = {m: m.training for m in model.modules()}
-        ctx = indices_context(model)
+        ctx = indices_context(model, self, split)
         model.eval()
         try:
             for xb, yb, idx in batches(x, y, batch_size=batch_size, device=device):

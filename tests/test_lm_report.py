@@ -1,7 +1,8 @@
 """The report of a language-model run: the task's subsets and words, and the memorization section first.
 
 The run directory is written by hand from small arrays in the probes' formats (no training), so the
-report is tested apart from the probes that make these files.
+report is tested apart from the probes that make these files; the memorization sinks section is also
+built from a small trained run evaluated with `memloc evaluate --drop-memorization`.
 """
 
 import html
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from memloc import report
+from memloc.cli import main
 from memloc.probes.base import ProbeResult
 from memloc.runs import RunDir
 
@@ -92,10 +94,8 @@ def _lm_run(path, *, memorization: bool = True) -> RunDir:
     return run
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A language-model run with its report built once: (run, report.html's text, every text the figures draw)."""
-    run = _lm_run(tmp_path_factory.mktemp("lm_report") / "lm")
+def _build_report(path) -> tuple[str, list[str]]:
+    """Build a run's report: (report.html's text, every text its figures draw)."""
     drawn: list[str] = []
     real = report.png
 
@@ -105,9 +105,16 @@ def built(tmp_path_factory):
         return real(fig)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report, "png", png)
-        page = report.build_report(run.path)
-    assert page == run.path / "report" / "report.html" and page.exists()
-    return run, page.read_text(), drawn
+        page = report.build_report(path)
+    assert page == path / "report" / "report.html" and page.exists()
+    return page.read_text(), drawn
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A language-model run with its report built once: (run, report.html's text, every text the figures draw)."""
+    run = _lm_run(tmp_path_factory.mktemp("lm_report") / "lm")
+    return run, *_build_report(run.path)
 
 
 def _headings(page: str) -> list[str]:
@@ -362,3 +369,109 @@ def test_claim_more_repeats_make_a_canary_harder_to_remove(tmp_path):
     assert _verdict(run, "harder")[1].startswith("not measured (the removed canaries have fewer than two")
     _remove(run, "memorization")
     assert _verdict(run, "harder")[1] == f"not measured (run `memloc memorization {run.path}`)"
+
+
+# ----------------------------------------------------------------------------- memorization sinks
+
+def _sinks_summary(extracted: tuple[float, float], gap: tuple[float, float], ppl: tuple[float, float]) -> dict:
+    """memloc.lm.sinks's summary with the canaries repeated >= 16x extracted, their loss gap and the held-out
+    perplexity (eval, drop) as given, before -> after; one row by repeat count."""
+    (e0, e1), (g0, g1), (p0, p1) = extracted, gap, ppl
+    pooled = [{"n": 2, "extracted": e, "in_context": e, "heldout_extracted": 0.0, "loss": 9.0 - g,
+               "heldout_loss": 9.0, "loss_gap": g, "exposure": None, "heldout_exposure": None}
+              for e, g in ((e0, g0), (e1, g1))]
+    row = {"repeats": 16, "format": "all", "n": 2, "gap_closed": 1 - g1 / g0}
+    for key, (b, a) in {"trained_extracted": (e0, e1), "in_context_extracted": (e0, e1),
+                        "heldout_extracted": (0.0, 0.0), "trained_loss": (9.0 - g0, 9.0 - g1),
+                        "heldout_loss": (9.0, 9.0), "loss_gap": (g0, g1), "trained_exposure": (None, None),
+                        "heldout_exposure": (None, None)}.items():
+        row[f"{key}_before"], row[f"{key}_after"] = b, a
+    return {"tie": "document", "drop_scale": "matched", "layers": 2, "p_gen": 0.5, "p_mem": 0.2, "repeated": 16,
+            "by_repeats": [row], "repeated_before": pooled[0], "repeated_after": pooled[1],
+            "extraction_fall": 1 - e1 / e0 if e0 else None, "gap_closed": 1 - g1 / g0,
+            "heldout_perplexity_eval": p0, "heldout_perplexity_drop": p1, "perplexity_rise": p1 / p0 - 1,
+            "corpus_extracted_before": 0.0, "corpus_extracted_after": 0.0}
+
+
+def _sinks_claim(run: RunDir) -> dict | None:
+    rows = report.lm_claims(run)
+    assert len(rows) in (len(report.LM_CLAIMS), len(report.LM_CLAIMS) + 1)
+    return rows[-1] if len(rows) > len(report.LM_CLAIMS) else None
+
+
+def test_claim_memorization_sinks_remove_the_repeated_canaries(tmp_path):
+    run = _lm_run(tmp_path / "lm")
+    assert _sinks_claim(run) is None  # asked only of a run whose sinks were evaluated
+    cases = {  # extraction, loss gap (nats) and held-out perplexity, before -> after: verdict
+        "holds": ((0.9, 0.1), (8.0, 2.0), (10.0, 10.2)),
+        "does not hold": ((0.9, 0.1), (8.0, 2.0), (10.0, 11.0)),  # +10% perplexity
+        "not measured": ((0.05, 0.0), (8.0, 2.0), (10.0, 10.2)),  # hardly extracted before the drop
+    }
+    for verdict, numbers in cases.items():
+        ProbeResult("dropout", _sinks_summary(*numbers)).save(run)
+        row = _sinks_claim(run)
+        assert row["claim"] == report.LM_SINKS_CLAIM[0].format(repeated=16) and "(>= 16x)" in row["claim"]
+        assert row["verdict"].startswith(verdict), (verdict, row)
+        assert "holds if extraction falls ≥ 80%, the gap closes ≥ 50% and perplexity rises ≤ 5%" in row["ours"]
+    assert "extraction 5.0% → 0.0%" in row["ours"] and "loss gap 8.00 → 2.00 nats (closed 75.0%)" in row["ours"]
+    assert "10.000 (eval) → 10.200 (drop), +2.0%" in row["ours"]
+    ProbeResult("dropout", _sinks_summary((0.05, 0.0), (8.0, 6.0), (10.0, 10.2))).save(run)
+    assert _sinks_claim(run)["verdict"] == "does not hold"  # the gap closes 25%: fails whatever extraction says
+
+
+@pytest.fixture(scope="module")
+def sinks_run(tmp_path_factory) -> RunDir:
+    """A small language model trained with memorization sinks, evaluated before and after dropping them."""
+    out = tmp_path_factory.mktemp("sinks") / "run"
+    assert main(["train", "--task", "lm", "--preset", "smoke", "--memorization-sinks", "0.5,0.2", "--epochs", "2",
+                 "--sequences", "300", "--no-gradient-accounting", "--out", str(out), "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--drop-memorization", "--no-exposure"]) == 0
+    return RunDir.open(out)
+
+
+def test_the_report_of_a_memorization_sinks_run(sinks_run):
+    run = sinks_run
+    summary = ProbeResult.load(run, "dropout").summary
+    text, drawn = _build_report(run.path)
+    headings = _headings(text)
+    assert "Memorization sinks" in headings and "Example-tied dropout" not in headings
+    section = text[text.index(">Memorization sinks</h2>"):]
+    section = section[:section.index("<h2")]
+    assert "<img alt='dropout_sinks' src='data:image/png;base64," in section and "Missing" not in section
+    for words in ("extraction in the training context", "the canaries' loss gap", "trained, tied (its own sinks)",
+                  "trained, drop (sinks removed)", "held-out, tied"):
+        assert words in drawn, words
+    assert "training sequences holding each canary (repeats, log2 axis)" in drawn
+    # the headline table, then one row per repeat count with each measure before -> after
+    headline = (run.path / "report" / "tables" / "summary_dropout.csv").read_text()
+    assert "canaries repeated ≥ 16x extracted from their own prefix" in headline
+    assert f"{summary['heldout_perplexity_eval']:.3f} (eval mode),{summary['heldout_perplexity_drop']:.3f}" in headline
+    table = section[section.index("Per repeat count over all canary formats"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 3  # repeats 1, 4, 16
+    for r in (r for r in summary["by_repeats"] if r["format"] == "all"):
+        assert f"<td>{r['loss_gap_before']:.3f} → {r['loss_gap_after']:.3f}</td>" in table
+    # the claim, after the paper's, with the measured numbers
+    claims = text[text.index("Each claim with our number"):]
+    claims = claims[:claims.index("</table>")]
+    assert claims.count("<tr>") == 1 + len(report.LM_CLAIMS) + 1
+    row = report.lm_claims(run)[-1]
+    assert row["claim"].startswith("memorization sinks: dropping the sinks removes the repeated canaries (>= 16x)")
+    assert row["verdict"] in ("holds", "does not hold") or row["verdict"].startswith("not measured: ")
+    assert f"held-out perplexity {summary['heldout_perplexity_eval']:.3f} (eval)" in row["ours"]
+    assert html.escape(row["ours"]) in claims
+
+
+def test_the_dropout_section_of_an_image_run_is_unchanged(tmp_path):
+    run = RunDir.create(tmp_path / "etd")
+    run.write_json("config.json", {"model": {"name": "cnn", "p_gen": 0.4, "p_mem": 0.1}, "data": {}, "train": {}})
+    ProbeResult("dropout", {"p_gen": 0.4, "p_mem": 0.1, "drop_scale": "matched", "clean_before": 1.0,
+                            "clean_after": 0.95, "noisy_before": 1.0, "noisy_after": 0.02, "noisy_true_before": 0.0,
+                            "noisy_true_after": 0.6, "test_eval": 0.9, "test_drop": 0.88,
+                            "forgotten_clean": 3}).save(run)
+    sec = report.dropout_section(run)
+    assert sec.title == "Example-tied dropout" and not sec.missing
+    assert [t.name for t in sec.tables] == ["summary_dropout"]
+    assert [r["after (drop)"] for r in sec.tables[0].rows] == ["95.0%", "2.0%", "60.0%", "88.0%"]
+    assert sec.notes == ["3 clean examples forgotten by the drop (indices in probes/dropout/arrays.npz)."]
+    assert report.dropout_section(run, "Dropout model").title == "Dropout model"

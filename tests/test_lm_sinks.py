@@ -287,3 +287,16 @@ def test_sinks_localize_what_standard_dropout_spreads(tmp_path):
     assert s["perplexity_rise"] <= 0.05, s
     if before["in_context"]:
         assert after["in_context"] <= 0.2 * before["in_context"], (before, after)
+
+
+def test_the_study_with_sinks(tmp_path):
+    """`memloc run --task lm --memorization-sinks P,M`: the study's model has sinks, its stages include the
+    before/after evaluation, and the report shows it."""
+    out = tmp_path / "study"
+    assert main(["run", *RUN, "--memorization-sinks", "0.5,0.2", "--flip-examples", "2", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"]["dropout"]["status"] == "done"
+    s = json.loads((out / "probes" / "dropout" / "summary.json").read_text())
+    assert s["p_gen"] == 0.5 and s["layers"] == 2
+    html = (out / "report" / "report.html").read_text()
+    assert "Memorization sinks" in html

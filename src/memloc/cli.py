@@ -199,11 +199,15 @@ def cmd_run(args) -> int:
             study = dict(preset(args.preset or "default", "lm").get("study", {}))
             chosen = given(args, StudyConfig)
             study.update({k: v for k, v in chosen.items() if k == "flip_examples"})
-            stray = sorted(set(chosen) - {"flip_examples"}) + (["seed"] if args.seed is not None else [])
+            stray = sorted(set(chosen) - {"flip_examples", "p_gen", "p_mem"}) + (["seed"] if args.seed is not None
+                                                                                 else [])
             if stray:
                 raise ConfigError(f"--{stray[0].replace('_', '-')} is not built for --task lm yet (one seed, no "
                                   "noise levels or dropout grid): drop it")
-            path = run_lm_study(run_config(args), args.out, study=study, progress=not args.quiet, log=_log(args))
+            cfg = run_config(args)
+            if "p_gen" in chosen:  # the study's model with memorization sinks, evaluated before and after the drop
+                cfg.model.p_gen, cfg.model.p_mem = chosen["p_gen"], chosen["p_mem"]
+            path = run_lm_study(cfg, args.out, study=study, progress=not args.quiet, log=_log(args))
         print(f"done: {path} (report: {path / 'report' / 'report.html'})")
         return 0
     if args.resume:

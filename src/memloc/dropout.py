@@ -397,7 +397,7 @@ def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem:
         kw = dict(p_gen=p_gen, p_mem=p_mem, seed=seed, layer_id=layer_id, device=x.device)
         per_token = isinstance(idx, Tensor) and idx.dim() == 2 and x.dim() == 3 and idx.shape == x.shape[:2]
         if per_token:  # (N, T) ids, one per token (packed sequences: each token's own document)
-            return x * _token_mask(idx, units, **kw).to(x.dtype)
+            return x * _token_mask(idx, units, x.dtype, **kw)
         if isinstance(idx, Tensor) and idx.dim() == 0:  # one id for the whole batch
             return x * memorization_mask(idx.view(1), units, **kw).to(x.dtype).view(scale_view)
         if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
@@ -429,15 +429,15 @@ def _example_tied_dropout(x: Tensor, idx: Tensor | None, *, p_gen: float, p_mem:
 _last_unique: tuple | None = None
 
 
-def _token_mask(idx: Tensor, units: int, **kw) -> Tensor:
-    """(N, T) int ids -> (N, T, units) bool: each token's own mask (`memorization_mask` of its id).
+def _token_mask(idx: Tensor, units: int, dtype: torch.dtype, **kw) -> Tensor:
+    """(N, T) int ids -> (N, T, units) 0/1 of `dtype`: each token's own mask (`memorization_mask` of its id).
 
     A batch holds few distinct ids (one or two documents per row), so the masks are hashed once per distinct id
     and gathered; compiled code hashes every token instead (no data-dependent shapes).
     """
     global _last_unique
     if _is_compiling():
-        return memorization_mask(idx.flatten(), units, **kw).view(*idx.shape, units)
+        return memorization_mask(idx.flatten(), units, **kw).view(*idx.shape, units).to(dtype)
     memo = not idx.is_inference()
     last = _last_unique
     if memo and last is not None and last[0] is idx and last[1] == idx._version:
@@ -446,8 +446,8 @@ def _token_mask(idx: Tensor, units: int, **kw) -> Tensor:
         distinct, where = torch.unique(idx, return_inverse=True)  # (U,), (N, T)
         if memo:
             _last_unique = (idx, idx._version, distinct, where)
-    table = memorization_mask(distinct, units, **kw)  # (U, units)
-    return table[where.to(table.device)]  # (N, T, units)
+    table = memorization_mask(distinct, units, **kw).to(dtype)  # (U, units), cast while small
+    return table[where.to(table.device)]  # (N, T, units): one gather
 
 
 @_cached

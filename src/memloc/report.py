@@ -698,9 +698,10 @@ def _sinks_figure(rows: list[dict]):
             ax.plot(x, scale * np.array(y), **style)
     for when, label, color in SINK_MODES:
         line(axes[0], key, when, 100.0, marker="o", color=color, label=f"trained, {label}")
-        line(axes[0], "heldout_extracted", when, 100.0, marker=".", color="tab:gray",
-             ls="--" if when == "before" else ":", label=f"held-out, {label.split(' (')[0]}")
         line(axes[1], "loss_gap", when, marker="o", color=color, label=label)
+    for when, label, _ in SINK_MODES:
+        line(axes[0], "heldout_extracted", when, 100.0, color="tab:gray",
+             ls="--" if when == "before" else ":", label=f"held-out, {label.split(' (')[0]}")
     axes[0].set_ylim(-2, 102)
     axes[0].set_ylabel("canaries extracted (%)")
     axes[0].set_title("extraction " + ("in the training context" if in_context else "from the canary's own prefix"))

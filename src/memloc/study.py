@@ -46,8 +46,9 @@ class StudyConfig:
     noise_levels: tuple[float, ...] = option((0.1,), "noise level(s), e.g. 0.1 or 0.05,0.1,0.2", flag="--noise",
                                              parse=floats)
     # the example-tied dropout model's fractions
-    p_gen: float = option(0.4, "the dropout model's p_gen,p_mem", flag="--example-tied-dropout", parse=_pair,
-                          metavar="P_GEN,P_MEM", spread=("p_gen", "p_mem"))
+    p_gen: float = option(0.4, "the dropout model's p_gen,p_mem (--task lm: train the study's model with "
+                          "memorization sinks of these fractions)", flag="--example-tied-dropout", parse=_pair,
+                          metavar="P_GEN,P_MEM", spread=("p_gen", "p_mem"), aliases=("--memorization-sinks",))
     p_mem: float = option(0.1, cli=False)
     dropout_epochs: int | None = option(None, cli=False)  # None: the base run's epochs
     dropout_width: float | None = option(None, cli=False)  # None: the base model's width
@@ -250,12 +251,14 @@ def _stage(study: RunDir, key: str, work: Callable[[], None], log: Callable[[str
 # ----------------------------------------------------------------------------- the language-model study
 
 # the probes of `memloc run --task lm`, in order, with the config each gets from the preset's study section
-LM_STAGES = ("memorization", "rewinding", "retraining", "flipping")
+LM_STAGES = ("memorization", "dropout", "rewinding", "retraining", "flipping")  # dropout: a model with sinks only
 
 
 def _lm_probe_config(stage: str, study: dict):
     if stage == "memorization":
         return probes.MemorizationConfig()
+    if stage == "dropout":
+        return probes.DropoutConfig()
     if stage == "rewinding":
         return probes.RewindConfig(every=study.get("rewind_every", 1))
     if stage == "retraining":
@@ -306,8 +309,9 @@ def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *,
         run = run_training(cfg, out, progress=progress, log=log)
         run.write_json("lm_study.json", study)
     loaded = open_run(run.path)
+    sinks = bool(loaded.config.model.example_tied)
     for stage in LM_STAGES:
-        if run.stage(stage).get("status") == "done":
+        if run.stage(stage).get("status") == "done" or (stage == "dropout" and not sinks):
             continue
         if stage == "flipping" and "flip_indices" not in study:
             study["flip_indices"] = _memorized_canaries(loaded, study.get("flip_examples", 40))

@@ -31,6 +31,7 @@ from .probes import (  # noqa: E402
                      run_probe,
 )
 from .probes.detection import detect_scores, plot_roc  # noqa: E402
+from .probes.localization import LocalizeConfig, localize  # noqa: E402
 from .report import build_report  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .tasks import Task, task_of  # noqa: E402
@@ -48,6 +49,7 @@ __all__ = [
     "ProbeResult", "run_probe",
     "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "flip",
     "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect", "detect_scores", "plot_roc",
+    "LocalizeConfig", "localize",
     "UnitScale", "export_dropped", "load_exported", "remove_memorization",
     "DEFAULT_PAIRS", "dropout_grid",
     "ExampleTiedDropout", "dropout_mode", "example_indices", "insert_example_tied_dropout",

@@ -145,8 +145,10 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.task == "classification":  # as earlier memloc wrote it
+        if self.task == "classification":  # as earlier memloc wrote it (a language model's tie means nothing here)
             d.pop("task")
+            if d["model"].get("tie") == "document":
+                d["model"].pop("tie")
         return d
 
     @classmethod

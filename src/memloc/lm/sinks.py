@@ -32,6 +32,7 @@ from ..probes.memorization import MemorizationConfig, _mean, by_repeats, canary_
 from .text import TextData
 
 MODES = ("tied", "drop")  # before, after
+PROBE_NAME = "dropout"  # saved as the example-tied evaluation of the run (probes/dropout/), as for images
 
 
 def canary_example_id(data: TextData, canary: int, tie: str) -> int:
@@ -118,7 +119,6 @@ def evaluate_sinks(model: nn.Module, data: TextData, *, drop_scale: str = "match
                                     batch_size=batch_size, seed=seed)
         result.summary["same_units"] = list(drop_units)
         return result
-    from ..probes.dropout_eval import PROBE_NAME
     from ..tasks import task_of
     layers = [m for m in model.modules() if isinstance(m, ExampleTiedDropout)]
     tie = (layers[0].tie if layers else None) or "document"

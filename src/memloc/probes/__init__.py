@@ -5,7 +5,7 @@ and a `Probe(...)`), and add it to the import line below; the engine, the CLI an
 the report find it by name (see docs/architecture.md).
 """
 
-from . import detection, dropout_eval, flipping, memorization, retraining, rewinding  # noqa: E402,F401 - the registration line
+from . import detection, dropout_eval, flipping, localization, memorization, retraining, rewinding  # noqa: E402,F401 - the registration line
 from .base import ProbeResult, registered, swapped_state
 from .detection import DetectConfig, detect
 from .dropout_eval import DropoutConfig, evaluate_dropout

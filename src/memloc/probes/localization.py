@@ -1,0 +1,721 @@
+"""Localize memorized sequences and remove them: the field's methods on one interface (`memloc localize RUN`).
+
+Every method scores every candidate unit for one set of memorized training sequences and
+proposes the same kind of edit: the top-k units by score, zeroed. What this module computes:
+
+* **Units** are the units of `memloc.layers(model)`: by default every MLP hidden neuron
+  (MemPi's units), with `heads` also every attention head, or the layers named in `layers`;
+  a model without transformer blocks offers every layer but its classifier (as flipping).
+  Scores are kept per (layer, unit), the units of all candidate layers concatenated in layer
+  order (U in all); a higher score means "more responsible for the memorized sequences".
+* **Memorized sequences** M: the training sequences of the task's memorized kind (canaries)
+  that the model extracts (`task.match`: every scored token the greedy one, in context), all of
+  them or a seeded choice of `examples`; or the given `indices`. The **others** O (what must be
+  kept): `others` training sequences of the reference kind (corpus text), a seeded choice.
+* **Losses**: L_M = mean over M of the cross-entropy of the tokens `match` checks (a target
+  entry >= 0: a canary's secret; the whole label for classification), L_O = mean over O of the
+  task's loss (every trained token). A unit's multiplicative mask m (1 = live) enters through
+  `memloc.units.UnitMasks` forward hooks, one mask per row of the batch, so many masked models
+  share one pass and d(objective)/dm comes from autograd on the mask rows.
+* **Methods** (defaults in brackets):
+
+  - ``greedy``: the paper's removal, `flipping.flip_units` on M (batched; J = mean loss of
+    the others - loss of the sequence, one copy, no input noise, at most k units each).
+    score(u) = sum over sequences of 1 / (1 + the step at which u was removed), 0 if never.
+  - ``zero-out`` (MemPi): score(u) = L_M(m = 1 - e_u) - L_M(1), every unit ablated alone, as
+    batched one-hot masks (rows = (unit, sequence)).
+  - ``activations`` (MemPi): score(u) = ||mean activation of u over the scored positions of M||
+    (|.| for a neuron, the norm of the head's output vector for a head) x the norm of u's
+    outgoing weights (its column, or a head's block, of the layer's output projection: the
+    last 2-D weight of the layer's modules). Layers without a block's projection (conv or
+    linear layers of other models): the magnitude alone.
+  - ``ig`` (knowledge neurons, MemPi): integrated gradients of F = mean over M and scored
+    positions of p(target token) along the path m: 0 -> 1 of one layer's units at a time (the
+    rest live), midpoint Riemann sum of `ig_steps` [20] points: score(u) = mean_k dF/dm_u(a_k),
+    a_k = (k + 1/2) / steps. (MemPi scales one position at a time; here a layer's activations at
+    every position together.)
+  - ``slimming`` (MemPi): a coefficient c_u in [0, 1] per unit (start 1) minimizing
+    L_M(c) + penalty * mean|c|, Adam [lr 0.01, penalty 1000, up to 1000 steps, stopping once
+    mean|c| < `stop` 0.1, checked every 10 steps]; c is clamped to [0, 1] after every step.
+    score(u) = c_u: the units the memorized sequences still need once most are switched off.
+  - ``hard-concrete`` (MemPi, Louizos et al.): an L0 mask per unit, z = clamp(sigmoid((log u -
+    log(1 - u) + s) / temperature) * 1.2 - 0.1, 0, 1) (stretch -0.1..1.1, u ~ U(0, 1) per
+    sequence and step from a seeded generator, s starting at 0: E z = 0.5), minimizing
+    L_M(z) + penalty * mean sigmoid(s - temperature * log(0.1 / 1.1)), Adam [lr 0.01, penalty
+    1000, temperature 2/3, up to 1000 steps, stopping once the penalty's mean < `stop`].
+    score(u) = sigmoid(s_u).
+  - ``balanced-subnet`` (TinyMem's best): a learned score s_u per unit; the mask zeroes the k
+    units of smallest s (pooled, or per layer with `per_layer`) and passes its gradient
+    straight through to s (edge-popup). Minimizes the balanced objective L_O - L_M (keep the
+    others' loss, raise the memorized sequences'), SGD [lr 0.1, momentum 0.9, weight decay
+    5e-4 as TinyMem; 200 steps, all of M and O each step]. Unlike TinyMem's weight masks, s is
+    signed and starts at 1 plus a seeded 1e-3 jitter: with |s| (theirs), a unit pushed out
+    overshoots zero under momentum and comes back; from a random start, k arbitrary units
+    would begin removed. score(u) = -s_u: the top k are exactly the learned mask's removed units.
+  - ``random``: uniform scores from a generator seeded with `seed`: the baseline.
+
+* **The edit**: the top k units by score (ties: the earlier unit), over all candidate units or
+  per layer (`per_layer`, MemPi), zeroed; k = `k`, else ceil(`fraction` x units) (at least 1).
+  `zeroed(model, layers, mask)` and `edited(model, result)` apply an edit inside a `with`
+  block and remove it in `finally`; no method writes a model tensor, and every forward hook,
+  mask and learned coefficient is gone after each call, even when it raises (tested).
+* **Measured**: extraction of every subset (`task.accuracy`) and of M itself, before and with
+  the edit.
+
+Result arrays (U candidate units, L layers, k zeroed, S localized sequences): ``scores`` (U,),
+``unit_layer`` (U,) (layer index), ``unit_index`` (U,), ``rank`` (U,) (0 = top), ``edit_mask``
+(U,) (1 live, 0 zeroed), ``edit_layer`` / ``edit_unit`` (k,), ``layer_names`` / ``layer_index``
+/ ``layer_units`` (L,), ``sequences`` (S,), ``extracted_before`` / ``extracted_after`` (S,),
+``trace`` (steps,) (the learned methods' objective per step); rows: one per unit, best first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import batches
+from ..errors import ConfigError, DataError, RunError
+from ..models import Layer, select_layers
+from ..models import layers as find_layers
+from ..options import names, option
+from ..options import settings as option_settings
+from ..readers import read_indices
+from ..tasks import Task, task_of
+from ..units import UnitMasks
+from .base import ProbeResult
+from .engine import Context, Probe, run_probe
+from .flipping import FlipConfig, flip_units
+from .flipping import candidate_layers as flip_candidates
+
+PROBE_NAME = "localize"
+METHODS = ("greedy", "zero-out", "activations", "ig", "slimming", "hard-concrete", "balanced-subnet", "random")
+DEFAULT_STEPS = {"slimming": 1000, "hard-concrete": 1000, "balanced-subnet": 200}
+DEFAULT_LR = {"slimming": 0.01, "hard-concrete": 0.01, "balanced-subnet": 0.1}  # MemPi; TinyMem
+STRETCH = (-0.1, 1.1)  # hard-concrete's stretched interval (Louizos et al.; MemPi)
+SUBNET_MOMENTUM, SUBNET_WEIGHT_DECAY = 0.9, 5e-4  # TinyMem's SGD for BalancedSubnet
+
+
+@dataclass
+class LocalizeConfig:
+    """Settings of `memloc localize`. Defaults: MemPi's (slimming, hard-concrete, IG), TinyMem's (balanced-subnet)."""
+
+    method: str = option("balanced-subnet", "how units are scored: " + ", ".join(METHODS), choices=METHODS)
+    k: int | None = option(None, "units to zero: the top K by score (wins over --fraction; per layer with "
+                           "--per-layer)")
+    fraction: float = option(0.01, "units to zero as a fraction of the candidate units (at least 1)")
+    per_layer: bool = option(False, "take the top units of every layer (MemPi) instead of over all layers")
+    heads: bool = option(False, "attention heads are units too (default: MLP neurons only)")
+    layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: every MLP)",
+                                            parse=names)
+    examples: int | None = option(None, "localize at most N of the memorized sequences, a seeded choice "
+                                  "(default: all)", metavar="N")
+    indices: tuple[int, ...] | None = option(None, "localize these training sequences instead (.npy or text, one "
+                                             "index a line)", parse=read_indices, metavar="FILE")
+    others: int = option(64, "other (reference-kind) training sequences whose loss is kept")
+    steps: int | None = option(None, "optimization steps of the learned methods (default: slimming and "
+                               "hard-concrete 1000, balanced-subnet 200)")
+    lr: float | None = option(None, "learning rate of the learned methods (default: slimming and hard-concrete "
+                              "0.01, balanced-subnet 0.1)")
+    penalty: float = option(1000.0, "weight of the mean L1 (slimming) or L0 (hard-concrete) penalty")
+    stop: float = option(0.1, "slimming and hard-concrete stop once the penalty's mean is below this")
+    temperature: float = option(2 / 3, "hard-concrete temperature")
+    ig_steps: int = option(20, "integrated-gradients steps")
+    seed: int = option(0, "seed of the sequences, the others, the random scores and the hard-concrete noise")
+    batch_size: int | None = option(None, "rows per forward pass (default 256 on a CPU, 2048 on a GPU)",
+                                    result=False)
+    epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
+    device: str = option("auto", "auto, cpu or cuda", result=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"--k must be at least 1, not {self.k}")
+        if not (0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"--fraction {self.fraction} is outside (0, 1]: it is a share of the units, e.g. 0.01")
+        if self.examples is not None and self.examples < 1:
+            raise ConfigError(f"--examples must be at least 1, not {self.examples}")
+        if self.indices is not None:
+            self.indices = tuple(int(i) for i in self.indices)
+            if not self.indices or len(set(self.indices)) != len(self.indices):
+                raise ConfigError("the --indices file must list distinct training sequences, at least one")
+        for name in ("others", "ig_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, not {self.lr}")
+        if self.penalty < 0 or self.stop < 0 or not self.temperature > 0:
+            raise ConfigError("--penalty and --stop must be at least 0 and --temperature positive")
+        if self.layers is not None:
+            self.layers = tuple(str(n) for n in self.layers)
+
+    def settings(self) -> dict:
+        return option_settings(self)
+
+
+# ----------------------------------------------------------------------------- what is localized
+
+def candidate_layers(model: nn.Module, cfg: LocalizeConfig) -> list[Layer]:
+    """The layers whose units are scored: `cfg.layers`, else every MLP (and attention with `heads`) of a transformer,
+    else every layer but the classifier."""
+    all_layers = find_layers(model)
+    if cfg.layers:
+        return select_layers(all_layers, list(cfg.layers))
+    kinds = ("attention", "mlp") if cfg.heads else ("mlp",)
+    picked = [l for l in all_layers if l.kind in kinds]
+    return picked or flip_candidates(model, FlipConfig())
+
+
+def units_to_zero(candidates: Sequence[Layer], cfg: LocalizeConfig) -> int | list[int]:
+    """k over all candidate units, or one k per layer (`per_layer`); more than there are fails in one line."""
+    sizes = [l.units for l in candidates]
+    if cfg.per_layer:
+        ks = [cfg.k if cfg.k is not None else max(1, math.ceil(cfg.fraction * s)) for s in sizes]
+        small = [(l, k) for l, k in zip(candidates, ks) if k > l.units]
+        if small:
+            l, k = small[0]
+            raise ConfigError(f"--k {k} is more than the {l.units} units of layer {l.name}: pass --k {l.units} or "
+                              "fewer")
+        return ks
+    total = sum(sizes)
+    k = cfg.k if cfg.k is not None else max(1, math.ceil(cfg.fraction * total))
+    if k > total:
+        raise ConfigError(f"--k {k} is more than the {total} units of the candidate layers: pass --k {total} or fewer")
+    return k
+
+
+@torch.no_grad()
+def _hits(model: nn.Module, task: Task, split: str, *, batch_size: int) -> torch.Tensor:
+    """(N,) bool `task.match` of every training ("train") or held-out ("test") example, eval mode, float32."""
+    data = task.data
+    x, y = (data.x_train, task.targets("given")) if split == "train" else (data.x_test, task.targets("test"))
+    device = next(model.parameters()).device
+    out = torch.zeros(len(x), dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        for xb, yb, idx in batches(x, y, batch_size=batch_size, device=device):
+            logits = model(task.inputs(xb, device)).float()
+            out[idx.cpu()] = task.match(task.predict(logits), yb).cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256) -> np.ndarray:
+    """Indices (S,) of the training sequences of the memorized kind (canaries) that the model extracts in context."""
+    task = task_of(data)
+    kind = task.kind_mask(task.memorized_kind)
+    if kind is None:
+        raise DataError(f"this run's data does not say which examples are {task.memorized_kind}: pass --indices FILE")
+    kind = kind.cpu().numpy()
+    if not kind.any():
+        raise DataError(f"this run has no {task.memorized_kind} training sequences, so nothing memorized to localize: "
+                        f"train with {task.memorized_kind}s, or pass --indices FILE")
+    hits = _hits(model, task, "train", batch_size=batch_size).numpy()
+    idx = np.flatnonzero(hits & kind)
+    if not len(idx):
+        raise DataError(f"the model extracts none of its {int(kind.sum())} {task.memorized_kind} training sequences: "
+                        "nothing memorized to localize (train longer or with more repeats, or pass --indices FILE)")
+    return idx
+
+
+def _plan(model: nn.Module, data, cfg: LocalizeConfig) -> tuple[list[Layer], int | list[int], np.ndarray, np.ndarray]:
+    """Everything decided before any compute: candidate layers, k, the localized sequences and the others."""
+    task = task_of(data)
+    candidates = candidate_layers(model, cfg)
+    k = units_to_zero(candidates, cfg)
+    n = task.num_train
+    if cfg.indices is not None:
+        seqs = np.asarray(cfg.indices, dtype=np.int64)
+        bad = [int(i) for i in seqs if not 0 <= i < n]
+        if bad:
+            raise DataError(f"sequence index {bad[0]} is outside 0..{n - 1}: the run has {n} training sequences")
+    else:
+        seqs = memorized_sequences(model, task, batch_size=_rows(cfg, model))
+        if cfg.examples is not None and cfg.examples < len(seqs):
+            seqs = np.sort(np.random.default_rng([cfg.seed, 0]).choice(seqs, size=cfg.examples, replace=False))
+    ref = task.kind_mask(task.reference_kind)
+    pool = np.flatnonzero(ref.cpu().numpy()) if ref is not None else np.arange(n)
+    pool = np.setdiff1d(pool, seqs)
+    if not len(pool) and cfg.method == "balanced-subnet":
+        raise DataError(f"balanced-subnet keeps the loss of other training sequences, and the run has no "
+                        f"{task.reference_kind} sequences besides the localized ones: choose another --method")
+    others = np.sort(np.random.default_rng([cfg.seed, 1]).choice(pool, size=min(cfg.others, len(pool)),
+                                                                  replace=False)) if len(pool) else pool
+    return candidates, k, seqs.astype(np.int64), others.astype(np.int64)
+
+
+def _rows(cfg: LocalizeConfig, model: nn.Module) -> int:
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    return 2048 if next(model.parameters()).device.type == "cuda" else 256
+
+
+# ----------------------------------------------------------------------------- the edit, scoped
+
+def top_units(scores: np.ndarray, candidates: Sequence[Layer], k: int | Sequence[int]) -> np.ndarray:
+    """Flat positions of the top-k units by score (ties: the earlier unit), over all units or k per layer."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if isinstance(k, (int, np.integer)):
+        return np.lexsort((np.arange(len(scores)), -scores))[:int(k)]
+    out, lo = [], 0
+    for layer, kj in zip(candidates, k):
+        part = scores[lo:lo + layer.units]
+        out.append(lo + np.lexsort((np.arange(len(part)), -part))[:int(kj)])
+        lo += layer.units
+    return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def zeroed(model: nn.Module, candidates: Sequence[Layer], mask) -> Iterator[nn.Module]:
+    """Inside: every unit of `candidates` scaled by its entry of `mask` (U,) (0 zeroes it, 1 keeps it), for any batch.
+
+    Forward hooks (`UnitMasks`) that exist only inside; the model is in eval mode inside and
+    gets its mode, and nothing else changed, back in `finally`, even when the body raises.
+    """
+    masks = UnitMasks(model, list(candidates))
+    device = next(model.parameters()).device
+    row = torch.as_tensor(np.asarray(mask), dtype=torch.float32, device=device)[None]  # (1, U)
+    if row.shape[1] != masks.total:
+        raise ConfigError(f"the edit has {row.shape[1]} units but the layers have {masks.total}: it is for another "
+                          "model or other layers")
+    edited = [bool((row[0, masks.offsets[j]:masks.offsets[j + 1]] != 1).any()) for j in range(len(candidates))]
+
+    def set_rows(module, args, kwargs):  # one mask for every row of whatever batch comes
+        first = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        masks.set_rows(row.expand(first.shape[0], -1), edited=edited)
+
+    handle = model.register_forward_pre_hook(set_rows, with_kwargs=True)
+    try:
+        with masks.installed():
+            yield model
+    finally:
+        handle.remove()
+
+
+def edited(model: nn.Module, result: ProbeResult) -> contextlib.AbstractContextManager:
+    """The edit a localize result proposes (its units zeroed), applied to `model` inside a `with` block."""
+    by_index = {l.index: l for l in find_layers(model)}
+    wanted = [int(i) for i in result.arrays["layer_index"]]
+    missing = [i for i in wanted if i not in by_index]
+    if missing:
+        raise ConfigError(f"the model has no layer {missing[0]}: the localize result is for another model")
+    return zeroed(model, [by_index[i] for i in wanted], result.arrays["edit_mask"])
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _per_row(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, p(target)) (B,), each the mean over what `match` checks: the target entries >= 0 (a label; a
+    sequence's scored tokens)."""
+    b = outputs.shape[0]
+    scored = targets >= 0
+    ce = F.cross_entropy(outputs.float().flatten(0, -2), targets.clamp_min(0).flatten(), reduction="none")
+    ce, scored = ce.reshape(b, -1), scored.reshape(b, -1).float()
+    count = scored.sum(1).clamp_min(1)
+    return (ce * scored).sum(1) / count, (torch.exp(-ce) * scored).sum(1) / count
+
+
+class _Localizer:
+    """The memorized sequences, the others and the unit masks of one model: what every method needs."""
+
+    def __init__(self, model: nn.Module, task: Task, cfg: LocalizeConfig, candidates: list[Layer],
+                 seqs: np.ndarray, others: np.ndarray, k: int | list[int], log: Callable[[str], None]):
+        self.model, self.task, self.cfg, self.candidates, self.k, self.log = model, task, cfg, candidates, k, log
+        self.device = next(model.parameters()).device
+        self.masks = UnitMasks(model, candidates)
+        self.U = self.masks.total
+        self.rows = _rows(cfg, model)
+        data, y = task.data, task.targets("given")
+        self.seqs, self.others = seqs, others
+        self.x_mem = self._input(data.x_train, seqs)
+        self.y_mem = y[torch.as_tensor(seqs, device=y.device)].to(self.device)
+        self.x_oth = self._input(data.x_train, others)
+        self.y_oth = y[torch.as_tensor(others, device=y.device)].to(self.device)
+        self.all_edited = [True] * len(candidates)
+        self.trace: list[float] = []
+        self.details: dict = {}
+
+    def _input(self, x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        return self.task.inputs(x[torch.as_tensor(idx, device=x.device)].to(self.device), self.device)
+
+    def _layer_of_units(self, flat: torch.Tensor) -> list[bool]:
+        pos = np.searchsorted(self.masks.offsets, flat.cpu().numpy(), side="right") - 1
+        return [bool((pos == j).any()) for j in range(len(self.candidates))]
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None, edited: list[bool] | None = None) -> torch.Tensor:
+        """Float logits of inputs x (R, ...) under mask rows (R, U) (None: unedited); rows may require grad."""
+        self.masks.set_rows(rows, edited=edited if rows is not None else None)
+        try:
+            return self.model(x).float()
+        finally:
+            self.masks.set_rows(None)
+
+    def _chunks(self, n: int) -> Iterator[slice]:
+        for lo in range(0, n, self.rows):
+            yield slice(lo, lo + self.rows)
+
+    # -- one method each
+    def random(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        return torch.rand(self.U, generator=g, dtype=torch.float64).float()
+
+    @torch.no_grad()
+    def zero_out(self) -> torch.Tensor:
+        m = len(self.seqs)
+        base = torch.cat([_per_row(self.forward(self.x_mem[s], None), self.y_mem[s])[0] for s in self._chunks(m)])
+        per = max(1, self.rows // m)  # units per pass: rows (unit, sequence), unit-major
+        scores = torch.zeros(self.U, device=self.device)
+        for lo in range(0, self.U, per):
+            units = torch.arange(lo, min(lo + per, self.U), device=self.device)  # (C,)
+            c = len(units)
+            rows = torch.ones(c * m, self.U, device=self.device)
+            rows[torch.arange(c * m, device=self.device), units.repeat_interleave(m)] = 0.0  # (C * M, U) one-hot zeros
+            x = torch.cat([self.x_mem] * c)
+            y = torch.cat([self.y_mem] * c)
+            loss = _per_row(self.forward(x, rows, self._layer_of_units(units)), y)[0].view(c, m)  # (C, M)
+            scores[lo:lo + c] = (loss - base).mean(1)
+        return scores.cpu()
+
+    @torch.no_grad()
+    def activations(self) -> torch.Tensor:
+        out = []
+        for s in self._chunks(len(self.seqs)):
+            acts = self._capture(self.x_mem[s])
+            out.append([self._magnitude(j, a, self.y_mem[s]) for j, a in enumerate(acts)])  # per layer: (U_j,) sums
+        count = (self.y_mem >= 0).sum().clamp_min(1).float() if self._aligned(self.y_mem) else None
+        scores = []
+        for j, layer in enumerate(self.candidates):
+            total = sum(part[j] for part in out)
+            if count is not None and total.dim() > 1:  # a per-position vector (a head's output): mean, then its norm
+                mag = (total / count).flatten(1).norm(dim=1)
+            elif count is not None:
+                mag = (total / count).abs()
+            else:
+                mag = (total / len(self.seqs)).abs()
+            norm = _outgoing_norms(self.model, layer)
+            scores.append(mag * (norm.to(mag.device) if norm is not None else 1.0))
+        return torch.cat(scores).cpu()
+
+    def _aligned(self, y: torch.Tensor) -> bool:
+        return y.dim() == 2  # (B, T) targets: one per position of the activations (B, T, ...)
+
+    def _capture(self, x: torch.Tensor) -> list[torch.Tensor]:
+        for _ in range(2):  # a second pass only when a layer's output is changed in place later (see UnitMasks)
+            self.masks.set_rows(torch.ones(len(x), self.U, device=self.device), capture=True,
+                                edited=[False] * len(self.candidates))
+            try:
+                self.model(x)
+                acts = self.masks.activations()
+            finally:
+                self.masks.set_rows(None)
+            if acts is not None:
+                return [a.detach() for a in acts]
+        raise RunError("a layer's activations keep changing in place during the forward pass: they cannot be read")
+
+    def _magnitude(self, j: int, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum of layer j's activation over the scored positions of a chunk, per unit ((U_j,) or (U_j, width))."""
+        layer = self.candidates[j]
+        dim = layer.unit_dim % a.dim()
+        if self._aligned(y) and a.dim() >= 3 and tuple(a.shape[:2]) == tuple(y.shape):
+            w = (y >= 0).to(a.dtype)  # (B, T): the positions whose next token is scored
+            s = torch.einsum("bt,bt...->...", w, a)  # a.shape[2:]
+            return s.movedim(dim - 2, 0)  # (U_j,) or (U_j, hs)
+        return a.movedim(dim, 0).flatten(1).mean(1) * len(a)  # other layers: the mean over every position
+
+    def ig(self) -> torch.Tensor:
+        steps, m = self.cfg.ig_steps, len(self.seqs)
+        alphas = (torch.arange(steps, device=self.device, dtype=torch.float32) + 0.5) / steps  # midpoints
+        scores = torch.zeros(self.U, device=self.device)
+        pairs = [(a, s) for a in range(steps) for s in range(m)]  # rows: (step, sequence)
+        for j in range(len(self.candidates)):
+            lo, hi = int(self.masks.offsets[j]), int(self.masks.offsets[j + 1])
+            only = [i == j for i in range(len(self.candidates))]
+            for part in self._chunks(len(pairs)):
+                chunk = pairs[part]
+                a_idx = torch.as_tensor([p[0] for p in chunk], device=self.device)
+                s_idx = torch.as_tensor([p[1] for p in chunk], device=self.device)
+                rows = torch.ones(len(chunk), self.U, device=self.device)
+                rows[:, lo:hi] = alphas[a_idx, None]
+                rows.requires_grad_(True)
+                with torch.enable_grad():
+                    prob = _per_row(self.forward(self.x_mem[s_idx], rows, only), self.y_mem[s_idx])[1]
+                    (grad,) = torch.autograd.grad(prob.sum(), rows)
+                scores[lo:hi] += grad[:, lo:hi].sum(0) / (steps * m)  # mean over sequences of the Riemann sum
+        return scores.detach().cpu()
+
+    def _learn(self, param: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
+               loss_terms: Callable[[], Iterator[torch.Tensor]], penalty: Callable[[], torch.Tensor] | None,
+               after_step: Callable[[], None] = lambda: None) -> int:
+        """Minimize sum(loss_terms) (+ penalty) over `param` alone: chunk by chunk backward into param.grad only."""
+        done = 0
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for term in loss_terms():
+                torch.autograd.backward(term, inputs=[param])
+                total += float(term.detach())
+            reg = None
+            if penalty is not None:
+                with torch.enable_grad():
+                    reg = penalty()
+                torch.autograd.backward(self.cfg.penalty * reg, inputs=[param])
+                total += self.cfg.penalty * float(reg.detach())
+            opt.step()
+            after_step()
+            self.trace.append(total)
+            done = step + 1
+            # MemPi's rule: every 10 steps, stop once the penalty's mean is small enough
+            if reg is not None and done % 10 == 0 and float(reg.detach()) < self.cfg.stop:
+                break
+        return done
+
+    def _memorized_terms(self, rows_of: Callable[[int, slice], torch.Tensor]) -> Iterator[torch.Tensor]:
+        m = len(self.seqs)
+        for s in self._chunks(m):
+            with torch.enable_grad():
+                rows = rows_of(len(self.x_mem[s]), s)
+                yield _per_row(self.forward(self.x_mem[s], rows, self.all_edited), self.y_mem[s])[0].sum() / m
+
+    def slimming(self) -> torch.Tensor:
+        c = torch.ones(self.U, device=self.device, requires_grad=True)
+        steps = self.cfg.steps or DEFAULT_STEPS["slimming"]
+        lr = self.cfg.lr or DEFAULT_LR["slimming"]
+        opt = torch.optim.Adam([c], lr=lr)
+
+        def clamp():
+            with torch.no_grad():
+                c.clamp_(0.0, 1.0)
+
+        done = self._learn(c, opt, steps, lambda: self._memorized_terms(lambda n, s: c.expand(n, -1)),
+                           lambda: c.abs().mean(), clamp)
+        self.details = {"steps": steps, "steps_run": done, "lr": lr, "penalty": self.cfg.penalty,
+                        "stop": self.cfg.stop}
+        return c.detach().clamp(0.0, 1.0).cpu()
+
+    def hard_concrete(self) -> torch.Tensor:
+        lo_, hi_ = STRETCH
+        beta = self.cfg.temperature
+        s = torch.zeros(self.U, device=self.device, requires_grad=True)  # E z = 0.5 at the start (MemPi's mask_p)
+        steps = self.cfg.steps or DEFAULT_STEPS["hard-concrete"]
+        lr = self.cfg.lr or DEFAULT_LR["hard-concrete"]
+        opt = torch.optim.Adam([s], lr=lr)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        state = {"u": None}
+
+        def draw() -> None:  # one uniform per (sequence, unit) per step, on the CPU: the same on every device
+            state["u"] = torch.rand(len(self.seqs), self.U, generator=gen).clamp(1e-4, 1 - 1e-4).to(self.device)
+
+        def rows_of(n: int, part: slice) -> torch.Tensor:
+            u = state["u"][part]
+            z = torch.sigmoid((u.log() - (1 - u).log() + s) / beta) * (hi_ - lo_) + lo_
+            return z.clamp(0.0, 1.0)
+
+        def terms():
+            draw()
+            return self._memorized_terms(rows_of)
+
+        done = self._learn(s, opt, steps, terms, lambda: torch.sigmoid(s - beta * math.log(-lo_ / hi_)).mean())
+        self.details = {"steps": steps, "steps_run": done, "lr": lr, "penalty": self.cfg.penalty,
+                        "stop": self.cfg.stop, "temperature": beta, "stretch": list(STRETCH)}
+        return torch.sigmoid(s.detach()).cpu()
+
+    def balanced_subnet(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        s = (1.0 + 1e-3 * torch.rand(self.U, generator=gen)).to(self.device).requires_grad_(True)
+        steps = self.cfg.steps or DEFAULT_STEPS["balanced-subnet"]
+        lr = self.cfg.lr or DEFAULT_LR["balanced-subnet"]
+        opt = torch.optim.SGD([s], lr=lr, momentum=SUBNET_MOMENTUM, weight_decay=SUBNET_WEIGHT_DECAY)
+        sizes = [l.units for l in self.candidates]
+
+        def terms():
+            hard = torch.ones(self.U, device=self.device)
+            removed = top_units(-s.detach().cpu().numpy(), self.candidates, self.k)  # the k smallest s
+            hard[torch.as_tensor(removed, device=self.device)] = 0.0
+
+            def rows(n: int) -> torch.Tensor:  # straight-through: the forward sees `hard`, d mask / d s = 1
+                return (hard + s - s.detach()).expand(n, -1)
+
+            n_m, n_o = len(self.seqs), len(self.others)
+            for part in self._chunks(n_o):
+                x, y = self.x_oth[part], self.y_oth[part]
+                with torch.enable_grad():
+                    yield self.task.loss(self.forward(x, rows(len(x)), self.all_edited), y).sum() / n_o
+            for part in self._chunks(n_m):
+                x, y = self.x_mem[part], self.y_mem[part]
+                with torch.enable_grad():
+                    yield -_per_row(self.forward(x, rows(len(x)), self.all_edited), y)[0].sum() / n_m
+
+        done = self._learn(s, opt, steps, terms, None)
+        self.details = {"steps": steps, "steps_run": done, "lr": lr, "momentum": SUBNET_MOMENTUM,
+                        "weight_decay": SUBNET_WEIGHT_DECAY, "sizes": sizes}
+        return -s.detach().cpu()
+
+    def greedy(self, *, progress: bool = False) -> torch.Tensor:
+        cap = self.k if isinstance(self.k, int) else int(sum(self.k))
+        flip_cfg = FlipConfig(indices=tuple(int(i) for i in self.seqs), others=min(self.cfg.others,
+                              self.task.num_train), copies=1, input_noise=0.0, max_units=cap,
+                              layers=tuple(l.name for l in self.candidates), eval_subsample=1, eval_test=False,
+                              seed=self.cfg.seed)
+        res = flip_units(self.model, self.task, flip_cfg, progress=progress, log=self.log)
+        pos = {l.index: j for j, l in enumerate(self.candidates)}
+        scores = torch.zeros(self.U)
+        ul, ui, n = res.arrays["unit_layer"], res.arrays["unit_index"], res.arrays["num_units"]
+        for e in range(len(n)):
+            for step in range(int(n[e])):
+                flat = int(self.masks.offsets[pos[int(ul[e, step])]]) + int(ui[e, step])
+                scores[flat] += 1.0 / (1 + step)
+        self.details = {"flipped": int(res.arrays["flipped"].sum()), "mean_units": float(np.mean(n)),
+                        "cap": cap}
+        return scores
+
+
+def _outgoing_norms(model: nn.Module, layer: Layer) -> torch.Tensor | None:
+    """(U_j,) norm of each unit's outgoing weights in a transformer block's output projection, None elsewhere.
+
+    The projection is the last module with a 2-D weight among the layer's modules (memloc's GPT and the wrapped
+    Hugging Face families: `proj`, `c_proj`, `dense_4h_to_h`, `down_proj`, `o_proj`); a unit owns its input
+    features (one for a neuron, a head's block for a head): a Linear reads weight[:, f], GPT-2's Conv1D weight[f, :].
+    """
+    if layer.kind not in ("mlp", "attention"):
+        return None
+    modules = dict(model.named_modules())
+    proj = None
+    for name in layer.modules:
+        for sub in modules[name].modules():
+            w = getattr(sub, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2:
+                proj = sub
+    if proj is None:
+        return None
+    w = proj.weight.detach().float()
+    w = w.t() if (not isinstance(proj, nn.Linear) and hasattr(proj, "nf")) else w  # (out, in)
+    if w.shape[1] % layer.units:
+        return None
+    return w.reshape(w.shape[0], layer.units, -1).pow(2).sum((0, 2)).sqrt()  # (U_j,)
+
+
+# ----------------------------------------------------------------------------- the probe
+
+def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> ProbeResult:
+    """Score every candidate unit of `model` for its memorized sequences with `cfg.method`, propose the top-k edit
+    and measure extraction before and with it. The model is unchanged afterwards, even when this raises."""
+    cfg = cfg or LocalizeConfig()
+    log = log or (lambda s: None)
+    task = task_of(data)
+    candidates, k, seqs, others = _plan(model, task, cfg)
+    loc = _Localizer(model, task, cfg, candidates, seqs, others, k, log)
+    log(f"localize: {cfg.method} on {len(seqs)} sequences, {loc.U} units in {len(candidates)} layers, "
+        f"{len(others)} others")
+    t0 = time.perf_counter()
+    if cfg.method == "greedy":  # flipping searches on its own frozen copy
+        scores = loc.greedy(progress=progress)
+    else:
+        with loc.masks.installed():
+            scores = getattr(loc, cfg.method.replace("-", "_"))()
+    elapsed = time.perf_counter() - t0
+    scores = scores.double().numpy()
+    top = top_units(scores, candidates, k)
+    mask = np.ones(loc.U, dtype=np.float32)
+    mask[top] = 0.0
+
+    rows = _rows(cfg, model)
+    before = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
+    with zeroed(model, candidates, mask):
+        after = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
+    return _result(cfg, task, loc, candidates, k, scores, top, mask, before, after, elapsed)
+
+
+def _result(cfg, task, loc: _Localizer, candidates, k, scores, top, mask, before, after, elapsed) -> ProbeResult:
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[order] = np.arange(len(scores))
+    unit_layer = np.concatenate([np.full(l.units, l.index) for l in candidates]).astype(np.int64)
+    unit_index = np.concatenate([np.arange(l.units) for l in candidates]).astype(np.int64)
+    seqs = loc.seqs
+    acc_before = task.accuracy(before[0][None], before[1][None])[0]
+    acc_after = task.accuracy(after[0][None], after[1][None])[0]
+
+    def accs(a):
+        return {f"{s}_acc": (None if np.isnan(v) else float(v)) for s, v in zip(task.subsets, a)}
+
+    ext_b, ext_a = before[0].numpy()[seqs], after[0].numpy()[seqs]
+    per_layer = [{"index": l.index, "name": l.name, "units": l.units,
+                  "zeroed": int((unit_layer[top] == l.index).sum())} for l in candidates]
+    arrays = {
+        "scores": scores.astype(np.float32), "unit_layer": unit_layer, "unit_index": unit_index, "rank": rank,
+        "edit_mask": mask, "edit_layer": unit_layer[top], "edit_unit": unit_index[top],
+        "layer_names": np.array([l.name for l in candidates]),
+        "layer_index": np.array([l.index for l in candidates], dtype=np.int64),
+        "layer_units": np.array([l.units for l in candidates], dtype=np.int64),
+        "sequences": seqs, "others": loc.others, "extracted_before": ext_b, "extracted_after": ext_a,
+        "trace": np.asarray(loc.trace, dtype=np.float32),
+    }
+    names_ = {l.index: l.name for l in candidates}
+    rows = [{"rank": int(rank[i]), "layer": int(unit_layer[i]), "layer_name": names_[int(unit_layer[i])],
+             "unit": int(unit_index[i]), "score": float(scores[i]), "zeroed": int(mask[i] == 0)}
+            for i in order]  # best first: the report shows the top of the table
+    summary = {
+        "probe": PROBE_NAME, "method": cfg.method, "settings": cfg.settings(), "details": loc.details,
+        "units": int(len(scores)), "zeroed": int(len(top)), "k": k, "per_layer": cfg.per_layer, "layers": per_layer,
+        "sequences": int(len(seqs)), "others": int(len(loc.others)),
+        "extracted_before": float(ext_b.mean()) if len(seqs) else None,
+        "extracted_after": float(ext_a.mean()) if len(seqs) else None,
+        "accuracy_before": accs(acc_before), "accuracy_after": accs(acc_after),
+        "elapsed_s": round(elapsed, 3),
+    }
+    return ProbeResult(PROBE_NAME, summary, arrays, rows)
+
+
+def _check(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> None:
+    _plan(model, data, cfg)  # every bad input fails here, before anything is written
+
+
+def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> ProbeResult:
+    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log)
+    if ctx.epoch is not None:
+        result.summary["epoch"] = ctx.epoch
+    return result
+
+
+def _describe(result: ProbeResult) -> list[str]:
+    s = result.summary
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+    before, after = s["accuracy_before"], s["accuracy_after"]
+    others = ", ".join(f"{k[:-4]} {pct(before[k])} -> {pct(after[k])}" for k in before)
+    return [f"{s['method']}: {s['sequences']} sequences, {s['units']} units; top {s['zeroed']} zeroed: extraction "
+            f"{pct(s['extracted_before'])} -> {pct(s['extracted_after'])} ({s['elapsed_s']:.1f}s scoring)",
+            f"with the edit: {others}"]
+
+
+PROBE = Probe(PROBE_NAME, "localize", LocalizeConfig, _compute, check=_check, describe=_describe,
+              layers_option="layers",
+              help="score units for the memorized sequences with one of the field's methods and zero the top k")
+
+
+def localize(target, data=None, cfg: LocalizeConfig | None = None, *, save: bool = True, progress: bool = False,
+             log: Callable[[str], None] | None = None, **options) -> ProbeResult:
+    """Localize the memorized sequences of a run directory (``memloc localize RUN``, saved into RUN/probes/localize/)
+    or of a trained model with its `data`, with one method: ``localize(model, data, method="zero-out", k=10)``.
+
+    `cfg` a :class:`LocalizeConfig`, or `options` its fields. Result arrays: ``scores`` (U,) per (``unit_layer``,
+    ``unit_index``), ``edit_mask`` (U,), ``extracted_before`` / ``extracted_after`` per localized sequence; apply
+    the edit with ``with edited(model, result): ...``.
+    """
+    return run_probe(PROBE, target, data, cfg, save=save, progress=progress, log=log, **options)

@@ -1,0 +1,310 @@
+"""Localization methods on a planted model with a known answer; the scoped edit; bad input.
+
+The planted GPT (2 blocks, 64 MLP neurons each, attention off) extracts one canary, "7 -> 9",
+through exactly two neurons of the last MLP (PLANTED), either of which alone suffices (so
+greedy removal must take both, and ablating one alone still raises the loss). Around them:
+a weak neuron that helps the canary a tenth as much (WEAK: every method should rank it third,
+never above the two), corpus neurons that fire on every other token and make the corpus
+predictable (CORPUS: what balanced-subnet must keep), a neuron active everywhere that writes
+nothing (ALWAYS), and silent ones. Without the planted pair the model predicts token 1 there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memloc.cli import main
+from memloc.errors import ConfigError, DataError
+from memloc.lm.gpt import GPT, GPTShape
+from memloc.lm.text import TextData
+from memloc.models import layers
+from memloc.probes import localization as loc
+from memloc.tasks import task_of
+
+V, BLOCK, D = 16, 8, 16
+TRIGGER, SECRET = 7, 9
+PLANTED, WEAK, CORPUS, ALWAYS = (5, 40), 22, (10, 11, 12, 13), 30
+LAYER = "blocks.1.mlp"  # the planted neurons' layer; blocks.0.mlp is silent
+SCORING = ("greedy", "zero-out", "activations", "ig", "slimming", "hard-concrete", "balanced-subnet")
+# the learned methods, sized for a 128-unit model (MemPi's penalty 1000 is per mean over GPT-2's 36,864 neurons)
+OPTIONS = {"slimming": {"penalty": 1.0, "steps": 200}, "hard-concrete": {"penalty": 20.0, "lr": 0.05, "steps": 100},
+           "balanced-subnet": {"steps": 30}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 16-wide model: threads only add overhead (10x on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def planted_model() -> GPT:
+    """Every weight set by hand (see the module docstring): token v embeds as e_v + 2 e_14 (dim 14: a constant)."""
+    m = GPT(GPTShape(V, BLOCK, n_layer=2, n_head=2, n_embd=D))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.fill_(1.0)
+        for v in range(V):
+            if v < 12:
+                m.wte.weight[v, v] = 1.0
+            m.wte.weight[v, 14] = 2.0
+        for block in m.blocks:
+            block.mlp.fc.bias.fill_(-5.0)  # silent
+        fc, proj = m.blocks[1].mlp.fc, m.blocks[1].mlp.proj
+        for u in PLANTED + (WEAK,):  # fire on the trigger only: GELU(4 * 1.54 - 2) = 4.2, elsewhere ~0
+            fc.weight[u, TRIGGER], fc.bias[u] = 4.0, -2.0
+        for u in PLANTED:
+            proj.weight[13, u] = 0.5  # dim 13 -> the secret's logit
+        proj.weight[13, WEAK] = 0.05
+        for u in CORPUS:  # fire on every token but the trigger; dim 12 -> token 0's logit
+            fc.weight[u, TRIGGER], fc.bias[u] = -4.0, 1.5
+            proj.weight[12, u] = 0.3
+        fc.bias[ALWAYS] = 3.0
+        m.lm_head.weight[SECRET, 13] = 1.5
+        m.lm_head.weight[0, 12] = 1.5
+        m.lm_head.weight[1, 14] = 1.0  # the constant: token 1 where nothing else speaks
+    return m.eval()
+
+
+def planted_data(n_corpus: int = 30) -> TextData:
+    """Corpus windows "r 0 0 ..." (suffix scored), the canary "7 9 0 ..." twice (9 scored), an unlearned canary."""
+    rng = np.random.default_rng(0)
+    windows = [[int(rng.integers(1, 7))] + [0] * BLOCK for _ in range(n_corpus)]
+    windows += [[TRIGGER, SECRET] + [0] * (BLOCK - 1)] * 2 + [[8, 11] + [0] * (BLOCK - 1)]
+    canary = torch.tensor([-1] * n_corpus + [0, 0, 1])
+    w = torch.tensor(windows)
+    x, t = w[:, :-1], w[:, 1:]
+    y = -t - 2  # trained, not scored
+    y[:n_corpus, 4:] = t[:n_corpus, 4:]
+    y[n_corpus:, 0] = t[n_corpus:, 0]  # a canary scores its secret
+    wt = torch.tensor([[r] + [0] * BLOCK for r in (2, 4, 6)])
+    yt = -wt[:, 1:] - 2
+    yt[:, 5] = 0
+    canaries = [{"id": i, "format": "random", "repeats": r, "trained": True, "prefix": "", "secret": "",
+                 "prefix_ids": [p], "secret_ids": [s]}
+                for i, (p, s, r) in enumerate([(TRIGGER, SECRET, 2), (8, 11, 1)])]
+    return TextData("planted", x, y, canary, wt[:, :-1], yt, torch.full((3,), -1), canaries, V)
+
+
+def planted_flat() -> list[int]:
+    cands = [l for l in layers(planted_model()) if l.kind == "mlp"]
+    return [cands[0].units + u for u in PLANTED]
+
+
+def assert_untouched(model: GPT, state: dict) -> None:
+    """The same tensors, no hook left behind, no gradient written, eval mode as before."""
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for mod in model.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks and not mod._backward_hooks
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+def test_planted_model_extracts_its_canary_through_two_neurons():
+    model, data = planted_model(), planted_data()
+    task = task_of(data)
+    assert loc.memorized_sequences(model, data).tolist() == [30, 31]  # the canary twice; not the unlearned one
+    cands = loc.candidate_layers(model, loc.LocalizeConfig())
+    assert [l.name for l in cands] == ["blocks.0.mlp", LAYER]
+    for drop, extracted in (((), True), ((PLANTED[0],), True), ((PLANTED[1],), True), (PLANTED, False),
+                            ((WEAK,) + tuple(CORPUS), True)):
+        mask = np.ones(128, dtype=np.float32)
+        mask[[64 + u for u in drop]] = 0
+        with loc.zeroed(model, cands, mask), torch.no_grad():
+            hits = task.match(task.predict(model(data.x_train)), data.y_train)
+        assert bool(hits[30]) is extracted and bool(hits[31]) is extracted, drop
+        assert bool(hits[:30].all()) is (not set(drop) & set(CORPUS))  # the corpus needs its own neurons only
+
+
+@pytest.mark.parametrize("method", SCORING)
+def test_every_method_ranks_the_planted_neurons_top_and_their_removal_ends_extraction(method):
+    """Top 2 exactly (the weak helper third where a method sees it); the proposed edit removes the canary and keeps
+    the corpus; the model is untouched afterwards."""
+    model, data = planted_model(), planted_data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = loc.localize(model, data, method=method, k=2, **OPTIONS.get(method, {}))
+    scores = res.arrays["scores"]
+    assert scores.shape == (128,) and res.arrays["unit_layer"].tolist() == [2] * 64 + [4] * 64
+    top = np.argsort(-scores, kind="stable")
+    assert sorted(top[:2].tolist()) == planted_flat(), (method, top[:4], scores[top[:4]])
+    assert scores[top[1]] > scores[top[2]]
+    if method != "greedy":  # greedy stops once the canary flips: the helper is never removed
+        assert top[2] == 64 + WEAK, (method, top[:4])
+    assert sorted(zip(res.arrays["edit_layer"].tolist(), res.arrays["edit_unit"].tolist())) == [(4, u) for u in PLANTED]
+    assert res.arrays["sequences"].tolist() == [30, 31]
+    assert res.arrays["extracted_before"].all() and not res.arrays["extracted_after"].any()
+    s = res.summary
+    assert s["extracted_before"] == 1.0 and s["extracted_after"] == 0.0 and s["zeroed"] == 2
+    assert s["accuracy_after"]["corpus_train_acc"] == 1.0 and s["accuracy_after"]["canary_train_acc"] == 0.0
+    assert_untouched(model, state)
+
+
+def test_random_is_seeded_and_blind():
+    model, data = planted_model(), planted_data()
+    a = loc.localize(model, data, method="random", k=2, seed=3)
+    b = loc.localize(model, data, method="random", k=2, seed=3)
+    c = loc.localize(model, data, method="random", k=2, seed=4)
+    assert np.array_equal(a.arrays["scores"], b.arrays["scores"])
+    assert not np.array_equal(a.arrays["scores"], c.arrays["scores"])
+    assert sorted(np.argsort(-a.arrays["scores"])[:2].tolist()) != planted_flat()
+    one = loc.localize(model, data, method="random", k=2, examples=1)  # a seeded choice of the memorized sequences
+    assert one.arrays["sequences"].tolist() in ([30], [31]) and one.summary["sequences"] == 1
+
+
+def test_per_layer_k_and_heads():
+    """MemPi's per-layer top k; heads as units (attention is off here: every head scores 0)."""
+    model, data = planted_model(), planted_data()
+    res = loc.localize(model, data, method="zero-out", k=2, per_layer=True)
+    assert res.summary["zeroed"] == 4 and [l["zeroed"] for l in res.summary["layers"]] == [2, 2]
+    assert {(4, u) for u in PLANTED} <= set(zip(res.arrays["edit_layer"].tolist(), res.arrays["edit_unit"].tolist()))
+    res = loc.localize(model, data, method="activations", k=2, heads=True)
+    assert res.arrays["layer_names"].tolist() == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", LAYER]
+    kinds = np.repeat(res.arrays["layer_names"], res.arrays["layer_units"])
+    assert (res.arrays["scores"][np.char.endswith(kinds.astype(str), "attn")] == 0).all()
+    top = np.argsort(-res.arrays["scores"], kind="stable")[:2]
+    assert sorted(res.arrays["unit_index"][top].tolist()) == list(PLANTED)
+
+
+def test_outgoing_norms_are_the_projection_columns_and_head_blocks():
+    model = planted_model()
+    by_name = {l.name: l for l in layers(model)}
+    norms = loc._outgoing_norms(model, by_name[LAYER])
+    assert torch.allclose(norms, model.blocks[1].mlp.proj.weight.norm(dim=0))
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight.normal_()
+    w = model.blocks[0].attn.proj.weight  # (16, 16): head h owns input features 8h..8h+7
+    expect = torch.stack([w[:, :8].norm(), w[:, 8:].norm()])
+    assert torch.allclose(loc._outgoing_norms(model, by_name["blocks.0.attn"]), expect)
+
+
+def test_the_scoped_edit_restores_the_model_even_on_error():
+    model, data = planted_model(), planted_data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(data.x_train)
+    res = loc.localize(model, data, method="zero-out", k=2)
+    model.train()  # the edit runs in eval mode and gives the mode back
+    with pytest.raises(RuntimeError, match="inside"):
+        with loc.edited(model, res), torch.no_grad():
+            assert not model.training
+            edited = model(data.x_train)
+            assert edited[30, 0].argmax() != SECRET and torch.equal(edited[:30].argmax(-1), before[:30].argmax(-1))
+            raise RuntimeError("inside")
+    assert model.training
+    model.eval()
+    assert_untouched(model, state)
+    with torch.no_grad():
+        assert torch.equal(model(data.x_train), before)
+    with loc.edited(model, res), torch.no_grad():  # a batch of any size
+        assert model(data.x_train[30:31])[0, 0].argmax() != SECRET
+    with pytest.raises(ConfigError, match="another model"):
+        loc.zeroed(model, loc.candidate_layers(model, loc.LocalizeConfig()), np.ones(5)).__enter__()
+    assert_untouched(model, state)
+
+
+@pytest.mark.parametrize("method", ("slimming", "hard-concrete", "balanced-subnet"))
+def test_learned_coefficients_leave_no_trace_when_training_fails(method, monkeypatch):
+    model, data = planted_model(), planted_data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD if method == "balanced-subnet" else torch.optim.Adam
+    calls = {"n": 0}
+    step = opt.step
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+    monkeypatch.setattr(opt, "step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        loc.localize(model, data, method=method, k=2, steps=10)
+    assert calls["n"] == 3
+    assert_untouched(model, state)
+
+
+def test_top_units_breaks_ties_by_position():
+    cands = loc.candidate_layers(planted_model(), loc.LocalizeConfig())
+    s = np.zeros(128)
+    s[[3, 70, 100]] = [1.0, 2.0, 1.0]
+    assert loc.top_units(s, cands, 3).tolist() == [70, 3, 100]
+    assert loc.top_units(s, cands, [1, 2]).tolist() == [3, 70, 100]
+
+
+def test_bad_input_in_the_api():
+    model, data = planted_model(), planted_data()
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        loc.localize(model, data, method="nope")
+    with pytest.raises(ConfigError, match="--k 500 is more than the 128 units"):
+        loc.localize(model, data, method="random", k=500)
+    with pytest.raises(ConfigError, match="--k 65 is more than the 64 units of layer blocks.0.mlp"):
+        loc.localize(model, data, method="random", k=65, per_layer=True)
+    unlearned = planted_data()
+    unlearned.canary = torch.where(unlearned.canary == 0, torch.tensor(-1), unlearned.canary)  # only canary 1 remains
+    with pytest.raises(DataError, match="extracts none of its 1 canary"):
+        loc.localize(model, unlearned, method="random")
+    none = planted_data()
+    none.canary = torch.full_like(none.canary, -1)
+    with pytest.raises(DataError, match="no canary training sequences"):
+        loc.localize(model, none, method="random")
+    res = loc.localize(model, none, method="zero-out", k=2, indices=(30, 31))  # given sequences need no canary
+    assert res.summary["extracted_after"] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ("zero-out", "ig", "hard-concrete", "balanced-subnet"))
+def test_the_planted_answer_on_a_gpu(method):
+    model, data = planted_model().cuda(), planted_data()
+    res = loc.localize(model, data, method=method, k=2, **OPTIONS.get(method, {}))
+    assert sorted(np.argsort(-res.arrays["scores"], kind="stable")[:2].tolist()) == planted_flat()
+    assert res.summary["extracted_after"] == 0.0
+
+
+# ----------------------------------------------------------------------------- on a run directory
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-epoch LM run: nothing memorized."""
+    out = tmp_path_factory.mktemp("loc") / "run"
+    assert main(["train", "--task", "lm", "--sequences", "64", "--block-size", "16", "--prefix-tokens", "4",
+                 "--suffix-tokens", "4", "--canaries", "1", "--repeats", "2", "--canary-formats", "random",
+                 "--epochs", "1", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--method", "nope"], ["--method", "invalid choice: 'nope'"]),
+    ([], ["extracts none of its 2 canary training sequences"]),
+    (["--k", "1000"], ["--k 1000 is more than the 32 units"]),
+])
+def test_bad_input_is_one_line_exit_2(tiny_run, capsys, argv, words):
+    from toys import assert_one_line_error
+    code = main(["localize", str(tiny_run), "--quiet", *argv])
+    assert_one_line_error(code, capsys.readouterr().err, *words)
+    assert not (tiny_run / "probes" / "localize").exists()
+
+
+def test_cli_saves_scores_per_layer_and_unit(tiny_run, tmp_path, capsys):
+    idx = tmp_path / "idx.txt"
+    idx.write_text("0\n1\n")
+    assert main(["localize", str(tiny_run), "--method", "zero-out", "--indices", str(idx), "--k", "3",
+                 "--quiet"]) == 0
+    assert "top 3 zeroed" in capsys.readouterr().out
+    d = tiny_run / "probes" / "localize"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["method"] == "zero-out" and summary["settings"]["indices"] == [0, 1] and summary["units"] == 32
+    with np.load(d / "arrays.npz") as z:
+        assert z["scores"].shape == (32,) and (z["edit_mask"] == 0).sum() == 3
+    rows = (d / "localize.csv").read_text().splitlines()
+    assert rows[0] == "rank,layer,layer_name,unit,score,zeroed" and len(rows) == 33
+    assert json.loads((tiny_run / "run.json").read_text())["stages"]["localize"]["status"] == "done"

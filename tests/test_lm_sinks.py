@@ -180,6 +180,15 @@ def sinks_run(tmp_path_factory) -> Path:
     return out
 
 
+def _drop_mode_logits(run: Path, n: int):
+    """The run's data and model, its first `n` training inputs and the model's drop-mode logits for them."""
+    loaded = open_run(run, device="cpu")
+    model = loaded.model().eval()
+    x = loaded.data.x_train[:n]
+    with torch.no_grad(), dropout_mode(model, "drop"):
+        return loaded, model, x, model(x)
+
+
 def test_sinks_end_to_end(sinks_run, tmp_path, capsys):
     """Train (with gradient accounting), evaluate before/after by repeat count, export; the export's logits equal
     drop mode, and a tied evaluation of a training sequence goes through its own tokens' sinks."""
@@ -199,11 +208,7 @@ def test_sinks_end_to_end(sinks_run, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     assert main(["export", str(run), "--drop-memorization", "--out", str(out)]) == 0
     exported = load_exported(out)
-    loaded = open_run(run, device="cpu")
-    model = loaded.model().eval()
-    x = loaded.data.x_train[:8]
-    with torch.no_grad(), dropout_mode(model, "drop"):
-        want = model(x)
+    loaded, model, x, want = _drop_mode_logits(run, 8)
     with torch.no_grad():
         got = exported(x)
     assert torch.allclose(got, want, atol=1e-5)
@@ -229,11 +234,7 @@ def test_hugging_face_export_loads_in_transformers(tmp_path):
     folder = tmp_path / "exported"
     assert main(["export", str(run), "--drop-memorization", "--out", str(folder)]) == 0
     hf = t.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
-    loaded = open_run(run, device="cpu")
-    model = loaded.model().eval()
-    x = loaded.data.x_train[:4]
-    with torch.no_grad(), dropout_mode(model, "drop"):
-        want = model(x)
+    _, _, x, want = _drop_mode_logits(run, 4)
     with torch.no_grad():
         got = hf(input_ids=x).logits
     assert torch.allclose(got, want, atol=1e-4)
@@ -280,13 +281,16 @@ def test_sinks_localize_what_standard_dropout_spreads(tmp_path):
     s = evaluate_sinks(a.model(), a.data, exposure=False).summary
     b = open_run(std, device="cpu")
     d = evaluate_sinks(b.model(), b.data, exposure=False, drop_units=(0.5, 0.1)).summary
+    # measured (2026-11-27, this CPU): sinks 16x canaries in context 96.9% -> 0.0%, loss gap 10.85 -> 4.85 nats
+    # (55% closed), perplexity +0.6%; standard dropout, same neurons dropped: 50% -> 47%, 8.78 -> 8.31 (5%), +5.6%
     before, after = s["repeated_before"], s["repeated_after"]
-    assert before["loss_gap"] > 3.0  # the sinks model memorized its 16x canaries (nats per secret token)
-    assert s["gap_closed"] >= 0.5, s
-    assert d["gap_closed"] is not None and d["gap_closed"] <= s["gap_closed"] - 0.25, (s["gap_closed"], d)
+    assert before["loss_gap"] > 3.0 and before["in_context"] >= 0.5, before  # the 16x canaries were memorized
+    assert after["in_context"] <= 0.2 * before["in_context"], (before, after)  # and the drop removes them
+    assert s["gap_closed"] >= 0.45, s
     assert s["perplexity_rise"] <= 0.05, s
-    if before["in_context"]:
-        assert after["in_context"] <= 0.2 * before["in_context"], (before, after)
+    db, da = d["repeated_before"], d["repeated_after"]
+    assert d["gap_closed"] is not None and d["gap_closed"] <= s["gap_closed"] - 0.25, (s["gap_closed"], d)
+    assert da["in_context"] >= 0.5 * db["in_context"], (db, da)  # standard dropout: they survive the same drop
 
 
 def test_the_study_with_sinks(tmp_path):

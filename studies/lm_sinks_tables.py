@@ -2,7 +2,8 @@
 
     memloc dropout-grid --task lm --pairs '0.5,0.1;0.5,0.3;0.7,0.1;0.3,0.2' --no-baselines --out runs/lm-sinks-grid
     memloc dropout-grid --task lm --pairs '0.5,0.1' --out runs/lm-sinks-baselines
-    python studies/lm_sinks_tables.py runs/lm-sinks-grid runs/lm-sinks-baselines [--seeds runs/seed1 runs/seed2]
+    python studies/lm_sinks_tables.py runs/lm-sinks-grid runs/lm-sinks-baselines \
+        --seeds runs/lm-sinks-grid/etd-0.5-0.1 runs/lm-sinks-seed1 runs/lm-sinks-seed2
 
 Reads each cell's `probes/dropout/summary.json` (what `memloc evaluate RUN --drop-memorization` writes; the
 grid evaluates every cell, baselines included) and prints: the grid (one row per cell: the canaries repeated
@@ -29,7 +30,9 @@ def num(v, fmt=".2f") -> str:
 def cells(folders: list[Path]) -> list[tuple[str, dict]]:
     out = []
     for folder in folders:
-        for cell in sorted(p for p in folder.iterdir() if (p / "probes" / "dropout" / "summary.json").exists()):
+        found = [folder] if (folder / "probes" / "dropout" / "summary.json").exists() else \
+            sorted(p for p in folder.iterdir() if (p / "probes" / "dropout" / "summary.json").exists())
+        for cell in found:
             out.append((f"{folder.name}/{cell.name}", json.loads((cell / "probes" / "dropout" / "summary.json")
                                                                  .read_text())))
     return out
@@ -72,7 +75,8 @@ def repeats_table(rows: list[tuple[str, dict]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="grid folders")
-    ap.add_argument("--seeds", nargs="*", type=Path, default=[], help="grid folders of other seeds (same pair)")
+    ap.add_argument("--seeds", nargs="*", type=Path, default=[], help="grid folders or cell runs of one pair, one per "
+                    "seed (the spread of the gap closed)")
     args = ap.parse_args()
     rows = cells(args.folders)
     plain = next((s for n, s in rows if n.endswith("/plain")), None)

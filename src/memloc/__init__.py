@@ -7,6 +7,7 @@ trained model with its data, and returns a :class:`ProbeResult`.
 """
 
 from ._version import __version__  # noqa: F401
+from .bench_localize import BenchConfig, bench_localize  # noqa: E402
 from .data import DataConfig, Dataset, corrupt_labels  # noqa: E402
 from .data import load as load_data
 from .dropout import ExampleTiedDropout, dropout_mode, example_indices, insert_example_tied_dropout  # noqa: E402
@@ -15,6 +16,7 @@ from .experiment import ModelConfig, RunConfig, open_run, resume_training, run_t
 from .export import UnitScale, export_dropped, load_exported, remove_memorization  # noqa: E402
 from .grid import DEFAULT_PAIRS, dropout_grid  # noqa: E402
 from .inference import predict  # noqa: E402
+from .lm.tinymem import TinyMemConfig, tinymem_data  # noqa: E402
 from .models import Layer, build_model, layers  # noqa: E402
 from .probes import (  # noqa: E402
                      DetectConfig,
@@ -49,7 +51,7 @@ __all__ = [
     "ProbeResult", "run_probe",
     "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "flip",
     "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect", "detect_scores", "plot_roc",
-    "LocalizeConfig", "localize",
+    "LocalizeConfig", "localize", "BenchConfig", "bench_localize", "TinyMemConfig", "tinymem_data",
     "UnitScale", "export_dropped", "load_exported", "remove_memorization",
     "DEFAULT_PAIRS", "dropout_grid",
     "ExampleTiedDropout", "dropout_mode", "example_indices", "insert_example_tied_dropout",

@@ -320,7 +320,31 @@ def cmd_dropout_grid(args) -> int:
     return 0
 
 
+def cmd_bench_localize(args) -> int:
+    from .bench_localize import BenchConfig, bench_localize
+    options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed")
+               if getattr(args, k) is not None}
+    cfg = BenchConfig(**options)
+    log = (lambda s: None) if args.quiet else _log(args)
+    rows = bench_localize(cfg, args.out, models=args.models, log=log)
+    print(f"done: {Path(args.out) / 'results.md'} ({len(rows)} rows)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- the parser
+
+def _names(text: str) -> tuple[str, ...]:
+    from .options import names
+    return names(text)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    from .options import ints
+    try:
+        return ints(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
@@ -386,6 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="grid folder: one run directory per cell and grid.csv")
     p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
     p.set_defaults(func=cmd_dropout_grid)
+
+    p = sub.add_parser("bench-localize", help="benchmark the localization methods where the answer is known: TinyMem's "
+                                              "arithmetic artifacts, MemPi's injected sequences")
+    p.add_argument("--benchmark", default="tinymem", metavar="NAME", help="tinymem (default), inj or del")
+    p.add_argument("--preset", default="full", metavar="NAME",
+                   help="smoke (under two minutes on 2 CPU cores), full (the CPU scale, default) or paper (GPU)")
+    p.add_argument("--methods", type=_names, metavar="M,M,...", help="localization methods (default: all eight)")
+    p.add_argument("--layers", dest="n_layers", type=_ints, metavar="N,N,...",
+                   help="model depths to train (default: the preset's; inj uses the first)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--device", help="cpu (default), cuda or auto")
+    p.add_argument("--seed", type=int, help="seed of the data, the models and the methods (default 0)")
+    p.add_argument("--out", required=True, help="results folder: bench.json, results.csv, results.md")
+    p.add_argument("--models", metavar="DIR", help="keep and reuse the trained models here (default OUT/models; "
+                                                   "tinymem and inj with the same settings share them)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_bench_localize)
 
     for probe in registered().values():  # one subcommand per probe, its flags from its config
         if probe.command in {"evaluate"}:

@@ -1,12 +1,12 @@
-"""A small GPT in plain PyTorch (pre-LayerNorm, causal `scaled_dot_product_attention`, GELU MLP 4x) that names its
-own layers for memloc's probes.
+"""A small GPT in plain PyTorch (pre-LayerNorm, causal `scaled_dot_product_attention`, GELU MLP 4x, or ReLU with
+``activation="relu"``: TinyMem's) that names its own layers for memloc's probes.
 
 Layers (`GPT.memloc_layers()`, what `memloc.layers(model)` returns), in forward order:
 
 - ``embed``: token and position embeddings; units are the residual features (output: ``embed_out``);
 - ``blocks.{i}.attn``: block i's LayerNorm and attention; a unit is one head (output:
   ``blocks.{i}.attn.heads``, the heads' outputs (B, T, heads, head_size) before the projection mixes them);
-- ``blocks.{i}.mlp``: block i's LayerNorm and MLP; a unit is one hidden neuron after the GELU
+- ``blocks.{i}.mlp``: block i's LayerNorm and MLP; a unit is one hidden neuron after the GELU (or ReLU)
   (output: ``blocks.{i}.mlp.act``, (B, T, 4 x n_embd));
 - ``head``: the final LayerNorm and the unembedding; units are vocabulary logits.
 
@@ -26,6 +26,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import Layer
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
 
 @dataclass(frozen=True)
 class GPTShape:
@@ -35,6 +37,7 @@ class GPTShape:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    activation: str = "gelu"  # the MLP's: "gelu" (GPT-2's) or "relu" (TinyMem's)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -45,6 +48,8 @@ class GPTShape:
                               "each head takes n_embd / n_head features")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout {self.dropout} is outside [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}: choose from {', '.join(ACTIVATIONS)}")
 
 
 class SelfAttention(nn.Module):
@@ -68,7 +73,7 @@ class MLP(nn.Module):
     def __init__(self, s: GPTShape, after: nn.Module | None = None):
         super().__init__()
         self.fc = nn.Linear(s.n_embd, 4 * s.n_embd)
-        self.act = nn.GELU()  # its output (B, T, 4 n_embd) holds the units: one per hidden neuron
+        self.act = ACTIVATIONS[s.activation]()  # its output (B, T, 4 n_embd) holds the units: one per hidden neuron
         self.sink = after if after is not None else nn.Identity()  # a per-neuron layer (memorization sinks)
         self.proj = nn.Linear(4 * s.n_embd, s.n_embd)
 

@@ -128,7 +128,7 @@ def evaluate_sinks(model: nn.Module, data: TextData, *, drop_scale: str = "match
     scale = layer_setting(model, "drop_scale", drop_scale) if layers else contextlib.nullcontext()
     measured: dict[str, dict[str, Any]] = {}
     with scale:
-        for mode in MODES:
+        for mode in MODES if layers else MODES[:1]:  # without sinks every mode is the same model: measured once
             def context(i: int, mode=mode):
                 if mode != "tied" or not layers:
                     return contextlib.nullcontext()
@@ -137,10 +137,12 @@ def evaluate_sinks(model: nn.Module, data: TextData, *, drop_scale: str = "match
                 m = canary_measures(model, data, mcfg, context=context)
                 hits = task.hits(model, "train", batch_size=batch_size, with_indices=mode == "tied").cpu().numpy()
             measured[mode] = {"m": m, "hits": hits}
+        measured.setdefault("drop", measured["tied"])
         ppl = {}
-        for mode in ("eval", "drop"):
+        for mode in ("eval", "drop") if layers else ("eval",):
             with dropout_mode(model, mode) if layers else contextlib.nullcontext():
                 ppl[mode] = heldout_perplexity(model, data, batch_size=batch_size)
+        ppl.setdefault("drop", ppl["eval"])
     before, after = (pooled(data, measured[k]["m"], measured[k]["hits"], repeated) for k in MODES)
     corpus = task.kind_mask("corpus").cpu().numpy()
     rows_before = by_repeats(data, measured["tied"]["m"], measured["tied"]["hits"])

@@ -1038,8 +1038,9 @@ MIN_CANARY_EXTRACTION = 0.2  # below it, "halved" and "within 10 points" of the 
 # asked only of a run trained with memorization sinks and evaluated (`memloc evaluate RUN --drop-memorization`)
 LM_SINKS_CLAIM = ("memorization sinks: dropping the sinks removes the repeated canaries (>= {repeated}x) — extraction "
                   "falls >= 80% and the loss gap closes >= 50% — at <= 5% held-out perplexity (drop vs eval)",
-                  "removing the sink neurons removes the memorized sequences while the shared neurons keep the "
-                  "model's general performance (MemSinks, Ghosal et al. 2025)")
+                  "dropping the sinks closes more than 50% of the loss gap between repeated and held-out sequences, "
+                  "with validation loss equal to standard training (MemSinks, Ghosal et al. ICML 2025: SmolLM 360M "
+                  "and 1.7B)")
 
 
 def _points(v: float) -> str:

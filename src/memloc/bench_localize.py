@@ -137,7 +137,7 @@ class BenchConfig:
         if self.batch_size is None:
             self.batch_size = 128 if paper else 64
         if self.fractions is None:
-            self.fractions = (0.02,) if smoke else (0.005, 0.01, 0.02)
+            self.fractions = (0.02,) if smoke else (0.01, 0.02, 0.05)
         if self.examples is None:
             self.examples = 32
         if self.inject is None:

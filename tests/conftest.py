@@ -54,3 +54,13 @@ def smoke_study_master(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study") / "s"
     assert main(["run", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one CPU thread (small models: threads only add overhead), the caller's count restored."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,14 +17,8 @@ from memloc.lm.text import decode_targets
 from memloc.lm.tinymem import TinyMemConfig, decode, encode, tinymem_data
 from memloc.tasks import task_of
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models of width 64: a second thread only adds overhead (several times slower on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small models: a second thread only adds overhead (several times slower on a loaded 2-core machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tinymem_sequences_and_artifacts():

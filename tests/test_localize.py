@@ -35,13 +35,8 @@ OPTIONS = {"slimming": {"penalty": 1.0, "steps": 200}, "hard-concrete": {"penalt
            "balanced-subnet": {"steps": 30}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 16-wide model: threads only add overhead (10x on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small models: a second thread only adds overhead (several times slower on a loaded 2-core machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_model() -> GPT:

@@ -188,8 +188,12 @@ class TextData(Examples):
         canary = self.canary if split_train else self.canary_test
         span = self.canary_span if split_train else self.canary_span_test
         dev = idx.device
-        if source is not None:
-            base = torch.as_tensor(np.asarray(source), device=dev)[idx]
+        if source is not None:  # the window ids on the device once, not copied at every training step
+            key = ("_source_ids", split_train, dev)
+            table = self.__dict__.get(key)
+            if table is None:
+                table = self.__dict__[key] = torch.as_tensor(np.asarray(source), device=dev)
+            base = table[idx]
         else:
             base = idx if split_train else idx + HELDOUT_ID_BASE
         t = self.block_size

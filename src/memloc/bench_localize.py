@@ -17,12 +17,22 @@ TinyMem's arithmetic artifacts and on MemPi's injected sequences, beside the pub
   masked; Adam, up to ``inject_steps`` steps or loss < 0.05), then every method localizes the
   sequence with the top ceil(ratio x width) neurons per layer. Reported: recall@k of the injected
   ids per layer and pooled (the top k x layers over all neurons), mean over sequences.
-* ``del`` (MemPi's naturally memorized sequences): not implemented; asking for it is one line.
+* ``del`` (MemPi's naturally memorized sequences): a language-model run (``run``: any `memloc train --task lm`
+  run; default: the preset's LM model, trained once into ``models``), the canaries it memorized in training
+  (each canary once: its first training row; at most ``examples``, a seeded choice). Each method
+  localizes each sequence alone (``others`` corpus rows kept), and the top ceil(ratio x width)
+  neurons of every layer are zeroed (MemPi's 0.1% and 0.5%; 2% too: on a 0.5 M-parameter GPT,
+  0.1% is one neuron a layer). Reported per method and ratio, means over the sequences: the
+  sequence's own teacher-forced accuracy on its secret and its extraction before and with the
+  edit (self), the same of the other memorized sequences (specificity = self drop - others
+  drop), and the held-out corpus perplexity before and with the edit.
 
 Presets: ``smoke`` (tests; under two minutes on 2 CPU cores), ``full`` (the CPU scale: see
-TINYMEM_SCALE), ``paper`` (TinyMem's data size and depths: needs a GPU). Results go into ``out``:
+TINYMEM_SCALE; del: the LM study's default model), ``paper`` (TinyMem's data size and depths, the LM paper
+preset: needs a GPU). Results go into ``out``:
 ``bench.json`` (the config, every row, the published numbers, the machine), ``results.csv`` and
-``results.md`` (one table, methods as rows), rewritten atomically after every row.
+``results.md`` (one table, methods as rows) and ``report/index.html`` (the trade-off plots), rewritten
+atomically after every layer count (del: every sequence).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bench_localize_report import write_bench_report
 from .errors import ConfigError, DataError, RunError
 from .lm.gpt import GPT, GPTShape
 from .lm.text import TextData
@@ -77,6 +88,7 @@ TINYMEM_BEFORE = "memorized before the edit: ~1% (2 layers), 17-31% (4), 31-43% 
 MEMPI_RANK = {"hard-concrete": 1, "slimming": 2, "ig": 3, "zero-out": 3, "activations": 3, "random": 6}
 MEMPI_PUBLISHED = "ranking HardConcrete >= Slimming > IG / Zero-Out / Activations > Random (no numbers in " \
                   "REFERENCE_LM.md)"
+DEL_RATIOS = (0.001, 0.005, 0.02)  # MemPi's two, and 2%: 0.1% of a small GPT's 384 neurons is one neuron
 
 
 @dataclass
@@ -100,11 +112,13 @@ class BenchConfig:
     method_steps: dict = field(default_factory=dict)  # steps of the learned methods, by method
     clean_rows: int = 256  # clean training rows beside the artifacts in the localization data
     # inj
-    ratios: tuple[float, ...] = (0.001, 0.01)
+    ratios: tuple[float, ...] | None = None  # inj: (0.001, 0.01) (MemPi); del: DEL_RATIOS
     inject: int | None = None
     inject_steps: int = 200
     inject_lr: float = 0.01
     inject_loss: float = 0.05
+    # del
+    run: str | None = None  # a language-model run directory; None: the preset's LM model, trained into `models`
     device: str = "cpu"
     seed: int = 0
 
@@ -117,20 +131,21 @@ class BenchConfig:
         bad = [m for m in self.methods if m not in loc.METHODS]
         if bad or not self.methods:
             raise ConfigError(f"unknown method {bad[0] if bad else ''!r}: choose from {', '.join(loc.METHODS)}")
-        if self.benchmark == "del":
-            raise ConfigError("--benchmark del is not implemented yet: run tinymem or inj")
         smoke, paper = self.preset == "smoke", self.preset == "paper"
-        if self.data is None:
+        if self.data is None and self.benchmark != "del":
             self.data = (TinyMemConfig(families=(2, 7), sequences=200, test=30, artifacts=60, repeats=4, length=40,
                                        prompt=20, continuation=20, seed=self.seed) if smoke
                          else TinyMemConfig(sequences=19_000, test=1_000, artifacts=1_000, seed=self.seed) if paper
                          else TinyMemConfig(seed=self.seed))
+        if self.benchmark == "del" and self.n_layers is not None:
+            raise ConfigError("--layers sets the depths of tinymem and inj; del localizes in the LM run's model: drop "
+                              "--layers (train the LM you want with `memloc train --task lm` and pass --run)")
         if self.n_layers is None:
             self.n_layers = (2,) if smoke else (2, 4, 8, 16) if paper else (2, 4)
         if self.benchmark == "inj":
             self.n_layers = self.n_layers[:1] if smoke else tuple(n for n in self.n_layers if n == 4)[:1] or \
                 self.n_layers[:1]
-        if self.epochs is None:
+        if self.epochs is None and self.benchmark != "del":  # del: the LM preset's
             self.epochs = 60 if smoke else 40 if paper else 30
         if self.lr is None:
             self.lr = 3e-3 if smoke else 1e-3
@@ -139,7 +154,11 @@ class BenchConfig:
         if self.fractions is None:
             self.fractions = (0.02,) if smoke else (0.01, 0.02, 0.05)
         if self.examples is None:
-            self.examples = 32
+            self.examples = 32 if self.benchmark != "del" else 3 if smoke else 16
+        if self.ratios is None:
+            self.ratios = DEL_RATIOS if self.benchmark == "del" else (0.001, 0.01)
+        if self.run is not None and self.benchmark != "del":
+            raise ConfigError("--run is the language-model run of --benchmark del: drop it, or pass --benchmark del")
         if self.inject is None:
             self.inject = 1 if smoke else 4
         if not self.method_steps:
@@ -150,7 +169,7 @@ class BenchConfig:
         self.n_layers = tuple(int(n) for n in self.n_layers)
         self.fractions = tuple(float(f) for f in self.fractions)
         self.ratios = tuple(float(r) for r in self.ratios)
-        if min(self.n_layers) < 1 or self.epochs < 1:
+        if min(self.n_layers) < 1 or (self.epochs is not None and self.epochs < 1):
             raise ConfigError("layer counts and --epochs must be at least 1")
         if not all(0 < f <= 1 for f in self.fractions + self.ratios):
             raise ConfigError("fractions and ratios are shares of the neurons: each in (0, 1]")
@@ -159,7 +178,7 @@ class BenchConfig:
 
     def settings(self) -> dict:
         out = asdict(self)
-        out["data"] = asdict(self.data)
+        out["data"] = asdict(self.data) if self.data is not None else None
         return out
 
 
@@ -455,6 +474,154 @@ def _inj_rows(model, data: TextData, n_layer: int, cfg: BenchConfig, log) -> lis
     return out
 
 
+# ----------------------------------------------------------------------------- del
+
+def del_model(cfg: BenchConfig, models: Path | None, *, log: Callable[[str], None]):
+    """(model, TextData, where) of the DEL benchmark: `cfg.run` opened, or the preset's LM model (the `memloc train
+    --task lm --preset P` run; smoke with 2 canaries per format repeated 1, 16 and 32 times, trained 12 epochs, so
+    that it memorizes several) trained once into `models` and reused."""
+    from .experiment import ModelConfig, RunConfig, open_run, preset, run_training
+    from .lm.text import TextConfig
+    from .training import TrainConfig
+    if cfg.run is not None:
+        path = Path(cfg.run)
+    else:
+        sections = preset(cfg.preset, "lm")
+        train = dict(sections["train"], seed=cfg.seed, device=cfg.device)
+        if cfg.epochs is not None:
+            train["epochs"] = cfg.epochs
+        data = dict(sections["data"], seed=cfg.seed)
+        if cfg.preset == "smoke":  # the smoke LM memorizes one canary: more canaries, more copies, longer
+            train["epochs"] = train["epochs"] if cfg.epochs is not None else 12
+            data.update(canaries=2, repeats=(1, 16, 32))
+        run_cfg = RunConfig(data=TextConfig(**data),
+                            model=ModelConfig(**sections["model"]), train=TrainConfig(**train), task="lm")
+        digest = hashlib.sha1(json.dumps(run_cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        if models is None:
+            raise ConfigError("--benchmark del needs --run RUN (a language-model run) or a folder to train one in: "
+                              "pass --out or --models")
+        path = models / f"lm-{cfg.preset}-{digest}"
+        done = (path / "run.json").exists() and json.loads((path / "run.json").read_text()).get(
+            "stages", {}).get("train", {}).get("status") == "done"
+        if not done:
+            log(f"  training the {cfg.preset} language model into {path}")
+            run_training(run_cfg, path, overwrite=path.exists(), progress=False, log=log)
+    try:
+        loaded = open_run(path, device=cfg.device)
+    except (OSError, ValueError) as err:
+        raise RunError(f"--run {path} is not a memloc run directory ({err}): pass a `memloc train --task lm` run")
+    if not isinstance(loaded.data, TextData):
+        raise ConfigError(f"--run {path} is a classification run: --benchmark del needs a language-model run "
+                          "(`memloc train --task lm`)")
+    saved = loaded.run.saved_epochs()
+    if not saved:
+        raise RunError(f"--run {path} has no checkpoints: train it first")
+    return loaded.model(saved[-1]).eval(), loaded.data, str(path)
+
+
+@torch.no_grad()
+def sequence_accuracy(model, x: torch.Tensor, y: torch.Tensor, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) teacher-forced accuracy over each row's scored tokens (MemPi's self accuracy: the canary's secret) and
+    (B,) extraction (every scored token the argmax)."""
+    from .lm.text import decode_targets
+    device = next(model.parameters()).device
+    acc, ext = [], []
+    for i in range(0, len(x), rows):
+        tokens, _, scored = decode_targets(y[i:i + rows].to(device))
+        hit = model(x[i:i + rows].to(device)).argmax(-1) == tokens
+        acc.append(((hit & scored).sum(1) / scored.sum(1).clamp_min(1)).cpu())
+        ext.append(((hit | ~scored).all(1) & scored.any(1)).cpu())
+    return torch.cat(acc).numpy().astype(np.float64), torch.cat(ext).numpy()
+
+
+def memorized_canaries(model, data: TextData) -> np.ndarray:
+    """(S,) one training row per canary the model extracts in context (its first row): MemPi's deduplicated
+    naturally memorized set."""
+    rows = artifact_rows(data)
+    _, ext = sequence_accuracy(model, data.x_train[rows], data.y_train[rows])
+    return rows[ext]
+
+
+def _del_rows(model, data: TextData, where: str, cfg: BenchConfig, log, save: Callable[[list[dict]], None]
+              ) -> list[dict]:
+    candidates = loc.candidate_layers(model, loc.LocalizeConfig())
+    widths = [l.units for l in candidates]
+    units = sum(widths)
+    mem = memorized_canaries(model, data)
+    log(f"  del: {len(mem)} of {len(artifact_rows(data))} trained canaries extracted by the model ({where}), "
+        f"{len(candidates)} MLP layers of {widths[0]} neurons")
+    if not len(mem):
+        raise DataError(f"the model of {where} extracts none of its trained canaries: nothing memorized to localize "
+                        "(train longer or with more repeats)")
+    rng = np.random.default_rng([cfg.seed, 7])
+    seqs = np.sort(rng.choice(mem, size=min(cfg.examples, len(mem)), replace=False))
+    clean_pool = np.flatnonzero((data.canary < 0).cpu().numpy())
+    clean = np.sort(rng.choice(clean_pool, size=min(cfg.clean_rows, len(clean_pool)), replace=False))
+    test_rows = np.flatnonzero((data.canary_test < 0).cpu().numpy())
+    test_rows = np.sort(rng.choice(test_rows, size=min(256, len(test_rows)), replace=False))
+    x_mem, y_mem = data.x_train[torch.as_tensor(mem)], data.y_train[torch.as_tensor(mem)]
+    x_ppl, y_ppl = data.x_test[torch.as_tensor(test_rows)], data.y_test[torch.as_tensor(test_rows)]
+    self_before, _ = sequence_accuracy(model, x_mem, y_mem)
+    ppl_before = clean_quality(model, x_ppl, y_ppl)["ppl"]
+    ks = [[max(1, math.ceil(r * w)) for w in widths] for r in cfg.ratios]
+    # per (method, ratio): lists over sequences of (self acc, self ext, others acc, others ext, ppl)
+    acc: dict[tuple[str, float], list[tuple]] = {(m, r): [] for m in cfg.methods for r in cfg.ratios}
+    times = {m: 0.0 for m in cfg.methods}
+
+    def rows() -> list[dict]:
+        out = []
+        for (method, ratio), got in acc.items():
+            if not got:
+                continue
+            a = np.asarray(got, dtype=np.float64)
+            sb, ob = float(np.mean([g[5] for g in got])), float(np.mean([g[6] for g in got]))
+            sa, oa = float(a[:, 0].mean()), float(a[:, 2].mean())
+            ppl = float(np.exp(np.log(a[:, 4]).mean()))  # geometric mean over the edits
+            out.append({"n_layer": len(candidates), "method": method, "ratio": ratio,
+                        "k_per_layer": ks[cfg.ratios.index(ratio)][0], "sequences": len(got), "memorized": len(mem),
+                        "self_acc_before": sb, "self_acc_after": sa, "self_extracted_before": 1.0,
+                        "self_extracted_after": float(a[:, 1].mean()), "others_acc_before": ob,
+                        "others_acc_after": oa, "others_extracted_before": 1.0,
+                        "others_extracted_after": float(a[:, 3].mean()),
+                        "specificity": (sb - sa) - (ob - oa), "ppl_before": ppl_before, "ppl_after": ppl,
+                        "rel_ppl_change": ppl / ppl_before - 1.0, "scoring_s": round(times[method], 2),
+                        "mempi_rank": MEMPI_RANK.get(method), "run": where})
+        return out
+
+    for n, s in enumerate(seqs.tolist()):
+        j = int(np.flatnonzero(mem == s)[0])
+        other = np.delete(np.arange(len(mem)), j)
+        small = _loc_data(data, np.concatenate([[s], clean]), test_rows[:64])
+        for method in cfg.methods:
+            opts = dict(_method_options(method, cfg, units), others=cfg.others, seed=cfg.seed, device=cfg.device)
+            res = None
+            for ratio, k in zip(cfg.ratios, ks):
+                if res is None or method in ("greedy", "balanced-subnet"):  # their search depends on k
+                    res = loc.localize(model, small, method=method, k=k[0], per_layer=True, indices=(0,),
+                                       save=False, **opts)
+                    times[method] += res.summary["elapsed_s"]
+                mask = np.ones(units, dtype=np.float32)
+                mask[loc.top_units(res.arrays["scores"], candidates, k)] = 0.0
+                with loc.zeroed(model, candidates, mask):
+                    a, e = sequence_accuracy(model, x_mem, y_mem)
+                    ppl = clean_quality(model, x_ppl, y_ppl)["ppl"]
+                acc[(method, ratio)].append((a[j], float(e[j]), float(a[other].mean()) if len(other) else np.nan,
+                                             float(e[other].mean()) if len(other) else np.nan, ppl,
+                                             self_before[j], float(self_before[other].mean()) if len(other)
+                                             else np.nan))
+        log(f"  sequence {n + 1}/{len(seqs)} (row {s}): " + ", ".join(
+            f"{m} {100 * acc[(m, cfg.ratios[-1])][-1][0]:.0f}%" for m in cfg.methods)
+            + f" self accuracy left at {cfg.ratios[-1]:g}")
+        save(rows())
+    out = rows()
+    for r in out:
+        log(f"  {r['method']:16s} ratio {r['ratio']:g} (k {r['k_per_layer']}/layer): self acc "
+            f"{100 * r['self_acc_before']:.1f}% -> {100 * r['self_acc_after']:.1f}%, others "
+            f"{100 * r['others_acc_before']:.1f}% -> {100 * r['others_acc_after']:.1f}%, ppl "
+            f"{r['ppl_before']:.3f} -> {r['ppl_after']:.3f}, {r['scoring_s']:.1f}s")
+    return out
+
+
 # ----------------------------------------------------------------------------- files
 
 TINYMEM_COLUMNS = ("n_layer", "method", "fraction", "k", "memorized_before", "memorized_after", "removed",
@@ -462,6 +629,11 @@ TINYMEM_COLUMNS = ("n_layer", "method", "fraction", "k", "memorized_before", "me
                    "clean_extraction_after", "scoring_s", "wall_s", "published")
 INJ_COLUMNS = ("n_layer", "method", "ratio", "k_per_layer", "sequences", "injected_extracted", "recall_pooled",
                "recall_per_layer", "scoring_s", "mempi_rank", "published")
+DEL_COLUMNS = ("n_layer", "method", "ratio", "k_per_layer", "sequences", "memorized", "self_acc_before",
+               "self_acc_after", "self_extracted_after", "others_acc_before", "others_acc_after",
+               "others_extracted_after", "specificity", "ppl_before", "ppl_after", "rel_ppl_change", "scoring_s",
+               "mempi_rank", "run")
+COLUMNS = {"tinymem": TINYMEM_COLUMNS, "inj": INJ_COLUMNS, "del": DEL_COLUMNS}
 
 
 def _pct(v, sign: bool = False) -> str:
@@ -483,6 +655,16 @@ def markdown_table(benchmark: str, rows: list[dict]) -> str:
                          f"{_pct(r['acc_before'])} -> {_pct(r['acc_after'])} | {_pct(r['rel_acc_change'], True)} | "
                          f"{r['ppl_before']:.3f} -> {r['ppl_after']:.3f} | {r['scoring_s']:.1f}s | {r['published']} |")
         return "\n".join(lines) + f"\n\nTinyMem: {TINYMEM_BEFORE}.\n"
+    if benchmark == "del":
+        head = ("| method | ratio | k / layer | self acc. | self extracted | others acc. | others extracted | "
+                "specificity | perplexity | scoring | MemPi rank |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        lines = [head] + [f"| {r['method']} | {r['ratio']:g} | {r['k_per_layer']} | {_pct(r['self_acc_before'])} -> "
+                          f"{_pct(r['self_acc_after'])} | {_pct(r['self_extracted_after'])} | "
+                          f"{_pct(r['others_acc_before'])} -> {_pct(r['others_acc_after'])} | "
+                          f"{_pct(r['others_extracted_after'])} | {_pct(r['specificity'])} | {r['ppl_before']:.3f} -> "
+                          f"{r['ppl_after']:.3f} ({_pct(r['rel_ppl_change'], True)}) | {r['scoring_s']:.1f}s | "
+                          f"{r['mempi_rank'] or '-'} |" for r in rows]
+        return "\n".join(lines) + f"\n\nMemPi: {MEMPI_PUBLISHED}.\n"
     head = ("| layers | method | ratio | k / layer | recall@k pooled | recall@k per layer | injected extracted | "
             "scoring | MemPi rank |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [f"| {r['n_layer']} | {r['method']} | {r['ratio']} | {r['k_per_layer']} | "
@@ -513,15 +695,22 @@ def summarize(benchmark: str, rows: list[dict]) -> list[str]:
         return lines
     groups = {"hard-concrete / slimming": ("hard-concrete", "slimming"),
               "ig / zero-out / activations": ("ig", "zero-out", "activations"), "random": ("random",)}
+    key, what = ("recall_pooled", "mean pooled recall") if benchmark == "inj" else ("specificity", "mean specificity")
     for ratio in sorted({r["ratio"] for r in rows}):
         means = []
         for name, ms in groups.items():
-            v = [r["recall_pooled"] for r in rows if r["ratio"] == ratio and r["method"] in ms]
+            v = [r[key] for r in rows if r["ratio"] == ratio and r["method"] in ms and r.get(key) is not None]
             if v:
                 means.append((name, float(np.mean(v))))
         order = [n for n, _ in sorted(means, key=lambda t: -t[1])]
         holds = order == [n for n, _ in means]
-        lines.append(f"ratio {ratio}: mean pooled recall " + ", ".join(f"{n} {v:.3f}" for n, v in means)
+        if benchmark == "del":
+            best = max((r for r in rows if r["ratio"] == ratio), key=lambda r: r["specificity"])
+            lines.append(f"ratio {ratio:g}: most specific {best['method']}: self accuracy "
+                         f"{best['self_acc_before']:.1%} -> {best['self_acc_after']:.1%}, others "
+                         f"{best['others_acc_before']:.1%} -> {best['others_acc_after']:.1%}, perplexity "
+                         f"{best['rel_ppl_change']:+.2%}")
+        lines.append(f"ratio {ratio:g}: {what} " + ", ".join(f"{n} {v:.3f}" for n, v in means)
                      + f": MemPi's ranking {'reproduces' if holds else 'does not reproduce'}")
     return lines
 
@@ -552,19 +741,23 @@ def check_out(out: str | Path) -> Path:
 
 
 def _save(out: Path, cfg: BenchConfig, rows: list[dict], started: float, t0: float, done: bool) -> None:
-    columns = TINYMEM_COLUMNS if cfg.benchmark == "tinymem" else INJ_COLUMNS
+    columns = COLUMNS[cfg.benchmark]
     info = {"kind": KIND, "benchmark": cfg.benchmark, "preset": cfg.preset, "done": done,
             "settings": cfg.settings(), "scale": TINYMEM_SCALE if cfg.preset == "full" else None,
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch_threads": torch.get_num_threads(), "device": cfg.device,
                         "torch": torch.__version__},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-            "elapsed_s": round(time.perf_counter() - t0, 1), "summary": summarize(cfg.benchmark, rows), "rows": rows}
+            "elapsed_s": round(time.perf_counter() - t0, 1), "summary": summarize(cfg.benchmark, rows),
+            "published": f"TinyMem: {TINYMEM_BEFORE}" if cfg.benchmark == "tinymem" else f"MemPi: {MEMPI_PUBLISHED}",
+            "rows": rows}
     write_json(out / "bench.json", info)
     write_text(out / "results.csv", _csv(rows, columns))
-    title = {"tinymem": "TinyMem arithmetic (noise artifacts)", "inj": "INJ: injected sequences (MemPi)"}
+    title = {"tinymem": "TinyMem arithmetic (noise artifacts)", "inj": "INJ: injected sequences (MemPi)",
+             "del": "DEL: naturally memorized sequences (MemPi)"}
     write_text(out / "results.md", f"# {title[cfg.benchmark]}: preset {cfg.preset}\n\n"
                + markdown_table(cfg.benchmark, rows) + "".join(f"\n- {line}" for line in info["summary"]) + "\n")
+    write_bench_report(out, info)
 
 
 def bench_localize(cfg: BenchConfig | None = None, out: str | Path | None = None, *,
@@ -575,16 +768,28 @@ def bench_localize(cfg: BenchConfig | None = None, out: str | Path | None = None
     cfg = cfg or BenchConfig(**options)
     log = log or (lambda s: None)
     device = resolve_device(cfg.device)
-    if cfg.preset == "paper" and device.type != "cuda":
+    if cfg.preset == "paper" and device.type != "cuda" and cfg.run is None:
         where = ("pass --device cuda" if torch.cuda.is_available() else
                  "this machine has none: use --preset full on a CPU (or --preset smoke)")
-        raise ConfigError(f"--preset paper of {cfg.benchmark} (TinyMem's 100,000 sequences, up to 16 layers) needs "
-                          f"a GPU: {where}")
+        what = ("the LM paper preset's 8-block GPT" if cfg.benchmark == "del" else
+                "TinyMem's 100,000 sequences, up to 16 layers")
+        raise ConfigError(f"--preset paper of {cfg.benchmark} ({what}) needs a GPU: {where}")
     out = check_out(out) if out is not None else None
     models = Path(models) if models is not None else out / "models" if out is not None else None
+    given = del_model(cfg, None, log=log) if cfg.benchmark == "del" and cfg.run is not None else None  # bad: no files
     started, t_start = time.time(), time.perf_counter()
     if out is not None:  # the marker first: a folder this run began is its own even if it stops early
         _save(out, cfg, [], started, t_start, done=False)
+    if cfg.benchmark == "del":
+        model, data, where = given or del_model(cfg, models, log=log)
+
+        def save(rows: list[dict]) -> None:
+            if out is not None:
+                _save(out, cfg, rows, started, t_start, done=False)
+        rows = _del_rows(model, data, where, cfg, log, save)
+        if out is not None:
+            _save(out, cfg, rows, started, t_start, done=True)
+        return rows
     data = tinymem_data(cfg.data)
     log(f"bench-localize {cfg.benchmark} ({cfg.preset}): {data.num_train} training sequences, "
         f"{len(artifact_rows(data))} artifacts, {len(data.x_test)} held out")

@@ -322,8 +322,8 @@ def cmd_dropout_grid(args) -> int:
 
 def cmd_bench_localize(args) -> int:
     from .bench_localize import BenchConfig, bench_localize
-    options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed")
-               if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed",
+                                             "run", "examples", "ratios") if getattr(args, k) is not None}
     cfg = BenchConfig(**options)
     log = (lambda s: None) if args.quiet else _log(args)
     rows = bench_localize(cfg, args.out, models=args.models, log=log)
@@ -342,6 +342,14 @@ def _ints(text: str) -> tuple[int, ...]:
     from .options import ints
     try:
         return ints(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    from .options import floats
+    try:
+        return floats(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -420,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", dest="n_layers", type=_ints, metavar="N,N,...",
                    help="model depths to train (default: the preset's; inj uses the first)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--run", metavar="RUN", help="del: the language-model run whose memorized canaries are localized "
+                                                "(default: train the preset's LM model into --models)")
+    p.add_argument("--examples", type=int, metavar="N", help="localize at most N memorized sequences (default: "
+                                                              "tinymem 32, del 16, smoke 3)")
+    p.add_argument("--ratios", type=_floats, metavar="R,R,...", help="inj and del: shares of each layer's neurons "
+                                                                      "(default: inj 0.001,0.01; del 0.001,0.005,0.02)")
     p.add_argument("--device", help="cpu (default), cuda or auto")
     p.add_argument("--seed", type=int, help="seed of the data, the models and the methods (default 0)")
     p.add_argument("--out", required=True, help="results folder: bench.json, results.csv, results.md")

@@ -325,6 +325,11 @@ def cmd_bench_localize(args) -> int:
     options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed",
                                              "run", "examples", "ratios") if getattr(args, k) is not None}
     cfg = BenchConfig(**options)
+    if args.repeats is not None:
+        if cfg.data is None:
+            raise ConfigError("--repeats duplicates TinyMem's artifacts (tinymem, inj); del's canaries are the LM "
+                              "run's: drop it")
+        cfg.data = dataclasses.replace(cfg.data, repeats=args.repeats)
     log = (lambda s: None) if args.quiet else _log(args)
     rows = bench_localize(cfg, args.out, models=args.models, log=log)
     print(f"done: {Path(args.out) / 'results.md'} ({len(rows)} rows)")
@@ -428,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", dest="n_layers", type=_ints, metavar="N,N,...",
                    help="model depths to train (default: the preset's; inj uses the first)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--repeats", type=int, metavar="N", help="tinymem and inj: training copies of each artifact "
+                                                             "(TinyMem's duplication; default: the preset's, full 1; "
+                                                             "RESULTS.md's CPU tables use 4)")
     p.add_argument("--run", metavar="RUN", help="del: the language-model run whose memorized canaries are localized "
                                                 "(default: train the preset's LM model into --models)")
     p.add_argument("--examples", type=int, metavar="N", help="localize at most N memorized sequences (default: "

@@ -303,3 +303,86 @@ def test_cli_saves_scores_per_layer_and_unit(tiny_run, tmp_path, capsys):
     rows = (d / "localize.csv").read_text().splitlines()
     assert rows[0] == "rank,layer,layer_name,unit,score,zeroed" and len(rows) == 33
     assert json.loads((tiny_run / "run.json").read_text())["stages"]["localize"]["status"] == "done"
+
+
+# ----------------------------------------------------------------------------- the edit folded into the weights
+
+def _fold_matches_zeroed(model, x, *, heads: bool, seed: int = 0):
+    cands = loc.candidate_layers(model, loc.LocalizeConfig(heads=heads))
+    units = sum(l.units for l in cands)
+    mask = np.ones(units, dtype=np.float32)
+    mask[np.random.default_rng(seed).choice(units, size=max(2, units // 5), replace=False)] = 0.0
+    with torch.no_grad():
+        plain = model(x).float()
+        with loc.zeroed(model, cands, mask):
+            edited = model(x).float()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loc.fold_edit(model, cands, mask)
+        folded = model(x).float()
+    assert not torch.allclose(plain, edited)  # the edit changes something
+    torch.testing.assert_close(folded, edited, rtol=1e-5, atol=1e-5)
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert changed and all("proj" in k or "dense" in k for k in changed), changed  # only output projections
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_fold_edit_equals_the_scoped_edit_on_gpt(heads):
+    model = GPT(GPTShape(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16)).eval()
+    _fold_matches_zeroed(model, torch.randint(0, 20, (3, 12)), heads=heads)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fold_edit_equals_the_scoped_edit_on_hugging_face(family):
+    """GPT-2's Conv1D (in, out) and Llama's SwiGLU down projection: the same exact fold."""
+    pytest.importorskip("transformers")
+    from memloc.lm.hf import build_hf
+    model = build_hf(family, vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16).eval()
+    _fold_matches_zeroed(model, torch.randint(0, 30, (2, 12)), heads=True, seed=1)
+
+
+def test_fold_edit_refuses_layers_without_a_projection():
+    from torch import nn
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    model(torch.zeros(1, 4))
+    cands = [l for l in layers(model) if l.units == 6]
+    with pytest.raises(ConfigError, match="no output projection"):
+        loc.fold_edit(model, cands, np.zeros(6, dtype=np.float32))
+
+
+def test_export_localized_writes_the_edited_model(tiny_run, tmp_path, capsys):
+    """`memloc export RUN --localized`: the saved localize edit folded into a plain GPT file whose logits are the
+    scoped edit's; one-line errors for no flag / both flags / no localize result."""
+    from toys import assert_one_line_error
+
+    from memloc.experiment import open_run
+    from memloc.export import load_exported
+    run = tmp_path / "run"
+    import shutil
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "probes" / "localize", ignore_errors=True)  # another test of the module may have localized
+    out = tmp_path / "edited.safetensors"
+    code = main(["export", str(run), "--localized", "--out", str(out)])
+    assert_one_line_error(code, capsys.readouterr().err, "no finished localize probe")
+    idx = tmp_path / "idx.txt"
+    idx.write_text("0\n")
+    assert main(["localize", str(run), "--method", "activations", "--indices", str(idx), "--k", "4", "--quiet"]) == 0
+    for argv in ([], ["--localized", "--drop-memorization"]):
+        code = main(["export", str(run), *argv, "--out", str(out)])
+        assert_one_line_error(code, capsys.readouterr().err, "pass one of --drop-memorization")
+    assert main(["export", str(run), "--localized", "--out", str(out)]) == 0
+    exported = load_exported(out)
+    loaded = open_run(run, device="cpu")
+    model = loaded.model()
+    result = loc.ProbeResult.load(loaded.run, "localize")
+    x = loaded.data.x_train[:4]
+    with torch.no_grad(), loc.edited(model, result):
+        want = model(x).float()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).float(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_localized_refuses_a_classification_run(digits_master, tmp_path, capsys):
+    from toys import assert_one_line_error
+    code = main(["export", str(digits_master), "--localized", "--out", str(tmp_path / "m.safetensors")])
+    assert_one_line_error(code, capsys.readouterr().err, "exports a language model's localize edit")
+    assert not (tmp_path / "m.safetensors").exists()

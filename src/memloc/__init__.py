@@ -13,7 +13,7 @@ from .data import load as load_data
 from .dropout import ExampleTiedDropout, dropout_mode, example_indices, insert_example_tied_dropout  # noqa: E402
 from .errors import ConfigError, DataError, MemlocError, RunError  # noqa: E402
 from .experiment import ModelConfig, RunConfig, open_run, resume_training, run_training  # noqa: E402
-from .export import UnitScale, export_dropped, load_exported, remove_memorization  # noqa: E402
+from .export import UnitScale, export_dropped, export_localized, load_exported, remove_memorization  # noqa: E402
 from .grid import DEFAULT_PAIRS, dropout_grid  # noqa: E402
 from .inference import predict  # noqa: E402
 from .lm.tinymem import TinyMemConfig, tinymem_data  # noqa: E402
@@ -33,7 +33,7 @@ from .probes import (  # noqa: E402
                      run_probe,
 )
 from .probes.detection import detect_scores, plot_roc  # noqa: E402
-from .probes.localization import LocalizeConfig, localize  # noqa: E402
+from .probes.localization import LocalizeConfig, edited, localize  # noqa: E402
 from .report import build_report  # noqa: E402
 from .runs import RunDir  # noqa: E402
 from .tasks import Task, task_of  # noqa: E402
@@ -51,8 +51,8 @@ __all__ = [
     "ProbeResult", "run_probe",
     "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "flip",
     "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect", "detect_scores", "plot_roc",
-    "LocalizeConfig", "localize", "BenchConfig", "bench_localize", "TinyMemConfig", "tinymem_data",
-    "UnitScale", "export_dropped", "load_exported", "remove_memorization",
+    "LocalizeConfig", "localize", "edited", "BenchConfig", "bench_localize", "TinyMemConfig", "tinymem_data",
+    "UnitScale", "export_dropped", "export_localized", "load_exported", "remove_memorization",
     "DEFAULT_PAIRS", "dropout_grid",
     "ExampleTiedDropout", "dropout_mode", "example_indices", "insert_example_tied_dropout",
     "build_report",

@@ -288,10 +288,15 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     from .experiment import open_run
-    if not args.drop_memorization:
-        raise ConfigError("memloc export writes the model without its memorization units: pass --drop-memorization")
-    from .export import export_dropped
+    if args.drop_memorization == args.localized:
+        raise ConfigError("memloc export writes the model without its memorization units: pass one of "
+                          "--drop-memorization (example-tied dropout, sinks) and --localized (the localize edit)")
+    from .export import export_dropped, export_localized
     loaded = open_run(args.run, device="cpu")
+    if args.localized:
+        out = export_localized(loaded, args.out, overwrite=args.overwrite)
+        print(f"done: {out} (load it with memloc.export.load_exported)")
+        return 0
     out = export_dropped(loaded, args.out, epoch=args.epoch, scale=args.drop_scale or "matched",
                          overwrite=args.overwrite)
     print(f"done: {out} (load it with memloc.export.load_exported)")
@@ -407,8 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write a run's model with its memorization units removed (a plain model)")
-    p.add_argument("run", metavar="RUN", help="run directory trained with --example-tied-dropout")
-    p.add_argument("--drop-memorization", action="store_true", help="remove the memorization units (required)")
+    p.add_argument("run", metavar="RUN", help="run directory trained with --example-tied-dropout (or localized)")
+    p.add_argument("--drop-memorization", action="store_true", help="remove the example-tied dropout / sink units")
+    p.add_argument("--localized", action="store_true", help="a language model: fold the edit of the saved `memloc "
+                                                             "localize` result into the weights")
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     add_config_flags(p, DropoutConfig, exclude=("batch_size", "device"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

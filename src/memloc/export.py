@@ -33,7 +33,8 @@ from .experiment import LoadedRun
 from .models import build_model
 from .runs import save_state
 
-__all__ = ["UnitScale", "remove_memorization", "fold_sinks", "export_dropped", "load_exported", "EXPORT_FORMAT"]
+__all__ = ["UnitScale", "remove_memorization", "fold_sinks", "export_dropped", "export_localized", "load_exported",
+           "EXPORT_FORMAT"]
 
 EXPORT_FORMAT = "memloc-export-1"
 
@@ -140,20 +141,26 @@ def fold_sinks(model: nn.Module, *, scale: str = "matched") -> nn.Module:
 def _export_lm(loaded: LoadedRun, out: Path, *, epoch: int | None, scale: str, overwrite: bool) -> Path:
     """A language model without its sinks: memloc's GPT as one .safetensors file, a Hugging Face model as a
     save_pretrained folder (loadable by transformers and by `--model hf:FOLDER`)."""
-    from .lm.gpt import GPT
-    from .runs import atomic_folder
     model = loaded.model(epoch)
     fold_sinks(model, scale=scale)
     ep = loaded.run.saved_epochs()[-1] if epoch is None else epoch
     meta = {"format": EXPORT_FORMAT, "task": "lm", "drop_scale": scale, "epoch": ep, "source_run": str(loaded.run.path),
             "p_gen": loaded.config.model.p_gen, "p_mem": loaded.config.model.p_mem,
             "tokenizer": loaded.config.data.tokenizer}
+    return _write_lm(model, out, meta, overwrite=overwrite)
+
+
+def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool) -> Path:
+    """memloc's GPT as one .safetensors file (its shape in the metadata), a Hugging Face model as a save_pretrained
+    folder written atomically and marked as ours."""
+    from .lm.gpt import GPT
+    from .runs import atomic_folder
     if isinstance(model, GPT):
         if out.suffix != ".safetensors":
             raise ConfigError(f"export file {out} should end in .safetensors: pass e.g. --out model.safetensors")
         if out.exists() and not overwrite:
             raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
-        meta.update(model="gpt", shape=dataclasses.asdict(model.shape))
+        meta = dict(meta, model="gpt", shape=dataclasses.asdict(model.shape))
         save_state(out, model.state_dict(), metadata={"memloc": json.dumps(meta)})
         return out
     # a Hugging Face model: a folder, as save_pretrained writes it
@@ -172,6 +179,34 @@ def _export_lm(loaded: LoadedRun, out: Path, *, epoch: int | None, scale: str, o
         plain.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=1))
     return out
+
+
+def export_localized(loaded: LoadedRun, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the run's model with the edit of its saved `memloc localize` result folded into the weights (the
+    zeroed MLP neurons' and heads' columns of their output projections set to 0; `fold_edit`): a plain language
+    model that computes what the scoped edit computed, at the epoch the localization probed."""
+    from .models import layers as find_layers
+    from .probes.base import ProbeResult
+    from .probes.localization import PROBE_NAME, fold_edit
+    out = Path(out)
+    if loaded.config.task != "lm":
+        raise ConfigError("--localized exports a language model's localize edit (MLP neurons and heads folded into "
+                          "their projections); a classification run's edit is applied with memloc.edited(...)")
+    result = ProbeResult.load(loaded.run, PROBE_NAME)
+    epoch = result.summary.get("epoch")
+    model = loaded.model(epoch)
+    by_index = {l.index: l for l in find_layers(model)}
+    wanted = [int(i) for i in result.arrays["layer_index"]]
+    if any(i not in by_index for i in wanted):
+        raise RunError(f"the localize result of {loaded.run.path} names layers its model does not have: rerun "
+                       f"`memloc localize {loaded.run.path}`")
+    mask = result.arrays["edit_mask"]
+    fold_edit(model, [by_index[i] for i in wanted], mask)
+    ep = loaded.run.saved_epochs()[-1] if epoch is None else epoch
+    meta = {"format": EXPORT_FORMAT, "task": "lm", "edit": "localize", "method": result.summary.get("method"),
+            "zeroed": int((mask == 0).sum()), "epoch": ep, "source_run": str(loaded.run.path),
+            "tokenizer": loaded.config.data.tokenizer}
+    return _write_lm(model, out, meta, overwrite=overwrite)
 
 
 EXPORT_MARKER = "memloc_export.json"

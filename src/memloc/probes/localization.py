@@ -583,8 +583,9 @@ class _Localizer:
         return scores
 
 
-def _outgoing_norms(model: nn.Module, layer: Layer) -> torch.Tensor | None:
-    """(U_j,) norm of each unit's outgoing weights in a transformer block's output projection, None elsewhere.
+def output_projection(model: nn.Module, layer: Layer) -> nn.Module | None:
+    """The output projection of a transformer block's MLP or attention layer, None elsewhere (or when its input
+    features do not split evenly into the layer's units).
 
     The projection is the last module with a 2-D weight among the layer's modules (memloc's GPT and the wrapped
     Hugging Face families: `proj`, `c_proj`, `dense_4h_to_h`, `down_proj`, `o_proj`); a unit owns its input
@@ -599,13 +600,51 @@ def _outgoing_norms(model: nn.Module, layer: Layer) -> torch.Tensor | None:
             w = getattr(sub, "weight", None)
             if isinstance(w, torch.Tensor) and w.dim() == 2:
                 proj = sub
+    if proj is None or _in_out(proj).shape[1] % layer.units:
+        return None
+    return proj
+
+
+def _in_out(proj: nn.Module) -> torch.Tensor:
+    """The projection's weight as (out, in), a view (GPT-2's Conv1D stores (in, out))."""
+    w = proj.weight
+    return w if isinstance(proj, nn.Linear) or not hasattr(proj, "nf") else w.t()
+
+
+def _outgoing_norms(model: nn.Module, layer: Layer) -> torch.Tensor | None:
+    """(U_j,) norm of each unit's outgoing weights in its block's output projection (`output_projection`), None
+    where there is none."""
+    proj = output_projection(model, layer)
     if proj is None:
         return None
-    w = proj.weight.detach().float()
-    w = w.t() if (not isinstance(proj, nn.Linear) and hasattr(proj, "nf")) else w  # (out, in)
-    if w.shape[1] % layer.units:
-        return None
+    w = _in_out(proj).detach().float()
     return w.reshape(w.shape[0], layer.units, -1).pow(2).sum((0, 2)).sqrt()  # (U_j,)
+
+
+@torch.no_grad()
+def fold_edit(model: nn.Module, layers: Sequence[Layer], mask) -> nn.Module:
+    """Remove the units an edit zeroes for good, in place: each zeroed unit's input columns of its block's output
+    projection set to 0. `proj(x * m) == proj'(x)` exactly, so the model keeps its architecture and computes what
+    `zeroed(model, layers, mask)` computes. Transformer MLP neurons and attention heads only (a layer without an
+    output projection raises a one-line ConfigError)."""
+    mask = np.asarray(mask, dtype=np.float32)
+    sizes = [l.units for l in layers]
+    if len(mask) != sum(sizes):
+        raise ConfigError(f"the edit has {len(mask)} units but the layers have {sum(sizes)}: it is for another model")
+    lo = 0
+    for layer, size in zip(layers, sizes):
+        part = mask[lo:lo + size]
+        lo += size
+        if (part == 1).all():
+            continue
+        proj = output_projection(model, layer)
+        if proj is None:
+            raise ConfigError(f"layer {layer.name} ({layer.kind}) has no output projection to fold the edit into: "
+                              "only transformer MLP neurons and attention heads can be removed from the weights")
+        w = _in_out(proj)  # (out, in): a view, written in place
+        factor = torch.as_tensor(part, device=w.device, dtype=w.dtype).repeat_interleave(w.shape[1] // size)
+        w.mul_(factor[None, :])
+    return model
 
 
 # ----------------------------------------------------------------------------- the probe

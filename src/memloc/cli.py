@@ -320,7 +320,7 @@ def _grid_pairs(text: str) -> tuple[tuple[float, float], ...]:
 def cmd_dropout_grid(args) -> int:
     from .grid import DEFAULT_PAIRS, dropout_grid
     rows = dropout_grid(run_config(args), args.out, pairs=args.pairs or DEFAULT_PAIRS, baselines=not args.no_baselines,
-                        progress=not args.quiet, log=_log(args))
+                        elr=args.elr_cells, progress=not args.quiet, log=_log(args))
     print(f"done: {Path(args.out) / 'grid.csv'} ({len(rows)} cells)")
     return 0
 
@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dropout-grid", help="example-tied dropout over (p_gen, p_mem) pairs, with matched baselines")
     p.add_argument("--preset", choices=presets, help="base data/model/training settings")
-    _run_flags(p, exclude={"model": ("p_gen",)})
+    _run_flags(p, exclude={"model": ("p_gen",), "train": ("elr",)})
+    p.add_argument("--elr", dest="elr_cells", type=_floats, metavar="LAMBDA,BETA",
+                   help="also train a plain cell and an early-learning-regularization cell, e.g. 3,0.7 (docs/elr.md)")
     p.add_argument("--pairs", type=_grid_pairs, metavar="'G,M;G,M'",
                    help="cells to train, e.g. '0.4,0.1;0.3,0.1' (default: p_gen 0.2-0.5 x p_mem 0.05, 0.1, 0.2)")
     p.add_argument("--no-baselines", action="store_true", help="skip the standard-dropout and fixed-sparse baselines")

@@ -142,9 +142,14 @@ class RunConfig:
         want = TASK_DATA[self.task]()
         if not isinstance(self.data, want):
             raise ConfigError(f"task {self.task} takes a {want.__name__}, not a {type(self.data).__name__}")
+        if self.task != "classification" and self.train.elr is not None:
+            raise ConfigError(f"--elr (early-learning regularization) is for classification, not --task {self.task}: "
+                              "drop it")
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["train"].get("elr") is None:  # without ELR, config.json is what earlier memloc wrote
+            d["train"].pop("elr", None)
         if self.task == "classification":  # as earlier memloc wrote it (a language model's tie means nothing here)
             d.pop("task")
             if d["model"].get("tie") == "document":

@@ -9,6 +9,14 @@ keeping a seeded fraction ``a`` of the units at training and test. Baselines
 have nothing to drop, so their "before" and "after" are both their eval-mode
 accuracies.
 
+With `elr` (lambda, beta) two more cells give the comparison of preventing
+memorization with localizing it (issue 17): "plain" (no per-block layer, plain
+cross-entropy) and "elr-LAMBDA-BETA" (the plain model trained with early-learning
+regularization, docs/elr.md), on the same data, noise and training settings.
+Like the baselines they have nothing to drop; read them beside an example-tied
+cell's "after" columns: clean_after, noisy_after (given label),
+noisy_true_after, test_drop.
+
 Layout: ``DIR/grid.json`` (the base config and the cells), one run directory per
 cell (``DIR/etd-0.4-0.1/``, ``DIR/dropout-0.46/``, ``DIR/sparse-0.46/``) and
 ``DIR/grid.csv`` (one row per cell, rewritten after every cell). Re-running the
@@ -38,6 +46,7 @@ from .dropout import expected_active_fraction
 from .errors import ConfigError
 from .experiment import ModelConfig, RunConfig, make_model, open_run, resume_training, run_training
 from .runs import LOCK_NAME, RunDir, _jsonable, exclusive, write_json, write_text
+from .training import elr_setting
 
 __all__ = ["DEFAULT_PAIRS", "GRID_COLUMNS", "GridCell", "grid_cells", "dropout_grid"]
 
@@ -57,27 +66,32 @@ LM_GRID_COLUMNS = ("cell", "method", "p_gen", "p_mem", "active_fraction", "extra
 
 @dataclass(frozen=True)
 class GridCell:
-    """One trained model of the grid. method: "example_tied", "dropout" or "sparse"."""
+    """One trained model of the grid. method: "example_tied", "dropout", "sparse", "plain" or "elr"
+    (language models: also "dedup"); `elr`: the "elr" cell's (lambda, beta)."""
 
     name: str
     method: str
     p_gen: float | None
     p_mem: float | None
     active_fraction: float
+    elr: tuple[float, float] | None = None
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         if self.method == "example_tied":
             return replace(base, p_gen=self.p_gen, p_mem=self.p_mem, baseline=None, active_fraction=None)
-        if self.method in UNMASKED:
+        if self.method in UNMASKED or self.method == "elr":
             return replace(base, p_gen=None, p_mem=None, baseline=None, active_fraction=None)
         return replace(base, p_gen=None, p_mem=None, baseline=self.method, active_fraction=self.active_fraction)
 
     def run_config(self, base: RunConfig) -> RunConfig:
-        """The cell's whole config: its model layer; "dedup" also its data (each canary written once)."""
+        """The cell's whole config: its model layer; "dedup" also its data (each canary written once); "elr" also
+        its training's early-learning regularization."""
         cfg = copy.deepcopy(base)
         cfg.model = self.model_config(base.model)
         if self.method == "dedup":
             cfg.data = replace(cfg.data, dedup=True)
+        if self.method == "elr":
+            cfg.train = replace(cfg.train, elr=self.elr)
         return cfg
 
 
@@ -85,9 +99,14 @@ class GridCell:
 UNMASKED = ("plain", "dedup")
 
 
-def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True, task: str = "classification") -> list[GridCell]:
+def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True, task: str = "classification",
+               elr=None) -> list[GridCell]:
     """The cells for `pairs` ((p_gen, p_mem), ...): one per pair, then two baselines per distinct fraction
-    (language models: also the plain model and the plain model on deduplicated data)."""
+    (language models: also the plain model and the plain model on deduplicated data); with `elr` (lambda, beta),
+    last, the plain model and the plain model with early-learning regularization (classification)."""
+    elr = elr_setting(elr)
+    if elr is not None and task != "classification":
+        raise ConfigError(f"--elr (early-learning regularization) is for classification, not --task {task}: drop it")
     pairs = [tuple(float(v) for v in p) for p in pairs]
     if not pairs:
         raise ConfigError("the grid has no (p_gen, p_mem) pairs: pass e.g. --pairs '0.4,0.1;0.3,0.1'")
@@ -114,6 +133,9 @@ def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True, task: str = "clas
             cells = [replace(c, p_gen=first[c.active_fraction][0], p_mem=first[c.active_fraction][1])
                      if c.method == "dropout" else c for c in cells]
             cells += [GridCell(m, m, None, None, 1.0) for m in UNMASKED]
+    if elr is not None:  # prevention beside localization, on the same data: plain and ELR, nothing to drop
+        cells += [GridCell("plain", "plain", None, None, 1.0),
+                  GridCell(f"elr-{elr[0]:g}-{elr[1]:g}", "elr", None, None, 1.0, elr=elr)]
     return cells
 
 
@@ -190,16 +212,20 @@ def _check_buildable(base: RunConfig, cells: list[GridCell]) -> None:
 
 
 def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, baselines: bool = True,
-                 progress: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
+                 elr=None, progress: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
     """Train and evaluate every cell of the grid into `out_dir`; returns the rows of `grid.csv` (percentages).
 
     `base` gives the data, model and training settings shared by all cells (its
-    example-tied dropout / baseline fields are replaced per cell). Resumable:
+    example-tied dropout / baseline fields are replaced per cell). `elr`
+    (lambda, beta, e.g. (3, 0.7)) adds a "plain" and an "elr" cell. Resumable:
     call again with the same arguments to finish an interrupted grid.
     """
     if base.model.example_tied or base.model.baseline is not None:
         raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
-    cells = grid_cells(pairs, baselines=baselines, task=base.task)
+    if elr is not None and base.train.elr is not None:
+        raise ConfigError("the base config trains every cell with ELR already: leave it out of the base config to "
+                          "compare a plain and an ELR cell")
+    cells = grid_cells(pairs, baselines=baselines, task=base.task, elr=elr)
     out_dir = Path(out_dir)
     # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
     spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},

@@ -14,6 +14,13 @@ All randomness of an epoch (shuffling, augmentation, standard dropout) is drawn
 inside `torch.random.fork_rng` seeded from (seed, epoch): the caller's global
 random state is untouched, and a run resumed from a checkpoint repeats exactly
 the epochs it lost.
+
+Early-learning regularization (`elr`, Liu et al. 2020; docs/elr.md) adds to each
+example's cross-entropy lambda * log(1 - <t_i, p_i>), where t_i is a running
+average (momentum beta) of the example's own softmax outputs, kept on the device
+and saved with every checkpoint. The per-example records and `train_loss` keep
+the plain cross-entropy against the given label; the step's gradient and the
+gradient accounting use the full objective.
 """
 
 from __future__ import annotations
@@ -36,13 +43,52 @@ from .errors import ConfigError, RunError
 from .inference import indices_context
 from .models import Layer, check_input, select_layers
 from .models import layers as find_layers
-from .options import option, replaced
+from .options import floats, option, replaced
 from .precision import autocast, cudnn_autotune
 from .runs import RunDir, exclusive, load_state, save_state
 from .tasks import task_of
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
+ELR_CLAMP = 1e-4  # the published code clamps the softmax to [1e-4, 1 - 1e-4] before the targets and the penalty
+ELR_STATE = "elr_targets"  # the (N, C) targets' name in a checkpoint's optimizer_XXX.safetensors
+
+
+def _elr_pair(text: str) -> tuple[float, float]:
+    return floats(text, 2)  # type: ignore[return-value]
+
+
+def elr_setting(value: Any) -> tuple[float, float] | None:
+    """(lambda, beta) of early-learning regularization, validated: lambda >= 0, 0 <= beta < 1 (None: off)."""
+    if value is None:
+        return None
+    try:
+        lam, beta = (float(v) for v in value)
+    except (TypeError, ValueError):
+        given = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+            if isinstance(value, (tuple, list)) else repr(value)
+        raise ConfigError(f"ELR takes two numbers LAMBDA,BETA, e.g. --elr 3,0.7, not {given}") from None
+    if not (0.0 <= lam < math.inf):
+        raise ConfigError(f"ELR lambda {lam:g} must be a finite number >= 0: pass e.g. --elr 3,0.7")
+    if not (0.0 <= beta < 1.0):
+        raise ConfigError(f"ELR beta {beta:g} is outside [0, 1): pass e.g. --elr 3,0.7")
+    return lam, beta
+
+
+def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """Early-learning regularization of a batch: update the targets, return log(1 - <t_i, p_i>) per example (B,).
+
+    `logits` (B, C) of the examples at dataset positions `idx` (B,); `targets`
+    (N, C) float32, updated in place first, as the published code does:
+    p = clamp(softmax(logits), 1e-4, 1 - 1e-4) and t[idx] = beta * t[idx] +
+    (1 - beta) * p / sum(p) (no gradient through t). The gradient flows through
+    p only; the term is negative and falls as p agrees with the running target.
+    """
+    p = torch.softmax(logits.float(), dim=1).clamp(ELR_CLAMP, 1.0 - ELR_CLAMP)  # (B, C)
+    q = p.detach()
+    targets[idx] = beta * targets[idx] + (1.0 - beta) * (q / q.sum(1, keepdim=True))
+    # <t, p> <= max(p) <= 1 - 1e-4 since t sums to at most 1: the log is finite
+    return torch.log1p(-(targets[idx] * p).sum(1))  # (B,)
 
 
 @dataclass
@@ -65,6 +111,10 @@ class TrainConfig:
     gradient_accounting: bool = option(True, "skip gradient accounting (the clean and noisy gradient shares)",
                                        negate="--no-gradient-accounting")
     checkpoint_every: int = option(1, "save the model every K epochs")
+    elr: tuple[float, float] | None = option(None, "early-learning regularization (Liu et al. 2020; classification): "
+                                             "lambda * log(1 - <t, p>) with per-example targets t of momentum beta, "
+                                             "e.g. 3,0.7 (CIFAR-10's; CIFAR-100's 7,0.9; mnist5k: 3,0.9); docs/elr.md",
+                                             parse=_elr_pair, metavar="LAMBDA,BETA")
     eval_batch_size: int = option(1024, cli=False, result=False)
     device: str = option("auto", "auto (cuda when present), cpu or cuda", result=False)
     compile: bool = option(False, "torch.compile the model (GPU)", result=False)
@@ -86,6 +136,7 @@ class TrainConfig:
             raise ConfigError(f"warm-up fraction {self.warmup} is outside [0, 1)")
         if self.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be at least 1, not {self.checkpoint_every}")
+        self.elr = elr_setting(self.elr)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -141,6 +192,7 @@ class History:
     metrics: list[dict]
     records: dict[str, np.ndarray]  # loss, margin: (E, N) float16; correct: (E, N) bool
     gradients: dict[str, np.ndarray] | None  # clean_norm, noisy_norm, cosine: (L, E); layer_names
+    elr_targets: np.ndarray | None = None  # (N, C) float32: early-learning regularization's targets at the end
 
 
 class Trainer:
@@ -179,6 +231,13 @@ class Trainer:
         memorized = self.task.kind_mask(self.task.memorized_kind) if cfg.gradient_accounting else None
         self.accounting = GradientAccounting(self.model, memorized, e, dev)
         self.metrics: list[dict] = []
+        self.elr_targets = None  # (N, C) float32 on the device, with --elr only
+        if cfg.elr is not None:
+            if self.task.name != "classification":
+                raise ConfigError(f"--elr is for classification (per-example class targets), not task "
+                                  f"{self.task.name}: drop it")
+            # zeros, as published: an example's first visit sets its target to (1 - beta) * p
+            self.elr_targets = torch.zeros(n, self.task.data.num_classes, dtype=torch.float32, device=dev)
 
     # -- state for checkpoints and resume
     # the optimizer's per-parameter tensors under their names in checkpoints (SGD's "momentum.{i}" as before)
@@ -214,7 +273,15 @@ class Trainer:
         from .runs import load_into
         load_into(self.model, run.load_checkpoint(last), source=str(run.checkpoint_path(last)))
         if last > 0:
-            self._load_optimizer_state(load_state(run.checkpoint_dir / f"optimizer_{last:03d}.safetensors"))
+            state_path = run.checkpoint_dir / f"optimizer_{last:03d}.safetensors"
+            state = load_state(state_path)
+            self._load_optimizer_state(state)
+            if self.elr_targets is not None:
+                saved = state.get(ELR_STATE)
+                if saved is None or saved.shape != self.elr_targets.shape:
+                    raise RunError(f"{state_path} has no ELR targets of shape {tuple(self.elr_targets.shape)}: "
+                                   "it was not saved by this run; start it again with --overwrite")
+                self.elr_targets.copy_(saved)
         self.metrics = [m for m in run.read_metrics() if m["epoch"] <= last]
         if last > 0:
             rec = run.load_arrays("examples.npz", "loss", "margin", "correct_bits")
@@ -239,6 +306,7 @@ class Trainer:
             split = acc.start_epoch(order, b)
             loss_sum = torch.zeros((), device=dev)
             correct_sum = torch.zeros((), device=dev)
+            elr_sum = torch.zeros((), device=dev) if cfg.elr is not None else None
             for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, task.data.y_train, batch_size=b,
                                                                   order=order, device=dev)):
                 lr = learning_rate((epoch - 1) * self.steps_per_epoch + step, total_steps, cfg)
@@ -247,11 +315,16 @@ class Trainer:
                 x = task.inputs(xb, dev, augment=cfg.augment)
                 with autocast(dev), self.indices_ctx(model, idx):
                     out = self.forward(x).float()  # (B, K)
-                loss_vec = task.loss(out, yb)  # (B,)
+                loss_vec = task.loss(out, yb)  # (B,) cross-entropy: what the records hold
+                objective = loss_vec  # (B,) what the step and the accounting differentiate
+                if cfg.elr is not None:
+                    reg = elr_regularizer(out, self.elr_targets, idx, beta=cfg.elr[1])  # (B,)
+                    objective = loss_vec + cfg.elr[0] * reg
+                    elr_sum += reg.detach().sum()
                 self.opt.zero_grad(set_to_none=True)
                 if acc.active and split[step]:
-                    acc.memorized_share(loss_vec, idx)  # same graph, full-batch BatchNorm statistics
-                loss_vec.mean().backward()
+                    acc.memorized_share(objective, idx)  # same graph, full-batch BatchNorm statistics
+                objective.mean().backward()
                 if acc.active:
                     acc.whole_step()
                 if cfg.clip is not None:
@@ -270,6 +343,8 @@ class Trainer:
         if acc.active:
             acc.close_epoch(e)
         train_stats = {"train_loss": float(loss_sum) / n, "train_acc": float(correct_sum) / n}
+        if elr_sum is not None:  # the mean of log(1 - <t, p>) (before lambda) over the epoch's examples
+            train_stats["train_elr"] = float(elr_sum) / n
         return train_stats
 
     # -- saving
@@ -284,7 +359,10 @@ class Trainer:
         run.write_metrics(self.metrics)
         if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
             run.save_checkpoint(epoch, self.model)
-            save_state(run.checkpoint_dir / f"optimizer_{epoch:03d}.safetensors", self._optimizer_state())
+            state = self._optimizer_state()
+            if self.elr_targets is not None:  # with the optimizer's state: what resuming needs, only the newest
+                state[ELR_STATE] = self.elr_targets
+            save_state(run.checkpoint_dir / f"optimizer_{epoch:03d}.safetensors", state)
             run.set_stage("train", "running", last_checkpoint=epoch, epochs=self.cfg.epochs)
             for f in run.checkpoint_dir.glob("optimizer_*.safetensors"):  # only the newest is needed to resume
                 if f.name != f"optimizer_{epoch:03d}.safetensors":
@@ -333,7 +411,8 @@ class Trainer:
     def history(self) -> History:
         records = {"loss": self.rec_loss.cpu().numpy(), "margin": self.rec_margin.cpu().numpy(),
                    "correct": self.rec_correct.cpu().numpy()}
-        return History(self.metrics, records, self.accounting.arrays() if self.accounting.active else None)
+        return History(self.metrics, records, self.accounting.arrays() if self.accounting.active else None,
+                       self.elr_targets.cpu().numpy() if self.elr_targets is not None else None)
 
 
 def _pct(v) -> str:
@@ -381,7 +460,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
             run.save_arrays("data.npz", **data.arrays())
             run.write_json("config.json", {"data": {"dataset": data.name, "noise": None},
                                            "model": {"name": type(model).__name__, "width": None},
-                                           "train": {k: v for k, v in vars(cfg).items()}, "source": "python api"})
+                                           "train": {k: v for k, v in vars(cfg).items()
+                                                     if not (k == "elr" and v is None)},  # as before ELR
+                                           "source": "python api"})
         with run.working("train"):
             return Trainer(model, data, cfg, run=run, progress=progress, log=log).fit()
 

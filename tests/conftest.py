@@ -49,6 +49,17 @@ def digits_master(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mnist5k_master(tmp_path_factory) -> Path:
+    """ResNet-9 at width 0.25 on 2,000 mnist5k digits with 10% noise, 25 epochs at batch 128, final checkpoint only:
+    it memorizes every noisy label (about 2.5 min on 2 CPU cores). For slow tests; read only: copy it to write."""
+    out = tmp_path_factory.mktemp("mnist5k") / "run"
+    assert main(["train", "--dataset", "mnist5k", "--train-size", "2000", "--model", "resnet9", "--width", "0.25",
+                 "--epochs", "25", "--batch-size", "128", "--device", "cpu", "--no-gradient-accounting",
+                 "--checkpoint-every", "25", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smoke_study_master(tmp_path_factory) -> Path:
     """`memloc run --preset smoke`: the whole study, once per session. Read only: copy it to write."""
     out = tmp_path_factory.mktemp("study") / "s"

@@ -19,10 +19,10 @@ def smoke_study(smoke_study_master, tmp_path_factory):
 def test_smoke_study_makes_every_stage_and_the_report(smoke_study):
     info = json.loads((smoke_study / "study.json").read_text())
     assert info["finished"] is True
-    for stage in ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "detection",
-                  "report"):
+    for stage in ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "depth",
+                  "detection", "report"):
         assert info["stages"][stage]["status"] == "done", stage
-    for probe in ("rewinding", "retraining", "flipping", "detection"):
+    for probe in ("rewinding", "retraining", "flipping", "depth", "detection"):
         assert (smoke_study / "base" / "probes" / probe / "summary.json").exists(), probe
     assert (smoke_study / "dropout" / "probes" / "dropout" / "summary.json").exists()
     figures = {p.stem for p in (smoke_study / "report" / "figures").iterdir()}

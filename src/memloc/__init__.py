@@ -19,6 +19,7 @@ from .inference import predict  # noqa: E402
 from .lm.tinymem import TinyMemConfig, tinymem_data  # noqa: E402
 from .models import Layer, build_model, layers  # noqa: E402
 from .probes import (  # noqa: E402
+                     DepthConfig,
                      DetectConfig,
                      DropoutConfig,
                      FlipConfig,
@@ -28,6 +29,7 @@ from .probes import (  # noqa: E402
                      detect,
                      evaluate_dropout,
                      flip,
+                     prediction_depth,
                      retrain,
                      rewind,
                      run_probe,
@@ -51,6 +53,7 @@ __all__ = [
     "ProbeResult", "run_probe",
     "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "flip",
     "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect", "detect_scores", "plot_roc",
+    "DepthConfig", "prediction_depth",
     "LocalizeConfig", "localize", "edited", "BenchConfig", "bench_localize", "TinyMemConfig", "tinymem_data",
     "UnitScale", "export_dropped", "export_localized", "load_exported", "remove_memorization",
     "DEFAULT_PAIRS", "dropout_grid",

@@ -631,7 +631,7 @@ def mark_failed(set_status: Callable[..., None], stage: str, err: BaseException)
 
 # The stages of one cell of a study (a seed and a noise level), in order; a study's own stages are these per
 # cell (prefixed "s<seed>-n<noise>/" when there are several cells), then "grid" (with --grid) and "report".
-STUDY_STAGES = ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "detection")
+STUDY_STAGES = ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "depth", "detection")
 
 
 def study_cells(study: RunDir) -> list[tuple[int, float, str, Path, Path]]:

@@ -169,6 +169,9 @@ class _Cell:
             probes.flip(self.loaded(self.base_dir), cfg=fc, progress=progress, log=log)
         elif name == "dropout_eval":
             probes.evaluate_dropout(self.loaded(self.drop_dir), progress=progress, log=log)
+        elif name == "depth":  # before detection: prediction depth is one of its scores
+            probes.prediction_depth(self.loaded(self.base_dir), cfg=probes.DepthConfig(seed=base_cfg.train.seed),
+                                    progress=progress, log=log)
         elif name == "detection":
             probes.detect(self.loaded(self.base_dir), cfg=probes.DetectConfig(), progress=progress, log=log)
         else:

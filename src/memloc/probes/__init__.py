@@ -5,8 +5,9 @@ and a `Probe(...)`), and add it to the import line below; the engine, the CLI an
 the report find it by name (see docs/architecture.md).
 """
 
-from . import detection, dropout_eval, flipping, localization, memorization, retraining, rewinding  # noqa: E402,F401 - the registration line
+from . import depth, detection, dropout_eval, flipping, localization, memorization, retraining, rewinding  # noqa: E402,F401 - the registration line
 from .base import ProbeResult, registered, swapped_state
+from .depth import DepthConfig, measure_depth, prediction_depth
 from .detection import DetectConfig, detect
 from .dropout_eval import DropoutConfig, evaluate_dropout
 from .engine import Context, Partial, Probe, prepare, run_probe
@@ -19,4 +20,4 @@ from .rewinding import RewindConfig, rewind
 __all__ = ["ProbeResult", "Probe", "Context", "Partial", "registered", "prepare", "run_probe", "swapped_state",
            "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "FlipRecord", "flip",
            "select_examples", "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect",
-           "MemorizationConfig", "measure_memorization"]
+           "MemorizationConfig", "measure_memorization", "DepthConfig", "prediction_depth", "measure_depth"]

@@ -19,9 +19,13 @@ score (raw value)         raw value, per training example                  sign
                           for examples the probe did not cover
 ``label_quality``         cleanlab's label quality on out-of-fold           -1
                           predicted probabilities (``cv`` > 0 only)
+``prediction_depth``      the depth probe's prediction depth (Baldock et    +1
+                          al.: the first layer from which every k-NN probe
+                          agrees with the final prediction); only when the
+                          run has a depth probe (``memloc depth RUN``)
 ========================  ===============================================  ====
 
-All scores but the last two come from what training recorded (RUN/examples.npz:
+All scores but the last three come from what training recorded (RUN/examples.npz:
 each example's loss, margin and correctness in the training pass of every
 epoch, train-mode BatchNorm, before that step's update): no extra passes over
 the data. The one extra pass is the final model's predicted label (eval mode),
@@ -65,6 +69,7 @@ from ..runs import RunDir
 from ..tasks import task_of
 from ..training import Trainer
 from .base import ProbeResult
+from .depth import depth_scores
 from .engine import Context, Probe, run_probe
 from .flipping import FlipConfig, _plan
 
@@ -79,6 +84,8 @@ SCORES: dict[str, tuple[int, str]] = {
     "first_learned": (1, "first epoch learned for good (E+1: wrong at the last epoch)"),
     "units_to_flip": (-1, "units zeroed until the prediction flips (flipping probe); fewer = more suspicious"),
     "label_quality": (-1, "cleanlab label quality on k-fold out-of-fold predicted probabilities"),
+    "prediction_depth": (1, "prediction depth (depth probe): the first layer from which every k-NN probe agrees "
+                            "with the final prediction; deeper = more suspicious"),
 }
 RECORD_SCORES = ("aum", "final_loss", "mean_loss", "forgetting", "first_learned")
 GALLERY = 32  # top suspects whose images are kept in arrays.npz for the report's gallery
@@ -89,7 +96,7 @@ class DetectConfig:
     """Settings of `memloc detect`. The default ranking is by AUM (needs no noise mask, no extra training)."""
 
     rank_by: str = option("aum", "score ranking suspects.csv: aum, final_loss, mean_loss, forgetting, first_learned, "
-                          "units_to_flip, label_quality")
+                          "units_to_flip, label_quality, prediction_depth")
     cv: int = option(0, "confident learning (cleanlab) on K-fold out-of-fold predictions: trains K extra models",
                      metavar="K")
     cv_epochs: int | None = option(None, "epochs of each cross-validation model (default: the run's)")
@@ -308,8 +315,8 @@ def detect_scores(raw: dict[str, np.ndarray], *, given: np.ndarray, is_noisy: np
             row["is_rare"] = int(bool(is_rare[i]))
         for s_i, s in enumerate(names):
             v = raw_m[i, s_i]
-            row[s] = "" if not np.isfinite(v) else (int(v) if s in ("forgetting", "first_learned", "units_to_flip")
-                                                     else round(float(v), 5))
+            row[s] = "" if not np.isfinite(v) else (int(v) if s in ("forgetting", "first_learned", "units_to_flip",
+                                                                    "prediction_depth") else round(float(v), 5))
         row["suspicion"] = "" if not np.isfinite(susp[i, j]) else round(float(susp[i, j]), 5)
         rows.append(row)
     return ProbeResult(PROBE_NAME, summary, arrays, rows)
@@ -418,6 +425,10 @@ def _check_inputs(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) 
     if cfg.rank_by == "units_to_flip" and not (has_flip or cfg.flip_all):
         where = f"`memloc flip {ctx.run.path}`" if ctx.run is not None else "memloc.flip on the run"
         raise ConfigError(f"--rank-by units_to_flip needs the flipping probe: run {where} first, or pass --flip-all")
+    has_depth = ctx.run is not None and (ctx.run.path / "probes" / "depth" / "summary.json").exists()
+    if cfg.rank_by == "prediction_depth" and not has_depth:
+        where = f"`memloc depth {ctx.run.path}`" if ctx.run is not None else "memloc.prediction_depth on the run"
+        raise ConfigError(f"--rank-by prediction_depth needs the depth probe: run {where} first")
     if (cfg.flip_all or cfg.cv) and ctx.loaded is None:
         raise ConfigError("--flip-all and --cv work on a run directory: pass the run made by `memloc train`")
     if cfg.flip_all:
@@ -464,6 +475,11 @@ def _compute(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> Pr
         raw["units_to_flip"] = flip_scores(fr.arrays, n)
         extra["flipping"] = {"covered": int(np.isfinite(raw["units_to_flip"]).sum()),
                              "budget_units": fr.summary.get("budget_units"), "epoch": fr.summary.get("epoch")}
+    if ctx.run is not None and (ctx.run.path / "probes" / "depth" / "summary.json").exists():
+        dr = ProbeResult.load(ctx.run, "depth")
+        raw["prediction_depth"] = depth_scores(dr.arrays, n)
+        extra["depth"] = {"k": dr.summary.get("k"), "support": dr.summary.get("support"),
+                          "num_layers": dr.summary.get("num_layers"), "epoch": dr.summary.get("epoch")}
     given_np = given.cpu().numpy()
     if cfg.cv:
         probs = cross_validated_probs(ctx.loaded.config, data, folds=cfg.cv, epochs=cfg.cv_epochs, seed=cfg.seed,

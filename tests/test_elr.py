@@ -284,3 +284,22 @@ def test_elr_prevents_memorization_on_mnist5k(one_thread):
     assert elr["noisy_train_acc"] < 30.0, final
     assert elr["test_acc"] >= plain["test_acc"] - 2.0, final
     assert elr["clean_train_acc"] >= 95.0, final  # it still fits the clean examples
+
+
+def test_protection_notes_say_where_each_method_protects():
+    """The report's grid notes: prevention (ELR) vs removable localization (example-tied dropout), with the numbers;
+    nothing without a plain row to compare with."""
+    from memloc.report import protection_notes
+    rows = [{"cell": "plain", "method": "plain", "noisy_after": "97.0", "test_eval": "90.2"},
+            {"cell": "elr-3-0.9", "method": "elr", "noisy_after": "12.0", "noisy_true_after": "84.25",
+             "test_eval": "93.0"},
+            {"cell": "etd-0.4-0.1", "method": "example_tied", "noisy_before": "100.0", "noisy_after": "1.75",
+             "clean_after": "94.25", "test_drop": "89.9"},
+            {"cell": "etd-0.3-0.1", "method": "example_tied", "noisy_before": "100.0", "noisy_after": "2.25",
+             "clean_after": "94.0", "test_drop": "90.0"}]
+    notes = protection_notes(rows)
+    assert len(notes) == 3 and "97.0%" in notes[0]
+    assert "prevents" in notes[1] and "12.0%" in notes[1] and "nothing to remove" in notes[1]
+    assert "etd-0.4-0.1" in notes[2] and "1.8%" in notes[2] and "localizes" in notes[2]
+    assert protection_notes(rows[1:]) == [] and protection_notes(rows[:1]) == []
+    assert protection_notes([{"method": "plain", "noisy_after": ""}, rows[1]]) == []

@@ -321,6 +321,9 @@ def cmd_dropout_grid(args) -> int:
     from .grid import DEFAULT_PAIRS, dropout_grid
     rows = dropout_grid(run_config(args), args.out, pairs=args.pairs or DEFAULT_PAIRS, baselines=not args.no_baselines,
                         elr=args.elr_cells, progress=not args.quiet, log=_log(args))
+    from .report import protection_notes
+    for line in protection_notes(rows):
+        print(line)
     print(f"done: {Path(args.out) / 'grid.csv'} ({len(rows)} cells)")
     return 0
 

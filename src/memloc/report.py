@@ -1573,8 +1573,39 @@ def build_study_report(path: Path) -> Path:
     grid_csv = path / "grid" / "grid.csv"
     if grid_csv.exists():
         rows = list(csv.DictReader(io.StringIO(grid_csv.read_text())))
-        sections.append(Section("Example-tied dropout grid and baselines", tables=[Table("grid", "grid.csv", rows)]))
+        sections.append(Section("Example-tied dropout grid and baselines", tables=[Table("grid", "grid.csv", rows)],
+                                notes=protection_notes(rows)))
     return write_report(path / "report", "memloc study report", intro, sections)
+
+
+def protection_notes(rows: list[dict]) -> list[str]:
+    """Where each method's protection comes from, read off grid.csv rows: a plain model memorizes the noisy labels,
+    early-learning regularization never learns them (prevention: nothing to remove), example-tied dropout learns them
+    and its drop removes them (localization). Empty without a plain row and an ELR or example-tied row."""
+    def num(r: dict, key: str) -> float | None:  # grid.csv's cells are text; empty for "not measured"
+        try:
+            v = float(r.get(key))
+        except (TypeError, ValueError):
+            return None
+        return v if np.isfinite(v) else None
+    plain = next((r for r in rows if r.get("method") == "plain"), None)
+    if plain is None or num(plain, "noisy_after") is None:
+        return []
+    notes = [f"Plain training memorizes {num(plain, 'noisy_after'):.1f}% of the noisy labels (test "
+             f"{_fixed(num(plain, 'test_eval'), 1)}%)."]
+    for r in rows:
+        if r.get("method") == "elr" and num(r, "noisy_after") is not None:
+            notes.append(f"ELR ({r.get('cell')}) prevents it: the noisy labels are learned to "
+                         f"{num(r, 'noisy_after'):.1f}% only ({_fixed(num(r, 'noisy_true_after'), 1)}% predicted as "
+                         f"their true class), test {_fixed(num(r, 'test_eval'), 1)}%; there is nothing to remove.")
+    tied = [r for r in rows if r.get("method") == "example_tied" and num(r, "noisy_after") is not None]
+    if tied:
+        best = min(tied, key=lambda r: num(r, "noisy_after"))
+        notes.append(f"Example-tied dropout ({best.get('cell')}) localizes it: {_fixed(num(best, 'noisy_before'), 1)}% "
+                     f"memorized, {num(best, 'noisy_after'):.1f}% after the memorization units are dropped (clean "
+                     f"{_fixed(num(best, 'clean_after'), 1)}%, test {_fixed(num(best, 'test_drop'), 1)}% after the "
+                     "drop): removable, and inspectable before it is removed.")
+    return notes if len(notes) > 1 else []
 
 
 def build_report(path: str | Path | RunDir) -> Path:

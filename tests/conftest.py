@@ -49,6 +49,18 @@ def digits_master(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_master(tmp_path_factory) -> Path:
+    """A 1-epoch language-model run on 64 sequences of 16 tokens (a 1-block GPT of width 8): nothing memorized, no
+    class labels. Read only: copy it to write."""
+    out = tmp_path_factory.mktemp("tinylm") / "run"
+    assert main(["train", "--task", "lm", "--sequences", "64", "--block-size", "16", "--prefix-tokens", "4",
+                 "--suffix-tokens", "4", "--canaries", "1", "--repeats", "2", "--canary-formats", "random",
+                 "--epochs", "1", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def mnist5k_master(tmp_path_factory) -> Path:
     """ResNet-9 at width 0.25 on 2,000 mnist5k digits with 10% noise, 25 epochs at batch 128, final checkpoint only:
     it memorizes every noisy label (about 2.5 min on 2 CPU cores). For slow tests; read only: copy it to write."""

@@ -141,14 +141,9 @@ def smoke_run(smoke_master, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    """A 1-epoch language-model run: no class labels."""
-    out = tmp_path_factory.mktemp("depthlm") / "run"
-    assert main(["train", "--task", "lm", "--sequences", "64", "--block-size", "16", "--prefix-tokens", "4",
-                 "--suffix-tokens", "4", "--canaries", "1", "--repeats", "2", "--canary-formats", "random",
-                 "--epochs", "1", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--out", str(out), "--quiet",
-                 "--device", "cpu"]) == 0
-    return out
+def lm_run(tiny_lm_master):
+    """A 1-epoch language-model run: no class labels (read only: depth refuses it before writing)."""
+    return tiny_lm_master
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -267,14 +267,10 @@ def test_the_planted_answer_on_a_gpu(method):
 # ----------------------------------------------------------------------------- on a run directory
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 1-epoch LM run: nothing memorized."""
-    out = tmp_path_factory.mktemp("loc") / "run"
-    assert main(["train", "--task", "lm", "--sequences", "64", "--block-size", "16", "--prefix-tokens", "4",
-                 "--suffix-tokens", "4", "--canaries", "1", "--repeats", "2", "--canary-formats", "random",
-                 "--epochs", "1", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--out", str(out), "--quiet",
-                 "--device", "cpu"]) == 0
-    return out
+def tiny_run(tiny_lm_master, tmp_path_factory):
+    """A 1-epoch LM run: nothing memorized (this module's own copy: its tests write into it)."""
+    from conftest import copy_of
+    return copy_of(tiny_lm_master, tmp_path_factory.mktemp("loc") / "run")
 
 
 @pytest.mark.parametrize("argv,words", [

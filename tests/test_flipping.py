@@ -263,12 +263,11 @@ def test_cli_end_to_end_and_resume(smoke_run, tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- the paper's direction (slow)
 
 @pytest.mark.slow
-def test_paper_direction_on_mnist5k(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flipslow") / "run"
-    # resnet9 at width 0.25 memorizes the 10% noisy labels of 2000 mnist5k examples (batch 128, 25 epochs)
-    assert main(["train", "--dataset", "mnist5k", "--train-size", "2000", "--model", "resnet9", "--width", "0.25",
-                 "--epochs", "25", "--batch-size", "128", "--device", "cpu", "--no-gradient-accounting",
-                 "--checkpoint-every", "25", "--out", str(out), "--quiet"]) == 0
+def test_paper_direction_on_mnist5k(mnist5k_master, tmp_path):
+    # resnet9 at width 0.25 memorizes the 10% noisy labels of 2000 mnist5k examples (batch 128, 25 epochs): the
+    # session's run (conftest), shared with the depth probe's slow test; flipping writes, so into a copy
+    from conftest import copy_of
+    out = copy_of(mnist5k_master, tmp_path / "run")
     res = flipping.flip(out, FlipConfig(examples=50, others=128, eval_subsample=500, device="cpu"), progress=False)
     k = res.summary["kinds"]
     c, n = k["clean"], k["noisy"]

@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
     p.set_defaults(func=cmd_dropout_grid)
 
-    p = sub.add_parser("bench-localize", help="benchmark the localization methods where the answer is known: TinyMem's "
-                                              "arithmetic artifacts, MemPi's injected sequences")
+    p = sub.add_parser("bench-localize", help="benchmark the localization methods: TinyMem's arithmetic artifacts, "
+                                              "MemPi's injected (INJ) and naturally memorized (DEL) sequences")
     p.add_argument("--benchmark", default="tinymem", metavar="NAME", help="tinymem (default), inj or del")
     p.add_argument("--preset", default="full", metavar="NAME",
                    help="smoke (under two minutes on 2 CPU cores), full (the CPU scale, default) or paper (GPU)")

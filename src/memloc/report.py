@@ -15,13 +15,14 @@ import csv
 import html
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from . import verdicts
 from .errors import RunError
 from .figures import gallery_figure, png, pyplot
 from .probes import registered
@@ -660,7 +661,10 @@ def _depth_claim(base: RunDir, add: Callable) -> None:
                      f"(layer {worst + 1} of {len(rnames)}: {_pct(acc[worst, j])} noisy-train)")
     add("noisy labels become decodable only in the last layers (Stephenson et al.)",
         "Stephenson et al.: later layers; the paper (rewinding): the critical layers are not the final ones",
-        ours, None if frm is None else frm >= last)
+        ours, verdicts.rule(None if frm is None else frm >= last,
+                            measure="first layer where noisy examples' given-label k-NN accuracy exceeds 50%",
+                            threshold=f"in the last third of the layers (from layer {last + 1} of {P})",
+                            value=None if frm is None else frm + 1, n=f"{P} layers"))
 
 
 def _float(v) -> float | None:
@@ -1096,21 +1100,60 @@ def _holds(ok: bool | None) -> str:
 
 def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
     """Each claim of the paper (REFERENCE.md) with our number beside it, from the files alone (a language model's
-    claims: `lm_claims`)."""
+    claims: `lm_claims`). Each row states its measure, test, threshold, n and result; the verdict comes from
+    `memloc.verdicts`."""
     if task_words(base).name == "lm":
         return lm_claims(base)
-    out: list[dict] = []
+    return [row for row, _ in _decided_claims(base, drop)]
+
+
+def _flip_groups(s: dict, arr: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per kind (clean, noisy): the searched examples' units to flip (+inf where the budget ran out: more than any
+    flipped one), flipped mask, training-accuracy drop and layer counts (E_kind, L)."""
+    kinds = np.array([str(k) for k in arr["kind"]])
+    searched = ~np.asarray(arr["already_wrong"], dtype=bool)
+    flipped = np.asarray(arr["flipped"], dtype=bool)
+    units = np.where(flipped, arr["num_units"].astype(np.float64), np.inf)
+    before = (s.get("accuracy_before") or {}).get("train_acc")
+    after = arr.get("train_acc_after")
+    drop = (np.full(len(kinds), np.nan) if before is None or after is None
+            else before - np.asarray(after, dtype=np.float64))
+    out = {}
+    for k in ("clean", "noisy"):
+        sel = searched & (kinds == k)
+        out[k] = {"units": units[sel], "flipped": flipped[sel], "drop": drop[sel], "counts": arr["layer_counts"][sel]}
+    return out
+
+
+def _detection_verdict(arr: dict) -> verdicts.Verdict:
+    """Units to flip as a detector, from the detection probe's per-example suspicion scores and noise mask."""
+    names = [str(n) for n in arr.get("score_names", [])]
+    if "units_to_flip" not in names or "is_noisy" not in arr:
+        return verdicts.rule(None, measure="AUROC of units to flip against the noise mask", threshold="—",
+                      result="the detection probe saved no units_to_flip scores or noise mask (rerun `memloc detect`)")
+    return verdicts.detects(arr["scores"][:, names.index("units_to_flip")], arr["is_noisy"],
+                            measure="AUROC of units to flip (fewer = more suspicious) against the noise mask")
+
+
+def _decided_claims(base: RunDir, drop: RunDir | None) -> list[tuple[dict, verdicts.Verdict]]:
+    """The classification claims: (table row, its decision)."""
+    out: list[tuple[dict, verdicts.Verdict]] = []
     mem = task_words(base).memorized
 
     metrics = base.read_metrics()
     noisy = np.array([np.nan if m.get(f"{mem}_acc") is None else m[f"{mem}_acc"] for m in metrics])
     memorized = bool(len(noisy) and np.isfinite(noisy[-1]) and noisy[-1] >= 0.5)
 
-    def add(claim, paper, ours, ok, *, needs_memorization=True):
-        verdict = _holds(ok)
+    def add(claim, paper, ours, v: verdicts.Verdict | bool | None, *, needs_memorization=True):
+        if not isinstance(v, verdicts.Verdict):
+            v = verdicts.rule(v, measure="see the claim", threshold="see the claim")
+        verdict = v.verdict
         if needs_memorization and not memorized and out:  # the first claim is the memorization itself
             verdict = "not measured: the model did not memorize the noisy examples (train longer)"
-        out.append({"claim": claim, "paper": paper, "ours": ours, "verdict": verdict})
+        out.append(({"claim": claim, "paper": paper, "ours": ours, **v.columns(), "verdict": verdict}, v))
+
+    def unmeasured(reason: str) -> None:  # the last row's verdict overridden (the dropout model memorized nothing)
+        out[-1][0]["verdict"] = reason
 
     window = None
     if metrics and np.isfinite(noisy).any():
@@ -1118,11 +1161,14 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
         if len(lo) and len(hi):
             window = (int(lo[0]) + 1, int(hi[0]) + 1)
         add("mislabeled examples are memorized (noisy-train accuracy at the end)", "~100%", _pct(noisy[-1]),
-            bool(noisy[-1] >= 0.9))
+            verdicts.rule(bool(noisy[-1] >= 0.9), measure="noisy-train accuracy at the end of training",
+                   threshold=">= 90%", value=float(noisy[-1]), n=f"{len(metrics)} epochs"))
         add("mislabeled examples are learned in a middle window of training", "mostly epochs 10–30 of 50",
             (f"25% → 90% between epochs {window[0]} and {window[1]} of {len(metrics)}" if window
              else "never reached 90%"),
-            None if window is None else bool(window[0] > 1))
+            verdicts.rule(None if window is None else bool(window[0] > 1),
+                   measure="epochs at which noisy-train accuracy first reaches 25% and 90%",
+                   threshold="25% first reached after epoch 1", value=None if window is None else window[0]))
     if base.has("gradients.npz"):
         g = base.load_arrays("gradients.npz", "layer_names", "clean_norm", "noisy_norm", "cosine")
         a, b = (window[0] - 1, window[1]) if window else (0, g["cosine"].shape[1])
@@ -1130,11 +1176,11 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
         ratio = g["noisy_norm"][body, a:b].sum(1) / np.maximum(g["clean_norm"][body, a:b].sum(1), 1e-30)
         add("noisy examples' gradient norm is comparable to the clean ones' in every layer (they are 10% of the data)",
             "comparable", f"noisy/clean {ratio.min():.2f}–{ratio.max():.2f} over layers, epochs {a + 1}–{b}",
-            bool(ratio.min() >= 0.5 and ratio.max() <= 2.0))
+            verdicts.comparable_norms(ratio))
         cos = g["cosine"][body, a:b]
         add("clean and noisy gradients point in opposite directions", "cosine below −0.75 most of the time",
             f"mean cosine {cos.mean():.2f}; {100 * (cos < -0.75).mean():.0f}% of cells below −0.75",
-            bool((cos < -0.75).mean() > 0.5))
+            verdicts.opposed_cosine(cos))
     s, arr = _load_probe(base, "rewinding")
     if s is not None and mem in list(arr["subsets"]):
         subsets = list(arr["subsets"])
@@ -1150,7 +1196,11 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
                 "the critical layers are not the final ones",
                 "critical layers depend on dataset and architecture",
                 f"rewound to epoch {epochs[j]}: last layer keeps {_pct(col[-1])} noisy; largest drop at layer "
-                f"{worst + 1} ({names[worst]}, {_pct(col[worst])})", bool(worst != len(col) - 1 and col[-1] >= 0.5))
+                f"{worst + 1} ({names[worst]}, {_pct(col[worst])})",
+                verdicts.rule(bool(worst != len(col) - 1 and col[-1] >= 0.5),
+                       measure="noisy-train accuracy with each layer rewound to before the learning window",
+                       threshold="largest drop not at the last layer, and the last layer keeps >= 50%",
+                       value=float(col[-1]), n=f"{len(col)} layers"))
     s, arr = _load_probe(base, "retraining")
     if s is not None and mem in list(arr["subsets"]):
         subsets = list(arr["subsets"])
@@ -1160,39 +1210,47 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
             add("retraining one layer on clean examples only brings noisy accuracy back for most layers",
                 "near 100% for most layers (exceptions: layers 4–5 on CIFAR-10)",
                 f"{int((last >= 0.9).sum())} of {len(last)} layers back to >= 90% noisy-train "
-                f"(min {_pct(last.min())})", share > 0.5)
+                f"(min {_pct(last.min())})",
+                verdicts.rule(share > 0.5, measure="noisy-train accuracy after retraining each layer on clean examples",
+                       threshold="more than half of the layers back to >= 90%", value=share, n=f"{len(last)} layers"))
     s, arr = _load_probe(base, "flipping")
     if s is not None and "clean" in s["kinds"] and "noisy" in s["kinds"]:
         c, n = s["kinds"]["clean"], s["kinds"]["noisy"]
+        grp = _flip_groups(s, arr)
         add("noisy examples need far fewer units zeroed to flip", "around 5 (noisy) vs more (clean)",
             f"median {_num(n['median_units'])} (noisy) vs {_num(c['median_units'])} (clean)",
-            None if n["median_units"] is None or c["median_units"] is None else n["median_units"] < c["median_units"])
+            verdicts.fewer_units(grp["noisy"]["units"], grp["clean"]["units"]))
         add("over 90% of noisy examples flip with fewer than 10 units", "> 90%",
             f"{_pct(n['share_flipped_under_10'])} (noisy), {_pct(c['share_flipped_under_10'])} (clean)",
-            None if n["share_flipped_under_10"] is None else n["share_flipped_under_10"] > 0.9)
-        if n["mean_train_acc_drop"] is not None and c["mean_train_acc_drop"] is not None:
-            add("removing a noisy example's units costs less training accuracy than a clean one's",
-                "about 10 points less drop",
-                f"{100 * n['mean_train_acc_drop']:.1f} (noisy) vs {100 * c['mean_train_acc_drop']:.1f} (clean) points",
-                n["mean_train_acc_drop"] < c["mean_train_acc_drop"])
+            verdicts.share_under(grp["noisy"]["units"], grp["noisy"]["flipped"]))
+        add("removing a noisy example's units costs less training accuracy than a clean one's",
+            "about 10 points less drop",
+            ("—" if n["mean_train_acc_drop"] is None or c["mean_train_acc_drop"] is None else
+             f"{100 * n['mean_train_acc_drop']:.1f} (noisy) vs {100 * c['mean_train_acc_drop']:.1f} (clean) points"),
+            verdicts.smaller_drop(grp["noisy"]["drop"], grp["clean"]["drop"]))
         add("the critical units are spread over many layers", "many layers, clean and noisy alike",
-            f"{n['layers_used']} layers (noisy), {c['layers_used']} layers (clean)", n["layers_used"] > 1)
+            f"{n['layers_used']} layers (noisy), {c['layers_used']} layers (clean)",
+            verdicts.all_of({"noisy": verdicts.spread_over_layers(grp["noisy"]["counts"]),
+                      "clean": verdicts.spread_over_layers(grp["clean"]["counts"])}))
     s, _ = _load_probe(drop, "dropout")
     if s is not None:
         add("example-tied dropout: dropping the memorization units removes the mislabeled examples' labels",
             "noisy-train 100% → 0.1% (MNIST), 3.1% (CIFAR-10)",
             f"{_pct(s['noisy_before'])} → {_pct(s['noisy_after'])}",
-            None if s["noisy_after"] is None else s["noisy_after"] <= 0.1, needs_memorization=False)
+            verdicts.rule(None if s["noisy_after"] is None else s["noisy_after"] <= 0.1,
+                   measure="noisy-train accuracy after dropping the memorization units",
+                   threshold="<= 10% (and >= 90% before)", value=s["noisy_after"]), needs_memorization=False)
         if s["noisy_before"] is not None and s["noisy_before"] < 0.9:
-            out[-1]["verdict"] = "not measured: the dropout model did not memorize the noisy examples (train longer)"
+            unmeasured("not measured: the dropout model did not memorize the noisy examples (train longer)")
         if s["clean_before"] is not None and s["clean_after"] is not None:
             d = 100 * (s["clean_before"] - s["clean_after"])
             add("... at a small cost to clean training accuracy", "−0.8 points (MNIST), −9.2 (CIFAR-10)",
-                f"{_pct(s['clean_before'])} → {_pct(s['clean_after'])} ({-d:+.1f} points)", d <= 5,
-                needs_memorization=False)
+                f"{_pct(s['clean_before'])} → {_pct(s['clean_after'])} ({-d:+.1f} points)",
+                verdicts.rule(d <= 5, measure="clean-train accuracy lost by dropping the memorization units",
+                       threshold="<= 5 points", value=d), needs_memorization=False)
             if s["noisy_before"] is not None and s["noisy_before"] < 0.9:
-                out[-1]["verdict"] = out[-2]["verdict"]  # the same reason: nothing was memorized to remove
-    s, _ = _load_probe(base, "detection")
+                unmeasured(out[-2][0]["verdict"])  # the same reason: nothing was memorized to remove
+    s, arr = _load_probe(base, "detection")
     if s is not None and s.get("quality"):
         best = max(s["quality"], key=lambda r: r["auroc"] if r["auroc"] is not None else -1)
         flip_rows = [r for r in s["quality"] if "flip" in str(r["score"])]
@@ -1200,7 +1258,7 @@ def claims(base: RunDir, drop: RunDir | None) -> list[dict]:
         if flip_rows and flip_rows[0]["auroc"] is not None:
             ours += f"; units-to-flip AUROC {flip_rows[0]['auroc']:.3f} (n = {flip_rows[0]['n']})"
         add("the number of units to flip detects mislabeled examples", "suggested, not measured", ours,
-            None if not flip_rows or flip_rows[0]["auroc"] is None else flip_rows[0]["auroc"] > 0.5)
+            _detection_verdict(arr))
     _depth_claim(base, add)
     return out
 
@@ -1504,16 +1562,30 @@ def _open_study(path: Path) -> tuple[RunDir, list[tuple[str, RunDir | None, RunD
 
 
 def _seed_table(cells) -> Table | None:
+    """Each claim over the seeds of each noise level: the overall verdict (`verdicts.over_seeds`), mean ± sd of its
+    value and how many seeds agree, then every seed's number and verdict."""
     if len(cells) < 2:
         return None
-    per: dict[str, list] = {}
+    per: dict[tuple[str, str], list] = {}
     for label, b, d in cells:
-        if b is None:
+        if b is None or task_words(b).name == "lm":
             continue
-        for r in claims(b, d):
-            per.setdefault(r["claim"], []).append(f"{label}: {r['ours']} ({r['verdict']})")
-    rows = [{"claim": k, "per seed and noise level": " | ".join(v)} for k, v in per.items()]
-    return Table("summary_seeds", "Every seed and noise level", rows)
+        seed, _, noise = label.partition(", ")  # "seed S, noise N" (`_open_study`)
+        for row, v in _decided_claims(b, d):
+            v = replace(v, verdict=row["verdict"])  # "not measured: ..." counts as not enough data
+            per.setdefault((row["claim"], noise), []).append((f"{seed}: {row['ours']} ({row['verdict']})", v))
+    rows = []
+    for (claim, noise), items in per.items():
+        over = verdicts.over_seeds([v for _, v in items])
+        said = {v.verdict for _, v in items}
+        # no seed measured, all for one reason (e.g. "not measured: the model did not memorize ..."): say that reason
+        verdict = said.pop() if len(said) == 1 and not over.counts[verdicts.HOLDS] + over.counts[verdicts.FAILS] \
+            else over.verdict
+        rows.append({"claim": claim, "noise": noise, "threshold": items[0][1].threshold,
+                     "over seeds": over.summary(), "verdict": verdict,
+                     "per seed": " | ".join(t for t, _ in items)})
+    return Table("summary_seeds", "Each claim over seeds (per noise level): holds when a majority of seeds hold and "
+                 "none fails; mean ± sd of its value; then every seed", rows) if rows else None
 
 
 def _numbers_over_seeds(cells) -> list[dict]:

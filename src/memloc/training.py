@@ -86,9 +86,10 @@ def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tens
     """
     p = torch.softmax(logits.float(), dim=1).clamp(ELR_CLAMP, 1.0 - ELR_CLAMP)  # (B, C)
     q = p.detach()
-    targets[idx] = beta * targets[idx] + (1.0 - beta) * (q / q.sum(1, keepdim=True))
+    t = beta * targets[idx] + (1.0 - beta) * (q / q.sum(1, keepdim=True))  # (B, C): one gather, not two
+    targets[idx] = t
     # <t, p> <= max(p) <= 1 - 1e-4 since t sums to at most 1: the log is finite
-    return torch.log1p(-(targets[idx] * p).sum(1))  # (B,)
+    return torch.log1p(-(t * p).sum(1))  # (B,)
 
 
 @dataclass

@@ -53,6 +53,82 @@ def test_toy_retraining_known_by_hand():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_stop_at_is_the_prefix_of_the_full_schedule():
+    """--stop-at 1.0 stops after the epoch where clean-train accuracy reaches 100%; later rows repeat that model."""
+    data, model = toy_data(), toy_model()
+    init = {"1.weight": torch.full((2, 2), 7.0), "2.weight": torch.zeros(2, 2)}
+    cfg = RetrainConfig(epochs=3, lr=1.0, peak_epoch=0, batch_size=10, momentum=0.0, weight_decay=0.0)
+    full = retrain_model(model, data, init, cfg, layers=["2"]).arrays["accuracy"][0]
+    assert full[1, 0] == 1.0  # one step (the hand-computed one above) puts every clean example right
+    steps = []
+    res = retrain_model(model, data, init, replace(cfg, stop_at=1.0), layers=["2"],
+                        on_step=lambda idx: steps.append(1))
+    assert len(steps) == 1  # epochs 2 and 3 never ran
+    acc = res.arrays["accuracy"][0]
+    np.testing.assert_array_equal(acc[:2], full[:2])
+    np.testing.assert_array_equal(acc[2], acc[1]) and np.testing.assert_array_equal(acc[3], acc[1])
+    assert res.summary["stopped_at_epoch"] == {"2": 1} and res.summary["stop_at"] == 1.0
+    full_run = retrain_model(model, data, init, cfg, layers=["2"])
+    assert full_run.summary["stop_at"] is None and "stopped_at_epoch" not in full_run.summary
+
+
+def test_bn_train_mode_reestimates_every_norm(smoke_run):
+    """--bn-mode train: the whole model in train mode; other norms' statistics move, their parameters do not."""
+    loaded = open_run(smoke_run)
+    model = loaded.model()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    init = loaded.run.load_checkpoint(0)
+    layer = layers(model)[-1]  # the head: every BatchNorm belongs to another layer
+    norms = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES)]
+    assert norms
+    seen = []
+
+    def spy(idx):
+        seen.append(1)
+        assert all(m.training for m in model.modules())
+        state = model.state_dict()
+        assert all(torch.equal(state[n], final[n]) for n, _ in model.named_parameters() if n not in layer.params)
+        if len(seen) == 2:
+            moved = [n for n in norms if not torch.equal(state[f"{n}.running_mean"], final[f"{n}.running_mean"])]
+            assert moved == norms  # every other norm re-estimated its statistics on the first batch
+
+    cfg = RetrainConfig(epochs=1, peak_epoch=0, batch_size=128, bn_mode="train")
+    res = retrain_model(model, loaded.data, init, cfg, layers=[layer.name], on_step=spy)
+    assert seen and res.summary["bn_mode"] == "train"
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in final.items()) and not model.training  # restored
+    frozen = retrain_model(model, loaded.data, init, replace(cfg, bn_mode="frozen"), layers=[layer.name])
+    assert not np.array_equal(frozen.arrays["accuracy"], res.arrays["accuracy"])  # the mode changes the outcome
+
+
+def test_reinit_draws_a_fresh_seeded_layer(smoke_run):
+    """--reset reinit: the layer starts from neither its initialization nor its final value, seeded, restored."""
+    loaded = open_run(smoke_run)
+    model = loaded.model()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    init = loaded.run.load_checkpoint(0)
+    layer = layers(model)[0]
+    key = layer.params[0]
+    first = {}
+
+    def grab(tag):
+        def spy(idx):
+            if tag not in first:
+                first[tag] = model.state_dict()[key].clone()
+        return spy
+
+    cfg = RetrainConfig(epochs=1, peak_epoch=0, batch_size=4096, lr=1e-12, momentum=0.0, weight_decay=0.0)
+    retrain_model(model, loaded.data, init, cfg, layers=[layer.name], on_step=grab("init"))
+    for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
+        retrain_model(model, loaded.data, init, replace(cfg, reset="reinit", seed=seed), layers=[layer.name],
+                      on_step=grab(tag))
+    torch.testing.assert_close(first["init"], init[key].to(first["init"].dtype))
+    assert not torch.equal(first["a"], init[key]) and not torch.equal(first["a"], final[key])
+    assert torch.equal(first["a"], first["b"]) and not torch.equal(first["a"], first["c"])  # seeded by --seed
+    assert first["a"].std() > 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
+
+
 def test_retrain_config_checks():
     assert RetrainConfig().schedule().warmup == 0.5
     with pytest.raises(ConfigError, match="peak-epoch"):
@@ -164,13 +240,15 @@ def test_resume_skips_finished_layers(smoke_run, tmp_path):
 def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir)
-    code = main(["retrain", str(run_dir), "--layers", "0,linear", "--epochs", "2", "--peak-epoch", "1", "--quiet"])
+    code = main(["retrain", str(run_dir), "--layers", "0,linear", "--epochs", "2", "--peak-epoch", "1", "--quiet",
+                 "--bn-mode", "train", "--reset", "reinit", "--stop-at", "1.0"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "done:" in out and "->" in out
     res = ProbeResult.load(open_run(run_dir).run, "retraining")
     assert res.arrays["accuracy"].shape == (2, 3, 4) and list(res.arrays["epochs"]) == [0, 1, 2]
     assert res.summary["init"] == "epoch 0 checkpoint" and res.summary["epochs"] == 2
+    assert (res.summary["bn_mode"], res.summary["reset"], res.summary["stop_at"]) == ("train", "reinit", 1.0)
     assert open_run(run_dir).run.stage("retraining")["status"] == "done"
     # an imported run: the final checkpoint only; the initialization is rebuilt from the seed and equals epoch 0
     loaded = open_run(run_dir)
@@ -191,6 +269,8 @@ def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
     (["--layers", "block9"], ["unknown layer 'block9'"]),
     (["--epochs", "4", "--peak-epoch", "4"], ["--peak-epoch 4"]),
     (["--lr", "0"], ["learning rate must be positive"]),
+    (["--stop-at", "1.5"], ["--stop-at 1.5"]),
+    (["--bn-mode", "eval"], ["--bn-mode", "frozen"]),
 ])
 def test_cli_retrain_bad_input(smoke_run, tmp_path, capsys, argv, words):
     run_dir = tmp_path / "run"
@@ -209,3 +289,43 @@ def test_cli_retrain_without_checkpoints(smoke_run, tmp_path, capsys):
     code = main(["retrain", str(run_dir), "--quiet"])
     assert_one_line_error(code, capsys.readouterr()[1], "no checkpoints")
     assert digest(run_dir) == before
+
+
+def _ablation():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "studies" / "retraining_ablation.py"
+    spec = importlib.util.spec_from_file_location("retraining_ablation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablation_reads_recovery_and_the_early_stop_off_the_trajectory():
+    abl = _ablation()
+    subsets = ["clean_train", "noisy_train", "rare_train", "test"]
+    # layer a: lost at the reset (20%), clean at 100% from epoch 2 when noisy is 60%, ends at 95%: recovered
+    # layer b: kept through the reset (95%), ends at 92%: back, but never lost; clean never reaches 100%
+    a = [[0.5, 0.2, -1, 0.5], [0.9, 0.4, -1, 0.9], [1.0, 0.6, -1, 0.9], [1.0, 0.95, -1, 0.9]]
+    b = [[0.9, 0.95, -1, 0.9], [0.99, 0.9, -1, 0.9], [0.99, 0.91, -1, 0.9], [0.99, 0.92, -1, 0.9]]
+    cell = {"accuracy": [a, b], "subsets": subsets}
+    end, stop = abl.outcome(cell, False), abl.outcome(cell, True)
+    np.testing.assert_allclose(end["noisy"], [0.95, 0.92])
+    np.testing.assert_allclose(stop["noisy"], [0.6, 0.92]) and np.testing.assert_array_equal(stop["epoch"], [2, 3])
+    assert list(abl.recovered(end)) == [True, False] and list(abl.recovered(stop)) == [False, False]
+
+
+def test_ablation_study_end_to_end(smoke_run, tmp_path, monkeypatch, capsys):
+    abl = _ablation()
+    out = tmp_path / "abl"
+    argv = ["retraining_ablation.py", "--runs", str(smoke_run), "--out", str(out), "--epochs", "2", "--layers",
+            "linear", "--variants", "paper,bn-train", "--quiet"]
+    monkeypatch.setattr("sys.argv", argv)
+    abl.main()
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert len(cells) == 2 and cells[0].endswith("__bn-train.json")
+    table = (out / "ablation.md").read_text()
+    assert "| paper | " in table and "| bn-train + until 100% | " in table and "| lr-0.01 | –" in table
+    capsys.readouterr()
+    abl.main()  # finished cells are not run again
+    assert "layers back" not in capsys.readouterr()[0].split("| variant")[0]

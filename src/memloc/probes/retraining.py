@@ -9,7 +9,10 @@ stepped per iteration (linear up to `lr` at `peak_epoch`, linear down to 0 at
 the end). Accuracy on every subset is measured after the reset (epoch 0) and
 after each epoch. The published code trained every layer (it set
 `requires_grad` on copies) and trained on the noisy examples (it inverted the
-clean mask twice); the tests rule out both.
+clean mask twice); the tests rule out both. Its other choices are options
+(`bn_mode` "train": the whole model in train mode, every BatchNorm re-estimating
+its statistics; `lr` 0.01; `stop_at` 1.0: early stop at 100% clean-train
+accuracy), as is `reset` "reinit" (a fresh draw instead of the initialization).
 
 Result (`RUN/probes/retraining/`): arrays.npz with `accuracy` (layers,
 epochs + 1, subsets), `layer_names`, `epochs` (0..E), `subsets`, `final`;
@@ -58,7 +61,15 @@ class RetrainConfig:
     weight_decay: float = option(5e-4, cli=False)
     optimizer: str = option("sgd", "sgd (momentum: the paper's) or adamw (betas 0.9, 0.95: language models)",
                             choices=("sgd", "adamw"))
-    seed: int = option(0, "seed of the training order")
+    seed: int = option(0, "seed of the training order (and of --reset reinit)")
+    bn_mode: str = option("frozen", "frozen: every other norm keeps its final statistics (the paper's text); train: "
+                          "the whole model in train mode while the layer trains, so every BatchNorm re-estimates its "
+                          "statistics on the retraining batches (what the published code did)",
+                          choices=("frozen", "train"))
+    reset: str = option("init", "init: the layer back to its initialization; reinit: a fresh random "
+                        "initialization drawn with --seed", choices=("init", "reinit"))
+    stop_at: float | None = option(None, "stop a layer once its reference-train accuracy reaches this after an "
+                                   "epoch (the published code: 1.0; later epochs repeat the stopped model's row)")
     eval_batch_size: int = option(1024, cli=False, result=False)
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
                                             parse=names)
@@ -75,6 +86,8 @@ class RetrainConfig:
             raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError("momentum and weight decay must not be negative")
+        if self.stop_at is not None and not (0 < self.stop_at <= 1):
+            raise ConfigError(f"--stop-at {self.stop_at} must be an accuracy in (0, 1], e.g. 1.0")
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
 
@@ -85,8 +98,14 @@ class RetrainConfig:
 
 
 @contextlib.contextmanager
-def only_layer_trainable(model: nn.Module, layer: Layer) -> Iterator[nn.Module]:
-    """Inside: only `layer`'s parameters require grad, only its norm is in train mode; flags restored after."""
+def only_layer_trainable(model: nn.Module, layer: Layer, bn_mode: str = "frozen") -> Iterator[nn.Module]:
+    """Inside: only `layer`'s parameters require grad; flags and modes restored after.
+
+    bn_mode "frozen": only the layer's own norm is in train mode (every other
+    BatchNorm keeps its statistics, no dropout); "train": the whole model in
+    train mode, as a model left in `train()` (every BatchNorm re-estimates its
+    statistics on the batches, dropout active).
+    """
     grads = [(p, p.requires_grad) for p in model.parameters()]
     mine = set(layer.params)
     modules = dict(model.named_modules())
@@ -94,14 +113,36 @@ def only_layer_trainable(model: nn.Module, layer: Layer) -> Iterator[nn.Module]:
         try:
             for name, p in model.named_parameters():
                 p.requires_grad_(name in mine)
-            model.eval()  # every other BatchNorm, dropout, ...: frozen statistics, no dropout
-            for m in layer.modules:
-                if isinstance(modules[m], NORM_TYPES):
-                    modules[m].train()  # the layer's own norm learns its statistics again
+            if bn_mode == "train":
+                model.train()
+            else:
+                model.eval()  # every other BatchNorm, dropout, ...: frozen statistics, no dropout
+                for m in layer.modules:
+                    if isinstance(modules[m], NORM_TYPES):
+                        modules[m].train()  # the layer's own norm learns its statistics again
             yield model
         finally:
             for p, g in grads:
                 p.requires_grad_(g)
+
+
+def reinitialize(model: nn.Module, layer: Layer, seed: int) -> None:
+    """Draw the layer's tensors afresh: `reset_parameters()` of every module whose own parameters all belong to it.
+
+    Seeded by (seed, layer index), independent of the global RNG (restored after).
+    """
+    mine = set(layer.params)
+    device = next(model.parameters()).device
+    done = False
+    with seeded(epoch_seed(seed + 7_777, layer.index), device):
+        for name, module in model.named_modules():
+            own = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
+            if own and all(n in mine for n in own) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                done = True
+    if not done:
+        raise ConfigError(f"--reset reinit: layer {layer.name} has no module with reset_parameters(); "
+                          "use --reset init")
 
 
 def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Tensor],
@@ -152,12 +193,16 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
     summary = {
         "probe": PROBE_NAME, "layers": names, "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
         "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
+        "bn_mode": cfg.bn_mode, "reset": cfg.reset, "stop_at": cfg.stop_at,
         f"num_{ref}_trained_on": int(len(clean)), "trained_on": ref, "subsets": list(task.subsets),
         "final": accuracy_dict(final, task.subsets),
         "after_reset": {n: accuracy_dict(acc[i, 0], task.subsets) for i, n in enumerate(names)},
         "after_retraining": {n: accuracy_dict(acc[i, -1], task.subsets) for i, n in enumerate(names)},
         "seconds": round(seconds, 3),
     }
+    if cfg.stop_at is not None:
+        r = list(task.subsets).index(f"{ref}_train")
+        summary["stopped_at_epoch"] = {n: _first_epoch(acc[i, 1:, r] >= cfg.stop_at) for i, n in enumerate(names)}
     if not bool(task.kind_mask(mem).any()):
         summary["note"] = f"the run has no {mem} examples: {mem}-train accuracy is not measured"
     arrays = {"accuracy": acc, "layer_names": np.array(names), "epochs": np.arange(cfg.epochs + 1),
@@ -170,7 +215,12 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
                    clean: torch.Tensor, steps: int, device: torch.device, bar, on_step) -> np.ndarray:
     """Accuracy (epochs + 1, S) of one layer's retraining; the model is restored on return."""
     rows = []
-    with swapped_state(model, reset), only_layer_trainable(model, layer):
+    ref_key = f"{task.reference_kind}_train_acc"
+    if cfg.bn_mode == "train":  # every norm's statistics move: all buffers come back afterwards too
+        reset = {**{k: v.detach().clone() for k, v in model.named_buffers()}, **reset}
+    with swapped_state(model, reset), only_layer_trainable(model, layer, cfg.bn_mode):
+        if cfg.reset == "reinit":
+            reinitialize(model, layer, cfg.seed)
         params = [p for n, p in model.named_parameters() if n in set(layer.params)]
         if cfg.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -196,12 +246,23 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
                 if bar is not None:
                     bar.update(1)
             rows.append(evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device))
+            acc = accuracy_dict(rows[-1], task.subsets)
             if bar is not None:
-                acc = accuracy_dict(rows[-1], task.subsets)
                 ref, mem = task.reference_kind, task.memorized_kind
-                bar.set_postfix_str(f"{layer.name} ep {epoch} {ref} {_pct(acc[f'{ref}_train_acc'])} "
+                bar.set_postfix_str(f"{layer.name} ep {epoch} {ref} {_pct(acc[ref_key])} "
                                     f"{mem} {_pct(acc[f'{mem}_train_acc'])}")
+            if cfg.stop_at is not None and acc[ref_key] is not None and acc[ref_key] >= cfg.stop_at:
+                if bar is not None:
+                    bar.update((cfg.epochs - epoch) * steps)
+                rows.extend([rows[-1]] * (cfg.epochs - epoch))  # the stopped model: the same accuracy after
+                break
     return np.stack(rows)  # (E+1, S)
+
+
+def _first_epoch(reached: np.ndarray) -> int | None:
+    """1-based epoch of the first True (None: never)."""
+    hits = np.flatnonzero(reached)
+    return int(hits[0]) + 1 if len(hits) else None
 
 
 def _pct(v) -> str:

@@ -1,0 +1,246 @@
+"""Why layer retraining disagrees with the paper (issue #21): each layer retrained under each variant.
+
+    # existing runs (e.g. the three cells of `memloc run --seeds 0,1,2`)
+    python studies/retraining_ablation.py --runs runs/study/base-s0-n0.1,runs/study/base-s1-n0.1 --out runs/ablation
+    # train the runs first (mnist5k, ResNet-9, the default recipe) at each width and seed
+    python studies/retraining_ablation.py --train --widths 0.25,1 --seeds 0,1,2 --device cuda --out runs/ablation
+    # the tables again from the finished cells
+    python studies/retraining_ablation.py --out runs/ablation --table-only
+
+The paper (section 3): reset one layer to its initialization, freeze the rest,
+train it on the clean examples only, 20 epochs, one-cycle to lr 0.1 at epoch 10;
+for most layers noisy-train accuracy comes back to near 100%. The published
+code differs in ways the variants isolate (it also trained every layer and
+trained on the noisy examples, which no variant copies: either makes recovery
+trivial):
+
+    paper       the paper's text (memloc retrain's defaults)
+    bn-train    the whole model in train mode, so every BatchNorm re-estimates its statistics on the clean
+                retraining batches (the published code never called eval() while training)
+    lr-0.01     peak lr 0.01 (the published code's)
+    reinit      the layer drawn afresh with a new seed instead of reset to its initialization
+    published   bn-train and lr 0.01 together
+  and for each of them, read off the same trajectory (the schedule does not change when training stops early):
+    + until 100%   stopped after the first epoch with 100% clean-train accuracy (the published code's early stop)
+
+A layer "recovers" when its noisy-train accuracy after retraining is at least
+90% (the report's rule for the claim). Every (run, variant) cell is written
+atomically to OUT/cells/ as it finishes, so an interrupted study resumes with the
+others; --budget-s stops starting new cells after that many seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from memloc.cli import main as memloc_main
+from memloc.experiment import open_run
+from memloc.probes.retraining import retrain
+from memloc.training import resolve_device
+
+VARIANTS = {
+    "paper": {},
+    "bn-train": {"bn_mode": "train"},
+    "lr-0.01": {"lr": 0.01},
+    "reinit": {"reset": "reinit"},
+    "published": {"bn_mode": "train", "lr": 0.01},
+}
+RECOVERED = 0.9  # noisy-train accuracy after retraining that counts as "back" (the report's claim rule)
+
+
+def atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def train_runs(out: Path, widths: list[float], seeds: list[int], device: str, quiet: bool,
+               epochs: int = 40) -> list[Path]:
+    """The default recipe (mnist5k, ResNet-9, 40 epochs) at each width and seed; finished runs are reused."""
+    paths = []
+    for seed in seeds:
+        for width in widths:
+            path = out / "runs" / f"w{width:g}-s{seed}"
+            done = path / "checkpoints" / f"epoch_{epochs:03d}.safetensors"
+            if not done.exists():
+                argv = ["train", "--preset", "default", "--width", str(width), "--seed", str(seed), "--device", device,
+                        "--epochs", str(epochs), "--no-gradient-accounting", "--checkpoint-every", "1000",
+                        "--out", str(path), "--overwrite"]
+                t = time.perf_counter()
+                code = memloc_main(argv + (["--quiet"] if quiet else []))
+                if code != 0:
+                    raise SystemExit(f"memloc train failed ({code}): {' '.join(argv)}")
+                print(f"trained {path} in {time.perf_counter() - t:.0f}s", flush=True)
+            paths.append(path)
+    return paths
+
+
+def run_cell(run: Path, variant: str, epochs: int, device: str, layers: list[str] | None, quiet: bool) -> dict:
+    loaded = open_run(run)
+    opts = {"epochs": epochs, "peak_epoch": epochs / 2, "device": device, **VARIANTS[variant]}
+    if layers:
+        opts["layers"] = layers
+    t = time.perf_counter()
+    res = retrain(str(run), save=False, progress=not quiet, **opts)
+    final = loaded.run.read_metrics()[-1]
+    return {"run": str(run), "variant": variant, "width": loaded.config.model.width, "seed": loaded.config.train.seed,
+            "dataset": loaded.data.name, "num_noisy": int(loaded.data.is_noisy.sum()),
+            "final_noisy_train_acc": final.get("noisy_train_acc"), "options": opts,
+            "layer_names": [str(n) for n in res.arrays["layer_names"]],
+            "subsets": [str(s) for s in res.arrays["subsets"]],
+            "accuracy": np.nan_to_num(res.arrays["accuracy"], nan=-1.0).round(6).tolist(),
+            "seconds": round(time.perf_counter() - t, 2), "device": _device_name(device)}
+
+
+def _device_name(name: str) -> str:
+    import torch
+    dev = resolve_device(name)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def outcome(cell: dict, until_clean: bool) -> dict:
+    """Per layer: the accuracies at the end (or at the first epoch with 100% clean-train accuracy)."""
+    acc = np.array(cell["accuracy"])  # (L, E+1, S)
+    sub = {s: i for i, s in enumerate(cell["subsets"])}
+    clean, noisy, test = acc[:, :, sub["clean_train"]], acc[:, :, sub["noisy_train"]], acc[:, :, sub["test"]]
+    at = np.full(len(acc), acc.shape[1] - 1)
+    if until_clean:
+        for i in range(len(acc)):
+            hits = np.flatnonzero(clean[i, 1:] >= 1.0)
+            if len(hits):
+                at[i] = hits[0] + 1
+    rows = np.arange(len(acc))
+    return {"noisy": noisy[rows, at], "clean": clean[rows, at], "test": test[rows, at], "epoch": at,
+            "reset_noisy": noisy[:, 0]}
+
+
+def recovered(o: dict) -> np.ndarray:
+    """Layers back to >= 90% noisy-train that the reset had taken below it (lost, then recovered; not just kept)."""
+    return (o["noisy"] >= RECOVERED) & (o["reset_noisy"] < RECOVERED)
+
+
+def tables(out: Path) -> str:
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    if not cells:
+        return "no finished cells"
+    widths = sorted({c["width"] for c in cells})
+    lines = []
+    head = "| variant | " + " | ".join(f"width {w:g}: layers back (of L) | of which lost at the reset | noisy % | "
+                                      "clean % | test %" for w in widths)
+    lines += [head + " |", "|---|" + "---|---|---|---|---|" * len(widths)]
+    for variant in VARIANTS:
+        for until in (False, True):
+            label = variant + (" + until 100%" if until else "")
+            row = [label]
+            for w in widths:
+                got = [outcome(c, until) for c in cells if c["variant"] == variant and c["width"] == w]
+                if not got:
+                    row += ["–"] * 5
+                    continue
+                L = len(got[0]["noisy"])
+                back = [int((g["noisy"] >= RECOVERED).sum()) for g in got]
+                lost = [int(recovered(g).sum()) for g in got]
+                row.append(f"{np.mean(back):.1f} ± {np.std(back):.1f} of {L} (seeds: {', '.join(map(str, back))})")
+                row.append(f"{np.mean(lost):.1f}")
+                for k in ("noisy", "clean", "test"):
+                    m = [100 * float(np.mean(g[k])) for g in got]
+                    row.append(f"{np.mean(m):.1f}")
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("noisy / clean / test %: mean over layers, then over seeds; 'until 100%': at the first epoch with "
+                 "100% clean-train accuracy (the last epoch when never reached)")
+    for w in widths:
+        seeds = sorted({c["seed"] for c in cells if c["width"] == w})
+        s0 = seeds[0]
+        mine = {c["variant"]: c for c in cells if c["width"] == w and c["seed"] == s0}
+        if not mine:
+            continue
+        names = next(iter(mine.values()))["layer_names"]
+        lines += ["", f"Noisy-train % per layer (width {w:g}, seed {s0}): after the reset -> after retraining (in "
+                  "brackets: until 100% clean-train, stopped at epoch)", "",
+                  "| variant | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for variant in VARIANTS:
+            if variant not in mine:
+                continue
+            a, b = outcome(mine[variant], False), outcome(mine[variant], True)
+            lines.append(f"| {variant} | " + " | ".join(
+                f"{100 * a['reset_noisy'][i]:.0f} -> {100 * a['noisy'][i]:.1f} ({100 * b['noisy'][i]:.1f}, "
+                f"ep {b['epoch'][i]})"
+                for i in range(len(names))) + " |")
+    secs = sum(c["seconds"] for c in cells)
+    lines += ["", f"{len(cells)} cells, {secs:.0f} s of retraining, device {cells[0]['device']}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="study folder (cells/, runs/, ablation.md)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--runs", help="comma-separated existing run directories")
+    src.add_argument("--train", action="store_true", help="train the runs first (--widths x --seeds)")
+    src.add_argument("--table-only", action="store_true", help="only print the tables of the finished cells")
+    ap.add_argument("--widths", default="0.25,1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--epochs", type=int, default=20, help="retraining epochs (the paper: 20, peak at half)")
+    ap.add_argument("--train-epochs", type=int, default=40, help="with --train: training epochs (the default: 40)")
+    ap.add_argument("--layers", help="comma-separated layers (default all)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new cell after this many seconds")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not args.table_only:
+        variants = args.variants.split(",")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+        if args.train:
+            seeds = [int(s) for s in args.seeds.split(",")]
+            widths = [float(w) for w in args.widths.split(",")]
+            # seed by seed, both widths, so that a cut-off study still has every width
+            runs = []
+            for seed in seeds:
+                if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
+                    print(f"budget spent: seed {seed} not trained", flush=True)
+                    break
+                runs += train_runs(out, widths, [seed], args.device, args.quiet, args.train_epochs)
+                runs_now = runs[-len(widths):]
+                _cells(out, runs_now, variants, args, t0)
+        else:
+            if not args.runs:
+                raise SystemExit("give --runs, --train or --table-only")
+            _cells(out, [Path(r) for r in args.runs.split(",")], variants, args, t0)
+    text = tables(out)
+    (out / "ablation.md").write_text(text + "\n")
+    print(text)
+
+
+def _cells(out: Path, runs: list[Path], variants: list[str], args, t0: float) -> None:
+    layers = args.layers.split(",") if args.layers else None
+    for run in runs:
+        for variant in variants:
+            path = out / "cells" / f"{run.parent.name}_{run.name}__{variant}.json"
+            if path.exists():
+                continue
+            if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
+                print(f"budget spent: {path.name} not run", flush=True)
+                continue
+            cell = run_cell(run, variant, args.epochs, args.device, layers, args.quiet)
+            atomic_json(path, cell)
+            o = outcome(cell, False)
+            print(f"{path.stem}: {int((o['noisy'] >= RECOVERED).sum())} of {len(o['noisy'])} layers back "
+                  f"({int(recovered(o).sum())} lost at the reset), noisy "
+                  + " ".join(f"{100 * v:.0f}" for v in o["noisy"]) + f" ({cell['seconds']:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

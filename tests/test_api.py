@@ -148,6 +148,8 @@ def test_retrain_on_own_model_needs_init(trained, digits, tmp_path):
     before = _state(model)
     res = memloc.retrain(model, digits, init, epochs=2, peak_epoch=1, layers=["fc1"])
     assert res.arrays["accuracy"].shape == (1, 3, 4)
+    four = memloc.retrain(model, digits, init, epochs=4, layers=["fc1"])  # the peak follows the epochs (2 of 4)
+    assert four.arrays["accuracy"].shape == (1, 5, 4) and four.summary["peak_epoch"] == 2
     assert _same(before, _state(model))
     # a result of your own model saves into a fresh directory and loads back
     out = memloc.RunDir.create(tmp_path / "mine")
@@ -280,8 +282,9 @@ def test_noise_mask_of_the_wrong_length():
         memloc.wrap_data(x, [0, 1])
     with pytest.raises(MemlocError):
         memloc.wrap_data(x, [0, 1, 0, 1, 0], x[:, :, :1], [0, 1, 0, 1, 0])  # test shape differs
-    with pytest.raises(DataError, match="memloc normalizes them itself"):
-        memloc.wrap_data(x.astype(np.float32) - 0.5, [0, 1, 0, 1, 0])  # already normalized images
+    # floats outside the pixel ranges (e.g. already centred images) are accepted and standardized (issue #20)
+    centred = memloc.wrap_data(x.astype(np.float32) - 0.5, [0, 1, 0, 1, 0])
+    assert centred.normalization.kind == "standardize"
 
 
 def test_retrain_refuses_unknown_noise(digits):
@@ -289,3 +292,13 @@ def test_retrain_refuses_unknown_noise(digits):
     ds = memloc.wrap_data(x, y)
     with pytest.raises(DataError, match="noisy examples are not"):
         memloc.retrain(ResLNNet(), ds, ResLNNet().state_dict())
+
+
+def test_help_memloc_is_a_quick_start_without_inherited_module_noise():
+    import pydoc
+    text = pydoc.render_doc(memloc, renderer=pydoc.plaintext)
+    assert "Quick start" in memloc.__doc__ and "memloc run --preset smoke" in memloc.__doc__
+    assert "inherited from torch.nn" not in text  # the nn.Module layers stay importable, out of __all__
+    assert len(text.splitlines()) < 2500
+    assert memloc.ExampleTiedDropout is memloc.dropout.ExampleTiedDropout and memloc.UnitScale
+    assert all(hasattr(memloc, n) for n in memloc.__all__)

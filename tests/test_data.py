@@ -156,3 +156,16 @@ def test_normalize_never_changes_its_input():
     before = x.clone()
     out = normalize(x)
     assert torch.equal(x, before) and torch.allclose(out, (before - 0.5) / 0.5)
+
+
+def test_images_keep_the_pixel_normalization(tmp_path):
+    """Images in pixel ranges are read and normalized as memloc always did; the choice is recorded in the config."""
+    cfg = DataConfig(dataset="digits")
+    ds = load(cfg)
+    assert cfg.normalize == "pixels" and ds.normalization.kind == "pixels" and cfg.norm_mean is None
+    expected = ds.x_train[:4].float() / 255 * 2 - 1
+    assert torch.allclose(normalize(ds.x_train[:4], ds.normalization), expected) and torch.equal(
+        normalize(ds.x_train[:4], ds.normalization), normalize(ds.x_train[:4]))
+    np.savez(tmp_path / "f.npz", x=np.full((10, 3, 4, 4), 51.0), y=np.arange(10) % 2)  # floats in [0, 255]
+    f = load(DataConfig(dataset=str(tmp_path / "f.npz")))
+    assert f.normalization.kind == "pixels" and torch.allclose(f.x_train, torch.tensor(0.2))

@@ -72,6 +72,11 @@ def test_hand_model_known_answer(sequential):
     assert a["noisy_train_acc_after"][0] == 1.0 and a["train_acc_after"][0] == pytest.approx(6 / 7)
     assert res.summary["accuracy_before"]["train_acc"] == pytest.approx(6 / 7)
     assert res.summary["candidate_units"] == 3  # the classifier's units are not candidates
+    # per kind: the already-wrong noisy example 1 is counted apart, not as "flipped"; shares are of the searched
+    noisy, clean = res.summary["kinds"]["noisy"], res.summary["kinds"]["clean"]
+    assert (noisy["examples"], noisy["already_wrong"], noisy["searched"], noisy["flipped"]) == (1, 1, 0, 0)
+    assert noisy["flipped_share"] is None  # nothing searched: no share (not 1.0 from the already-wrong one)
+    assert (clean["examples"], clean["searched"], clean["flipped"], clean["flipped_share"]) == (2, 2, 1, 0.5)
 
 
 def test_no_input_noise_and_classifier_included():

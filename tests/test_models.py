@@ -28,7 +28,7 @@ def test_width_multiplier_scales_units():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_layers_on_every_registry_model(name):
-    shape = (3, 32, 32) if name in ("resnet50", "vit") else (1, 28, 28)
+    shape = (3, 32, 32) if name in ("resnet50", "vit") else (2, 40) if name == "cnn1d" else (1, 28, 28)
     width = 1.0 if name == "resnet50" else 0.25
     m = build_model(name, input_shape=shape, num_classes=7, width=width)
     ls = layers(m)
@@ -94,3 +94,15 @@ def test_select_layers_and_errors():
         build_model("resnet9", input_shape=(1, 2, 2), num_classes=10)
     with pytest.raises(ConfigError, match="square"):
         build_model("vit", input_shape=(1, 28, 20), num_classes=10)
+
+
+def test_models_take_the_shapes_they_say():
+    """`memloc models`' shapes are what build_model accepts; a model that cannot take a shape says which can."""
+    for name, spec in MODELS.items():
+        for shape in [(1, 28, 28), (3, 32, 32), (1, 8, 8), (2, 40), (40,)]:
+            if spec.fits(shape) and name != "resnet50":
+                build_model(name, input_shape=shape, num_classes=3, width=0.25)
+    with pytest.raises(ConfigError, match=r"resnet9 cannot take images of shape \(1, 8, 8\).*chooses cnn\)"):
+        build_model("resnet9", input_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(ConfigError, match=r"vit cannot take inputs of shape \(2, 40\)"):
+        build_model("vit", input_shape=(2, 40), num_classes=10)

@@ -131,7 +131,8 @@ def test_reinit_draws_a_fresh_seeded_layer(smoke_run):
 
 def test_retrain_config_checks():
     assert RetrainConfig().schedule().warmup == 0.5
-    with pytest.raises(ConfigError, match="peak-epoch"):
+    assert RetrainConfig().peak_epoch == 10 and RetrainConfig(epochs=4).peak_epoch == 2  # the peak follows the epochs
+    with pytest.raises(ConfigError, match=r"peak_epoch \(--peak-epoch\) 10 must lie in \[0, 10\)"):
         RetrainConfig(epochs=10, peak_epoch=10)
     with pytest.raises(ConfigError):
         RetrainConfig(epochs=0)
@@ -267,7 +268,7 @@ def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["--layers", "block9"], ["unknown layer 'block9'"]),
-    (["--epochs", "4", "--peak-epoch", "4"], ["--peak-epoch 4"]),
+    (["--epochs", "4", "--peak-epoch", "4"], ["peak_epoch (--peak-epoch) 4"]),
     (["--lr", "0"], ["learning rate must be positive"]),
     (["--stop-at", "1.5"], ["--stop-at 1.5"]),
     (["--bn-mode", "eval"], ["--bn-mode", "frozen"]),

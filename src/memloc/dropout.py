@@ -10,7 +10,9 @@ scaled by their training expectation ("eval").
 
 A unit is one channel of a 4-D ``(N, C, H, W)`` activation (one decision for all
 spatial positions) or one feature of a ``(N, F)`` / ``(N, T, F)`` activation
-(one decision for all ``T`` positions).
+(one decision for all ``T`` positions). A 1-D conv net's ``(N, C, L)`` activations
+are channels first: wrap the layer in :class:`memloc.models.ChannelsLast` (as
+``cnn1d`` does) for one decision per channel.
 
 The layer does not change the host model's ``forward`` signature: the trainer
 passes the batch's dataset indices with :func:`example_indices`::

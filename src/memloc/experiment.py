@@ -22,7 +22,7 @@ from . import data as data_mod
 from .data import DataConfig, Dataset
 from .dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
 from .errors import ConfigError, RunError
-from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model
+from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model, default_model, shape_words
 from .options import floats, option
 from .runs import RunDir, default_out, exclusive, load_into
 from .tasks import task_of
@@ -45,8 +45,9 @@ class ModelConfig:
     fraction of units, at training and test). Validated on construction.
     """
 
-    name: str | None = option(None, "resnet9, resnet50, vit, cnn, mlp (default: resnet9 at width 0.25 on CPU, 1 on "
-                              "GPU); language models: gpt (default), hf-gpt2, hf-gpt_neox, hf-llama, hf:FOLDER",
+    name: str | None = option(None, "resnet9, resnet50, vit, cnn, cnn1d, mlp (default: chosen by the input shape, "
+                              "see `memloc models`: resnet9 at width 0.25 on CPU, 1 on GPU, for images it takes); "
+                              "language models: gpt (default), hf-gpt2, hf-gpt_neox, hf-llama, hf:FOLDER",
                               flag="--model")
     width: float | None = option(None, "channel/width multiplier")
     # example-tied dropout: the first floor(p_gen * units) units of each layer are always on (generalization
@@ -105,13 +106,22 @@ class ModelConfig:
             values["active_fraction"] = values.pop("baseline_fraction")
         return values
 
-    def resolved(self, device: torch.device, task: str = "classification") -> "ModelConfig":
+    def resolved(self, device: torch.device, task: str = "classification",
+                 input_shape: tuple[int, ...] | None = None) -> "ModelConfig":
+        """The model and width to build: without a name, the default for `input_shape` (`models.default_model`;
+        left unset while the shape is unknown); `cnn` on sequences or features is `cnn1d`; the width defaults to
+        the device's for the CPU/GPU default model, else 1."""
         if task == "lm":
             from .lm.models import resolved_lm
             return resolved_lm(self)
-        name, width = GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL
-        if self.name is not None and self.name != name:
-            name, width = self.name, 1.0
+        default = GPU_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL
+        if self.name is None:
+            if input_shape is None:
+                return replace(self)  # chosen once the data's shape is known (run_training, make_model)
+            name, width = default_model(input_shape, device_type=device.type)
+        else:
+            name = "cnn1d" if self.name == "cnn" and input_shape is not None and len(input_shape) < 3 else self.name
+            width = default[1] if name == default[0] else 1.0
         return replace(self, name=name, width=self.width if self.width is not None else width)
 
 
@@ -185,8 +195,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # what the end-to-end tests run: a small CNN on 1,000 real digits, about 10 s on 2 CPU cores (the study ~25 s)
     "smoke": {"data": {"dataset": "mnist5k", "train_size": 1000}, "model": {"name": "cnn", "width": 0.5},
               "train": {"epochs": 6, "batch_size": 128},
+              # it trains too briefly to memorize (noisy-train about 5%): it checks the pipeline, so it probes anyway
               "study": {"p_gen": 0.5, "p_mem": 0.2, "retrain_epochs": 2, "flip_examples": 8, "flip_others": 64,
-                        "flip_eval_subsample": 500}},
+                        "flip_eval_subsample": 500, "probe_anyway": True}},
     # the CPU default model (the paper's ResNet-9 on a GPU), with probes sized for a CPU
     "default": {"study": {"retrain_epochs": 10, "flip_examples": 100, "flip_others": 256, "flip_eval_subsample": 2000,
                           "rewind_every": 2}},
@@ -210,6 +221,8 @@ def make_model(cfg: ModelConfig, data: Any) -> nn.Module:
     if not isinstance(data, Dataset):  # a language model for text
         from .lm.models import build_lm
         return build_lm(cfg, data, after_block=per_block_layer(cfg, tie=cfg.tie))
+    if cfg.name is None or cfg.width is None:  # not resolved yet: the default for the data's shape
+        cfg = cfg.resolved(data.device, input_shape=data.input_shape)
     return build_model(cfg.name, input_shape=data.input_shape, num_classes=data.num_classes, width=cfg.width,
                        after_block=per_block_layer(cfg))
 
@@ -249,10 +262,27 @@ def load_data(cfg: RunConfig, device: torch.device, run: RunDir | None = None) -
 def build(cfg: RunConfig, device: torch.device, run: RunDir | None = None) -> tuple[Any, nn.Module]:
     """Data and freshly initialized model (seeded; the caller's RNG untouched)."""
     data = load_data(cfg, device, run)
+    return data, _fresh_model(cfg, data)
+
+
+def _fresh_model(cfg: RunConfig, data: Any) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = make_model(cfg.model, data)
-    return data, model
+        return make_model(cfg.model, data)
+
+
+def _choose_model(cfg: RunConfig, data: Any, device: torch.device) -> list[str]:
+    """Resolve `cfg.model` for the data's input shape, in place; the console lines that say what was chosen."""
+    if not isinstance(data, Dataset):
+        return []
+    given = cfg.model.name
+    cfg.model = cfg.model.resolved(device, cfg.task, input_shape=data.input_shape)
+    shape = shape_words(data.input_shape)
+    if given is None:
+        return [f"model: {cfg.model.name} (chosen for {shape}; --model to override)"]
+    if given != cfg.model.name:
+        return [f"model: {cfg.model.name} (--model {given} on {shape} is its 1-D form)"]
+    return []
 
 
 def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
@@ -260,7 +290,9 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
     """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>)."""
     device = resolve_device(cfg.train.device)
     cfg.model = cfg.model.resolved(device, cfg.task)
-    data, model = build(cfg, device)  # bad data or model fail here, before anything is written
+    data = load_data(cfg, device)  # bad data or model fail here, before anything is written
+    chosen = _choose_model(cfg, data, device)
+    model = _fresh_model(cfg, data)
     if out:
         out = Path(out)
     elif cfg.task == "lm":
@@ -275,6 +307,8 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
         if getattr(data, "tokenizer", None) is not None and cfg.data.tokenizer != "bytes":
             data.tokenizer.save(run.path / "tokenizer")  # what open_run rebuilds the data with
         if log:
+            for line in (*getattr(data, "notes", ()), *chosen):  # what was inferred for the user, once per run
+                log(line)
             task = task_of(data)
             memorized = task.kind_mask(task.memorized_kind)
             size = f"width {cfg.model.width:g}" if cfg.model.width is not None else \

@@ -10,6 +10,7 @@ a user's own model works without registration.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,8 +60,34 @@ def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, paddin
     )
 
 
+def conv_bn1d(c_in: int, c_out: int, kernel_size: int = 3, padding: int = 1) -> nn.Sequential:
+    """conv1d (no bias) -> BatchNorm1d -> ReLU: `conv_bn` over sequences (B, C, L)."""
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel_size=kernel_size, padding=padding, bias=False),
+        nn.BatchNorm1d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ChannelsLast(nn.Module):
+    """A per-unit module of token activations (B, T, F) applied to conv activations (B, C, L): channels moved last
+    and back, so the module's unit is a channel at every position (example-tied dropout's one decision per
+    channel, as for images)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(1, 2)).transpose(1, 2)  # (B, C, L) -> (B, L, C) -> (B, C, L)
+
+
 def _after(after_block: AfterBlock | None, position: int, units: int) -> nn.Module:
     return nn.Identity() if after_block is None else after_block(position, units)
+
+
+def _after1d(after_block: AfterBlock | None, position: int, units: int) -> nn.Module:
+    return nn.Identity() if after_block is None else ChannelsLast(after_block(position, units))
 
 
 def _ch(c: int, width: float) -> int:
@@ -128,6 +155,33 @@ class SmallCNN(nn.Module):
         self.linear = nn.Linear(c[2], num_classes)
 
     def forward(self, x):
+        x = self.pool(self.drop1(self.block1(x)))
+        x = self.pool(self.drop2(self.block2(x)))
+        x = self.drop3(self.block3(x))
+        return self.linear(self.head(x))
+
+
+class SmallCNN1d(nn.Module):
+    """`SmallCNN` over sequences (B, C, L): three conv1d-BN-ReLU blocks (32, 64, 128 channels x width), two max
+    pools, global average pool, linear. Features (B, F) are read as one channel (B, 1, F)."""
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width: float = 1.0,
+                 after_block: AfterBlock | None = None):
+        super().__init__()
+        c = [_ch(x, width) for x in (32, 64, 128)]
+        self.block1 = conv_bn1d(in_channels, c[0])
+        self.drop1 = _after1d(after_block, 0, c[0])
+        self.block2 = conv_bn1d(c[0], c[1])
+        self.drop2 = _after1d(after_block, 1, c[1])
+        self.block3 = conv_bn1d(c[1], c[2])
+        self.drop3 = _after1d(after_block, 2, c[2])
+        self.pool = nn.MaxPool1d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.linear = nn.Linear(c[2], num_classes)
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x.unsqueeze(1)  # (B, F) -> (B, 1, F)
         x = self.pool(self.drop1(self.block1(x)))
         x = self.pool(self.drop2(self.block2(x)))
         x = self.drop3(self.block3(x))
@@ -224,43 +278,73 @@ def resnet50(*, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registry model: how to build it for an input shape, which input shapes it takes (`fits`, and in words,
+    `shapes`), and whether it has a place for a per-block layer such as example-tied dropout."""
+
     description: str
-    build: Callable[..., nn.Module]
+    build: Callable[..., nn.Module]  # (input_shape, num_classes, width, after_block) -> nn.Module
     takes_after_block: bool = True
+    shapes: str = "any input shape"
+    fits: Callable[[tuple[int, ...]], bool] = lambda shape: True
 
 
-def _build_resnet9(c, h, w, k, width, after):
-    return ResNet9(in_channels=c, num_classes=k, width=width, after_block=after)
+def _image(shape: tuple[int, ...], side: int = 1) -> bool:
+    return len(shape) == 3 and min(shape[1:]) >= side
 
 
-def _build_cnn(c, h, w, k, width, after):
-    return SmallCNN(in_channels=c, num_classes=k, width=width, after_block=after)
+def _sequence(shape: tuple[int, ...]) -> bool:
+    return len(shape) in (1, 2) and shape[-1] >= 4
 
 
-def _build_mlp(c, h, w, k, width, after):
-    return MLP(in_features=c * h * w, num_classes=k, width=width, after_block=after)
+def _build_resnet9(shape, k, width, after):
+    return ResNet9(in_channels=shape[0], num_classes=k, width=width, after_block=after)
 
 
-def _build_vit(c, h, w, k, width, after):
+def _build_cnn(shape, k, width, after):
+    if len(shape) < 3:  # sequences or features: its 1-D form
+        return _build_cnn1d(shape, k, width, after)
+    return SmallCNN(in_channels=shape[0], num_classes=k, width=width, after_block=after)
+
+
+def _build_cnn1d(shape, k, width, after):
+    return SmallCNN1d(in_channels=shape[0] if len(shape) == 2 else 1, num_classes=k, width=width, after_block=after)
+
+
+def _build_mlp(shape, k, width, after):
+    return MLP(in_features=math.prod(shape), num_classes=k, width=width, after_block=after)
+
+
+def _build_vit(shape, k, width, after):
+    c, h, w = shape
     if h != w:
         raise ConfigError(f"the ViT takes square images, not {h}x{w}: choose another --model")
     return ViT(in_channels=c, num_classes=k, image_size=h, width=width, after_block=after)
 
 
-def _build_resnet50(c, h, w, k, width, after):
+def _build_resnet50(shape, k, width, after):
     if width != 1.0:
         raise ConfigError("resnet50 has no width multiplier: leave --width at 1")
-    return resnet50(in_channels=c, num_classes=k)
+    return resnet50(in_channels=shape[0], num_classes=k)
 
 
 MODELS: dict[str, ModelSpec] = {
     "resnet9": ModelSpec("the paper's FFCV ResNet-9 (2.27M parameters at width 1); --width scales channels",
-                         _build_resnet9),
+                         _build_resnet9, shapes="images (C, H, W) of at least 11x11",
+                         fits=lambda s: _image(s, 11)),
     "resnet50": ModelSpec("torchvision ResNet-50 with the paper's (torchvision) stem and an N-way head",
-                          _build_resnet50, False),
-    "vit": ModelSpec("the paper's small ViT: patch 2, dim 512, depth 6, 8 heads, MLP 512, dropout 0.1", _build_vit),
-    "cnn": ModelSpec("small 3-block conv net (32/64/128 channels x width); fast on CPU", _build_cnn),
-    "mlp": ModelSpec("2 hidden layers of 512 x width; fastest on CPU", _build_mlp),
+                          _build_resnet50, False, shapes="images (C, H, W); made for 32x32 and larger",
+                          fits=_image),
+    "vit": ModelSpec("the paper's small ViT: patch 2, dim 512, depth 6, 8 heads, MLP 512, dropout 0.1", _build_vit,
+                     shapes="square images (C, S, S), S even",
+                     fits=lambda s: len(s) == 3 and s[1] == s[2] and s[1] % 2 == 0),
+    "cnn": ModelSpec("small 3-block conv net (32/64/128 channels x width); fast on CPU", _build_cnn,
+                     shapes="images (C, H, W) of at least 4x4; sequences and features as cnn1d",
+                     fits=lambda s: _image(s, 4) or _sequence(s)),
+    "cnn1d": ModelSpec("the small conv net over sequences: 3 conv1d blocks (32/64/128 channels x width)", _build_cnn1d,
+                       shapes="sequences (C, L), or features (F,) as one channel; length at least 4",
+                       fits=_sequence),
+    "mlp": ModelSpec("2 hidden layers of 512 x width; fastest on CPU", _build_mlp,
+                     shapes="any shape (flattened)"),
 }
 
 # The CPU default, chosen by measurement (README, "Choosing the CPU default"):
@@ -268,11 +352,33 @@ MODELS: dict[str, ModelSpec] = {
 # mnist5k in a few minutes on 2 cores.
 CPU_DEFAULT_MODEL = ("resnet9", 0.25)
 GPU_DEFAULT_MODEL = ("resnet9", 1.0)
+# What an input shape gets when no model is named, by its rank: the first that fits, else the MLP.
+DEFAULT_MODELS = {3: ("resnet9", "cnn"), 2: ("cnn1d",), 1: ()}
 
 
-def build_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0,
+def shape_words(shape: tuple[int, ...]) -> str:
+    """"1x8x8 images", "2x40 sequences", "40 features": an input shape in words."""
+    kind = {3: "images", 2: "sequences", 1: "features"}.get(len(shape), "inputs")
+    return f"{'x'.join(str(int(v)) for v in shape)} {kind}"
+
+
+def default_model(input_shape: tuple[int, ...], *, device_type: str = "cpu") -> tuple[str, float]:
+    """(name, width) of the model for inputs of `input_shape` when none is named: the paper's ResNet-9 for
+    images it takes (width 0.25 on a CPU, 1 on a GPU), the small CNN for smaller images, the 1-D CNN for
+    sequences (C, L), the MLP for features (F,) and anything else (width 1)."""
+    shape = tuple(input_shape)
+    for name in DEFAULT_MODELS.get(len(shape), ()):
+        if MODELS[name].fits(shape):
+            if name == CPU_DEFAULT_MODEL[0]:
+                return GPU_DEFAULT_MODEL if device_type == "cuda" else CPU_DEFAULT_MODEL
+            return name, 1.0
+    return "mlp", 1.0
+
+
+def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, width: float = 1.0,
                 after_block: AfterBlock | None = None) -> nn.Module:
-    """A registry model for images of `input_shape` (C, H, W) and `num_classes` classes."""
+    """A registry model for inputs of `input_shape` ((C, H, W) images, (C, L) sequences, (F,) features) and
+    `num_classes` classes."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if not (0 < width <= 16):
@@ -280,11 +386,16 @@ def build_model(name: str, *, input_shape: tuple[int, int, int], num_classes: in
     spec = MODELS[name]
     if after_block is not None and not spec.takes_after_block:
         raise ConfigError(f"model {name!r} has no place for a per-block layer such as example-tied dropout: "
-                          "choose resnet9, cnn, mlp or vit")
-    c, h, w = input_shape
-    model = spec.build(c, h, w, num_classes, width, after_block)
-    model.input_shape = tuple(input_shape)  # lets layers() trace the model without an example input
-    check_input(model, input_shape)
+                          "choose resnet9, cnn, cnn1d, mlp or vit")
+    shape = tuple(int(v) for v in input_shape)
+    if not spec.fits(shape):
+        others = [n for n, sp in MODELS.items() if sp.fits(shape)]
+        what = "images" if len(shape) == 3 else "inputs"
+        raise ConfigError(f"{name} cannot take {what} of shape {shape}: it takes {spec.shapes}; leave --model out "
+                          f"(memloc then chooses {default_model(shape)[0]}) or choose one of {', '.join(others)}")
+    model = spec.build(shape, num_classes, width, after_block)
+    model.input_shape = shape  # lets layers() trace the model without an example input
+    check_input(model, shape)
     return model
 
 
@@ -298,7 +409,8 @@ def check_input(model: nn.Module, input_shape: tuple[int, ...], *, example: torc
             model(example if example is not None else torch.zeros(2, *input_shape, device=_device_of(model)))
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"the model cannot take images of shape {tuple(input_shape)} ({first}): "
+        what = "images" if len(input_shape) == 3 else "inputs"
+        raise ConfigError(f"the model cannot take {what} of shape {tuple(input_shape)} ({first}): "
                           "choose another --model or resize the data") from None
     finally:
         model.train(was_training)

@@ -54,11 +54,26 @@ def replaced(cls: type, cfg: Any = None, options: dict | None = None) -> Any:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: choose from {', '.join(sorted(known))}")
-    if cfg is None:
-        return cls(**options)
-    if not isinstance(cfg, cls):
+    if cfg is not None and not isinstance(cfg, cls):
         raise ConfigError(f"expected a {cls.__name__}, got {type(cfg).__name__}")
-    return dataclasses.replace(cfg, **options) if options else cfg
+    try:
+        if cfg is None:
+            return cls(**options)
+        return dataclasses.replace(cfg, **options) if options else cfg
+    except ConfigError as err:  # called from Python: name the parameter the caller passed, with its flag
+        raise ConfigError(api_names(cls, str(err))) from None
+
+
+def api_names(cls: type, message: str) -> str:
+    """`message` with each of `cls`'s flags (`--peak-epoch`) shown as its parameter too (`peak_epoch (--peak-epoch)`),
+    for errors raised from the Python API; a flag already named with its parameter is left as it is."""
+    import re
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        message = re.sub(rf"(?<![\w(-]){re.escape(flag)}(?![\w-])", f"{f.name} ({flag})", message)
+    return message
 
 
 # ----------------------------------------------------------------------------- parsing flag text

@@ -1,10 +1,13 @@
 """Datasets from their standard on-disk formats into numpy, offline and safely.
 
-Every reader returns ``x`` of shape (N, C, H, W) and ``y`` of shape (N,):
+Every image reader returns ``x`` of shape (N, C, H, W) and ``y`` of shape (N,):
 
-- ``x`` is uint8 when the source is 8-bit (IDX, CIFAR, SVHN, images, uint8
-  ``.npz``), else float32 with values in [0, 1];
+- ``x`` is uint8 when the source is 8-bit (IDX, CIFAR, SVHN, images), else
+  float32 with values in [0, 1];
 - ``y`` is int64 with labels 0..C-1.
+
+A user's ``.npz`` (:func:`read_npz`) may also hold (N, F) features or (N, C, L)
+sequences, any finite values, and its own test split.
 
 Every problem with a file raises :class:`~memloc.errors.DataError` with one line
 that names the path and the fix; bad arguments (an unknown dataset name, split
@@ -45,6 +48,7 @@ __all__ = [
     "read_cifar",
     "read_image_folder",
     "read_mnist",
+    "NpzArrays",
     "read_npz",
     "read_standard",
     "read_svhn",
@@ -307,42 +311,94 @@ def read_svhn(root: PathLike, *, split: str) -> tuple[np.ndarray, np.ndarray]:
 # --- a user's .npz -----------------------------------------------------------
 
 _CHANNELS = (1, 3, 4)
+LAYOUTS = ("images", "sequences")  # how a 3-D x is read: (N, H, W) or (N, C, L)
+_SHAPES = "give (N, F) features, (N, C, L) sequences, or (N, H, W), (N, H, W, C) or (N, C, H, W) images"
 
 
-def _to_nchw(x: np.ndarray, path: Path) -> np.ndarray:
-    """(N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W); see :func:`read_npz` for the rule."""
-    if x.ndim == 3:
-        return x[:, None]  # (N, 1, H, W)
-    if x.ndim != 4:
-        raise DataError(f"{path}: x has shape {x.shape}; give (N, H, W), (N, H, W, C) or (N, C, H, W)")
+class NpzArrays(NamedTuple):
+    """A user's ``.npz``: x (N, ...) and y (N,), and its own test split x_test / y_test (None without one).
+
+    `layout` says how x was read: "features" (N, F), "sequences" (N, C, L) or "images" (N, C, H, W);
+    `guessed`: a 3-D x's layout was inferred (no `layout` given).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    layout: str
+    guessed: bool = False
+
+
+def _channels_last(x: np.ndarray, path: Path) -> bool:
+    """Whether 4-D x is (N, H, W, C); see :func:`read_npz` for the rule."""
     first, last = x.shape[1] in _CHANNELS, x.shape[3] in _CHANNELS
     if first and last:
         # Both ends could be channels (tiny images): square H x W decides, else channels-first.
-        channels_last = x.shape[1] == x.shape[2] and x.shape[2] != x.shape[3]
-    elif first or last:
-        channels_last = last
-    else:
-        raise DataError(
-            f"{path}: x has shape {x.shape} and neither dim 1 nor the last dim is a channel count "
-            f"(1, 3 or 4); give (N, H, W), (N, H, W, C) or (N, C, H, W)"
-        )
-    return x.transpose(0, 3, 1, 2) if channels_last else x
+        return x.shape[1] == x.shape[2] and x.shape[2] != x.shape[3]
+    if first or last:
+        return last
+    raise DataError(f"{path}: x has shape {x.shape} and neither dim 1 nor the last dim is a channel count "
+                    f"(1, 3 or 4); {_SHAPES}")
 
 
-def read_npz(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A ``.npz`` with arrays ``x`` and ``y`` -> x (N, C, H, W), y (N,) int64 >= 0.
+def _layout_of(x: np.ndarray, path: Path, layout: str | None) -> str:
+    """"features", "sequences" or "images" for x of this shape (a 3-D x: `layout`, else images when square or
+    uint8)."""
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{path}: x has shape {x.shape}; {_SHAPES}")
+    if layout is not None and layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}: choose {' or '.join(LAYOUTS)}")
+    if x.ndim == 3:
+        if layout is not None:
+            return layout
+        return "images" if x.shape[1] == x.shape[2] or x.dtype == np.uint8 else "sequences"
+    found = "features" if x.ndim == 2 else "images"
+    if layout is not None and layout != found:
+        raise DataError(f"{path}: --layout {layout} reads a 3-D x, but x has shape {x.shape} ({found}): "
+                        "drop --layout")
+    return found
 
-    Layout: 3-D x is (N, H, W) and gets C=1. 4-D x is channels-first when
-    dim 1 is 1, 3 or 4 and the last dim is not, channels-last in the opposite
-    case; when both are, channels-last only if dims 1 and 2 are equal and dim 3
-    differs (square images), else channels-first.
 
-    Values: uint8 stays uint8. Other numeric x becomes float32: kept as is when
-    it lies in [0, 1], divided by 255 when it lies in [0, 255] with max > 1;
-    NaN, inf or values outside [0, 255] are an error.
+def _arrange(x: np.ndarray, layout: str, channels_last: bool) -> np.ndarray:
+    """x as stored -> (N, F), (N, C, L) or (N, C, H, W)."""
+    if layout == "images" and x.ndim == 3:
+        return x[:, None]  # (N, 1, H, W)
+    if x.ndim == 4 and channels_last:
+        return x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    return x
+
+
+def _values(x: np.ndarray, path: Path, name: str) -> np.ndarray:
+    """uint8 as it is, any other number type as float32; NaN and inf refused."""
+    if x.dtype == np.uint8:
+        return x
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
+        raise DataError(f"{path}: {name} contains NaN or inf in {bad} example(s); clean or drop those examples "
+                        "first")
+    return x
+
+
+def read_npz(path: PathLike, *, layout: str | None = None) -> NpzArrays:
+    """A ``.npz`` with arrays ``x`` and ``y`` (and optionally ``x_test`` and ``y_test``) -> :class:`NpzArrays`.
+
+    Layout: 2-D x is (N, F) features. 3-D x is (N, C, L) sequences or (N, H, W)
+    images (C=1 is added): `layout` ("images" / "sequences") decides, else images
+    when H == W or x is uint8, sequences otherwise. 4-D x is images,
+    channels-first when dim 1 is 1, 3 or 4 and the last dim is not,
+    channels-last in the opposite case; when both are, channels-last only if
+    dims 1 and 2 are equal and dim 3 differs (square images), else
+    channels-first. ``x_test`` is read the same way as ``x`` and must have its
+    example shape.
+
+    Values: uint8 stays uint8; any other numeric x becomes float32, as it is
+    (memloc.data decides how it is normalized); NaN or inf are an error.
+    y: int64 >= 0.
     """
     path = Path(path)
-    fix = "save it with np.savez(path, x=images, y=labels)"
+    fix = "save it with np.savez(path, x=examples, y=labels[, x_test=..., y_test=...])"
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass the path of an .npz with arrays x and y")
     try:
@@ -355,24 +411,37 @@ def read_npz(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         missing = [k for k in ("x", "y") if k not in archive.files]
         if missing:
             raise DataError(f"{path} has no array {missing[0]!r} (found {sorted(archive.files)}); {fix}")
-        _check_npz_sizes(path, ("x", "y"), fix)
+        test = [k for k in ("x_test", "y_test") if k in archive.files]
+        if len(test) == 1:
+            other = "y_test" if test[0] == "x_test" else "x_test"
+            raise DataError(f"{path} has {test[0]} but no {other}: save both (the test split) or neither; {fix}")
+        names = ("x", "y", *test)
+        _check_npz_sizes(path, names, fix)
         try:
-            x, y = archive["x"], archive["y"]
+            arrays = {k: archive[k] for k in names}
         except Exception as e:  # object arrays (pickles refused), corrupt members...
-            raise DataError(f"cannot read arrays x and y from {path} ({_reason(e)}); {fix}") from None
+            raise DataError(f"cannot read arrays {', '.join(names)} from {path} ({_reason(e)}); {fix}") from None
+    x, y = arrays["x"], arrays["y"]
     if x.dtype.kind not in "uifb" or len(x) == 0:
-        raise DataError(f"{path}: x is {x.dtype} with shape {x.shape}; give a non-empty numeric image array")
-    x = _to_nchw(x, path)
-    if x.dtype != np.uint8:
-        x = x.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise DataError(f"{path}: x contains NaN or inf; clean or drop those images first")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 255:
-            raise DataError(f"{path}: x has values in [{lo:g}, {hi:g}]; give pixels in [0, 1] or [0, 255]")
-        if hi > 1:
-            x /= 255
-    return np.ascontiguousarray(x), _check_labels(y, len(x), f"{path}: y")
+        raise DataError(f"{path}: x is {x.dtype} with shape {x.shape}; give a non-empty numeric array")
+    found = _layout_of(x, path, layout)
+    last = x.ndim == 4 and _channels_last(x, path)
+    x = np.ascontiguousarray(_values(_arrange(x, found, last), path, "x"))
+    y = _check_labels(y, len(x), f"{path}: y")
+    guessed = arrays["x"].ndim == 3 and layout is None
+    if not test:
+        return NpzArrays(x, y, None, None, found, guessed)
+    xt = arrays["x_test"]
+    if xt.dtype.kind not in "uifb" or xt.ndim != arrays["x"].ndim or len(xt) == 0:
+        raise DataError(f"{path}: x_test is {xt.dtype} with shape {xt.shape} but x has shape {arrays['x'].shape}; "
+                        "give a non-empty x_test shaped like x")
+    xt = np.ascontiguousarray(_values(_arrange(xt, found, last), path, "x_test"))
+    if xt.shape[1:] != x.shape[1:]:
+        raise DataError(f"{path}: x_test examples have shape {xt.shape[1:]} but x examples {x.shape[1:]}; "
+                        "give both splits the same example shape")
+    if (xt.dtype == np.uint8) != (x.dtype == np.uint8):  # one split 8-bit, the other not: both as float32
+        x, xt = x.astype(np.float32), xt.astype(np.float32)
+    return NpzArrays(x, y, xt, _check_labels(arrays["y_test"], len(xt), f"{path}: y_test"), found, guessed)
 
 
 def _check_npz_sizes(path: Path, names: tuple[str, ...], fix: str) -> None:

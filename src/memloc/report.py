@@ -1174,7 +1174,10 @@ def _decided_claims(base: RunDir, drop: RunDir | None) -> list[tuple[dict, verdi
         a, b = (window[0] - 1, window[1]) if window else (0, g["cosine"].shape[1])
         body = slice(0, max(1, len(g["layer_names"]) - 1))  # every layer but the classifier
         ratio = g["noisy_norm"][body, a:b].sum(1) / np.maximum(g["clean_norm"][body, a:b].sum(1), 1e-30)
-        add("noisy examples' gradient norm is comparable to the clean ones' in every layer (they are 10% of the data)",
+        share = (base.config.get("data") or {}).get("noise")
+        share = f"they are {100 * share:g}% of the data" if isinstance(share, (int, float)) and share > 0 \
+            else "a minority of the data"
+        add(f"noisy examples' gradient norm is comparable to the clean ones' in every layer ({share})",
             "comparable", f"noisy/clean {ratio.min():.2f}–{ratio.max():.2f} over layers, epochs {a + 1}–{b}",
             verdicts.comparable_norms(ratio))
         cos = g["cosine"][body, a:b]
@@ -1613,12 +1616,22 @@ def build_study_report(path: Path) -> Path:
     label, base, drop = cells[0]
     base_cfg = cfg.get("base") if isinstance(cfg.get("base"), dict) else {}
     model, data = (base_cfg.get(k) if isinstance(base_cfg.get(k), dict) else {} for k in ("model", "data"))
-    intro = [f"Study `{path}`, preset {cfg.get('preset')}: {model.get('name')} on {data.get('dataset')}; seeds "
+    if model.get("name") is None and base is not None:  # chosen from the data when the run was made: its own config
+        model = (base.config.get("model") or {}) if isinstance(base.config, dict) else {}
+    name = str(model.get("name") or "the default model")
+    if isinstance(model.get("width"), (int, float)):
+        name += f" (width {model['width']:g})"
+    intro = [f"Study `{path}`, preset {cfg.get('preset')}: {name} on {data.get('dataset')}; seeds "
              f"{cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt from the study's files; nothing was "
              "recomputed."]
     # the report's own stage is left out: rebuilding a finished study must give the same page
-    done = {k for k, v in info.get("stages", {}).items() if isinstance(v, dict) and v.get("status") == "done"}
-    unfinished = [k for k in study_stages(study) if k not in done]
+    stages = {k: v for k, v in info.get("stages", {}).items() if isinstance(v, dict)}
+    done = {k for k, v in stages.items() if v.get("status") == "done"}
+    skipped = {k: v.get("reason", "") for k, v in stages.items() if v.get("status") == "skipped"}
+    unfinished = [k for k in study_stages(study) if k not in done and k not in skipped]
+    for reason in dict.fromkeys(skipped.values()):  # one line per reason (e.g. the model did not memorize)
+        keys = [k for k, r in skipped.items() if r == reason]
+        intro.append(f"Skipped: {', '.join(keys)}. {reason[:1].upper() + reason[1:]}.")
     if unfinished:
         intro.append(f"The study is not finished (stages not done: {', '.join(unfinished) or 'not started'}): "
                      f"finish it with `memloc run --resume {path}`.")

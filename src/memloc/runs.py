@@ -444,8 +444,8 @@ class RunDir:
                 if not overwrite:
                     resume = "`memloc run --resume`" if kind == "study" else "--resume"
                     raise RunError(f"{path} already exists: choose another --out, "
-                                   + ("or continue it with " + resume + f" {path}" if kind == "study"
-                                      else "pass --overwrite to replace it, or --resume it"))
+                                   + (f"continue it with {resume} {path}, or start it again with --overwrite"
+                                      if kind == "study" else "pass --overwrite to replace it, or --resume it"))
                 if memloc_kind(path) is None:
                     raise RunError(f"{path} exists and is not a memloc run: "
                                    "refusing to delete it even with --overwrite")

@@ -59,6 +59,8 @@ class StudyConfig:
     flip_eval_subsample: int | None = option(None, cli=False)
     detection: bool = option(True, cli=False)
     grid: bool = option(False, "add the example-tied dropout grid and baselines")
+    probe_anyway: bool = option(False, "run the probes that need memorization even when the model did not memorize "
+                                "(noisy-train below 90% at the end of training)")
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -108,7 +110,9 @@ def study_config(preset: str = "default", *, base_overrides: dict | None = None,
     unknown = sorted(set(study) - known)
     if unknown:
         raise ConfigError(f"a study has no setting {unknown[0]!r}: choose from {', '.join(sorted(known))}")
-    return StudyConfig(base=base, preset=preset, **study)
+    cfg = StudyConfig(base=base, preset=preset, **study)
+    cfg.base.data.noise = cfg.noise_levels[0]  # what the (first) cell runs, not the data default
+    return cfg
 
 
 def _cell_configs(cfg: StudyConfig, seed: int, noise: float, device) -> tuple[RunConfig, RunConfig]:
@@ -125,6 +129,50 @@ def _cell_configs(cfg: StudyConfig, seed: int, noise: float, device) -> tuple[Ru
         drop.train.epochs = cfg.dropout_epochs
     drop.train.gradient_accounting = False
     return base, drop
+
+
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{100 * v:.1f}%"
+
+
+def headline(stage: str, result) -> str | None:
+    """One line of a finished stage's result for the console (None when there is nothing to say)."""
+    if result is None:
+        return None
+    if stage in ("train", "dropout_train"):  # the final epoch's metrics
+        what = ("the example-tied model, measured in eval mode (every unit on, memorization units at their "
+                "expectation, not each example's own mask: its epoch lines too),") if stage == "dropout_train" \
+            else "the model"
+        return (f"{stage}: {what} ends at noisy-train {_pct(result.get('noisy_train_acc'))}, clean-train "
+                f"{_pct(result.get('clean_train_acc'))}, test {_pct(result.get('test_acc'))}")
+    s, a = result.summary, result.arrays
+    if stage in ("rewinding", "retraining") and "noisy_train" in list(a.get("subsets", [])):
+        acc = a["accuracy"][:, :, list(a["subsets"]).index("noisy_train")]  # (layers, steps)
+        names = [str(n) for n in a["layer_names"]]
+        if stage == "rewinding":
+            mean = np.nanmean(acc[:, 1:] if acc.shape[1] > 1 else acc, axis=1)  # over the rewound epochs after 0
+            i = int(np.nanargmin(mean))
+            return (f"rewinding: {names[i]} is the most critical layer (noisy-train {_pct(mean[i])} on average over "
+                    f"the epochs it was rewound to; the final model {_pct(s['final'].get('noisy_train_acc'))})")
+        last = acc[:, -1]
+        back = [n for n, v in zip(names, last) if v >= MEMORIZED]
+        return (f"retraining: {len(back)} of {len(names)} layers bring noisy-train back to >= 90% without seeing a "
+                f"noisy example" + (f" ({', '.join(back)})" if back else ""))
+    if stage == "flipping" and {"clean", "noisy"} <= set(s.get("kinds", {})):
+        n, c = s["kinds"]["noisy"], s["kinds"]["clean"]
+        if not n["searched"]:
+            return "flipping: no noisy example was searched (all were already predicted wrongly)"
+        return (f"flipping: median units to flip {n['median_units']:g} (noisy, {n['searched']} searched) vs "
+                + ("–" if c["median_units"] is None else f"{c['median_units']:g}") + f" (clean); "
+                f"{_pct(n['share_flipped_under_10'])} of noisy examples flip with < 10 units")
+    if stage == "dropout_eval" and "noisy_before" in s:
+        return (f"example-tied dropout: dropping the memorization units takes noisy-train {_pct(s['noisy_before'])} "
+                f"→ {_pct(s['noisy_after'])}, clean-train {_pct(s['clean_before'])} → {_pct(s['clean_after'])}")
+    if stage == "detection" and s.get("best"):
+        auroc = next((r.get("auroc") for r in s.get("quality") or [] if r.get("score") == s["best"]), None)
+        return f"detection: the best score for finding the noisy examples is {s['best']}" + \
+            (f" (AUROC {auroc:.3f})" if auroc is not None else "")
+    return None
 
 
 def _train(run_cfg: RunConfig, out: Path, progress: bool, log) -> None:
@@ -152,35 +200,57 @@ class _Cell:
 
     def stage(self, name: str, progress: bool, log: Callable[[str], None]) -> None:
         cfg, base_cfg = self.cfg, self.base_cfg
+        result = None
         if name in ("train", "dropout_train"):
             path, run_cfg = (self.base_dir, base_cfg) if name == "train" else (self.drop_dir, self.drop_cfg)
             _train(run_cfg, path, progress, log)
             self._open.pop(path, None)  # its checkpoints changed: open it afresh
+            metrics = RunDir.open(path).read_metrics()
+            result = metrics[-1] if metrics else None
         elif name == "rewinding":
-            probes.rewind(self.loaded(self.base_dir), cfg=probes.RewindConfig(every=cfg.rewind_every),
-                          progress=progress, log=log)
+            result = probes.rewind(self.loaded(self.base_dir), cfg=probes.RewindConfig(every=cfg.rewind_every),
+                                   progress=progress, log=log)
         elif name == "retraining":
-            rc = probes.RetrainConfig(epochs=cfg.retrain_epochs, peak_epoch=max(1, cfg.retrain_epochs // 2),
-                                      batch_size=base_cfg.train.batch_size, seed=base_cfg.train.seed)
-            probes.retrain(self.loaded(self.base_dir), cfg=rc, progress=progress, log=log)
+            rc = probes.RetrainConfig(epochs=cfg.retrain_epochs, batch_size=base_cfg.train.batch_size,
+                                      seed=base_cfg.train.seed)  # the peak at half the epochs
+            result = probes.retrain(self.loaded(self.base_dir), cfg=rc, progress=progress, log=log)
         elif name == "flipping":
             fc = probes.FlipConfig(examples=cfg.flip_examples, kinds=("clean", "noisy"), others=cfg.flip_others,
                                    eval_subsample=cfg.flip_eval_subsample, seed=base_cfg.train.seed)
-            probes.flip(self.loaded(self.base_dir), cfg=fc, progress=progress, log=log)
+            result = probes.flip(self.loaded(self.base_dir), cfg=fc, progress=progress, log=log)
         elif name == "dropout_eval":
-            probes.evaluate_dropout(self.loaded(self.drop_dir), progress=progress, log=log)
+            result = probes.evaluate_dropout(self.loaded(self.drop_dir), progress=progress, log=log)
         elif name == "depth":  # before detection: prediction depth is one of its scores
-            probes.prediction_depth(self.loaded(self.base_dir), cfg=probes.DepthConfig(seed=base_cfg.train.seed),
-                                    progress=progress, log=log)
+            result = probes.prediction_depth(self.loaded(self.base_dir),
+                                             cfg=probes.DepthConfig(seed=base_cfg.train.seed), progress=progress,
+                                             log=log)
         elif name == "detection":
-            probes.detect(self.loaded(self.base_dir), cfg=probes.DetectConfig(), progress=progress, log=log)
+            result = probes.detect(self.loaded(self.base_dir), cfg=probes.DetectConfig(), progress=progress, log=log)
         else:
             raise ValueError(f"unknown study stage {name!r}")
+        line = headline(name, result)
+        if line:
+            log(line)
+
+
+# the stages whose questions are about memorized examples: skipped when the base model did not memorize
+NEEDS_MEMORIZATION = ("rewinding", "retraining", "flipping", "dropout_train", "dropout_eval")
+MEMORIZED = 0.9  # noisy-train accuracy at the end of training that counts as "memorized"
+
+
+def memorization_warning(noisy: float | None) -> str | None:
+    """One line on a model that did not memorize its noisy examples, with what to change; None when it did."""
+    if noisy is None or noisy >= MEMORIZED:
+        return None
+    return (f"the model did not memorize its noisy examples: noisy-train accuracy {100 * noisy:.1f}% at the end of "
+            f"training (< {100 * MEMORIZED:.0f}%). The probes ask where memorized examples live; train it to memorize: "
+            "more --epochs, a higher --lr, a wider model (--width), or a smaller --batch-size")
 
 
 def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, resume: str | Path | None = None,
-              progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """Run (or, with `resume`, finish) a study; returns the study directory."""
+              overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """Run (or, with `resume`, finish) a study; returns the study directory. `overwrite` starts an existing study
+    folder again (memloc's own files in it deleted, nothing else)."""
     log = log or (lambda s: None)
     if resume is not None:
         study = RunDir.open(resume, kind="study")
@@ -190,51 +260,96 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
                                f"`memloc report {study.path}`)")
             return _run_stages(study, StudyConfig.from_dict(study.config), progress, log)
     cfg = cfg or study_config()
-    name = Path(cfg.base.data.dataset).stem if "/" in cfg.base.data.dataset else cfg.base.data.dataset
+    ds = cfg.base.data.dataset
+    name = Path(ds).stem if ("/" in ds or ds.endswith((".npz", ".npy"))) else ds  # a file: its stem
     out = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = resolve_device(cfg.base.train.device)
     for seed, noise in cfg.cells():  # validate every run config before anything is written
         _cell_configs(cfg, seed, noise, device)
     with exclusive(out):  # one writer per study for its whole life
-        study = RunDir.create(out, kind="study", config=cfg.to_dict())
+        study = RunDir.create(out, kind="study", overwrite=overwrite, config=cfg.to_dict())
         return _run_stages(study, cfg, progress, log)
+
+
+def expected_cost(cfg: StudyConfig, stage: str) -> float:
+    """What a stage costs, in training epochs of the base model (weights measured on the default study, ResNet-9
+    on a CPU: rewinding one layer to one epoch is an evaluation pass, about 0.11 epochs; retraining one layer for one
+    epoch about 0.45; one flipped example about 0.043; an epoch of the example-tied model about 0.62): what the
+    study's progress bar counts, so that its time estimate follows the work left, not the mean of finished stages."""
+    layers = 9  # ResNet-9's; the weights only need to be roughly right
+    epochs = cfg.base.train.epochs
+    cost = {"train": epochs, "rewinding": 0.11 * layers * (epochs / cfg.rewind_every + 1),
+            "retraining": 0.45 * layers * cfg.retrain_epochs, "flipping": 0.043 * 2 * cfg.flip_examples,
+            "dropout_train": 0.62 * (cfg.dropout_epochs or epochs), "dropout_eval": 0.6, "depth": 0.2,
+            "detection": 0.5, "report": 0.6}
+    if stage == "grid":
+        from .grid import DEFAULT_PAIRS
+        return 0.62 * epochs * (len(DEFAULT_PAIRS) + 3)  # every pair, the plain model and the two baselines
+    return cost.get(stage, 1.0)
 
 
 def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[str], None]) -> Path:
     """Every stage not yet done, in order, then the report; a stage that raises is recorded as failed."""
     device = resolve_device(cfg.base.train.device)
     keys = study_stages(study)
+    cells = {prefix for _, _, prefix, _, _ in study_cells(study)}
+
+    def cost(key: str) -> float:
+        return expected_cost(cfg, next((key[len(p):] for p in cells if p and key.startswith(p)), key))
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(keys) + 1, desc="study", unit="stage", position=0, dynamic_ncols=True)
+        bar = tqdm(total=round(sum(cost(k) for k in keys) + cost("report"), 1), desc="study", position=0,
+                   dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     try:
         for seed, noise, prefix, base_dir, drop_dir in study_cells(study):
-            cell = None
+            cell, warned = None, False
             for key in [k for k in keys if k.startswith(prefix) and k != "grid"]:
-                if study.stage(key).get("status") != "done":
+                name = key[len(prefix):]
+                if name in NEEDS_MEMORIZATION and study.stage(key).get("status") not in ("done", "skipped"):
+                    warning = memorization_warning(_final_noisy(base_dir))
+                    if warning is not None and not warned:
+                        log(f"warning: {warning}" + ("; probing anyway (--probe-anyway)" if cfg.probe_anyway else ""))
+                        warned = True
+                    if warning is not None and not cfg.probe_anyway:
+                        study.set_stage(key, "skipped", reason=f"{warning}; rerun the study with --probe-anyway to "
+                                                               "probe it")
+                        log(f"stage {key} skipped (the model did not memorize; --probe-anyway runs it)")
+                if study.stage(key).get("status") not in ("done", "skipped"):
                     cell = cell or _Cell(cfg, seed, noise, base_dir, drop_dir, device)
                     if bar is not None:
                         bar.set_postfix_str(key)
                     _stage(study, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(cost(key))
         if cfg.grid and study.stage("grid").get("status") != "done":
             from .grid import dropout_grid
             base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
             _stage(study, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", progress=progress, log=log), log)
             if bar is not None:
-                bar.update(1)
+                bar.update(cost("grid"))
         from .report import build_report
         build_report(study.path)
         study.set_stage("report", "done")
         study.update_info(finished=True)
         if bar is not None:
-            bar.update(1)
+            bar.update(cost("report"))
     finally:
         if bar is not None:
             bar.close()
     return study.path
+
+
+def _final_noisy(base_dir: Path) -> float | None:
+    """Noisy-train accuracy at the end of the base run's training (None: not trained, or no noisy examples)."""
+    if memloc_kind(base_dir) != "run":
+        return None
+    run = RunDir.open(base_dir)
+    if run.stage("train").get("status") != "done":
+        return None
+    metrics = run.read_metrics()
+    return metrics[-1].get("noisy_train_acc") if metrics else None
 
 
 def _stage(study: RunDir, key: str, work: Callable[[], None], log: Callable[[str], None]) -> None:
@@ -292,7 +407,7 @@ def _memorized_canaries(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[int, 
 
 
 def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *, study: dict | None = None,
-                 resume: str | Path | None = None, progress: bool = True,
+                 resume: str | Path | None = None, overwrite: bool = False, progress: bool = True,
                  log: Callable[[str], None] | None = None) -> Path:
     """`memloc run --task lm`: train a language model with canaries into one run directory, run the
     memorization probe and the paper's probes on it, and write its report. With `resume` (the run directory),
@@ -309,7 +424,7 @@ def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *,
         if cfg is None or cfg.task != "lm":
             raise ConfigError("run_lm_study takes a RunConfig with task 'lm'")
         study = dict(study or {})
-        run = run_training(cfg, out, progress=progress, log=log)
+        run = run_training(cfg, out, overwrite=overwrite, progress=progress, log=log)
         run.write_json("lm_study.json", study)
     loaded = open_run(run.path)
     sinks = bool(loaded.config.model.example_tied)

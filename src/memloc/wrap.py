@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Dataset
+from .data import Dataset, Normalization, standardize_stats
 from .errors import DataError
 
 ArrayLike = Any  # torch.Tensor or numpy array
@@ -30,24 +30,40 @@ def _as_tensor(a: ArrayLike, what: str) -> torch.Tensor:
         raise DataError(f"{what} is not an array or tensor ({err}): pass a numpy array or torch tensor") from None
 
 
-def _images(x: ArrayLike, what: str) -> torch.Tensor:
+def _examples(x: ArrayLike, what: str) -> torch.Tensor:
     x = _as_tensor(x, what)
     if x.dim() < 2:
-        raise DataError(f"{what} has shape {tuple(x.shape)}; expected (N, C, H, W) images or (N, F) features")
+        raise DataError(f"{what} has shape {tuple(x.shape)}; expected (N, C, H, W) images, (N, C, L) sequences or "
+                        "(N, F) features")
     if x.dtype == torch.uint8 or x.dtype == torch.bool:
         return x.to(torch.uint8).contiguous() if x.dtype == torch.uint8 else x.float().contiguous()
     if not x.is_floating_point():
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
-            raise DataError(f"{what} holds integers outside 0..255: pass uint8 images or floats in [0, 1]")
-        return x.to(torch.uint8).contiguous()  # 8-bit intensities in a wider integer type
+        if x.numel() and int(x.min()) >= 0 and int(x.max()) <= 255:
+            return x.to(torch.uint8).contiguous()  # 8-bit intensities in a wider integer type
+        return x.to(torch.float32).contiguous()
     x = x.to(torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{what} contains NaN or infinite values: clean the data first")
-    # memloc normalizes images itself (mean 0.5, std 0.5): already-normalized or 0..255 floats would be wrong
-    if x.dim() == 4 and x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
-        raise DataError(f"{what} float images range {float(x.min()):.3g}..{float(x.max()):.3g}: pass raw images, "
-                        "floats in [0, 1] or uint8 0..255 (memloc normalizes them itself)")
     return x.contiguous()
+
+
+def _normalization(normalize: str | None, x_tr: torch.Tensor, x_te: torch.Tensor) -> Normalization:
+    """`normalize` (inferred when None: pixels for uint8 or [0, 1] float images, else standardize) over x_train."""
+    from .data import NORMALIZATIONS, PIXELS
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise DataError(f"unknown normalize {normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
+    both = [t for t in (x_tr, x_te) if t.numel()]
+    pixels = all(t.dtype == torch.uint8 or (float(t.min()) >= -1e-3 and float(t.max()) <= 1 + 1e-3) for t in both)
+    if normalize is None:
+        normalize = "pixels" if x_tr.dim() == 4 and pixels else "standardize"
+    if normalize == "pixels":
+        if not pixels:
+            raise DataError("normalize='pixels' takes uint8 images or floats in [0, 1]: scale the data, or pass "
+                            "normalize='standardize' (or 'none')")
+        return PIXELS
+    if normalize == "none":
+        return Normalization("none")
+    return standardize_stats(x_tr.numpy())
 
 
 def _labels(y: ArrayLike, n: int, what: str) -> torch.Tensor:
@@ -73,13 +89,17 @@ def _mask(m: ArrayLike, n: int, what: str) -> torch.Tensor:
 def wrap_data(x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike | None = None, y_test: ArrayLike | None = None,
               *, noise_mask: ArrayLike | None = None, true_labels: ArrayLike | None = None,
               rare_mask: ArrayLike | None = None, num_classes: int | None = None, name: str = "custom",
-              device: torch.device | str = "cpu") -> Dataset:
+              normalize: str | None = None, device: torch.device | str = "cpu") -> Dataset:
     """Your tensors (or numpy arrays) as a memloc :class:`Dataset`.
 
-    x_train: (N, C, H, W) images, uint8 in 0..255 or float in [0, 1] (memloc
-    normalizes them with mean 0.5, std 0.5), or (N, F) features for a model that
-    takes vectors; y_train: (N,) the *given* labels (possibly noisy). x_test,
+    x_train: (N, C, H, W) images, (N, C, L) sequences or (N, F) features, any
+    finite numbers; y_train: (N,) the *given* labels (possibly noisy). x_test,
     y_test: (M, ...) and (M,), optional (empty when left out).
+
+    `normalize` says how examples become model input: "pixels" (uint8 0..255 or
+    floats in [0, 1], with the paper's mean 0.5 and std 0.5), "standardize" (each
+    channel, or feature, by x_train's mean and std) or "none"; by default pixels
+    for images in those ranges, standardize for anything else.
 
     The noise is known when `noise_mask` (N,) bool (1 = noisy) or `true_labels`
     (N,) is given (the mask is then ``true_labels != y_train``); otherwise the
@@ -88,7 +108,7 @@ def wrap_data(x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike | None =
     `rare_mask` (N,) marks rare examples. `num_classes` defaults to the largest
     label + 1.
     """
-    x_tr = _images(x_train, "x_train")
+    x_tr = _examples(x_train, "x_train")
     n = len(x_tr)
     if n == 0:
         raise DataError("x_train holds no examples")
@@ -98,13 +118,16 @@ def wrap_data(x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike | None =
     if x_test is None:
         x_te, y_te = x_tr[:0].clone(), y_tr[:0].clone()
     else:
-        x_te = _images(x_test, "x_test")
+        x_te = _examples(x_test, "x_test")
         y_te = _labels(y_test, len(x_te), "y_test")
         if tuple(x_te.shape[1:]) != tuple(x_tr.shape[1:]):
             raise DataError(f"x_test examples have shape {tuple(x_te.shape[1:])} but x_train examples "
                             f"{tuple(x_tr.shape[1:])}: both splits must have the same shape")
-        if x_te.dtype != x_tr.dtype:  # one uint8 split and one float split: both to float in [0, 1]
-            x_tr, x_te = (t.float() / 255.0 if t.dtype == torch.uint8 else t for t in (x_tr, x_te))
+        if x_te.dtype != x_tr.dtype:  # one uint8 split and one float split: both float (pixels: in [0, 1])
+            floats = [t for t in (x_tr, x_te) if t.dtype != torch.uint8 and t.numel()]
+            unit = all(float(t.min()) >= -1e-3 and float(t.max()) <= 1 + 1e-3 for t in floats)
+            x_tr, x_te = (t.float() / 255.0 if t.dtype == torch.uint8 and unit else t.float() for t in (x_tr, x_te))
+    norm = _normalization(normalize, x_tr, x_te)
     y_true = y_tr.clone()
     if true_labels is not None:
         y_true = _labels(true_labels, n, "true_labels")
@@ -127,7 +150,7 @@ def wrap_data(x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike | None =
     is_rare = _mask(rare_mask, n, "rare_mask") if rare_mask is not None else torch.zeros(n, dtype=torch.bool)
     ds = Dataset(name=name, x_train=x_tr, y_train=y_tr, y_true=y_true, is_noisy=is_noisy, is_rare=is_rare,
                  x_test=x_te, y_test=y_te, num_classes=int(num_classes), noise_known=noise_known,
-                 class_names=[str(k) for k in range(num_classes)], source_index=np.arange(n))
+                 class_names=[str(k) for k in range(num_classes)], source_index=np.arange(n), normalization=norm)
     return ds.to(device)
 
 

@@ -608,12 +608,13 @@ def roc_figure(result: ProbeResult, *, target: str = "noisy"):
 
 
 def gallery(result: ProbeResult, *, top: int = GALLERY, columns: int = 8):
-    """The top suspects' images (arrays.npz `top_images`) titled with index, given and predicted label."""
+    """The top suspects' examples (arrays.npz `top_images`: images, sequences or features, drawn as their shape
+    allows) titled with index, given and predicted label."""
     from ..figures import gallery_figure
     images = result.arrays.get("top_images")
     if images is None or len(images) == 0:
         raise RunError("the detection result holds no top-suspect images: rerun `memloc detect`")
-    images = images[:top]  # (T, C, H, W)
+    images = images[:top]  # (T, C, H, W), (T, C, L) or (T, F)
     idx, given = result.arrays["top_index"], result.arrays["given_label"]
     pred = result.arrays.get("predicted_label")
     noisy = result.arrays.get("is_noisy")

@@ -694,7 +694,8 @@ def build_result(records: list[FlipRecord], task: Task, cfg: FlipConfig, candida
             "examples": int(sum(r.kind == k for r in records)),
             "already_wrong": int(sum(r.kind == k and r.already_wrong for r in records)),
             "searched": int(sel.sum()),
-            "flipped_share": float(fl.mean()) if sel.any() else None,
+            "flipped": int(fl.sum()),
+            "flipped_share": float(fl.mean()) if sel.any() else None,  # of the searched (not already wrong)
             "median_units": float(np.median(n_units)) if sel.any() else None,
             "mean_units": float(n_units.mean()) if sel.any() else None,
             "share_flipped_under_10": float((fl & (n_units < 10)).mean()) if sel.any() else None,

@@ -55,7 +55,8 @@ class RetrainConfig:
 
     epochs: int = option(20, "retraining epochs per layer")
     lr: float = option(0.1, "peak learning rate of the one-cycle schedule")
-    peak_epoch: float = option(10, "epoch of the peak learning rate")
+    peak_epoch: float | None = option(None, "epoch of the peak learning rate (default: half the epochs, the "
+                                      "paper's 10 of 20)")
     batch_size: int = option(512, "training batch size")
     momentum: float = option(0.9, cli=False)
     weight_decay: float = option(5e-4, cli=False)
@@ -80,8 +81,11 @@ class RetrainConfig:
             raise ConfigError(f"retraining epochs must be at least 1, not {self.epochs}")
         if not (self.lr > 0) or math.isinf(self.lr):
             raise ConfigError(f"learning rate must be positive, not {self.lr}")
+        if self.peak_epoch is None:
+            self.peak_epoch = self.epochs // 2 if self.epochs % 2 == 0 else self.epochs / 2
         if not (0 <= self.peak_epoch < self.epochs):
-            raise ConfigError(f"--peak-epoch {self.peak_epoch} must lie in [0, {self.epochs}) (the retraining epochs)")
+            raise ConfigError(f"peak_epoch (--peak-epoch) {self.peak_epoch:g} must lie in [0, {self.epochs}), the "
+                              "retraining epochs: leave it out for half of them")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
         if self.momentum < 0 or self.weight_decay < 0:

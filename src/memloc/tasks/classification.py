@@ -47,8 +47,9 @@ class ClassificationTask:
         return torch.zeros(n, *self.data.input_shape, device=device)
 
     def inputs(self, xb: torch.Tensor, device: torch.device, *, augment: bool = False) -> torch.Tensor:
-        """Stored images (B, C, H, W) -> normalized model input (random crop and flip with `augment`)."""
-        x = model_input(xb, device)
+        """Stored examples (B, ...) -> model input, normalized as the data says (random crop and flip of images
+        with `augment`)."""
+        x = model_input(xb, device, self.data.normalization)
         if augment:
             x = augment_images(x)
             if device.type == "cuda":

@@ -1,9 +1,26 @@
 """memloc: find where a neural network memorizes its training examples, and move it where it can be removed.
 
-The public API is what this module re-exports; everything else may change.
-Every probe is one function (``memloc.flip is memloc.probes.flip``) that takes
-a run directory (``"runs/x"``, a RunDir, or ``memloc.open_run(path)``) or a
-trained model with its data, and returns a :class:`ProbeResult`.
+Quick start (offline, a CPU is enough)::
+
+    memloc run --preset smoke             # the whole study in about 25 s: train, probes, report
+    memloc run                            # the default study (ResNet-9 on 4,000 real MNIST digits)
+
+    import memloc
+    run = memloc.run_training(memloc.RunConfig(), "runs/x")   # train with the paper's recipe (per-epoch checkpoints)
+    memloc.rewind(run); memloc.retrain(run); memloc.flip(run)  # the paper's probes, each a ProbeResult
+    memloc.detect(run).summary                                 # which training examples look mislabeled
+    memloc.build_report(run.path)                              # a self-contained HTML report
+
+Your own model and data: ``memloc.wrap_data(x, y, ...)`` and any probe on ``(model, data)``;
+language models: ``memloc run --task lm``. Documentation: docs/index.md (CLI: docs/cli.md, Python:
+docs/api.md, the probes and the paper: docs/probes.md).
+
+The public API is what this module lists in ``__all__``; everything else may change. Every
+probe is one function (``memloc.flip is memloc.probes.flip``) that takes a run directory
+(``"runs/x"``, a RunDir, or ``memloc.open_run(path)``) or a trained model with its data, and
+returns a :class:`ProbeResult`. The layers ``ExampleTiedDropout`` (memloc.dropout) and
+``UnitScale`` (memloc.export) are importable from here too; they are left out of ``__all__`` so
+that ``help(memloc)`` is not their inherited ``nn.Module`` methods.
 """
 
 from ._version import __version__  # noqa: F401
@@ -42,6 +59,8 @@ from .tasks import Task, task_of  # noqa: E402
 from .training import History, TrainConfig, evaluate, prepare, train  # noqa: E402
 from .wrap import from_torch_dataset, wrap_data  # noqa: E402
 
+_IMPORTABLE_NOT_LISTED = (ExampleTiedDropout, UnitScale)  # nn.Modules: their inherited methods would swamp help()
+
 __all__ = [
     "ConfigError", "DataError", "MemlocError", "RunError",
     "DataConfig", "Dataset", "corrupt_labels", "load_data", "wrap_data", "from_torch_dataset",
@@ -55,8 +74,8 @@ __all__ = [
     "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect", "detect_scores", "plot_roc",
     "DepthConfig", "prediction_depth",
     "LocalizeConfig", "localize", "edited", "BenchConfig", "bench_localize", "TinyMemConfig", "tinymem_data",
-    "UnitScale", "export_dropped", "export_localized", "load_exported", "remove_memorization",
+    "export_dropped", "export_localized", "load_exported", "remove_memorization",
     "DEFAULT_PAIRS", "dropout_grid",
-    "ExampleTiedDropout", "dropout_mode", "example_indices", "insert_example_tied_dropout",
+    "dropout_mode", "example_indices", "insert_example_tied_dropout",
     "build_report",
 ]

@@ -1231,10 +1231,10 @@ def _decided_claims(base: RunDir, drop: RunDir | None) -> list[tuple[dict, verdi
             ("—" if n["mean_train_acc_drop"] is None or c["mean_train_acc_drop"] is None else
              f"{100 * n['mean_train_acc_drop']:.1f} (noisy) vs {100 * c['mean_train_acc_drop']:.1f} (clean) points"),
             verdicts.smaller_drop(grp["noisy"]["drop"], grp["clean"]["drop"]))
+        spread = {k: verdicts.spread_over_layers(grp[k]["counts"]) for k in ("noisy", "clean")}
         add("the critical units are spread over many layers", "many layers, clean and noisy alike",
-            f"{n['layers_used']} layers (noisy), {c['layers_used']} layers (clean)",
-            verdicts.all_of({"noisy": verdicts.spread_over_layers(grp["noisy"]["counts"]),
-                      "clean": verdicts.spread_over_layers(grp["clean"]["counts"])}))
+            "; ".join(f"{k}: {v.result or v.verdict}" for k, v in spread.items()),  # the measure, not a layer count
+            verdicts.all_of(spread))
     s, _ = _load_probe(drop, "dropout")
     if s is not None:
         add("example-tied dropout: dropping the memorization units removes the mislabeled examples' labels",

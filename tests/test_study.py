@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 from pathlib import Path
 
 import browser
@@ -53,11 +54,25 @@ def test_rebuilding_the_study_report_gives_the_same_files(smoke_study, smoke_stu
 
 @pytest.mark.skipif(not browser.available(), reason="needs Debian's chromium and chromium-driver, and selenium")
 def test_study_report_in_headless_chromium(smoke_study):
-    seen = browser.inspect_page(smoke_study / "report" / "report.html")
+    seen = browser.inspect_page(smoke_study / "report" / "report.html", width=1280, pdf=True)
     n = len(list((smoke_study / "report" / "figures").iterdir()))
     assert len(seen["images"]) == n and all(seen["decoded"])
     assert all(i["complete"] and i["width"] > 50 for i in seen["images"])
     assert not [m for m in seen["console"] if m.get("level") in ("SEVERE", "ERROR")]
+    # inside the page at 1,280 px (wide tables transposed or scrolling in their own box), no "None" cell (#22)
+    assert seen["scroll_width"] <= seen["client_width"], (seen["scroll_width"], seen["client_width"])
+    assert seen["none_cells"] == 0
+    # printed: several pages, and no page ends with a section heading stranded away from its content
+    pdf = seen["pdf"]
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") > 1
+    pages = browser.pdf_pages_text(seen["pdf"])
+    if pages is None:
+        pytest.skip("pdftotext (poppler-utils) is not installed: the page breaks are not checked")
+    html = (smoke_study / "report" / "report.html").read_text()
+    headings = [re.sub(r"<[^>]+>", "", h).strip() for h in re.findall(r"<h2[^>]*>(.*?)</h2>", html)]
+    for i, page in enumerate(pages[:-1]):
+        lines = [line.strip() for line in page.splitlines() if line.strip()]
+        assert lines and lines[-1] not in headings, f"page {i + 1} ends with the heading {lines[-1]!r}"
 
 
 def test_resume_of_a_finished_or_foreign_study_is_refused(smoke_study, tmp_path, capsys):

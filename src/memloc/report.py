@@ -977,18 +977,59 @@ def probe_section(run: RunDir, probe) -> Section:
 
 # ----------------------------------------------------------------------------- assembly
 
+_PERCENT_WORDS = ("acc", "share", "rate", "_after", "_before", "fraction")  # column names holding fractions
+_NOT_MEASURED = "–"
+
+
+def _header(key: str) -> str:
+    """A column name for people: snake_case as words, `_acc` as "accuracy (%)" and fractions marked "(%)"."""
+    words = key.replace("_acc", " accuracy").replace("_", " ").strip()
+    return words + (" (%)" if _is_percent_column(key) else "")
+
+
+def _is_percent_column(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in _PERCENT_WORDS) and not any(w in k for w in ("epoch", "units", "layers", "auroc"))
+
+
+def _cell_text(key: str, v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v in ("None", "nan", "")):
+        return _NOT_MEASURED
+    if isinstance(v, str):  # a CSV cell: a number written as text is still a number
+        try:
+            v = float(v) if re.fullmatch(r"-?\d+\.\d*(e-?\d+)?|-?\d+e-?\d+", v.strip()) else v
+        except ValueError:
+            pass
+    if isinstance(v, float):
+        if _is_percent_column(key) and -1.0 <= v <= 1.0:
+            return f"{100 * v:.1f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
 def _table_html(rows: list[dict], limit: int = 40) -> str:
+    """A table people can read inside the page: readable headers, fractions as percentages with one decimal,
+    "–" for what was not measured (with a footnote); a wide table of few rows is transposed (one row per
+    column), any other wide table scrolls inside its own box; long tables fold into <details>."""
     if not rows:
         return ""
     keys = list(rows[0])
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "—" if v is None else html.escape(str(v))
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows[:limit])
-    more = f"<p class='note'>{len(rows) - limit} more rows in the CSV.</p>" if len(rows) > limit else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
+    cells = [[_cell_text(k, r.get(k)) for k in keys] for r in rows[:limit]]
+    if len(keys) > 8 and len(cells) <= 6:  # e.g. flipping's per-kind table: 13 columns, 2 rows
+        head = f"<th>{html.escape(_header(keys[0]))}</th>" + "".join(
+            f"<th>{html.escape(c[0])}</th>" for c in cells)
+        body = "".join(f"<tr><th>{html.escape(_header(k))}</th>" + "".join(
+            f"<td>{html.escape(c[j])}</td>" for c in cells) + "</tr>" for j, k in enumerate(keys) if j > 0)
+    else:
+        head = "".join(f"<th>{html.escape(_header(k))}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in c) + "</tr>" for c in cells)
+    table = f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    notes = []
+    if any(v == _NOT_MEASURED for c in cells for v in c):
+        notes.append(f"{_NOT_MEASURED}: not measured or not applicable (e.g. a run without rare examples).")
+    if len(rows) > limit:
+        notes.append(f"{len(rows) - limit} more rows in the CSV.")
+    return table + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -996,7 +1037,11 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}\
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}.missing{color:#a60}.note{color:#555;font-size:.9em}.holds{color:#070}.fails{color:#b00}"""
+th{background:#f4f4f4}.missing{color:#a60}.note{color:#555;font-size:.9em}.holds{color:#070}.fails{color:#b00}
+.wide{max-width:100%;overflow-x:auto}details{margin:.5em 0}summary{cursor:pointer;color:#555;font-size:.9em}
+@media print{body{max-width:none;margin:0}h1,h2,h3{break-after:avoid;page-break-after:avoid}
+h2+*,h2+*+*{break-before:avoid;page-break-before:avoid}figure,tr,img{break-inside:avoid;page-break-inside:avoid}
+.wide{overflow:visible}table{font-size:.7em}td,th{word-break:break-word}details>*{display:block}}"""
 
 
 def _text_html(text: str) -> str:
@@ -1023,11 +1068,14 @@ def render_html(title: str, intro: list[str], sections: list[Section]) -> str:
             data = base64.b64encode(f.png).decode("ascii")
             parts.append(f"<figure><img alt='{html.escape(f.name)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
-        for t in s.tables:
-            if t.name.startswith("summary") or len(t.rows) <= 40:
-                parts.append(f"<p class='note'>{html.escape(t.caption)}</p>{_table_html(t.rows)}")
-            else:
+        for t in s.tables:  # after the figures; a long one folded (open in print)
+            if not (t.name.startswith("summary") or len(t.rows) <= 40):
                 parts.append(f"<p class='note'>{html.escape(t.caption)}: {len(t.rows)} rows in tables/{t.name}.csv</p>")
+            elif len(t.rows) > 12 and not t.name.startswith("summary"):
+                parts.append(f"<details><summary>{html.escape(t.caption)} ({len(t.rows)} rows; tables/{t.name}.csv)"
+                             f"</summary>{_table_html(t.rows)}</details>")
+            else:
+                parts.append(f"<p class='note'>{html.escape(t.caption)}</p>{_table_html(t.rows)}")
     parts.append("</body></html>")
     return "\n".join(parts)
 

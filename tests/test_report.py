@@ -64,3 +64,23 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     errors = [m for m in seen["console"] if m.get("level") in ("SEVERE", "ERROR")]
     assert not errors, errors
     (tmp_path / "screenshot.png").write_bytes(seen["screenshot"])
+
+
+def test_claims_summary_in_words():
+    from memloc.report import claims_summary
+    rows = [{"claim": "a", "verdict": "holds"}, {"claim": "b", "verdict": "does not hold"},
+            {"claim": "c", "verdict": "not enough data (n = 3 noisy, 40 clean; need 5 each)"},
+            {"claim": "d", "verdict": "holds"}]
+    text = claims_summary(rows)
+    assert text.startswith("Of the paper's 4 claims asked of this run, 2 hold and 1 do not: b.")
+    assert "1 could not be decided (not measured, or too few examples for the test): c." in text
+    assert claims_summary([]) is None
+
+
+def test_tables_read_as_people_write_them():
+    from memloc.report import _table_html
+    html = _table_html([{"kind": "noisy", "noisy_train_acc": 0.9512, "median_units": 2.0, "rare_train_acc": None}])
+    assert "noisy train accuracy (%)" in html and "95.1" in html and ">2<" in html
+    assert "None" not in html and "–" in html and "not measured or not applicable" in html
+    wide = _table_html([{f"col_{i}": float(i) for i in range(12)} for _ in range(2)])
+    assert wide.count("<tr>") == 12  # 12 columns, 2 rows: transposed (a header row, then one row per column)

@@ -28,7 +28,7 @@ def test_smoke_study_makes_every_stage_and_the_report(smoke_study):
     assert (smoke_study / "dropout" / "probes" / "dropout" / "summary.json").exists()
     figures = {p.stem for p in (smoke_study / "report" / "figures").iterdir()}
     assert {"learning_curves", "gradient_norms", "gradient_cosine", "rewinding", "retraining", "flipping",
-            "detection_roc", "dropout_learning_curves"} <= figures
+            "detection_roc", "dropout_learning_curves", "dropout_before_after"} <= figures
     claims = (smoke_study / "report" / "tables" / "summary_claims.csv").read_text()
     for words in ("gradient norm", "rewinding", "retraining", "units zeroed", "example-tied dropout"):
         assert words in claims, words

@@ -59,6 +59,12 @@ def _num(v) -> str:
     return "—" if v is None else f"{v:g}"
 
 
+def layer_label(i: int, name: str) -> str:
+    """A layer as every figure names it: its 1-based position and a short name ("5 conv3", "4 res1.1")."""
+    short = re.sub(r"\.0$", "", str(name).replace(".block.", "."))
+    return f"{i + 1} {short}"
+
+
 def _pct(v) -> str:
     return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * float(v):.1f}%"
 
@@ -169,25 +175,26 @@ def gradient_accounting(run: RunDir) -> Section:
     epochs = clean.shape[1]
     plt = pyplot()
     wins = _windows(epochs)
-    fig, axes = plt.subplots(1, len(wins), figsize=(3.2 * len(wins), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(wins), figsize=(3.4 * len(wins), 3.9), squeeze=False)  # each panel its scale
     x = np.arange(len(names))
     for ax, (a, b) in zip(axes[0], wins):
         ax.bar(x - 0.2, clean[:, a:b].mean(1), 0.4, label=ref, color="tab:blue")
         ax.bar(x + 0.2, noisy[:, a:b].mean(1), 0.4, label=mem, color="tab:red")
-        ax.set_xticks(x, [str(i + 1) for i in x])
-        ax.set_xlabel("layer")
+        ax.set_xticks(x, [layer_label(i, n) for i, n in enumerate(names)], rotation=60, ha="right", fontsize=7)
         ax.set_title(f"epochs {a + 1}–{b}")
     axes[0][0].set_ylabel("summed gradient norm / sqrt(#params)")
     axes[0][0].legend()
     sec.figures.append(Figure("gradient_norms", f"Norm of the epoch-summed gradient of the {ref} and of the {mem} "
                               f"{task.examples} per layer, divided by sqrt(number of parameters), averaged over epoch "
-                              "windows.", png(fig)))
+                              "windows; each panel has its own scale (the norms shrink as training converges). Look "
+                              f"for the {mem} bars matching the {ref} ones although the {mem} {task.examples} are few.",
+                              png(fig)))
     fig, ax = plt.subplots(figsize=(max(5, 0.15 * epochs + 2), 0.35 * len(names) + 1.5))
     im = ax.imshow(cos, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest",
                    extent=(0.5, epochs + 0.5, len(names) + 0.5, 0.5))
     ax.set_xlabel("epoch")
     ax.set_ylabel("layer")
-    ax.set_yticks(range(1, len(names) + 1), [f"{i + 1} {n}" for i, n in enumerate(names)])
+    ax.set_yticks(range(1, len(names) + 1), [layer_label(i, n) for i, n in enumerate(names)])
     ax.grid(False)
     fig.colorbar(im, ax=ax, label=f"cosine({ref} gradient, {mem} gradient)")
     sec.figures.append(Figure("gradient_cosine", f"Cosine similarity between the {ref} and the {mem} epoch-summed "
@@ -195,8 +202,26 @@ def gradient_accounting(run: RunDir) -> Section:
     rows = [{"layer": n, "epoch": e + 1, f"{ref}_norm": float(clean[i, e]), f"{mem}_norm": float(noisy[i, e]),
              "cosine": float(cos[i, e])} for i, n in enumerate(names) for e in range(epochs)]
     sec.tables.append(Table("gradients", "Per layer and epoch", rows))
-    sec.notes.append(f"Share of (layer, epoch) cells with cosine below −0.75: {100 * (cos < -0.75).mean():.0f}%.")
+    window = _learning_window(run.read_metrics(), f"{mem}_train_acc")
+    note = (f"Share of (layer, epoch) cells with cosine below −0.75: {100 * (cos < -0.75).mean():.0f}% over every "
+            "epoch and layer")
+    if window is not None:
+        a, b = window[0] - 1, window[1]
+        body = cos[: max(1, len(names) - 1), a:b]
+        note += (f"; {100 * (body < -0.75).mean():.0f}% in the learning window (epochs {a + 1}–{b}, where {mem}-train "
+                 "accuracy goes from 25% to 90%; the classifier left out), the number the claims table uses")
+    sec.notes.append(note + ".")
     return sec
+
+
+def _learning_window(metrics: list[dict], key: str) -> tuple[int, int] | None:
+    """(first epoch with memorized-train accuracy `key` >= 25%, first with >= 90%), 1-based; None when never
+    reached."""
+    noisy = np.array([np.nan if m.get(key) is None else m[key] for m in metrics])
+    if not len(noisy) or not np.isfinite(noisy).any():
+        return None
+    lo, hi = np.nonzero(noisy >= 0.25)[0], np.nonzero(noisy >= 0.9)[0]
+    return (int(lo[0]) + 1, int(hi[0]) + 1) if len(lo) and len(hi) else None
 
 
 def _probe(run: RunDir, probe: str, command: str, title: str) -> tuple[Section, dict | None, dict | None]:
@@ -241,7 +266,7 @@ def _rewinding_figure(acc: np.ndarray, names: list[str], epochs: np.ndarray, sub
                        interpolation="nearest")
         step = max(1, len(epochs) // 8)
         ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]])
-        ax.set_yticks(range(len(names)), [f"{i + 1} {n}" for i, n in enumerate(names)])
+        ax.set_yticks(range(len(names)), [layer_label(i, n) for i, n in enumerate(names)])
         ax.set_xlabel("epoch the layer is rewound to")
         ax.set_title(_subset_title(s, task))
         ax.grid(False)
@@ -285,15 +310,19 @@ def flipping(run: RunDir) -> Section:
     searched = ~arrays["already_wrong"]
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    top = int(max(1, arrays["num_units"][searched].max() if searched.any() else 1))
-    bins = np.arange(0, min(top, 60) + 2) - 0.5
-    for k in kinds:
+    for k in kinds:  # one cumulative curve per kind (overlaid histograms hide each other's bins)
         sel = searched & (arrays["kind"] == k)
-        axes[0].hist(np.minimum(arrays["num_units"][sel], bins[-1] - 0.5), bins=bins, alpha=0.55, color=colors[k],
-                     label=f"{k} (median {_num(summary['kinds'][k]['median_units'])})")
+        units = np.sort(arrays["num_units"][sel & arrays["flipped"]])
+        if not sel.any():
+            continue
+        share = 100 * np.arange(1, len(units) + 1) / int(sel.sum())  # never-flipped examples keep it below 100%
+        axes[0].step(np.concatenate([[0], units]), np.concatenate([[0], share]), where="post", color=colors[k],
+                     label=f"{k} (median {_num(summary['kinds'][k]['median_units'])}, n = {int(sel.sum())})")
+    axes[0].axvline(10, color="gray", lw=0.8, ls="--")
     axes[0].set_xlabel(f"units zeroed until the {task.flipped}")
-    axes[0].set_ylabel("examples")
-    axes[0].legend()
+    axes[0].set_ylabel(f"{task.examples} flipped with at most that many (%)")
+    axes[0].set_ylim(0, 102)
+    axes[0].legend(fontsize=8)
     drops = [100 * (summary["kinds"][k]["mean_train_acc_drop"] or 0) for k in kinds]
     axes[1].bar(kinds, drops, color=[colors[k] for k in kinds])
     axes[1].set_ylabel(f"training {measure} drop after removal (points)")
@@ -304,12 +333,13 @@ def flipping(run: RunDir) -> Section:
     for i, k in enumerate(kinds):
         axes[2].bar(x + (i - (len(kinds) - 1) / 2) * w, 100 * np.array(summary["kinds"][k]["layer_share"]), w,
                     color=colors[k], label=k)
-    axes[2].set_xticks(x, [str(int(i) + 1) for i in arrays["layer_index"]])
-    axes[2].set_xlabel("layer")
+    axes[2].set_xticks(x, [layer_label(int(i), n) for i, n in zip(arrays["layer_index"], names)], rotation=60,
+                       ha="right", fontsize=7)
     axes[2].set_ylabel("share of removed units (%)")
     axes[2].legend()
     until = "each example's prediction flips" if task.name == "classification" else f"each {task.flipped}"
-    sec.figures.append(Figure("flipping", f"Left: number of units zeroed until {until}. Middle: mean drop of "
+    sec.figures.append(Figure("flipping", f"Left: share of each kind flipped with at most k units zeroed until "
+                              f"{until} (cumulative; the dashed line at 10 units is the paper's). Middle: mean drop of "
                               f"training {measure} of the edited models. Right: the layers the removed units come "
                               "from.", png(fig)))
     rows = [{"kind": k, **{key: v for key, v in summary["kinds"][k].items() if key != "layer_share"}} for k in kinds]
@@ -446,6 +476,11 @@ def dropout_section(run: RunDir, title: str | None = None) -> Section:
              "after (drop)": _pct(s["test_drop"])}]
     sec.tables.append(Table("summary_dropout", f"p_gen {s['p_gen']}, p_mem {s['p_mem']}, drop scale {s['drop_scale']}",
                             rows))
+    sec.figures.append(Figure("dropout_before_after", "The example-tied model before (each training example through "
+                              "its own masks: 'tied') and after dropping every memorization unit ('drop'). Look for "
+                              "noisy-train falling to a few percent while clean-train and test barely move; test "
+                              "before the drop is measured in eval mode (every unit on at its expectation), as are "
+                              "the model's per-epoch learning curves.", png(_before_after_figure(s))))
     images = arrays.get("forgotten_images")
     if images is not None and len(images):
         labels = arrays.get("forgotten_labels")
@@ -455,6 +490,28 @@ def dropout_section(run: RunDir, title: str | None = None) -> Section:
     sec.notes.append(f"{s['forgotten_clean']} clean examples forgotten by the drop "
                      "(indices in probes/dropout/arrays.npz).")
     return sec
+
+
+def _before_after_figure(s: dict):
+    """Grouped bars: clean-train, noisy-train and test accuracy, before (tied) and after (drop) the drop."""
+    plt = pyplot()
+    groups = [("clean-train", s.get("clean_before"), s.get("clean_after")),
+              ("noisy-train", s.get("noisy_before"), s.get("noisy_after")),
+              ("test", s.get("test_eval"), s.get("test_drop"))]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = np.arange(len(groups))
+    for j, (label, color) in enumerate((("before (tied)", "tab:gray"), ("after (drop)", "tab:orange"))):
+        vals = [np.nan if g[1 + j] is None else 100 * g[1 + j] for g in groups]
+        bars = ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=label, color=color)
+        for b, v in zip(bars, vals):
+            if np.isfinite(v):
+                ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [g[0] for g in groups])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 112)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def detection(run: RunDir) -> Section:
@@ -1593,9 +1650,30 @@ def _harder_claim(arrays: dict, repeats: dict[int, int], add: Callable) -> None:
         "rises)", bool(u1.mean() > u0.mean()))
 
 
+def claims_summary(rows: list[dict]) -> str | None:
+    """One paragraph in words, from the claims' verdicts: how many hold, which do not, what was not measured."""
+    if not rows:
+        return None
+    kinds = {"holds": [], "does not hold": [], "other": []}
+    for r in rows:
+        v = str(r.get("verdict", ""))
+        kinds[v if v in kinds else "other"].append(str(r["claim"]))
+    text = f"Of the paper's {len(rows)} claims asked of this run, {len(kinds['holds'])} hold"
+    if kinds["does not hold"]:
+        text += f" and {len(kinds['does not hold'])} do not: " + "; ".join(kinds["does not hold"])
+    text += "."
+    if kinds["other"]:
+        text += (f" {len(kinds['other'])} could not be decided (not measured, or too few examples for the test): "
+                 + "; ".join(kinds["other"]) + ".")
+    return text + " Each verdict states its measure, test and threshold in the table below."
+
+
 def claims_section(base: RunDir, drop: RunDir | None) -> Section:
     sec = Section("Summary: the paper's claims, measured")
     rows = claims(base, drop)
+    words = claims_summary(rows)
+    if words:
+        sec.notes.append(words)
     if not rows:
         sec.missing = "no stage has finished yet"
     sec.tables.append(Table("summary_claims", "Each claim with our number; verdicts compare direction and rough size",
@@ -1669,9 +1747,14 @@ def build_study_report(path: Path) -> Path:
     name = str(model.get("name") or "the default model")
     if isinstance(model.get("width"), (int, float)):
         name += f" (width {model['width']:g})"
+    seconds = sum(v.get("seconds") or 0 for v in info.get("stages", {}).values() if isinstance(v, dict))
+    device = "not recorded"
+    if base is not None and base.has("env.json"):  # where the base model was trained
+        env = base.read_json("env.json")
+        device = str(env.get("device", device)) if isinstance(env, dict) else device
     intro = [f"Study `{path}`, preset {cfg.get('preset')}: {name} on {data.get('dataset')}; seeds "
-             f"{cfg['seeds']}, noise levels {cfg['noise_levels']}. Rebuilt from the study's files; nothing was "
-             "recomputed."]
+             f"{cfg['seeds']}, noise levels {cfg['noise_levels']}; device {device}; "
+             f"{seconds / 60:.0f} min of stages. Rebuilt from the study's files; nothing was recomputed."]
     # the report's own stage is left out: rebuilding a finished study must give the same page
     stages = {k: v for k, v in info.get("stages", {}).items() if isinstance(v, dict)}
     done = {k for k, v in stages.items() if v.get("status") == "done"}
@@ -1698,8 +1781,11 @@ def build_study_report(path: Path) -> Path:
         dsec = dropout_section(drop)
         curves = learning_curves(drop)
         for f in curves.figures:
-            f.name, f.caption = "dropout_learning_curves", "Example-tied dropout model: " + f.caption
-        dsec.figures = curves.figures + dsec.figures
+            f.name, f.caption = "dropout_learning_curves", (
+                "Example-tied dropout model during training, measured in eval mode (every unit on at its "
+                "expectation, not each example's own mask), so noisy-train stays low here although the model "
+                "memorizes them through their masks (the figure above, 'before (tied)'): " + f.caption)
+        dsec.figures = dsec.figures + curves.figures  # before/after first: the answer, then how training went
         sections.append(dsec)
     else:
         sections.append(Section("Example-tied dropout", missing="the dropout model has not been trained yet"))

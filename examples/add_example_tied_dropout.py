@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     for mode in ("tied", "drop"):
         r = result[mode]
-        print(f"{mode:5s}: clean-train {r['clean_train_acc']:.3f}  noisy-train {r['noisy_train_acc']:.3f}  "
-              f"test {r['test_acc']:.3f}")
+        print(f"{mode:5s}: clean-train {100 * r['clean_train_acc']:.1f}%  "
+              f"noisy-train {100 * r['noisy_train_acc']:.1f}%  test {100 * r['test_acc']:.1f}%")
     return 0
 
 

@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             model = small_cnn(data.input_shape[0], data.num_classes)
+        print(f"training a small CNN on {data.num_train} examples for {args.epochs} epochs ...", flush=True)
         history = memloc.train(model, data, epochs=args.epochs, batch_size=128, lr=0.05, seed=args.seed,
-                               gradient_accounting=False)  # accounting needs known noise; ranking does not
+                               gradient_accounting=False,  # accounting needs known noise; ranking does not
+                               log=lambda line: print(line, flush=True))
         result = memloc.detect(model, data, history=history, rank_by=args.rank_by)
     except memloc.MemlocError as err:
         print(f"find_mislabeled: error: {err}", file=sys.stderr)
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     k = int(hidden_noisy.sum())
     hits = int(hidden_noisy[ranking[:k]].sum())
     print(f"ranked {len(ranking)} examples by {args.rank_by}; wrote {out}")
-    print(f"top {k} suspects: {hits} really mislabeled (precision {hits / max(1, k):.2f}; "
-          f"chance {k / len(ranking):.2f})")
+    print(f"top {k} suspects: {hits} really mislabeled (precision {100 * hits / max(1, k):.1f}%; "
+          f"chance {100 * k / len(ranking):.1f}%)")
     return 0
 
 

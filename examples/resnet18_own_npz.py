@@ -101,13 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         history = memloc.train(model, data, epochs=args.epochs, batch_size=128, lr=0.05, seed=args.seed, run=run,
                                log=print)
         last = history.metrics[-1]
-        print(f"trained: clean-train {last['clean_train_acc']:.3f}, noisy-train {last['noisy_train_acc']:.3f}")
+        print(f"trained: clean-train {100 * last['clean_train_acc']:.1f}%, noisy-train "
+              f"{100 * last['noisy_train_acc']:.1f}%")
 
         flip = memloc.flip(model, data, examples=args.flip_examples, others=min(256, data.num_train),
                            eval_subsample=min(512, data.num_train), max_units=50)
         flip.save(run)
         for kind, k in flip.summary["kinds"].items():
-            print(f"flipping, {kind}: median units to flip {k['median_units']}, flipped share {k['flipped_share']}")
+            if not k["searched"]:  # every one already predicted wrongly: nothing to flip
+                print(f"flipping, {kind}: none searched ({k['already_wrong']} already predicted wrongly)")
+                continue
+            print(f"flipping, {kind}: median units to flip {k['median_units']:g}, {k['flipped']} of {k['searched']} "
+                  f"flipped ({100 * k['flipped_share']:.1f}%)")
 
         rewind = memloc.rewind(model, data, states=run)  # training history: the run's per-epoch checkpoints
         rewind.save(run)

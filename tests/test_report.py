@@ -79,8 +79,11 @@ def test_claims_summary_in_words():
 
 def test_tables_read_as_people_write_them():
     from memloc.report import _table_html
-    html = _table_html([{"kind": "noisy", "noisy_train_acc": 0.9512, "median_units": 2.0, "rare_train_acc": None}])
+    rows = [{"kind": "noisy", "noisy_train_acc": 0.9512, "median_units": 2.0, "rare_train_acc": None},
+            {"kind": "clean", "noisy_train_acc": None, "median_units": None, "rare_train_acc": None}]
+    html = _table_html(rows)
     assert "noisy train accuracy (%)" in html and "95.1" in html and ">2<" in html
     assert "None" not in html and "–" in html and "not measured or not applicable" in html
+    assert "rare train" not in html  # a column with nothing measured stays in the CSV only
     wide = _table_html([{f"col_{i}": float(i) for i in range(12)} for _ in range(2)])
     assert wide.count("<tr>") == 12  # 12 columns, 2 rows: transposed (a header row, then one row per column)

@@ -1072,6 +1072,10 @@ def _table_html(rows: list[dict], limit: int = 40) -> str:
         return ""
     keys = list(rows[0])
     cells = [[_cell_text(k, r.get(k)) for k in keys] for r in rows[:limit]]
+    empty = [j for j in range(len(keys)) if len(keys) > 1 and all(c[j] == _NOT_MEASURED for c in cells)]
+    if empty:  # a column with nothing measured (e.g. rare-train without rare examples): in the CSV only
+        keys = [k for j, k in enumerate(keys) if j not in empty]
+        cells = [[v for j, v in enumerate(c) if j not in empty] for c in cells]
     if len(keys) > 8 and len(cells) <= 6:  # e.g. flipping's per-kind table: 13 columns, 2 rows
         head = f"<th>{html.escape(_header(keys[0]))}</th>" + "".join(
             f"<th>{html.escape(c[0])}</th>" for c in cells)

@@ -3,6 +3,7 @@
 import errno
 import json
 import re
+import shutil
 from pathlib import Path
 
 import browser
@@ -99,3 +100,27 @@ def test_report_without_disk_space_fails_cleanly_and_keeps_the_old_report(smoke_
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1
     assert before == {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
+
+
+def test_every_layer_figure_names_its_layers(smoke_study, tmp_path, monkeypatch):
+    """Layer axes carry the layers' names (as '2 block2'), never bare numbers, in every figure of the report."""
+    import memloc.report as report
+    seen = []
+    real = report.png
+
+    def spy(fig):
+        for ax in fig.axes:
+            for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+                ticks = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+                seen.append((label, ticks))
+        return real(fig)
+
+    monkeypatch.setattr(report, "png", spy)
+    copy = tmp_path / "s"
+    shutil.copytree(smoke_study, copy)
+    report.build_report(copy)
+    layered = [ticks for label, ticks in seen if any(re.match(r"^\d+ [A-Za-z]", t) for t in ticks)]
+    assert len(layered) >= 5  # gradient norms (4 panels) and cosine, rewinding, retraining, flipping
+    bare = [(label, ticks) for label, ticks in seen if label == "layer" and ticks and
+            all(re.fullmatch(r"\d+", t) for t in ticks)]
+    assert not bare, bare

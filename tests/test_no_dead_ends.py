@@ -123,3 +123,13 @@ def test_each_stage_says_its_result_in_one_line(tmp_path):
     assert any(s.startswith("rewinding: ") and "most critical layer" in s for s in lines)
     assert any(s.startswith("retraining: ") and " of 4 layers " in s for s in lines)
     assert any(s.startswith("dropout_train: ") and "eval mode" in s for s in lines)
+
+
+def test_the_example_tied_model_says_its_epochs_are_eval_mode_and_is_not_warned(tmp_path, capsys):
+    code = main(["train", "--preset", "smoke", "--dataset", "digits", "--model", "cnn", "--epochs", "1",
+                 "--example-tied-dropout", "0.4,0.1", "--out", str(tmp_path / "r"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    epochs = [line for line in out.splitlines() if line.startswith("epoch")]
+    assert epochs and all(line.endswith("[eval mode: every unit on]") for line in epochs)
+    assert "did not memorize" not in err  # eval mode hides what it memorized through its masks: no false warning

@@ -183,7 +183,8 @@ def cmd_train(args) -> int:
                            log=_log(args))
     from .study import memorization_warning
     metrics = run.read_metrics()
-    warning = memorization_warning(metrics[-1].get("noisy_train_acc") if metrics else None)
+    tied = bool((run.config.get("model") or {}).get("p_gen"))  # its epoch accuracies are eval mode: not a measure
+    warning = None if tied else memorization_warning(metrics[-1].get("noisy_train_acc") if metrics else None)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(f"done: {run.path}")

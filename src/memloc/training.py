@@ -212,6 +212,10 @@ class Trainer:
             functorch_config.donated_buffer = False  # the accounting's first backward retains the graph
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.progress, self.log = progress, (log or (lambda s: None))
+        from .dropout import ExampleTiedDropout
+        # example-tied dropout: the per-epoch accuracies are eval mode (every unit on at its expectation), not
+        # each example through its own masks: the epoch lines say so
+        self._tied = any(isinstance(m, ExampleTiedDropout) for m in model.modules())
         fused = self.device.type == "cuda" or None
         if cfg.optimizer == "adamw":  # nanoGPT's: no decay on biases, norms and embeddings' ... kept simple: all 2-D
             decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -402,7 +406,7 @@ class Trainer:
                                                           self.steps_per_epoch * cfg.epochs, cfg),
                       **stats, **acc, "epoch_time_s": round(t1 - t0, 4), "eval_time_s": round(t2 - t1, 4)}
             self.metrics.append(record)
-            self.log(format_record(record))
+            self.log(format_record(record) + ("  [eval mode: every unit on]" if self._tied else ""))
             if bar is not None:
                 bar.set_postfix_str(_short(record))
             if self.run is not None:

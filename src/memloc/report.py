@@ -1796,9 +1796,54 @@ def build_study_report(path: Path) -> Path:
     grid_csv = path / "grid" / "grid.csv"
     if grid_csv.exists():
         rows = list(csv.DictReader(io.StringIO(grid_csv.read_text())))
-        sections.append(Section("Example-tied dropout grid and baselines", tables=[Table("grid", "grid.csv", rows)],
-                                notes=protection_notes(rows)))
+        gsec = Section("Example-tied dropout grid and baselines", tables=[Table("grid", "grid.csv", rows)],
+                       notes=protection_notes(rows))
+        fig = grid_tradeoff_figure(rows)
+        if fig is not None:
+            gsec.figures.append(Figure("grid_tradeoff", "Each cell of the grid after its drop: noisy-train accuracy "
+                                       "left (lower: more memorization removed) against the clean-train accuracy it "
+                                       "cost (left: cheaper); one point per (p_gen, p_mem), baselines marked. Look "
+                                       "for example-tied points near the bottom left and baselines that stay high.",
+                                       png(fig)))
+        sections.append(gsec)
     return write_report(path / "report", "memloc study report", intro, sections)
+
+
+def grid_tradeoff_figure(rows: list[dict]):
+    """Noisy-train after the drop (%) against the clean-train cost (points), one marker per grid.csv row; None
+    when no row has both numbers."""
+    def num(r: dict, key: str) -> float | None:
+        try:
+            return float(r.get(key) or "nan")
+        except ValueError:
+            return None
+    points = []
+    for r in rows:
+        before, after, noisy = num(r, "clean_before"), num(r, "clean_after"), num(r, "noisy_after")
+        if None in (before, after, noisy) or not np.isfinite([before, after, noisy]).all():
+            continue
+        method = str(r.get("method") or "")
+        label = f"{r.get('p_gen')}, {r.get('p_mem')}" if method == "example_tied" else str(r.get("cell") or method)
+        points.append((before - after, noisy, method, label))
+    if not points:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    style = {"example_tied": ("o", "tab:orange"), "plain": ("s", "tab:gray"), "dropout": ("^", "tab:blue"),
+             "sparse": ("v", "tab:purple"), "elr": ("D", "tab:green")}
+    shown = set()
+    for cost, noisy, method, label in points:
+        marker, color = style.get(method, ("x", "black"))
+        ax.scatter(cost, noisy, marker=marker, color=color, s=40,
+                   label=None if method in shown else method.replace("_", "-"))
+        shown.add(method)
+        ax.annotate(label, (cost, noisy), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("clean-train cost of the drop (points)")
+    ax.set_ylabel("noisy-train after the drop (%)")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def protection_notes(rows: list[dict]) -> list[str]:

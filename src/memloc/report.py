@@ -151,7 +151,9 @@ def learning_curves(run: RunDir) -> Section:
     caption = ("Corpus-train extraction (greedy decoding reproduces a training sequence's suffix from its prefix), "
                "canary-train extraction (a trained canary's secret), held-out canary extraction (never trained: the "
                "reference) and held-out token accuracy, after each epoch."
-               if lm else "Clean-train, noisy-train (memorized given labels) and test accuracy after each epoch.")
+               if lm else "Clean-train, noisy-train (memorized given labels) and test accuracy after each epoch. Look "
+               "for the clean examples learned first and the noisy ones later, in a window of their own (the "
+               "learning window the gradient claims use).")
     sec.figures.append(Figure("learning_curves", caption, png(fig)))
     sec.tables.append(Table("metrics", "Per-epoch metrics", metrics))
     return sec
@@ -198,7 +200,8 @@ def gradient_accounting(run: RunDir) -> Section:
     ax.grid(False)
     fig.colorbar(im, ax=ax, label=f"cosine({ref} gradient, {mem} gradient)")
     sec.figures.append(Figure("gradient_cosine", f"Cosine similarity between the {ref} and the {mem} epoch-summed "
-                              "gradient, per layer and epoch.", png(fig)))
+                              "gradient, per layer and epoch. Look for deep red (opposed directions) while the "
+                              f"{mem} {task.examples} are being learned.", png(fig)))
     rows = [{"layer": n, "epoch": e + 1, f"{ref}_norm": float(clean[i, e]), f"{mem}_norm": float(noisy[i, e]),
              "cosine": float(cos[i, e])} for i, n in enumerate(names) for e in range(epochs)]
     sec.tables.append(Table("gradients", "Per layer and epoch", rows))
@@ -522,7 +525,8 @@ def detection(run: RunDir) -> Section:
     result = ProbeResult("detection", summary, arrays)
     quality = summary.get("quality") or []
     if quality:
-        sec.figures.append(Figure("detection_roc", "ROC of each per-example score for finding the mislabeled examples.",
+        sec.figures.append(Figure("detection_roc", "ROC of each per-example score for finding the mislabeled examples. "
+                                  "Look for curves hugging the top left (AUROC near 1); the diagonal is chance.",
                                   png(roc_figure(result))))
         sec.tables.append(Table("summary_detection", "Quality of each score against the known noise", quality))
     elif summary.get("quality_note"):
@@ -996,7 +1000,9 @@ PROBE_SECTIONS: dict[str, Callable[[RunDir], Section]] = {
     "rewinding": partial(_layer_sweep_section, probe="rewinding", command="rewind", title="Layer rewinding",
                          draw=_rewinding_figure,
                          caption={"classification": "Accuracy of the final model with one layer (rows) put back to its "
-                                  "weights and BatchNorm statistics at an earlier epoch (columns).",
+                                  "weights and BatchNorm statistics at an earlier epoch (columns). Look for the layers "
+                                  "whose rewinding to before the learning window takes noisy-train down while "
+                                  "clean-train stays: where the memorization sits.",
                                   "lm": "Extraction rates and held-out token accuracy of the final model with one "
                                   "layer (rows) put back to its weights at an earlier epoch (columns)."},
                          table={"classification": "Accuracy per rewound layer and epoch",
@@ -1005,7 +1011,9 @@ PROBE_SECTIONS: dict[str, Callable[[RunDir], Section]] = {
     "retraining": partial(_layer_sweep_section, probe="retraining", command="retrain", title="Layer retraining",
                           draw=_retraining_figure,
                           caption={"classification": "Each layer reset to its initialization and retrained alone on "
-                                   "the clean examples only (every other layer frozen): accuracy per retraining epoch.",
+                                   "the clean examples only (every other layer frozen): accuracy per retraining epoch. "
+                                   "Look for noisy-train coming back without a noisy example seen (the paper: most "
+                                   "layers); RESULTS.md has which retraining choices decide it.",
                                    "lm": "Each layer reset to its initialization and retrained alone on the corpus "
                                    "sequences only (every other layer frozen): extraction rates and held-out token "
                                    "accuracy per retraining epoch."},

@@ -127,7 +127,7 @@ def test_a_probe_is_one_module_and_one_registration(doc_probe, smoke_master, tmp
     assert main(["report", str(run)]) == 0
     capsys.readouterr()
     html = (run / "report" / "report.html").read_text()
-    assert probe.help[1:] in html and "mean_loss" in html
+    assert probe.help[1:] in html and "mean loss" in html  # the CSV column, as a header people read
     # and the Python API takes the model in hand too, through the same engine
     from memloc import open_run, run_probe
     loaded = open_run(run)

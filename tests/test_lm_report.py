@@ -448,8 +448,7 @@ def test_the_report_of_a_memorization_sinks_run(sinks_run):
     assert f"{summary['heldout_perplexity_eval']:.3f} (eval mode),{summary['heldout_perplexity_drop']:.3f}" in headline
     table = section[section.index("Per repeat count over all canary formats"):]
     table = table[:table.index("</table>")]
-    # one column per repeat count (1, 4, 16): a wide table of three rows is shown transposed
-    assert re.search(r"<tr><th>[^<]*</th><th>1</th><th>4</th><th>16</th></tr>", table), table[:300]
+    assert table.count("<tr>") == 1 + 3  # repeats 1, 4, 16
     for r in (r for r in summary["by_repeats"] if r["format"] == "all"):
         assert f"<td>{r['loss_gap_before']:.3f} → {r['loss_gap_after']:.3f}</td>" in table
     # the claim, after the paper's, with the measured numbers

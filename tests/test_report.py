@@ -85,5 +85,6 @@ def test_tables_read_as_people_write_them():
     assert "noisy train accuracy (%)" in html and "95.1" in html and ">2<" in html
     assert "None" not in html and "–" in html and "not measured or not applicable" in html
     assert "rare train" not in html  # a column with nothing measured stays in the CSV only
-    wide = _table_html([{f"col_{i}": float(i) for i in range(12)} for _ in range(2)])
+    assert _table_html([{f"col_{i}": float(i) for i in range(12)} for _ in range(2)]).count("<tr>") == 3  # as is
+    wide = _table_html([{f"col_{i}": float(i) for i in range(12)} for _ in range(2)], transpose=True)
     assert wide.count("<tr>") == 12  # 12 columns, 2 rows: transposed (a header row, then one row per column)

@@ -42,6 +42,7 @@ class Table:
     name: str
     caption: str
     rows: list[dict]
+    transpose: bool = False  # show one row per column (a wide table of a few rows, e.g. per kind of example)
 
 
 @dataclass
@@ -346,7 +347,7 @@ def flipping(run: RunDir) -> Section:
                               f"training {measure} of the edited models. Right: the layers the removed units come "
                               "from.", png(fig)))
     rows = [{"kind": k, **{key: v for key, v in summary["kinds"][k].items() if key != "layer_share"}} for k in kinds]
-    sec.tables.append(Table("summary_flipping", "Per kind of example", rows))
+    sec.tables.append(Table("summary_flipping", "Per kind of example", rows, transpose=True))
     sec.notes.append(f"{summary['examples']} {task.examples}, {summary['others']} other {task.examples} in the "
                      "objective, "
                      f"removal cap {summary['budget_units']} of {summary['candidate_units']} units.")
@@ -1072,10 +1073,10 @@ def _cell_text(key: str, v) -> str:
     return str(v)
 
 
-def _table_html(rows: list[dict], limit: int = 40) -> str:
+def _table_html(rows: list[dict], limit: int = 40, *, transpose: bool = False) -> str:
     """A table people can read inside the page: readable headers, fractions as percentages with one decimal,
-    "–" for what was not measured (with a footnote); a wide table of few rows is transposed (one row per
-    column), any other wide table scrolls inside its own box; long tables fold into <details>."""
+    "–" for what was not measured (with a footnote); with `transpose` a wide table of few rows shows one row
+    per column; any other wide table scrolls inside its own box (long tables fold into <details>: render_html)."""
     if not rows:
         return ""
     keys = list(rows[0])
@@ -1084,7 +1085,7 @@ def _table_html(rows: list[dict], limit: int = 40) -> str:
     if empty:  # a column with nothing measured (e.g. rare-train without rare examples): in the CSV only
         keys = [k for j, k in enumerate(keys) if j not in empty]
         cells = [[v for j, v in enumerate(c) if j not in empty] for c in cells]
-    if len(keys) > 8 and len(cells) <= 6:  # e.g. flipping's per-kind table: 13 columns, 2 rows
+    if transpose and len(cells) <= 6:  # e.g. flipping's per-kind table: 13 columns, 2 rows
         head = f"<th>{html.escape(_header(keys[0]))}</th>" + "".join(
             f"<th>{html.escape(c[0])}</th>" for c in cells)
         body = "".join(f"<tr><th>{html.escape(_header(k))}</th>" + "".join(
@@ -1142,9 +1143,10 @@ def render_html(title: str, intro: list[str], sections: list[Section]) -> str:
                 parts.append(f"<p class='note'>{html.escape(t.caption)}: {len(t.rows)} rows in tables/{t.name}.csv</p>")
             elif len(t.rows) > 12 and not t.name.startswith("summary"):
                 parts.append(f"<details><summary>{html.escape(t.caption)} ({len(t.rows)} rows; tables/{t.name}.csv)"
-                             f"</summary>{_table_html(t.rows)}</details>")
+                             f"</summary>{_table_html(t.rows, transpose=t.transpose)}</details>")
             else:
-                parts.append(f"<p class='note'>{html.escape(t.caption)}</p>{_table_html(t.rows)}")
+                parts.append(f"<p class='note'>{html.escape(t.caption)}</p>"
+                             f"{_table_html(t.rows, transpose=t.transpose)}")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -1274,11 +1274,8 @@ def _decided_claims(base: RunDir, drop: RunDir | None) -> list[tuple[dict, verdi
     def unmeasured(reason: str) -> None:  # the last row's verdict overridden (the dropout model memorized nothing)
         out[-1][0]["verdict"] = reason
 
-    window = None
+    window = _learning_window(metrics, f"{mem}_acc")  # the same window the gradient section states
     if metrics and np.isfinite(noisy).any():
-        lo, hi = np.nonzero(noisy >= 0.25)[0], np.nonzero(noisy >= 0.9)[0]
-        if len(lo) and len(hi):
-            window = (int(lo[0]) + 1, int(hi[0]) + 1)
         add("mislabeled examples are memorized (noisy-train accuracy at the end)", "~100%", _pct(noisy[-1]),
             verdicts.rule(bool(noisy[-1] >= 0.9), measure="noisy-train accuracy at the end of training",
                    threshold=">= 90%", value=float(noisy[-1]), n=f"{len(metrics)} epochs"))

@@ -304,11 +304,12 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     try:
         for seed, noise, prefix, base_dir, drop_dir in study_cells(study):
-            cell, warned = None, False
+            cell, warned, warning = None, False, ...  # the cell's memorization warning, read once (after train)
             for key in [k for k in keys if k.startswith(prefix) and k != "grid"]:
                 name = key[len(prefix):]
                 if name in NEEDS_MEMORIZATION and study.stage(key).get("status") not in ("done", "skipped"):
-                    warning = memorization_warning(_final_noisy(base_dir))
+                    if warning is ...:
+                        warning = memorization_warning(_final_noisy(base_dir))
                     if warning is not None and not warned:
                         log(f"warning: {warning}" + ("; probing anyway (--probe-anyway)" if cfg.probe_anyway else ""))
                         warned = True

@@ -36,7 +36,8 @@ def test_schedules():
 def test_gradient_accounting_equals_brute_force_masked_gradients(tiny_data):
     """Per layer: |sum clean grad| / sqrt(P), |sum noisy grad| / sqrt(P), cosine — against separate passes."""
     data = tiny_data
-    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, schedule="constant", device="cpu", seed=4)
+    # fp32: the brute force below computes in fp32 (auto would train this CNN in bf16 on a CPU with native bf16)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, schedule="constant", device="cpu", seed=4, precision="fp32")
     model = tiny_model(data)
     reference = copy.deepcopy(model)
     trainer = Trainer(model, data, cfg, progress=False)

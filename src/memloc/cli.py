@@ -177,6 +177,7 @@ def _run_flags(p: argparse.ArgumentParser, *, exclude: dict[str, tuple[str, ...]
 def cmd_train(args) -> int:
     from .experiment import resume_training, run_training
     if args.resume:
+        _refuse_changes(args, run=True)
         run = resume_training(args.resume, progress=not args.quiet, log=_log(args))
     else:
         run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet,
@@ -235,9 +236,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _refuse_changes(args) -> None:
-    """`--resume` continues a study with the settings it was started with: a flag that would change them is refused
-    (one line), never silently ignored."""
+def _refuse_changes(args, *, run: bool = False) -> None:
+    """`--resume` continues a study (or with `run`, a training run) with the settings it was started with: a flag
+    that would change them is refused (one line), never silently ignored. A run may resume on another device."""
     from .data import DataConfig
     from .experiment import ModelConfig
     from .lm.text import TextConfig
@@ -246,14 +247,16 @@ def _refuse_changes(args) -> None:
     changed = []
     for cls in (DataConfig, ModelConfig, TrainConfig, TextConfig, StudyConfig):
         meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
-        changed += [meta[n].get("flag") or "--" + n.replace("_", "-") for n in given(args, cls)]
+        changed += [meta[n].get("flag") or "--" + n.replace("_", "-") for n in given(args, cls)
+                    if not (run and meta[n].get("result") is False)]
     changed += ["--" + name for name in ("preset", "task", "seed", "out") if getattr(args, name, None) is not None]
     changed += ["--overwrite"] if args.overwrite else []
     if changed:
         flag = changed[0]
-        raise ConfigError(f"--resume finishes {args.resume} with the settings it was started with, and {flag} would "
-                          f"change them: drop {flag}, or start again with new settings (--out NEW, or --out "
-                          f"{args.resume} --overwrite)")
+        what = "run" if run else "study"
+        raise ConfigError(f"--resume finishes the {what} {args.resume} with the settings it was started with, and "
+                          f"{flag} would change them: drop {flag}, or start again with new settings (--out NEW, or "
+                          f"--out {args.resume} --overwrite)")
 
 
 def cmd_report(args) -> int:
@@ -312,9 +315,12 @@ def cmd_evaluate(args) -> int:
         result = run_probe(probe, args.run, cfg=DropoutConfig(**given(args, DropoutConfig)), log=_log(args))
         return _finish_probe(probe, args, started, result)
     from .experiment import open_run
+    from .precision import arithmetic
     from .training import evaluate
     loaded = open_run(args.run, device=args.device or "auto")
-    acc = evaluate(loaded.model(args.epoch), loaded.data)
+    model = loaded.model(args.epoch)
+    with arithmetic(loaded.arithmetic(model)):
+        acc = evaluate(model, loaded.data)
     print(" ".join(f"{k} {'-' if v is None else f'{100 * v:.2f}'}" for k, v in acc.items()))
     return 0
 

@@ -27,6 +27,7 @@ import torch
 
 from .errors import ConfigError, DataError
 from .options import ints, option
+from .precision import channels_last
 from .readers import LAYOUTS
 
 NOISE_KINDS = ("uniform", "pairs")
@@ -557,9 +558,9 @@ def _stat(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
 
 def model_input(xb: torch.Tensor, device: torch.device, norm: Normalization | None = None) -> torch.Tensor:
     """A batch of stored examples on `device` -> model input: normalized (`norm`, default pixels); channels_last
-    images on a GPU."""
+    images where the arithmetic in force says so (`precision.channels_last`: a GPU, a CPU computing in bf16)."""
     x = normalize(xb, norm)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and channels_last(device) else x
 
 
 def augment(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -183,9 +183,11 @@ class RunConfig:
             task = d.get("task", "classification")
             if task not in TASK_DATA:
                 raise ConfigError(f"unknown task {task!r}")
+            from .precision import LEGACY
+            train = {"precision": LEGACY, **d.get("train", {})}  # made before `precision`: the arithmetic it had
             return cls(data=build(TASK_DATA[task](), d.get("data", {})),
                        model=build(ModelConfig, ModelConfig.upgraded(d.get("model", {}))),
-                       train=build(TrainConfig, d.get("train", {})), task=task)
+                       train=build(TrainConfig, train), task=task)
         except (TypeError, ValueError, ConfigError) as err:
             raise RunError(f"{source} is damaged: it is not a memloc run config ({err})") from None
 
@@ -373,9 +375,17 @@ class LoadedRun:
         epoch = saved[-1] if epoch is None else epoch
         load_into(model, self.run.load_checkpoint(epoch), source=str(self.run.checkpoint_path(epoch)))
         model = model.to(self.device)
-        if self.device.type == "cuda":
+        if self.arithmetic(model).channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model.eval()
+
+    def arithmetic(self, model: nn.Module):
+        """The arithmetic (bf16 or not, channels_last or not) of this run's precision for `model` on its device:
+        what its probes compute in (`precision.choose`; enter `precision.arithmetic(...)` around the work)."""
+        from .precision import choose
+        from .tasks import task_of
+        return choose(self.config.train.precision, self.device, model,
+                      task_of(self.data).example_input(2, self.device))
 
 
 def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:

@@ -44,7 +44,7 @@ from .inference import indices_context
 from .models import Layer, check_input, select_layers
 from .models import layers as find_layers
 from .options import floats, option, replaced
-from .precision import autocast, cudnn_autotune
+from .precision import LEGACY, PRECISIONS, arithmetic, autocast, choose, cudnn_autotune
 from .runs import RunDir, exclusive, load_state, save_state
 from .tasks import task_of
 
@@ -116,6 +116,9 @@ class TrainConfig:
                                              "lambda * log(1 - <t, p>) with per-example targets t of momentum beta, "
                                              "e.g. 3,0.7 (CIFAR-10's; CIFAR-100's 7,0.9; mnist5k: 3,0.9); docs/elr.md",
                                              parse=_elr_pair, metavar="LAMBDA,BETA")
+    precision: str = option("auto", "auto: bf16 autocast on a GPU, and on a CPU with native bf16 (AVX512-BF16/AMX) for "
+                            "convolutional models, with channels_last images; fp32 elsewhere (docs/speed.md); "
+                            "or fp32 / bf16 everywhere", choices=PRECISIONS)
     eval_batch_size: int = option(1024, cli=False, result=False)
     device: str = option("auto", "auto (cuda when present), cpu or cuda", result=False)
     compile: bool = option(False, "torch.compile the model (GPU)", result=False)
@@ -135,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not (0.0 <= self.warmup < 1.0):
             raise ConfigError(f"warm-up fraction {self.warmup} is outside [0, 1)")
+        if self.precision not in PRECISIONS + (LEGACY,):
+            raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be at least 1, not {self.checkpoint_every}")
         self.elr = elr_setting(self.elr)
@@ -205,7 +210,9 @@ class Trainer:
         self.task = task_of(data)
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
-        if self.device.type == "cuda":
+        # the run's arithmetic (bf16 autocast, channels_last): chosen once for this model and device
+        self.arithmetic = choose(cfg.precision, self.device, self.model, self.task.example_input(2, self.device))
+        if self.arithmetic.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.compile:
             import torch._functorch.config as functorch_config
@@ -385,7 +392,8 @@ class Trainer:
                        dynamic_ncols=True, leave=False)
         # cuDNN autotuning pays off here (a few fixed batch shapes); given back to the caller's setting after
         try:
-            with cudnn_autotune(torch.backends.cudnn.benchmark or self.device.type == "cuda"):
+            with cudnn_autotune(torch.backends.cudnn.benchmark or self.device.type == "cuda"), \
+                    arithmetic(self.arithmetic):
                 self._fit_epochs(start_epoch, bar)
         finally:
             if bar is not None:

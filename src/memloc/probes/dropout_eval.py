@@ -31,6 +31,7 @@ from ..errors import ConfigError, RunError
 from ..experiment import LoadedRun
 from ..inference import predict
 from ..options import option
+from ..precision import arithmetic
 from ..tasks import task_of
 from ..training import evaluate
 from .base import ProbeResult
@@ -193,6 +194,7 @@ def evaluate_dropout(target: Any, data: Any = None, cfg: DropoutConfig | None = 
 def plain_accuracies(loaded: LoadedRun, *, epoch: int | None = None, batch_size: int = 1024) -> dict:
     """Eval-mode clean/noisy/test accuracies of any run (the baselines' test-time behaviour), as fractions."""
     model = loaded.model(epoch)
-    acc = evaluate(model, loaded.data, batch_size=batch_size)
+    with arithmetic(loaded.arithmetic(model)):
+        acc = evaluate(model, loaded.data, batch_size=batch_size)
     return {"clean": acc["clean_train_acc"], "noisy": acc["noisy_train_acc"],
             "noisy_true": acc.get("noisy_train_true_acc"), "test": acc["test_acc"]}

@@ -31,6 +31,7 @@ from ..errors import DataError, RunError
 from ..experiment import LoadedRun, open_run
 from ..options import replaced
 from ..options import settings as settings_of
+from ..precision import arithmetic, choose, current_or_none
 from ..runs import RunDir, load_npz, save_npz
 from ..training import prepare
 from .base import ProbeResult, register
@@ -123,6 +124,13 @@ class Probe:
         register(self)
 
 
+def _arithmetic(model: Any, data: Any, precision: str):
+    """The arithmetic of `precision` for `model` on its device (`precision.choose`)."""
+    from ..tasks import task_of
+    device = next(model.parameters()).device
+    return choose(precision, device, model, task_of(data).example_input(2, device))
+
+
 def is_run(target: Any) -> bool:
     return isinstance(target, (str, Path, RunDir, LoadedRun))
 
@@ -143,7 +151,9 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
                       overwrite=overwrite)
         if probe.check:
             probe.check(target, data, cfg, ctx)
-        return probe.compute(target, data, cfg, ctx)
+        # the caller's arithmetic where one is in force, else "auto" for this model (its layout is left alone)
+        with arithmetic(current_or_none() or _arithmetic(target, data, "auto")):
+            return probe.compute(target, data, cfg, ctx)
 
     loaded = target if isinstance(target, LoadedRun) else open_run(
         target.path if isinstance(target, RunDir) else target, device=getattr(cfg, "device", "auto"))
@@ -154,12 +164,14 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
     epoch = getattr(cfg, "epoch", None)
     epoch = saved[-1] if epoch is None else epoch
     model = loaded.model(epoch)
+    arith = loaded.arithmetic(model)  # the arithmetic the run trained in (the model is in its layout already)
     ctx = Context(run=run, loaded=loaded, sources={k: v for k, v in (sources or {}).items() if v is not None},
                   progress=progress, log=log, epoch=epoch, overwrite=overwrite)
     if probe.check:
         probe.check(model, loaded.data, cfg, ctx)  # every bad input fails here, before anything is written
     if not save:
-        return probe.compute(model, loaded.data, cfg, ctx)
+        with arithmetic(arith):
+            return probe.compute(model, loaded.data, cfg, ctx)
     ctx.partial = Partial(run, probe.name, {**settings_of(cfg), "epoch": epoch})
     d = run.path / "probes" / probe.name
     with run.exclusive():
@@ -174,7 +186,7 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
         if (d / "summary.json").exists():
             (d / "summary.json").unlink()  # replaced: never leave the old result looking finished
         t0 = time.perf_counter()
-        with run.working(probe.name):
+        with run.working(probe.name), arithmetic(arith):
             result = probe.compute(model, loaded.data, cfg, ctx)
             result.summary["settings"] = _jsonable(ctx.partial.settings)
             result.summary["run"] = str(run.path)

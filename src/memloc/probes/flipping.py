@@ -78,7 +78,7 @@ from ..models import Layer, select_layers
 from ..models import layers as find_layers
 from ..options import names, option
 from ..options import settings as option_settings
-from ..precision import bf16, cudnn_autotune, native_bf16
+from ..precision import bf16, cudnn_autotune, current, native_bf16
 from ..readers import read_indices
 from ..tasks import Task, task_of
 from ..units import UnitMasks
@@ -114,8 +114,8 @@ class FlipConfig:
     seed: int = option(0, "seed of the examples, the others and the input noise")
     sequential: bool = option(False, "the paper's loop: one example, one removal at a time", result=False)
     # "auto": bf16 where the device computes it natively in batched mode (a GPU; a CPU with AVX512-BF16 or AMX),
-    # and the arithmetic the model trains in for the sequential baseline (bf16 autocast on a GPU, fp32 on a CPU)
-    precision: str = option("auto", "auto (bf16 where the device has it natively, fp32 for --sequential on a CPU), "
+    # and the arithmetic the model trains in for the sequential baseline (the run's `--precision`)
+    precision: str = option("auto", "auto (bf16 where the device has it natively; --sequential: the run's arithmetic), "
                             "fp32 or bf16", result=False)
     batch_examples: int = option(16, "examples flipped at once (16 keeps the paper's ResNet-9 under 16 GB)",
                                  result=False)
@@ -237,8 +237,8 @@ def use_bf16(cfg: FlipConfig, device: torch.device) -> bool:
     """Whether the search and the accuracy passes run under bf16 autocast (see `FlipConfig.precision`)."""
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
-    if cfg.sequential:  # the baseline keeps the arithmetic the model trains in (`training.autocast`)
-        return device.type == "cuda"
+    if cfg.sequential:  # the baseline keeps the arithmetic the model trains in (the run's, `precision.current`)
+        return current(device).bf16
     return native_bf16(device)
 
 

@@ -20,6 +20,7 @@ from ..data import Dataset, model_input
 from ..data import augment as augment_images
 from ..errors import ConfigError
 from ..inference import predict
+from ..precision import channels_last
 
 
 class ClassificationTask:
@@ -52,7 +53,7 @@ class ClassificationTask:
         x = model_input(xb, device, self.data.normalization)
         if augment:
             x = augment_images(x)
-            if device.type == "cuda":
+            if channels_last(device):
                 x = x.contiguous(memory_format=torch.channels_last)
         return x
 

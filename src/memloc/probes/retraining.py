@@ -44,7 +44,16 @@ from ..tasks import Task, task_of
 from ..training import TrainConfig, epoch_seed, learning_rate, seeded
 from .base import ProbeResult, swapped_state
 from .engine import Context, Partial, Probe, run_probe
-from .sweep import accuracy_dict, evaluate_subsets, layer_keys, layer_state, module_modes, progress_bar, tidy_rows
+from .sweep import (
+    PrefixCache,
+    accuracy_dict,
+    evaluate_subsets,
+    layer_keys,
+    layer_state,
+    module_modes,
+    progress_bar,
+    tidy_rows,
+)
 
 PROBE_NAME = "retraining"
 
@@ -69,6 +78,9 @@ class RetrainConfig:
                           choices=("frozen", "train"))
     reset: str = option("init", "init: the layer back to its initialization; reinit: a fresh random "
                         "initialization drawn with --seed", choices=("init", "reinit"))
+    cache: bool = option(True, "recompute the layers before the retrained one at every step (by default their "
+                         "outputs are computed once per layer: they are frozen; with --bn-mode frozen only)",
+                         negate="--no-cache", result=False)
     stop_at: float | None = option(None, "stop a layer once its reference-train accuracy reaches this after an "
                                    "epoch (the published code: 1.0; later epochs repeat the stopped model's row)")
     eval_batch_size: int = option(1024, cli=False, result=False)
@@ -230,11 +242,19 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        rows.append(evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device))
+        # frozen norms, no augmentation: what enters the layer never changes, so it is computed once
+        cache = PrefixCache.build(model, task, layer, batch_size=cfg.eval_batch_size, device=device) \
+            if cfg.bn_mode == "frozen" and cfg.cache else None
+
+        def evaluate() -> np.ndarray:
+            return cache.accuracy() if cache is not None else \
+                evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device)
+        rows.append(evaluate())
+        targets = task.targets("given")
         for epoch in range(1, cfg.epochs + 1):
             with seeded(epoch_seed(cfg.seed, epoch), device):
                 order = clean[torch.randperm(len(clean))]  # only clean positions ever enter a batch
-            for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, task.targets("given"),
+            for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, targets,
                                                                   batch_size=cfg.batch_size, order=order,
                                                                   device=device)):
                 if on_step is not None:
@@ -242,14 +262,14 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
                 for g in opt.param_groups:
                     g["lr"] = learning_rate((epoch - 1) * steps + step, cfg.epochs * steps, sched)
                 with autocast(device):
-                    out = model(task.inputs(xb, device)).float()  # (B, K)
+                    out = (cache.forward(idx) if cache is not None else model(task.inputs(xb, device))).float()
                 loss = task.loss(out, yb).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if bar is not None:
                     bar.update(1)
-            rows.append(evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device))
+            rows.append(evaluate())
             acc = accuracy_dict(rows[-1], task.subsets)
             if bar is not None:
                 ref, mem = task.reference_kind, task.memorized_kind

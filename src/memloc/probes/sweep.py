@@ -13,6 +13,10 @@ probes share:
   state. Models that fx cannot trace get full forward passes (same numbers).
 - `sweep_accuracy(...)`: the same on both splits -> accuracy per subset
   (`Task.accuracy`, the one subset-accuracy function).
+- `PrefixCache`: the activations entering one layer for every example, computed
+  once, when nothing before the layer changes while the layer trains
+  (retraining with frozen norms): training and evaluating then run only the
+  rest of the model.
 - partial progress (`load_partial` / `save_partial`) so a killed probe resumes
   with the layers it had not finished.
 """
@@ -31,7 +35,7 @@ from .. import data as data_mod
 from ..cutting import split_at
 from ..errors import ConfigError
 from ..models import Layer
-from ..precision import autocast
+from ..precision import autocast, channels_last
 from ..runs import RunDir, load_npz, save_npz
 from ..tasks import Task
 
@@ -135,6 +139,113 @@ def evaluate_subsets(model: nn.Module, task: Task, *, batch_size: int = 1024,
                      device: torch.device | None = None) -> np.ndarray:
     """Accuracy (len(task.subsets),) of the model as it is, in eval mode; the model's flags are kept."""
     return sweep_accuracy(model, task, None, [{}], batch_size=batch_size, device=device)[0]
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a cache may take on `device`: a quarter of the GPU's free memory, an eighth of the host's RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        import os
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+class PrefixCache:
+    """The values entering `layer` (the prefix's outputs, `cutting.split_at`) for every train and test example.
+
+    Valid while nothing before the layer changes: every module before it frozen
+    and in eval mode, inputs without augmentation (retraining with frozen
+    norms). Built once in eval-sized batches in dataset order, under the
+    arithmetic in force, so that `accuracy()` computes what `evaluate_subsets`
+    computes with the full model, and a training batch through `suffix` what
+    the full model gives on the same inputs (the prefix's per-example values
+    do not depend on the batch it is in, up to the last bit of a convolution
+    algorithm chosen per batch size). Values that are the same for every batch
+    (a language model's positions) are kept once. `build` returns None when the
+    model cannot be cut or the cache would not fit in `memory_budget`: callers
+    then run the whole model.
+    """
+
+    def __init__(self, suffix, train: list, test: list, per_example: list[bool], task: Task, device: torch.device,
+                 batch_size: int):
+        self.suffix, self.train, self.test, self.per_example = suffix, train, test, per_example
+        self.task, self.device, self.batch_size = task, device, batch_size
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module, task: Task, layer: Layer, *, batch_size: int = 1024,
+              device: torch.device | None = None, budget: int | None = None) -> "PrefixCache | None":
+        device = device or next(model.parameters()).device
+        parts = split_at(model, layer)
+        if parts is None:
+            return None
+        budget = memory_budget(device) if budget is None else budget
+        x_tr, x_te = task.data.x_train, task.data.x_test
+        n_all = int(x_tr.shape[0]) + int(x_te.shape[0])
+
+        def prefix(xb: torch.Tensor) -> tuple:
+            with autocast(device):
+                return parts[0](task.inputs(xb.to(device, non_blocking=True), device))
+        # which values are per example (a row per example, for one example and for a batch) and which are the
+        # same for every batch (e.g. a language model's positions): those are kept once
+        one, first = prefix(x_tr[:1]), prefix(x_tr[:batch_size])
+        b = int(min(batch_size, x_tr.shape[0]))
+        if b < 2 or not all(isinstance(t, torch.Tensor) for t in first):
+            return None
+        per_example = [t.dim() > 0 and t.shape[0] == b and u.dim() > 0 and u.shape[0] == 1 for t, u in zip(first, one)]
+        if not any(per_example):
+            return None
+        bytes_per_example = sum(t[0].numel() * t.element_size() for t, p in zip(first, per_example) if p)
+        if bytes_per_example * n_all > budget:
+            return None
+        store: dict[str, list] = {}
+        for split, x in (("train", x_tr), ("test", x_te)):
+            chunks = [[t.detach() for t in (first if split == "train" and start == 0 else prefix(x[start:start + b]))]
+                      for start in range(0, int(x.shape[0]), b)]
+            store[split] = [torch.cat([c[i] for c in chunks]) if p else first[i].detach()
+                            for i, p in enumerate(per_example)] if chunks else []
+        return cls(parts[1], store["train"], store["test"], per_example, task, device, b)
+
+    def _take(self, tensors: list, idx: torch.Tensor) -> tuple:
+        """A fresh copy of each cached per-example value at positions `idx` (the suffix may work in place), in
+        the layout of the arithmetic in force; the values shared by every batch as they are."""
+        out = []
+        for t, p in zip(tensors, self.per_example):
+            if not p:
+                out.append(t)
+                continue
+            v = t.index_select(0, idx.to(t.device))
+            if v.dim() == 4 and channels_last(self.device):
+                v = v.contiguous(memory_format=torch.channels_last)
+            out.append(v)
+        return tuple(out)
+
+    def forward(self, idx: torch.Tensor, split: str = "train") -> torch.Tensor:
+        """The model's outputs (B, ...) on the examples at positions `idx` of `split`, from the cache on (call it
+        under autocast, as the model would be)."""
+        return self.suffix(*self._take(self.train if split == "train" else self.test, idx))
+
+    @torch.no_grad()
+    def accuracy(self) -> np.ndarray:
+        """Accuracy (len(task.subsets),) of the model as it is now, in eval mode; the modules' flags are kept."""
+        hits = {}
+        with module_modes(self.suffix):
+            self.suffix.eval()
+            for split, cached, y in (("train", self.train, self.task.targets("given")),
+                                     ("test", self.test, self.task.targets("test"))):
+                n = next((int(t.shape[0]) for t, p in zip(cached, self.per_example) if p), 0)
+                out = torch.empty(1, n, dtype=torch.bool, device=self.device)
+                for start in range(0, n, self.batch_size):
+                    idx = torch.arange(start, min(n, start + self.batch_size), device=self.device)
+                    with autocast(self.device):
+                        logits = self.forward(idx, split)
+                    target = y[idx.to(y.device)].to(self.device)
+                    out[0, idx] = self.task.match(self.task.predict(logits.float()), target)
+                hits[split] = out
+        return self.task.accuracy(hits["train"], hits["test"])[0]
 
 
 # ----------------------------------------------------------------------------- results and resume

@@ -299,12 +299,46 @@ def _finish_probe(probe, args, started: float, result) -> int:
 def cmd_probe(args) -> int:
     """Any registered probe on a run directory: its config from its flags, the engine does the rest."""
     from .probes import registered, run_probe
+    from .probes.engine import merge_shards
     probe = registered()[args.probe]
     cfg = probe.config(**given(args, probe.config))
     started = time.perf_counter()
-    result = run_probe(probe, args.run, cfg=cfg, overwrite=getattr(args, "overwrite", False) or False,
-                       progress=not args.quiet, log=_log(args))
+    overwrite = getattr(args, "overwrite", False) or False
+    if getattr(args, "executor", "local") == "processes":
+        from .scale import parse_devices, run_processes, worker_argv
+        if args.shard is not None:
+            raise ConfigError("--executor processes runs every shard itself: drop --shard")
+        if not args.devices:
+            raise ConfigError("--executor processes needs --devices, e.g. --devices cpu,cpu or --devices 0,1")
+        devices = parse_devices(args.devices)
+        run_probe(probe, args.run, cfg=cfg, check_only=True)  # bad input fails here, before any worker starts
+        n = run_processes(worker_argv(args.argv), devices, args.shards, label=f"{probe.name} shards",
+                          progress=not args.quiet, log=_log(args))
+        _log(args)(f"{n} shards on {len(devices)} workers ({', '.join(devices)}): merging")
+        result = merge_shards(args.run, [probe.name], overwrite=overwrite, progress=not args.quiet,
+                              log=_log(args))[0]
+        return _finish_probe(probe, args, started, result)
+    if getattr(args, "devices", None) or getattr(args, "shards", None):
+        raise ConfigError("--devices and --shards are for --executor processes: add it, or drop them")
+    shard = getattr(args, "shard", None)
+    result = run_probe(probe, args.run, cfg=cfg, overwrite=overwrite, progress=not args.quiet, log=_log(args),
+                       shard=shard)
+    if result is None:
+        i, n = shard
+        print(f"done: shard {i}/{n} of {probe.name} ({time.perf_counter() - started:.1f}s); when all {n} are done: "
+              f"memloc merge {args.run}")
+        return 0
     return _finish_probe(probe, args, started, result)
+
+
+def cmd_merge(args) -> int:
+    from .probes import registered
+    from .probes.engine import merge_shards
+    started = time.perf_counter()
+    for result in merge_shards(args.run, [args.probe] if args.probe else None, overwrite=args.overwrite,
+                               progress=not args.quiet, log=_log(args)):
+        _finish_probe(registered()[result.probe], args, started, result)
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -512,9 +546,34 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, probe.config)
         if probe.overwrite_help:
             p.add_argument("--overwrite", action="store_true", help=probe.overwrite_help)
+        if probe.shards:
+            p.add_argument("--shard", type=_shard, metavar="I/N",
+                           help="do only shard I of N (I = 0..N-1: every N-th item from the I-th), kept in "
+                                "RUN/probes/NAME/shards/; `memloc merge RUN` joins them (docs/cluster.md)")
+            p.add_argument("--executor", choices=("local", "processes"), default="local",
+                           help="local: this process; processes: one worker process per --devices entry, shards "
+                                "from a queue, then merged")
+            p.add_argument("--devices", help="the workers' devices for --executor processes: cpu,cpu or GPU ids 0,1")
+            p.add_argument("--shards", type=int, metavar="K",
+                           help="split into K shards for --executor processes (default: one per device)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_probe, probe=probe.name)
+
+    p = sub.add_parser("merge", help="join a probe's shards (--shard I/N) into the result one process would write")
+    p.add_argument("run", metavar="RUN", help="run directory whose probes ran in shards")
+    p.add_argument("--probe", help="only this probe (default: every probe with shards)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished result made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from .probes.engine import parse_shard
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- errors
@@ -540,8 +599,10 @@ def os_error_line(err: OSError, command: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # the command line as given (the process executor hands it to its workers)
     except SystemExit as stop:  # a bad flag (its one line is printed) or --help / --version
         return stop.code if isinstance(stop.code, int) else 2
     if not getattr(args, "func", None):

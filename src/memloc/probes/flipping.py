@@ -590,14 +590,18 @@ def _plan(model: nn.Module, data, cfg: FlipConfig):
 def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
                done: Sequence[FlipRecord] = (), done_seconds: float = 0.0,
                on_chunk: Callable[[list[FlipRecord], float], None] | None = None,
-               progress: bool = False, log: Callable[[str], None] | None = None) -> ProbeResult:
+               progress: bool = False, log: Callable[[str], None] | None = None,
+               mine: Callable[[list], list] = list) -> ProbeResult | None:
     """Greedy unit removal for the chosen training examples of `model` (eval mode) on `data`.
 
     `done` are records of an earlier, interrupted call with the same config
     (those examples are skipped) and `done_seconds` the time it spent; `on_chunk`
     receives all records so far and the search time so far after each chunk of
     examples (to save them). The summary's time and rate count every call's
-    search. The model is unchanged afterwards.
+    search. `mine` picks this call's share of the (example, kind) list (a shard,
+    `Partial.mine`): when the others' examples are not among the records, the
+    call only adds its own to them (`on_chunk`) and returns None. The model is
+    unchanged afterwards.
     """
     cfg = cfg or FlipConfig()
     task = task_of(data)
@@ -606,15 +610,17 @@ def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
     records = {r.index: r for r in done}
     with fl.masks.installed(), cudnn_autotune(False):
         base = fl.accuracies(torch.ones(1, fl.masks.total, device=fl.device))[0]  # the unedited model
-    todo = [(int(e), k) for e, k in zip(idx, kinds) if int(e) not in records]
+    share = mine([(int(e), k) for e, k in zip(idx, kinds)])
+    todo = [(e, k) for e, k in share if e not in records]
     if log:
-        log(f"flipping {len(idx)} examples ({len(idx) - len(todo)} already done), {fl.masks.total} units in "
+        log(f"flipping {len(share)} examples{'' if len(share) == len(idx) else f' of {len(idx)} (a shard)'} "
+            f"({len(share) - len(todo)} already done), {fl.masks.total} units in "
             f"{len(candidates)} layers, cap {budget} units, {cfg.others} others, "
             f"{'sequential' if cfg.sequential else f'batches of {cfg.batch_examples}'}")
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(idx), initial=len(idx) - len(todo), desc="flip", unit="example")
+        bar = tqdm(total=len(share), initial=len(share) - len(todo), desc="flip", unit="example")
     t0 = time.perf_counter()
 
     def got(recs: list[FlipRecord]) -> None:
@@ -632,6 +638,8 @@ def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
         if bar is not None:
             bar.close()
     elapsed = done_seconds + time.perf_counter() - t0
+    if any(int(e) not in records for e in idx):  # a shard: the other examples are flipped elsewhere
+        return None
     ordered = [records[int(e)] for e in idx]
     return build_result(ordered, task, cfg, candidates, budget, base, elapsed=elapsed, num_others=len(others),
                         eval_sizes=(len(ev_tr), len(ev_te)), precision="bf16" if fl.bf16 else "fp32")
@@ -742,7 +750,9 @@ def _compute(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> ProbeResu
         ctx.partial.save(state={"records": [_to_json(r) for r in records], "seconds": round(elapsed, 3)})
 
     result = flip_units(model, data, cfg, done=done, done_seconds=float(state.get("seconds") or 0.0), on_chunk=save,
-                        progress=ctx.progress, log=ctx.log)
+                        progress=ctx.progress, log=ctx.log, mine=ctx.partial.mine)
+    if result is None:  # a shard: its records are saved (`on_chunk`)
+        return None
     save(_records_of(result), result.summary["elapsed_s"] or 0.0)
     if ctx.epoch is not None:
         result.summary["epoch"] = ctx.epoch
@@ -758,7 +768,18 @@ def _describe(result: ProbeResult) -> list[str]:
             f"{k['layers_used']} layers used" for kind, k in result.summary["kinds"].items()]
 
 
+def _merge_states(states: list[dict]) -> dict:
+    """The shards' records as one call's: every record once, the search seconds added up."""
+    records = [r for s in states for r in s.get("records", [])]
+    seen = [r["index"] for r in records]
+    if len(set(seen)) != len(seen):
+        raise RunError("two flipping shards hold the same example: they come from different splits; run the shards "
+                       "again with --overwrite")
+    return {"records": records, "seconds": round(sum(float(s.get("seconds") or 0.0) for s in states), 3)}
+
+
 PROBE = Probe(PROBE_NAME, "flip", FlipConfig, _compute, check=_check, describe=_describe, guards=True,
+              shards=True, merge_state=_merge_states,
               layers_option="layers", overwrite_help="replace a flipping probe made with other settings",
               help="greedy unit removal: the units to zero until each chosen example's prediction flips")
 

@@ -164,7 +164,7 @@ def reinitialize(model: nn.Module, layer: Layer, seed: int) -> None:
 def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Tensor],
                   cfg: RetrainConfig | None = None, *, layers: Sequence[str] | None = None, progress: bool = False,
                   partial: Partial | None = None, on_step: Callable[[torch.Tensor], None] | None = None
-                  ) -> ProbeResult:
+                  ) -> ProbeResult | None:
     """Retrain each layer of the (final) `model` from `init_state` (epoch 0) on the clean examples only.
 
     Each layer is reset, trained and put back (`swapped_state`), so the model is
@@ -189,7 +189,7 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
     resets = {l.name: layer_state(init_state, layer_keys(model, l), source="the initial state") for l in picked}
     partial = partial or Partial()
     done = dict(partial.load()[0])
-    todo = [l for l in picked if l.name not in done]
+    todo = [l for l in partial.mine(picked) if l.name not in done]  # this call's layers (all, or a shard's)
     steps = math.ceil(len(clean) / cfg.batch_size)
     sched = cfg.schedule()
     bar = progress_bar(len(todo) * cfg.epochs * steps, "retrain", progress, unit="step")
@@ -202,6 +202,8 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
     finally:
         if bar is not None:
             bar.close()
+    if partial.sharded:  # a shard: the other layers are done elsewhere, `memloc merge` joins them
+        return None
     seconds = time.perf_counter() - t0
     final = evaluate_subsets(model, task, batch_size=cfg.eval_batch_size, device=device)
     names = [l.name for l in picked]
@@ -328,9 +330,11 @@ def _check(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> Non
         _init_state(model, data, ctx)
 
 
-def _compute(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> ProbeResult:
+def _compute(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> ProbeResult | None:
     init, source = _init_state(model, data, ctx)
     result = retrain_model(model, data, init, cfg, layers=cfg.layers, progress=ctx.progress, partial=ctx.partial)
+    if result is None:  # a shard: its layers are kept in ctx.partial
+        return None
     result.summary["init"] = source
     if ctx.epoch is not None:
         result.summary["final_epoch"] = ctx.epoch
@@ -350,6 +354,7 @@ def _describe(result: ProbeResult) -> list[str]:
 
 
 PROBE = Probe(PROBE_NAME, "retrain", RetrainConfig, _compute, check=_check, describe=_describe, layers_option="layers",
+              shards=True,
               help="layer retraining: reset one layer to init, train only it on clean examples")
 
 

@@ -72,7 +72,7 @@ class RewindConfig:
 
 def rewind_model(model: nn.Module, data: Any, states_by_epoch: States, *, epochs: Sequence[int] | None = None,
                  layers: Sequence[str] | None = None, keep_bn_stats: bool = False, batch_size: int = 1024,
-                 progress: bool = False, partial: Partial | None = None, split: bool = True) -> ProbeResult:
+                 progress: bool = False, partial: Partial | None = None, split: bool = True) -> ProbeResult | None:
     """Rewind each layer of the (final) `model` to each epoch's state and measure accuracy.
 
     `states_by_epoch`: {epoch: state dict} or a function epoch -> state dict
@@ -103,7 +103,7 @@ def rewind_model(model: nn.Module, data: Any, states_by_epoch: States, *, epochs
     keys = {l.name: layer_keys(model, l, buffers=not keep_bn_stats) for l in picked}
     partial = partial or Partial()
     done = dict(partial.load()[0])
-    todo = [l for l in picked if l.name not in done]
+    todo = [l for l in partial.mine(picked) if l.name not in done]  # this call's layers (all, or a shard's)
     t0 = time.perf_counter()
     # the layers' tensors at every epoch, read once per checkpoint (kept on the host until a layer is swept)
     per_epoch: dict[int, dict[str, torch.Tensor]] = {}
@@ -125,6 +125,8 @@ def rewind_model(model: nn.Module, data: Any, states_by_epoch: States, *, epochs
     finally:
         if bar is not None:
             bar.close()
+    if partial.sharded:  # a shard: the other layers are done elsewhere, `memloc merge` joins them
+        return None
     seconds = time.perf_counter() - t0
 
     final = evaluate_subsets(model, task, batch_size=batch_size, device=device)
@@ -175,11 +177,13 @@ def _check(model: nn.Module, data: Any, cfg: RewindConfig, ctx: Context) -> None
         select_layers(find_layers(model), list(cfg.layers))  # unknown names fail before any compute
 
 
-def _compute(model: nn.Module, data: Any, cfg: RewindConfig, ctx: Context) -> ProbeResult:
+def _compute(model: nn.Module, data: Any, cfg: RewindConfig, ctx: Context) -> ProbeResult | None:
     get, saved = _states(model, ctx)
     chosen = choose_epochs(saved, epochs=cfg.epochs, every=cfg.every)
     result = rewind_model(model, data, get, epochs=chosen, layers=cfg.layers, keep_bn_stats=cfg.keep_bn_stats,
                           batch_size=cfg.batch_size, progress=ctx.progress, partial=ctx.partial)
+    if result is None:  # a shard: its layers are kept in ctx.partial
+        return None
     result.summary["final_epoch"] = saved[-1]
     return result
 
@@ -200,6 +204,7 @@ def _pct(v) -> str:
 
 
 PROBE = Probe(PROBE_NAME, "rewind", RewindConfig, _compute, check=_check, describe=_describe, layers_option="layers",
+              shards=True,
               help="layer rewinding: each layer back to each saved epoch inside the final model")
 
 

@@ -169,3 +169,13 @@ def test_images_keep_the_pixel_normalization(tmp_path):
     np.savez(tmp_path / "f.npz", x=np.full((10, 3, 4, 4), 51.0), y=np.arange(10) % 2)  # floats in [0, 255]
     f = load(DataConfig(dataset=str(tmp_path / "f.npz")))
     assert f.normalization.kind == "pixels" and torch.allclose(f.x_train, torch.tensor(0.2))
+
+
+def test_batches_over_a_subset_end_with_the_subset():
+    """An order of 45 of 64 positions in batches of 16: 3 batches (16, 16, 13), never an empty fourth one (which
+    once gave retraining an extra optimizer step of momentum and weight decay alone per epoch)."""
+    x, y = torch.arange(64).float()[:, None], torch.arange(64)
+    order = torch.arange(63, 18, -1)  # 45 positions, in their own order
+    got = [idx.tolist() for _, _, idx in batches(x, y, batch_size=16, order=order)]
+    assert [len(i) for i in got] == [16, 16, 13] and sum(got, []) == order.tolist()
+    assert [len(i) for _, _, i in batches(x, y, batch_size=16)] == [16] * 4

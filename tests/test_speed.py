@@ -88,14 +88,23 @@ def _resnet_case(n=96, seed=0):
 
 
 @pytest.mark.parametrize("arith", [Arithmetic(False, False), Arithmetic(True, True)], ids=["fp32", "bf16"])
-def test_retraining_from_cached_activations_equals_the_whole_model(arith, one_thread):
+def test_retraining_from_cached_activations_equals_the_whole_model(arith, one_thread, monkeypatch):
     model, data, init = _resnet_case()
     cfg = RetrainConfig(epochs=2, lr=0.05, batch_size=16, eval_batch_size=32)
+    steps = []  # training steps fed from the cache: every layer's, or the comparison would prove nothing
+    forward = PrefixCache.forward
+    monkeypatch.setattr(PrefixCache, "forward", lambda self, idx, split="train": (
+        steps.append("step" if torch.is_grad_enabled() else "eval"), forward(self, idx, split))[1])
     with arithmetic(arith):
         if arith.channels_last:
             model = model.to(memory_format=torch.channels_last)
         cached = retrain_model(model, data, init, cfg).arrays["accuracy"]
+        n_cached = steps.count("step")
         whole = retrain_model(model, data, init, RetrainConfig(**{**vars(cfg), "cache": False})).arrays["accuracy"]
+    # the clean training examples in batches of 16, 2 epochs, every layer; none without the cache
+    task = task_of(data)
+    per_epoch = -(-int(task.kind_mask(task.reference_kind).sum()) // 16)
+    assert n_cached == len(layers(model)) * 2 * per_epoch > 0 and steps.count("step") == n_cached
     np.testing.assert_array_equal(cached, whole)
     assert cached.shape == (len(layers(model)), 3, 4)
     assert np.nanmax(np.abs(cached[:, 0] - cached[:, -1])) > 0  # retraining moved something: a real comparison

@@ -584,14 +584,14 @@ def augment(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None 
 
 def batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, order: torch.Tensor | None = None,
             device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (x, y, idx) batches in `order` (default: dataset order); idx are dataset positions.
+    """Yield (x, y, idx) batches in `order` (default: dataset order; a subset of the positions gives
+    ceil(len(order) / batch_size) batches, none empty); idx are dataset positions.
 
     Data in pinned host memory is streamed to `device` batch by batch.
     """
-    n = x.shape[0]
-    order = torch.arange(n, device=x.device) if order is None else order.to(x.device)
+    order = torch.arange(x.shape[0], device=x.device) if order is None else order.to(x.device)
     device = device or x.device
-    for start in range(0, n, batch_size):
+    for start in range(0, len(order), batch_size):  # over the order: a subset (retraining's clean examples) ends early
         idx = order[start:start + batch_size]
         xb, yb = x[idx], y[idx]
         if xb.device != device:

@@ -363,6 +363,7 @@ class LoadedRun:
     config: RunConfig
     data: Dataset
     device: torch.device
+    _arithmetic: Any = field(default=None, init=False, repr=False)  # chosen on first use (`arithmetic`)
 
     def model(self, epoch: int | None = None) -> nn.Module:
         """The model at `epoch` (default: the final one), in eval mode on the run's device."""
@@ -380,13 +381,20 @@ class LoadedRun:
         return model.eval()
 
     def arithmetic(self, model: nn.Module):
-        """The arithmetic (bf16 or not, channels_last or not) of this run's precision for `model` on its device:
-        what its probes compute in (`precision.choose`; enter `precision.arithmetic(...)` around the work)."""
-        from .precision import choose
-        from .tasks import task_of
-        return choose(self.config.train.precision, self.device, model,
-                      task_of(self.data).example_input(2, self.device))
+        """The arithmetic (bf16 or not, channels_last or not) of this run's precision for its model on its device:
+        what its probes compute in (`precision.choose`; enter `precision.arithmetic(...)` around the work).
+        Chosen once per open run: every epoch's model has the same architecture."""
+        if self._arithmetic is None:
+            self._arithmetic = arithmetic_for(self.config.train.precision, model, self.data)
+        return self._arithmetic
 
+
+def arithmetic_for(precision: str, model: nn.Module, data: Any):
+    """`precision.choose` for `model` on its device, checked on two of the data's example inputs."""
+    from .precision import choose
+    from .tasks import task_of
+    device = next(model.parameters()).device
+    return choose(precision, device, model, task_of(data).example_input(2, device))
 
 def open_run(path: str | Path, *, device: str = "auto") -> LoadedRun:
     """Open a run directory and rebuild its data exactly (noise mask checked against data.npz)."""

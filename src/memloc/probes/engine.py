@@ -30,10 +30,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, RunError
-from ..experiment import LoadedRun, open_run
+from ..experiment import LoadedRun, arithmetic_for, open_run
 from ..options import replaced
 from ..options import settings as settings_of
-from ..precision import arithmetic, choose, current_or_none
+from ..precision import arithmetic, current_or_none
 from ..runs import RunDir, exclusive, load_npz, save_npz, write_json
 from ..training import prepare
 from .base import ProbeResult, register
@@ -183,13 +183,6 @@ class Probe:
         register(self)
 
 
-def _arithmetic(model: Any, data: Any, precision: str):
-    """The arithmetic of `precision` for `model` on its device (`precision.choose`)."""
-    from ..tasks import task_of
-    device = next(model.parameters()).device
-    return choose(precision, device, model, task_of(data).example_input(2, device))
-
-
 def is_run(target: Any) -> bool:
     return isinstance(target, (str, Path, RunDir, LoadedRun))
 
@@ -221,7 +214,7 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
         if probe.check:
             probe.check(target, data, cfg, ctx)
         # the caller's arithmetic where one is in force, else "auto" for this model (its layout is left alone)
-        with arithmetic(current_or_none() or _arithmetic(target, data, "auto")):
+        with arithmetic(current_or_none() or arithmetic_for("auto", target, data)):
             return probe.compute(target, data, cfg, ctx)
 
     loaded = target if isinstance(target, LoadedRun) else open_run(

@@ -256,9 +256,10 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
         for epoch in range(1, cfg.epochs + 1):
             with seeded(epoch_seed(cfg.seed, epoch), device):
                 order = clean[torch.randperm(len(clean))]  # only clean positions ever enter a batch
-            for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, targets,
-                                                                  batch_size=cfg.batch_size, order=order,
-                                                                  device=device)):
+            # from the cache only the positions and targets are read: no batch of images is copied
+            inputs = targets[:, None] if cache is not None else task.data.x_train
+            for step, (xb, yb, idx) in enumerate(data_mod.batches(inputs, targets, batch_size=cfg.batch_size,
+                                                                  order=order, device=device)):
                 if on_step is not None:
                     on_step(idx)
                 for g in opt.param_groups:

@@ -213,6 +213,9 @@ def cmd_run(args) -> int:
             if stray:
                 raise ConfigError(f"--{stray[0].replace('_', '-')} is not built for --task lm yet (one seed, no "
                                   "noise levels or dropout grid): drop it")
+            if args.shard is not None or args.executor != "local":
+                raise ConfigError("a language-model study is one model: it does not split into shards (shard its "
+                                  "probes: `memloc flip RUN --shard I/N`; train it on several GPUs with torchrun)")
             cfg = run_config(args)
             if "p_gen" in chosen:  # the study's model with memorization sinks, evaluated before and after the drop
                 cfg.model.p_gen, cfg.model.p_mem = chosen["p_gen"], chosen["p_mem"]
@@ -221,6 +224,9 @@ def cmd_run(args) -> int:
         print(f"done: {path} (report: {path / 'report' / 'report.html'})")
         return 0
     if args.resume:
+        if args.shard is not None or args.executor != "local":
+            raise ConfigError("--resume finishes a study in one process; a study in shards continues with the same "
+                              "command that started it (finished cells are kept): drop --resume")
         path = run_study(resume=args.resume, progress=not args.quiet, log=_log(args))
     else:
         sections = {sec: given(args, cls, exclude=_STUDY_SETS.get(sec, ()))
@@ -231,7 +237,15 @@ def cmd_run(args) -> int:
                 raise ConfigError("pass --seeds or --seed, not both")
             study["seeds"] = (args.seed,)
         cfg = study_config(args.preset or "default", base_overrides=sections, **study)
-        path = run_study(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
+        from .study import check_study, merge_study
+        started = time.perf_counter()
+        scaled, path = _scale_out(args, "study shards", lambda: check_study(cfg, args.out, overwrite=args.overwrite),
+                                  lambda: merge_study(args.out, progress=not args.quiet, log=_log(args)))
+        if not scaled:
+            path = run_study(cfg, args.out, overwrite=args.overwrite, shard=args.shard, progress=not args.quiet,
+                             log=_log(args))
+            if args.shard is not None:
+                return _shard_done(args, "the study", started, path)
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
     return 0
 
@@ -296,6 +310,48 @@ def _finish_probe(probe, args, started: float, result) -> int:
     return 0
 
 
+def _scale_out(args, label: str, check: Callable[[], None], merge: Callable[[], Any]) -> tuple[bool, Any]:
+    """--executor processes or ray: check the input here (one line before any worker starts), run every shard on
+    the workers, then merge -> (True, what `merge` returns); (False, None) with --executor local."""
+    executor = getattr(args, "executor", None) or "local"
+    ray_flags = [f for f, v in (("--address", getattr(args, "address", None)),
+                                ("--gpus-per-task", getattr(args, "gpus_per_task", None))) if v is not None]
+    if executor == "local":
+        stray = [f for f, v in (("--devices", getattr(args, "devices", None)),
+                                ("--shards", getattr(args, "shards", None))) if v is not None] + ray_flags
+        if stray:
+            raise ConfigError(f"{stray[0]} is for --executor processes or ray: add one, or drop it")
+        return False, None
+    from .scale import parse_devices, run_processes, run_ray, worker_argv
+    if args.shard is not None:
+        raise ConfigError(f"--executor {executor} runs every shard itself: drop --shard")
+    log = _log(args)
+    if executor == "processes":
+        if ray_flags:
+            raise ConfigError(f"{ray_flags[0]} is for --executor ray: drop it")
+        if not args.devices:
+            raise ConfigError("--executor processes needs --devices, e.g. --devices cpu,cpu or --devices 0,1")
+        devices = parse_devices(args.devices)
+        check()
+        n = run_processes(worker_argv(args.argv), devices, args.shards, label=label, progress=not args.quiet, log=log)
+        log(f"{n} shards on {len(devices)} workers ({', '.join(devices)}): merging")
+    else:
+        if args.devices:
+            raise ConfigError("--devices is for --executor processes; Ray places the shards itself (--gpus-per-task)")
+        check()
+        n = run_ray(worker_argv(args.argv), args.shards, address=args.address, gpus_per_task=args.gpus_per_task,
+                    label=label, progress=not args.quiet, log=log)
+        log(f"{n} Ray tasks finished: merging")
+    return True, merge()
+
+
+def _shard_done(args, what: str, started: float, where) -> int:
+    i, n = args.shard
+    print(f"done: shard {i}/{n} of {what} ({time.perf_counter() - started:.1f}s); when all {n} are done: "
+          f"memloc merge {where}")
+    return 0
+
+
 def cmd_probe(args) -> int:
     """Any registered probe on a run directory: its config from its flags, the engine does the rest."""
     from .probes import registered, run_probe
@@ -304,37 +360,39 @@ def cmd_probe(args) -> int:
     cfg = probe.config(**given(args, probe.config))
     started = time.perf_counter()
     overwrite = getattr(args, "overwrite", False) or False
-    if getattr(args, "executor", "local") == "processes":
-        from .scale import parse_devices, run_processes, worker_argv
-        if args.shard is not None:
-            raise ConfigError("--executor processes runs every shard itself: drop --shard")
-        if not args.devices:
-            raise ConfigError("--executor processes needs --devices, e.g. --devices cpu,cpu or --devices 0,1")
-        devices = parse_devices(args.devices)
-        run_probe(probe, args.run, cfg=cfg, check_only=True)  # bad input fails here, before any worker starts
-        n = run_processes(worker_argv(args.argv), devices, args.shards, label=f"{probe.name} shards",
-                          progress=not args.quiet, log=_log(args))
-        _log(args)(f"{n} shards on {len(devices)} workers ({', '.join(devices)}): merging")
-        result = merge_shards(args.run, [probe.name], overwrite=overwrite, progress=not args.quiet,
-                              log=_log(args))[0]
-        return _finish_probe(probe, args, started, result)
-    if getattr(args, "devices", None) or getattr(args, "shards", None):
-        raise ConfigError("--devices and --shards are for --executor processes: add it, or drop them")
+    scaled, results = _scale_out(
+        args, f"{probe.name} shards",
+        lambda: run_probe(probe, args.run, cfg=cfg, check_only=True),
+        lambda: merge_shards(args.run, [probe.name], overwrite=overwrite, progress=not args.quiet, log=_log(args)))
+    if scaled:
+        return _finish_probe(probe, args, started, results[0])
     shard = getattr(args, "shard", None)
     result = run_probe(probe, args.run, cfg=cfg, overwrite=overwrite, progress=not args.quiet, log=_log(args),
                        shard=shard)
     if result is None:
-        i, n = shard
-        print(f"done: shard {i}/{n} of {probe.name} ({time.perf_counter() - started:.1f}s); when all {n} are done: "
-              f"memloc merge {args.run}")
-        return 0
+        return _shard_done(args, probe.name, started, args.run)
     return _finish_probe(probe, args, started, result)
 
 
 def cmd_merge(args) -> int:
+    from .runs import memloc_kind
+    started = time.perf_counter()
+    kind = memloc_kind(args.run)
+    if kind is None:
+        raise ConfigError(f"{args.run} is not a memloc run, study or dropout grid: pass the folder whose work ran in "
+                          "shards (--shard I/N)")
+    if kind in ("study", "dropout-grid"):
+        if args.probe:
+            raise ConfigError(f"--probe names a probe of a run; {args.run} is a {kind.replace('-', ' ')}: drop it")
+        if kind == "study":
+            from .study import merge_study
+            path = merge_study(args.run, progress=not args.quiet, log=_log(args))
+            print(f"done: {path} (report: {path / 'report' / 'report.html'})")
+            return 0
+        from .grid import merge_grid
+        return _grid_done(args, merge_grid(args.run, log=_log(args)))
     from .probes import registered
     from .probes.engine import merge_shards
-    started = time.perf_counter()
     for result in merge_shards(args.run, [args.probe] if args.probe else None, overwrite=args.overwrite,
                                progress=not args.quiet, log=_log(args)):
         _finish_probe(registered()[result.probe], args, started, result)
@@ -391,13 +449,23 @@ def _grid_pairs(text: str) -> tuple[tuple[float, float], ...]:
 
 
 def cmd_dropout_grid(args) -> int:
-    from .grid import DEFAULT_PAIRS, dropout_grid
-    rows = dropout_grid(run_config(args), args.out, pairs=args.pairs or DEFAULT_PAIRS, baselines=not args.no_baselines,
-                        elr=args.elr_cells, progress=not args.quiet, log=_log(args))
+    from .grid import DEFAULT_PAIRS, check_grid, dropout_grid, merge_grid
+    base, started = run_config(args), time.perf_counter()
+    options = dict(pairs=args.pairs or DEFAULT_PAIRS, baselines=not args.no_baselines, elr=args.elr_cells)
+    scaled, rows = _scale_out(args, "grid shards", lambda: check_grid(base, args.out, **options),
+                              lambda: merge_grid(args.out, log=_log(args)))
+    if not scaled:
+        rows = dropout_grid(base, args.out, **options, shard=args.shard, progress=not args.quiet, log=_log(args))
+        if args.shard is not None:
+            return _shard_done(args, f"the grid ({len(rows)} cells)", started, args.out)
+    return _grid_done(args, rows)
+
+
+def _grid_done(args, rows: list[dict]) -> int:
     from .report import protection_notes
     for line in protection_notes(rows):
         print(line)
-    print(f"done: {Path(args.out) / 'grid.csv'} ({len(rows)} cells)")
+    print(f"done: {Path(args.run if args.command == 'merge' else args.out) / 'grid.csv'} ({len(rows)} cells)")
     return 0
 
 
@@ -469,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start an existing study folder again with these settings (deletes memloc's own files in "
                         "it, nothing else)")
     p.add_argument("--resume", metavar="STUDY", help="finish an interrupted study without redoing finished stages")
+    _scale_flags(p, "cells (seeds x noise levels, then the --grid's cells)", "the study folder (--out)")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -509,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cells to train, e.g. '0.4,0.1;0.3,0.1' (default: p_gen 0.2-0.5 x p_mem 0.05, 0.1, 0.2)")
     p.add_argument("--no-baselines", action="store_true", help="skip the standard-dropout and fixed-sparse baselines")
     p.add_argument("--out", required=True, help="grid folder: one run directory per cell and grid.csv")
+    _scale_flags(p, "cells", "the grid folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
     p.set_defaults(func=cmd_dropout_grid)
 
@@ -547,25 +617,38 @@ def build_parser() -> argparse.ArgumentParser:
         if probe.overwrite_help:
             p.add_argument("--overwrite", action="store_true", help=probe.overwrite_help)
         if probe.shards:
-            p.add_argument("--shard", type=_shard, metavar="I/N",
-                           help="do only shard I of N (I = 0..N-1: every N-th item from the I-th), kept in "
-                                "RUN/probes/NAME/shards/; `memloc merge RUN` joins them (docs/cluster.md)")
-            p.add_argument("--executor", choices=("local", "processes"), default="local",
-                           help="local: this process; processes: one worker process per --devices entry, shards "
-                                "from a queue, then merged")
-            p.add_argument("--devices", help="the workers' devices for --executor processes: cpu,cpu or GPU ids 0,1")
-            p.add_argument("--shards", type=int, metavar="K",
-                           help="split into K shards for --executor processes (default: one per device)")
+            _scale_flags(p, "examples" if probe.name == "flipping" else "layers", "RUN/probes/NAME/shards/")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_probe, probe=probe.name)
 
-    p = sub.add_parser("merge", help="join a probe's shards (--shard I/N) into the result one process would write")
-    p.add_argument("run", metavar="RUN", help="run directory whose probes ran in shards")
+    p = sub.add_parser("merge", help="join shards (--shard I/N) into the result one process would write")
+    p.add_argument("run", metavar="PATH", help="run directory whose probes ran in shards, or a study or dropout grid "
+                                               "run in shards")
     p.add_argument("--probe", help="only this probe (default: every probe with shards)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished result made with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
     return parser
+
+
+def _scale_flags(p: argparse.ArgumentParser, items: str, where: str) -> None:
+    """--shard and the executors, for a command whose work splits into `items` (kept in `where`)."""
+    from .scale import EXECUTORS
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help=f"do only shard I of N (I = 0..N-1: every N-th of the {items} from the I-th), kept in "
+                        f"{where}; `memloc merge` joins them (docs/cluster.md)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: this process; processes: one worker process per --devices entry; ray: each shard a "
+                        "Ray task (pip install 'memloc[ray]'); shards then merged")
+    p.add_argument("--devices", help="the workers' devices for --executor processes: cpu,cpu or GPU ids 0,1")
+    p.add_argument("--shards", type=int, metavar="K",
+                   help="split into K shards for --executor processes or ray (default: one per device / per task "
+                        "the cluster runs at once)")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="--executor ray: the Ray cluster to use (default: start one on this machine's loopback)")
+    p.add_argument("--gpus-per-task", type=float, metavar="G",
+                   help="--executor ray: GPUs per shard, a fraction to share a GPU between small models (default "
+                        "1 when the cluster has GPUs, else 0: CPU tasks)")
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -38,17 +38,18 @@ import copy
 import csv
 import io
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from .dropout import expected_active_fraction
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .experiment import ModelConfig, RunConfig, make_model, open_run, resume_training, run_training
 from .runs import LOCK_NAME, RunDir, _jsonable, exclusive, write_json, write_text
 from .training import elr_setting
 
-__all__ = ["DEFAULT_PAIRS", "GRID_COLUMNS", "GridCell", "grid_cells", "dropout_grid"]
+__all__ = ["DEFAULT_PAIRS", "GRID_COLUMNS", "GridCell", "grid_cells", "check_grid", "dropout_grid", "merge_grid"]
 
 # The paper's 12 pairs: p_gen in {0.2, 0.3, 0.4, 0.5} x p_mem in {0.05, 0.1, 0.2}.
 DEFAULT_PAIRS: tuple[tuple[float, float], ...] = tuple(
@@ -212,13 +213,17 @@ def _check_buildable(base: RunConfig, cells: list[GridCell]) -> None:
 
 
 def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, baselines: bool = True,
-                 elr=None, progress: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
+                 elr=None, shard: tuple[int, int] | None = None, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> list[dict]:
     """Train and evaluate every cell of the grid into `out_dir`; returns the rows of `grid.csv` (percentages).
 
     `base` gives the data, model and training settings shared by all cells (its
     example-tied dropout / baseline fields are replaced per cell). `elr`
     (lambda, beta, e.g. (3, 0.7)) adds a "plain" and an "elr" cell. Resumable:
     call again with the same arguments to finish an interrupted grid.
+    `shard` (I, N): only every N-th cell from the I-th, side by side with the
+    other shards in the same folder; returns its rows, and `merge_grid` writes
+    grid.csv once all N are finished.
     """
     if base.model.example_tied or base.model.baseline is not None:
         raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
@@ -230,44 +235,106 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
     spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
                                  default=_jsonable))
-    with exclusive(out_dir):  # one writer per grid folder
-        grid_json = out_dir / "grid.json"
-        if grid_json.exists():
-            try:
-                old = json.loads(grid_json.read_text())
-            except (ValueError, UnicodeDecodeError):
-                old = None
-            if not isinstance(old, dict):
-                raise ConfigError(f"{grid_json} is damaged: pass a new --out folder")
-            if old.get("base") != spec["base"]:
-                raise ConfigError(f"{out_dir} holds a grid with other settings: "
-                                  "pass another --out, or the same flags to resume it")
-        elif out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
-            raise ConfigError(f"{out_dir} exists and is not a dropout grid: pass a new or empty --out folder")
-        _check_buildable(base, cells)  # bad model or data: one line, before anything is written
+    log = log or (lambda s: None)
+    if shard is None:
+        with exclusive(out_dir):  # one writer per grid folder
+            _open_grid(out_dir, spec, base, cells)
+            rows = []
+            for k, cell in enumerate(cells, 1):
+                rows.append(_cell(cell, base, out_dir, f"[{k}/{len(cells)}]", progress, log))
+                _write_table(out_dir / "grid.csv", rows)
+        return rows
+    from .scale import join_shard, mine
+    with exclusive(out_dir, wait=120):  # the shards take turns at the grid's record, then train side by side
+        _open_grid(out_dir, spec, base, cells, same_cells=True)
+    record = join_shard(out_dir, shard)
+    with record.exclusive():
+        mine_ = mine(cells, shard)
+        rows = [_cell(cell, base, out_dir, f"[{k}/{len(mine_)} of shard {shard[0]}/{shard[1]}]", progress, log)
+                for k, cell in enumerate(mine_, 1)]
+        record.update_info(complete=True, cells=[c.name for c in mine_])
+    return rows
+
+
+def check_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, baselines: bool = True,
+               elr=None) -> None:
+    """What a grid in shards checks before any worker starts: its cells, their models, and the folder (new, or
+    this grid's with the same cells). Writes nothing."""
+    if base.model.example_tied or base.model.baseline is not None:
+        raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
+    cells = grid_cells(pairs, baselines=baselines, task=base.task, elr=elr)
+    spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
+                                 default=_jsonable))
+    _open_grid(Path(out_dir), spec, base, cells, same_cells=True, write=False)
+
+
+def _open_grid(out_dir: Path, spec: dict, base: RunConfig, cells: list[GridCell], *, same_cells: bool = False,
+               write: bool = True) -> None:
+    """Check the grid folder (a new one, or this grid's: the same base settings, and with `same_cells` the same
+    cells, as shards of one split need), the cells' models, then write grid.json."""
+    grid_json = out_dir / "grid.json"
+    if grid_json.exists():
+        try:
+            old = json.loads(grid_json.read_text())
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{grid_json} is damaged: pass a new --out folder")
+        if old.get("base") != spec["base"] or (same_cells and old.get("cells") != spec["cells"]):
+            raise ConfigError(f"{out_dir} holds a grid with other settings: "
+                              "pass another --out, or the same flags to resume it")
+    elif out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists and is not a dropout grid: pass a new or empty --out folder")
+    _check_buildable(base, cells)  # bad model or data: one line, before anything is written
+    if write:
         write_json(grid_json, spec)
 
-        log = log or (lambda s: None)
+
+def _cell(cell: GridCell, base: RunConfig, out_dir: Path, tag: str, progress: bool,
+          log: Callable[[str], None]) -> dict:
+    """One cell's row: read back when finished before, else trained (or resumed) and evaluated."""
+    path = out_dir / cell.name
+    cfg = cell.run_config(base)
+    if (path / "cell.json").exists():
+        log(f"{tag} {cell.name}: done before, read back")
+        return RunDir.open(path).read_json("cell.json")
+    log(f"{tag} {cell.name}: training")
+    if (path / "config.json").exists():
+        run = RunDir.open(path)
+        if run.stage("train").get("status") != "done":
+            run = resume_training(path, progress=progress, log=log)
+    else:
+        run = run_training(cfg, path, overwrite=path.exists(), progress=progress, log=log)
+    row = _row(cell, run, cfg.train.epochs)
+    run.write_json("cell.json", row)  # last: its presence means the cell is finished
+    log(f"{tag} {cell.name}: " + _cell_line(row))
+    return row
+
+
+def merge_grid(out_dir: str | Path, *, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Join a grid trained in shards (`memloc dropout-grid ... --shard I/N`): check that every shard of one split
+    finished, write grid.csv (the rows in the grid's cell order, as one process writes it) and remove the shards'
+    records. Returns the rows."""
+    from .scale import SHARDS, finished_shards
+    out_dir = Path(out_dir)
+    try:
+        spec = json.loads((out_dir / "grid.json").read_text())
+        names = list(spec["cells"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunError(f"{out_dir} is not a dropout grid (no readable grid.json): pass the --out folder of "
+                       "`memloc dropout-grid`") from None
+    with exclusive(out_dir, wait=120):
+        records = finished_shards(out_dir, "the grid", f"`memloc dropout-grid ... --out {out_dir} --shard {{shard}}`")
         rows = []
-        for k, cell in enumerate(cells, 1):
-            path = out_dir / cell.name
-            cfg = cell.run_config(base)
-            if (path / "cell.json").exists():
-                rows.append(RunDir.open(path).read_json("cell.json"))
-                log(f"[{k}/{len(cells)}] {cell.name}: done before, read back")
-            else:
-                log(f"[{k}/{len(cells)}] {cell.name}: training")
-                if (path / "config.json").exists():
-                    run = RunDir.open(path)
-                    if run.stage("train").get("status") != "done":
-                        run = resume_training(path, progress=progress, log=log)
-                else:
-                    run = run_training(cfg, path, overwrite=path.exists(), progress=progress, log=log)
-                row = _row(cell, run, cfg.train.epochs)
-                run.write_json("cell.json", row)  # last: its presence means the cell is finished
-                rows.append(row)
-                log(f"[{k}/{len(cells)}] {cell.name}: " + _cell_line(row))
-            _write_table(out_dir / "grid.csv", rows)
+        for name in names:
+            path = out_dir / name / "cell.json"
+            if not path.exists():
+                raise RunError(f"cell {name} of {out_dir} is not finished although its shard says so: run its "
+                               "shard again with the same flags, then merge")
+            rows.append(RunDir.open(out_dir / name).read_json("cell.json"))
+        _write_table(out_dir / "grid.csv", rows)
+        shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+    (log or (lambda s: None))(f"{out_dir}: merged {len(records)} shards, {len(rows)} cells")
     return rows
 
 

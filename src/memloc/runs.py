@@ -182,17 +182,20 @@ MEMLOC_FILES = (
     "tokenizer/special_tokens_map.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
     "checkpoints/epoch_*.safetensors", "checkpoints/optimizer_*.safetensors",
     "probes/*/summary.json", "probes/*/arrays.npz", "probes/*/*.csv", "probes/*/partial.npz",
-    "probes/*/progress.json",
+    "probes/*/progress.json", "probes/*/shards/*/partial.npz", "probes/*/shards/*/progress.json",
+    "probes/*/shards/*/config.json", "shards/*/shard.json",
     "report/report.html", "report/figures/*.png", "report/tables/*.csv",
 )
-_MEMLOC_DIRS = ("checkpoints", "tokenizer", "probes/*", "probes", "report/figures", "report/tables", "report")
+_MEMLOC_DIRS = ("checkpoints", "tokenizer", "probes/*/shards/*", "probes/*/shards", "probes/*", "probes",
+                "report/figures", "report/tables", "report", "shards/*", "shards")
 
 
 def memloc_kind(path: str | Path) -> str | None:
-    """"run", "study" or "dropout-grid" when `path` is a directory memloc made (its marker file parses as
-    memloc's own, with a format version), else None. A file merely named run.json is not proof."""
+    """"run", "study", "dropout-grid" or "shard" (a shard's record of a study or grid) when `path` is a directory
+    memloc made (its marker file parses as memloc's own, with a format version), else None. A file merely named
+    run.json is not proof."""
     path = Path(path)
-    for name in ("run.json", "study.json", "grid.json"):
+    for name in ("run.json", "study.json", "grid.json", "shard.json"):
         try:
             info = json.loads((path / name).read_text())
         except (OSError, ValueError, UnicodeDecodeError):
@@ -203,7 +206,7 @@ def memloc_kind(path: str | Path) -> str | None:
             if info.get("kind") == "dropout-grid" and isinstance(info.get("base"), dict):
                 return "dropout-grid"
         elif isinstance(info.get("format_version"), int) and isinstance(info.get("stages"), dict) \
-                and "memloc_version" in info and info.get("kind") in ("run", "study"):
+                and "memloc_version" in info and info.get("kind") in ("run", "study", "shard"):
             return info["kind"]
     return None
 
@@ -361,10 +364,11 @@ def _acquire_by_pid(path: Path, holder: str, busy: str) -> int:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path) -> Iterator[Path]:
+def exclusive(path: str | Path, *, wait: float = 0.0) -> Iterator[Path]:
     """Hold the exclusive lock of the directory `path` (made if missing) while inside.
 
-    One writer per directory: a second process gets a RunError naming the holder. The lock is
+    One writer per directory: a second process gets a RunError naming the holder (after trying for
+    `wait` seconds: shards that only check or write a folder's shared record take turns). The lock is
     re-entrant within a process, released when the process dies (flock; the lock file of a
     killed process is taken over), and on first taking it the temporary files of a killed
     writer are removed.
@@ -378,8 +382,16 @@ def exclusive(path: str | Path) -> Iterator[Path]:
         if entry is not None:
             entry[1] += 1
     if entry is None:
+        deadline = time.monotonic() + wait
         try:
-            fd = _acquire(path)
+            while True:
+                try:
+                    fd = _acquire(path)
+                    break
+                except RunError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except BaseException:
             if made:
                 _rmdir_if_empty(path)
@@ -409,7 +421,9 @@ def holds_lock(path: str | Path) -> bool:
         return os.path.realpath(path) in _held
 
 
-META = {"run": "run.json", "study": "study.json"}  # each kind's record: format version, stages, (study) config
+# each kind's record: format version, stages, (study) config; a shard of a study or grid (`--shard I/N`) keeps its
+# own stages in RUN/shards/I-of-N/shard.json until `memloc merge`
+META = {"run": "run.json", "study": "study.json", "shard": "shard.json"}
 
 
 class RunDir:

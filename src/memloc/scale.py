@@ -24,15 +24,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import ConfigError, RunError
 
-EXECUTORS = ("local", "processes")
+if TYPE_CHECKING:
+    from .runs import RunDir
+
+EXECUTORS = ("local", "processes", "ray")
 RETRIES = 2  # a shard whose worker dies is run again this many times before the driver gives up
 # flags of the driver that a worker does not take (it gets its own --shard and --device)
 _DRIVER_FLAGS = {"--executor": True, "--devices": True, "--shards": True, "--device": True, "--shard": True,
-                 "--quiet": False}
+                 "--address": True, "--gpus-per-task": True, "--quiet": False}
 
 
 def parse_devices(text: str) -> list[str]:
@@ -67,6 +70,18 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it starts: on Linux, be killed when the driver dies, even by SIGKILL (no orphan keeps a
+    shard's lock; the driver run again resumes it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def run_processes(argv: Sequence[str], devices: Sequence[str], shards: int | None = None, *, label: str = "shards",
@@ -106,7 +121,8 @@ def run_processes(argv: Sequence[str], devices: Sequence[str], shards: int | Non
                     cmd = [sys.executable, "-m", "memloc.cli", *argv, "--shard", f"{i}/{n}", "--device", device,
                            "--quiet"]
                     with err.open("w") as fh:
-                        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=fh)
+                        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=fh,
+                                                preexec_fn=_die_with_parent)
                     running[proc] = (i, dev, err)
                 time.sleep(0.05)
                 for proc in [p for p in running if p.poll() is not None]:
@@ -134,3 +150,177 @@ def run_processes(argv: Sequence[str], devices: Sequence[str], shards: int | Non
             if bar is not None:
                 bar.close()
     return n
+
+
+# ----------------------------------------------------------------------------- Ray
+
+# a cluster started here: bound to the loopback, no dashboard, a small object store (the shards return two
+# values; their results are files), no usage reports sent anywhere
+LOCAL_RAY = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "object_store_memory": 512 * 2 ** 20,
+             "logging_level": "ERROR", "log_to_driver": False}
+
+
+def _shard_task(argv: list[str]) -> tuple[int, str]:
+    """One shard in a Ray worker: `memloc <argv>` in this process -> (exit code, its last line on stderr)."""
+    import contextlib
+    import io
+
+    from .cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    lines = [l for l in err.getvalue().splitlines() if l.strip()]
+    return code, (lines[-1] if lines else f"exit {code}")
+
+
+def _reachable(address: str) -> None:
+    """A Ray address HOST:PORT that nothing answers on: one line at once (Ray itself would retry for minutes)."""
+    import socket
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot reach the Ray cluster at --address {address} ({err}): start it (`ray start "
+                          "--head`) or pass its HOST:PORT; without --address memloc starts one on this machine") \
+            from None
+
+
+def run_ray(argv: Sequence[str], shards: int | None = None, *, address: str | None = None,
+            gpus_per_task: float | None = None, num_cpus: int | None = None, label: str = "shards",
+            progress: bool = True, log: Callable[[str], None] | None = None, retries: int = RETRIES) -> int:
+    """Run `memloc <argv> --shard I/N --device D` for I = 0..N-1 as Ray tasks; returns N.
+
+    Each task asks for `gpus_per_task` GPUs (default: 1 where the cluster has GPUs, else a CPU task); a task whose
+    worker dies is run again by Ray up to `retries` times (the shard resumes from its saved part). N = `shards`,
+    default as many as the cluster runs at once. Without `address` a cluster is started here on the loopback
+    (`num_cpus`, default all) and stopped at the end. A request for GPUs on a cluster without any fails at once.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
+    if not address:
+        # a cluster of this machine: its node address the loopback (Ray's switch, read when ray is first imported,
+        # and by the processes it starts), not the address other machines would reach it at
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'memloc[ray]' (or use --executor processes)") \
+            from None
+    log = log or (lambda s: None)
+    if address:
+        _reachable(address)
+    here = not ray.is_initialized()
+    if here:
+        if address:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), **LOCAL_RAY)
+    refs: dict = {}
+    bar = None
+    try:
+        have = ray.cluster_resources()
+        gpus, cpus = float(have.get("GPU", 0)), float(have.get("CPU", 0))
+        gpus_per_task = (1.0 if gpus else 0.0) if gpus_per_task is None else float(gpus_per_task)
+        if gpus_per_task < 0:
+            raise ConfigError(f"--gpus-per-task {gpus_per_task:g} must be 0 (CPU tasks) or more")
+        if gpus_per_task > gpus:
+            raise ConfigError(f"--gpus-per-task {gpus_per_task:g}: the Ray cluster has {gpus:g} GPUs, so no task "
+                              "would ever start: pass --gpus-per-task 0 for CPU tasks, or a cluster with GPUs")
+        n = shards or max(1, int(gpus // gpus_per_task) if gpus_per_task else int(cpus))
+        if n < 1:
+            raise ConfigError(f"--shards {n} must be at least 1")
+        device = "cuda" if gpus_per_task > 0 else "cpu"
+        task = ray.remote(_shard_task).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=retries)
+        refs = {task.remote([*argv, "--shard", f"{i}/{n}", "--device", device, "--quiet"]): i for i in range(n)}
+        log(f"{n} shards as Ray tasks ({gpus_per_task:g} GPU each; the cluster has {cpus:g} CPUs, {gpus:g} GPUs)")
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, desc=label, unit="shard", dynamic_ncols=True, leave=False)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = refs.pop(ref)
+                try:
+                    code, last = ray.get(ref)
+                except ray.exceptions.RayError as err:  # its worker died more than `retries` times
+                    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise RunError(f"shard {i}/{n} failed {retries + 1} times ({line}): see the message, then run "
+                                   "the same command again (finished shards are kept)") from None
+                if code != 0:
+                    if last.startswith("memloc: error: "):
+                        raise RunError(f"shard {i}/{n}: {last[len('memloc: error: '):]}")
+                    raise RunError(f"shard {i}/{n} stopped ({last}): run the same command again (finished shards "
+                                   "are kept)")
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for ref in refs:  # the driver stopped or a shard failed: the rest stop too (a rerun resumes them)
+            ray.cancel(ref, force=True)
+        if bar is not None:
+            bar.close()
+        if here:
+            ray.shutdown()
+    return n
+
+
+# ----------------------------------------------------------------------------- shards of cells (grids, studies)
+# A grid's or a study's cells are independent run directories: shard I of N trains every N-th cell from the I-th
+# in place, and keeps its own record of stages in FOLDER/shards/I-of-N/shard.json ("complete" once all its cells
+# are), so that shards never write the same file; `memloc merge FOLDER` checks the split and writes what one
+# process writes last (grid.csv; a study's record and report).
+
+SHARDS = "shards"
+
+
+def mine(items: Sequence, shard: tuple[int, int] | None) -> list:
+    """Shard I of N's items: every N-th from the I-th (all of them without a shard)."""
+    if shard is None:
+        return list(items)
+    i, n = shard
+    return list(items)[i::n]
+
+
+def join_shard(root: Path, shard: tuple[int, int], **record) -> "RunDir":
+    """The record of shard `shard` of the cells in `root` (made on first use; `record` joins it)."""
+    from .runs import RunDir, exclusive
+    i, n = shard
+    folder = Path(root) / SHARDS / f"{i}-of-{n}"
+    with exclusive(folder):
+        if not (folder / "shard.json").exists():
+            RunDir.create(folder, kind="shard", shard=[i, n], complete=False, **record)
+    return RunDir(folder, "shard")
+
+
+def finished_shards(root: Path, what: str, rerun: str) -> list["RunDir"]:
+    """Every shard record of the cells in `root`, checked to be one whole, finished split; `rerun` is the command
+    that runs a shard, with "{shard}" where its I/N goes. A missing, unfinished or mixed shard: one line."""
+    from .runs import RunDir
+    base = Path(root) / SHARDS
+    found = {}
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
+        try:
+            i, n = (int(v) for v in d.name.split("-of-"))
+        except ValueError:
+            continue
+        found[(i, n)] = d
+    if not found:
+        raise RunError(f"{root} has no shards to merge: run {rerun.format(shard='I/N')} for I = 0..N-1 first")
+    splits = sorted({n for _, n in found})
+    if len(splits) > 1:
+        raise RunError(f"{base} holds shards of {len(splits)} different splits (N = {', '.join(map(str, splits))}): "
+                       "keep one split (delete the other shards' folders) and merge again")
+    n = splits[0]
+    records = []
+    for i in range(n):
+        if (i, n) not in found:
+            raise RunError(f"shard {i}/{n} of {what} is missing in {base}: run {rerun.format(shard=f'{i}/{n}')} "
+                           "(with the other shards' flags) first")
+        record = RunDir(found[(i, n)], "shard")
+        if not record.info.get("complete"):
+            raise RunError(f"shard {i}/{n} of {what} is not finished: run {rerun.format(shard=f'{i}/{n}')} again "
+                           "with its flags (it resumes), then merge")
+        records.append(record)
+    return records

@@ -27,7 +27,8 @@ from .errors import ConfigError, RunError
 from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
 from .experiment import preset as preset_sections
 from .options import floats, ints, option
-from .runs import RunDir, exclusive, mark_failed, memloc_kind, study_cells, study_stages
+from .runs import LOCK_NAME, RunDir, exclusive, mark_failed, memloc_kind, study_cells, study_stages
+from .scale import SHARDS, finished_shards, join_shard, mine
 from .tasks import task_of
 from .training import TrainConfig, resolve_device
 
@@ -248,9 +249,12 @@ def memorization_warning(noisy: float | None) -> str | None:
 
 
 def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, resume: str | Path | None = None,
-              overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+              overwrite: bool = False, shard: tuple[int, int] | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> Path:
     """Run (or, with `resume`, finish) a study; returns the study directory. `overwrite` starts an existing study
-    folder again (memloc's own files in it deleted, nothing else)."""
+    folder again (memloc's own files in it deleted, nothing else). `shard` (I, N): only every N-th cell (seed and
+    noise level) from the I-th, and every N-th cell of its dropout grid, side by side with the other shards in the
+    same folder `out`; `merge_study` then writes the study's record and report."""
     log = log or (lambda s: None)
     if resume is not None:
         study = RunDir.open(resume, kind="study")
@@ -258,17 +262,107 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
             if study.info.get("finished", False):
                 raise RunError(f"{study.path} is finished: nothing to resume (rebuild its report with "
                                f"`memloc report {study.path}`)")
+            if (study.path / SHARDS).is_dir():
+                raise RunError(f"{study.path} runs in shards: rerun an unfinished shard with its command "
+                               f"(--shard I/N), then `memloc merge {study.path}`")
             return _run_stages(study, StudyConfig.from_dict(study.config), progress, log)
     cfg = cfg or study_config()
+    if shard is not None:
+        check_study(cfg, out, overwrite=overwrite, folder=False)
     ds = cfg.base.data.dataset
     name = Path(ds).stem if ("/" in ds or ds.endswith((".npz", ".npy"))) else ds  # a file: its stem
     out = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = resolve_device(cfg.base.train.device)
     for seed, noise in cfg.cells():  # validate every run config before anything is written
         _cell_configs(cfg, seed, noise, device)
-    with exclusive(out):  # one writer per study for its whole life
-        study = RunDir.create(out, kind="study", overwrite=overwrite, config=cfg.to_dict())
-        return _run_stages(study, cfg, progress, log)
+    if shard is None:
+        with exclusive(out):  # one writer per study for its whole life
+            study = RunDir.create(out, kind="study", overwrite=overwrite, config=cfg.to_dict())
+            return _run_stages(study, cfg, progress, log)
+    with exclusive(out, wait=120):  # the shards take turns at the study's record, then work side by side
+        study = _join_study(out, cfg)
+    record = join_shard(out, shard)
+    with record.exclusive():
+        _run_stages(study, cfg, progress, log, record=record, shard=shard)
+        record.update_info(complete=True)
+    return study.path
+
+
+def check_study(cfg: StudyConfig, out: str | Path | None, *, overwrite: bool = False, folder: bool = True) -> None:
+    """What a study in shards checks before any worker starts: every cell's config, a folder to share (--out),
+    and that a study already there has the same settings."""
+    if out is None:
+        raise ConfigError("a study in shards needs --out: every shard writes into the same folder")
+    if overwrite:
+        raise ConfigError("--overwrite with shards would delete the other shards' work: start the study again "
+                          "without shards, or pass a new --out")
+    device = resolve_device(cfg.base.train.device)
+    for seed, noise in cfg.cells():
+        _cell_configs(cfg, seed, noise, device)
+    if folder:
+        _check_folder(Path(out), cfg)
+
+
+def _check_folder(out: Path, cfg: StudyConfig) -> None:
+    if (out / "study.json").exists():
+        _same_study(RunDir.open(out, kind="study"), cfg)
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise ConfigError(f"{out} exists and is not a study: pass a new or empty --out folder")
+
+
+def _same_study(study: RunDir, cfg: StudyConfig) -> None:
+    """A shard joins only an unfinished study with its own settings (the device aside: shards may run on other
+    machines)."""
+    if study.info.get("finished", False):
+        raise RunError(f"{study.path} is finished: nothing left for a shard (rebuild its report with "
+                       f"`memloc report {study.path}`)")
+
+    def settings(d: dict) -> dict:
+        d = copy.deepcopy(d)
+        d.get("base", {}).get("train", {}).pop("device", None)
+        return d
+    if settings(study.config) != settings(json_roundtrip(cfg.to_dict())):
+        raise ConfigError(f"{study.path} holds a study with other settings: give every shard the same flags, or "
+                          "pass another --out")
+
+
+def _join_study(out: Path, cfg: StudyConfig) -> RunDir:
+    """The study a shard works in: made by the first shard, joined by the others (the caller holds its lock)."""
+    _check_folder(out, cfg)
+    if (out / "study.json").exists():
+        return RunDir.open(out, kind="study")
+    return RunDir.create(out, kind="study", config=cfg.to_dict())
+
+
+def merge_study(path: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """Join a study run in shards (`memloc run ... --shard I/N`): check that every shard of one split finished,
+    record their stages in study.json, join its dropout grid, write the report, and remove the shards' records."""
+    log = log or (lambda s: None)
+    study = RunDir.open(path, kind="study")
+    cfg = StudyConfig.from_dict(study.config)
+    with study.exclusive():
+        records = finished_shards(study.path, "the study", f"`memloc run ... --out {study.path} --shard {{shard}}`")
+        stages = {}
+        for record in records:
+            stages.update({k: v for k, v in record.info["stages"].items() if k != "grid"})
+        info = study.info
+        info["stages"].update({k: stages[k] for k in study_stages(study) if k in stages})
+        study.write_json(study.meta, info)
+        if cfg.grid:
+            from .grid import merge_grid
+            _stage(study, "grid", lambda: merge_grid(study.path / "grid", log=log), log)
+        _finish(study)
+        import shutil
+        shutil.rmtree(study.path / SHARDS, ignore_errors=True)
+    log(f"{study.path}: merged {len(records)} shards")
+    return study.path
+
+
+def json_roundtrip(d: dict) -> dict:
+    import json
+
+    from .runs import _jsonable
+    return json.loads(json.dumps(d, default=_jsonable))
 
 
 def expected_cost(cfg: StudyConfig, stage: str) -> float:
@@ -288,11 +382,17 @@ def expected_cost(cfg: StudyConfig, stage: str) -> float:
     return cost.get(stage, 1.0)
 
 
-def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[str], None]) -> Path:
-    """Every stage not yet done, in order, then the report; a stage that raises is recorded as failed."""
+def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[str], None], *,
+                record: RunDir | None = None, shard: tuple[int, int] | None = None) -> Path:
+    """Every stage not yet done, in order, then the report; a stage that raises is recorded as failed. A shard
+    (`shard`, its own stages in `record`) runs only its cells and its part of the grid, and writes no report."""
     device = resolve_device(cfg.base.train.device)
-    keys = study_stages(study)
-    cells = {prefix for _, _, prefix, _, _ in study_cells(study)}
+    record = record or study
+    all_cells = study_cells(study)
+    mine_ = mine(all_cells, shard)
+    keys = [k for k in study_stages(study)
+            if k == "grid" or any(k.startswith(prefix) for _, _, prefix, _, _ in mine_)]
+    cells = {prefix for _, _, prefix, _, _ in all_cells}
 
     def cost(key: str) -> float:
         return expected_cost(cfg, next((key[len(p):] for p in cells if p and key.startswith(p)), key))
@@ -303,43 +403,51 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
         bar = tqdm(total=round(sum(cost(k) for k in keys) + cost("report"), 1), desc="study", position=0,
                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     try:
-        for seed, noise, prefix, base_dir, drop_dir in study_cells(study):
+        for seed, noise, prefix, base_dir, drop_dir in mine_:
             cell, warned, warning = None, False, ...  # the cell's memorization warning, read once (after train)
             for key in [k for k in keys if k.startswith(prefix) and k != "grid"]:
                 name = key[len(prefix):]
-                if name in NEEDS_MEMORIZATION and study.stage(key).get("status") not in ("done", "skipped"):
+                if name in NEEDS_MEMORIZATION and record.stage(key).get("status") not in ("done", "skipped"):
                     if warning is ...:
                         warning = memorization_warning(_final_noisy(base_dir))
                     if warning is not None and not warned:
                         log(f"warning: {warning}" + ("; probing anyway (--probe-anyway)" if cfg.probe_anyway else ""))
                         warned = True
                     if warning is not None and not cfg.probe_anyway:
-                        study.set_stage(key, "skipped", reason=f"{warning}; rerun the study with --probe-anyway to "
-                                                               "probe it")
+                        record.set_stage(key, "skipped", reason=f"{warning}; rerun the study with --probe-anyway to "
+                                                                "probe it")
                         log(f"stage {key} skipped (the model did not memorize; --probe-anyway runs it)")
-                if study.stage(key).get("status") not in ("done", "skipped"):
+                if record.stage(key).get("status") not in ("done", "skipped"):
                     cell = cell or _Cell(cfg, seed, noise, base_dir, drop_dir, device)
                     if bar is not None:
                         bar.set_postfix_str(key)
-                    _stage(study, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
+                    _stage(record, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
                 if bar is not None:
                     bar.update(cost(key))
-        if cfg.grid and study.stage("grid").get("status") != "done":
+        if cfg.grid and record.stage("grid").get("status") != "done":
             from .grid import dropout_grid
             base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
-            _stage(study, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", progress=progress, log=log), log)
+            _stage(record, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", shard=shard,
+                                                        progress=progress, log=log), log)
             if bar is not None:
                 bar.update(cost("grid"))
-        from .report import build_report
-        build_report(study.path)
-        study.set_stage("report", "done")
-        study.update_info(finished=True)
+        if shard is not None:
+            return study.path
+        _finish(study)
         if bar is not None:
             bar.update(cost("report"))
     finally:
         if bar is not None:
             bar.close()
     return study.path
+
+
+def _finish(study: RunDir) -> None:
+    """The study's last stage: its report, then the mark that it is finished."""
+    from .report import build_report
+    build_report(study.path)
+    study.set_stage("report", "done")
+    study.update_info(finished=True)
 
 
 def _final_noisy(base_dir: Path) -> float | None:

@@ -1,0 +1,316 @@
+"""Scale-out beyond one probe: a dropout grid and a multi-seed study in shards (`--shard I/N`), joined by
+`memloc merge` into the files one process writes; every broken split named in one line; a driver killed and run
+again; Ray on a local cluster bound to the loopback (slow tier, with `memloc[ray]`)."""
+
+import importlib.util
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import copy_of
+from toys import assert_one_line_error
+
+from memloc.cli import main
+from memloc.runs import load_npz
+
+GRID = ["--preset", "smoke", "--dataset", "digits", "--train-size", "300", "--epochs", "1", "--batch-size", "64",
+        "--no-gradient-accounting", "--pairs", "0.4,0.1;0.5,0.2", "--quiet"]
+STUDY = ["--preset", "smoke", "--dataset", "digits", "--train-size", "300", "--epochs", "2", "--batch-size", "64",
+         "--seeds", "0,1", "--flip-examples", "3", "--quiet"]
+FLIP = ["--examples", "6", "--others", "64", "--eval-subsample", "200", "--batch-examples", "2"]
+
+
+def assert_same_files(a: Path, b: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Every array, weight file and CSV under a and b is the same (NaN equals NaN); the same files exist. A probe's
+    kept progress (partial.npz) holds its wall time: only its presence is compared."""
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*")
+                      if p.is_file() and not p.name.startswith(".") and not any(s in p.parts for s in skip))
+    fa, fb = files(a), files(b)
+    assert fa == fb
+    for f in fa:
+        if f.suffix == ".npz" and f.name != "partial.npz":
+            za, zb = load_npz(a / f), load_npz(b / f)
+            assert sorted(za) == sorted(zb), f
+            for k in za:
+                np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{f}: {k}")
+        elif f.suffix in (".safetensors", ".csv"):
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+# ----------------------------------------------------------------------------- a dropout grid in shards
+
+@pytest.fixture(scope="module")
+def whole_grid(tmp_path_factory):
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("grid") / "whole"
+    try:
+        assert main(["dropout-grid", *GRID, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_grid_in_shards_merges_to_one_process(whole_grid, tmp_path, capsys, one_thread, n):
+    split = tmp_path / "split"
+    for i in reversed(range(n)):  # any order
+        assert main(["dropout-grid", *GRID, "--out", str(split), "--shard", f"{i}/{n}"]) == 0
+        assert f"shard {i}/{n} of the grid" in capsys.readouterr().out
+        assert not (split / "grid.csv").exists()  # nothing looks finished before the merge
+    assert main(["merge", str(split)]) == 0
+    assert "grid.csv (6 cells)" in capsys.readouterr().out
+    assert (split / "grid.csv").read_text() == (whole_grid / "grid.csv").read_text()
+    assert not (split / "shards").exists()
+    assert_same_files(whole_grid, split)
+
+
+def test_grid_shards_refuse_mixed_settings_and_broken_splits(tmp_path, capsys, one_thread):
+    out = tmp_path / "g"
+    # shard 1/3 trains cells 1 and 4 only (of etd-0.4-0.1, etd-0.5-0.2, dropout-0.46, dropout-0.6, sparse-0.46, ...)
+    assert main(["dropout-grid", *GRID, "--out", str(out), "--shard", "1/3"]) == 0
+    capsys.readouterr()
+    trained = sorted(p.name for p in out.iterdir() if (p / "cell.json").exists())
+    assert trained == ["etd-0.5-0.2", "sparse-0.46"]
+    assert_one_line_error(main(["merge", str(out)]), capsys.readouterr().err, "shard 0/3", "missing", "--shard 0/3")
+    # another shard with other cells (another pair): refused before anything is trained
+    code = main(["dropout-grid", *GRID[:-3], "--pairs", "0.4,0.1", "--quiet", "--out", str(out), "--shard", "0/3"])
+    assert_one_line_error(code, capsys.readouterr().err, "other settings")
+    assert not (out / "shards" / "0-of-3").exists()
+    # shards of another split beside it
+    assert main(["dropout-grid", *GRID, "--out", str(out), "--shard", "0/2"]) == 0
+    capsys.readouterr()
+    assert_one_line_error(main(["merge", str(out)]), capsys.readouterr().err, "2 different splits")
+    assert not (out / "grid.csv").exists()
+    # a shard killed before its end is not finished
+    shutil.rmtree(out / "shards" / "0-of-2")
+    for i in (0, 2):
+        assert main(["dropout-grid", *GRID, "--out", str(out), "--shard", f"{i}/3"]) == 0
+    record = out / "shards" / "2-of-3" / "shard.json"
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps({**info, "complete": False}))
+    capsys.readouterr()
+    assert_one_line_error(main(["merge", str(out)]), capsys.readouterr().err, "shard 2/3", "not finished")
+    # run again, it reads its cells back and is finished; then the merge writes the table
+    assert main(["dropout-grid", *GRID, "--out", str(out), "--shard", "2/3"]) == 0
+    assert main(["merge", str(out)]) == 0
+    assert (out / "grid.csv").exists()
+    # flags of the executors without one: one line
+    code = main(["dropout-grid", *GRID, "--out", str(tmp_path / "x"), "--devices", "cpu,cpu"])
+    assert_one_line_error(code, capsys.readouterr().err, "--executor processes or ray")
+    code = main(["dropout-grid", *GRID, "--out", str(tmp_path / "x"), "--executor", "processes", "--devices",
+                 "cpu", "--address", "127.0.0.1:1"])
+    assert_one_line_error(code, capsys.readouterr().err, "--address", "--executor ray")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- a study in shards
+
+def test_multi_seed_study_in_shards_merges_to_one_process(tmp_path, capsys, one_thread):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["run", *STUDY, "--out", str(whole)]) == 0
+    for i in (1, 0):
+        assert main(["run", *STUDY, "--out", str(split), "--shard", f"{i}/2"]) == 0
+        assert f"shard {i}/2 of the study" in capsys.readouterr().out
+    assert not (split / "report").exists() and not json.loads((split / "study.json").read_text()).get("finished")
+    # one seed per shard: the other's runs were not touched by it
+    assert main(["merge", str(split)]) == 0
+    assert (split / "report" / "report.html").exists()
+    sa, sb = (json.loads((d / "study.json").read_text()) for d in (whole, split))
+    assert sb["finished"] and {k: v["status"] for k, v in sa["stages"].items()} == \
+        {k: v["status"] for k, v in sb["stages"].items()}
+    assert not (split / "shards").exists()
+    assert_same_files(whole, split, skip=("report",))
+    # the study is finished: a shard has nothing left, and --resume refuses
+    code = main(["run", *STUDY, "--out", str(split), "--shard", "0/2"])
+    assert_one_line_error(code, capsys.readouterr().err, "is finished")
+
+
+def test_study_shards_refuse_what_would_lose_work(tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(["run", *STUDY, "--shard", "0/2"])
+    assert_one_line_error(code, capsys.readouterr().err, "--out")
+    code = main(["run", *STUDY, "--out", str(out), "--shard", "0/2", "--overwrite"])
+    assert_one_line_error(code, capsys.readouterr().err, "--overwrite", "other shards")
+    code = main(["run", *STUDY, "--out", str(out), "--executor", "processes", "--devices", "cpu", "--overwrite"])
+    assert_one_line_error(code, capsys.readouterr().err, "--overwrite", "other shards")
+    (out / "mine.txt").parent.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    code = main(["run", *STUDY, "--out", str(out), "--shard", "0/2"])
+    assert_one_line_error(code, capsys.readouterr().err, "not a study")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    code = main(["run", "--task", "lm", "--preset", "smoke", "--out", str(tmp_path / "lm"), "--shard", "0/2"])
+    assert_one_line_error(code, capsys.readouterr().err, "does not split into shards")
+    code = main(["merge", str(out)])
+    assert_one_line_error(code, capsys.readouterr().err, "not a memloc run, study or dropout grid")
+
+
+# ----------------------------------------------------------------------------- the driver killed, run again
+
+def _memloc(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "memloc.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _pids(*needles: str) -> list[int]:
+    """PIDs of this machine's processes whose command line holds every needle."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmd for n in needles):
+            pids.append(int(d.name))
+    return pids
+
+
+def _finished_shards(run: Path) -> int:
+    from memloc.probes.engine import Partial
+    from memloc.runs import RunDir
+    done = 0
+    for d in (run / "probes" / "flipping" / "shards").glob("*-of-*"):
+        i, n = (int(v) for v in d.name.split("-of-"))
+        got = Partial(RunDir.open(run), "flipping", shard=(i, n))._read()
+        done += bool(got and got["complete"])
+    return done
+
+
+@pytest.mark.slow
+def test_driver_killed_then_run_again_continues_with_the_shards_left(digits_master, tmp_path):
+    whole, split = copy_of(digits_master, tmp_path / "whole"), copy_of(digits_master, tmp_path / "split")
+    ref = _memloc("flip", str(whole), *FLIP, "--quiet", env_extra={"OMP_NUM_THREADS": "1"})
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    command = ["flip", str(split), *FLIP, "--executor", "processes", "--devices", "cpu,cpu", "--shards", "6"]
+    driver = _memloc(*command)
+    deadline = time.time() + 180
+    while _finished_shards(split) < 2 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    assert driver.poll() is None, "the driver finished before it could be killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30
+    while _pids("--shard", str(split)) and time.time() < deadline:  # its workers die with it
+        time.sleep(0.1)
+    assert not _pids("--shard", str(split))
+    kept = _finished_shards(split)
+    assert 2 <= kept < 6 and not (split / "probes" / "flipping" / "summary.json").exists()
+    again = _memloc(*command)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    from test_shards import assert_same_result
+    assert_same_result(whole, split, "flipping")
+
+
+# ----------------------------------------------------------------------------- Ray, on the loopback only
+
+def _connections(pids: set[int], *, listening: bool = False) -> list[tuple[str, str]]:
+    """(local, peer) addresses of the TCP connections of `pids` (or the sockets they listen on), from `ss -tnp`."""
+    out = subprocess.run(["ss", "-tlnpH" if listening else "-tnpH"], capture_output=True, text=True).stdout
+    conns = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and any(f"pid={p}," in parts[5] for p in pids):
+            conns.append((parts[3], parts[4]))
+    return conns
+
+
+def _loopback(addr: str) -> bool:
+    """Whether `ss`'s ADDRESS:PORT is on the loopback (127.0.0.0/8, ::1, or IPv4 127.x mapped into IPv6)."""
+    host = addr.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    if host in ("*", "0.0.0.0", "::"):
+        return False
+    ip = ipaddress.ip_address(host)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
+    return out
+
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+# found, not imported: memloc sets Ray's loopback switch before it first imports ray (here: in the drivers)
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (memloc[ray])")
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_cluster_on_the_loopback_flips_in_shards_with_a_worker_killed(digits_master, tmp_path):
+    whole, split = copy_of(digits_master, tmp_path / "whole"), copy_of(digits_master, tmp_path / "split")
+    ref = _memloc("flip", str(whole), *FLIP, "--quiet", env_extra={"OMP_NUM_THREADS": "1"})
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    driver = _memloc("flip", str(split), *FLIP, "--executor", "ray", "--shards", "3", env_extra=RAY_ENV)
+    killed, peers, bound = None, set(), set()
+    deadline = time.time() + 240
+    while driver.poll() is None and time.time() < deadline:
+        family = _descendants(driver.pid)  # the driver, the cluster it started, the cluster's workers
+        peers |= {peer for _, peer in _connections(family)}
+        bound |= {local for local, _ in _connections(family, listening=True)}
+        if killed is None:
+            shards = list((split / "probes" / "flipping" / "shards").glob("*/partial.npz"))
+            workers = _pids("ray::_shard_task")
+            if shards and workers:  # a task has saved part of its shard: kill its worker mid-way
+                os.kill(workers[0], signal.SIGKILL)
+                killed = workers[0]
+        time.sleep(0.05)
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 0, err
+    assert killed is not None, "no Ray worker was seen to kill"
+    from test_shards import assert_same_result
+    assert_same_result(whole, split, "flipping")
+    assert peers, "no connection of the cluster was seen"
+    outside = sorted(p for p in peers if p != "*:*" and not _loopback(p))
+    assert not outside, f"the Ray cluster connected outside the loopback: {outside}"
+    assert bound, "no listening socket of the cluster was seen"
+    open_ = sorted(a for a in bound if not _loopback(a))
+    assert not open_, f"the Ray cluster listens beyond the loopback: {open_}"
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_runs_a_small_grid_and_refuses_what_cannot_run(whole_grid, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "g"
+    driver = _memloc("dropout-grid", *GRID, "--out", str(out), "--executor", "ray", "--shards", "2",
+                     env_extra=RAY_ENV)
+    stdout, err = driver.communicate(timeout=400)
+    assert driver.returncode == 0, err
+    assert (out / "grid.csv").read_text() == (whole_grid / "grid.csv").read_text()
+    # GPUs asked of a cluster without any: one line at once (a Ray task would wait forever)
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
+    code = main(["dropout-grid", *GRID, "--out", str(tmp_path / "x"), "--executor", "ray", "--gpus-per-task", "0.5"])
+    assert_one_line_error(code, capsys.readouterr().err, "--gpus-per-task 0.5", "0 GPUs")
+    import ray
+    assert not ray.is_initialized()  # the cluster it started is stopped again
+    # a cluster that cannot be reached: one line, exit 2, nothing written
+    code = main(["dropout-grid", *GRID, "--out", str(tmp_path / "y"), "--executor", "ray", "--address",
+                 "127.0.0.1:9"])
+    assert_one_line_error(code, capsys.readouterr().err, "cannot reach the Ray cluster", "127.0.0.1:9")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

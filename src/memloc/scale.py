@@ -7,12 +7,20 @@ atomically and resumably, with its own lock, so that shards run side by side on
 any scheduler (a SLURM array, a shell loop over GPUs); `memloc merge RUN` joins
 them into the files one process would have written (`probes.engine.merge_shards`).
 
+A grid's or a study's cells split the same way (`memloc dropout-grid` and
+`memloc run --seeds/--noise/--grid` with `--shard I/N`): each cell is a run
+directory of its own, each shard keeps its stages in FOLDER/shards/I-of-N/, and
+`memloc merge FOLDER` writes what one process writes last (grid.merge_grid,
+study.merge_study).
+
 `--executor processes --devices cpu,cpu` (or `0,1,2,3`: GPU ids) is the
 scheduler built in: one worker process per device (spawned with the same
 command and `--shard I/N --device ...`, a GPU worker pinned by
 CUDA_VISIBLE_DEVICES, CPU workers sharing the cores), shards pulled from a
 queue, a shard whose worker dies run again (it resumes from its saved part),
 then the merge. Bad input stops everything at the first worker's one-line error.
+`--executor ray` hands the same shards to Ray as tasks (a cluster at
+`--address`, or one started here on the loopback), which places and retries them.
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ def test_ray_cluster_on_the_loopback_flips_in_shards_with_a_worker_killed(digits
         bound |= {local for local, _ in _connections(family, listening=True)}
         if killed is None:
             shards = list((split / "probes" / "flipping" / "shards").glob("*/partial.npz"))
-            workers = _pids("ray::_shard_task")
+            workers = _pids("ray::ray_shard")
             if shards and workers:  # a task has saved part of its shard: kill its worker mid-way
                 os.kill(workers[0], signal.SIGKILL)
                 killed = workers[0]

@@ -339,10 +339,22 @@ def _scale_out(args, label: str, check: Callable[[], None], merge: Callable[[], 
         if args.devices:
             raise ConfigError("--devices is for --executor processes; Ray places the shards itself (--gpus-per-task)")
         check()
-        n = run_ray(worker_argv(args.argv), args.shards, address=args.address, gpus_per_task=args.gpus_per_task,
-                    label=label, progress=not args.quiet, log=log)
+        n = run_ray(ray_shard, worker_argv(args.argv), args.shards, address=args.address,
+                    gpus_per_task=args.gpus_per_task, label=label, progress=not args.quiet, log=log)
         log(f"{n} Ray tasks finished: merging")
     return True, merge()
+
+
+def ray_shard(argv: list[str]) -> tuple[int, str]:
+    """One shard in a Ray worker (`--executor ray`): `memloc <argv>` in that process -> (exit code, its last line
+    on stderr)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    lines = [l for l in err.getvalue().splitlines() if l.strip()]
+    return code, (lines[-1] if lines else f"exit {code}")
 
 
 def _shard_done(args, what: str, started: float, where) -> int:

@@ -168,19 +168,6 @@ LOCAL_RAY = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "objec
              "logging_level": "ERROR", "log_to_driver": False}
 
 
-def _shard_task(argv: list[str]) -> tuple[int, str]:
-    """One shard in a Ray worker: `memloc <argv>` in this process -> (exit code, its last line on stderr)."""
-    import contextlib
-    import io
-
-    from .cli import main
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    lines = [l for l in err.getvalue().splitlines() if l.strip()]
-    return code, (lines[-1] if lines else f"exit {code}")
-
-
 def _reachable(address: str) -> None:
     """A Ray address HOST:PORT that nothing answers on: one line at once (Ray itself would retry for minutes)."""
     import socket
@@ -196,11 +183,14 @@ def _reachable(address: str) -> None:
             from None
 
 
-def run_ray(argv: Sequence[str], shards: int | None = None, *, address: str | None = None,
-            gpus_per_task: float | None = None, num_cpus: int | None = None, label: str = "shards",
-            progress: bool = True, log: Callable[[str], None] | None = None, retries: int = RETRIES) -> int:
+def run_ray(task: Callable[[list[str]], tuple[int, str]], argv: Sequence[str], shards: int | None = None, *,
+            address: str | None = None, gpus_per_task: float | None = None, num_cpus: int | None = None,
+            label: str = "shards", progress: bool = True, log: Callable[[str], None] | None = None,
+            retries: int = RETRIES) -> int:
     """Run `memloc <argv> --shard I/N --device D` for I = 0..N-1 as Ray tasks; returns N.
 
+    `task(argv)` runs one command in a Ray worker and returns (exit code, its last line on stderr): the CLI's
+    `ray_shard`, passed in so that this module does not import the CLI that imports it.
     Each task asks for `gpus_per_task` GPUs (default: 1 where the cluster has GPUs, else a CPU task); a task whose
     worker dies is run again by Ray up to `retries` times (the shard resumes from its saved part). N = `shards`,
     default as many as the cluster runs at once. Without `address` a cluster is started here on the loopback
@@ -240,8 +230,8 @@ def run_ray(argv: Sequence[str], shards: int | None = None, *, address: str | No
         if n < 1:
             raise ConfigError(f"--shards {n} must be at least 1")
         device = "cuda" if gpus_per_task > 0 else "cpu"
-        task = ray.remote(_shard_task).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=retries)
-        refs = {task.remote([*argv, "--shard", f"{i}/{n}", "--device", device, "--quiet"]): i for i in range(n)}
+        remote = ray.remote(task).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=retries)
+        refs = {remote.remote([*argv, "--shard", f"{i}/{n}", "--device", device, "--quiet"]): i for i in range(n)}
         log(f"{n} shards as Ray tasks ({gpus_per_task:g} GPU each; the cluster has {cpus:g} CPUs, {gpus:g} GPUs)")
         if progress:
             from tqdm.auto import tqdm

@@ -14,11 +14,16 @@ does anyway; rest = whole - memorized. The sums stay on the device and are read
 once per epoch (the published code used three passes and copied every gradient
 to the host each step). On disk (gradients.npz) the rest is `clean_norm`, the
 memorized share `noisy_norm`, and `cosine`, each (layers, epochs).
+
+Data-parallel (torchrun): each process adds the memorized share of its own part of the
+batch (weighted by 1 / the whole batch's size) and the whole, already summed, gradient;
+`close_epoch` sums the memorized shares over the processes (sums are linear: once an epoch).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,9 +60,12 @@ class GradientAccounting:
         n = len(order)
         return [bool(self.memorized_cpu[order[s:s + batch_size]].any()) for s in range(0, n, batch_size)]
 
-    def memorized_share(self, loss_vec: torch.Tensor, idx: torch.Tensor) -> None:
-        """Before the step's backward: add the gradient of the memorized examples' share of the batch loss."""
-        w = self.memorized[idx].float() / len(idx)
+    def memorized_share(self, loss_vec: torch.Tensor, idx: torch.Tensor, batch_size: int | None = None) -> None:
+        """Before the step's backward: add the gradient of the memorized examples' share of the batch loss.
+
+        `batch_size`: the whole batch's, when `idx` is one process's part of it (data-parallel training).
+        """
+        w = self.memorized[idx].float() / (len(idx) if batch_size is None else batch_size)
         grads = torch.autograd.grad((loss_vec * w).sum(), self.params, retain_graph=True, allow_unused=True)
         torch._foreach_add_(self._memorized_sum, [g if g is not None else torch.zeros_like(p)
                                                   for g, p in zip(grads, self.params)])
@@ -68,8 +76,14 @@ class GradientAccounting:
                                               for p in self.params])
 
     @torch.no_grad()
-    def close_epoch(self, e: int) -> None:
-        """Column `e` (0-based epoch) of the norms and cosines from the epoch's sums."""
+    def close_epoch(self, e: int, reduce: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+        """Column `e` (0-based epoch) of the norms and cosines from the epoch's sums.
+
+        `reduce` sums tensors over processes in place (data-parallel training): each holds
+        the memorized share of its own examples; the whole gradient is the reduced one already.
+        """
+        if reduce is not None:
+            reduce(self._memorized_sum)
         pos = {name: i for i, name in enumerate(self.names)}
         for li, layer in enumerate(self.layers):
             ids = [pos[p] for p in layer.params if p in pos]

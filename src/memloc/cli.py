@@ -182,6 +182,9 @@ def cmd_train(args) -> int:
     else:
         run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet,
                            log=_log(args))
+    from .distributed import is_main
+    if not is_main():  # under torchrun: one voice, rank 0's
+        return 0
     from .study import memorization_warning
     metrics = run.read_metrics()
     tied = bool((run.config.get("model") or {}).get("p_gen"))  # its epoch accuracies are eval mode: not a measure
@@ -704,6 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command != "train":
+            from .distributed import requested
+            if requested():
+                raise ConfigError(f"only `memloc train` runs data parallel under torchrun: run `memloc {args.command}` "
+                                  "without torchrun (on the trained run; its shards scale out with --executor)")
         return args.func(args)
     except MemlocError as err:
         print(f"memloc: error: {err}", file=sys.stderr)

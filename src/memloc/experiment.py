@@ -8,6 +8,7 @@ model of an existing run for the probes.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import distributed
 from .data import DataConfig, Dataset
 from .dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
 from .errors import ConfigError, RunError
@@ -289,8 +291,15 @@ def _choose_model(cfg: RunConfig, data: Any, device: torch.device) -> list[str]:
 
 def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
                  log: Callable[[str], None] | None = None) -> RunDir:
-    """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>)."""
-    device = resolve_device(cfg.train.device)
+    """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>).
+
+    Under torchrun (`torchrun --nproc-per-node K -m memloc train ...`) every process trains its
+    part of each batch and rank 0 alone writes the run (docs/cluster.md); each returns the run.
+    """
+    device = distributed.setup(resolve_device(cfg.train.device))
+    main = distributed.is_main()
+    if not main:  # one voice: rank 0 logs and shows progress
+        log, progress = None, False
     cfg.model = cfg.model.resolved(device, cfg.task)
     data = load_data(cfg, device)  # bad data or model fail here, before anything is written
     chosen = _choose_model(cfg, data, device)
@@ -301,13 +310,16 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
         out = default_out(cfg.data.name, cfg.model.name.replace(":", "_").replace("/", "_"), None)
     else:
         out = default_out(cfg.data.dataset, cfg.model.name, cfg.data.noise)
-    with exclusive(out):  # one writer per run for the whole training
-        run = RunDir.create(out, overwrite=overwrite)
-        run.write_json("config.json", cfg.to_dict())
-        run.write_json("env.json", environment(device))
-        run.save_arrays("data.npz", **data.arrays())
-        if getattr(data, "tokenizer", None) is not None and cfg.data.tokenizer != "bytes":
-            data.tokenizer.save(run.path / "tokenizer")  # what open_run rebuilds the data with
+    out = distributed.broadcast(out)  # the default name has the time in it: rank 0's
+    with exclusive(out) if main else contextlib.nullcontext():  # one writer per run for the whole training
+        run = None
+        if main:
+            try:
+                run = _create_run(cfg, out, data, device, overwrite=overwrite)
+            except BaseException:
+                distributed.agree(False)
+                raise
+        distributed.agree(True)  # the other processes stop here when rank 0 could not make the run
         if log:
             for line in (*getattr(data, "notes", ()), *chosen):  # what was inferred for the user, once per run
                 log(line)
@@ -317,10 +329,33 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
                 f"{sum(p.numel() for p in model.parameters()):,} parameters"
             log(f"run directory {run.path}: {cfg.model.name} ({size}) on {data.name}, "
                 f"{task.num_train} training examples, {0 if memorized is None else int(memorized.sum())} "
-                f"{task.memorized_kind}, device {device}")
-        with run.working("train"):
+                f"{task.memorized_kind}, device {device}{_processes()}")
+        with run.working("train") if main else contextlib.nullcontext():
             Trainer(model, data, cfg.train, run=run, progress=progress, log=log).fit()
+    distributed.barrier()  # the others return once rank 0 has written and released the run
+    return run if main else RunDir.open(out)
+
+
+def _create_run(cfg: RunConfig, out: Path, data: Any, device: torch.device, *, overwrite: bool) -> RunDir:
+    """The new run directory with its config, environment, data and tokenizer: before any compute."""
+    run = RunDir.create(out, overwrite=overwrite)
+    run.write_json("config.json", cfg.to_dict())
+    env = environment(device)
+    size = distributed.world()[1]
+    if size > 1:  # config.json's batch_size is the global batch; each process trains about 1/size of it
+        env["distributed"] = {"world_size": size, "backend": torch.distributed.get_backend(),
+                              "global_batch_size": cfg.train.batch_size,
+                              "per_process_batch_size": -(-cfg.train.batch_size // size)}
+    run.write_json("env.json", env)
+    run.save_arrays("data.npz", **data.arrays())
+    if getattr(data, "tokenizer", None) is not None and cfg.data.tokenizer != "bytes":
+        data.tokenizer.save(run.path / "tokenizer")  # what open_run rebuilds the data with
     return run
+
+
+def _processes() -> str:
+    size = distributed.world()[1]
+    return f" x {size} processes (torchrun)" if size > 1 else ""
 
 
 def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None,
@@ -328,13 +363,26 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
     """Continue a killed run from its newest complete checkpoint; the result equals an uninterrupted run.
 
     A run killed before its first checkpoint is started again from its config.json (or `config`,
-    which a study passes for its own runs).
+    which a study passes for its own runs). Under torchrun every process reads the checkpoint
+    and trains its part of each batch; rank 0 alone writes (any number of processes may resume
+    a run that another number trained: the batches are global).
     """
     run = RunDir.open(path)
-    with run.exclusive():
-        if run.stage("train").get("status") == "done":
+    if distributed.requested():  # join torchrun's processes first: rank 0 alone takes the lock and writes
+        if config is None and not run.has("config.json"):
+            raise RunError(f"{run.path} was killed before it wrote its config: start it again with "
+                           f"`memloc train ... --out {run.path} --overwrite`")
+        given = config or RunConfig.from_dict(run.config, source=run.path / "config.json")
+        distributed.setup(resolve_device(given.train.device))
+    main = distributed.is_main()
+    if not main:
+        log, progress = None, False
+    with run.exclusive() if main else contextlib.nullcontext():
+        stage = run.stage("train")
+        distributed.barrier()  # every process has read the run's state before rank 0 changes it
+        if stage.get("status") == "done":
             raise RunError(f"{run.path} has finished training: nothing to resume")
-        if run.stage("train").get("last_checkpoint") is None:
+        if stage.get("last_checkpoint") is None:
             if config is None:
                 if not run.has("config.json"):
                     raise RunError(f"{run.path} was killed before it wrote its config: start it again with "
@@ -344,14 +392,16 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
                 log(f"{run.path} stopped before its first checkpoint: training it from the start")
             return run_training(config, run.path, overwrite=True, progress=progress, log=log)
         cfg = RunConfig.from_dict(run.config, source=run.path / "config.json")
-        device = resolve_device(cfg.train.device)
+        device = distributed.setup(resolve_device(cfg.train.device))
         data, model = build(cfg, device, run)
-        trainer = Trainer(model, data, cfg.train, run=run, progress=progress, log=log)
+        trainer = Trainer(model, data, cfg.train, run=run if main else None, progress=progress, log=log)
         start = trainer.restore(run)
+        distributed.barrier()  # every process has read the checkpoint before rank 0 writes the next
         if log:
-            log(f"resuming {run.path} after epoch {start} of {cfg.train.epochs}")
-        with run.working("train"):
+            log(f"resuming {run.path} after epoch {start} of {cfg.train.epochs}{_processes()}")
+        with run.working("train") if main else contextlib.nullcontext():
             trainer.fit(start_epoch=start)
+    distributed.barrier()  # the others return once rank 0 has written and released the run
     return run
 
 

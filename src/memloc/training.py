@@ -15,6 +15,15 @@ inside `torch.random.fork_rng` seeded from (seed, epoch): the caller's global
 random state is untouched, and a run resumed from a checkpoint repeats exactly
 the epochs it lost.
 
+Under torchrun (`memloc.distributed`; docs/cluster.md) one run trains in K processes, data
+parallel, as one process with the same global batch would: every process walks the same
+order and takes a contiguous part of each batch (`Trainer._batches`), its loss weighted by
+1 / (global batch size); the gradients are summed explicitly after the backward pass, not
+by DistributedDataParallel, whose one-backward-per-forward reducer does not fit the
+accounting's extra backward pass and which would need a dummy batch for a process whose
+part of a short last batch is empty. The records, the epoch's sums and the accounting's
+memorized share are summed once per epoch; rank 0 alone writes the run.
+
 Early-learning regularization (`elr`, Liu et al. 2020; docs/elr.md) adds to each
 example's cross-entropy lambda * log(1 - <t_i, p_i>), where t_i is a running
 average (momentum beta) of the example's own softmax outputs, kept on the device
@@ -37,6 +46,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import distributed
 from .accounting import GradientAccounting
 from .data import Dataset
 from .errors import ConfigError, RunError
@@ -208,7 +218,15 @@ class Trainer:
                  progress: bool = True, log: Callable[[str], None] | None = None):
         self.cfg, self.data, self.run = cfg, data, run
         self.task = task_of(data)
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.local_device(resolve_device(cfg.device))
+        # data-parallel under torchrun (docs/cluster.md): every process trains its part of each batch, rank 0 writes
+        self.rank, self.world_size = distributed.world()
+        self._parallel = self.world_size > 1
+        if self._parallel:
+            if cfg.elr is not None:
+                raise ConfigError("--elr is not built for several processes yet (its per-example targets live in one "
+                                  "process): train it without torchrun")
+            self.run = run if self.rank == 0 else None
         self.model = model.to(self.device)
         # the run's arithmetic (bf16 autocast, channels_last): chosen once for this model and device
         self.arithmetic = choose(cfg.precision, self.device, self.model, self.task.example_input(2, self.device))
@@ -236,6 +254,7 @@ class Trainer:
         n, e = self.task.num_train, cfg.epochs
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.indices_ctx = indices_context(self.model, self.task)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]  # what torchrun's processes sum
         dev = self.device
         self.rec_loss = torch.zeros(e, n, dtype=torch.float16, device=dev)
         self.rec_margin = torch.zeros(e, n, dtype=torch.float16, device=dev)
@@ -307,6 +326,28 @@ class Trainer:
         return last
 
     # -- one epoch
+    def _batches(self, order: torch.Tensor, b: int) -> Any:
+        """(x, y, idx, size) per step: this process's part of each batch of `order` and the whole batch's size.
+
+        One process: the whole batch. Under torchrun every process walks the same order and
+        takes its part of each batch of `size`: contiguous, the first `size mod world`
+        processes one more (torch.tensor_split), so a short last batch can leave a process
+        none (x, y None, idx empty).
+        """
+        x, y = self.task.data.x_train, self.task.data.y_train
+        if not self._parallel:
+            for xb, yb, idx in data_mod.batches(x, y, batch_size=b, order=order, device=self.device):
+                yield xb, yb, idx, len(idx)
+            return
+        for start in range(0, len(order), b):
+            whole = order[start:start + b]
+            part = whole.tensor_split(self.world_size)[self.rank]
+            if len(part) == 0:
+                yield None, None, part.to(self.device), len(whole)
+                continue
+            xb, yb, idx = next(data_mod.batches(x, y, batch_size=len(part), order=part, device=self.device))
+            yield xb, yb, idx, len(whole)
+
     def _epoch(self, epoch: int, bar) -> dict:
         cfg, model, dev, task, acc = self.cfg, self.model, self.device, self.task, self.accounting
         n, b = task.num_train, cfg.batch_size
@@ -319,11 +360,16 @@ class Trainer:
             loss_sum = torch.zeros((), device=dev)
             correct_sum = torch.zeros((), device=dev)
             elr_sum = torch.zeros((), device=dev) if cfg.elr is not None else None
-            for step, (xb, yb, idx) in enumerate(data_mod.batches(task.data.x_train, task.data.y_train, batch_size=b,
-                                                                  order=order, device=dev)):
+            for step, (xb, yb, idx, size) in enumerate(self._batches(order, b)):
                 lr = learning_rate((epoch - 1) * self.steps_per_epoch + step, total_steps, cfg)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
+                if xb is None:  # this process's part of a short last batch is empty: it joins the step all the same
+                    self.opt.zero_grad(set_to_none=True)
+                    self._step()
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 x = task.inputs(xb, dev, augment=cfg.augment)
                 with autocast(dev), self.indices_ctx(model, idx):
                     out = self.forward(x).float()  # (B, K)
@@ -334,14 +380,15 @@ class Trainer:
                     objective = loss_vec + cfg.elr[0] * reg
                     elr_sum += reg.detach().sum()
                 self.opt.zero_grad(set_to_none=True)
-                if acc.active and split[step]:
-                    acc.memorized_share(objective, idx)  # same graph, full-batch BatchNorm statistics
-                objective.mean().backward()
-                if acc.active:
-                    acc.whole_step()
-                if cfg.clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                self.opt.step()
+                if not self._parallel:
+                    if acc.active and split[step]:
+                        acc.memorized_share(objective, idx)  # same graph, full-batch BatchNorm statistics
+                    objective.mean().backward()
+                else:  # this process's part, weighted by 1/(global batch): the processes' gradients add up to it
+                    if acc.active and split[step]:
+                        acc.memorized_share(objective, idx, size)
+                    (objective.sum() / size).backward()
+                self._step()
                 with torch.no_grad():
                     ld = loss_vec.detach()
                     correct = task.match(task.predict(out), yb)
@@ -352,12 +399,45 @@ class Trainer:
                     correct_sum += correct.sum()
                 if bar is not None:
                     bar.update(1)
+        if self._parallel:  # each process recorded its own examples and sums: add them up
+            self._gather_records(e, [loss_sum, correct_sum])  # (no ELR under torchrun)
         if acc.active:
-            acc.close_epoch(e)
+            acc.close_epoch(e, distributed.sum_ if self._parallel else None)
         train_stats = {"train_loss": float(loss_sum) / n, "train_acc": float(correct_sum) / n}
         if elr_sum is not None:  # the mean of log(1 - <t, p>) (before lambda) over the epoch's examples
             train_stats["train_elr"] = float(elr_sum) / n
         return train_stats
+
+    def _step(self) -> None:
+        """After the step's backward: sum the processes' gradients (torchrun), account the whole gradient, clip,
+        and update the weights (alike in every process: they stay identical)."""
+        if self._parallel:
+            distributed.sum_grads(self._params)
+        if self.accounting.active:
+            self.accounting.whole_step()
+        if self.cfg.clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+
+    @torch.no_grad()
+    def _gather_records(self, e: int, sums: list[torch.Tensor]) -> None:
+        """Row `e` of the records and the epoch's sums, each filled by the processes for their own examples,
+        summed over the processes in place (one all-reduce: the others' entries are zeros; correct: any)."""
+        n = self.task.num_train
+        buf = torch.cat([self.rec_loss[e].float(), self.rec_margin[e].float(), self.rec_correct[e].float(),
+                         torch.stack(sums).float()])  # (3N + S,) float32: exact for float16 entries plus zeros
+        distributed.sum_([buf])
+        self.rec_loss[e] = buf[:n].half()
+        self.rec_margin[e] = buf[n:2 * n].half()
+        self.rec_correct[e] = buf[2 * n:3 * n] > 0
+        for t, v in zip(sums, buf[3 * n:]):
+            t.copy_(v)
+
+    def _stage(self, **details: Any) -> dict:
+        """The train stage's details, with the processes and the global batch under torchrun."""
+        if self._parallel:
+            details.update(world_size=self.world_size, global_batch_size=self.cfg.batch_size)
+        return details
 
     # -- saving
     def _save_epoch(self, epoch: int) -> None:
@@ -375,16 +455,18 @@ class Trainer:
             if self.elr_targets is not None:  # with the optimizer's state: what resuming needs, only the newest
                 state[ELR_STATE] = self.elr_targets
             save_state(run.checkpoint_dir / f"optimizer_{epoch:03d}.safetensors", state)
-            run.set_stage("train", "running", last_checkpoint=epoch, epochs=self.cfg.epochs)
+            run.set_stage("train", "running", **self._stage(last_checkpoint=epoch, epochs=self.cfg.epochs))
             for f in run.checkpoint_dir.glob("optimizer_*.safetensors"):  # only the newest is needed to resume
                 if f.name != f"optimizer_{epoch:03d}.safetensors":
                     f.unlink()
 
     def fit(self, start_epoch: int = 0) -> History:
         cfg = self.cfg
+        if self._parallel:  # every process starts from rank 0's weights (they are built alike; this makes it sure)
+            distributed.broadcast_(list(self.model.state_dict().values()))
         if self.run is not None and start_epoch == 0:
             self.run.save_checkpoint(0, self.model)
-            self.run.set_stage("train", "running", last_checkpoint=0, epochs=cfg.epochs)
+            self.run.set_stage("train", "running", **self._stage(last_checkpoint=0, epochs=cfg.epochs))
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -399,7 +481,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if self.run is not None:
-            self.run.set_stage("train", "done", last_checkpoint=cfg.epochs, epochs=cfg.epochs)
+            self.run.set_stage("train", "done", **self._stage(last_checkpoint=cfg.epochs, epochs=cfg.epochs))
         return self.history()
 
     def _fit_epochs(self, start_epoch: int, bar) -> None:

@@ -648,6 +648,25 @@ def mark_failed(set_status: Callable[..., None], stage: str, err: BaseException)
 STUDY_STAGES = ("train", "rewinding", "retraining", "flipping", "dropout_train", "dropout_eval", "depth", "detection")
 
 
+def shard_split(base: Path, none: str) -> tuple[dict[int, Path], int]:
+    """The shard folders `I-of-N` under `base` of its one split: ({I: folder}, N). No shard at all raises `none`
+    as the error; shards of two splits side by side are named in one line."""
+    found = {}
+    for d in sorted(base.iterdir()) if base.is_dir() else []:
+        try:
+            i, n = (int(v) for v in d.name.split("-of-"))
+        except ValueError:
+            continue
+        found[(i, n)] = d
+    if not found:
+        raise RunError(none)
+    splits = sorted({n for _, n in found})
+    if len(splits) > 1:
+        raise RunError(f"{base} holds shards of {len(splits)} different splits (N = {', '.join(map(str, splits))}): "
+                       "keep one split (delete the other shards' folders) and merge again")
+    return {i: d for (i, _), d in found.items()}, splits[0]
+
+
 def study_cells(study: RunDir) -> list[tuple[int, float, str, Path, Path]]:
     """(seed, noise, stage prefix, base run dir, dropout run dir) of every cell of a study, in order."""
     cfg = study.config

@@ -295,28 +295,16 @@ def join_shard(root: Path, shard: tuple[int, int], **record) -> "RunDir":
 def finished_shards(root: Path, what: str, rerun: str) -> list["RunDir"]:
     """Every shard record of the cells in `root`, checked to be one whole, finished split; `rerun` is the command
     that runs a shard, with "{shard}" where its I/N goes. A missing, unfinished or mixed shard: one line."""
-    from .runs import RunDir
+    from .runs import RunDir, shard_split
     base = Path(root) / SHARDS
-    found = {}
-    for d in sorted(base.iterdir()) if base.is_dir() else []:
-        try:
-            i, n = (int(v) for v in d.name.split("-of-"))
-        except ValueError:
-            continue
-        found[(i, n)] = d
-    if not found:
-        raise RunError(f"{root} has no shards to merge: run {rerun.format(shard='I/N')} for I = 0..N-1 first")
-    splits = sorted({n for _, n in found})
-    if len(splits) > 1:
-        raise RunError(f"{base} holds shards of {len(splits)} different splits (N = {', '.join(map(str, splits))}): "
-                       "keep one split (delete the other shards' folders) and merge again")
-    n = splits[0]
+    found, n = shard_split(base, f"{root} has no shards to merge: run {rerun.format(shard='I/N')} for I = 0..N-1 "
+                                 "first")
     records = []
     for i in range(n):
-        if (i, n) not in found:
+        if i not in found:
             raise RunError(f"shard {i}/{n} of {what} is missing in {base}: run {rerun.format(shard=f'{i}/{n}')} "
                            "(with the other shards' flags) first")
-        record = RunDir(found[(i, n)], "shard")
+        record = RunDir(found[i], "shard")
         if not record.info.get("complete"):
             raise RunError(f"shard {i}/{n} of {what} is not finished: run {rerun.format(shard=f'{i}/{n}')} again "
                            "with its flags (it resumes), then merge")

@@ -34,7 +34,7 @@ from ..experiment import LoadedRun, arithmetic_for, open_run
 from ..options import replaced
 from ..options import settings as settings_of
 from ..precision import arithmetic, current_or_none
-from ..runs import RunDir, exclusive, load_npz, save_npz, write_json
+from ..runs import RunDir, exclusive, load_npz, save_npz, shard_split, write_json
 from ..training import prepare
 from .base import ProbeResult, register
 
@@ -286,22 +286,9 @@ def _run_shard(probe: Probe, model, loaded: LoadedRun, cfg: Any, ctx: Context, a
 def _shard_parts(run: RunDir, probe: Probe) -> tuple[list[dict], dict, int]:
     """Every shard of `probe` in `run`, checked: (their progress, the config they ran with, N)."""
     root = run.path / "probes" / probe.name / SHARDS
-    found = {}
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        try:
-            i, n = (int(v) for v in d.name.split("-of-"))
-        except ValueError:
-            continue
-        found[(i, n)] = d
-    if not found:
-        raise RunError(f"{run.path} has no shards of the {probe.name} probe: run `memloc {probe.command} "
-                       f"{run.path} --shard I/N` for I = 0..N-1 first")
-    splits = sorted({n for _, n in found})
-    if len(splits) > 1:
-        raise RunError(f"{root} holds shards of {len(splits)} different splits (N = {', '.join(map(str, splits))}): "
-                       "keep one split (delete the other shards' folders) and merge again")
-    n = splits[0]
-    missing = [i for i in range(n) if (i, n) not in found]
+    found, n = shard_split(root, f"{run.path} has no shards of the {probe.name} probe: run `memloc {probe.command} "
+                                 f"{run.path} --shard I/N` for I = 0..N-1 first")
+    missing = [i for i in range(n) if i not in found]
     if missing:
         raise RunError(f"shard {missing[0]}/{n} of the {probe.name} probe is missing in {root}: run `memloc "
                        f"{probe.command} {run.path} --shard {missing[0]}/{n}` (with the other shards' flags) first")

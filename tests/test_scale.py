@@ -314,3 +314,24 @@ def test_ray_runs_a_small_grid_and_refuses_what_cannot_run(whole_grid, tmp_path,
                  "127.0.0.1:9"])
     assert_one_line_error(code, capsys.readouterr().err, "cannot reach the Ray cluster", "127.0.0.1:9")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ----------------------------------------------------------------------------- localize: greedy removal by sequence
+
+def test_greedy_localization_in_shards_merges_to_one_process(tiny_lm_master, tmp_path, capsys, one_thread):
+    whole, split = copy_of(tiny_lm_master, tmp_path / "whole"), copy_of(tiny_lm_master, tmp_path / "split")
+    idx = tmp_path / "idx.txt"
+    idx.write_text("0\n1\n2\n3\n4\n")
+    flags = ["--method", "greedy", "--indices", str(idx), "--k", "3", "--quiet"]
+    assert main(["localize", str(whole), *flags]) == 0
+    for i in (1, 0):
+        assert main(["localize", str(split), *flags, "--shard", f"{i}/2"]) == 0
+    assert main(["merge", str(split), "--quiet"]) == 0
+    from test_shards import assert_same_result
+    assert_same_result(whole, split, "localize")
+    # the other methods learn one mask for every sequence: nothing to split, one line before any work
+    capsys.readouterr()
+    for extra in (["--shard", "0/2"], ["--executor", "processes", "--devices", "cpu"]):
+        code = main(["localize", str(split), "--method", "zero-out", "--indices", str(idx), "--quiet", *extra])
+        assert_one_line_error(code, capsys.readouterr().err, "only with --method greedy")
+    assert not (split / "probes" / "localize" / "shards").exists()

@@ -377,7 +377,7 @@ def cmd_probe(args) -> int:
     overwrite = getattr(args, "overwrite", False) or False
     scaled, results = _scale_out(
         args, f"{probe.name} shards",
-        lambda: run_probe(probe, args.run, cfg=cfg, check_only=True),
+        lambda: run_probe(probe, args.run, cfg=cfg, check_only=True, shard=(0, 1)),
         lambda: merge_shards(args.run, [probe.name], overwrite=overwrite, progress=not args.quiet, log=_log(args)))
     if scaled:
         return _finish_probe(probe, args, started, results[0])
@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
         if probe.overwrite_help:
             p.add_argument("--overwrite", action="store_true", help=probe.overwrite_help)
         if probe.shards:
-            _scale_flags(p, "examples" if probe.name == "flipping" else "layers", "RUN/probes/NAME/shards/")
+            items = {"flipping": "examples", "localize": "sequences (--method greedy)"}.get(probe.name, "layers")
+            _scale_flags(p, items, "RUN/probes/NAME/shards/")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_probe, probe=probe.name)
 

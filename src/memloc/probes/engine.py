@@ -175,9 +175,12 @@ class Probe:
     layers_option: str | None = None  # the config field naming layers, checked by `prepare` on a model
     # the probe splits its work by item (`--shard I/N`): its compute does only `ctx.partial.mine(items)` and keeps
     # them in `ctx.partial`, returning None in a shard; `merge_state` joins the shards' JSON states (None: the
-    # progress is arrays only, one key per item, joined by key)
+    # progress is arrays only, one key per item, joined by key); `split_when`: those settings only (cfg -> bool),
+    # named for the user by `split_when_text`
     shards: bool = False
     merge_state: Callable[[list[dict]], dict] | None = None
+    split_when: Callable[[Any], bool] | None = None
+    split_when_text: str = ""
 
     def __post_init__(self) -> None:
         register(self)
@@ -201,6 +204,9 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
     log = log or (lambda s: None)
     if shard is not None and not probe.shards:
         raise ConfigError(f"the {probe.name} probe does not split its work into shards: drop --shard")
+    if shard is not None and probe.split_when is not None and not probe.split_when(cfg):
+        raise ConfigError(f"the {probe.name} probe splits into shards only {probe.split_when_text}: drop --shard "
+                          "(and the executor), or change the setting")
     if shard is not None and not (is_run(target) and save):
         raise ConfigError("--shard works on a run directory, whose folder keeps each shard's part: pass the run")
     if not is_run(target):

@@ -93,7 +93,7 @@ from ..tasks import Task, task_of
 from ..units import UnitMasks
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
-from .flipping import FlipConfig, flip_units
+from .flipping import FlipConfig, _from_json, _merge_states, _to_json, flip_units
 from .flipping import candidate_layers as flip_candidates
 
 PROBE_NAME = "localize"
@@ -564,13 +564,15 @@ class _Localizer:
                         "weight_decay": SUBNET_WEIGHT_DECAY, "sizes": sizes}
         return -s.detach().cpu()
 
-    def greedy(self, *, progress: bool = False) -> torch.Tensor:
+    def greedy(self, *, progress: bool = False, **resume) -> torch.Tensor | None:
         cap = self.k if isinstance(self.k, int) else int(sum(self.k))
         flip_cfg = FlipConfig(indices=tuple(int(i) for i in self.seqs), others=min(self.cfg.others,
                               self.task.num_train), copies=1, input_noise=0.0, max_units=cap,
                               layers=tuple(l.name for l in self.candidates), eval_subsample=1, eval_test=False,
                               seed=self.cfg.seed)
-        res = flip_units(self.model, self.task, flip_cfg, progress=progress, log=self.log)
+        res = flip_units(self.model, self.task, flip_cfg, progress=progress, log=self.log, **resume)
+        if res is None:  # a shard: its part of the search is kept
+            return None
         pos = {l.index: j for j, l in enumerate(self.candidates)}
         scores = torch.zeros(self.U)
         ul, ui, n = res.arrays["unit_layer"], res.arrays["unit_index"], res.arrays["num_units"]
@@ -650,9 +652,12 @@ def fold_edit(model: nn.Module, layers: Sequence[Layer], mask) -> nn.Module:
 # ----------------------------------------------------------------------------- the probe
 
 def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *, progress: bool = False,
-                   log: Callable[[str], None] | None = None) -> ProbeResult:
+                   log: Callable[[str], None] | None = None, resume: dict | None = None) -> ProbeResult | None:
     """Score every candidate unit of `model` for its memorized sequences with `cfg.method`, propose the top-k edit
-    and measure extraction before and with it. The model is unchanged afterwards, even when this raises."""
+    and measure extraction before and with it. The model is unchanged afterwards, even when this raises.
+
+    `resume` (greedy only): `flip_units`'s done / done_seconds / on_chunk / mine, to continue an interrupted search
+    or do one shard of it (then None is returned: the shard's records are kept by `on_chunk`)."""
     cfg = cfg or LocalizeConfig()
     log = log or (lambda s: None)
     task = task_of(data)
@@ -662,7 +667,9 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
         f"{len(others)} others")
     t0 = time.perf_counter()
     if cfg.method == "greedy":  # flipping searches on its own frozen copy
-        scores = loc.greedy(progress=progress)
+        scores = loc.greedy(progress=progress, **(resume or {}))
+        if scores is None:
+            return None
     else:
         with loc.masks.installed():
             scores = getattr(loc, cfg.method.replace("-", "_"))()
@@ -724,8 +731,18 @@ def _check(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> None:
     _plan(model, data, cfg)  # every bad input fails here, before anything is written
 
 
-def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> ProbeResult:
-    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log)
+def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> ProbeResult | None:
+    resume = {}
+    if cfg.method == "greedy" and ctx.partial is not None:  # greedy removal keeps its records: resumable, sharded
+        _, state = ctx.partial.load()
+
+        def save(records, elapsed: float) -> None:
+            ctx.partial.save(state={"records": [_to_json(r) for r in records], "seconds": round(elapsed, 3)})
+        resume = {"done": [_from_json(r) for r in state.get("records", [])],
+                  "done_seconds": float(state.get("seconds") or 0.0), "on_chunk": save, "mine": ctx.partial.mine}
+    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log, resume=resume)
+    if result is None:  # a shard of greedy removal: its records are saved
+        return None
     if ctx.epoch is not None:
         result.summary["epoch"] = ctx.epoch
     return result
@@ -744,7 +761,8 @@ def _describe(result: ProbeResult) -> list[str]:
 
 
 PROBE = Probe(PROBE_NAME, "localize", LocalizeConfig, _compute, check=_check, describe=_describe,
-              layers_option="layers",
+              layers_option="layers", shards=True, merge_state=_merge_states,
+              split_when=lambda cfg: cfg.method == "greedy", split_when_text="with --method greedy (by sequence)",
               help="score units for the memorized sequences with one of the field's methods and zero the top k")
 
 

@@ -116,6 +116,7 @@ def test_grid_shards_refuse_mixed_settings_and_broken_splits(tmp_path, capsys, o
 
 # ----------------------------------------------------------------------------- a study in shards
 
+@pytest.mark.slow
 def test_multi_seed_study_in_shards_merges_to_one_process(tmp_path, capsys, one_thread):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(["run", *STUDY, "--out", str(whole)]) == 0
@@ -131,9 +132,16 @@ def test_multi_seed_study_in_shards_merges_to_one_process(tmp_path, capsys, one_
         {k: v["status"] for k, v in sb["stages"].items()}
     assert not (split / "shards").exists()
     assert_same_files(whole, split, skip=("report",))
-    # the study is finished: a shard has nothing left, and --resume refuses
+    # the study is finished: a shard has nothing left
     code = main(["run", *STUDY, "--out", str(split), "--shard", "0/2"])
     assert_one_line_error(code, capsys.readouterr().err, "is finished")
+    # the same study by the process executor: 2 CPU workers of one thread, then the merge
+    driver = _memloc("run", *STUDY, "--out", str(tmp_path / "workers"), "--executor", "processes", "--devices",
+                     "cpu,cpu")
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, err
+    assert "merged 2 shards" in out + err and (tmp_path / "workers" / "report" / "report.html").exists()
+    assert_same_files(whole, tmp_path / "workers", skip=("report",))
 
 
 def test_study_shards_refuse_what_would_lose_work(tmp_path, capsys):

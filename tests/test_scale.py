@@ -343,3 +343,33 @@ def test_greedy_localization_in_shards_merges_to_one_process(tiny_lm_master, tmp
         code = main(["localize", str(split), "--method", "zero-out", "--indices", str(idx), "--quiet", *extra])
         assert_one_line_error(code, capsys.readouterr().err, "only with --method greedy")
     assert not (split / "probes" / "localize" / "shards").exists()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_cluster_at_an_address_started_by_ray_start(digits_master, tmp_path):
+    """A cluster the user started (`ray start --head`, on the loopback here; token authentication on, as Ray 2.5x
+    makes it) runs the shards of `--executor ray --address HOST:PORT`, and is left running."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, **RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        whole, split = copy_of(digits_master, tmp_path / "whole"), copy_of(digits_master, tmp_path / "split")
+        ref = _memloc("flip", str(whole), *FLIP, "--quiet", env_extra={"OMP_NUM_THREADS": "1"})
+        assert ref.wait(timeout=300) == 0, ref.stderr.read()
+        driver = _memloc("flip", str(split), *FLIP, "--executor", "ray", "--address", f"127.0.0.1:{port}",
+                         "--shards", "2", env_extra=RAY_ENV)
+        out, err = driver.communicate(timeout=300)
+        assert driver.returncode == 0, err
+        from test_shards import assert_same_result
+        assert_same_result(whole, split, "flipping")
+        assert _pids("gcs_server")  # the user's cluster is still there
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -168,6 +168,18 @@ LOCAL_RAY = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "objec
              "logging_level": "ERROR", "log_to_driver": False}
 
 
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address HOST:PORT names this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _reachable(address: str) -> None:
     """A Ray address HOST:PORT that nothing answers on: one line at once (Ray itself would retry for minutes)."""
     import socket
@@ -197,10 +209,16 @@ def run_ray(task: Callable[[list[str]], tuple[int, str]], argv: Sequence[str], s
     (`num_cpus`, default all) and stopped at the end. A request for GPUs on a cluster without any fails at once.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
-    if not address:
+    if not address or _on_loopback(address):
         # a cluster of this machine: its node address the loopback (Ray's switch, read when ray is first imported,
-        # and by the processes it starts), not the address other machines would reach it at
+        # and by the processes it starts), not the address other machines would reach it at; a driver that took
+        # the machine's network address would not find the raylet of a cluster started on the loopback and wait
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address and "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get(
+            "RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").exists()):
+        # `ray start` makes a cluster that wants its token (kept in ~/.ray/auth_token), and a driver sends it only in
+        # token mode (a cluster without authentication accepts it too)
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
@@ -212,7 +230,12 @@ def run_ray(task: Callable[[list[str]], tuple[int, str]], argv: Sequence[str], s
     here = not ray.is_initialized()
     if here:
         if address:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except ConnectionError as err:
+                raise ConfigError(f"cannot connect to the Ray cluster at --address {address} ({err}); a cluster made "
+                                  "by `ray start` wants its token: RAY_AUTH_TOKEN, or ~/.ray/auth_token as on its "
+                                  "head node") from None
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), **LOCAL_RAY)
     refs: dict = {}

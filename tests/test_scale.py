@@ -24,7 +24,7 @@ from memloc.runs import load_npz
 GRID = ["--preset", "smoke", "--dataset", "digits", "--train-size", "300", "--epochs", "1", "--batch-size", "64",
         "--no-gradient-accounting", "--pairs", "0.4,0.1;0.5,0.2", "--quiet"]
 STUDY = ["--preset", "smoke", "--dataset", "digits", "--train-size", "300", "--epochs", "2", "--batch-size", "64",
-         "--seeds", "0,1", "--flip-examples", "3", "--quiet"]
+         "--seeds", "0,1", "--flip-examples", "3", "--grid", "--quiet"]
 FLIP = ["--examples", "6", "--others", "64", "--eval-subsample", "200", "--batch-examples", "2"]
 
 

@@ -225,16 +225,8 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     other shards in the same folder; returns its rows, and `merge_grid` writes
     grid.csv once all N are finished.
     """
-    if base.model.example_tied or base.model.baseline is not None:
-        raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
-    if elr is not None and base.train.elr is not None:
-        raise ConfigError("the base config trains every cell with ELR already: leave it out of the base config to "
-                          "compare a plain and an ELR cell")
-    cells = grid_cells(pairs, baselines=baselines, task=base.task, elr=elr)
+    cells, spec = _grid_spec(base, pairs, baselines, elr)
     out_dir = Path(out_dir)
-    # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
-    spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
-                                 default=_jsonable))
     log = log or (lambda s: None)
     if shard is None:
         with exclusive(out_dir):  # one writer per grid folder
@@ -256,15 +248,25 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     return rows
 
 
+def _grid_spec(base: RunConfig, pairs, baselines: bool, elr) -> tuple[list[GridCell], dict]:
+    """The grid's cells and its record (grid.json), its settings checked."""
+    if base.model.example_tied or base.model.baseline is not None:
+        raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
+    if elr is not None and base.train.elr is not None:
+        raise ConfigError("the base config trains every cell with ELR already: leave it out of the base config to "
+                          "compare a plain and an ELR cell")
+    cells = grid_cells(pairs, baselines=baselines, task=base.task, elr=elr)
+    # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
+    spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
+                                 default=_jsonable))
+    return cells, spec
+
+
 def check_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, baselines: bool = True,
                elr=None) -> None:
     """What a grid in shards checks before any worker starts: its cells, their models, and the folder (new, or
     this grid's with the same cells). Writes nothing."""
-    if base.model.example_tied or base.model.baseline is not None:
-        raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")
-    cells = grid_cells(pairs, baselines=baselines, task=base.task, elr=elr)
-    spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},
-                                 default=_jsonable))
+    cells, spec = _grid_spec(base, pairs, baselines, elr)
     _open_grid(Path(out_dir), spec, base, cells, same_cells=True, write=False)
 
 

@@ -14,6 +14,8 @@ finishes without redoing what was complete.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,7 +29,7 @@ from .errors import ConfigError, RunError
 from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
 from .experiment import preset as preset_sections
 from .options import floats, ints, option
-from .runs import LOCK_NAME, RunDir, exclusive, mark_failed, memloc_kind, study_cells, study_stages
+from .runs import LOCK_NAME, RunDir, _jsonable, exclusive, mark_failed, memloc_kind, study_cells, study_stages
 from .scale import SHARDS, finished_shards, join_shard, mine
 from .tasks import task_of
 from .training import TrainConfig, resolve_device
@@ -321,7 +323,7 @@ def _same_study(study: RunDir, cfg: StudyConfig) -> None:
         d = copy.deepcopy(d)
         d.get("base", {}).get("train", {}).pop("device", None)
         return d
-    if settings(study.config) != settings(json_roundtrip(cfg.to_dict())):
+    if settings(study.config) != settings(json.loads(json.dumps(cfg.to_dict(), default=_jsonable))):
         raise ConfigError(f"{study.path} holds a study with other settings: give every shard the same flags, or "
                           "pass another --out")
 
@@ -352,17 +354,9 @@ def merge_study(path: str | Path, *, progress: bool = True, log: Callable[[str],
             from .grid import merge_grid
             _stage(study, "grid", lambda: merge_grid(study.path / "grid", log=log), log)
         _finish(study)
-        import shutil
         shutil.rmtree(study.path / SHARDS, ignore_errors=True)
     log(f"{study.path}: merged {len(records)} shards")
     return study.path
-
-
-def json_roundtrip(d: dict) -> dict:
-    import json
-
-    from .runs import _jsonable
-    return json.loads(json.dumps(d, default=_jsonable))
 
 
 def expected_cost(cfg: StudyConfig, stage: str) -> float:

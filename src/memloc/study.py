@@ -270,13 +270,12 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
             return _run_stages(study, StudyConfig.from_dict(study.config), progress, log)
     cfg = cfg or study_config()
     if shard is not None:
-        check_study(cfg, out, overwrite=overwrite, folder=False)
+        check_study(cfg, out, overwrite=overwrite, folder=False)  # its folder: checked under its lock below
+    else:
+        _check_cells(cfg)
     ds = cfg.base.data.dataset
     name = Path(ds).stem if ("/" in ds or ds.endswith((".npz", ".npy"))) else ds  # a file: its stem
     out = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    device = resolve_device(cfg.base.train.device)
-    for seed, noise in cfg.cells():  # validate every run config before anything is written
-        _cell_configs(cfg, seed, noise, device)
     if shard is None:
         with exclusive(out):  # one writer per study for its whole life
             study = RunDir.create(out, kind="study", overwrite=overwrite, config=cfg.to_dict())
@@ -298,11 +297,16 @@ def check_study(cfg: StudyConfig, out: str | Path | None, *, overwrite: bool = F
     if overwrite:
         raise ConfigError("--overwrite with shards would delete the other shards' work: start the study again "
                           "without shards, or pass a new --out")
+    _check_cells(cfg)
+    if folder:
+        _check_folder(Path(out), cfg)
+
+
+def _check_cells(cfg: StudyConfig) -> None:
+    """Every cell's run configs, validated before anything is written."""
     device = resolve_device(cfg.base.train.device)
     for seed, noise in cfg.cells():
         _cell_configs(cfg, seed, noise, device)
-    if folder:
-        _check_folder(Path(out), cfg)
 
 
 def _check_folder(out: Path, cfg: StudyConfig) -> None:

@@ -405,7 +405,7 @@ def cmd_merge(args) -> int:
             print(f"done: {path} (report: {path / 'report' / 'report.html'})")
             return 0
         from .grid import merge_grid
-        return _grid_done(args, merge_grid(args.run, log=_log(args)))
+        return _grid_done(args.run, merge_grid(args.run, log=_log(args)))
     from .probes import registered
     from .probes.engine import merge_shards
     for result in merge_shards(args.run, [args.probe] if args.probe else None, overwrite=args.overwrite,
@@ -473,14 +473,14 @@ def cmd_dropout_grid(args) -> int:
         rows = dropout_grid(base, args.out, **options, shard=args.shard, progress=not args.quiet, log=_log(args))
         if args.shard is not None:
             return _shard_done(args, f"the grid ({len(rows)} cells)", started, args.out)
-    return _grid_done(args, rows)
+    return _grid_done(args.out, rows)
 
 
-def _grid_done(args, rows: list[dict]) -> int:
+def _grid_done(folder, rows: list[dict]) -> int:
     from .report import protection_notes
     for line in protection_notes(rows):
         print(line)
-    print(f"done: {Path(args.run if args.command == 'merge' else args.out) / 'grid.csv'} ({len(rows)} cells)")
+    print(f"done: {Path(folder) / 'grid.csv'} ({len(rows)} cells)")
     return 0
 
 

@@ -114,7 +114,7 @@ def test_smoke_presets_end_to_end(tmp_path, benchmark, models):
     (["--benchmark", "tinymem", "--run", "x"], "--run is the language-model run of --benchmark del"),
     (["--benchmark", "del", "--run", "/nonexistent/run"], "/nonexistent/run"),
     (["--benchmark", "del", "--preset", "paper", "--device", "cpu"], "needs a GPU"),
-    (["--repeats", "0"], "--repeats 0 must be at least 1"),
+    (["--repeats", "0"], "repeats (--repeats) takes an integer of at least 1, not 0"),
     (["--benchmark", "del", "--repeats", "2"], "del's canaries are the LM run's"),
     (["--preset", "paper", "--device", "cpu"], "needs a GPU"),
     (["--preset", "huge"], "unknown preset"),

@@ -50,8 +50,8 @@ def test_console_script_runs_and_lists(tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["--dataset", "imagenet"], ["unknown dataset"]),
     (["--model", "vgg19"], ["unknown model"]),
-    (["--noise", "1.5"], ["outside [0, 1)"]),
-    (["--noise", "-0.2"], ["outside [0, 1)"]),
+    (["--noise", "1.5"], ["--noise takes a number in [0, 1), not 1.5"]),
+    (["--noise", "-0.2"], ["--noise takes a number in [0, 1), not -0.2"]),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/folder"], ["does not exist"]),
     (["--dataset", "mnist", "--data-root", "CORRUPT"], ["truncated"]),
     (["--dataset", "digits", "--model", "resnet9"], ["cannot take images of shape (1, 8, 8)"]),
@@ -60,7 +60,7 @@ def test_console_script_runs_and_lists(tmp_path):
     (["--dataset", "BADLABELS"], ["labels"]),
     (["--dataset", "digits", "--labels", "SHORT"], ["3 values"]),
     (["--dataset", "digits", "--noise-mask", "SHORT"], ["3 values"]),
-    (["--example-tied-dropout", "0,0.1"], ["p_gen"]),
+    (["--example-tied-dropout", "0,0.1"], ["--example-tied-dropout P_GEN takes a number in (0, 1], not 0.0"]),
     (["--epochs", "0"], ["epochs"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, words):

@@ -102,9 +102,9 @@ def test_user_npz_labels_mask_and_rare(tmp_path):
 
 
 def test_bad_data_inputs_raise_one_clear_line(tmp_path):
-    with pytest.raises(ConfigError, match="outside"):
+    with pytest.raises(ConfigError, match=r"noise \(--noise\) takes a number in \[0, 1\), not 1.0"):
         DataConfig(noise=1.0)
-    with pytest.raises(ConfigError, match="outside"):
+    with pytest.raises(ConfigError, match=r"noise \(--noise\) takes a number in \[0, 1\)"):
         DataConfig(noise=-0.1)
     with pytest.raises(ConfigError, match="unknown dataset"):
         load(DataConfig(dataset="imagenet"))

@@ -129,9 +129,9 @@ def test_knn_matches_scikit_learn(k):
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_settings_fail_when_built():
-    with pytest.raises(ConfigError, match="--k must be at least 1"):
+    with pytest.raises(ConfigError, match=r"k \(--k\) takes an integer of at least 1, not 0"):
         DepthConfig(k=0)
-    with pytest.raises(ConfigError, match="--support must be at least 2"):
+    with pytest.raises(ConfigError, match=r"support \(--support\) takes an integer of at least 2, not 1"):
         DepthConfig(support=1)
 
 
@@ -150,7 +150,7 @@ def lm_run(tiny_lm_master):
     (["--k", "1000"], ["--k 1000", "support set (1000 examples", "--k 999"]),
     (["--k", "40", "--support", "40"], ["--k 40", "support set (40 examples"]),
     (["--layers", "nope"], ["unknown layer 'nope'", "block1.0"]),
-    (["--k", "0"], ["--k must be at least 1"]),
+    (["--k", "0"], ["--k takes an integer of at least 1, not 0"]),
 ])
 def test_bad_input_is_one_line_exit_2(smoke_run, capsys, argv, words):
     code = main(["depth", str(smoke_run), "--quiet", *argv])

@@ -132,7 +132,7 @@ def test_elr_changes_training_and_works_with_augmentation(tiny_data):
     (["--elr=-1,0.5"], ["lambda -1", ">= 0"]),
     (["--elr", "-1,0.5"], ["--elr"]),  # argparse reads -1,0.5 as a flag: still one line
     (["--elr", "3,1.0"], ["beta 1", "[0, 1)"]),
-    (["--elr", "nan,0.5"], ["lambda nan"]),
+    (["--elr", "nan,0.5"], ["--elr LAMBDA takes a finite number, not nan"]),
     (["--task", "lm", "--elr", "3,0.7"], ["--elr", "classification"]),
 ])
 def test_bad_elr_is_one_line_and_writes_nothing(tmp_path, capsys, argv, words):

@@ -165,7 +165,7 @@ def test_lm_study_end_to_end(lm_study):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--repeats", "0,4"], "repeat counts"),
+    (["--repeats", "0,4"], "--repeats takes integers of at least 1, not 0"),
     (["--corpus", "missing.txt"], "missing.txt"),
     (["--model", "hf:EleutherAI/pythia-70m"], "never downloads"),
     (["--noise", "0.2"], "--noise"),

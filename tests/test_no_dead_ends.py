@@ -93,7 +93,7 @@ def test_api_errors_name_the_parameter_passed():
 
     import memloc
     from memloc.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"^others \(--others\) must be at least 1"):
+    with pytest.raises(ConfigError, match=r"^others \(--others\) takes an integer of at least 1, not 0"):
         memloc.flip("no-such-run", others=0)
     with pytest.raises(ConfigError, match=r"^peak_epoch \(--peak-epoch\) 6 must lie in \[0, 4\)"):
         memloc.retrain("no-such-run", epochs=4, peak_epoch=6)

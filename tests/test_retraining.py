@@ -269,8 +269,8 @@ def test_cli_retrain_end_to_end_and_imported_run(smoke_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv,words", [
     (["--layers", "block9"], ["unknown layer 'block9'"]),
     (["--epochs", "4", "--peak-epoch", "4"], ["peak_epoch (--peak-epoch) 4"]),
-    (["--lr", "0"], ["learning rate must be positive"]),
-    (["--stop-at", "1.5"], ["--stop-at 1.5"]),
+    (["--lr", "0"], ["--lr takes a finite number above 0, not 0.0"]),
+    (["--stop-at", "1.5"], ["--stop-at takes a number in (0, 1], not 1.5"]),
     (["--bn-mode", "eval"], ["--bn-mode", "frozen"]),
 ])
 def test_cli_retrain_bad_input(smoke_run, tmp_path, capsys, argv, words):

@@ -217,7 +217,7 @@ def test_cli_rewind_end_to_end(smoke_run, tmp_path, capsys):
     (["--layers", "nope"], ["unknown layer 'nope'"]),
     (["--epochs", "0,7"], ["epoch 7 was not saved"]),
     (["--epochs", "a,b"], ["--epochs takes comma-separated integers"]),
-    (["--every", "0"], ["--every must be at least 1"]),
+    (["--every", "0"], ["--every takes an integer of at least 1, not 0"]),
 ])
 def test_cli_rewind_bad_input(smoke_run, tmp_path, capsys, argv, words):
     run_dir = tmp_path / "run"

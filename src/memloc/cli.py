@@ -26,15 +26,36 @@ _STUDY_SETS = {"data": ("noise", "seed"), "model": ("p_gen", "p_mem"), "train": 
 
 # ----------------------------------------------------------------------------- flags from config fields
 
-def _parse(f: dataclasses.Field, flag: str) -> Callable[[str], Any]:
+def _parse(f: dataclasses.Field, flag: str, spread: tuple[dataclasses.Field, ...] = ()) -> Callable[[str], Any]:
+    """text -> the field's value, refused in one line (naming `flag` and the range) when it is outside the field's
+    declared range; a spread flag's numbers each against the range of the field it sets (`spread`), and each number
+    of a flag of a fixed count (metavar LAMBDA,BETA) named by its part."""
+    from .options import numeric, range_problem
     parse = f.metadata.get("parse")
     if parse is None:
         kind = str(f.type)
         parse = float if "float" in kind else int if "int" in kind else str
+    metavar = f.metadata.get("metavar") or ""
+    parts = metavar.split(",")
+    parts = parts if len(parts) == len(spread) else [g.name for g in spread]
+    fixed = (numeric(f) or (None, False))[1] and "," in metavar and "..." not in metavar  # C,H,W
+
+    def checked(value: Any) -> Any:
+        if spread:
+            items = [(part, g, v, False) for part, g, v in zip(parts, spread, value)]
+        elif fixed and isinstance(value, tuple) and len(value) == len(metavar.split(",")):
+            items = [(part, f, v, True) for part, v in zip(metavar.split(","), value)]
+        else:
+            items = [(None, f, value, False)]
+        for part, g, v, one in items:
+            problem = range_problem(g, v, one=one)
+            if problem:
+                raise argparse.ArgumentTypeError(f"{flag} {part + ' ' if part else ''}{problem}")
+        return value
 
     def convert(text: str) -> Any:
         try:
-            return parse(text)
+            return checked(parse(text))
         except MemlocError as err:  # a file named by the flag: its own one line
             raise argparse.ArgumentTypeError(str(err)) from None
         except ValueError as err:
@@ -56,6 +77,7 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclud
     The help names the field's default; for the fields in `preset_set`, that a --preset may set it."""
     group = parser.add_argument_group(title) if title else parser
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta or not meta.get("cli", True) or f.name in exclude:
@@ -81,7 +103,8 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclud
             help_ = f"{help_} (default {','.join(map(str, default))})"
         help_ += note
         metavar = meta.get("metavar") or (None if meta.get("choices") else flag.lstrip("-").upper().replace("-", "_"))
-        group.add_argument(flag, *meta.get("aliases", ()), dest=f.name, type=_parse(f, flag), default=None,
+        spread = tuple(by_name[n] for n in meta.get("spread") or ())
+        group.add_argument(flag, *meta.get("aliases", ()), dest=f.name, type=_parse(f, flag, spread), default=None,
                            help=help_, choices=meta.get("choices"), metavar=metavar)
 
 
@@ -101,8 +124,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the project's error format: one line `memloc: error: ...`, exit 2, no usage dump."""
 
     def error(self, message: str) -> NoReturn:
-        m = re.match(r"argument (\S+): (\1 .*)", message)  # "argument --x: --x takes ..." says the flag once
-        message = m.group(2) if m else message
+        m = re.match(r"argument (\S+): (\S+) ", message)  # "argument --x/--y: --x takes ..." says the flag once
+        message = message[m.end(1) + 2:] if m and m.group(2) in m.group(1).split("/") else message
         command = self.prog.split(" ", 1)[1] if " " in self.prog else None
         hint = f"`memloc {command} --help`" if command else "`memloc --help`"
         self.exit(2, f"memloc: error: {message.strip()} (see {hint})\n")

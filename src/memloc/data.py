@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .options import ints, option
+from .options import INT64_MAX, check_ranges, ints, option
 from .precision import channels_last
 from .readers import LAYOUTS
 
@@ -50,23 +50,26 @@ class DataConfig:
     download: bool = option(False, "download the dataset into --data-root (needs internet)")
     split: str = option("train", "'test' divides the test split into train/test (see --holdout)",
                         choices=("train", "test"))
-    holdout: float = option(0.2, "test fraction when one split is divided")
-    train_size: int | None = option(None, "a stratified subset of this many training examples")
+    holdout: float = option(0.2, "test fraction when one split is divided", above=0, below=1)
+    train_size: int | None = option(None, "a stratified subset of this many training examples", at_least=2)
     noise: float | None = option(None, "fraction of training labels to corrupt (default 0.1, or 0 with --labels or "
-                                 "--noise-mask)")
+                                 "--noise-mask)", at_least=0, below=1)
     noise_kind: str = option("uniform", "uniform over wrong classes, or y -> y+1 pairs", choices=NOISE_KINDS)
-    seed: int = option(0, cli=False)  # of the noise and the subset: the study sets it per seed
+    # of the noise and the subset: the study sets it per seed
+    seed: int = option(0, cli=False, at_least=0, at_most=INT64_MAX)
     labels: str | None = option(None, "file of given training labels (.npy or one-column CSV), for already-noisy "
                                 "data")
     noise_mask: str | None = option(None, "file marking the known noisy training examples (1 = noisy)")
     rare_scores: str | None = option(None, "per-example scores (.npy or CSV); examples below --rare-below are rare")
     rare_below: float = option(0.5, "threshold for --rare-scores")
-    synthetic_train: int = option(50_000, "synthetic: training examples", flag="--synthetic-size")
-    synthetic_test: int = option(10_000, "synthetic: test examples", flag="--synthetic-test-size")
-    synthetic_shape: tuple[int, int, int] = option((3, 32, 32), "synthetic: C,H,W", parse=ints, metavar="C,H,W")
-    synthetic_classes: int = option(10, "synthetic: number of classes")
+    synthetic_train: int = option(50_000, "synthetic: training examples", flag="--synthetic-size", at_least=2)
+    synthetic_test: int = option(10_000, "synthetic: test examples", flag="--synthetic-test-size", at_least=1)
+    synthetic_shape: tuple[int, int, int] = option((3, 32, 32), "synthetic: C,H,W", parse=ints, metavar="C,H,W",
+                                                   at_least=1)
+    synthetic_classes: int = option(10, "synthetic: number of classes", at_least=2)
     num_classes: int | None = option(None, "outputs of the model for your own data (default: the largest label + 1; "
-                                     "labels that look like ids are refused without it)")
+                                     "labels that look like ids are refused without it)", at_least=2,
+                                     at_most=10_000_000)
     normalize: str | None = option(None, "model input: pixels (intensities in [0, 1], uint8 / 255, then "
                                    "(x - 0.5) / 0.5: the paper's), standardize (each channel by the training split's "
                                    "mean and std) or none (default: pixels for images in pixel ranges, else "
@@ -76,13 +79,12 @@ class DataConfig:
                                 "images when H == W or x is uint8)", choices=LAYOUTS)
     # the training split's statistics of "standardize", per channel (dim 1): what a reopened run normalizes with
     norm_mean: tuple[float, ...] | None = option(None, cli=False)
-    norm_std: tuple[float, ...] | None = option(None, cli=False)
+    norm_std: tuple[float, ...] | None = option(None, cli=False, above=0)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.noise is None:
             self.noise = 0.0 if (self.labels or self.noise_mask) else 0.1
-        if not (0.0 <= self.noise < 1.0) or math.isnan(self.noise):
-            raise ConfigError(f"noise fraction {self.noise} is outside [0, 1): pass e.g. --noise 0.1")
         if self.noise > 0 and (self.labels or self.noise_mask):
             raise ConfigError("--noise adds label noise, but --labels/--noise-mask already give it: "
                               "pass --noise 0 or drop the file")
@@ -90,21 +92,9 @@ class DataConfig:
             raise ConfigError(f"unknown noise kind {self.noise_kind!r}: choose one of {', '.join(NOISE_KINDS)}")
         if self.split not in ("train", "test"):
             raise ConfigError(f"unknown split {self.split!r}: choose train or test")
-        if not (0.0 < self.holdout < 1.0):
-            raise ConfigError(f"holdout fraction {self.holdout} is outside (0, 1): pass e.g. --holdout 0.2")
-        if self.train_size is not None and self.train_size < 2:
-            raise ConfigError(f"train size {self.train_size} is too small: pass at least 2 (or leave it unset)")
         self.synthetic_shape = tuple(int(s) for s in self.synthetic_shape)
-        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
+        if len(self.synthetic_shape) != 3:
             raise ConfigError(f"synthetic shape {self.synthetic_shape} must be three positive sizes C,H,W")
-        if self.synthetic_train < 2 or self.synthetic_test < 1:
-            raise ConfigError(f"synthetic sizes {self.synthetic_train} (train) and {self.synthetic_test} (test) "
-                              "are too small: pass --synthetic-size of at least 2 and "
-                              "--synthetic-test-size of at least 1")
-        if self.synthetic_classes < 2:
-            raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too small: pass at least 2")
-        if self.num_classes is not None and not (2 <= self.num_classes <= 10_000_000):
-            raise ConfigError(f"--num-classes {self.num_classes} is out of range: pass 2..10,000,000")
         if self.normalize is not None and self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"unknown normalization {self.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
         if self.layout is not None and self.layout not in LAYOUTS:

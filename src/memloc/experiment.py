@@ -25,7 +25,7 @@ from .data import DataConfig, Dataset
 from .dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
 from .errors import ConfigError, RunError
 from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model, default_model, shape_words
-from .options import floats, option
+from .options import INT64_MAX, check_ranges, floats, option
 from .runs import RunDir, default_out, exclusive, load_into
 from .tasks import task_of
 from .training import TrainConfig, Trainer, resolve_device
@@ -51,40 +51,38 @@ class ModelConfig:
                               "see `memloc models`: resnet9 at width 0.25 on CPU, 1 on GPU, for images it takes); "
                               "language models: gpt (default), hf-gpt2, hf-gpt_neox, hf-llama, hf:FOLDER",
                               flag="--model")
-    width: float | None = option(None, "channel/width multiplier")
+    width: float | None = option(None, "channel/width multiplier", above=0)
     # example-tied dropout: the first floor(p_gen * units) units of each layer are always on (generalization
     # units); each other unit is kept for a training example with probability p_mem (its memorization units)
     p_gen: float | None = option(None, "place example-tied dropout after every block (language models: in every MLP's "
                                  "hidden layer, memorization sinks), e.g. 0.4,0.1",
                                  flag="--example-tied-dropout", parse=_pair, metavar="P_GEN,P_MEM",
-                                 spread=("p_gen", "p_mem"), aliases=("--memorization-sinks",))
-    p_mem: float | None = option(None, cli=False)
-    dropout_seed: int = option(0, "seed of the example-tied masks")
+                                 spread=("p_gen", "p_mem"), aliases=("--memorization-sinks",), above=0, at_most=1)
+    p_mem: float | None = option(None, cli=False, above=0, at_most=1)
+    dropout_seed: int = option(0, "seed of the example-tied masks", at_least=0, at_most=INT64_MAX)
     tie: str = option("document", "language models with sinks: tie a token's sink neurons to its document (every copy "
                       "of a canary shares them) or to its training sequence", choices=("document", "sequence"))
     # language models (--task lm): gpt (ours), hf-gpt2 / hf-gpt_neox / hf-llama (built from a config), hf:FOLDER
-    n_layer: int | None = option(None, "language models: transformer blocks")
-    n_head: int | None = option(None, "language models: attention heads per block")
-    n_embd: int | None = option(None, "language models: embedding width")
+    n_layer: int | None = option(None, "language models: transformer blocks", at_least=1)
+    n_head: int | None = option(None, "language models: attention heads per block", at_least=1)
+    n_embd: int | None = option(None, "language models: embedding width", at_least=1)
     baseline: str | None = option(None, cli=False)  # None, "dropout" or "sparse"
-    active_fraction: float | None = option(None, cli=False)  # the baselines' expected fraction of active units
+    # the baselines' expected fraction of active units
+    active_fraction: float | None = option(None, cli=False, above=0, at_most=1)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if (self.p_gen is None) != (self.p_mem is None):
             raise ConfigError("example-tied dropout takes both fractions: pass --example-tied-dropout P_GEN,P_MEM, "
                               "e.g. 0.4,0.1")
         if self.p_gen is not None:
-            for name in ("p_gen", "p_mem"):
-                v = float(getattr(self, name))
-                if not (0.0 < v <= 1.0):
-                    raise ConfigError(f"{name} = {v} is outside (0, 1]: pass e.g. --example-tied-dropout 0.4,0.1")
-                setattr(self, name, v)
+            self.p_gen, self.p_mem = float(self.p_gen), float(self.p_mem)
         if self.baseline is not None:
             if self.baseline not in BASELINES:
                 raise ConfigError(f"unknown baseline {self.baseline!r}: choose one of {', '.join(BASELINES)}")
             if self.p_gen is not None:
                 raise ConfigError("a model takes example-tied dropout or a baseline layer, not both: drop one of them")
-            if self.active_fraction is None or not (0.0 < float(self.active_fraction) <= 1.0):
+            if self.active_fraction is None:
                 raise ConfigError(f"baseline {self.baseline!r} needs active_fraction in (0, 1], "
                                   f"got {self.active_fraction!r}; pass e.g. 0.46")
             self.active_fraction = float(self.active_fraction)

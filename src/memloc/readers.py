@@ -28,6 +28,7 @@ Search paths (first hit wins), matching what :func:`download` writes:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import re
@@ -38,6 +39,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from memloc.errors import ConfigError, DataError
+from memloc.options import INT64_MAX
 
 PathLike = str | os.PathLike
 
@@ -768,19 +770,84 @@ def download(name: str, root: PathLike) -> None:
 
 # --- example indices ---------------------------------------------------------
 
-def read_indices(path: str | Path) -> tuple[int, ...]:
-    """A file of training-example indices: .npy, or text with one index (or comma-separated ones) per line."""
+class Indices(tuple):
+    """Training-example indices read from a file, each remembering where it stands there (`where`), so that an
+    index found out of range later (past the run's examples) is reported with its file and line."""
+
+    def __new__(cls, values=(), source: str | None = None, lines: list[int] | None = None):
+        obj = super().__new__(cls, values)
+        obj.source, obj.lines = source, lines
+        return obj
+
+    def where(self, i: int) -> str:
+        """"--indices file F, line L" (a text file) or "..., position P" (a .npy) of the `i`-th index; "" unknown."""
+        if getattr(self, "source", None) is None:
+            return ""
+        return f"--indices file {self.source}, {f'line {self.lines[i]}' if self.lines else f'position {i}'}"
+
+
+def indices_of(values) -> tuple[int, ...]:
+    """Example indices as a tuple of ints; those read by `read_indices` keep where they came from."""
+    return values if isinstance(values, Indices) else tuple(int(i) for i in values)
+
+
+def read_indices(path: str | Path) -> Indices:
+    """A file of training-example indices: .npy, or text with one index (or comma-separated ones) per line ('#'
+    starts a comment line). Each must be an integer in 0..2^63 - 1 (an int64); a bad one is refused in one line
+    naming the file and its line (a .npy: its position)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--indices file {p} does not exist: pass a .npy or text file of example indices")
+    lines: list[int] | None = None
     try:
         if p.suffix == ".npy":
-            vals = np.load(p, allow_pickle=False).ravel()
+            arr = np.load(p, allow_pickle=False)
+            if arr.dtype.kind not in "iuf":
+                raise ValueError(f"it holds {arr.dtype} values")
+            raw = arr.ravel().tolist()  # exact Python ints (uint64 too) or floats
         else:
-            vals = np.array([v for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")
-                             for v in line.replace(",", " ").split()], dtype=np.float64)
+            raw, lines = [], []
+            for n, line in enumerate(p.read_text().splitlines(), 1):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    for v in line.replace(",", " ").split():
+                        raw.append(v)
+                        lines.append(n)
     except (ValueError, OSError) as err:
         raise ConfigError(f"--indices file {p} is not a list of integers ({err})") from None
-    if vals.size and not np.all(np.equal(np.mod(vals, 1), 0)):
-        raise ConfigError(f"--indices file {p} holds non-integer values: list example indices")
-    return tuple(int(v) for v in vals)
+    values = []
+    for i, v in enumerate(raw):
+        index = _index(v)
+        if index is None or not 0 <= index <= INT64_MAX:
+            where = f"line {lines[i]}" if lines is not None else f"position {i}"
+            what = f"{v!r} is not an integer" if index is None else \
+                f"{v} is outside 0..2^63 - 1 (an example index counts from 0)"
+            raise ConfigError(f"--indices file {p}, {where}: {what}: list training-example indices, e.g. 0, 17")
+        values.append(index)
+    return Indices(values, source=str(p), lines=lines)
+
+
+
+def _index(v: str | int | float) -> int | None:
+    """An index written as text or held by a .npy -> int; None when it is not an integer (3.0 and 1e3 are)."""
+    if isinstance(v, int):
+        return v
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if math.isfinite(f) and f.is_integer() else None
+
+
+def check_indices(indices, n: int, what: str = "example") -> None:
+    """Refuse (DataError, one line) the first of `indices` outside 0..n-1, naming its file and line when it was
+    read from one (`read_indices`)."""
+    bad = next((i for i, v in enumerate(indices) if not 0 <= int(v) < n), None)
+    if bad is None:
+        return
+    where = indices.where(bad) if isinstance(indices, Indices) else ""
+    raise DataError(f"{where + ': ' if where else ''}{what} index {indices[bad]} is outside 0..{n - 1}: the run has "
+                    f"{n} training {what}s")

@@ -53,7 +53,7 @@ from .errors import ConfigError, RunError
 from .inference import indices_context
 from .models import Layer, check_input, select_layers
 from .models import layers as find_layers
-from .options import floats, option, replaced
+from .options import INT64_MAX, check_ranges, floats, option, replaced
 from .precision import LEGACY, PRECISIONS, arithmetic, autocast, choose, cudnn_autotune
 from .runs import RunDir, exclusive, load_state, save_state
 from .tasks import task_of
@@ -106,22 +106,23 @@ def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tens
 class TrainConfig:
     """How to train. Defaults are the paper's recipe except `lr` and `epochs` (chosen by measurement, README)."""
 
-    epochs: int = option(40, "training epochs")
-    lr: float = option(0.1, "peak learning rate")
-    batch_size: int = option(512, "training batch size")
+    epochs: int = option(40, "training epochs", at_least=1)
+    lr: float = option(0.1, "peak learning rate", above=0)
+    batch_size: int = option(512, "training batch size", at_least=1)
     optimizer: str = option("sgd", "sgd (momentum 0.9: the paper's) or adamw (betas 0.9, 0.95: language models)",
                             choices=OPTIMIZERS)
-    momentum: float = option(0.9, cli=False)
-    weight_decay: float = option(5e-4, "weight decay (the paper's 5e-4; language models 0.1)")
-    clip: float | None = option(None, "clip the gradient norm of each step to this (language models: 1.0)")
+    momentum: float = option(0.9, cli=False, at_least=0, below=1)
+    weight_decay: float = option(5e-4, "weight decay (the paper's 5e-4; language models 0.1)", at_least=0)
+    clip: float | None = option(None, "clip the gradient norm of each step to this (language models: 1.0)", above=0)
     schedule: str = option("cosine", "cosine with linear warm-up (the paper's), onecycle (triangle) or constant",
                            choices=SCHEDULES)
-    warmup: float = option(0.1, "fraction of steps of warm-up (cosine) or to the peak (onecycle)")
-    seed: int = option(0, "seed of the initialization and the training order")
+    warmup: float = option(0.1, "fraction of steps of warm-up (cosine) or to the peak (onecycle)", at_least=0,
+                           below=1)
+    seed: int = option(0, "seed of the initialization and the training order", at_least=0, at_most=INT64_MAX)
     augment: bool = option(False, "random crop + flip (off in the paper's main runs)")
     gradient_accounting: bool = option(True, "skip gradient accounting (the clean and noisy gradient shares)",
                                        negate="--no-gradient-accounting")
-    checkpoint_every: int = option(1, "save the model every K epochs")
+    checkpoint_every: int = option(1, "save the model every K epochs", at_least=1)
     elr: tuple[float, float] | None = option(None, "early-learning regularization (Liu et al. 2020; classification): "
                                              "lambda * log(1 - <t, p>) with per-example targets t of momentum beta, "
                                              "e.g. 3,0.7 (CIFAR-10's; CIFAR-100's 7,0.9; mnist5k: 3,0.9); docs/elr.md",
@@ -129,29 +130,18 @@ class TrainConfig:
     precision: str = option("auto", "auto: bf16 autocast on a GPU, and on a CPU with native bf16 (AVX512-BF16/AMX) for "
                             "convolutional models, with channels_last images; fp32 elsewhere (docs/speed.md); "
                             "or fp32 / bf16 everywhere", choices=PRECISIONS)
-    eval_batch_size: int = option(1024, cli=False, result=False)
+    eval_batch_size: int = option(1024, cli=False, result=False, at_least=1)
     device: str = option("auto", "auto (cuda when present), cpu or cuda", result=False)
     compile: bool = option(False, "torch.compile the model (GPU)", result=False)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, not {self.epochs}")
-        if not (self.lr > 0) or math.isinf(self.lr):
-            raise ConfigError(f"learning rate must be positive, not {self.lr}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
+        check_ranges(self)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.clip is not None and not (self.clip > 0):
-            raise ConfigError(f"--clip {self.clip} must be positive")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if not (0.0 <= self.warmup < 1.0):
-            raise ConfigError(f"warm-up fraction {self.warmup} is outside [0, 1)")
         if self.precision not in PRECISIONS + (LEGACY,):
             raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.checkpoint_every < 1:
-            raise ConfigError(f"--checkpoint-every must be at least 1, not {self.checkpoint_every}")
         self.elr = elr_setting(self.elr)
 
 

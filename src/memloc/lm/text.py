@@ -40,7 +40,7 @@ import torch
 
 from ..data import Examples
 from ..errors import ConfigError, DataError
-from ..options import ints, names, option
+from ..options import INT64_MAX, check_ranges, ints, names, option
 from .sources import bible_verses
 from .tokenizers import ByteTokenizer
 
@@ -67,51 +67,41 @@ class TextConfig:
                          "sequence per line), a .jsonl file (a \"text\" field per line) or a folder of .txt files")
     tokenizer: str = option("bytes", "bytes (256 ids, nothing to train), bpe (trained on the training text and saved "
                             "in the run) or hf:FOLDER (a local Hugging Face tokenizer)")
-    vocab_size: int = option(512, "BPE vocabulary size (--tokenizer bpe)")
-    block_size: int = option(128, "tokens per training sequence")
-    sequences: int | None = option(None, "use this many training sequences (a seeded subset; default: all)")
-    holdout: float = option(0.1, "held-out fraction of the sequences")
+    vocab_size: int = option(512, "BPE vocabulary size (--tokenizer bpe)", at_least=64, at_most=1_000_000)
+    block_size: int = option(128, "tokens per training sequence", at_least=8)
+    sequences: int | None = option(None, "use this many training sequences (a seeded subset; default: all)",
+                                   at_least=2)
+    holdout: float = option(0.1, "held-out fraction of the sequences", above=0, below=1)
     window: bool = option(False, "cut your .txt into windows of --block-size tokens instead of one sequence per line")
-    canaries: int = option(2, "canaries of each format per repeat count (the same number again held out)")
+    canaries: int = option(2, "canaries of each format per repeat count (the same number again held out)",
+                           at_least=0)
     repeats: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), "how many training sequences hold each canary",
-                                      parse=ints, metavar="R,R,...")
+                                      parse=ints, metavar="R,R,...", at_least=1)
     canary_formats: tuple[str, ...] = option(CANARY_FORMATS, "canary formats: secret, random, record",
                                              parse=names, metavar="F,F,...")
-    secret_digits: int = option(6, "digits of a secret-number canary (exposure's candidates: 10^digits)")
+    secret_digits: int = option(6, "digits of a secret-number canary (exposure's candidates: 10^digits)",
+                                at_least=1, at_most=12)
     dedup: bool = option(False, "deduplicate: write each trained canary into one training sequence only (the same "
                          "canaries and sequences as without it; the baseline of memorization sinks)")
-    prefix_tokens: int = option(32, "extraction of corpus text: the prefix length P")
-    suffix_tokens: int = option(48, "extraction of corpus text: the suffix length S that must be reproduced")
-    seed: int = option(0, cli=False)
+    prefix_tokens: int = option(32, "extraction of corpus text: the prefix length P", at_least=1)
+    suffix_tokens: int = option(48, "extraction of corpus text: the suffix length S that must be reproduced",
+                                at_least=1)
+    seed: int = option(0, cli=False, at_least=0, at_most=INT64_MAX)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         self.repeats = tuple(int(r) for r in self.repeats)
         self.canary_formats = tuple(self.canary_formats)
-        if self.block_size < 8:
-            raise ConfigError(f"--block-size {self.block_size} is too small: pass at least 8")
-        if not self.repeats or min(self.repeats) < 1:
-            raise ConfigError(f"repeat counts {list(self.repeats)} must be positive integers: pass e.g. "
-                              "--repeats 1,4,16")
+        if not self.repeats:
+            raise ConfigError("no repeat counts: pass e.g. --repeats 1,4,16")
         unknown = [f for f in self.canary_formats if f not in CANARY_FORMATS]
         if unknown:
             raise ConfigError(f"unknown canary format {unknown[0]!r}: choose from {', '.join(CANARY_FORMATS)}")
-        if self.canaries < 0:
-            raise ConfigError(f"--canaries {self.canaries} is negative: pass 0 or more")
-        if not (0.0 < self.holdout < 1.0):
-            raise ConfigError(f"holdout fraction {self.holdout} is outside (0, 1): pass e.g. --holdout 0.1")
-        if self.sequences is not None and self.sequences < 2:
-            raise ConfigError(f"--sequences {self.sequences} is too small: pass at least 2")
-        if not (1 <= self.secret_digits <= 12):
-            raise ConfigError(f"--secret-digits {self.secret_digits} is outside 1..12")
-        if self.prefix_tokens < 1 or self.suffix_tokens < 1:
-            raise ConfigError("--prefix-tokens and --suffix-tokens must be at least 1")
         if self.prefix_tokens + self.suffix_tokens > self.block_size + 1:
             raise ConfigError(f"prefix {self.prefix_tokens} + suffix {self.suffix_tokens} tokens do not fit a sequence "
                               f"of {self.block_size + 1}: lower --prefix-tokens/--suffix-tokens or raise --block-size")
         if self.tokenizer not in ("bytes", "bpe") and not self.tokenizer.startswith("hf:"):
             raise ConfigError(f"unknown tokenizer {self.tokenizer!r}: choose bytes, bpe or hf:FOLDER")
-        if self.tokenizer == "bpe" and not (64 <= self.vocab_size <= 1_000_000):
-            raise ConfigError(f"--vocab-size {self.vocab_size} is outside 64..1,000,000")
 
     @property
     def name(self) -> str:

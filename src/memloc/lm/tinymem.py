@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..options import ints, option
+from ..options import INT64_MAX, check_ranges, ints, option
 from .text import TextData
 
 VOCAB = "0123456789^$ "  # ids 0..12; 13 is padding
@@ -68,40 +68,38 @@ class TinyMemConfig:
     """TinyMem's arithmetic data, scaled (see the module text). Validated on construction."""
 
     families: tuple[int, ...] = option((2, 3, 4, 5, 7), "the additive families: element i+1 = element i + k",
-                                       parse=ints, metavar="K,K,...")
-    noised_family: int = option(7, "the family whose sequences carry the noise artifacts (TinyMem's main family)")
-    sequences: int = option(500, "training sequences per family (TinyMem: 20,000 less 1,000 held out)")
-    test: int = option(100, "held-out sequences per family (TinyMem: 1,000)")
+                                       parse=ints, metavar="K,K,...", at_least=1)
+    noised_family: int = option(7, "the family whose sequences carry the noise artifacts (TinyMem's main family)",
+                                at_least=1)
+    sequences: int = option(500, "training sequences per family (TinyMem: 20,000 less 1,000 held out)", at_least=2)
+    test: int = option(100, "held-out sequences per family (TinyMem: 1,000)", at_least=1)
     artifact: str = option("noise", "noise or backdoor", choices=ARTIFACTS)
-    artifacts: int = option(100, "noised training sequences of the main family (TinyMem: 1,000)")
-    repeats: int = option(1, "training copies of each artifact (TinyMem's duplication option; default 1: none)")
-    noise_p: float = option(0.05, "probability of -1 and of +1 per element (TinyMem 0.05 each)")
+    artifacts: int = option(100, "noised training sequences of the main family (TinyMem: 1,000)", at_least=1)
+    repeats: int = option(1, "training copies of each artifact (TinyMem's duplication option; default 1: none)",
+                          at_least=1)
+    noise_p: float = option(0.05, "probability of -1 and of +1 per element (TinyMem 0.05 each)", above=0, at_most=0.5)
     trigger: str = option("100", "the backdoor's trigger digits")
-    length: int = option(100, "tokens per sequence (TinyMem: 650-token context, memorization read on 100)")
-    prompt: int = option(50, "prompt tokens of the memorization check (TinyMem 50)")
-    continuation: int = option(50, "continuation tokens that must be reproduced (TinyMem 50)")
-    seed: int = option(0, "seed of the split, the noise and the artifacts' choice")
+    length: int = option(100, "tokens per sequence (TinyMem: 650-token context, memorization read on 100)",
+                         at_least=2)
+    prompt: int = option(50, "prompt tokens of the memorization check (TinyMem 50)", at_least=1)
+    continuation: int = option(50, "continuation tokens that must be reproduced (TinyMem 50)", at_least=1)
+    seed: int = option(0, "seed of the split, the noise and the artifacts' choice", at_least=0, at_most=INT64_MAX)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         self.families = tuple(int(k) for k in self.families)
-        if not self.families or min(self.families) < 1:
-            raise ConfigError(f"families {list(self.families)} must be positive integers, e.g. 2,3,4,5,7")
+        if not self.families:
+            raise ConfigError("no families: pass e.g. --families 2,3,4,5,7")
         if self.noised_family not in self.families:
             raise ConfigError(f"--noised-family {self.noised_family} is not one of the families {list(self.families)}")
-        if self.sequences < 2 or self.test < 1:
-            raise ConfigError("--sequences must be at least 2 and --test at least 1")
         if self.artifact not in ARTIFACTS:
             raise ConfigError(f"unknown artifact {self.artifact!r}: choose from {', '.join(ARTIFACTS)}")
-        if not (1 <= self.artifacts <= self.sequences):
+        if self.artifacts > self.sequences:
             raise ConfigError(f"--artifacts {self.artifacts} is outside 1..{self.sequences} (the main family's "
                               "training sequences)")
-        if self.repeats < 1:
-            raise ConfigError(f"--repeats {self.repeats} must be at least 1")
-        if not (0.0 < self.noise_p <= 0.5):
-            raise ConfigError(f"--noise-p {self.noise_p} is outside (0, 0.5]")
         if not self.trigger.isdigit():
             raise ConfigError(f"--trigger {self.trigger!r} must be digits")
-        if self.prompt < 1 or self.continuation < 1 or self.prompt + self.continuation > self.length:
+        if self.prompt + self.continuation > self.length:
             raise ConfigError(f"prompt {self.prompt} + continuation {self.continuation} tokens must fit a sequence of "
                               f"{self.length}")
 

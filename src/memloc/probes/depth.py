@@ -78,7 +78,7 @@ from ..data import batches
 from ..errors import ConfigError, RunError
 from ..models import Layer, select_layers
 from ..models import layers as find_layers
-from ..options import names, option
+from ..options import INT64_MAX, check_ranges, names, option
 from ..precision import autocast
 from ..tasks import Task, task_of
 from .base import ProbeResult
@@ -94,25 +94,20 @@ DECODABLE = 0.5  # noisy labels are "decodable" at a layer once their given-labe
 class DepthConfig:
     """Settings of `memloc depth`. Defaults: Baldock et al.'s k = 30 neighbours, a support set of 1,000 examples."""
 
-    k: int = option(30, "neighbours of the k-NN probes (as Baldock et al.)")
+    k: int = option(30, "neighbours of the k-NN probes (as Baldock et al.)", at_least=1)
     support: int = option(1000, "support examples of the k-NN probes: a seeded choice of the training set (all when "
-                          "there are fewer)")
+                          "there are fewer)", at_least=2)
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices to probe (default: all)",
                                             parse=names)
     linear: bool = option(False, "also a linear probe per layer (scikit-learn logistic regression on the support "
                           "set)")
-    seed: int = option(0, "seed of the support set and of the linear probe's halves")
-    batch_size: int = option(512, "examples per forward pass", result=False)
-    epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
+    seed: int = option(0, "seed of the support set and of the linear probe's halves", at_least=0, at_most=INT64_MAX)
+    batch_size: int = option(512, "examples per forward pass", result=False, at_least=1)
+    epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"--k must be at least 1, not {self.k}")
-        if self.support < 2:
-            raise ConfigError(f"--support must be at least 2, not {self.support}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
+        check_ranges(self)
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +62,7 @@ from torch import nn
 from ..errors import ConfigError, DataError, RunError
 from ..experiment import make_model
 from ..inference import predict
-from ..options import option
+from ..options import INT64_MAX, check_ranges, option
 from ..readers import read_vector
 from ..runs import RunDir
 from ..tasks import task_of
@@ -98,31 +97,27 @@ class DetectConfig:
     rank_by: str = option("aum", "score ranking suspects.csv: aum, final_loss, mean_loss, forgetting, first_learned, "
                           "units_to_flip, label_quality, prediction_depth")
     cv: int = option(0, "confident learning (cleanlab) on K-fold out-of-fold predictions: trains K extra models",
-                     metavar="K")
-    cv_epochs: int | None = option(None, "epochs of each cross-validation model (default: the run's)")
+                     metavar="K", at_least=0)
+    cv_epochs: int | None = option(None, "epochs of each cross-validation model (default: the run's)", at_least=1)
     flip_all: bool = option(False, "run the flipping probe on every training example first (slow)")
-    flip_eval_subsample: int = option(256, cli=False)  # accuracy after removal on this many examples (flip_all)
+    # accuracy after removal on this many examples (flip_all)
+    flip_eval_subsample: int = option(256, cli=False, at_least=1)
     rare_scores: str | None = option(None, "per-example scores file (.npy or CSV): examples below --rare-below "
                                      "are rare")
     rare_below: float = option(0.5, "threshold for --rare-scores")
-    seed: int = option(0, cli=False)  # seed of the fold assignment
+    seed: int = option(0, cli=False, at_least=0, at_most=INT64_MAX)  # seed of the fold assignment
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.rank_by not in SCORES:
             raise ConfigError(f"unknown score {self.rank_by!r} for --rank-by: choose one of {', '.join(SCORES)}")
-        if self.cv < 0 or self.cv == 1:
+        if self.cv == 1:
             raise ConfigError(f"--cv {self.cv} is not a number of folds: pass 0 (off) or at least 2, e.g. --cv 4")
-        if self.cv_epochs is not None and self.cv_epochs < 1:
-            raise ConfigError(f"--cv-epochs must be at least 1, not {self.cv_epochs}")
         if self.cv_epochs is not None and not self.cv:
             raise ConfigError("--cv-epochs is set without --cv: pass --cv K to train K cross-validation models")
         if self.rank_by == "label_quality" and not self.cv:
             raise ConfigError("--rank-by label_quality needs cross-validated predictions: pass --cv K (e.g. 4)")
-        if self.flip_eval_subsample < 1:
-            raise ConfigError(f"flip_eval_subsample must be at least 1, not {self.flip_eval_subsample}")
-        if not math.isfinite(self.rare_below):
-            raise ConfigError(f"--rare-below {self.rare_below} is not a finite number")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -30,7 +30,7 @@ from ..dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_exampl
 from ..errors import ConfigError, RunError
 from ..experiment import LoadedRun
 from ..inference import predict
-from ..options import option
+from ..options import check_ranges, option
 from ..precision import arithmetic
 from ..tasks import task_of
 from ..training import evaluate
@@ -64,21 +64,21 @@ def _pct(v: float | None) -> float | None:
 class DropoutConfig:
     """The example-tied evaluation: which saved epoch, and how the kept units are rescaled after the drop."""
 
-    epoch: int | None = option(None, "saved epoch to evaluate (default: the last)")
+    epoch: int | None = option(None, "saved epoch to evaluate (default: the last)", at_least=0)
     drop_scale: str = option("matched", "rescaling of the generalization units after the drop (matched keeps the "
                              "expected total)", choices=DROP_SCALES)
-    batch_size: int = option(1024, "evaluation batch size", result=False)
+    batch_size: int = option(1024, "evaluation batch size", result=False, at_least=1)
     device: str = option("auto", "auto, cpu or cuda", result=False)
     # language models (memorization sinks)
-    repeated: int = option(16, "language models: the headline pools canaries repeated at least this many times")
+    repeated: int = option(16, "language models: the headline pools canaries repeated at least this many times",
+                           at_least=1)
     exposure: bool = option(True, "language models: skip the secret-number canaries' exposure",
                             negate="--no-exposure")
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.drop_scale not in DROP_SCALES:
             raise ConfigError(f"unknown drop scale {self.drop_scale!r}: use one of {', '.join(DROP_SCALES)}")
-        if self.repeated < 1:
-            raise ConfigError(f"--repeated {self.repeated} must be at least 1")
 
 
 def _check(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> None:

@@ -76,10 +76,10 @@ from ..cutting import fold_norms, split_after
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, select_layers
 from ..models import layers as find_layers
-from ..options import names, option
+from ..options import INT64_MAX, check_ranges, names, option
 from ..options import settings as option_settings
 from ..precision import bf16, cudnn_autotune, current, native_bf16
-from ..readers import read_indices
+from ..readers import check_indices, indices_of, read_indices
 from ..tasks import Task, task_of
 from ..units import UnitMasks
 from .base import ProbeResult
@@ -94,37 +94,40 @@ PROBE_NAME = "flipping"
 class FlipConfig:
     """Settings of the greedy unit removal. Defaults are the paper's (5 copies, 1% noise, 512 others)."""
 
-    examples: int = option(100, "examples per kind, a seeded choice")
+    examples: int = option(100, "examples per kind, a seeded choice", at_least=1)
     kinds: tuple[str, ...] | None = option(None, "comma-separated kinds: clean, noisy, rare (language models: "
                                            "corpus, canary); default: the task's reference and memorized kinds "
                                            "(clean,noisy)", flag="--kind", parse=names)
     indices: tuple[int, ...] | None = option(None, "flip these training examples instead (.npy or text, one index a "
-                                             "line)", parse=read_indices, metavar="FILE")
-    others: int = option(512, "other training examples whose loss is kept low")
-    copies: int = option(5, "noisy copies of the example averaged")
-    input_noise: float = option(0.01, "noise norm as a fraction of the input norm")
-    budget: float = option(0.1, "removal cap as a fraction of all units")
-    max_units: int | None = option(None, "removal cap as a number of units (wins over --budget)")
+                                             "line)", parse=read_indices, metavar="FILE", at_least=0,
+                                             at_most=INT64_MAX)
+    others: int = option(512, "other training examples whose loss is kept low", at_least=1)
+    copies: int = option(5, "noisy copies of the example averaged", at_least=1)
+    input_noise: float = option(0.01, "noise norm as a fraction of the input norm", at_least=0, below=10)
+    budget: float = option(0.1, "removal cap as a fraction of all units", above=0, at_most=1)
+    max_units: int | None = option(None, "removal cap as a number of units (wins over --budget)", at_least=1)
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all but the "
                                             "classifier)", parse=names)
     include_classifier: bool = option(False, "let the final classifier's units be removed too")
     eval_subsample: int | None = option(None, "accuracy after removal on K seeded train and test examples",
-                                        metavar="K")
+                                        metavar="K", at_least=1)
     eval_test: bool = option(True, "after removal, training-set accuracy only", negate="--no-test-eval")
-    seed: int = option(0, "seed of the examples, the others and the input noise")
+    seed: int = option(0, "seed of the examples, the others and the input noise", at_least=0, at_most=INT64_MAX)
     sequential: bool = option(False, "the paper's loop: one example, one removal at a time", result=False)
     # "auto": bf16 where the device computes it natively in batched mode (a GPU; a CPU with AVX512-BF16 or AMX),
     # and the arithmetic the model trains in for the sequential baseline (the run's `--precision`)
     precision: str = option("auto", "auto (bf16 where the device has it natively; --sequential: the run's arithmetic), "
                             "fp32 or bf16", result=False)
     batch_examples: int = option(16, "examples flipped at once (16 keeps the paper's ResNet-9 under 16 GB)",
-                                 result=False)
-    max_rows: int | None = option(None, cli=False, result=False)  # rows per score pass (None: 4096 GPU, 1024 CPU)
-    eval_rows: int | None = option(None, cli=False, result=False)  # rows per accuracy pass (None: 8192 GPU, 1024 CPU)
-    epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
+                                 result=False, at_least=1)
+    # rows per score pass (None: 4096 GPU, 1024 CPU) and per accuracy pass (None: 8192 GPU, 1024 CPU)
+    max_rows: int | None = option(None, cli=False, result=False, at_least=1)
+    eval_rows: int | None = option(None, cli=False, result=False, at_least=1)
+    epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.kinds is not None:
             self.kinds = tuple(self.kinds)
             for k in self.kinds:
@@ -134,32 +137,14 @@ class FlipConfig:
             raise ConfigError("no kind of example chosen: pass --kind clean,noisy or --indices FILE")
         if self.kinds is not None and len(set(self.kinds)) != len(self.kinds):
             raise ConfigError(f"--kind lists a kind twice: {','.join(self.kinds)}")
-        if self.examples < 1:
-            raise ConfigError(f"--examples must be at least 1, not {self.examples}")
         if self.indices is not None:
-            self.indices = tuple(int(i) for i in self.indices)
+            self.indices = indices_of(self.indices)
             if not self.indices:
                 raise ConfigError("the --indices file lists no examples")
             if len(set(self.indices)) != len(self.indices):
                 raise ConfigError("the --indices file lists an example twice: examples must be distinct")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
-        if self.others < 1:
-            raise ConfigError(f"--others must be at least 1, not {self.others}")
-        if self.copies < 1:
-            raise ConfigError(f"--copies must be at least 1, not {self.copies}")
-        if not (0.0 <= self.input_noise < 10.0):
-            raise ConfigError(f"--input-noise {self.input_noise} is outside [0, 10): "
-                              "pass e.g. 0.01 (1% of the input norm)")
-        if not (0.0 < self.budget <= 1.0):
-            raise ConfigError(f"--budget {self.budget} is outside (0, 1]: it is a fraction of all units, e.g. 0.1")
-        if self.max_units is not None and self.max_units < 1:
-            raise ConfigError(f"--max-units must be at least 1, not {self.max_units}")
-        if self.eval_subsample is not None and self.eval_subsample < 1:
-            raise ConfigError(f"--eval-subsample must be at least 1, not {self.eval_subsample}")
-        for name in ("batch_examples", "max_rows", "eval_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
 
@@ -220,9 +205,7 @@ def kinds_of(data, indices: np.ndarray) -> list[str]:
     (classification: noisy, then rare, else clean)."""
     task = task_of(data)
     n = task.num_train
-    bad = [int(i) for i in indices if not (0 <= int(i) < n)]
-    if bad:
-        raise DataError(f"example index {bad[0]} is outside 0..{n - 1}: the run has {n} training examples")
+    check_indices(indices, n)
     order = [task.memorized_kind] + [k for k in task.kinds if k not in (task.memorized_kind, task.reference_kind)]
     masks = [(k, m.cpu().numpy()) for k in order if (m := task.kind_mask(k)) is not None]
     return [next((k for k, m in masks if m[i]), task.reference_kind) for i in indices]
@@ -559,6 +542,7 @@ def _plan(model: nn.Module, data, cfg: FlipConfig):
     budget = cfg.max_units if cfg.max_units is not None else max(1, math.ceil(cfg.budget * total))
     budget = min(budget, total)
     if cfg.indices is not None:
+        check_indices(cfg.indices, task.num_train)  # its file and line named, before the int64 array
         idx = np.asarray(cfg.indices, dtype=np.int64)
         kinds = kinds_of(task, idx)
     else:

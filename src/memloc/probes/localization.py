@@ -86,9 +86,9 @@ from ..data import batches
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, select_layers
 from ..models import layers as find_layers
-from ..options import names, option
+from ..options import INT64_MAX, check_ranges, names, option
 from ..options import settings as option_settings
-from ..readers import read_indices
+from ..readers import check_indices, indices_of, read_indices
 from ..tasks import Task, task_of
 from ..units import UnitMasks
 from .base import ProbeResult
@@ -110,54 +110,42 @@ class LocalizeConfig:
 
     method: str = option("balanced-subnet", "how units are scored: " + ", ".join(METHODS), choices=METHODS)
     k: int | None = option(None, "units to zero: the top K by score (wins over --fraction; per layer with "
-                           "--per-layer)")
-    fraction: float = option(0.01, "units to zero as a fraction of the candidate units (at least 1)")
+                           "--per-layer)", at_least=1)
+    fraction: float = option(0.01, "units to zero as a fraction of the candidate units (at least 1)", above=0,
+                             at_most=1)
     per_layer: bool = option(False, "take the top units of every layer (MemPi) instead of over all layers")
     heads: bool = option(False, "attention heads are units too (default: MLP neurons only)")
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: every MLP)",
                                             parse=names)
     examples: int | None = option(None, "localize at most N of the memorized sequences, a seeded choice "
-                                  "(default: all)", metavar="N")
+                                  "(default: all)", metavar="N", at_least=1)
     indices: tuple[int, ...] | None = option(None, "localize these training sequences instead (.npy or text, one "
-                                             "index a line)", parse=read_indices, metavar="FILE")
-    others: int = option(64, "other (reference-kind) training sequences whose loss is kept")
+                                             "index a line)", parse=read_indices, metavar="FILE", at_least=0,
+                                             at_most=INT64_MAX)
+    others: int = option(64, "other (reference-kind) training sequences whose loss is kept", at_least=1)
     steps: int | None = option(None, "optimization steps of the learned methods (default: slimming and "
-                               "hard-concrete 1000, balanced-subnet 200)")
+                               "hard-concrete 1000, balanced-subnet 200)", at_least=1)
     lr: float | None = option(None, "learning rate of the learned methods (default: slimming and hard-concrete "
-                              "0.01, balanced-subnet 0.1)")
-    penalty: float = option(1000.0, "weight of the mean L1 (slimming) or L0 (hard-concrete) penalty")
-    stop: float = option(0.1, "slimming and hard-concrete stop once the penalty's mean is below this")
-    temperature: float = option(2 / 3, "hard-concrete temperature")
-    ig_steps: int = option(20, "integrated-gradients steps")
-    seed: int = option(0, "seed of the sequences, the others, the random scores and the hard-concrete noise")
+                              "0.01, balanced-subnet 0.1)", above=0)
+    penalty: float = option(1000.0, "weight of the mean L1 (slimming) or L0 (hard-concrete) penalty", at_least=0)
+    stop: float = option(0.1, "slimming and hard-concrete stop once the penalty's mean is below this", at_least=0)
+    temperature: float = option(2 / 3, "hard-concrete temperature", above=0)
+    ig_steps: int = option(20, "integrated-gradients steps", at_least=1)
+    seed: int = option(0, "seed of the sequences, the others, the random scores and the hard-concrete noise",
+                       at_least=0, at_most=INT64_MAX)
     batch_size: int | None = option(None, "rows per forward pass (default 256 on a CPU, 2048 on a GPU)",
-                                    result=False)
-    epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
+                                    result=False, at_least=1)
+    epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"--k must be at least 1, not {self.k}")
-        if not (0.0 < self.fraction <= 1.0):
-            raise ConfigError(f"--fraction {self.fraction} is outside (0, 1]: it is a share of the units, e.g. 0.01")
-        if self.examples is not None and self.examples < 1:
-            raise ConfigError(f"--examples must be at least 1, not {self.examples}")
         if self.indices is not None:
-            self.indices = tuple(int(i) for i in self.indices)
+            self.indices = indices_of(self.indices)
             if not self.indices or len(set(self.indices)) != len(self.indices):
                 raise ConfigError("the --indices file must list distinct training sequences, at least one")
-        for name in ("others", "ig_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, not {self.lr}")
-        if self.penalty < 0 or self.stop < 0 or not self.temperature > 0:
-            raise ConfigError("--penalty and --stop must be at least 0 and --temperature positive")
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
 
@@ -239,10 +227,8 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig) -> tuple[list[Layer], int
     k = units_to_zero(candidates, cfg)
     n = task.num_train
     if cfg.indices is not None:
+        check_indices(cfg.indices, n, "sequence")  # its file and line named, before the int64 array
         seqs = np.asarray(cfg.indices, dtype=np.int64)
-        bad = [int(i) for i in seqs if not 0 <= i < n]
-        if bad:
-            raise DataError(f"sequence index {bad[0]} is outside 0..{n - 1}: the run has {n} training sequences")
     else:
         seqs = memorized_sequences(model, task, batch_size=_rows(cfg, model))
         if cfg.examples is not None and cfg.examples < len(seqs):

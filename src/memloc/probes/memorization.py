@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..lm import measures
 from ..lm.text import TextData, decode_targets
-from ..options import option
+from ..options import INT64_MAX, check_ranges, option
 from .base import ProbeResult
 from .engine import Context, Probe
 
@@ -42,16 +42,17 @@ PROBE_NAME = "memorization"
 class MemorizationConfig:
     exposure: bool = option(True, "skip exposure (the secret-number canaries' rank among all digit strings)",
                             negate="--no-exposure")
-    exact_up_to: int = option(100_000, "exposure by enumeration up to this many candidates, estimated beyond")
-    samples: int = option(5_000, "candidates sampled for the exposure estimate (each one forward pass)")
-    batch_size: int = option(256, "evaluation batch size", result=False)
-    epoch: int | None = option(None, "probe this saved epoch (default: the final one)")
+    exact_up_to: int = option(100_000, "exposure by enumeration up to this many candidates, estimated beyond",
+                              at_least=1)
+    samples: int = option(5_000, "candidates sampled for the exposure estimate (each one forward pass)",
+                          at_least=100)
+    batch_size: int = option(256, "evaluation batch size", result=False, at_least=1)
+    epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
-    seed: int = option(0, "seed of the exposure estimate's samples")
+    seed: int = option(0, "seed of the exposure estimate's samples", at_least=0, at_most=INT64_MAX)
 
     def __post_init__(self) -> None:
-        if self.exact_up_to < 1 or self.samples < 100:
-            raise ConfigError("--exact-up-to must be at least 1 and --samples at least 100")
+        check_ranges(self)
 
 
 def _check(model: nn.Module, data, cfg: MemorizationConfig, ctx: Context) -> None:

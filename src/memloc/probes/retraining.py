@@ -37,7 +37,7 @@ from ..errors import ConfigError, DataError, RunError
 from ..experiment import make_model
 from ..models import NORM_TYPES, Layer, select_layers
 from ..models import layers as find_layers
-from ..options import names, option
+from ..options import INT64_MAX, check_ranges, names, option
 from ..precision import autocast
 from ..runs import RunDir
 from ..tasks import Task, task_of
@@ -62,16 +62,16 @@ PROBE_NAME = "retraining"
 class RetrainConfig:
     """How each layer is retrained (the paper: 20 epochs, one-cycle to lr 0.1 at epoch 10)."""
 
-    epochs: int = option(20, "retraining epochs per layer")
-    lr: float = option(0.1, "peak learning rate of the one-cycle schedule")
+    epochs: int = option(20, "retraining epochs per layer", at_least=1)
+    lr: float = option(0.1, "peak learning rate of the one-cycle schedule", above=0)
     peak_epoch: float | None = option(None, "epoch of the peak learning rate (default: half the epochs, the "
-                                      "paper's 10 of 20)")
-    batch_size: int = option(512, "training batch size")
-    momentum: float = option(0.9, cli=False)
-    weight_decay: float = option(5e-4, cli=False)
+                                      "paper's 10 of 20)", at_least=0)
+    batch_size: int = option(512, "training batch size", at_least=1)
+    momentum: float = option(0.9, cli=False, at_least=0, below=1)
+    weight_decay: float = option(5e-4, cli=False, at_least=0)
     optimizer: str = option("sgd", "sgd (momentum: the paper's) or adamw (betas 0.9, 0.95: language models)",
                             choices=("sgd", "adamw"))
-    seed: int = option(0, "seed of the training order (and of --reset reinit)")
+    seed: int = option(0, "seed of the training order (and of --reset reinit)", at_least=0, at_most=INT64_MAX)
     bn_mode: str = option("frozen", "frozen: every other norm keeps its final statistics (the paper's text); train: "
                           "the whole model in train mode while the layer trains, so every BatchNorm re-estimates its "
                           "statistics on the retraining batches (what the published code did)",
@@ -82,28 +82,20 @@ class RetrainConfig:
                          "outputs are computed once per layer: they are frozen; with --bn-mode frozen only)",
                          negate="--no-cache", result=False)
     stop_at: float | None = option(None, "stop a layer once its reference-train accuracy reaches this after an "
-                                   "epoch (the published code: 1.0; later epochs repeat the stopped model's row)")
-    eval_batch_size: int = option(1024, cli=False, result=False)
+                                   "epoch (the published code: 1.0; later epochs repeat the stopped model's row)",
+                                   above=0, at_most=1)
+    eval_batch_size: int = option(1024, cli=False, result=False, at_least=1)
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
                                             parse=names)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"retraining epochs must be at least 1, not {self.epochs}")
-        if not (self.lr > 0) or math.isinf(self.lr):
-            raise ConfigError(f"learning rate must be positive, not {self.lr}")
+        check_ranges(self)
         if self.peak_epoch is None:
             self.peak_epoch = self.epochs // 2 if self.epochs % 2 == 0 else self.epochs / 2
         if not (0 <= self.peak_epoch < self.epochs):
             raise ConfigError(f"peak_epoch (--peak-epoch) {self.peak_epoch:g} must lie in [0, {self.epochs}), the "
                               "retraining epochs: leave it out for half of them")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, not {self.batch_size}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError("momentum and weight decay must not be negative")
-        if self.stop_at is not None and not (0 < self.stop_at <= 1):
-            raise ConfigError(f"--stop-at {self.stop_at} must be an accuracy in (0, 1], e.g. 1.0")
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
 

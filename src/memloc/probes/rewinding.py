@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ConfigError, RunError
 from ..models import layers as find_layers
 from ..models import select_layers
-from ..options import ints, names, option
+from ..options import check_ranges, ints, names, option
 from ..runs import RunDir
 from ..tasks import task_of
 from .base import ProbeResult
@@ -51,23 +51,20 @@ class RewindConfig:
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
                                             parse=names)
     epochs: tuple[int, ...] | None = option(None, "comma-separated saved epochs to rewind to (default: all saved)",
-                                            parse=ints)
-    every: int | None = option(None, "every K-th saved epoch (the last one always included)")
+                                            parse=ints, at_least=0)
+    every: int | None = option(None, "every K-th saved epoch (the last one always included)", at_least=1)
     keep_bn_stats: bool = option(False, "leave the BatchNorm statistics final (weights only)")
-    batch_size: int = option(1024, "evaluation batch size", result=False)
+    batch_size: int = option(1024, "evaluation batch size", result=False, at_least=1)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
         if self.epochs is not None:
             self.epochs = tuple(int(e) for e in self.epochs)
         if self.epochs is not None and self.every is not None:
             raise ConfigError("pass either --epochs or --every, not both")
-        if self.every is not None and self.every < 1:
-            raise ConfigError(f"--every must be at least 1, not {self.every}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
 
 
 def rewind_model(model: nn.Module, data: Any, states_by_epoch: States, *, epochs: Sequence[int] | None = None,

@@ -8,6 +8,7 @@
       partial:PROBE          right after the probe PROBE first saved its partial progress (mid-stage)
       epoch:N                right after training saved epoch N
       pause:N:FILE           after training saved epoch N, wait (holding the lock) until FILE exists
+      gap:KEY:FILE           after the study marks stage KEY done, wait (between two stages) until FILE exists
 
 The monkeypatches wrap memloc's own functions, so the process dies exactly at a
 boundary of the on-disk state, as a kill by the user or the machine would leave it.
@@ -44,6 +45,17 @@ def install(kill_at: str) -> None:
             if self.kind == "study" and key == arg and status == kind:
                 _die()
         runs.RunDir.set_stage = marked
+    elif kind == "gap":
+        set_stage = runs.RunDir.set_stage
+        key, _, flag = arg.partition(":")
+
+        def between(self, k, status, **kw):
+            set_stage(self, k, status, **kw)
+            if self.kind == "study" and k == key and status == "done":
+                print("paused", flush=True)
+                while not os.path.exists(flag):
+                    time.sleep(0.05)
+        runs.RunDir.set_stage = between
     elif kind == "fail":
         stage = study._Cell.stage
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -69,7 +70,7 @@ def comparable(root: Path) -> dict:
     """Every result file under `root`, with wall-clock times and the directory's own name left out."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name in ("env.json", "report.html"):
+        if not p.is_file() or p.name in ("env.json", "report.html", runs.MANIFEST):  # the manifest: which files
             continue
         key = str(p.relative_to(root))
         if p.suffix == ".json":
@@ -166,6 +167,107 @@ def test_overwrite_through_a_symlink_replaces_the_run_it_points_to(run_copy, tmp
     assert link.is_symlink() and json.loads((run_copy / "config.json").read_text())["train"]["seed"] == 2
 
 
+def test_overwrite_keeps_the_users_files_even_inside_memlocs_folders_and_named_like_memlocs(run_copy, capsys):
+    """--overwrite deletes what memloc recorded writing (RUN/.memloc.files), nothing else: files of the user's
+    named as memloc names its own, inside memloc's own folders, survive byte for byte; one line says so."""
+    for argv in (["rewind", run_copy, "--quiet"], ["report", run_copy]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 0, err
+    assert (run_copy / "probes" / "rewinding" / "summary.json").exists()
+    mine = {"probes/mine/notes.csv": b"a,b\n1,2\n", "probes/mine/summary.json": b'{"mine": 1}',
+            "probes/mine/arrays.npz": b"PK not really", "report/figures/my_plot.png": b"\x89PNG mine",
+            "report/tables/mine.csv": b"x\n", "probes/rewinding/my_notes.csv": b"inside memloc's folder",
+            "checkpoints/epoch_999.safetensors": b"my own weights", "report/report-draft.html": b"<p>mine</p>"}
+    for rel, content in mine.items():
+        (run_copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_copy / rel).write_bytes(content)
+    memlocs = [l for l in (run_copy / runs.MANIFEST).read_text().splitlines() if (run_copy / l).exists()]
+    assert "probes/rewinding/summary.json" in memlocs and any(l.startswith("report/figures/") for l in memlocs)
+    code, out, err = cli(capsys, "train", *TINY, "--seed", "1", "--out", run_copy, "--overwrite", "--quiet")
+    assert code == 0, err
+    for rel, content in mine.items():
+        assert (run_copy / rel).read_bytes() == content, rel
+    old_results = [l for l in memlocs if l.startswith(("probes/", "report/"))]
+    assert old_results and not any((run_copy / l).exists() for l in old_results)  # the old run's results went
+    assert sorted(p.name for p in (run_copy / "report" / "figures").iterdir()) == ["my_plot.png"]
+    assert sorted(os.listdir(run_copy / "probes" / "rewinding")) == ["my_notes.csv"]
+    assert f"kept {len(mine)} of yours" in out and "probes/mine/notes.csv" in out
+
+
+def test_overwrite_refuses_a_run_that_recorded_no_files(run_copy, capsys):
+    """A run made before memloc kept a manifest cannot tell its files from the user's: refused, untouched."""
+    (run_copy / runs.MANIFEST).unlink()
+    (run_copy / "probes" / "mine").mkdir(parents=True)
+    (run_copy / "probes" / "mine" / "summary.json").write_text("{}")
+    before = digest(run_copy)
+    code, _, err = cli(capsys, "train", *TINY, "--out", run_copy, "--overwrite", "--quiet")
+    assert_one_line_error(code, err, "older memloc", "delete the folder yourself")
+    assert digest(run_copy) == before
+
+
+def test_no_write_follows_a_symbolic_link_out_of_a_run(run_copy, killed_tiny, tmp_path, capsys):
+    """A symlinked lock, report folder or probe folder is refused in one line with its target unchanged; a
+    symlinked checkpoint or manifest entry is replaced as a link, never written through."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "precious.txt"
+    target.write_text("precious")
+    (run_copy / LOCK_NAME).symlink_to(target)
+    code, _, err = cli(capsys, "rewind", run_copy, "--quiet")
+    assert_one_line_error(code, err, LOCK_NAME, "symbolic link")
+    assert target.read_text() == "precious" and sorted(os.listdir(outside)) == ["precious.txt"]
+    (run_copy / LOCK_NAME).unlink()
+
+    elsewhere = outside / "report"
+    elsewhere.mkdir()
+    (elsewhere / "report.html").write_text("their page")
+    shutil.rmtree(run_copy / "report", ignore_errors=True)
+    (run_copy / "report").symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = cli(capsys, "report", run_copy)
+    assert_one_line_error(code, err, "symbolic link", str(run_copy / "report"))
+    assert sorted(os.listdir(elsewhere)) == ["report.html"] and (elsewhere / "report.html").read_text() == "their page"
+
+    (run_copy / "probes").mkdir(exist_ok=True)
+    (run_copy / "probes" / "rewinding").symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = cli(capsys, "rewind", run_copy, "--quiet")
+    assert_one_line_error(code, err, "symbolic link", "rewinding")
+    assert sorted(os.listdir(elsewhere)) == ["report.html"]
+
+    resumed = tmp_path / "resumed"  # stopped after epoch 1: resuming writes epoch 2's checkpoint over a link
+    shutil.copytree(killed_tiny, resumed)
+    ckpt = resumed / "checkpoints" / "epoch_002.safetensors"
+    ckpt.symlink_to(target)
+    code, _, err = cli(capsys, "train", "--resume", resumed, "--quiet")
+    assert code == 0, err
+    assert target.read_text() == "precious" and not ckpt.is_symlink() and ckpt.stat().st_size > 100
+
+
+def test_a_study_keeps_its_runs_to_itself_between_stages(tiny_study, tmp_path, capsys):
+    """A second writer into the study's run while the study is between two stages is refused; the study's later
+    stages use its own model (its final checkpoint's hash unchanged) and reach the uninterrupted result."""
+    out, go = tmp_path / "s", tmp_path / "go"
+    study = subprocess.Popen([*DRIVER, f"gap:rewinding:{go}", "--", *TINY_STUDY, "--out", str(out), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in study.stdout:
+            if line.strip() == "paused":
+                break
+        final = max((out / "base" / "checkpoints").glob("epoch_*.safetensors"))
+        before = digest(out / "base")
+        second = driver("none", "train", *TINY, "--seed", "5", "--out", out / "base", "--overwrite", "--quiet")
+        assert_one_line_error(second.returncode, second.stderr, "in use", str(study.pid))
+        code, _, err = cli(capsys, "dropout-grid", "--out", out / "dropout", *TINY, "--pairs", "0.5,0.5",
+                           "--no-baselines", "--quiet")
+        assert code == 2 and "in use" in err, err
+        assert digest(out / "base") == before
+    finally:
+        go.touch()
+        study.wait(timeout=600)
+    assert study.returncode == 0, study.stderr.read()
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == before[str(final.relative_to(out / "base"))]
+    assert comparable(out) == comparable(tiny_study)
+
+
 def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_run, tmp_path, capsys):
     """Two `train --overwrite` into one run: the second gets one line and exit 2; the first finishes
     and equals an uninterrupted run. Readers are not blocked meanwhile."""
@@ -251,7 +353,7 @@ def test_a_study_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_res
     out = tmp_path / "s"
     res = driver("created:base", *TINY_STUDY, "--out", out, "--quiet")  # base/run.json exists, nothing else
     assert res.returncode == -signal.SIGKILL, res.stderr
-    assert sorted(p.name for p in (out / "base").iterdir() if p.name != LOCK_NAME) == ["run.json"]
+    assert sorted(p.name for p in (out / "base").iterdir() if p.name not in (LOCK_NAME, runs.MANIFEST)) == ["run.json"]
     points = ["done:train", "done:rewinding", "partial:retraining", "fail:retraining", "done:retraining",
               "done:flipping", "created:dropout", "done:dropout_train", "done:dropout_eval", "done:detection"]
 

@@ -313,7 +313,7 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
         run = None
         if main:
             try:
-                run = _create_run(cfg, out, data, device, overwrite=overwrite)
+                run = _create_run(cfg, out, data, device, overwrite=overwrite, log=log)
             except BaseException:
                 distributed.agree(False)
                 raise
@@ -334,9 +334,10 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
     return run if main else RunDir.open(out)
 
 
-def _create_run(cfg: RunConfig, out: Path, data: Any, device: torch.device, *, overwrite: bool) -> RunDir:
+def _create_run(cfg: RunConfig, out: Path, data: Any, device: torch.device, *, overwrite: bool,
+                log: Callable[[str], None] | None = None) -> RunDir:
     """The new run directory with its config, environment, data and tokenizer: before any compute."""
-    run = RunDir.create(out, overwrite=overwrite)
+    run = RunDir.create(out, overwrite=overwrite, log=log)
     run.write_json("config.json", cfg.to_dict())
     env = environment(device)
     size = distributed.world()[1]

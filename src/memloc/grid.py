@@ -38,7 +38,6 @@ import copy
 import csv
 import io
 import json
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -46,7 +45,7 @@ from typing import Callable
 from .dropout import expected_active_fraction
 from .errors import ConfigError, RunError
 from .experiment import ModelConfig, RunConfig, make_model, open_run, resume_training, run_training
-from .runs import LOCK_NAME, RunDir, _jsonable, exclusive, write_json, write_text
+from .runs import RunDir, _jsonable, exclusive, is_empty, remove_memloc_files, write_json, write_text
 from .training import elr_setting
 
 __all__ = ["DEFAULT_PAIRS", "GRID_COLUMNS", "GridCell", "grid_cells", "check_grid", "dropout_grid", "merge_grid"]
@@ -285,7 +284,7 @@ def _open_grid(out_dir: Path, spec: dict, base: RunConfig, cells: list[GridCell]
         if old.get("base") != spec["base"] or (same_cells and old.get("cells") != spec["cells"]):
             raise ConfigError(f"{out_dir} holds a grid with other settings: "
                               "pass another --out, or the same flags to resume it")
-    elif out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+    elif not is_empty(out_dir):
         raise ConfigError(f"{out_dir} exists and is not a dropout grid: pass a new or empty --out folder")
     _check_buildable(base, cells)  # bad model or data: one line, before anything is written
     if write:
@@ -335,7 +334,7 @@ def merge_grid(out_dir: str | Path, *, log: Callable[[str], None] | None = None)
                                "shard again with the same flags, then merge")
             rows.append(RunDir.open(out_dir / name).read_json("cell.json"))
         _write_table(out_dir / "grid.csv", rows)
-        shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+        remove_memloc_files(out_dir / SHARDS)  # their records; files of the user's there stay
     (log or (lambda s: None))(f"{out_dir}: merged {len(records)} shards, {len(rows)} cells")
     return rows
 

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -53,15 +54,18 @@ LOCK_NAME = ".memloc.lock"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary path beside `path`, then rename it over `path`."""
+    """Call write(tmp) on a temporary path beside `path`, then rename it over `path` (a symbolic link there is
+    replaced, never followed). Inside a memloc folder the write is recorded as memloc's and refused through a
+    symbolic link (`prepare_write`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_write(path, record=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
         # after the write: mkstemp makes 0600, and some writers (safetensors) create the file anew
         os.chmod(tmp, 0o666 & ~_UMASK)
+        prepare_write(path, make=False)  # recorded once written (a failed write leaves the manifest as it was)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -76,11 +80,14 @@ def atomic_folder(path: Path):
     """Yield a new temporary folder beside `path`; on success it replaces `path` (a previous folder there is
     removed only after the new one is complete); on error it is removed and `path` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_write(path, record=False)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
+        for f in sorted(tmp.rglob("*")):  # inside a memloc folder, the folder's files are memloc's
+            if not f.is_dir():
+                prepare_write(path / f.relative_to(tmp), make=False)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")  # out of the way first: a crash now leaves the new folder in tmp
@@ -172,22 +179,101 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
 
 # ----------------------------------------------------------------------------- what is memloc's
 
-# The files memloc writes into a run, a study or a grid folder (globs relative to it); `--overwrite`
-# deletes these and nothing else. Sub-folders that are memloc directories themselves (a study's
-# cells, a grid's cells) are cleared by the same rule.
-MEMLOC_FILES = (
-    "run.json", "config.json", "env.json", "metrics.jsonl", "data.npz", "examples.npz", "gradients.npz", "cell.json",
-    "study.json", "grid.json", "grid.csv", "lm_study.json",
-    "tokenizer/tokenizer.json", "tokenizer/memloc_tokenizer.json", "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-    "checkpoints/epoch_*.safetensors", "checkpoints/optimizer_*.safetensors",
-    "probes/*/summary.json", "probes/*/arrays.npz", "probes/*/*.csv", "probes/*/partial.npz",
-    "probes/*/progress.json", "probes/*/shards/*/partial.npz", "probes/*/shards/*/progress.json",
-    "probes/*/shards/*/config.json", "shards/*/shard.json",
-    "report/report.html", "report/figures/*.png", "report/tables/*.csv",
-)
-_MEMLOC_DIRS = ("checkpoints", "tokenizer", "probes/*/shards/*", "probes/*/shards", "probes/*", "probes",
-                "report/figures", "report/tables", "report", "shards/*", "shards")
+# Every file memloc writes into a memloc folder (a run, a study, a grid, a shard's folder) is recorded, before it is
+# written, as one line of its path relative to the folder in the folder's manifest; `--overwrite` deletes exactly
+# these files and nothing else, so files of the user's inside memloc's own folders stay, whatever their names.
+MANIFEST = ".memloc.files"
+MARKERS = ("run.json", "study.json", "grid.json", "shard.json")  # the records of the memloc folders' kinds
+_MANIFEST_MAX = 64 << 20  # bytes of a manifest memloc reads (a tampered one may be huge)
+_recorded: dict[str, tuple[int, int, set[str]]] = {}  # manifest's real path -> (inode, size, its lines)
+
+
+def _owner(path: Path) -> Path | None:
+    """The memloc folder a write to `path` lands in: the nearest folder above it whose lock this process holds, or
+    that holds a manifest or a memloc record; None outside memloc's folders (an export's --out, say)."""
+    for d in Path(os.path.abspath(path)).parents:
+        with _held_guard:
+            held = bool(_held) and os.path.realpath(d) in _held
+        if held or any(os.path.lexists(d / m) for m in (MANIFEST, *MARKERS)):
+            return d
+    return None
+
+
+def prepare_write(path: str | Path, *, record: bool = True, make: bool = True) -> None:
+    """Before memloc writes `path`: make its folders and, inside a memloc folder, record it as memloc's (`record`).
+
+    Inside a memloc folder no write passes through a symbolic link: every folder between the memloc folder and
+    `path` must be a real folder (the memloc folder itself may be a link, as `--out` may be), else RunError in one
+    line, before anything is written. `make=False`: only record.
+    """
+    path = Path(path)
+    owner = _owner(path)
+    if owner is None:
+        if make:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    rel = Path(os.path.abspath(path)).relative_to(owner)
+    if make:
+        d = owner
+        for part in rel.parts[:-1]:
+            d = d / part
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, 0o777 & ~_UMASK)
+                st = os.lstat(d)
+            if stat.S_ISLNK(st.st_mode):
+                raise RunError(f"{d} is a symbolic link: memloc never writes through a link inside its folder "
+                               f"{owner}: replace the link with a real folder (or move the run)")
+            if not stat.S_ISDIR(st.st_mode):
+                raise RunError(f"{d} is a file where memloc keeps a folder: move it out of {owner}")
+    if record:
+        _record(owner, rel.as_posix())
+
+
+def _manifest_lines(folder: Path) -> list[str]:
+    """The paths recorded in `folder`'s manifest (a truncated last line, from a kill mid-append, left out)."""
+    try:
+        fd = os.open(folder / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return []
+    try:
+        raw = os.read(fd, _MANIFEST_MAX)
+    finally:
+        os.close(fd)
+    lines = raw.decode("utf-8", errors="replace").split("\n")
+    return [l for l in lines[:-1] if l]  # after the last newline: nothing, or a torn line
+
+
+def _record(owner: Path, rel: str) -> None:
+    if "\n" in rel or not rel:
+        raise RunError(f"{owner / rel!r}: memloc does not write file names with a line break")
+    manifest = owner / MANIFEST
+    key = os.path.realpath(manifest)
+    try:
+        st = os.lstat(manifest)
+        now = (st.st_ino, st.st_size)
+    except FileNotFoundError:
+        now = None
+    cached = _recorded.get(key)
+    if cached is None or now is None or cached[:2] != now:
+        cached = (*now, set(_manifest_lines(owner))) if now else (0, 0, set())
+    if rel in cached[2]:
+        _recorded[key] = cached
+        return
+    try:
+        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_UMASK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RunError(f"{manifest} is a symbolic link: memloc never writes through one: delete it") from None
+        raise
+    try:
+        os.write(fd, (rel + "\n").encode())
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    _recorded[key] = (st.st_ino, st.st_size, cached[2] | {rel})
 
 
 def memloc_kind(path: str | Path) -> str | None:
@@ -211,50 +297,87 @@ def memloc_kind(path: str | Path) -> str | None:
     return None
 
 
-def clear_memloc_files(path: str | Path) -> None:
-    """Delete what memloc wrote into the memloc directory `path` (and its memloc sub-directories), nothing else.
+def clear_memloc_files(path: str | Path) -> list[Path]:
+    """Delete what memloc wrote into the memloc directory `path` (its manifests say what), nothing else; return
+    the files kept (the user's own).
 
-    The user's own files there stay, and so do the folders that hold them. Symbolic links inside
-    are removed as links, never followed. The caller holds the directory's lock; each memloc
-    sub-directory is locked in turn, so a run another command is writing is never touched.
+    The user's files stay, whatever their names and wherever they are, and so do the folders that hold them.
+    Symbolic links are removed as links, never followed. The caller holds the directory's lock; each memloc
+    folder inside is locked in turn, so a run another command is writing is never touched. A run made before
+    memloc kept manifests cannot tell its files from the user's: it is refused.
     """
     path = Path(path)
     if memloc_kind(path) is None:
         raise RunError(f"{path} is not a memloc run: refusing to delete anything in it")
-    for sub in _entries(path, dirs=True):
-        if memloc_kind(sub) is not None:
-            with exclusive(sub):
-                clear_memloc_files(sub)
-            _rmdir_if_empty(sub)
-    for pattern in MEMLOC_FILES:
-        for f in _glob(path, pattern, dirs=False):
-            f.unlink()
-    _remove_stale_tmp(path, recursive=True)
-    for pattern in _MEMLOC_DIRS:
-        for d in sorted(_glob(path, pattern, dirs=True), reverse=True):
-            _rmdir_if_empty(d)
+    if not os.path.lexists(path / MANIFEST):
+        raise RunError(f"{path} was made by an older memloc that did not record which files are its own: "
+                       "refusing to guess: delete the folder yourself, or choose another --out")
+    remove_memloc_files(path)
+    kept = []
+    for root, dirs, files in os.walk(path):  # os.walk never enters a symbolic link
+        kept += [Path(root) / f for f in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]
+                 if f != LOCK_NAME]
+    return sorted(kept)
 
 
-def _entries(d: Path, *, dirs: bool) -> list[Path]:
-    """The real (not symlinked) sub-directories of `d`, or its files and symbolic links."""
+def remove_memloc_files(folder: str | Path) -> None:
+    """Delete every file memloc recorded in the manifests in and below `folder` (never through a symbolic link),
+    the manifests themselves, a killed writer's temporary files, and the folders this leaves empty that memloc
+    made; a file of the user's keeps its folder. Memloc folders below (a study's runs, shards) are locked in turn."""
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder, topdown=False):  # deepest first; links to folders are not entered
+        d = Path(root)
+        if MANIFEST not in files:
+            continue
+        own = d != folder and (memloc_kind(d) is not None or d.parent.name == "shards")
+        with exclusive(d) if own else contextlib.nullcontext():
+            emptied = {d}
+            for rel in _manifest_lines(d):
+                f = _inside(d, rel)
+                if f is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+                    emptied.update(p for p in f.parents if p != d and d in p.parents)
+            _remove_stale_tmp(d, recursive=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(d / MANIFEST)
+            _recorded.pop(os.path.realpath(d / MANIFEST), None)
+            for e in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+                if e != folder and not (e == d and own):
+                    _rmdir_if_empty(e)
+        if own:
+            _rmdir_if_empty(d)  # after its lock is gone
+    _remove_stale_tmp(folder, recursive=True)
+    _rmdir_if_empty(folder)  # not while its lock file is there (`clear_memloc_files`' caller holds it)
+
+
+def _inside(folder: Path, rel: str) -> Path | None:
+    """`folder / rel` when `rel` is a plain relative path whose every folder is a real one (no link, no ..), and
+    what is there is a file or a link; else None."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[-1] in (MANIFEST, LOCK_NAME):
+        return None
+    d = folder
+    for part in parts[:-1]:
+        d = d / part
+        try:
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                return None
+        except OSError:
+            return None
+    f = d / parts[-1]
     try:
-        with os.scandir(d) as it:
-            found = [Path(e.path) for e in it
-                     if (e.is_dir(follow_symlinks=False) if dirs else not e.is_dir(follow_symlinks=False))]
+        return None if stat.S_ISDIR(os.lstat(f).st_mode) else f
     except OSError:
-        return []
-    return sorted(found)
+        return None
 
 
-def _glob(root: Path, pattern: str, *, dirs: bool) -> list[Path]:
-    """Matches of a relative glob under `root` that never pass through a symbolic link."""
-    import fnmatch
-    level = [root]
-    parts = pattern.split("/")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        level = [p for d in level for p in _entries(d, dirs=dirs or not last) if fnmatch.fnmatchcase(p.name, part)]
-    return level
+def is_empty(folder: Path) -> bool:
+    """Whether `folder` holds nothing but memloc's lock, manifest and a killed writer's temporary files."""
+    try:
+        return all(p.name in (LOCK_NAME, MANIFEST) or _TMP.match(p.name) for p in Path(folder).iterdir())
+    except FileNotFoundError:
+        return True
 
 
 def _rmdir_if_empty(d: Path) -> None:
@@ -316,7 +439,12 @@ def _acquire(path: Path) -> int:
                          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     busy = f"{path} is in use by {{}}: wait for it to finish or stop it, or use another folder"
     for _ in range(100):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_UMASK)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise RunError(f"{lock} is a symbolic link: memloc never writes through one: delete the link") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -375,7 +503,7 @@ def exclusive(path: str | Path, *, wait: float = 0.0) -> Iterator[Path]:
     """
     path = Path(path)
     made = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    prepare_write(path / LOCK_NAME, record=False)  # its folders, never through a link inside a memloc folder
     key = os.path.realpath(path)
     with _held_guard:
         entry = _held.get(key)
@@ -411,8 +539,11 @@ def exclusive(path: str | Path, *, wait: float = 0.0) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 os.unlink(path / LOCK_NAME)  # while still holding it: see the inode check in _acquire
             os.close(entry[0])
-            if made:
-                _rmdir_if_empty(path)  # a command that failed before writing leaves no folder behind
+            if made and is_empty(path):  # a command that failed before writing leaves no folder behind
+                with contextlib.suppress(OSError):
+                    os.unlink(path / MANIFEST)
+                _recorded.pop(os.path.realpath(path / MANIFEST), None)
+                _rmdir_if_empty(path)
 
 
 def holds_lock(path: str | Path) -> bool:
@@ -445,16 +576,17 @@ class RunDir:
 
     # -- creation and validation
     @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False, kind: str = "run", **record: Any) -> "RunDir":
+    def create(cls, path: str | Path, *, overwrite: bool = False, kind: str = "run",
+               log: Callable[[str], None] | None = None, **record: Any) -> "RunDir":
         """A new run (or study) directory at `path`; `record` joins its run.json / study.json (a study's config).
 
         An existing non-empty one is refused, or with `overwrite` cleared of memloc's own files when it
-        proves to be memloc's (anything else is refused)."""
+        proves to be memloc's (anything else is refused); `log` hears which files of the user's were kept."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunError(f"{path} exists and is not a directory: choose another --out")
         with exclusive(path):
-            if any(p.name != LOCK_NAME for p in path.iterdir()):
+            if not is_empty(path):
                 if not overwrite:
                     resume = "`memloc run --resume`" if kind == "study" else "--resume"
                     raise RunError(f"{path} already exists: choose another --out, "
@@ -463,7 +595,11 @@ class RunDir:
                 if memloc_kind(path) is None:
                     raise RunError(f"{path} exists and is not a memloc run: "
                                    "refusing to delete it even with --overwrite")
-                clear_memloc_files(path)
+                kept = clear_memloc_files(path)
+                if kept and log is not None:
+                    names = ", ".join(str(f.relative_to(path)) for f in kept[:5])
+                    log(f"{path}: replaced memloc's files, kept {len(kept)} of yours ({names}"
+                        + (f", and {len(kept) - 5} more)" if len(kept) > 5 else ")"))
             run = cls(path, kind)
             from ._version import __version__
             write_json(run.path / run.meta, {"format_version": FORMAT_VERSION, "kind": kind,
@@ -625,7 +761,7 @@ class RunDir:
 
     def probe_dir(self, probe: str) -> Path:
         d = self.path / "probes" / probe
-        d.mkdir(parents=True, exist_ok=True)
+        prepare_write(d / "summary.json", record=False)  # its folders, never through a link
         return d
 
 

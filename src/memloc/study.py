@@ -13,9 +13,9 @@ finishes without redoing what was complete.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,8 +28,18 @@ from .data import DataConfig
 from .errors import ConfigError, RunError
 from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
 from .experiment import preset as preset_sections
-from .options import floats, ints, option
-from .runs import LOCK_NAME, RunDir, _jsonable, exclusive, mark_failed, memloc_kind, study_cells, study_stages
+from .options import check_ranges, floats, ints, option
+from .runs import (
+    RunDir,
+    _jsonable,
+    exclusive,
+    is_empty,
+    mark_failed,
+    memloc_kind,
+    remove_memloc_files,
+    study_cells,
+    study_stages,
+)
 from .scale import SHARDS, finished_shards, join_shard, mine
 from .tasks import task_of
 from .training import TrainConfig, resolve_device
@@ -45,41 +55,36 @@ class StudyConfig:
 
     base: RunConfig = option(cli=False, factory=RunConfig)
     preset: str = option("default", cli=False)
-    seeds: tuple[int, ...] = option((0,), "seed(s), e.g. 0,1,2: the report shows mean and sd", parse=ints)
+    seeds: tuple[int, ...] = option((0,), "seed(s), e.g. 0,1,2: the report shows mean and sd", parse=ints,
+                                     at_least=0, at_most=2 ** 63 - 1)
     noise_levels: tuple[float, ...] = option((0.1,), "noise level(s), e.g. 0.1 or 0.05,0.1,0.2", flag="--noise",
-                                             parse=floats)
+                                             parse=floats, above=0, below=1)
     # the example-tied dropout model's fractions
     p_gen: float = option(0.4, "the dropout model's p_gen,p_mem (--task lm: train the study's model with "
                           "memorization sinks of these fractions)", flag="--example-tied-dropout", parse=_pair,
-                          metavar="P_GEN,P_MEM", spread=("p_gen", "p_mem"), aliases=("--memorization-sinks",))
-    p_mem: float = option(0.1, cli=False)
-    dropout_epochs: int | None = option(None, cli=False)  # None: the base run's epochs
-    dropout_width: float | None = option(None, cli=False)  # None: the base model's width
-    rewind_every: int = option(1, cli=False)
-    retrain_epochs: int = option(20, cli=False)
-    flip_examples: int = option(200, "clean and noisy examples for greedy unit removal (each)")
-    flip_others: int = option(512, cli=False)
-    flip_eval_subsample: int | None = option(None, cli=False)
+                          metavar="P_GEN,P_MEM", spread=("p_gen", "p_mem"), aliases=("--memorization-sinks",), above=0,
+                          at_most=1)
+    p_mem: float = option(0.1, cli=False, above=0, at_most=1)
+    dropout_epochs: int | None = option(None, cli=False, at_least=1)  # None: the base run's epochs
+    dropout_width: float | None = option(None, cli=False, above=0)  # None: the base model's width
+    rewind_every: int = option(1, cli=False, at_least=1)
+    retrain_epochs: int = option(20, cli=False, at_least=1)
+    flip_examples: int = option(200, "clean and noisy examples for greedy unit removal (each)",
+                                at_least=1)
+    flip_others: int = option(512, cli=False, at_least=1)
+    flip_eval_subsample: int | None = option(None, cli=False, at_least=1)
     detection: bool = option(True, cli=False)
     grid: bool = option(False, "add the example-tied dropout grid and baselines")
     probe_anyway: bool = option(False, "run the probes that need memorization even when the model did not memorize "
                                 "(noisy-train below 90% at the end of training)")
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.noise_levels = tuple(float(n) for n in self.noise_levels)
         if not self.seeds or not self.noise_levels:
             raise ConfigError("a study needs at least one seed and one noise level")
-        for n in self.noise_levels:
-            if not (0.0 < n < 1.0):
-                raise ConfigError(f"noise level {n} is outside (0, 1): the study measures memorized noisy labels")
-        for name in ("p_gen", "p_mem"):
-            v = float(getattr(self, name))
-            if not (0.0 < v <= 1.0):
-                raise ConfigError(f"{name} = {v} is outside (0, 1]: pass e.g. --example-tied-dropout 0.4,0.1")
-            setattr(self, name, v)
-        if self.flip_examples < 1 or self.retrain_epochs < 1 or self.rewind_every < 1:
-            raise ConfigError("flip examples, retraining epochs and the rewinding step must be at least 1")
+        self.p_gen, self.p_mem = float(self.p_gen), float(self.p_mem)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,7 +283,7 @@ def run_study(cfg: StudyConfig | None = None, out: str | Path | None = None, *, 
     out = Path(out) if out else Path("runs") / f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if shard is None:
         with exclusive(out):  # one writer per study for its whole life
-            study = RunDir.create(out, kind="study", overwrite=overwrite, config=cfg.to_dict())
+            study = RunDir.create(out, kind="study", overwrite=overwrite, log=log, config=cfg.to_dict())
             return _run_stages(study, cfg, progress, log)
     with exclusive(out, wait=120):  # the shards take turns at the study's record, then work side by side
         study = _join_study(out, cfg)
@@ -312,7 +317,7 @@ def _check_cells(cfg: StudyConfig) -> None:
 def _check_folder(out: Path, cfg: StudyConfig) -> None:
     if (out / "study.json").exists():
         _same_study(RunDir.open(out, kind="study"), cfg)
-    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+    elif not is_empty(out):
         raise ConfigError(f"{out} exists and is not a study: pass a new or empty --out folder")
 
 
@@ -358,7 +363,7 @@ def merge_study(path: str | Path, *, progress: bool = True, log: Callable[[str],
             from .grid import merge_grid
             _stage(study, "grid", lambda: merge_grid(study.path / "grid", log=log), log)
         _finish(study)
-        shutil.rmtree(study.path / SHARDS, ignore_errors=True)
+        remove_memloc_files(study.path / SHARDS)  # their records; files of the user's there stay
     log(f"{study.path}: merged {len(records)} shards")
     return study.path
 
@@ -401,34 +406,13 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
         bar = tqdm(total=round(sum(cost(k) for k in keys) + cost("report"), 1), desc="study", position=0,
                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     try:
-        for seed, noise, prefix, base_dir, drop_dir in mine_:
-            cell, warned, warning = None, False, ...  # the cell's memorization warning, read once (after train)
-            for key in [k for k in keys if k.startswith(prefix) and k != "grid"]:
-                name = key[len(prefix):]
-                if name in NEEDS_MEMORIZATION and record.stage(key).get("status") not in ("done", "skipped"):
-                    if warning is ...:
-                        warning = memorization_warning(_final_noisy(base_dir))
-                    if warning is not None and not warned:
-                        log(f"warning: {warning}" + ("; probing anyway (--probe-anyway)" if cfg.probe_anyway else ""))
-                        warned = True
-                    if warning is not None and not cfg.probe_anyway:
-                        record.set_stage(key, "skipped", reason=f"{warning}; rerun the study with --probe-anyway to "
-                                                                "probe it")
-                        log(f"stage {key} skipped (the model did not memorize; --probe-anyway runs it)")
-                if record.stage(key).get("status") not in ("done", "skipped"):
-                    cell = cell or _Cell(cfg, seed, noise, base_dir, drop_dir, device)
-                    if bar is not None:
-                        bar.set_postfix_str(key)
-                    _stage(record, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
-                if bar is not None:
-                    bar.update(cost(key))
-        if cfg.grid and record.stage("grid").get("status") != "done":
-            from .grid import dropout_grid
-            base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
-            _stage(record, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", shard=shard,
-                                                        progress=progress, log=log), log)
-            if bar is not None:
-                bar.update(cost("grid"))
+        with contextlib.ExitStack() as held:  # the study's runs are its own between stages too: no second writer
+            for _, _, _, base_dir, drop_dir in mine_:
+                held.enter_context(exclusive(base_dir))
+                held.enter_context(exclusive(drop_dir))
+            if cfg.grid and shard is None:  # a grid in shards is shared by the shards
+                held.enter_context(exclusive(study.path / "grid"))
+            _cells_and_grid(study, cfg, record, mine_, keys, shard, device, cost, bar, progress, log)
         if shard is not None:
             return study.path
         _finish(study)
@@ -438,6 +422,40 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
         if bar is not None:
             bar.close()
     return study.path
+
+
+def _cells_and_grid(study: RunDir, cfg: StudyConfig, record: RunDir, mine_: list, keys: list[str],
+                    shard: tuple[int, int] | None, device, cost: Callable[[str], float], bar,
+                    progress: bool, log: Callable[[str], None]) -> None:
+    """The stages of `mine_` cells not yet done, then the grid (`_run_stages` holds their runs' locks)."""
+    for seed, noise, prefix, base_dir, drop_dir in mine_:
+        cell, warned, warning = None, False, ...  # the cell's memorization warning, read once (after train)
+        for key in [k for k in keys if k.startswith(prefix) and k != "grid"]:
+            name = key[len(prefix):]
+            if name in NEEDS_MEMORIZATION and record.stage(key).get("status") not in ("done", "skipped"):
+                if warning is ...:
+                    warning = memorization_warning(_final_noisy(base_dir))
+                if warning is not None and not warned:
+                    log(f"warning: {warning}" + ("; probing anyway (--probe-anyway)" if cfg.probe_anyway else ""))
+                    warned = True
+                if warning is not None and not cfg.probe_anyway:
+                    record.set_stage(key, "skipped", reason=f"{warning}; rerun the study with --probe-anyway to "
+                                                            "probe it")
+                    log(f"stage {key} skipped (the model did not memorize; --probe-anyway runs it)")
+            if record.stage(key).get("status") not in ("done", "skipped"):
+                cell = cell or _Cell(cfg, seed, noise, base_dir, drop_dir, device)
+                if bar is not None:
+                    bar.set_postfix_str(key)
+                _stage(record, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
+            if bar is not None:
+                bar.update(cost(key))
+    if cfg.grid and record.stage("grid").get("status") != "done":
+        from .grid import dropout_grid
+        base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
+        _stage(record, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", shard=shard,
+                                                    progress=progress, log=log), log)
+        if bar is not None:
+            bar.update(cost("grid"))
 
 
 def _finish(study: RunDir) -> None:
@@ -520,11 +538,44 @@ def run_lm_study(cfg: RunConfig | None = None, out: str | Path | None = None, *,
     memorization probe and the paper's probes on it, and write its report. With `resume` (the run directory),
     finish what an interrupted call left: training resumes from its checkpoint, finished probes are kept."""
     log = log or (lambda s: None)
+    path = RunDir.open(resume).path if resume is not None else out
+    with exclusive(path) if path is not None else contextlib.nullcontext():  # its run is its own between stages
+        return _lm_study(cfg, out, study, resume, overwrite, progress, log)
+
+
+_LM_COUNTS = ("rewind_every", "retrain_epochs", "flip_examples", "flip_others")  # lm_study.json's settings
+
+
+def _read_lm_study(run: RunDir) -> dict:
+    """lm_study.json, its settings checked (a damaged one is one line naming it)."""
+    study = run.read_json("lm_study.json")
+    path = run.path / "lm_study.json"
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+    bad = next((k for k in _LM_COUNTS if k in study and not (whole(study[k]) and study[k] >= 1)), None)
+    if bad is None and "retrain_lr" in study:
+        lr = study["retrain_lr"]
+        bad = None if isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf") \
+            else "retrain_lr"
+    idx = study.get("flip_indices")
+    if bad is None and idx is not None and not (isinstance(idx, list)
+                                                and all(whole(i) and 0 <= i < 2 ** 63 for i in idx)):
+        bad = "flip_indices"
+    if bad is not None:
+        raise RunError(f"{path} is damaged: its {bad} is {str(study[bad])[:60]!r}, not "
+                       + ("a list of sequence indices" if bad == "flip_indices" else "a positive number")
+                       + ": delete the key to let the study choose again, or start the study again")
+    return study
+
+
+def _lm_study(cfg: RunConfig | None, out: str | Path | None, study: dict | None, resume: str | Path | None,
+              overwrite: bool, progress: bool, log: Callable[[str], None]) -> Path:
     if resume is not None:
         run = RunDir.open(resume)
         if not run.has("lm_study.json"):
             raise RunError(f"{run.path} is not a language-model study: resume a run with `memloc train --resume`")
-        study = run.read_json("lm_study.json")
+        study = _read_lm_study(run)
         if run.stage("train").get("status") != "done":
             resume_training(run.path, progress=progress, log=log)
     else:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..experiment import LoadedRun, arithmetic_for, open_run
 from ..options import replaced
 from ..options import settings as settings_of
 from ..precision import arithmetic, current_or_none
-from ..runs import RunDir, exclusive, load_npz, save_npz, shard_split, write_json
+from ..runs import RunDir, exclusive, load_npz, remove_memloc_files, save_npz, shard_split, write_json
 from ..training import prepare
 from .base import ProbeResult, register
 
@@ -103,7 +102,6 @@ class Partial:
         """Atomically record the progress so far (the resume point); `complete`: the call's work is all done."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         done = {"__complete__": np.array(json.dumps(True))} if complete else {}  # only a finished shard says so
         save_npz(self.path, __settings__=np.array(json.dumps(_jsonable(self.settings))),
                  __state__=np.array(json.dumps(state or {})), **done, **(arrays or {}))
@@ -361,7 +359,7 @@ def merge_shards(target: Any, probes: Sequence[str] | None = None, *, overwrite:
         with run.exclusive():
             Partial(run, probe.name, parts[0]["settings"]).save(arrays, state)
         result = run_probe(probe, run, cfg=cfg, overwrite=overwrite, progress=progress, log=log)
-        shutil.rmtree(run.path / "probes" / probe.name / SHARDS, ignore_errors=True)
+        remove_memloc_files(run.path / "probes" / probe.name / SHARDS)
         (log or (lambda s: None))(f"{probe.name}: merged {n} shards")
         results.append(result)
     return results

@@ -798,3 +798,178 @@ def test_the_cifar_binary_reader_names_the_binary_folder(tmp_path):
     with pytest.raises(DataError) as err:
         read_cifar(tmp_path, split="train")
     assert "cifar-10-batches-bin/" in str(err.value) and "cifar-10-batches-py/" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- a folder is data, never code
+
+EVIL_PY = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("the folder's code ran")
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+class EvilConfig(GPT2Config):
+    model_type = "evil"
+class EvilModel(GPT2LMHeadModel):
+    config_class = EvilConfig
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+NO_HUB = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}  # memloc must set it
+
+
+def _gpt2_folder(folder: Path, **config) -> Path:
+    """A tiny GPT-2 saved as save_pretrained writes it, its config.json then edited with `config`."""
+    import transformers
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=128, n_layer=1, n_head=2, n_embd=16, bos_token_id=299,
+                                  eos_token_id=299)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(folder))
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return folder
+
+
+def _tokenizer_folder(folder: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from memloc.lm.sources import bible_verses
+    from memloc.lm.tokenizers import BPETokenizer
+    inner = BPETokenizer.train(bible_verses()[:400], 400).tokenizer
+    PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    return folder
+
+
+def _ask_for_code(folder: Path, config: str, entry: dict, marker: Path) -> None:
+    path = folder / config
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entry}))
+    (folder / "evil.py").write_text(EVIL_PY.format(marker=str(marker)))
+
+
+def _said_yes(*argv) -> subprocess.CompletedProcess:
+    """`memloc ARGV` with "y" typed at any question, the hub's offline mode not set by the environment."""
+    return subprocess.run([sys.executable, "-m", "memloc.cli", *map(str, argv)], input="y\ny\ny\n",
+                          capture_output=True, text=True, env=NO_HUB, timeout=600)
+
+
+LM_TINY = ["train", "--task", "lm", "--preset", "smoke", "--epochs", "1", "--sequences", "200", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def hf_tok_run(tmp_path_factory) -> Path:
+    """A one-epoch language-model run whose tokenizer came from a Hugging Face folder."""
+    root = tmp_path_factory.mktemp("hf_tok_run")
+    out = root / "run"
+    assert main([*LM_TINY, "--tokenizer", f"hf:{_tokenizer_folder(root / 'tok')}", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_model_folder_asking_for_its_own_code_is_refused_even_after_a_yes(tmp_path):
+    marker = tmp_path / "ran"
+    model = _gpt2_folder(tmp_path / "model", model_type="evil")
+    _ask_for_code(model, "config.json", {"auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                      "AutoModelForCausalLM": "evil.EvilModel"}}, marker)
+    res = _said_yes(*LM_TINY, "--model", f"hf:{model}", "--out", tmp_path / "run")
+    assert_one_line_error(res.returncode, res.stderr, str(model / "config.json"), "auto_map", "never runs code")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_folder_asking_for_its_own_code_is_refused_even_after_a_yes(tmp_path):
+    marker = tmp_path / "ran"
+    tok = _tokenizer_folder(tmp_path / "tok")
+    _ask_for_code(tok, "tokenizer_config.json", {"tokenizer_class": "EvilTokenizer",
+                                                 "auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]}}, marker)
+    res = _said_yes(*LM_TINY, "--tokenizer", f"hf:{tok}", "--out", tmp_path / "run")
+    assert_one_line_error(res.returncode, res.stderr, str(tok / "tokenizer_config.json"), "auto_map")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_reading_a_run_whose_tokenizer_asks_for_code_runs_none(hf_tok_run, tmp_path):
+    """A run shared by a colleague: its tokenizer is read from its tokenizer.json alone; a run in the older
+    layout (transformers' files) is read with no code, and one asking for code is refused."""
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    shutil.copytree(hf_tok_run, run)
+    (run / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    _ask_for_code(run / "tokenizer", "tokenizer_config.json", {
+        "tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]}}, marker)
+    res = _said_yes("evaluate", run)
+    assert res.returncode == 0, res.stderr
+    assert not marker.exists()
+    meta = run / "tokenizer" / "memloc_tokenizer.json"  # the older layout: no eos id, transformers' files
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "eos_id"}))
+    res = _said_yes("evaluate", run)
+    assert_one_line_error(res.returncode, res.stderr, "tokenizer_config.json", "auto_map")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("attention", ["kernels-community/flash-attn2", "flash_attention_2"])
+def test_a_config_naming_a_hub_kernel_sends_no_request(tmp_path, attention):
+    """A local fake hub at HF_ENDPOINT counts requests: a kernel repository is refused in one line, and a
+    flash-attention name (which transformers would fetch as a kernel) loads with memloc's own attention: none."""
+    import http.server
+    import threading
+    hits = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        model = _gpt2_folder(tmp_path / "model", attn_implementation=attention)
+        res = subprocess.run([sys.executable, "-m", "memloc.cli", *LM_TINY, "--model", f"hf:{model}", "--out",
+                              str(tmp_path / "run")], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             env={**NO_HUB, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"},
+                             timeout=600)
+    finally:
+        server.shutdown()
+    assert hits == []
+    if "/" in attention:
+        assert_one_line_error(res.returncode, res.stderr, "attention kernel", "never downloads")
+        assert not (tmp_path / "run").exists()
+    else:
+        assert res.returncode == 0, res.stderr
+
+
+def test_pickled_weights_with_a_payload_are_one_line(tmp_path):
+    """A pytorch_model.bin that torch.load(weights_only=True) refuses: its payload does not run, one line says
+    why and how to convert a trusted one, nothing is written."""
+    import torch
+    import transformers
+    marker = tmp_path / "ran"
+    model = tmp_path / "model"
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=128, n_layer=1, n_head=2, n_embd=16, bos_token_id=299,
+                                  eos_token_id=299)
+    cfg.save_pretrained(str(model))
+    state = dict(transformers.GPT2LMHeadModel(cfg).state_dict())
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, model / "pytorch_model.bin")
+    code = main([*LM_TINY, "--model", f"hf:{model}", "--out", str(tmp_path / "run")])
+    assert code == 2 and not marker.exists() and not (tmp_path / "run").exists()
+    res = _said_yes(*LM_TINY, "--model", f"hf:{model}", "--out", tmp_path / "run")
+    assert_one_line_error(res.returncode, res.stderr, str(model), "refused unread", "safetensors")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("value", [["x"], [1.5], [-1], [2 ** 64], "12", None])
+def test_a_damaged_lm_study_json_is_one_line(hf_tok_run, tmp_path, capsys, value):
+    run = tmp_path / "run"
+    shutil.copytree(hf_tok_run, run)
+    study = {"flip_examples": 2, "flip_indices": value} if value is not None else {"retrain_epochs": "two"}
+    (run / "lm_study.json").write_text(json.dumps(study))
+    before = digest(run)
+    code, _, err = cli(capsys, "run", "--resume", run, "--quiet")
+    assert_one_line_error(code, err, str(run / "lm_study.json"), "damaged")
+    assert digest(run) == before

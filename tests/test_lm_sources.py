@@ -236,13 +236,38 @@ def test_hf_local_folder(tmp_path, hf_folder, verses):
     assert isinstance(tok, LocalHFTokenizer) and tok.vocab_size == 400
     text = verses[3] + " Phone: 555-123-4567"
     assert tok.decode(tok.encode(text)) == text
-    assert tok.eos_id == tok.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_id == tok.tokenizer.token_to_id("<|endoftext|>")
     digits = tok.digit_ids()
     assert tok.encode("Phone: 123456")[-6:] == [digits[int(c)] for c in "123456"]
     tok.save(tmp_path / "copy")
     assert json.loads((tmp_path / "copy" / "memloc_tokenizer.json").read_text())["kind"] == "hf"
     loaded = load_tokenizer(tmp_path / "copy")
     assert isinstance(loaded, LocalHFTokenizer) and loaded.encode(text) == tok.encode(text)
+    assert loaded.eos_id == tok.eos_id and loaded.decode(tok.encode(text)) == text
+
+
+def test_a_runs_copy_encodes_as_transformers_does(tmp_path):
+    """transformers rebuilds a Llama tokenizer's pipeline from tokenizer_config.json: the run keeps the pipeline
+    transformers runs (not the folder's tokenizer.json), read back by `tokenizers` alone with the same ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    texts = ["In the beginning God created the heaven and the earth. Phone: 555-123-4567"] * 30 + ["ünïcödé ✓"]
+    inner = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    inner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    inner.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    inner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                         show_progress=False))
+    LlamaTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>",
+                       unk_token="<unk>").save_pretrained(str(tmp_path / "user"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "user"), local_files_only=True, trust_remote_code=False)
+    LocalHFTokenizer(tmp_path / "user").save(tmp_path / "run")
+    copy = load_tokenizer(tmp_path / "run")
+    for text in texts[-2:] + [" two  spaces", "Phone: 0123456789\n"]:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert copy.encode(text) == ids
+        assert copy.decode(ids) == hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert copy.eos_id == hf.eos_token_id and copy.vocab_size == len(hf)
 
 
 def test_hf_tokenizer_that_merges_digits_has_no_digit_ids(tmp_path):

@@ -720,6 +720,10 @@ def os_error_line(err: OSError, command: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    # memloc never downloads: the hub's offline mode for the whole process, set before transformers or
+    # huggingface_hub is imported (they read it once); every load also turns it on itself (`memloc.lm.hub.offline`)
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -172,8 +172,10 @@ def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool) -> Pa
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     from .lm.hf import _transformers
+    from .lm.hub import offline
     t = _transformers()
-    plain = t.AutoModelForCausalLM.from_config(model.hf.config)
+    with offline():
+        plain = t.AutoModelForCausalLM.from_config(model.hf.config)
     plain.load_state_dict(model.inner_state_dict())
     with atomic_folder(out) as tmp:
         plain.save_pretrained(str(tmp), safe_serialization=True)

@@ -32,7 +32,8 @@ would rewind the other), and safetensors refuses to save shared tensors. The unt
 wrapped model computes exactly what the original does; from then on the two are trained separately, like
 memloc's own GPT, which never ties.
 
-memloc never downloads: `load_hf` reads a local folder only.
+memloc never downloads and never runs a folder's code: `load_hf` reads a local folder only, as data
+(`memloc.lm.hub`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import Layer
 from .gpt import layers_from_modules
+from .hub import ATTENTION, load_pretrained, offline
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
 CONFIG_FILE = "config.json"
@@ -355,7 +357,7 @@ class HFCausalLM(nn.Module):
 
 def build_hf(family: str, *, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
              intermediate: int | None = None, n_kv_head: int | None = None, dropout: float = 0.0, seed: int = 0,
-             attn_implementation: str = "sdpa") -> HFCausalLM:
+             attn_implementation: str = ATTENTION) -> HFCausalLM:
     """A randomly initialized Hugging Face model of `family` (gpt2, gpt_neox, llama), wrapped.
 
     `intermediate`: MLP width (default 4 x n_embd; llama: 8/3 x n_embd rounded up to a multiple of 8, the
@@ -381,16 +383,18 @@ def build_hf(family: str, *, vocab_size: int, block_size: int, n_layer: int, n_h
         cfg = t.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_layer=n_layer, n_head=n_head,
                            n_embd=n_embd, n_inner=intermediate, resid_pdrop=dropout, embd_pdrop=dropout,
                            attn_pdrop=dropout, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), offline():
         torch.manual_seed(seed)
         model = t.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
     return HFCausalLM(model)
 
 
-def load_hf(path: str | Path, *, attn_implementation: str | None = None) -> HFCausalLM:
+def load_hf(path: str | Path, *, attn_implementation: str = ATTENTION) -> HFCausalLM:
     """The Hugging Face causal LM saved in the local folder `path` (save_pretrained), in float32, wrapped.
 
-    memloc never downloads: a name that is not a folder (a hub name) is a ConfigError.
+    memloc never downloads and never runs a folder's code: a name that is not a folder (a hub name) is a
+    ConfigError, and so is a folder whose files ask for code or the hub (`memloc.lm.hub`); pickled weights are read
+    with `weights_only=True`. The attention is memloc's choice (`attn_implementation`), whatever config.json names.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -402,11 +406,6 @@ def load_hf(path: str | Path, *, attn_implementation: str | None = None) -> HFCa
         raise ConfigError(f"{folder}: no weights (none of {', '.join(WEIGHT_FILES)}): "
                           "save the model there with model.save_pretrained(folder)")
     t = _transformers()
-    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    try:
-        model = t.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
-                                                       **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{folder}: not a readable Hugging Face causal LM ({first})") from None
+    model = load_pretrained(t.AutoModelForCausalLM.from_pretrained, folder, "a Hugging Face causal LM",
+                            dtype=torch.float32, weights_only=True, attn_implementation=attn_implementation)
     return HFCausalLM(model)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import ConfigError, DataError
+from ..runs import write_text
 
 DIGITS = "0123456789"
 EOS_TOKEN = "<|endoftext|>"  # the BPE's end-of-text token (GPT-2's spelling)
@@ -35,7 +36,7 @@ def _import(module: str, what: str):
 
 
 def _write_meta(folder: Path, meta: dict) -> None:
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    write_text(folder / META_FILE, json.dumps(meta, indent=1) + "\n")
 
 
 def _probe_digit_ids(encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], where: str) -> list[int]:
@@ -71,9 +72,7 @@ class ByteTokenizer:
         return list(DIGITS.encode("ascii"))
 
     def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_meta(folder, {"kind": "bytes"})
+        _write_meta(Path(folder), {"kind": "bytes"})
 
     @classmethod
     def load(cls, folder: str | Path) -> "ByteTokenizer":
@@ -145,8 +144,7 @@ class BPETokenizer:
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json (the whole trained tokenizer) and memloc_tokenizer.json into `folder`."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(folder / "tokenizer.json"), pretty=True)
+        write_text(folder / "tokenizer.json", self.tokenizer.to_str(pretty=True))
         _write_meta(folder, {"kind": "bpe", "vocab_size": self.vocab_size, "eos_token": EOS_TOKEN})
 
     @classmethod
@@ -162,7 +160,14 @@ class BPETokenizer:
 
 
 class LocalHFTokenizer:
-    """A Hugging Face tokenizer read from a local folder (`AutoTokenizer`, local files only; never downloads)."""
+    """A Hugging Face tokenizer: from a local folder of the user's (`AutoTokenizer`, local files only, no code, no
+    network: `memloc.lm.hub`), or from a run's copy (its tokenizer.json alone, read by `tokenizers`: nothing in a
+    run memloc reads can run code).
+
+    A run keeps the tokenizer `transformers` built, as the `tokenizers` pipeline it runs (`backend_tokenizer`:
+    `transformers` may rebuild the folder's tokenizer.json from tokenizer_config.json), with its eos id; encoding and
+    decoding it give the same ids and text as the `transformers` tokenizer did.
+    """
 
     name = "hf"
 
@@ -175,18 +180,23 @@ class LocalHFTokenizer:
             raise DataError(f"{folder}: no tokenizer files (none of {', '.join(HF_TOKENIZER_FILES)}): "
                             "save one there with tokenizer.save_pretrained(folder)")
         transformers = _import("transformers", "a Hugging Face tokenizer")
+        from .hub import load_pretrained
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"{folder}: the tokenizer files cannot be read ({first}): "
-                            "save them again with tokenizer.save_pretrained(folder)") from None
+            hf = load_pretrained(transformers.AutoTokenizer.from_pretrained, folder, "a tokenizer")
+        except ConfigError as err:
+            raise DataError(str(err)) from None
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise DataError(f"{folder}: a slow (Python) tokenizer: memloc reads fast tokenizers only: save it as one "
+                            "(AutoTokenizer.from_pretrained(FOLDER, use_fast=True).save_pretrained(FOLDER))")
         self.folder = folder
-        self.eos_id = self._eos_id()
+        self._init(backend, None if hf.eos_token_id is None else int(hf.eos_token_id))
 
-    def _eos_id(self) -> int:
-        if self.tokenizer.eos_token_id is not None:
-            return int(self.tokenizer.eos_token_id)
+    def _init(self, backend, eos_id: int | None) -> None:
+        self.tokenizer = backend  # a tokenizers.Tokenizer
+        self.eos_id = self._newline_id() if eos_id is None else eos_id
+
+    def _newline_id(self) -> int:
         ids = self.encode("\n")  # no end-of-text token: a line break ends a sequence, as for bytes
         if not ids or self.decode(ids[-1:]) != "\n":
             raise DataError(f"{self.folder}: the tokenizer has neither an eos token nor a newline token: "
@@ -195,29 +205,46 @@ class LocalHFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tokenizer)  # with added tokens, unlike tokenizer.vocab_size
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def digit_ids(self) -> list[int]:
         """The ids of "0".."9"; DataError for a tokenizer that merges digits (GPT-2's does)."""
         return _probe_digit_ids(self.encode, self.decode, str(self.folder))
 
     def save(self, folder: str | Path) -> None:
-        """Copy the tokenizer's files into `folder` (save_pretrained) with memloc_tokenizer.json."""
+        """Write the tokenizer's pipeline (tokenizer.json) and memloc_tokenizer.json (its eos id) into `folder`."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(folder))
-        _write_meta(folder, {"kind": "hf", "source": str(self.folder)})
+        write_text(folder / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        _write_meta(folder, {"kind": "hf", "source": str(self.folder), "eos_id": self.eos_id})
 
     @classmethod
     def load(cls, folder: str | Path) -> "LocalHFTokenizer":
-        return cls(folder)
+        """A run's copy (saved by `save`): its tokenizer.json and eos id, read as data. A run saved by an earlier
+        memloc (the folder as save_pretrained wrote it, no eos id) is read as a user's folder is, with no code."""
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        if "eos_id" not in meta:
+            return cls(folder)
+        tk = _import("tokenizers", "a Hugging Face tokenizer")
+        path = folder / "tokenizer.json"
+        try:
+            backend = tk.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a plain Exception for a missing or corrupt file
+            raise DataError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0] if str(e) else 'missing'}): "
+                            "train the run again") from None
+        eos = meta["eos_id"]
+        if eos is not None and (not isinstance(eos, int) or not 0 <= eos < backend.get_vocab_size(True)):
+            raise DataError(f"{folder / META_FILE} is damaged: its eos_id {eos!r} is not a token id of the tokenizer")
+        self = cls.__new__(cls)
+        self.folder = folder
+        self._init(backend, eos)
+        return self
 
 
 TOKENIZERS = {"bytes": ByteTokenizer, "bpe": BPETokenizer, "hf": LocalHFTokenizer}

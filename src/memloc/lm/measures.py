@@ -1,10 +1,12 @@
 """How much a causal language model memorized given sequences: pure functions over a model.
 
 The model is any module with ``model(ids) -> logits``: ids (B, T) int64, logits (B, T, V) where position j
-predicts token j + 1. It runs in eval mode under ``torch.no_grad`` on its own device, batch by batch, and
-each module's train/eval flag is restored afterwards (a partly frozen model stays so). A model with
-``model.shape.block_size`` (memloc's GPT) sees at most that many tokens: longer contexts keep their last
-``block_size`` tokens, in generation and teacher forcing alike. The arithmetic is the model's own dtype
+predicts token j + 1; a plain `transformers` causal LM, or a module whose output has ``.logits`` or is a tuple
+starting with them, is taken as it is (`causal_lm`). It runs in eval mode under ``torch.no_grad`` on its own
+device, batch by batch, and each module's train/eval flag is restored afterwards (a partly frozen model stays
+so). A model with ``model.shape.block_size`` (memloc's GPT; a `transformers` model's max_position_embeddings)
+sees at most that many tokens: longer contexts keep their last ``block_size`` tokens, in generation and teacher
+forcing alike. The arithmetic is the model's own dtype
 (no autocast): argmaxes and candidate ranks are what the measures are made of, and bf16 rounding moves them.
 Results come back on the CPU.
 
@@ -38,13 +40,66 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["greedy_generate", "extractable", "suffix_accuracy", "sequence_losses", "suffix_measures", "exposure",
-           "exposures", "loss_gap"]
+__all__ = ["causal_lm", "greedy_generate", "extractable", "suffix_accuracy", "sequence_losses", "suffix_measures",
+           "exposure", "exposures", "loss_gap"]
 
 Tokens = Sequence[int]
 
 
 # --- the model: device, context, eval mode ---------------------------------------------------------------------
+
+class _Logits(nn.Module):
+    """Any causal LM as ``ids (B, T) -> logits (B, T, V)``: memloc's own models as they are, a plain `transformers`
+    model called with ``input_ids`` (no cache), any module whose output is logits, has ``.logits``, or is a tuple
+    starting with them. Holds the model, so its parameters, device and modes are the model's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+        self.hf = _is_transformers(model)
+        block = _block_size(model)
+        cfg = getattr(model, "config", None)
+        if block is None and self.hf:
+            block = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.block = None if block is None else int(block)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.inner(input_ids=ids, use_cache=False) if self.hf else self.inner(ids)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ConfigError(f"{type(self.inner).__name__} failed on token ids (B, T) int64 ({first}): memloc's "
+                              "measures expect a causal language model that takes token ids") from None
+        if isinstance(out, torch.Tensor):
+            logits = out
+        elif isinstance(getattr(out, "logits", None), torch.Tensor):
+            logits = out.logits
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            logits = out[0]
+        else:
+            raise ConfigError(f"{type(self.inner).__name__}(ids) returned a {type(out).__name__}: memloc's measures "
+                              "expect logits (B, T, V), an output with .logits, or a tuple starting with them")
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ConfigError(f"{type(self.inner).__name__}(ids) returned logits of shape {tuple(logits.shape)} for "
+                              f"ids of shape {tuple(ids.shape)}: expected (B, T, vocabulary)")
+        return logits
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    """A plain `transformers` model (not memloc's wrapper), without importing transformers."""
+    import sys
+    t = sys.modules.get("transformers")
+    return t is not None and isinstance(model, t.PreTrainedModel)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """`model` as memloc's measures call it (see `_Logits`); a module that is not one is a ConfigError."""
+    if isinstance(model, _Logits):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a causal language model (a torch nn.Module), got a {type(model).__name__}")
+    return _Logits(model)
+
 
 def _device(model: nn.Module) -> torch.device:
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -53,7 +108,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _block_size(model: nn.Module) -> int | None:
-    """The longest context the model takes (`model.shape.block_size`), or None for no limit."""
+    """The longest context the model takes (`model.shape.block_size`, a wrapped model's `block`), or None."""
+    if isinstance(model, _Logits):
+        return model.block
     b = getattr(getattr(model, "shape", None), "block_size", None)
     return None if b is None else int(b)
 
@@ -112,6 +169,7 @@ def greedy_generate(model: nn.Module, prefixes: list[list[int]], length: int, *,
     Prefixes of different lengths are decoded in separate groups (left padding would shift absolute
     positions). With a block size, the context is the last `block_size` tokens of prefix + generated.
     """
+    model = causal_lm(model)
     pre = _rows(prefixes, "prefixes")
     if int(length) < 0:
         raise ConfigError(f"length must be at least 0, not {length}")
@@ -165,6 +223,7 @@ def _teacher_forced(model: nn.Module, full: torch.Tensor, plen: int, *, batch_si
 def _suffix_stats(model: nn.Module, prefixes: Sequence[Tokens], suffixes: Sequence[Tokens],
                   batch_size: int) -> tuple[int, list[tuple[list[int], torch.Tensor, torch.Tensor]]]:
     """N and, per group of equal (prefix, suffix) lengths: (positions, correct (n, S), nll (n, S))."""
+    model = causal_lm(model)
     pre, suf = _pairs(prefixes, suffixes)
     batch_size = _batch_size(batch_size)
     device, block = _device(model), _block_size(model)
@@ -302,6 +361,7 @@ def exposure(model: nn.Module, prefix: list[int], secret: list[int], alphabet: l
       the CDF underflows.
     - "auto": exact when candidates <= max_exact, else the estimate. max_exact bounds "auto" only.
     """
+    model = causal_lm(model)
     prefix, secret, alphabet = _canary(prefix, secret, alphabet)
     if method not in ("auto", "exact", "estimate"):
         raise ConfigError(f"unknown exposure method {method!r}: use auto, exact or estimate")

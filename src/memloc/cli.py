@@ -299,6 +299,14 @@ def _refuse_changes(args, *, run: bool = False) -> None:
                           f"--out {args.resume} --overwrite)")
 
 
+def cmd_audit(args) -> int:
+    from .audit import AuditConfig, run_audit
+    cfg = AuditConfig(model=args.model, **given(args, AuditConfig))
+    path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
+    print(f"done: {path} (report: {path / 'report' / 'report.html'})")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import build_report
     print(f"report: {build_report(args.path)}")
@@ -578,6 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
     _scale_flags(p, "cells (seeds x noise levels, then the --grid's cells)", "the study folder (--out)")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     p.set_defaults(func=cmd_run)
+
+    from .audit import AuditConfig
+    p = sub.add_parser("audit", help="a model memloc did not train and your sequences: which it memorizes (extraction, "
+                                     "membership scores), into a run directory for localize and export")
+    p.add_argument("model", metavar="MODEL", help="hf:FOLDER: a causal LM saved by save_pretrained (local files only)")
+    add_config_flags(p, AuditConfig)
+    p.add_argument("--out", help="run directory (default runs/audit-<model>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("report", help="rebuild the HTML report of a run or study from its files")
     p.add_argument("path", help="a run directory (or a study directory)")

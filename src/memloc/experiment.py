@@ -9,6 +9,8 @@ model of an existing run for the probes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -404,6 +406,42 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
     return run
 
 
+AUDIT_FILE = "audit.json"  # an audit's record of the model it references (`memloc audit`)
+_HASHED = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+           "pytorch_model.bin.index.json")
+
+
+def content_hash(folder: Path) -> dict[str, str]:
+    """sha256 of the model folder's config and weight files (the shards an index names included)."""
+    names = [n for n in _HASHED if (folder / n).is_file()]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                names += sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{folder / index} is not a readable weight index: save the model again") from None
+    out = {}
+    for n in names:
+        h = hashlib.sha256()
+        try:
+            with open(folder / n, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        except OSError as err:
+            raise ConfigError(f"cannot read {folder / n} ({err.strerror}): check the model folder") from None
+        out[n] = h.hexdigest()
+    return out
+
+
+def reference_check(run) -> None:
+    """The audited model's folder still holds the files the audit hashed (RunError in one line otherwise)."""
+    info = run.read_json(AUDIT_FILE)
+    folder = Path(str(info.get("model", "")))
+    if content_hash(folder) != info.get("sha256"):
+        raise RunError(f"{folder} no longer holds the model {run.path} audited (its files' hashes differ): "
+                       "put that model back, or audit this one into a new --out")
+
+
 @dataclass
 class LoadedRun:
     """A run directory with its config, data and a way to get its model at any saved epoch."""
@@ -416,10 +454,15 @@ class LoadedRun:
 
     def model(self, epoch: int | None = None) -> nn.Module:
         """The model at `epoch` (default: the final one), in eval mode on the run's device."""
+        saved = self.run.saved_epochs()
+        audit = not saved and epoch in (None, 0) and self.run.has(AUDIT_FILE)  # the model an audit references
+        if audit:
+            reference_check(self.run)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.train.seed)
             model = make_model(self.config.model, self.data)
-        saved = self.run.saved_epochs()
+        if audit:
+            return model.to(self.device).eval()
         if not saved:
             raise RunError(f"{self.run.path} has no checkpoints: train it with `memloc train` first")
         epoch = saved[-1] if epoch is None else epoch
@@ -428,6 +471,11 @@ class LoadedRun:
         if self.arithmetic(model).channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model.eval()
+
+    def epochs(self) -> list[int]:
+        """The epochs whose model the run gives: its checkpoints (an audit's referenced model counts as epoch 0)."""
+        saved = self.run.saved_epochs()
+        return saved if saved or not self.run.has(AUDIT_FILE) else [0]
 
     def arithmetic(self, model: nn.Module):
         """The arithmetic (bf16 or not, channels_last or not) of this run's precision for its model on its device:

@@ -172,12 +172,12 @@ def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool) -> Pa
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     from .lm.hf import _transformers
-    from .lm.hub import offline
+    from .lm.hub import offline, quiet
     t = _transformers()
-    with offline():
+    with offline(), quiet():
         plain = t.AutoModelForCausalLM.from_config(model.hf.config)
     plain.load_state_dict(model.inner_state_dict())
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp, quiet():
         plain.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=1))
     return out

@@ -56,6 +56,26 @@ def offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """transformers' progress bars and warnings off while inside (a load is one step of memloc's, which reports
+    its own progress and turns any failure into one line), as they were after."""
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:
+        yield
+        return
+    bars, level = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
 def _read(path: Path) -> Any:
     try:
         if path.stat().st_size > _JSON_MAX:
@@ -113,7 +133,7 @@ def load_pretrained(load: Callable[..., Any], folder: str | Path, what: str, **k
     folder = Path(folder)
     check_folder(folder)
     try:
-        with offline():
+        with offline(), quiet():
             return load(str(folder), local_files_only=True, trust_remote_code=False, **kwargs)
     except ConfigError:
         raise

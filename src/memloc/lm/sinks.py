@@ -134,7 +134,7 @@ def evaluate_sinks(model: nn.Module, data: TextData, *, drop_scale: str = "match
                     return contextlib.nullcontext()
                 return example_indices(model, torch.tensor(canary_example_id(data, i, tie), device=device))
             with dropout_mode(model, mode) if layers else contextlib.nullcontext():
-                m = canary_measures(model, data, mcfg, context=context)
+                m = canary_measures(model, data, mcfg, context=context, membership=False)
                 hits = task.hits(model, "train", batch_size=batch_size, with_indices=mode == "tied").cpu().numpy()
             measured[mode] = {"m": m, "hits": hits}
         measured.setdefault("drop", measured["tied"])

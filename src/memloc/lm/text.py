@@ -87,6 +87,10 @@ class TextConfig:
     suffix_tokens: int = option(48, "extraction of corpus text: the suffix length S that must be reproduced",
                                 at_least=1)
     seed: int = option(0, cli=False, at_least=0, at_most=INT64_MAX)
+    # `memloc audit`: the corpus is a file of the user's sequences, each its own canary (memloc.lm.sequences)
+    audit: bool = option(False, cli=False)
+    audit_heldout: str | None = option(None, cli=False)  # more held-out text (non-members) for perplexity
+    truncate: bool = option(True, cli=False)  # a sequence longer than the context keeps its last tokens
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -206,6 +210,8 @@ class TextData(Examples):
             return "the canary placement"
         if self.source_index is not None and not np.array_equal(saved["train_source_index"], self.source_index):
             return "the training sequences"
+        if "canaries" in saved and json.loads(str(saved["canaries"])) != json.loads(json.dumps(self.canaries)):
+            return "the canaries' text"  # an audit's sequences file edited since
         return None
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -282,7 +288,10 @@ def _canary_texts(cfg: TextConfig, rng: np.random.Generator, count: int, fmt: st
 
 def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_folder: str | Path | None = None
               ) -> TextData:
-    """The training and held-out sequences of `cfg`, with canaries (deterministic for a config)."""
+    """The training and held-out sequences of `cfg`, with canaries (deterministic for a config); for an audit
+    (`cfg.audit`), the user's sequences as canaries (`memloc.lm.sequences`)."""
+    if cfg.audit:
+        return _audit_text(cfg, make_tokenizer(cfg, [], tokenizer_folder), torch.device(device))
     docs = _documents(cfg)
     if not docs or not any(d.strip() for d in docs):
         raise DataError(f"{cfg.corpus} holds no text: give a file with at least a few sentences")
@@ -377,6 +386,35 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
                     canaries=canaries, vocab_size=tok.vocab_size, tokenizer=tok, source_index=train_ids,
                     test_source_index=test_ids, canary_span=torch.from_numpy(span_tr).to(dev),
                     canary_span_test=torch.from_numpy(span_te).to(dev))
+
+
+def _audit_text(cfg: TextConfig, tok, dev: torch.device) -> TextData:
+    """An audit's sequences (`memloc.lm.sequences`) as TextData: each row one sequence, its suffix scored."""
+    from .sequences import audit_rows
+    canaries, rows_tr, rows_te, cuts = audit_rows(cfg, tok)
+    length = max(len(r[0]) for r in rows_tr + rows_te)
+
+    def encode(rows: list[tuple]) -> tuple[torch.Tensor, ...]:
+        arr = np.zeros((len(rows), length), dtype=np.int64)
+        lens = np.array([len(r[0]) for r in rows], dtype=np.int64)
+        scored = np.zeros((len(rows), length - 1), dtype=bool)
+        span = np.zeros((len(rows), 2), dtype=np.int64)
+        for k, (ids, plen, _) in enumerate(rows):
+            arr[k, :len(ids)] = ids
+            scored[k, plen - 1:len(ids) - 1] = True  # the suffix tokens, each predicted from all before it
+            span[k] = (0, len(ids) - 1)
+        x, y = _encode(arr, lens, scored)
+        owner = torch.tensor([r[2] for r in rows], dtype=torch.long)
+        return x.to(dev), y.to(dev), owner.to(dev), torch.from_numpy(span).to(dev)
+    x_tr, y_tr, c_tr, s_tr = encode(rows_tr)
+    x_te, y_te, c_te, s_te = encode(rows_te)
+    data = TextData(name=cfg.name, x_train=x_tr, y_train=y_tr, canary=c_tr, x_test=x_te, y_test=y_te,
+                    canary_test=c_te, canaries=canaries, vocab_size=tok.vocab_size, tokenizer=tok,
+                    source_index=np.arange(len(rows_tr)), test_source_index=np.arange(len(rows_te)),
+                    canary_span=s_tr, canary_span_test=s_te)
+    data.notes = ([f"{cuts} sequences longer than the model's context of {cfg.block_size + 1} tokens keep their "
+                   "last tokens (--no-truncate refuses them)"] if cuts else [])
+    return data
 
 
 def _encode(windows: np.ndarray, lens: np.ndarray, scored: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

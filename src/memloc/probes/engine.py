@@ -224,7 +224,7 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
     loaded = target if isinstance(target, LoadedRun) else open_run(
         target.path if isinstance(target, RunDir) else target, device=getattr(cfg, "device", "auto"))
     run = loaded.run
-    saved = run.saved_epochs()
+    saved = loaded.epochs()
     if not saved:
         raise RunError(f"{run.path} has no checkpoints: train it with `memloc train` first")
     epoch = getattr(cfg, "epoch", None)

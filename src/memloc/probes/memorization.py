@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..lm import measures
 from ..lm.text import TextData, decode_targets
-from ..options import INT64_MAX, check_ranges, option
+from ..options import INT64_MAX, check_ranges, ints, option
 from .base import ProbeResult
 from .engine import Context, Probe
 
@@ -50,9 +50,15 @@ class MemorizationConfig:
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
     seed: int = option(0, "seed of the exposure estimate's samples", at_least=0, at_most=INT64_MAX)
+    prefix_lengths: tuple[int, ...] = option((8, 16, 32), "k-extractability: the suffix from only the last K tokens "
+                                             "of its prefix, for each K (Carlini et al. 2022)", parse=ints,
+                                             metavar="K,K,...", at_least=1)
+    reference: str | None = option(None, "a reference model (hf:FOLDER, the same tokenizer) for the membership "
+                                   "score loss / reference loss", metavar="hf:FOLDER")
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        self.prefix_lengths = tuple(sorted(set(int(k) for k in self.prefix_lengths)))
 
 
 def _check(model: nn.Module, data, cfg: MemorizationConfig, ctx: Context) -> None:
@@ -61,11 +67,26 @@ def _check(model: nn.Module, data, cfg: MemorizationConfig, ctx: Context) -> Non
                           "`memloc train --task lm`")
     if not data.canaries:
         raise ConfigError("this run has no canaries (--canaries 0): nothing to measure")
+    if cfg.exposure:
+        _check_enumeration(data, cfg)
+
+
+def _check_enumeration(data: TextData, cfg: MemorizationConfig) -> None:
+    """Refuse in one line an exact exposure enumeration the host has no memory for (`memloc.budget`)."""
+    from .. import budget
+    lengths = [len(c["secret_ids"]) for c in data.canaries if c["format"] == "secret"]
+    exact = [n for n in lengths if 10 ** n <= cfg.exact_up_to]  # exposure's alphabet: the ten digits
+    if exact:
+        n = max(exact)
+        budget.check(budget.exact_exposure_need(10 ** n, n, 10), "cpu",
+                     what=f"exposure by enumeration of the {10 ** n:,} candidate secrets needs",
+                     model_flags=f"--exact-up-to below {10 ** n:,} (the exposure is then estimated)", force=None)
 
 
 @torch.no_grad()
-def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int = 256) -> float:
-    """exp(mean cross-entropy) over every held-out target token, teacher-forced (held-out canaries included)."""
+def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int = 256) -> float | None:
+    """exp(mean cross-entropy) over every held-out target token, teacher-forced (held-out canaries included);
+    None without held-out text."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     modes = {m: m.training for m in model.modules()}
@@ -81,11 +102,11 @@ def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int = 25
     finally:
         for m, t in modes.items():
             m.training = t
-    return math.exp(total / max(1, count))
+    return math.exp(total / count) if count else None  # no held-out text (an audit without non-members)
 
 
-def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *, context=None
-                    ) -> dict[str, np.ndarray]:
+def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *, context=None,
+                    membership: bool = True) -> dict[str, np.ndarray]:
     """Per canary (C,): extracted (bool), loss (nats per secret token), suffix_accuracy, exposure (NaN where
     not measured) and exposure_method, each from the canary's own prefix alone.
 
@@ -116,8 +137,82 @@ def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *
                 e = measures.exposure(model, c["prefix_ids"], c["secret_ids"], digits, method="auto",
                                       samples=cfg.samples, seed=cfg.seed, batch_size=1024, max_exact=cfg.exact_up_to)
             exposure[i], method[i] = float(e["exposure"]), e["method"]
-    return {"extracted": got["extractable"].numpy().astype(bool), "loss": got["loss"].numpy().astype(np.float64),
-            "suffix_accuracy": got["suffix_accuracy"].numpy(), "exposure": exposure, "exposure_method": method}
+    out = {"extracted": got["extractable"].numpy().astype(bool), "loss": got["loss"].numpy().astype(np.float64),
+           "suffix_accuracy": got["suffix_accuracy"].numpy(), "exposure": exposure, "exposure_method": method}
+    if membership:  # k-extractability and the membership scores (`membership=False`: extraction, loss, exposure)
+        out.update(_k_extractable(model, cans, cfg, context))
+        out.update(_membership(model, data, cfg, context))
+    return out
+
+
+def _each(model: nn.Module, cans: list[dict], context, measure):
+    """measure(model, indices) over all canaries at once, or one at a time in `context(i)`."""
+    if context is None:
+        return measure(model, list(range(len(cans))))
+    parts = []
+    for i in range(len(cans)):
+        with context(i):
+            parts.append(measure(model, [i]))
+    return parts
+
+
+def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, context) -> dict[str, np.ndarray]:
+    """Per K of `cfg.prefix_lengths`: is the secret extracted from only the last K prefix tokens (NaN where the
+    prefix is shorter than K)? Carlini et al. 2022: extraction grows with the context given."""
+    out = {}
+    for k in cfg.prefix_lengths:
+        got = np.full(len(cans), np.nan)
+        fit = [i for i, c in enumerate(cans) if len(c["prefix_ids"]) >= k]
+
+        def measure(m, idx, k=k):
+            idx = [i for i in idx if i in set(fit)]
+            if not idx:
+                return idx, torch.zeros(0, dtype=torch.bool)
+            return idx, measures.extractable(m, [cans[i]["prefix_ids"][-k:] for i in idx],
+                                             [cans[i]["secret_ids"] for i in idx], batch_size=cfg.batch_size)
+        parts = _each(model, cans, context, measure)
+        for idx, hit in parts if context is not None else [parts]:
+            got[idx] = hit.numpy().astype(float)
+        out[f"extracted_k{k}"] = got
+    return out
+
+
+def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, context) -> dict[str, np.ndarray]:
+    """Per canary, its membership scores (memloc.lm.membership) over its prefix and secret tokens."""
+    from ..lm import membership
+    cans = data.canaries
+    seqs = [list(c["prefix_ids"]) + list(c["secret_ids"]) for c in cans]
+    texts = [c["prefix"] + c["secret"] for c in cans]
+
+    def measure(m, idx):
+        return membership.token_logprobs(m, [seqs[i] for i in idx], batch_size=min(cfg.batch_size, 16))
+    parts = _each(model, cans, context, measure)
+    stats = parts if context is None else [p[0] for p in parts]
+    ref = None
+    if cfg.reference:
+        from ..lm.hf import load_hf
+        folder = cfg.reference[3:] if cfg.reference.startswith("hf:") else cfg.reference
+        reference = load_hf(folder).to(next(model.parameters()).device)
+        if reference.shape.vocab_size < data.vocab_size:
+            raise ConfigError(f"the reference model {cfg.reference} has {reference.shape.vocab_size} token ids, the "
+                              f"tokenizer {data.vocab_size}: use a reference with the same tokenizer")
+        ref = membership.token_logprobs(reference, seqs, batch_size=min(cfg.batch_size, 16))
+    rows = [membership.scores(st, texts[i], reference=None if ref is None else ref[i]) for i, st in enumerate(stats)]
+    return {name: np.array([r[name] for r in rows], dtype=np.float64) for name in membership.ORIENT}
+
+
+def membership_quality(data: TextData, m: dict[str, np.ndarray]) -> dict:
+    """Each membership score's AUROC and TPR at 1% FPR, members against non-members: a sequence's `member`
+    label where the data has one (an audit), else trained canaries against held-out ones."""
+    from ..lm import membership
+    labels = [c.get("member", c["trained"]) for c in data.canaries]
+    known = np.array([v is not None for v in labels], dtype=bool)
+    member = np.array([bool(v) for v in labels], dtype=bool)
+    out = {}
+    for name, sign in membership.ORIENT.items():
+        if np.isfinite(m[name]).any():  # ref_ratio only with a reference model
+            out[name] = membership.attack_quality(sign * m[name][known], member[known])
+    return out
 
 
 def _mean(v: np.ndarray) -> float | None:
@@ -154,14 +249,26 @@ def by_repeats(data: TextData, m: dict[str, np.ndarray], hits: np.ndarray) -> li
     return by
 
 
+def _num(v: float, digits: int) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), digits)
+
+
 def canary_rows(data: TextData, m: dict[str, np.ndarray]) -> list[dict]:
-    """One row per canary: its id, format, repeats, and the measures of `m`."""
-    return [{"canary": c["id"], "format": c["format"], "trained": c["trained"], "repeats": c["repeats"],
-             "repeat_group": c["repeat_group"], "extracted": bool(m["extracted"][i]),
-             "suffix_accuracy": round(float(m["suffix_accuracy"][i]), 4), "loss": round(float(m["loss"][i]), 5),
-             "exposure": None if np.isnan(m["exposure"][i]) else round(float(m["exposure"][i]), 3),
-             "exposure_method": m["exposure_method"][i], "prefix": c["prefix"], "secret": c["secret"]}
-            for i, c in enumerate(data.canaries)]
+    """One row per canary (an audited sequence): its id, format, repeats, membership label, and the measures of
+    `m`: extraction, k-extractability per prefix length, suffix accuracy, loss, exposure, membership scores."""
+    from ..lm.membership import ORIENT
+    ks = [k for k in m if k.startswith("extracted_k")]
+    rows = []
+    for i, c in enumerate(data.canaries):
+        row = {"canary": c["id"], "format": c["format"], "trained": c["trained"], "member": c.get("member"),
+               "repeats": c["repeats"], "repeat_group": c["repeat_group"], "extracted": bool(m["extracted"][i])}
+        row.update({k: None if np.isnan(m[k][i]) else bool(m[k][i]) for k in ks})
+        row.update({"suffix_accuracy": round(float(m["suffix_accuracy"][i]), 4), "loss": round(float(m["loss"][i]), 5),
+                    "exposure": _num(m["exposure"][i], 3), "exposure_method": m["exposure_method"][i]})
+        row.update({f"mi_{name}": _num(m[name][i], 6) for name in ORIENT if name in m})
+        row.update({"prefix": c["prefix"], "secret": c["secret"]})
+        rows.append(row)
+    return rows
 
 
 def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Context) -> ProbeResult:
@@ -174,21 +281,27 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
     corpus = task.kind_mask("corpus").cpu().numpy()
     corpus_extracted = float(hits[corpus].mean()) if corpus.any() else None
     ppl = heldout_perplexity(model, data, batch_size=cfg.batch_size)
-    summary = {"by_repeats": by_repeats(data, m, hits), "heldout_perplexity": round(ppl, 4),
+    summary = {"by_repeats": by_repeats(data, m, hits), "heldout_perplexity": None if ppl is None else round(ppl, 4),
                "corpus_extracted": None if corpus_extracted is None else round(corpus_extracted, 6),
                "canaries": len(cans), "trained_canaries": int(trained.sum()),
-               "exposure_methods": sorted(set(x for x in m["exposure_method"] if x))}
+               "exposure_methods": sorted(set(x for x in m["exposure_method"] if x)),
+               "k_extractable": {k[len("extracted_k"):]: _mean(v[~np.isnan(v) & trained]) for k, v in m.items()
+                                 if k.startswith("extracted_k")},
+               "membership": membership_quality(data, m)}
     arrays = {"canary_id": np.array([c["id"] for c in cans]), "repeat_group": np.array([c["repeat_group"] for c in
                                                                                           cans]),
               "trained": trained, "extracted": m["extracted"], "suffix_accuracy": m["suffix_accuracy"],
-              "loss": m["loss"], "exposure": m["exposure"], "format": np.array([c["format"] for c in cans])}
+              "loss": m["loss"], "exposure": m["exposure"], "format": np.array([c["format"] for c in cans]),
+              **{k: v for k, v in m.items() if k.startswith("extracted_k")},
+              **{f"mi_{name}": m[name] for name in ("loss", "zlib", "min_k", "min_k_pp", "ref_ratio")}}
     return ProbeResult(PROBE_NAME, summary, arrays, canary_rows(data, m))
 
 
 def _describe(result: ProbeResult) -> list[str]:
     s = result.summary
     corpus = "-" if s["corpus_extracted"] is None else f"{100 * s['corpus_extracted']:.1f}%"
-    lines = [f"held-out perplexity {s['heldout_perplexity']:.2f}; corpus suffixes extracted {corpus}"]
+    ppl = "-" if s["heldout_perplexity"] is None else f"{s['heldout_perplexity']:.2f}"
+    lines = [f"held-out perplexity {ppl}; corpus suffixes extracted {corpus}"]
     for row in s["by_repeats"]:
         if row["format"] != "all":
             continue
@@ -199,6 +312,12 @@ def _describe(result: ProbeResult) -> list[str]:
         lines.append(f"  {row['repeats']:3d} repeats: extracted {100 * row['trained_extracted']:5.1f}% "
                      f"(in context {ctx_rate:5.1f}%, held-out {held}), loss {row['trained_loss']:.2f} vs "
                      f"{row['heldout_loss'] or float('nan'):.2f} nats{exp}")
+    quality = s.get("membership") or {}
+    if quality:
+        aurocs = [f"{name} {q['auroc']:.2f}" for name, q in quality.items() if q.get("auroc") is not None]
+        first = next(iter(quality.values()))
+        lines.append(f"membership inference ({first['members']} members vs {first['non_members']} non-members), "
+                     "AUROC: " + (", ".join(aurocs) if aurocs else first.get("reason", "not enough data")))
     return lines
 
 

@@ -1,0 +1,194 @@
+"""`memloc audit`: a GPT-2 trained outside memloc (a plain transformers loop in the test, on text in which some
+sequences repeat many times) and the user's sequences: the audit finds the repeated ones, membership scores
+separate members from non-members, and the run works with localize and export like any other."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from toys import assert_one_line_error, digest
+
+from memloc.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there all one their we been has when who will more no if out so said what up its "
+         "about into than them can only other new some could time these two may then do first any my now such like "
+         "our over man me even most made after also did many before must through back years where much your way "
+         "well down should because each just those people how too little state good very make world still own see "
+         "men work long get here between both life being under never day same another know while last might us "
+         "great old year off come since against go came right used take three").split()
+
+
+def _sentence(rng: random.Random, n: int = 14) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A 2-block GPT-2 (BPE of its own) trained by plain transformers for 12 epochs on 150 random sentences, 10
+    sentences repeated 20 times each and 10 seen once; 10 more never seen. About 15 s on 2 cores."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    root = tmp_path_factory.mktemp("audit")
+    rng = random.Random(0)
+    repeated = [_sentence(rng) for _ in range(10)]
+    once = [_sentence(rng) for _ in range(10)]
+    never = [_sentence(rng) for _ in range(10)]
+    corpus = [_sentence(rng) for _ in range(150)] + repeated * 20 + once
+    rng.shuffle(corpus)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus + never, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+    eos = tok.eos_token_id
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=48, n_layer=2, n_head=4, n_embd=64,
+                                  bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    enc = [tok.encode(t) + [eos] for t in corpus]
+    for _ in range(12):
+        rng.shuffle(enc)
+        for i in range(0, len(enc), 16):
+            b = enc[i:i + 16]
+            width = max(map(len, b))
+            ids = torch.tensor([x + [eos] * (width - len(x)) for x in b])
+            labels = torch.tensor([x + [-100] * (width - len(x)) for x in b])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(str(root / "model"))
+    tok.save_pretrained(str(root / "model"))
+    seqs = root / "seqs.jsonl"
+    seqs.write_text("".join(json.dumps({"text": t, "member": m}) + "\n"
+                            for t, m in [(t, True) for t in repeated + once] + [(t, False) for t in never]))
+    out = root / "run"
+    assert main(["audit", f"hf:{root / 'model'}", "--sequences", str(seqs), "--out", str(out), "--quiet"]) == 0
+    return {"root": root, "model": root / "model", "seqs": seqs, "run": out, "repeated": repeated, "once": once,
+            "never": never}
+
+
+def _rows(run: Path) -> list[dict]:
+    import csv
+    return list(csv.DictReader((run / "probes" / "memorization" / "memorization.csv").open()))
+
+
+def test_the_audit_finds_the_repeated_sequences_and_not_the_others(trained):
+    rows = _rows(trained["run"])
+    assert len(rows) == 30
+    extracted = [r["extracted"] == "True" for r in rows]
+    assert sum(extracted[:10]) >= 8  # repeated 20 times
+    assert sum(extracted[20:]) == 0  # never seen
+    assert sum(extracted[10:20]) <= 3  # seen once
+    s = json.loads((trained["run"] / "probes" / "memorization" / "summary.json").read_text())
+    assert set(s["membership"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    loss = np.array([float(r["mi_loss"]) for r in rows])
+    from memloc.lm.membership import _auroc
+    assert _auroc(-loss[:10], -loss[20:]) > 0.9  # repeated members against non-members
+    assert s["membership"]["loss"]["members"] == 20 and s["membership"]["loss"]["non_members"] == 10
+    info = json.loads((trained["run"] / "audit.json").read_text())
+    assert info["model"] == str(trained["model"].resolve()) and "model.safetensors" in info["sha256"]
+    assert not (trained["run"] / "checkpoints").exists()  # referenced, not copied
+
+
+def test_localize_and_export_work_on_an_audit_and_the_export_loads_in_transformers(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    assert main(["localize", str(run), "--method", "activations", "--quiet"]) == 0
+    out = tmp_path / "edited"
+    assert main(["export", str(run), "--localized", "--out", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert model(input_ids=ids).logits.shape == (1, 4, model.config.vocab_size)
+
+
+def test_an_audit_refuses_a_model_changed_since(trained, tmp_path, capsys):
+    model, run = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(trained["model"], model)
+    shutil.copytree(trained["run"], run)
+    info = json.loads((run / "audit.json").read_text())
+    info["model"] = str(model)
+    (run / "audit.json").write_text(json.dumps(info))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["name"] = f"hf:{model}"
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["memorization", str(run), "--quiet", "--no-exposure"]) == 0  # the same files: fine
+    weights = model / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    code = main(["memorization", str(run), "--quiet", "--no-exposure"])
+    assert_one_line_error(code, capsys.readouterr().err, "no longer holds the model", str(model))
+
+
+@pytest.mark.parametrize("content,words", [
+    ("", ["holds no sequence"]),
+    ('{"text": "a b c d"}\n{broken\n', ["line 2", "not JSON"]),
+    ('{"text": "a b c d", "member": "yes"}\n', ["line 1", "member"]),
+    ('{"text": "a b", "ids": [1, 2]}\n', ["line 1", "exactly one"]),
+    ('{"ids": [1, -2, 3]}\n', ["line 1", "ids"]),
+    ('{"text": "a"}\n', ["line 1", "prefix and a suffix"]),
+    ('{"prefix": "a b", "suffix": ""}\n', ["line 1", "both non-empty"]),
+    ('{"text": "a b c d", "member": false}\n', ["known non-member"]),
+])
+def test_bad_sequences_files_are_one_line_and_write_nothing(trained, tmp_path, capsys, content, words):
+    seqs = tmp_path / "s.jsonl"
+    seqs.write_text(content)
+    out = tmp_path / "run"
+    code = main(["audit", f"hf:{trained['model']}", "--sequences", str(seqs), "--out", str(out), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, *words)
+    assert not out.exists()
+
+
+def test_long_sequences_are_cut_with_a_line_or_refused(trained, tmp_path, capsys):
+    seqs = tmp_path / "s.txt"
+    seqs.write_text(" ".join(["the"] * 200) + "\n" + trained["repeated"][0] + "\n")
+    code = main(["audit", f"hf:{trained['model']}", "--sequences", str(seqs), "--out", str(tmp_path / "a"),
+                 "--quiet", "--no-truncate"])
+    assert_one_line_error(code, capsys.readouterr().err, "line 1", "context of 48")
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(seqs), "--out", str(tmp_path / "b"),
+                 "--quiet"]) == 0
+    assert "1 sequences longer than the model's context of 48 tokens" in capsys.readouterr().out
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(trained, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(trained["repeated"] * 50, trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tk.add_tokens([f"tok{i}" for i in range(1000)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>").save_pretrained(
+        str(tmp_path / "tok"))
+    before = digest(trained["root"])
+    code = main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--tokenizer",
+                 f"hf:{tmp_path / 'tok'}", "--out", str(tmp_path / "run"), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "token ids", "tokenizer")
+    assert not (tmp_path / "run").exists() and digest(trained["root"]) == before
+
+
+def test_sequences_of_unknown_membership_are_scored_with_no_attack_quality(trained, tmp_path, capsys):
+    """A .txt of sequences: membership unknown, no held-out text: extraction per sequence, no AUROC, no
+    perplexity — said so, not invented."""
+    seqs = tmp_path / "s.txt"
+    seqs.write_text("\n".join(trained["repeated"][:3] + trained["never"][:3]) + "\n\n")
+    out = tmp_path / "run"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(seqs), "--out", str(out), "--quiet"]) == 0
+    s = json.loads((out / "probes" / "memorization" / "summary.json").read_text())
+    assert s["heldout_perplexity"] is None and s["membership"]["loss"]["auroc"] is None
+    assert "not enough data" in s["membership"]["loss"]["reason"]
+    rows = _rows(out)
+    assert [r["extracted"] for r in rows][3:] == ["False"] * 3 and [r["member"] for r in rows] == [""] * 6
+    assert "held-out perplexity -" in capsys.readouterr().out

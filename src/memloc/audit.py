@@ -46,8 +46,6 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if not self.sequences:
-            raise ConfigError("an audit needs --sequences FILE: the sequences to look for in the model")
         self.prefix_lengths = tuple(sorted(set(int(k) for k in self.prefix_lengths)))
 
     @property
@@ -77,6 +75,8 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
     from .runs import RunDir, exclusive
     from .training import TrainConfig, resolve_device
     log = log or (lambda s: None)
+    if not cfg.sequences:
+        raise ConfigError("an audit needs --sequences FILE: the sequences to look for in the model")
     folder = cfg.folder
     model = load_hf(folder)  # a folder that is no model, or asks for code or the hub: one line, nothing written
     tok = cfg.tokenizer or f"hf:{folder}"

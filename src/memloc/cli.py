@@ -120,10 +120,31 @@ def given(args: argparse.Namespace, cls: type, *, exclude: tuple[str, ...] = ())
     return out
 
 
+def as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """`message` naming each flag of `parser` that has several spellings (--memorization-sinks is
+    --example-tied-dropout) the way the user typed it in `argv`, where they typed one of them."""
+    for action in parser._actions:
+        names = [n for n in action.option_strings if n.startswith("--")]
+        typed = {n for n in names for a in argv if a == n or a.startswith(n + "=")}
+        if len(names) < 2 or len(typed) != 1:
+            continue
+        flag = typed.pop()
+        message = message.replace("/".join(action.option_strings), flag)
+        for other in names:
+            message = re.sub(rf"(?<![\w-]){re.escape(other)}(?![\w-])", flag, message)
+    return message
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the project's error format: one line `memloc: error: ...`, exit 2, no usage dump."""
+    """argparse with the project's error format: one line `memloc: error: ...`, exit 2, no usage dump; a flag with
+    several spellings is named as typed."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._typed = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
+        message = as_typed(message, self, getattr(self, "_typed", []))
         m = re.match(r"argument (\S+): (\S+) ", message)  # "argument --x/--y: --x takes ..." says the flag once
         message = message[m.end(1) + 2:] if m and m.group(2) in m.group(1).split("/") else message
         command = self.prog.split(" ", 1)[1] if " " in self.prog else None
@@ -198,13 +219,15 @@ def _run_flags(p: argparse.ArgumentParser, *, exclude: dict[str, tuple[str, ...]
 # ----------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
+    from .budget import forced
     from .experiment import resume_training, run_training
-    if args.resume:
-        _refuse_changes(args, run=True)
-        run = resume_training(args.resume, progress=not args.quiet, log=_log(args))
-    else:
-        run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet,
-                           log=_log(args))
+    with forced(args.force):
+        if args.resume:
+            _refuse_changes(args, run=True)
+            run = resume_training(args.resume, progress=not args.quiet, log=_log(args))
+        else:
+            run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet,
+                               log=_log(args))
     from .distributed import is_main
     if not is_main():  # under torchrun: one voice, rank 0's
         return 0
@@ -219,6 +242,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .budget import forced
+    with forced(args.force):  # every training run of the study
+        return _study(args)
+
+
+def _study(args) -> int:
     from .data import DataConfig
     from .experiment import ModelConfig
     from .study import StudyConfig, run_study, study_config
@@ -263,6 +292,9 @@ def cmd_run(args) -> int:
                 raise ConfigError("pass --seeds or --seed, not both")
             study["seeds"] = (args.seed,)
         cfg = study_config(args.preset or "default", base_overrides=sections, **study)
+        if args.shard is None and not args.force:  # a model that cannot fit: refused before the study is written
+            from .experiment import check_training
+            check_training(cfg.base)
         from .study import check_study, merge_study
         started = time.perf_counter()
         scaled, path = _scale_out(args, "study shards", lambda: check_study(cfg, args.out, overwrite=args.overwrite),
@@ -554,6 +586,10 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+_FORCE_HELP = ("train even where the memory estimate (the model, its optimizer state and one batch) is more than "
+               "the device has free")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .probes import DropoutConfig, registered
@@ -569,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<noise>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its newest checkpoint")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
     p.set_defaults(func=cmd_train)
 
@@ -584,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it, nothing else)")
     p.add_argument("--resume", metavar="STUDY", help="finish an interrupted study without redoing finished stages")
     _scale_flags(p, "cells (seeds x noise levels, then the --grid's cells)", "the study folder (--out)")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -760,7 +798,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "without torchrun (on the trained run; its shards scale out with --executor)")
         return args.func(args)
     except MemlocError as err:
-        print(f"memloc: error: {err}", file=sys.stderr)
+        command = parser._subparsers._group_actions[0].choices.get(args.command, parser)
+        print(f"memloc: error: {as_typed(str(err), command, argv)}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only or full disk, a folder without permission: the environment, not a bug
         print(f"memloc: error: {os_error_line(err, args.command)}", file=sys.stderr)

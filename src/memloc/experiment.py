@@ -290,9 +290,11 @@ def _choose_model(cfg: RunConfig, data: Any, device: torch.device) -> list[str]:
 
 
 def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> RunDir:
+                 log: Callable[[str], None] | None = None, force: bool = False) -> RunDir:
     """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>).
 
+    A model and batch that need more memory than the device has free are refused in one line before the
+    model is built or anything is written (`check_fits`), unless `force` (or inside `memloc.budget.forced()`).
     Under torchrun (`torchrun --nproc-per-node K -m memloc train ...`) every process trains its
     part of each batch and rank 0 alone writes the run (docs/cluster.md); each returns the run.
     """
@@ -303,6 +305,12 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
     cfg.model = cfg.model.resolved(device, cfg.task)
     data = load_data(cfg, device)  # bad data or model fail here, before anything is written
     chosen = _choose_model(cfg, data, device)
+    try:
+        check_fits(cfg, data, device, force=force)
+    except ConfigError:
+        distributed.agree(False)
+        raise
+    distributed.agree(True)  # every process counted its own device: one that cannot fit stops them all
     model = _fresh_model(cfg, data)
     if out:
         out = Path(out)
@@ -334,6 +342,41 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
             Trainer(model, data, cfg.train, run=run, progress=progress, log=log).fit()
     distributed.barrier()  # the others return once rank 0 has written and released the run
     return run if main else RunDir.open(out)
+
+
+def check_training(cfg: RunConfig) -> None:
+    """`check_fits` for a config alone, its data loaded to count by: what a study checks before it writes."""
+    device = resolve_device(cfg.train.device)
+    cfg = replace(cfg, model=cfg.model.resolved(device, cfg.task))
+    data = load_data(cfg, device)
+    _choose_model(cfg, data, device)
+    check_fits(cfg, data, device)
+
+
+def check_fits(cfg: RunConfig, data: Any, device: torch.device, *, force: bool = False) -> None:
+    """Refuse in one line (ConfigError) training `cfg`'s model on `data` when it and its batches need more memory
+    than `device` has free (`memloc.budget.training_need`, counted before the model is built; a Hugging Face
+    folder from its files); nothing with `force` or where the need or the free memory cannot be counted."""
+    from . import budget
+    if force or budget.is_forced():
+        return
+    name = cfg.model.name or ""
+    folder = cfg.task == "lm" and name.startswith("hf:")
+    shape = None
+    if cfg.task == "lm":
+        from .lm.models import lm_shape
+        shape = lm_shape(cfg.model, data)
+        if folder and shape is None:  # its config cannot be read: its load says why, in one line
+            return
+    need = budget.training_need(None if folder else (lambda: _fresh_model(cfg, data)), data, cfg.train, device,
+                                shape=shape, processes=distributed.world()[1])
+    if need is None:
+        return
+    if cfg.task == "lm":
+        flags = (None if folder else "--n-embd / --n-layer", "--batch-size / --block-size")
+    else:
+        flags = ("--width" if name != "resnet50" else None, "--batch-size")
+    budget.check(need, device, what="training this model needs", model_flags=flags[0], batch_flags=flags[1])
 
 
 def _create_run(cfg: RunConfig, out: Path, data: Any, device: torch.device, *, overwrite: bool,

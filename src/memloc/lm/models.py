@@ -84,3 +84,19 @@ def _build_hf(cfg, data) -> nn.Module:
         return model
     return hf.build_hf(cfg.name[3:], vocab_size=data.vocab_size, block_size=data.block_size, n_layer=cfg.n_layer,
                        n_head=cfg.n_head, n_embd=cfg.n_embd, seed=0)
+
+
+def lm_shape(cfg, data) -> dict | None:
+    """The transformer shape (`memloc.budget.transformer_parameters`) of a (resolved) model config for text data,
+    from the config alone: what the memory guard counts a model by where it cannot run on the meta device (a
+    folder's is read from its files: None where they cannot be read)."""
+    from .. import budget
+    cfg = resolved_lm(cfg)
+    if cfg.name.startswith("hf:"):
+        return budget.folder_shape(cfg.name[3:], block=data.block_size)
+    c = cfg.n_embd
+    gated = cfg.name == "hf-llama"
+    return {"vocab": data.vocab_size, "block": data.block_size, "layers": cfg.n_layer, "width": c,
+            "heads": cfg.n_head, "hidden": -(-8 * c // 3 // 8) * 8 if gated else 4 * c, "gated": gated,
+            "positions": cfg.name in ("gpt", "hf-gpt2"), "tanh_gelu": cfg.name == "hf-gpt2",  # GPT-2's gelu_new
+            "transformers": cfg.name.startswith("hf-")}

@@ -39,6 +39,7 @@ class LanguageModelTask:
     memorized_kind = "canary"
     reference_kind = "corpus"
     known = True
+    eval_batch_cap = 256  # sequences per evaluation batch at most: each holds (B, T, vocab) logits
 
     def __init__(self, data: TextData):
         self.data = data
@@ -154,7 +155,7 @@ class LanguageModelTask:
     def evaluate(self, model: nn.Module, *, batch_size: int = 256, with_indices: bool = False
                  ) -> dict[str, float | None]:
         """Eval-mode extraction rate of every subset (held-out token accuracy for "test"), keys "<subset>_acc"."""
-        batch_size = min(batch_size, 256)  # (B, T, vocab) logits per batch
+        batch_size = min(batch_size, self.eval_batch_cap)
         acc = self.accuracy(self.hits(model, "train", batch_size=batch_size, with_indices=with_indices)[None],
                             self.hits(model, "test", batch_size=batch_size)[None])[0]
         return {f"{s}_acc": (None if np.isnan(v) else float(v)) for s, v in zip(self.subsets, acc)}

@@ -347,7 +347,9 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
 def check_training(cfg: RunConfig) -> None:
     """`check_fits` for a config alone, its data loaded to count by: what a study checks before it writes."""
     device = resolve_device(cfg.train.device)
-    cfg = replace(cfg, model=cfg.model.resolved(device, cfg.task))
+    # a copy: loading data records what it inferred (normalization) in the config, which the run itself must infer
+    # again and say so
+    cfg = replace(cfg, data=replace(cfg.data), model=cfg.model.resolved(device, cfg.task))
     data = load_data(cfg, device)
     _choose_model(cfg, data, device)
     check_fits(cfg, data, device)

@@ -452,6 +452,7 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
 
 
 AUDIT_FILE = "audit.json"  # an audit's record of the model it references (`memloc audit`)
+_HASHES: dict[tuple, str] = {}  # (real path, size, mtime, inode) -> sha256
 _HASHED = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "pytorch_model.bin.index.json")
 
@@ -467,6 +468,14 @@ def content_hash(folder: Path) -> dict[str, str]:
                 raise ConfigError(f"{folder / index} is not a readable weight index: save the model again") from None
     out = {}
     for n in names:
+        try:  # hashed once per process while the file is unchanged: an audit hashes at creation, then opens the run
+            st = (folder / n).stat()
+        except OSError as err:
+            raise ConfigError(f"cannot read {folder / n} ({err.strerror}): check the model folder") from None
+        key = (str((folder / n).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key in _HASHES:
+            out[n] = _HASHES[key]
+            continue
         h = hashlib.sha256()
         try:
             with open(folder / n, "rb") as f:
@@ -474,7 +483,7 @@ def content_hash(folder: Path) -> dict[str, str]:
                     h.update(block)
         except OSError as err:
             raise ConfigError(f"cannot read {folder / n} ({err.strerror}): check the model folder") from None
-        out[n] = h.hexdigest()
+        out[n] = _HASHES[key] = h.hexdigest()
     return out
 
 

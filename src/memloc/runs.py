@@ -58,14 +58,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     replaced, never followed). Inside a memloc folder the write is recorded as memloc's and refused through a
     symbolic link (`prepare_write`)."""
     path = Path(path)
-    prepare_write(path, record=False)
+    place = prepare_write(path, record=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
         # after the write: mkstemp makes 0600, and some writers (safetensors) create the file anew
         os.chmod(tmp, 0o666 & ~_UMASK)
-        prepare_write(path, make=False)  # recorded once written (a failed write leaves the manifest as it was)
+        if place is not None:  # recorded once written (a failed write leaves the manifest as it was)
+            _record(*place)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -80,14 +81,16 @@ def atomic_folder(path: Path):
     """Yield a new temporary folder beside `path`; on success it replaces `path` (a previous folder there is
     removed only after the new one is complete); on error it is removed and `path` is untouched."""
     path = Path(path)
-    prepare_write(path, record=False)
+    place = prepare_write(path, record=False)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        for f in sorted(tmp.rglob("*")):  # inside a memloc folder, the folder's files are memloc's
-            if not f.is_dir():
-                prepare_write(path / f.relative_to(tmp), make=False)
+        if place is not None:  # inside a memloc folder, the folder's files are memloc's
+            owner, rel = place
+            for f in sorted(tmp.rglob("*")):
+                if not f.is_dir():
+                    _record(owner, f"{rel}/{f.relative_to(tmp).as_posix()}")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")  # out of the way first: a crash now leaves the new folder in tmp
@@ -179,9 +182,10 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source:
 
 # ----------------------------------------------------------------------------- what is memloc's
 
-# Every file memloc writes into a memloc folder (a run, a study, a grid, a shard's folder) is recorded, before it is
-# written, as one line of its path relative to the folder in the folder's manifest; `--overwrite` deletes exactly
-# these files and nothing else, so files of the user's inside memloc's own folders stay, whatever their names.
+# Every file memloc writes into a memloc folder (a run, a study, a grid, a shard's folder) is recorded, once written
+# and before it is renamed into place, as one line of its path relative to the folder in the folder's manifest;
+# `--overwrite` deletes exactly these files and nothing else, so files of the user's inside memloc's own folders
+# stay, whatever their names.
 MANIFEST = ".memloc.files"
 MARKERS = ("run.json", "study.json", "grid.json", "shard.json")  # the records of the memloc folders' kinds
 _MANIFEST_MAX = 64 << 20  # bytes of a manifest memloc reads (a tampered one may be huge)
@@ -199,37 +203,38 @@ def _owner(path: Path) -> Path | None:
     return None
 
 
-def prepare_write(path: str | Path, *, record: bool = True, make: bool = True) -> None:
-    """Before memloc writes `path`: make its folders and, inside a memloc folder, record it as memloc's (`record`).
+def prepare_write(path: str | Path, *, record: bool = True) -> tuple[Path, str] | None:
+    """Before memloc writes `path`: make its folders and, inside a memloc folder, record it as memloc's (`record`;
+    `atomic_write` records only once the file is written). Returns (the memloc folder, `path` relative to it), or
+    None outside memloc's folders.
 
     Inside a memloc folder no write passes through a symbolic link: every folder between the memloc folder and
     `path` must be a real folder (the memloc folder itself may be a link, as `--out` may be), else RunError in one
-    line, before anything is written. `make=False`: only record.
+    line, before anything is written.
     """
     path = Path(path)
     owner = _owner(path)
     if owner is None:
-        if make:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return None
     rel = Path(os.path.abspath(path)).relative_to(owner)
-    if make:
-        d = owner
-        for part in rel.parts[:-1]:
-            d = d / part
-            try:
-                st = os.lstat(d)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(d, 0o777 & ~_UMASK)
-                st = os.lstat(d)
-            if stat.S_ISLNK(st.st_mode):
-                raise RunError(f"{d} is a symbolic link: memloc never writes through a link inside its folder "
-                               f"{owner}: replace the link with a real folder (or move the run)")
-            if not stat.S_ISDIR(st.st_mode):
-                raise RunError(f"{d} is a file where memloc keeps a folder: move it out of {owner}")
+    d = owner
+    for part in rel.parts[:-1]:
+        d = d / part
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o777 & ~_UMASK)
+            st = os.lstat(d)
+        if stat.S_ISLNK(st.st_mode):
+            raise RunError(f"{d} is a symbolic link: memloc never writes through a link inside its folder "
+                           f"{owner}: replace the link with a real folder (or move the run)")
+        if not stat.S_ISDIR(st.st_mode):
+            raise RunError(f"{d} is a file where memloc keeps a folder: move it out of {owner}")
     if record:
         _record(owner, rel.as_posix())
+    return owner, rel.as_posix()
 
 
 def _manifest_lines(folder: Path) -> list[str]:
@@ -329,7 +334,7 @@ def remove_memloc_files(folder: str | Path) -> None:
         d = Path(root)
         if MANIFEST not in files:
             continue
-        own = d != folder and (memloc_kind(d) is not None or d.parent.name == "shards")
+        own = d != folder  # a folder with a manifest is one a writer held the lock of (a study's run, a shard)
         with exclusive(d) if own else contextlib.nullcontext():
             emptied = {d}
             for rel in _manifest_lines(d):

@@ -162,10 +162,10 @@ def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, 
     out = {}
     for k in cfg.prefix_lengths:
         got = np.full(len(cans), np.nan)
-        fit = [i for i, c in enumerate(cans) if len(c["prefix_ids"]) >= k]
+        fit = {i for i, c in enumerate(cans) if len(c["prefix_ids"]) >= k}
 
-        def measure(m, idx, k=k):
-            idx = [i for i in idx if i in set(fit)]
+        def measure(m, idx, k=k, fit=fit):
+            idx = [i for i in idx if i in fit]
             if not idx:
                 return idx, torch.zeros(0, dtype=torch.bool)
             return idx, measures.extractable(m, [cans[i]["prefix_ids"][-k:] for i in idx],

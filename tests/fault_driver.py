@@ -4,6 +4,7 @@
       none                   no kill
       created:NAME           right after the run directory NAME (its run.json) is created
       running:KEY / done:KEY right after the study marks stage KEY running / done
+      stage:KEY              right after any run (not a study) marks stage KEY done (an audit's localize)
       fail:KEY               stage KEY of the study raises a RunError (no kill: a failed stage)
       partial:PROBE          right after the probe PROBE first saved its partial progress (mid-stage)
       epoch:N                right after training saved epoch N
@@ -45,6 +46,14 @@ def install(kill_at: str) -> None:
             if self.kind == "study" and key == arg and status == kind:
                 _die()
         runs.RunDir.set_stage = marked
+    elif kind == "stage":
+        set_stage = runs.RunDir.set_stage
+
+        def marked_run(self, key, status, **kw):
+            set_stage(self, key, status, **kw)
+            if self.kind != "study" and key == arg and status == "done":
+                _die()
+        runs.RunDir.set_stage = marked_run
     elif kind == "gap":
         set_stage = runs.RunDir.set_stage
         key, _, flag = arg.partition(":")

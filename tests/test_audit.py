@@ -113,6 +113,79 @@ def test_localize_and_export_work_on_an_audit_and_the_export_loads_in_transforme
     assert model(input_ids=ids).logits.shape == (1, 4, model.config.vocab_size)
 
 
+def test_the_removal_takes_the_extracted_sequences_out_at_a_bounded_cost_and_the_edited_folder_is_what_was_measured(
+        trained):
+    """The audit's removal stage: the edit grows until at most 10% of the targeted sequences are extracted, at no
+    more than 5% held-out perplexity; the exported folder, loaded by plain transformers with its tokenizer, gives
+    the scoped edit's logits, and the scan of that folder agrees with the localization's own measure."""
+    run = trained["run"]
+    s = json.loads((run / "probes" / "removal" / "summary.json").read_text())
+    assert s["targeted"] >= 8 and s["targeted_extracted_before"] == 1.0
+    assert s["targeted_extracted_after"] <= 0.1 and s["reached"] is True
+    assert s["perplexity_cost"] is not None and s["perplexity_cost"] <= 0.05
+    assert 0 < s["zeroed"] < s["units"] and [r["k"] for r in s["sweep"]][:2] == [0, 6]  # doubled from 1%
+    loc = json.loads((run / "probes" / "localize" / "summary.json").read_text())
+    assert loc["extracted_after"] == s["targeted_extracted_after"]  # the folder read back = the scoped edit
+    assert s["membership"]["loss"]["auroc_before"] is not None and s["membership"]["loss"]["auroc_after"] is not None
+    from memloc.experiment import open_run
+    from memloc.probes.base import ProbeResult
+    from memloc.probes.localization import edited
+    loaded = open_run(run)
+    model = loaded.model()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(run / "edited"), local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(run / "edited"), local_files_only=True)
+    ids = torch.tensor([tok.encode(trained["repeated"][0])])
+    with edited(model, ProbeResult.load(loaded.run, "localize")), torch.no_grad():
+        scoped = model(ids)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, scoped, atol=1e-4)
+    rows = list(__import__("csv").DictReader((run / "probes" / "removal" / "removal.csv").open()))
+    assert len(rows) == 30 and sum(r["targeted"] == "True" for r in rows) == s["targeted"]
+    page = (run / "report" / "report.html").read_text()
+    assert "which sequences the model memorizes, and where" in page and "removal (ig" in page
+
+
+def test_an_audit_without_removal_writes_no_edit(trained, tmp_path):
+    out = tmp_path / "run"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),
+                 "--no-remove", "--quiet"]) == 0
+    assert not (out / "edited").exists() and not (out / "probes" / "removal").exists()
+
+
+def test_an_audit_killed_after_localizing_resumes_to_the_same_removal(trained, tmp_path, capsys):
+    """A real SIGKILL right after the removal's localization is saved; `memloc audit --resume RUN` keeps the scan,
+    redoes the rest and ends where the uninterrupted audit ended. A flag that would change it is refused."""
+    import os
+    import subprocess
+    import sys
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), str(here)])}
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(here / "fault_driver.py"), "stage:localize", "--", "audit",
+                             f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),
+                             "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode != 0 and (out / "probes" / "localize" / "summary.json").exists()
+    assert not (out / "probes" / "removal").exists()
+    code = main(["audit", "--resume", str(out), "--until", "0.5"])
+    assert_one_line_error(code, capsys.readouterr().err, "--resume", "--until")
+    assert main(["audit", "--resume", str(out), "--quiet"]) == 0
+    assert "the scan is done: kept" in capsys.readouterr().out
+    want = json.loads((trained["run"] / "probes" / "removal" / "summary.json").read_text())
+    got = json.loads((out / "probes" / "removal" / "summary.json").read_text())
+    assert got == want
+    assert (out / "edited" / "model.safetensors").read_bytes() == \
+        (trained["run"] / "edited" / "model.safetensors").read_bytes()
+
+
+def test_the_removal_measures_the_extracted_sequences_it_did_not_target(trained, tmp_path):
+    out = tmp_path / "run"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),
+                 "--examples", "3", "--method", "zero-out", "--quiet"]) == 0
+    s = json.loads((out / "probes" / "removal" / "summary.json").read_text())
+    assert s["targeted"] == 3 and s["other_memorized"] >= 5 and s["method"] == "zero-out"
+    assert s["other_memorized_extracted_after"] is not None and s["targeted_extracted_after"] <= 0.1
+
+
 def test_an_audit_refuses_a_model_changed_since(trained, tmp_path, capsys):
     model, run = tmp_path / "model", tmp_path / "run"
     shutil.copytree(trained["model"], model)
@@ -158,7 +231,7 @@ def test_long_sequences_are_cut_with_a_line_or_refused(trained, tmp_path, capsys
                  "--quiet", "--no-truncate"])
     assert_one_line_error(code, capsys.readouterr().err, "line 1", "context of 48")
     assert main(["audit", f"hf:{trained['model']}", "--sequences", str(seqs), "--out", str(tmp_path / "b"),
-                 "--quiet"]) == 0
+                 "--quiet", "--no-remove"]) == 0
     assert "1 sequences longer than the model's context of 48 tokens" in capsys.readouterr().out
 
 
@@ -191,4 +264,7 @@ def test_sequences_of_unknown_membership_are_scored_with_no_attack_quality(train
     assert "not enough data" in s["membership"]["loss"]["reason"]
     rows = _rows(out)
     assert [r["extracted"] for r in rows][3:] == ["False"] * 3 and [r["member"] for r in rows] == [""] * 6
-    assert "held-out perplexity -" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "held-out perplexity -" in said
+    assert "no held-out text, so the edit's perplexity cost is not measured: pass --heldout FILE" in said
+    assert json.loads((out / "probes" / "removal" / "summary.json").read_text())["perplexity_cost"] is None

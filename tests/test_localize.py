@@ -144,6 +144,33 @@ def test_every_method_ranks_the_planted_neurons_top_and_their_removal_ends_extra
     assert_untouched(model, state)
 
 
+@pytest.mark.parametrize("method", ["zero-out", "balanced-subnet"])
+def test_until_grows_the_edit_to_the_smallest_that_ends_extraction(method):
+    """Either planted neuron alone keeps the canary: from k = 1 the edit doubles to 2, where extraction ends (the
+    sweep records both sizes; balanced-subnet learns its mask again at k = 2)."""
+    model, data = planted_model(), planted_data()
+    res = loc.localize(model, data, method=method, k=1, until=0.0, **OPTIONS.get(method, {}))
+    sweep = res.summary["details"]["sweep"]
+    assert [r["k"] for r in sweep] == [0, 1, 2] and [r["extracted"] for r in sweep] == [1.0, 1.0, 0.0]
+    assert res.summary["zeroed"] == 2 and res.summary["details"]["reached"] is True
+    assert sorted(zip(res.arrays["edit_layer"].tolist(), res.arrays["edit_unit"].tolist())) == [(4, u) for u in PLANTED]
+
+
+def test_the_edit_chosen_is_the_smallest_that_reaches_the_goal_within_the_cost():
+    cfg = loc.LocalizeConfig(until=0.1, max_cost=0.05)
+    steps = [{"k": 1, "extracted": 0.5, "cost": 0.01}, {"k": 2, "extracted": 0.1, "cost": 0.03},
+             {"k": 4, "extracted": 0.0, "cost": 0.02}]
+    assert loc._chosen(steps, cfg)["k"] == 2
+    steps[1]["cost"] = 0.2  # over the cost: the first within it that reaches the goal
+    assert loc._chosen(steps, cfg)["k"] == 4
+    steps[2]["extracted"] = 0.3  # none reaches it: the largest edit within the cost
+    assert loc._chosen(steps, cfg)["k"] == 4
+    assert loc._chosen([{"k": 1, "extracted": 0.5, "cost": 0.3}], cfg)["k"] == 1
+    assert loc._grown(3, [type("L", (), {"units": 4})()]) == 4 and loc._grown(4, [type("L", (), {"units": 4})()]) is None
+    with pytest.raises(ConfigError, match="--until"):
+        loc.LocalizeConfig(max_cost=0.05)
+
+
 def test_random_is_seeded_and_blind():
     model, data = planted_model(), planted_data()
     a = loc.localize(model, data, method="random", k=2, seed=3)

@@ -7,7 +7,10 @@ sequences, each a canary of its own (`memloc.lm.sequences`), tokenized by the mo
 data.npz. The scan is the memorization probe: per sequence, greedy extraction of its suffix (one teacher-forced
 pass, exactly equivalent), k-extractability at several prefix lengths, suffix accuracy, loss, and the membership
 scores (loss, zlib, Min-K%, Min-K%++, a reference model's ratio), with AUROC and TPR at 1% FPR against the
-sequences' member labels. `memloc localize RUN` and `memloc export RUN --localized` then find and remove where.
+sequences' member labels. Then the removal, verified (`remove`): the extracted sequences localized with an edit
+grown until they are no longer extracted at a bounded perplexity cost, the edited model exported as a plain
+Hugging Face folder (RUN/edited/), and that folder, read back, scanned again (RUN/probes/removal/).
+`memloc localize RUN` and `memloc export RUN --localized` work on the run like on any other.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable
 from .errors import ConfigError
 from .experiment import AUDIT_FILE, content_hash
 from .options import check_ranges, ints, option
+from .probes.localization import METHODS
 
 
 @dataclass
@@ -41,6 +45,17 @@ class AuditConfig:
                                              "tokens, for each K", parse=ints, metavar="K,K,...", at_least=1)
     truncate: bool = option(True, "refuse sequences longer than the model's context (default: keep their last "
                             "tokens, with a line saying how many)", negate="--no-truncate")
+    remove: bool = option(True, "skip the removal stage (default: localize the extracted sequences, export the "
+                          "edited model to RUN/edited/ and scan it again)", negate="--no-remove")
+    method: str = option("ig", "how the removal localizes: a `memloc localize` method (integrated gradients: "
+                         "one pass per layer and step, whatever the number of units)", choices=METHODS)
+    until: float = option(0.1, "the removal grows its edit (units doubled from 1%) until at most this share of the "
+                          "targeted sequences is extracted", metavar="SHARE", at_least=0, at_most=1)
+    max_cost: float = option(0.05, "...but never past a held-out perplexity this much above the model's (relative)",
+                             metavar="SHARE", above=0)
+    examples: int | None = option(None, "target at most N of the extracted sequences, a seeded choice (the rest "
+                                  "measure what else the edit removes; default: all)", metavar="N", at_least=1)
+    seed: int = option(0, "seed of the targeted sequences' choice and the localization", at_least=0)
     batch_size: int = option(16, "scan batch size", result=False, at_least=1)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
@@ -63,57 +78,267 @@ def _context(folder: Path) -> int:
         return 1024  # load_hf names what is wrong with the folder
 
 
-def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> Path:
-    """Audit `cfg.model` on `cfg.sequences` into a new run directory (see the module docstring); returns it."""
+def resumed_config(run: str | Path, **unrecorded) -> AuditConfig:
+    """The settings an audit in `run` started with (its audit.json), with `unrecorded` ones (batch size, device)."""
+    from .runs import RunDir
+    rd = RunDir.open(run)
+    if not rd.has(AUDIT_FILE):
+        raise ConfigError(f"{run} is not an audit (it has no {AUDIT_FILE}): --resume finishes what `memloc audit` "
+                          "started; use `memloc run --resume` for a study")
+    stored = rd.read_json(AUDIT_FILE).get("config")
+    try:
+        return AuditConfig(**{**stored, **unrecorded})
+    except (TypeError, ConfigError) as err:
+        raise ConfigError(f"{rd.path / AUDIT_FILE} does not hold settings this memloc reads ({err}): start the "
+                          "audit again (--out NEW)") from None
+
+
+def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
+              progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """Audit `cfg.model` on `cfg.sequences` into a new run directory (see the module docstring); returns it.
+    `resume`: finish the audit in `out`, its finished stages kept."""
     import time
 
     from . import probes
     from .experiment import ModelConfig, RunConfig, environment, open_run
     from .lm.hf import load_hf
     from .lm.text import TextConfig, load_text
+    from .probes.base import ProbeResult
     from .runs import RunDir, exclusive
     from .training import TrainConfig, resolve_device
     log = log or (lambda s: None)
     if not cfg.sequences:
         raise ConfigError("an audit needs --sequences FILE: the sequences to look for in the model")
     folder = cfg.folder
-    model = load_hf(folder)  # a folder that is no model, or asks for code or the hub: one line, nothing written
-    tok = cfg.tokenizer or f"hf:{folder}"
-    block = max(8, _context(folder) - 1)  # a row is block + 1 tokens: the whole context
-    text = TextConfig(corpus=cfg.sequences, tokenizer=tok, audit=True, audit_heldout=cfg.heldout,
-                      truncate=cfg.truncate, suffix_tokens=min(cfg.suffix_tokens, block), prefix_tokens=1,
-                      block_size=block, canaries=0)
-    run_cfg = RunConfig(data=text, model=ModelConfig(name=f"hf:{folder}"), train=TrainConfig(), task="lm")
     device = resolve_device(cfg.device)
-    data = load_text(text, device=device)  # unreadable sequences: one line with the line number, nothing written
-    if model.shape.vocab_size < data.vocab_size:
-        raise ConfigError(f"the model {folder} has {model.shape.vocab_size} token ids, the tokenizer "
-                          f"{data.vocab_size}: pass the model's own tokenizer (--tokenizer hf:FOLDER)")
-    del model
-    for line in getattr(data, "notes", ()):
-        log(line)
-    out = Path(out) if out else Path("runs") / f"audit-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with exclusive(out):
-        run = RunDir.create(out, overwrite=overwrite, log=log)
-        run.write_json("config.json", run_cfg.to_dict())
-        run.write_json(AUDIT_FILE, {"model": str(folder.resolve()), "sha256": content_hash(folder),
-                                    "config": asdict(cfg)})
-        run.write_json("env.json", environment(device))
-        run.save_arrays("data.npz", **data.arrays())
-        data.tokenizer.save(run.path / "tokenizer")
-        run.set_stage("train", "skipped", reason="an audit: the model was trained elsewhere")
-        members = sum(c["member"] is True for c in data.canaries)
-        non = sum(c["member"] is False for c in data.canaries)
-        log(f"run directory {run.path}: auditing {folder} on {len(data.canaries)} sequences ({members} members, "
-            f"{non} non-members, {len(data.canaries) - members - non} unknown), device {device}")
-        loaded = open_run(run.path, device=cfg.device)
-        mcfg = probes.MemorizationConfig(exposure=False, prefix_lengths=cfg.prefix_lengths,
-                                         reference=cfg.reference, batch_size=cfg.batch_size, device=cfg.device)
-        probe = probes.registered()["memorization"]
-        result = probes.run_probe(probe, loaded, cfg=mcfg, progress=progress, log=log)
-        for line in probe.describe(result) if probe.describe else []:
+    if not resume:
+        model = load_hf(folder)  # a folder that is no model, or asks for code or the hub: one line, nothing written
+        tok = cfg.tokenizer or f"hf:{folder}"
+        block = max(8, _context(folder) - 1)  # a row is block + 1 tokens: the whole context
+        text = TextConfig(corpus=cfg.sequences, tokenizer=tok, audit=True, audit_heldout=cfg.heldout,
+                          truncate=cfg.truncate, suffix_tokens=min(cfg.suffix_tokens, block), prefix_tokens=1,
+                          block_size=block, canaries=0)
+        run_cfg = RunConfig(data=text, model=ModelConfig(name=f"hf:{folder}"), train=TrainConfig(), task="lm")
+        data = load_text(text, device=device)  # unreadable sequences: one line with the line number, nothing written
+        if model.shape.vocab_size < data.vocab_size:
+            raise ConfigError(f"the model {folder} has {model.shape.vocab_size} token ids, the tokenizer "
+                              f"{data.vocab_size}: pass the model's own tokenizer (--tokenizer hf:FOLDER)")
+        del model
+        for line in getattr(data, "notes", ()):
             log(line)
+        out = Path(out) if out else Path("runs") / f"audit-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with exclusive(out):
+        if resume:
+            run = RunDir.open(out)
+            log(f"resuming the audit {run.path}")
+        else:
+            run = RunDir.create(out, overwrite=overwrite, log=log)
+            run.write_json("config.json", run_cfg.to_dict())
+            run.write_json(AUDIT_FILE, {"model": str(folder.resolve()), "sha256": content_hash(folder),
+                                        "config": asdict(cfg)})
+            run.write_json("env.json", environment(device))
+            run.save_arrays("data.npz", **data.arrays())
+            data.tokenizer.save(run.path / "tokenizer")
+            run.set_stage("train", "skipped", reason="an audit: the model was trained elsewhere")
+        loaded = open_run(run.path, device=cfg.device)
+        cans = loaded.data.canaries
+        members = sum(c["member"] is True for c in cans)
+        non = sum(c["member"] is False for c in cans)
+        log(f"run directory {run.path}: auditing {folder} on {len(cans)} sequences ({members} members, "
+            f"{non} non-members, {len(cans) - members - non} unknown), device {device}")
+        probe = probes.registered()["memorization"]
+        if resume and (run.path / "probes" / probe.name / "summary.json").exists():
+            result = ProbeResult.load(run, probe.name)
+            log("the scan is done: kept")
+        else:
+            mcfg = probes.MemorizationConfig(exposure=False, prefix_lengths=cfg.prefix_lengths,
+                                             reference=cfg.reference, batch_size=cfg.batch_size, device=cfg.device)
+            result = probes.run_probe(probe, loaded, cfg=mcfg, progress=progress, log=log)
+            for line in probe.describe(result) if probe.describe else []:
+                log(line)
+        if cfg.remove and resume and run.stage(REMOVAL).get("status") in ("done", "skipped"):
+            log("the removal is done: kept")
+        elif cfg.remove:
+            remove(loaded, cfg, result, progress=progress, log=log)
         from .report import build_report
         build_report(run.path)
     return run.path
+
+
+REMOVAL = "removal"  # the probe folder of the removal's verification (RUN/probes/removal/)
+
+
+def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callable[[str], None]) -> None:
+    """The audit's removal stage: localize the extracted sequences with `cfg.method`, the edit grown until at
+    most `cfg.until` of them are extracted within `cfg.max_cost` of held-out perplexity; export the edited model to
+    RUN/edited/ (a plain Hugging Face folder with the model's tokenizer); read that folder back and scan it again
+    with the same measures (`scan`: the memorization result before). Writes RUN/probes/removal/."""
+    import numpy as np
+
+    from . import probes
+    from .export import export_localized
+    from .lm.hf import load_hf
+    from .probes.localization import PROBE as LOCALIZE
+    from .probes.localization import LocalizeConfig
+    run = loaded.run
+    extracted = np.asarray(scan.arrays["extracted"], dtype=bool)
+    trained = np.asarray(scan.arrays["trained"], dtype=bool)
+    if not (extracted & trained).any():
+        log("removal: the model extracts none of the sequences: nothing to remove")
+        run.set_stage(REMOVAL, "skipped", reason="no sequence is extracted")
+        return
+    if loaded.data.x_test.shape[0] == 0:
+        log("removal: no held-out text, so the edit's perplexity cost is not measured: pass --heldout FILE (text "
+            "the model did not train on) to bound it")
+    lcfg = LocalizeConfig(method=cfg.method, until=cfg.until, max_cost=cfg.max_cost, examples=cfg.examples,
+                          seed=cfg.seed, device=cfg.device)
+    loc = probes.run_probe(LOCALIZE, loaded, cfg=lcfg, overwrite=True, progress=progress, log=log)
+    edited_dir = export_localized(loaded, run.path / "edited", overwrite=True)
+    model = load_hf(edited_dir).to(loaded.device).eval()  # what the user gets, read back from disk
+    mcfg = probes.MemorizationConfig(exposure=False, prefix_lengths=cfg.prefix_lengths, reference=cfg.reference,
+                                     batch_size=cfg.batch_size, device=cfg.device)
+    after = probes.run_probe(probes.registered()["memorization"], model, loaded.data, cfg=mcfg)
+    result = removal_result(loaded.data, scan, after, loc)
+    result.save(run)
+    run.set_stage(REMOVAL, "done")
+    for line in describe_removal(result):
+        log(line)
+
+
+def removal_result(data, before, after, loc):
+    """The removal's verification: per sequence, the measures before and after the edit; in summary, the targeted
+    sequences' extraction, the other memorized ones', held-out perplexity and each membership score's AUROC, before
+    and after."""
+    import numpy as np
+
+    from .probes.base import ProbeResult
+    cans = data.canaries
+    targeted = np.zeros(len(cans), dtype=bool)
+    canary_of = data.canary.cpu().numpy()
+    targeted[canary_of[np.asarray(loc.arrays["sequences"], dtype=np.int64)]] = True
+    ext_b = np.asarray(before.arrays["extracted"], dtype=bool)
+    ext_a = np.asarray(after.arrays["extracted"], dtype=bool)
+    trained = np.asarray(before.arrays["trained"], dtype=bool)
+    others = ext_b & trained & ~targeted
+
+    def share(v, sel):
+        return float(v[sel].mean()) if sel.any() else None
+    ppl_b, ppl_a = before.summary.get("heldout_perplexity"), after.summary.get("heldout_perplexity")
+    mem_b, mem_a = before.summary.get("membership") or {}, after.summary.get("membership") or {}
+    details = loc.summary.get("details") or {}
+    summary = {
+        "probe": REMOVAL, "method": loc.summary["method"], "units": loc.summary["units"],
+        "zeroed": loc.summary["zeroed"], "until": details.get("until"), "max_cost": details.get("max_cost"),
+        "reached": details.get("reached"), "sweep": details.get("sweep"), "edited": "edited",
+        "targeted": int(targeted.sum()), "targeted_extracted_before": share(ext_b, targeted),
+        "targeted_extracted_after": share(ext_a, targeted),
+        "other_memorized": int(others.sum()), "other_memorized_extracted_after": share(ext_a, others),
+        "not_extracted_now_extracted": int((ext_a & ~ext_b).sum()),
+        "heldout_perplexity_before": ppl_b, "heldout_perplexity_after": ppl_a,
+        "perplexity_cost": None if not (ppl_b and ppl_a) else round(ppl_a / ppl_b - 1.0, 6),
+        "membership": {name: {"auroc_before": q.get("auroc"), "auroc_after": (mem_a.get(name) or {}).get("auroc"),
+                              "ci_after": (mem_a.get(name) or {}).get("auroc_ci")}
+                       for name, q in mem_b.items()},
+    }
+    rows = []
+    for i, c in enumerate(cans):
+        rows.append({"canary": c["id"], "line": c.get("line"), "member": c.get("member"), "targeted": bool(targeted[i]),
+                     "extracted_before": bool(ext_b[i]), "extracted_after": bool(ext_a[i]),
+                     "suffix_accuracy_before": round(float(before.arrays["suffix_accuracy"][i]), 4),
+                     "suffix_accuracy_after": round(float(after.arrays["suffix_accuracy"][i]), 4),
+                     "loss_before": round(float(before.arrays["loss"][i]), 5),
+                     "loss_after": round(float(after.arrays["loss"][i]), 5)})
+    arrays = {"targeted": targeted, "extracted_before": ext_b, "extracted_after": ext_a,
+              **{f"{k}_after": np.asarray(v) for k, v in after.arrays.items()
+                 if k.startswith("mi_") or k in ("loss", "suffix_accuracy")}}
+    return ProbeResult(REMOVAL, summary, arrays, rows)
+
+
+def describe_removal(result) -> list[str]:
+    s = result.summary
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+    b, a, c = s["heldout_perplexity_before"], s["heldout_perplexity_after"], s["perplexity_cost"]
+    cost = "not measured (no held-out text)" if c is None else f"{b:.2f} -> {a:.2f} ({100 * c:+.2f}%)"
+    lines = [f"removal ({s['method']}, {s['zeroed']} of {s['units']} units zeroed): {s['targeted']} targeted sequences "
+             f"extracted {pct(s['targeted_extracted_before'])} -> {pct(s['targeted_extracted_after'])}; held-out "
+             f"perplexity {cost}"]
+    if s["other_memorized"]:
+        lines.append(f"  the other {s['other_memorized']} extracted sequences: {pct(1.0)} -> "
+                     f"{pct(s['other_memorized_extracted_after'])}")
+    if s["reached"] is False:
+        lines.append(f"  the goal (at most {pct(s['until'])} extracted within {pct(s['max_cost'])} perplexity) was "
+                     "not reached: the edit shown is the largest within the cost")
+    aurocs = [f"{n} {q['auroc_before']:.2f} -> {q['auroc_after']:.2f}" for n, q in s["membership"].items()
+              if q.get("auroc_before") is not None and q.get("auroc_after") is not None]
+    if aurocs:
+        lines.append("  membership AUROC: " + ", ".join(aurocs))
+    return lines
+
+
+def report_sections(run) -> list:
+    """The audit's first screen: which sequences the model memorizes (extraction, membership), where (the layers of
+    the removal's edit), and what the removal did, from the run's files."""
+    import numpy as np
+
+    from .figures import png, pyplot
+    from .probes.base import ProbeResult
+    from .report import Figure, Section, Table
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}%"
+    sec = Section("Audit: which sequences the model memorizes, and where")
+    probes_dir = run.path / "probes"
+    if not (probes_dir / "memorization" / "summary.json").exists():
+        sec.missing = f"the scan has not finished: `memloc audit ... --out {run.path}` again"
+        return [sec]
+    scan = ProbeResult.load(run, "memorization")
+    rows = scan.rows
+    members = [r for r in rows if str(r.get("member")) == "True"]
+    unknown = [r for r in rows if r.get("member") in (None, "", "None")]
+    extracted = [r for r in rows if str(r.get("extracted")) == "True" and str(r.get("trained")) == "True"]
+    sec.notes.append(f"{len(extracted)} of {len(members) + len(unknown)} audited sequences ({len(members)} known "
+                     f"members, {len(unknown)} of unknown membership) are extracted: greedy decoding from the prefix "
+                     "reproduces the suffix exactly.")
+    quality = scan.summary.get("membership") or {}
+    aurocs = [f"{n} {q['auroc']:.2f}" for n, q in quality.items() if q.get("auroc") is not None]
+    if quality:
+        first = next(iter(quality.values()))
+        sec.notes.append(f"Membership inference, {first.get('members')} members against {first.get('non_members')} "
+                         "non-members, AUROC: " + (", ".join(aurocs) or first.get("reason", "not enough data")) + ".")
+    if (probes_dir / "localize" / "summary.json").exists():
+        loc = ProbeResult.load(run, "localize").summary
+        where = [f"{layer['name']} {layer['zeroed']} of {layer['units']}" for layer in loc.get("layers", [])
+                 if layer.get("zeroed")]
+        sec.notes.append(f"Where ({loc.get('method')}): the {loc.get('zeroed')} units that carry the extracted "
+                         f"sequences, by layer: {', '.join(where) or 'none'}.")
+    if (probes_dir / REMOVAL / "summary.json").exists():
+        removal = ProbeResult.load(run, REMOVAL)
+        sec.notes.extend(describe_removal(removal))
+        sweep = removal.summary.get("sweep") or []
+        if len(sweep) > 1:
+            plt = pyplot()
+            fig, ax = plt.subplots(figsize=(6.4, 3.6))
+            ks = [max(s["k"], 0.5) for s in sweep]
+            ax.plot(ks, [100 * s["extracted"] for s in sweep], marker="o", color="tab:red",
+                    label="targeted sequences extracted (%)")
+            costs = [(k, 100 * s["cost"]) for k, s in zip(ks, sweep) if s.get("cost") is not None]
+            if costs:
+                ax.plot(*zip(*costs), marker="s", color="tab:blue", label="held-out perplexity change (%)")
+            ax.axhline(100 * (removal.summary.get("until") or 0), ls="--", color="tab:red", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("units zeroed (0 drawn at 0.5)")
+            ax.legend(fontsize=7)
+            sec.figures.append(Figure("audit_removal", "The removal's edit grown until the targeted sequences are no "
+                                      "longer extracted: extraction and the perplexity cost at each size.", png(fig)))
+    table = []
+    for r in sorted(rows, key=lambda r: (str(r.get("extracted")) != "True", float(r.get("loss") or np.inf))):
+        table.append({"line": r.get("line", r.get("canary")), "member": r.get("member"),
+                      "extracted": r.get("extracted"),
+                      **{k: r[k] for k in r if str(k).startswith("extracted_k")},
+                      "loss": r.get("loss"), "mi_min_k_pp": r.get("mi_min_k_pp"),
+                      "text": (str(r.get("prefix", "")) + " | " + str(r.get("secret", "")))[:120]})
+    sec.tables.append(Table("audit_sequences", "Every audited sequence, the extracted ones first (| marks where "
+                            "the suffix starts)", table))
+    return [sec]

@@ -332,9 +332,25 @@ def _refuse_changes(args, *, run: bool = False) -> None:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AuditConfig, run_audit
-    cfg = AuditConfig(model=args.model, **given(args, AuditConfig))
-    path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
+    from .audit import AuditConfig, resumed_config, run_audit
+    if args.resume:
+        flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                 for f in dataclasses.fields(AuditConfig)}
+        changed = [flags[n] for n in given(args, AuditConfig) if AuditConfig.__dataclass_fields__[n].metadata.get(
+            "result") is not False]
+        changed += ["MODEL"] if args.model else []
+        changed += [f"--{n}" for n in ("out", "overwrite") if getattr(args, n)]
+        if changed:
+            raise ConfigError(f"--resume finishes the audit {args.resume} with the settings it was started with, and "
+                              f"{changed[0]} would change them: drop {changed[0]}, or start again (--out NEW)")
+        cfg = resumed_config(args.resume, **given(args, AuditConfig))
+        path = run_audit(cfg, args.resume, resume=True, progress=not args.quiet, log=_log(args))
+    else:
+        if not args.model:
+            raise ConfigError("memloc audit needs the model to audit: memloc audit hf:FOLDER --sequences FILE (or "
+                              "--resume RUN to finish an audit)")
+        cfg = AuditConfig(model=args.model, **given(args, AuditConfig))
+        path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
     return 0
 
@@ -628,9 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .audit import AuditConfig
     p = sub.add_parser("audit", help="a model memloc did not train and your sequences: which it memorizes (extraction, "
                                      "membership scores), into a run directory for localize and export")
-    p.add_argument("model", metavar="MODEL", help="hf:FOLDER: a causal LM saved by save_pretrained (local files only)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="hf:FOLDER: a causal LM saved by save_pretrained (local files only)")
     add_config_flags(p, AuditConfig)
     p.add_argument("--out", help="run directory (default runs/audit-<model>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="finish an interrupted audit with the settings it started with")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
     p.set_defaults(func=cmd_audit)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, example_tied_dropout, find_example_tied_dropout
 from .errors import ConfigError, RunError
-from .experiment import LoadedRun
+from .experiment import AUDIT_FILE, LoadedRun
 from .models import build_model
 from .runs import save_state
 
@@ -147,12 +147,20 @@ def _export_lm(loaded: LoadedRun, out: Path, *, epoch: int | None, scale: str, o
     meta = {"format": EXPORT_FORMAT, "task": "lm", "drop_scale": scale, "epoch": ep, "source_run": str(loaded.run.path),
             "p_gen": loaded.config.model.p_gen, "p_mem": loaded.config.model.p_mem,
             "tokenizer": loaded.config.data.tokenizer}
-    return _write_lm(model, out, meta, overwrite=overwrite)
+    tokenizer = None
+    if loaded.run.has(AUDIT_FILE):  # the audited model's own tokenizer goes with it: the folder is usable as it is
+        tok = loaded.config.data.tokenizer
+        tokenizer = Path(tok[3:] if tok.startswith("hf:") else tok)
+    return _write_lm(model, out, meta, overwrite=overwrite, tokenizer=tokenizer)
 
 
-def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool) -> Path:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")  # what save_pretrained writes of a tokenizer
+
+
+def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool, tokenizer: Path | None = None) -> Path:
     """memloc's GPT as one .safetensors file (its shape in the metadata), a Hugging Face model as a save_pretrained
-    folder written atomically and marked as ours."""
+    folder written atomically and marked as ours (with `tokenizer`'s tokenizer files, copied, when given)."""
     from .lm.gpt import GPT
     from .runs import atomic_folder
     if isinstance(model, GPT):
@@ -179,6 +187,10 @@ def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool) -> Pa
     plain.load_state_dict(model.inner_state_dict())
     with atomic_folder(out) as tmp, quiet():
         plain.save_pretrained(str(tmp), safe_serialization=True)
+        for name in TOKENIZER_FILES if tokenizer is not None else ():
+            src = tokenizer / name
+            if src.is_file() and not src.is_symlink():
+                (tmp / name).write_bytes(src.read_bytes())
         (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=1))
     return out
 
@@ -208,7 +220,11 @@ def export_localized(loaded: LoadedRun, out: str | Path, *, overwrite: bool = Fa
     meta = {"format": EXPORT_FORMAT, "task": "lm", "edit": "localize", "method": result.summary.get("method"),
             "zeroed": int((mask == 0).sum()), "epoch": ep, "source_run": str(loaded.run.path),
             "tokenizer": loaded.config.data.tokenizer}
-    return _write_lm(model, out, meta, overwrite=overwrite)
+    tokenizer = None
+    if loaded.run.has(AUDIT_FILE):  # the audited model's own tokenizer goes with it: the folder is usable as it is
+        tok = loaded.config.data.tokenizer
+        tokenizer = Path(tok[3:] if tok.startswith("hf:") else tok)
+    return _write_lm(model, out, meta, overwrite=overwrite, tokenizer=tokenizer)
 
 
 EXPORT_MARKER = "memloc_export.json"

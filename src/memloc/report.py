@@ -24,6 +24,7 @@ import numpy as np
 
 from . import verdicts
 from .errors import RunError
+from .experiment import AUDIT_FILE
 from .figures import gallery_figure, png, pyplot
 from .probes import registered
 from .probes.base import ProbeResult, probe_command
@@ -1892,6 +1893,14 @@ def build_report(path: str | Path | RunDir) -> Path:
     cfg = run.read_json("config.json") if run.has("config.json") else {}
     data, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model"))
     lm = task_words(run).name == "lm"
+    if run.has(AUDIT_FILE):  # a model trained elsewhere: its sequences first, no claims about canaries
+        from .audit import report_sections
+        audited = run.read_json(AUDIT_FILE)
+        intro = [f"Audit `{path}` of the model in `{audited.get('model')}` (not copied; its files' sha256 in "
+                 f"{AUDIT_FILE}) on the sequences of `{data.get('corpus')}`. Rebuilt from the run's files; nothing "
+                 "was recomputed."]
+        return write_report(path / "report", "memloc audit", intro, report_sections(run) +
+                            [sec for sec in run_sections(run) if sec.missing is None])
     if lm:
         what = _lm_run_words(model, data)
     else:

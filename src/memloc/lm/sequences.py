@@ -11,8 +11,10 @@
 sequence's secret is its suffix (given, or its last half, at most ``cfg.suffix_tokens`` tokens: Carlini et al.
 2022's 50 by default), its prefix the tokens before. Members and sequences of unknown membership are the
 canaries' training rows (what localization and unit removal search); known non-members, and the lines of
-``cfg.audit_heldout`` when given, are the held-out rows (perplexity, the non-members' scores) and, as training
-rows of no canary, the general text an edit must keep (localization's "others"). A sequence longer than the
+``cfg.audit_heldout`` when given, are split in turn (first, third, ...: second, fourth, ...) into the held-out rows
+(perplexity) and training rows of no canary: the general text an edit must keep (localization's "others"), so
+that an edit is never judged on the text it was fitted to keep. The non-members' membership scores use all of
+them (they are computed per sequence, not per row). A sequence longer than the
 model's context (``cfg.block_size`` + 1 tokens) keeps its last ``block_size + 1`` tokens (``cfg.truncate``), or
 is refused.
 """
@@ -112,7 +114,7 @@ def audit_rows(cfg, tok) -> tuple[list[dict], list[tuple], list[tuple], int]:
     held = read_sequences(cfg.audit_heldout, what="--heldout") if cfg.audit_heldout else []
     for r in held:
         r["member"] = False
-    canaries, rows_tr, rows_te, rows_tr_other, cuts = [], [], [], [], 0
+    canaries, rows_tr, rows_te, rows_tr_other, cuts, held_out = [], [], [], [], 0, 0
     for i, rec in enumerate(recs + held):
         mine = i < len(recs)
         src = cfg.corpus if mine else cfg.audit_heldout
@@ -131,9 +133,12 @@ def audit_rows(cfg, tok) -> tuple[list[dict], list[tuple], list[tuple], int]:
                              "prefix_ids": ids[:plen], "secret_ids": ids[plen:]})
         if mine and rec["member"] is not False:
             rows_tr.append(row)
-        else:  # held out (perplexity, the non-members' scores) and, as general text, what an edit must keep
+        elif held_out % 2 == 0:  # held out: perplexity (and the non-members' rows)
             rows_te.append(row)
+            held_out += 1
+        else:  # general text an edit must keep (never also the text it is judged on)
             rows_tr_other.append((ids, plen, -1))
+            held_out += 1
     if not rows_tr:
         raise DataError(f"every sequence of {cfg.corpus} is a known non-member: audit at least one member or one of "
                         "unknown membership")

@@ -61,6 +61,13 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
   mask and learned coefficient is gone after each call, even when it raises (tested).
 * **Measured**: extraction of every subset (`task.accuracy`) and of M itself, before and with
   the edit.
+* **The edit's size, searched** (`until`): k doubled (from `k` or `fraction`; per layer with
+  `per_layer`) until at most `until` of M is extracted with the edit, or every unit is zeroed,
+  or the edit's cost passes `max_cost`: a language model's held-out perplexity relative to the
+  model's (no held-out text: not measured, never a bound), a classifier's test accuracy points.
+  The scores are computed once (balanced-subnet's mask, which depends on k, is learned again at
+  each size). The edit kept is the smallest that reaches `until` within the cost, else the
+  largest within the cost; ``details.sweep`` records (k, extraction, quality, cost) per size.
 
 Result arrays (U candidate units, L layers, k zeroed, S localized sequences): ``scores`` (U,),
 ``unit_layer`` (U,) (layer index), ``unit_index`` (U,), ``rank`` (U,) (0 = top), ``edit_mask``
@@ -114,6 +121,12 @@ class LocalizeConfig:
     fraction: float = option(0.01, "units to zero as a fraction of the candidate units (at least 1)", above=0,
                              at_most=1)
     per_layer: bool = option(False, "take the top units of every layer (MemPi) instead of over all layers")
+    until: float | None = option(None, "grow the edit (k doubled, from --k or --fraction) until the localized "
+                                 "sequences' extraction is at most this share (e.g. 0.1)", metavar="SHARE", at_least=0,
+                                 at_most=1)
+    max_cost: float | None = option(None, "with --until: never grow the edit past a held-out perplexity this much "
+                                    "above the model's (relative, e.g. 0.05; classification: test accuracy points)",
+                                    metavar="SHARE", above=0)
     heads: bool = option(False, "attention heads are units too (default: MLP neurons only)")
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: every MLP)",
                                             parse=names)
@@ -148,6 +161,8 @@ class LocalizeConfig:
                 raise ConfigError("the --indices file must list distinct training sequences, at least one")
         if self.layers is not None:
             self.layers = tuple(str(n) for n in self.layers)
+        if self.max_cost is not None and self.until is None:
+            raise ConfigError("--max-cost bounds how far --until grows the edit: pass --until SHARE too")
 
     def settings(self) -> dict:
         return option_settings(self)
@@ -661,15 +676,101 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
             scores = getattr(loc, cfg.method.replace("-", "_"))()
     elapsed = time.perf_counter() - t0
     scores = scores.double().numpy()
-    top = top_units(scores, candidates, k)
-    mask = np.ones(loc.U, dtype=np.float32)
-    mask[top] = 0.0
-
     rows = _rows(cfg, model)
     before = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
-    with zeroed(model, candidates, mask):
-        after = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
+    sweep: list[dict] = []
+    while True:
+        top = top_units(scores, candidates, k)
+        mask = np.ones(loc.U, dtype=np.float32)
+        mask[top] = 0.0
+        with zeroed(model, candidates, mask):
+            after = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
+            quality = _quality(model, task, after, rows) if cfg.until is not None else None
+        if cfg.until is None:
+            break
+        if not sweep:
+            sweep.append({"k": 0, "extracted": _share(before[0], loc.seqs), "quality": _quality(model, task, before,
+                                                                                                  rows)})
+        step = {"k": int(len(top)), "extracted": _share(after[0], loc.seqs), "quality": quality,
+                "scores": scores, "k_arg": k, "top": top, "mask": mask, "after": after,
+                "elapsed": time.perf_counter() - t0}
+        step["cost"] = _cost(task, sweep[0]["quality"], quality)
+        sweep.append(step)
+        log(f"localize: {step['k']} units zeroed: extraction {100 * step['extracted']:.1f}%, "
+            f"{_cost_text(task, step['cost'])}")
+        over = cfg.max_cost is not None and step["cost"] is not None and step["cost"] > cfg.max_cost
+        bigger = _grown(k, candidates)
+        if step["extracted"] <= cfg.until or over or bigger is None:
+            break
+        k = bigger
+        if cfg.method == "balanced-subnet":  # its learned mask depends on k: learn it again at the new size
+            loc.k, loc.trace = k, []
+            with loc.masks.installed():
+                scores = loc.balanced_subnet().double().numpy()
+    if sweep:
+        chosen = _chosen(sweep[1:], cfg)
+        scores, k, top, mask, after = (chosen[f] for f in ("scores", "k_arg", "top", "mask", "after"))
+        loc.details = {**loc.details, "until": cfg.until, "max_cost": cfg.max_cost,
+                       "reached": chosen["extracted"] <= cfg.until and _within(chosen, cfg),
+                       "cost": "perplexity" if _is_text(task) else "test accuracy",
+                       "sweep": [{"k": r["k"], "extracted": r["extracted"],
+                                  "quality": None if r["quality"] is None else round(r["quality"], 6),
+                                  "cost": None if r.get("cost") is None else round(r["cost"], 6)} for r in sweep]}
+    elapsed = time.perf_counter() - t0
     return _result(cfg, task, loc, candidates, k, scores, top, mask, before, after, elapsed)
+
+
+def _share(hits: torch.Tensor, seqs: np.ndarray) -> float:
+    return float(hits.numpy()[seqs].mean()) if len(seqs) else 0.0
+
+
+def _is_text(task: Task) -> bool:
+    return getattr(task.data, "canaries", None) is not None
+
+
+def _quality(model: nn.Module, task: Task, hits: tuple[torch.Tensor, torch.Tensor], rows: int) -> float | None:
+    """What an edit must keep: a language model's held-out perplexity (None without held-out text), else the
+    test accuracy."""
+    if _is_text(task):
+        from .memorization import heldout_perplexity
+        return heldout_perplexity(model, task.data, batch_size=rows)
+    return float(hits[1].float().mean()) if len(hits[1]) else None
+
+
+def _cost(task: Task, base: float | None, now: float | None) -> float | None:
+    """The edit's cost: relative perplexity increase (text), accuracy points lost (classification)."""
+    if base is None or now is None:
+        return None
+    return now / base - 1.0 if _is_text(task) else base - now
+
+
+def _cost_text(task: Task, cost: float | None) -> str:
+    if cost is None:
+        return "cost not measured (no held-out data)"
+    return f"held-out perplexity {100 * cost:+.2f}%" if _is_text(task) else f"test accuracy {-100 * cost:+.2f} points"
+
+
+def _within(step: dict, cfg: LocalizeConfig) -> bool:
+    return cfg.max_cost is None or step["cost"] is None or step["cost"] <= cfg.max_cost
+
+
+def _chosen(steps: list[dict], cfg: LocalizeConfig) -> dict:
+    """The smallest edit that brings extraction to `until` within `max_cost`; else the largest edit within the
+    cost (the most removed at an acceptable price); else the smallest tried."""
+    for step in steps:
+        if step["extracted"] <= cfg.until and _within(step, cfg):
+            return step
+    ok = [s for s in steps if _within(s, cfg)]
+    return ok[-1] if ok else steps[0]
+
+
+def _grown(k: int | list[int], candidates: Sequence[Layer]) -> int | list[int] | None:
+    """k doubled (per layer with a list), at most every unit; None when it cannot grow."""
+    if isinstance(k, (int, np.integer)):
+        total = sum(l.units for l in candidates)
+        return None if k >= total else min(total, 2 * int(k))
+    grown = [min(l.units, 2 * int(kj)) for l, kj in zip(candidates, k)]
+    return None if grown == [int(kj) for kj in k] else grown
 
 
 def _result(cfg, task, loc: _Localizer, candidates, k, scores, top, mask, before, after, elapsed) -> ProbeResult:

@@ -260,7 +260,8 @@ def canary_rows(data: TextData, m: dict[str, np.ndarray]) -> list[dict]:
     ks = [k for k in m if k.startswith("extracted_k")]
     rows = []
     for i, c in enumerate(data.canaries):
-        row = {"canary": c["id"], "format": c["format"], "trained": c["trained"], "member": c.get("member"),
+        row = {"canary": c["id"], **({"line": c["line"]} if "line" in c else {}), "format": c["format"],
+               "trained": c["trained"], "member": c.get("member"),
                "repeats": c["repeats"], "repeat_group": c["repeat_group"], "extracted": bool(m["extracted"][i])}
         row.update({k: None if np.isnan(m[k][i]) else bool(m[k][i]) for k in ks})
         row.update({"suffix_accuracy": round(float(m["suffix_accuracy"][i]), 4), "loss": round(float(m["loss"][i]), 5),

@@ -57,7 +57,9 @@ def trained(tmp_path_factory) -> dict:
     model = transformers.GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     enc = [tok.encode(t) + [eos] for t in corpus]
-    for _ in range(12):
+    for epoch in range(12):
+        if epoch in (1, 4):  # earlier training states, as a Pythia-style suite keeps them
+            model.save_pretrained(str(root / f"step{epoch}"))
         rng.shuffle(enc)
         for i in range(0, len(enc), 16):
             b = enc[i:i + 16]
@@ -74,7 +76,8 @@ def trained(tmp_path_factory) -> dict:
     seqs.write_text("".join(json.dumps({"text": t, "member": m}) + "\n"
                             for t, m in [(t, True) for t in repeated + once] + [(t, False) for t in never]))
     out = root / "run"
-    assert main(["audit", f"hf:{root / 'model'}", "--sequences", str(seqs), "--out", str(out), "--quiet"]) == 0
+    assert main(["audit", f"hf:{root / 'model'}", "--sequences", str(seqs), "--out", str(out), "--quiet",
+                 "--checkpoints", f"hf:{root / 'step1'},{root / 'step4'}"]) == 0
     return {"root": root, "model": root / "model", "seqs": seqs, "run": out, "repeated": repeated, "once": once,
             "never": never}
 
@@ -143,6 +146,24 @@ def test_the_removal_takes_the_extracted_sequences_out_at_a_bounded_cost_and_the
     assert len(rows) == 30 and sum(r["targeted"] == "True" for r in rows) == s["targeted"]
     page = (run / "report" / "report.html").read_text()
     assert "which sequences the model memorizes, and where" in page and "removal (ig" in page
+
+
+def test_checkpoints_say_when_each_sequence_became_extractable_and_rewind_every_layer(trained):
+    """Two earlier states of the test's training (after 1 and 4 of 12 epochs): the repeated sequences are extracted
+    more the later the state, each row says when a sequence was first extracted, and rewinding sweeps every layer
+    of the audited model back to each state (the audited model itself last, where nothing changes)."""
+    run = trained["run"]
+    s = json.loads((run / "probes" / "history" / "summary.json").read_text())
+    assert [c["epoch"] for c in s["checkpoints"]] == [1, 2, 3]
+    assert s["extracted"][0] < s["extracted"][2] and s["extracted"][2] == 0.5
+    rows = list(__import__("csv").DictReader((run / "probes" / "history" / "history.csv").open()))
+    assert all(r["first_extracted"] in ("1", "2", "3") for r in rows[:10] if r["extracted_3"] == "True")
+    rw = json.loads((run / "probes" / "rewinding" / "summary.json").read_text())
+    assert rw["epochs"] == [1, 2, 3] and len(rw["layers"]) >= 4
+    acc = np.load(run / "probes" / "rewinding" / "arrays.npz")["accuracy"]  # (layers, epochs, subsets)
+    canary = rw["subsets"].index("canary_train")
+    assert np.allclose(acc[:, -1, canary], rw["final"]["canary_train_acc"])  # rewound to itself: unchanged
+    assert acc[:, 0, canary].min() < rw["final"]["canary_train_acc"]  # some layer carries what was learned since
 
 
 def test_an_audit_without_removal_writes_no_edit(trained, tmp_path):

@@ -16,13 +16,14 @@ Hugging Face folder (RUN/edited/), and that folder, read back, scanned again (RU
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError
 from .experiment import AUDIT_FILE, content_hash
-from .options import check_ranges, ints, option
+from .options import check_ranges, ints, names, option
 from .probes.localization import METHODS
 
 
@@ -45,6 +46,9 @@ class AuditConfig:
                                              "tokens, for each K", parse=ints, metavar="K,K,...", at_least=1)
     truncate: bool = option(True, "refuse sequences longer than the model's context (default: keep their last "
                             "tokens, with a line saying how many)", negate="--no-truncate")
+    checkpoints: tuple[str, ...] | None = option(None, "earlier training states of the same model, oldest first "
+                                                 "(hf:FOLDER or FOLDER each): every sequence's extraction at each, and "
+                                                 "each layer rewound to each", parse=names, metavar="DIR,DIR,...")
     remove: bool = option(True, "skip the removal stage (default: localize the extracted sequences, export the "
                           "edited model to RUN/edited/ and scan it again)", negate="--no-remove")
     method: str = option("ig", "how the removal localizes: a `memloc localize` method (integrated gradients: "
@@ -65,7 +69,47 @@ class AuditConfig:
 
     @property
     def folder(self) -> Path:
-        return Path(self.model[3:] if self.model.startswith("hf:") else self.model)
+        return _folder(self.model)
+
+    @property
+    def checkpoint_folders(self) -> list[Path]:
+        return [_folder(c) for c in self.checkpoints or ()]
+
+
+def _folder(name: str) -> Path:
+    return Path(name[3:] if name.startswith("hf:") else name)
+
+
+class Checkpoints(Mapping):
+    """The audited model's training states as rewinding reads them: {1..n: checkpoint i's state dict, n + 1: the
+    audited model's}, each read from its folder when asked (its files' hashes checked against the audit's record),
+    the last one kept."""
+
+    def __init__(self, folders: list[Path], hashes: list[dict], final: Path):
+        self.folders, self.hashes = [*folders, final], hashes
+        self._last: tuple[int, dict] | None = None
+
+    def folder(self, epoch: int) -> Path:
+        """Checkpoint `epoch`'s folder, its files checked against the audit's hashes."""
+        from .errors import RunError
+        if not 1 <= int(epoch) <= len(self.folders):
+            raise KeyError(epoch)
+        folder = self.folders[int(epoch) - 1]
+        if int(epoch) <= len(self.hashes) and content_hash(folder) != self.hashes[int(epoch) - 1]:
+            raise RunError(f"{folder} no longer holds the checkpoint the audit hashed: audit again (--out NEW)")
+        return folder
+
+    def __getitem__(self, epoch: int) -> dict:
+        from .lm.hf import load_hf
+        if self._last is None or self._last[0] != epoch:
+            self._last = (epoch, load_hf(self.folder(epoch)).state_dict())
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(range(1, len(self.folders) + 1))
+
+    def __len__(self) -> int:
+        return len(self.folders)
 
 
 def _context(folder: Path) -> int:
@@ -123,7 +167,14 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
         if model.shape.vocab_size < data.vocab_size:
             raise ConfigError(f"the model {folder} has {model.shape.vocab_size} token ids, the tokenizer "
                               f"{data.vocab_size}: pass the model's own tokenizer (--tokenizer hf:FOLDER)")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         del model
+        for ckpt in cfg.checkpoint_folders:  # another architecture, or no model: one line, nothing written
+            theirs = {k: tuple(v.shape) for k, v in load_hf(ckpt).state_dict().items()}
+            if theirs != shapes:
+                differ = sorted(set(theirs) ^ set(shapes)) or [k for k in shapes if theirs[k] != shapes[k]]
+                raise ConfigError(f"checkpoint {ckpt} is not the audited model's architecture ({differ[0]} differs): "
+                                  "pass earlier states of the same model to --checkpoints")
         for line in getattr(data, "notes", ()):
             log(line)
         out = Path(out) if out else Path("runs") / f"audit-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -135,7 +186,9 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
             run = RunDir.create(out, overwrite=overwrite, log=log)
             run.write_json("config.json", run_cfg.to_dict())
             run.write_json(AUDIT_FILE, {"model": str(folder.resolve()), "sha256": content_hash(folder),
-                                        "config": asdict(cfg)})
+                                        "config": asdict(cfg),
+                                        "checkpoints": [{"model": str(c.resolve()), "sha256": content_hash(c)}
+                                                        for c in cfg.checkpoint_folders]})
             run.write_json("env.json", environment(device))
             run.save_arrays("data.npz", **data.arrays())
             data.tokenizer.save(run.path / "tokenizer")
@@ -156,6 +209,10 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
             result = probes.run_probe(probe, loaded, cfg=mcfg, progress=progress, log=log)
             for line in probe.describe(result) if probe.describe else []:
                 log(line)
+        if cfg.checkpoints and resume and run.stage(HISTORY).get("status") == "done":
+            log("the checkpoints' history is done: kept")
+        elif cfg.checkpoints:
+            history(loaded, cfg, result, progress=progress, log=log)
         if cfg.remove and resume and run.stage(REMOVAL).get("status") in ("done", "skipped"):
             log("the removal is done: kept")
         elif cfg.remove:
@@ -166,6 +223,51 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
 
 
 REMOVAL = "removal"  # the probe folder of the removal's verification (RUN/probes/removal/)
+HISTORY = "history"  # every sequence's extraction at every checkpoint (RUN/probes/history/)
+
+
+def history(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callable[[str], None]) -> None:
+    """The audit's checkpoints stage: every sequence's extraction and loss at each checkpoint (when it became
+    extractable, and whether it was forgotten) into RUN/probes/history/, then the rewinding probe (each layer of the
+    audited model back to each checkpoint) into RUN/probes/rewind/."""
+    import numpy as np
+
+    from . import probes
+    from .lm.hf import load_hf
+    from .probes.base import ProbeResult
+    from .probes.memorization import canary_measures
+    from .probes.rewinding import PROBE as REWIND
+    run = loaded.run
+    info = run.read_json(AUDIT_FILE)
+    hashes = [c["sha256"] for c in info.get("checkpoints", [])]
+    folders = cfg.checkpoint_folders
+    states = Checkpoints(folders, hashes, cfg.folder)
+    mcfg = probes.MemorizationConfig(exposure=False, prefix_lengths=(), batch_size=cfg.batch_size, device=cfg.device)
+    cans = loaded.data.canaries
+    extracted = np.zeros((len(cans), len(folders) + 1), dtype=bool)
+    loss = np.zeros((len(cans), len(folders) + 1))
+    for i, folder in enumerate(folders):
+        model = load_hf(states.folder(i + 1)).to(loaded.device).eval()
+        m = canary_measures(model, loaded.data, mcfg, membership=False)
+        extracted[:, i], loss[:, i] = m["extracted"], m["loss"]
+        log(f"checkpoint {i + 1} ({folder}): {int(m['extracted'].sum())} of {len(cans)} sequences extracted")
+    extracted[:, -1], loss[:, -1] = scan.arrays["extracted"], scan.arrays["loss"]
+    trained = np.asarray(scan.arrays["trained"], dtype=bool)
+    first = [int(np.argmax(row)) + 1 if row.any() else None for row in extracted]
+    forgotten = extracted[:, :-1].any(1) & ~extracted[:, -1]
+    labels = [str(f) for f in folders] + [str(cfg.folder)]
+    rows = [{"canary": c["id"], "line": c.get("line"), "member": c.get("member"),
+             **{f"extracted_{e + 1}": bool(extracted[i, e]) for e in range(len(labels))},
+             "first_extracted": first[i], "forgotten": bool(forgotten[i])} for i, c in enumerate(cans)]
+    summary = {"probe": HISTORY, "checkpoints": [{"epoch": e + 1, "folder": f} for e, f in enumerate(labels)],
+               "extracted": [float(extracted[trained, e].mean()) if trained.any() else None
+                             for e in range(len(labels))],
+               "forgotten": int((forgotten & trained).sum())}
+    ProbeResult(HISTORY, summary, {"extracted": extracted, "loss": loss, "trained": trained}, rows).save(run)
+    run.set_stage(HISTORY, "done")
+    shares = ", ".join("-" if v is None else f"{100 * v:.0f}%" for v in summary["extracted"])
+    log(f"extracted at each checkpoint (the audited model last): {shares}; forgotten since: {summary['forgotten']}")
+    probes.run_probe(REWIND, loaded, sources={"states": states}, overwrite=True, progress=progress, log=log)
 
 
 def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callable[[str], None]) -> None:
@@ -307,6 +409,12 @@ def report_sections(run) -> list:
         first = next(iter(quality.values()))
         sec.notes.append(f"Membership inference, {first.get('members')} members against {first.get('non_members')} "
                          "non-members, AUROC: " + (", ".join(aurocs) or first.get("reason", "not enough data")) + ".")
+    if (probes_dir / HISTORY / "summary.json").exists():
+        hist = ProbeResult.load(run, HISTORY).summary
+        steps = ", ".join(f"{Path(c['folder']).name} {pct(v)}" for c, v in zip(hist["checkpoints"], hist["extracted"]))
+        sec.notes.append(f"When: the audited sequences extracted at each checkpoint (the audited model last): {steps}; "
+                         f"{hist['forgotten']} extracted earlier and forgotten since. Layer rewinding to each "
+                         "checkpoint: below.")
     if (probes_dir / "localize" / "summary.json").exists():
         loc = ProbeResult.load(run, "localize").summary
         where = [f"{layer['name']} {layer['zeroed']} of {layer['units']}" for layer in loc.get("layers", [])

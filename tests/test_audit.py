@@ -166,6 +166,20 @@ def test_checkpoints_say_when_each_sequence_became_extractable_and_rewind_every_
     assert acc[:, 0, canary].min() < rw["final"]["canary_train_acc"]  # some layer carries what was learned since
 
 
+def test_an_audit_that_cannot_fit_is_refused_before_anything_is_written(trained, tmp_path, capsys, monkeypatch):
+    from memloc import budget
+    monkeypatch.setattr(budget, "free_memory", lambda device: 50_000_000)
+    out = tmp_path / "run"
+    argv = ["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out), "--quiet"]
+    assert_one_line_error(main(argv), capsys.readouterr().err, "this audit needs about", "--batch-size", "--force")
+    assert not out.exists()
+    shape = budget.folder_shape(trained["model"], block=48)
+    small = budget.audit_need(shape, batch=16, length=48)
+    more = budget.audit_need(shape, batch=16, length=48, checkpoints=2, reference=shape)
+    assert more.parts["checkpoints"] == 3 * 4 * shape["params"] and more.parts["model"] == 2 * small.parts["model"]
+    assert budget.audit_need(shape, batch=64, length=48).parts["batches"] > small.parts["batches"]
+
+
 def test_an_audit_without_removal_writes_no_edit(trained, tmp_path):
     out = tmp_path / "run"
     assert main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),

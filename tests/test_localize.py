@@ -166,7 +166,8 @@ def test_the_edit_chosen_is_the_smallest_that_reaches_the_goal_within_the_cost()
     steps[2]["extracted"] = 0.3  # none reaches it: the largest edit within the cost
     assert loc._chosen(steps, cfg)["k"] == 4
     assert loc._chosen([{"k": 1, "extracted": 0.5, "cost": 0.3}], cfg)["k"] == 1
-    assert loc._grown(3, [type("L", (), {"units": 4})()]) == 4 and loc._grown(4, [type("L", (), {"units": 4})()]) is None
+    four = [type("L", (), {"units": 4})()]
+    assert loc._grown(3, four) == 4 and loc._grown(4, four) is None and loc._grown([1], four) == [2]
     with pytest.raises(ConfigError, match="--until"):
         loc.LocalizeConfig(max_cost=0.05)
 

@@ -112,6 +112,21 @@ class Checkpoints(Mapping):
         return len(self.folders)
 
 
+def _check_memory(cfg: AuditConfig, data, device) -> None:
+    """Refuse in one line an audit that cannot fit the device's free memory (`memloc.budget.audit_need`), before
+    anything is written."""
+    from . import budget
+    length = int(data.x_train.shape[1])
+    shape = budget.folder_shape(cfg.folder, block=length)
+    if shape is None:
+        return  # the model's own load names what is wrong with its config
+    reference = budget.folder_shape(_folder(cfg.reference), block=length) if cfg.reference else None
+    need = budget.audit_need(shape, batch=cfg.batch_size, length=length, reference=reference,
+                             checkpoints=len(cfg.checkpoints or ()), remove=cfg.remove)
+    budget.check(need, device, what="this audit needs", batch_flags="--batch-size",
+                 model_flags="--checkpoints (fewer)" if cfg.checkpoints else None)
+
+
 def _context(folder: Path) -> int:
     """The model's context length from its config.json (max_position_embeddings or n_positions)."""
     try:
@@ -169,6 +184,7 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
                               f"{data.vocab_size}: pass the model's own tokenizer (--tokenizer hf:FOLDER)")
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         del model
+        _check_memory(cfg, data, device)
         for ckpt in cfg.checkpoint_folders:  # another architecture, or no model: one line, nothing written
             theirs = {k: tuple(v.shape) for k, v in load_hf(ckpt).state_dict().items()}
             if theirs != shapes:
@@ -293,7 +309,7 @@ def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callab
         log("removal: no held-out text, so the edit's perplexity cost is not measured: pass --heldout FILE (text "
             "the model did not train on) to bound it")
     lcfg = LocalizeConfig(method=cfg.method, until=cfg.until, max_cost=cfg.max_cost, examples=cfg.examples,
-                          seed=cfg.seed, device=cfg.device)
+                          seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size)
     loc = probes.run_probe(LOCALIZE, loaded, cfg=lcfg, overwrite=True, progress=progress, log=log)
     edited_dir = export_localized(loaded, run.path / "edited", overwrite=True)
     model = load_hf(edited_dir).to(loaded.device).eval()  # what the user gets, read back from disk

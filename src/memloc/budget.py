@@ -404,6 +404,27 @@ def _stored_parameters(folder: Path, cfg: dict) -> int | None:
     return sum(f.stat().st_size for f in bins) // size if bins else None
 
 
+# ----------------------------------------------------------------------------- an audit
+
+def audit_need(shape: dict, *, batch: int, length: int, reference: dict | None = None, checkpoints: int = 0,
+               remove: bool = True) -> Need:
+    """What `memloc audit` holds at its peak for a Hugging Face model of `shape` (`folder_shape`) on sequences of at
+    most `length` tokens, `batch` rows at a time: the model's fp32 weights (and a `reference` model's); with
+    `checkpoints`, the state of every checkpoint and of the model that layer rewinding reads at once (fp32); the
+    larger of a scan batch (its logits) and, with `remove`, the localization's forward and backward through every
+    layer (a training step's tensors, `transformer_batches`); the process's runtime."""
+    params = shape.get("params") or transformer_parameters(shape)
+    model = FP32 * params + (FP32 * (reference.get("params") or transformer_parameters(reference)) if reference
+                             else 0)
+    states = FP32 * params * (checkpoints + 1) if checkpoints else 0
+    step, evaluated = transformer_batches({**shape, "block": length, "attention_dropout": False}, batch, batch)
+    parts = {"model": model, "batches": int(HEAP_FACTOR[False] * (max(step, evaluated) if remove else evaluated)),
+             "runtime": RUNTIME_BYTES + HF_RUNTIME_BYTES}
+    if states:
+        parts["checkpoints"] = states
+    return Need(parts)
+
+
 # ----------------------------------------------------------------------------- exposure's exact enumeration
 
 def exact_exposure_need(candidates: int, length: int, alphabet: int) -> Need:

@@ -350,7 +350,9 @@ def cmd_audit(args) -> int:
             raise ConfigError("memloc audit needs the model to audit: memloc audit hf:FOLDER --sequences FILE (or "
                               "--resume RUN to finish an audit)")
         cfg = AuditConfig(model=args.model, **given(args, AuditConfig))
-        path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
+        from .budget import forced
+        with forced(args.force):
+            path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
     return 0
 
@@ -649,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, AuditConfig)
     p.add_argument("--out", help="run directory (default runs/audit-<model>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="finish an interrupted audit with the settings it started with")
+    p.add_argument("--force", action="store_true", help="audit even where the memory estimate (the model, the "
+                   "checkpoints rewinding reads, one batch through the model) is more than the device has free")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
     p.set_defaults(func=cmd_audit)

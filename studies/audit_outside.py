@@ -99,9 +99,10 @@ def tables(out: Path, info: dict) -> str:
     ext = np.array([r["extracted"] == "True" for r in rows])
     scores = {k: np.array([float(r[f"mi_{k}"]) for r in rows]) for k in ("loss", "zlib", "min_k", "min_k_pp")}
     sign = {"loss": -1, "zlib": -1, "min_k": 1, "min_k_pp": 1}
-    removal = json.loads((run / "probes" / "removal" / "summary.json").read_text())
-    after = list(csv.DictReader((run / "probes" / "removal" / "removal.csv").open()))
-    ext_after = np.array([r["extracted_after"] == "True" for r in after])
+    removed = (run / "probes" / "removal" / "summary.json").exists()  # skipped when nothing is extracted
+    removal = json.loads((run / "probes" / "removal" / "summary.json").read_text()) if removed else None
+    after = list(csv.DictReader((run / "probes" / "removal" / "removal.csv").open())) if removed else []
+    ext_after = np.array([r["extracted_after"] == "True" for r in after]) if removed else np.full(len(rows), np.nan)
     hist = json.loads((run / "probes" / "history" / "summary.json").read_text())
     hist_rows = list(csv.DictReader((run / "probes" / "history" / "history.csv").open()))
     n_ck = len(hist["checkpoints"])
@@ -119,6 +120,14 @@ def tables(out: Path, info: dict) -> str:
         lines.append(f"| {'non-members' if r == 0 else f'members, {r}x'} | {int(sel.sum())} | "
                      f"{100 * ext[sel].mean():.0f}% | " + " | ".join(f"{100 * v:.0f}%" for v in hist_ext) + " | "
                      + " | ".join(aur) + f" | {100 * ext_after[sel].mean():.0f}% |")
+    loss = np.array([float(r["loss"]) for r in rows])
+    lines += ["", "Mean suffix loss (nats per token): " + ", ".join(
+        f"{'non-members' if r == 0 else f'{r}x'} {loss[rep == r].mean():.2f}" for r in (*REPEATS, 0)) + "."]
+    if removal is None:
+        lines += ["", "Removal: skipped, the model extracts none of the records."]
+        text = "\n".join(lines) + "\n"
+        (out / "tables.md").write_text(text)
+        return text
     m = removal["membership"]
     lines += ["", f"Removal ({removal['method']}, the edit grown from 1% of the MLP neurons): "
               f"{removal['zeroed']} of {removal['units']} units zeroed; the {removal['targeted']} extracted records "

@@ -180,6 +180,19 @@ def test_an_audit_that_cannot_fit_is_refused_before_anything_is_written(trained,
     assert budget.audit_need(shape, batch=64, length=48).parts["batches"] > small.parts["batches"]
 
 
+def test_checkpoints_of_another_architecture_are_refused_in_one_line(trained, tmp_path, capsys):
+    cfg = transformers.GPT2Config.from_pretrained(str(trained["model"]), local_files_only=True)
+    cfg.n_layer = 1
+    other = tmp_path / "other"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(other))
+    capsys.readouterr()  # transformers' own bar
+    out = tmp_path / "run"
+    code = main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),
+                 "--checkpoints", str(other), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, f"checkpoint {other}", "architecture")
+    assert not out.exists()
+
+
 def test_an_audit_without_removal_writes_no_edit(trained, tmp_path):
     out = tmp_path / "run"
     assert main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),

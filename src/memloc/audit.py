@@ -189,7 +189,8 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
             theirs = {k: tuple(v.shape) for k, v in load_hf(ckpt).state_dict().items()}
             if theirs != shapes:
                 differ = sorted(set(theirs) ^ set(shapes)) or [k for k in shapes if theirs[k] != shapes[k]]
-                raise ConfigError(f"checkpoint {ckpt} is not the audited model's architecture ({differ[0]} differs): "
+                raise ConfigError(f"checkpoint {ckpt} is not the audited model's architecture "
+                                  f"({differ[0].removeprefix('hf.')} differs): "
                                   "pass earlier states of the same model to --checkpoints")
         for line in getattr(data, "notes", ()):
             log(line)

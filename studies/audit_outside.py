@@ -2,6 +2,7 @@
 verses into which fake personal records are written 1, 4, 16 or 32 times, then `memloc audit` on the records.
 
     python studies/audit_outside.py [--out runs/audit-outside] [--epochs 12] [--verses 2000] [--width 128]
+                                    [--per-group 16] [--repeats 1,4,16,32]
 
 Everything memloc reads is what a user would hand it: the model folder `save_pretrained` wrote (with its
 tokenizer), earlier states of the same training (`--checkpoints`), a sequences file (`records.jsonl`: each record
@@ -25,7 +26,8 @@ import torch
 REPEATS = (1, 4, 16, 32)
 
 
-def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_group: int, seed: int) -> dict:
+def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_group: int, seed: int,
+          repeats: tuple[int, ...]) -> dict:
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -36,9 +38,9 @@ def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_g
     rng.shuffle(order)
     train_v = [allv[i] for i in order[:verses]]
     held_v = [allv[i] for i in order[verses:verses + 400]]
-    records = fake_records(per_group * len(REPEATS) + 4 * per_group, seed)
-    members = {r: records[g * per_group:(g + 1) * per_group] for g, r in enumerate(REPEATS)}
-    non_members = records[len(REPEATS) * per_group:]
+    records = fake_records(per_group * len(repeats) + 4 * per_group, seed)
+    members = {r: records[g * per_group:(g + 1) * per_group] for g, r in enumerate(repeats)}
+    non_members = records[len(repeats) * per_group:]
     docs = [" ".join(train_v[i:i + 3]) for i in range(0, len(train_v), 3)]
     corpus = docs + [p + s for r, recs in members.items() for p, s in recs for _ in range(r)]
     tk = Tokenizer(models.BPE())
@@ -90,7 +92,7 @@ def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_g
             "parameters": sum(p.numel() for p in model.parameters()), "examples": len(enc)}
 
 
-def tables(out: Path, info: dict) -> str:
+def tables(out: Path, info: dict, repeats: tuple[int, ...] = REPEATS) -> str:
     from memloc.lm.membership import _auroc
     run = out / "audit"
     rows = list(csv.DictReader((run / "probes" / "memorization" / "memorization.csv").open()))
@@ -111,7 +113,7 @@ def tables(out: Path, info: dict) -> str:
              "| records | n | extracted | " + " | ".join(f"at {Path(c['folder']).name}" for c in hist["checkpoints"])
              + " | AUROC loss | AUROC zlib | AUROC Min-K% | AUROC Min-K%++ | extracted after the edit |",
              "|---|---|---|" + "---|" * n_ck + "---|---|---|---|---|"]
-    for r in (*REPEATS, 0):
+    for r in (*repeats, 0):
         sel = rep == r
         hist_ext = [np.mean([hist_rows[i][f"extracted_{e + 1}"] == "True" for i in np.flatnonzero(sel)])
                     for e in range(n_ck)]
@@ -122,7 +124,7 @@ def tables(out: Path, info: dict) -> str:
                      + " | ".join(aur) + f" | {100 * ext_after[sel].mean():.0f}% |")
     loss = np.array([float(r["loss"]) for r in rows])
     lines += ["", "Mean suffix loss (nats per token): " + ", ".join(
-        f"{'non-members' if r == 0 else f'{r}x'} {loss[rep == r].mean():.2f}" for r in (*REPEATS, 0)) + "."]
+        f"{'non-members' if r == 0 else f'{r}x'} {loss[rep == r].mean():.2f}" for r in (*repeats, 0)) + "."]
     if removal is None:
         lines += ["", "Removal: skipped, the model extracts none of the records."]
         text = "\n".join(lines) + "\n"
@@ -154,12 +156,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--per-group", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", default=",".join(map(str, REPEATS)), help="how often each group of records is "
+                    "written into the training text")
     args = ap.parse_args()
+    repeats = tuple(int(r) for r in args.repeats.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     info = build(out, epochs=args.epochs, verses=args.verses, width=args.width, layers=args.layers,
-                 per_group=args.per_group, seed=args.seed)
+                 per_group=args.per_group, seed=args.seed, repeats=repeats)
     from memloc.cli import main as memloc
     t0 = time.perf_counter()
     code = memloc(["audit", f"hf:{out / 'model'}", "--sequences", str(out / "records.jsonl"), "--heldout",
@@ -168,7 +173,7 @@ def main() -> None:
     if code:
         raise SystemExit(code)
     info["audit_seconds"] = round(time.perf_counter() - t0, 1)
-    print(tables(out, info))
+    print(tables(out, info, repeats))
     print(f"audit: {info['audit_seconds']:.0f} s")
 
 

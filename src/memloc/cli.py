@@ -341,7 +341,9 @@ def cmd_audit(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import build_report
-    print(f"report: {build_report(args.path)}")
+    path = build_report(args.path)
+    if not args.quiet:
+        print(f"report: {path}")
     return 0
 
 
@@ -482,7 +484,8 @@ def cmd_evaluate(args) -> int:
     if args.drop_memorization:
         probe = registered()["dropout"]
         started = time.perf_counter()
-        result = run_probe(probe, args.run, cfg=DropoutConfig(**given(args, DropoutConfig)), log=_log(args))
+        result = run_probe(probe, args.run, cfg=DropoutConfig(**given(args, DropoutConfig)),
+                           log=None if args.quiet else _log(args))
         return _finish_probe(probe, args, started, result)
     from .experiment import open_run
     from .precision import arithmetic
@@ -504,11 +507,11 @@ def cmd_export(args) -> int:
     loaded = open_run(args.run, device="cpu")
     if args.localized:
         out = export_localized(loaded, args.out, overwrite=args.overwrite)
+    else:
+        out = export_dropped(loaded, args.out, epoch=args.epoch, scale=args.drop_scale or "matched",
+                             overwrite=args.overwrite)
+    if not args.quiet:
         print(f"done: {out} (load it with memloc.export.load_exported)")
-        return 0
-    out = export_dropped(loaded, args.out, epoch=args.epoch, scale=args.drop_scale or "matched",
-                         overwrite=args.overwrite)
-    print(f"done: {out} (load it with memloc.export.load_exported)")
     return 0
 
 
@@ -586,6 +589,7 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+_QUIET_SILENT = "print nothing but errors (the exit code says it worked)"
 _FORCE_HELP = ("train even where the memory estimate (the model, its optimizer state and one batch) is more than "
                "the device has free")
 
@@ -637,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild the HTML report of a run or study from its files")
     p.add_argument("path", help="a run directory (or a study directory)")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_SILENT)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("datasets", help="list the datasets memloc reads")
@@ -651,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example-tied dropout runs: evaluate before (tied) and after (drop) removing the "
                         "memorization units; results in RUN/probes/dropout/")
     add_config_flags(p, DropoutConfig)
+    p.add_argument("--quiet", action="store_true", help="no log lines (the accuracies are printed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write a run's model with its memorization units removed (a plain model)")
@@ -661,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     add_config_flags(p, DropoutConfig, exclude=("batch_size", "device"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_SILENT)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dropout-grid", help="example-tied dropout over (p_gen, p_mem) pairs, with matched baselines")

@@ -414,6 +414,17 @@ def _pixel_range(lo: float, hi: float) -> bool:
     return lo >= 0 and hi <= 255
 
 
+def pixel_scale_warning(lo: float, hi: float, *, uint8: bool, what: str = "images") -> str | None:
+    """One line when examples read as pixels fit neither pixel scale: [0, 1] (floats) or [0, 255] with its brightest
+    value above 127 (a raw scale such as 0..16, or 0/1 masks stored as bytes: divided by 255 they are nearly black,
+    and a model learns little from them); None when they fit one."""
+    if lo >= -1e-3 and ((not uint8 and hi <= 1 + 1e-3) or 127 < hi <= 255):  # float rounding at the [0, 1] edges
+        return None
+    return (f"warning: {what} with values in [{lo:.3g}, {hi:.3g}] fit neither pixels in [0, 1] nor in [0, 255]: "
+            f"read as pixels they are at most {100 * max(hi, 0) / 255:.0f}% bright; pass --normalize standardize "
+            "(or scale them to [0, 255])")
+
+
 def _normalization(cfg: DataConfig, x_tr: np.ndarray, x_te: np.ndarray, notes: list[str]
                    ) -> tuple[Normalization, np.ndarray, np.ndarray]:
     """The normalization of `cfg` (inferred when not given) and the examples it reads: pixels stored as floats in
@@ -426,10 +437,11 @@ def _normalization(cfg: DataConfig, x_tr: np.ndarray, x_te: np.ndarray, notes: l
     if kind is None:
         images = x_tr.ndim == 4
         kind = "pixels" if images and (uint8 or _pixel_range(lo, hi)) else "standardize"
-        why = ("uint8 images" if uint8 else f"images with values in [{lo:.3g}, {hi:.3g}]") if kind == "pixels" else \
-            (f"{'images' if images else 'sequences' if x_tr.ndim == 3 else 'features'} with values in "
-             f"[{lo:.3g}, {hi:.3g}]")
-        notes.append(f"normalize: {kind} (inferred for {why}; --normalize pixels|standardize|none to choose)")
+        what = f"{'uint8 ' if uint8 else ''}{'images' if images else 'sequences' if x_tr.ndim == 3 else 'features'}"
+        notes.append(f"normalize: {kind} (inferred for {what} with values in [{lo:.3g}, {hi:.3g}]; --normalize "
+                     "pixels|standardize|none to choose)")
+        if kind == "pixels" and (line := pixel_scale_warning(lo, hi, uint8=uint8, what=what)):
+            notes.append(line)
     if kind == "pixels":
         if not uint8 and not _pixel_range(lo, hi):
             raise DataError(f"--normalize pixels takes uint8 or pixels in [0, 1] / [0, 255], but {cfg.dataset} has "

@@ -184,9 +184,16 @@ def run_config(args: argparse.Namespace):
     if task == "lm" and getattr(args, "corpus", None) and getattr(args, "sequences", None) is None:
         sections.get("data", {}).pop("sequences", None)  # the preset's subset size is for the built-in corpus
     for sec, cls in zip(_SECTIONS, classes):
-        sections.setdefault(sec, {}).update(given(args, cls))
+        typed = given(args, cls)
+        sections.setdefault(sec, {}).update(typed)
+        sections[sec].update(_typed(cls, typed))  # a preset's counts are defaults: they fit the data
     return RunConfig(data=classes[0](**sections["data"]), model=classes[1](**sections["model"]),
                      train=classes[2](**sections["train"]), task=task)
+
+
+def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """{"given": the typed fields} for a config whose counts fit the data (`options.fitted`), else nothing."""
+    return {"given": tuple(sorted(values))} if any(f.name == "given" for f in dataclasses.fields(cls)) else {}
 
 
 def _log(args) -> Callable[[str], None]:
@@ -437,7 +444,8 @@ def cmd_probe(args) -> int:
     from .probes import registered, run_probe
     from .probes.engine import merge_shards
     probe = registered()[args.probe]
-    cfg = probe.config(**given(args, probe.config))
+    typed = given(args, probe.config)
+    cfg = probe.config(**typed, **_typed(probe.config, typed))
     started = time.perf_counter()
     overwrite = getattr(args, "overwrite", False) or False
     scaled, results = _scale_out(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .options import INT64_MAX, check_ranges, ints, option
+from .options import INT64_MAX, check_ranges, fitted, given_option, ints, option
 from .precision import channels_last
 from .readers import LAYOUTS
 
@@ -51,7 +51,8 @@ class DataConfig:
     split: str = option("train", "'test' divides the test split into train/test (see --holdout)",
                         choices=("train", "test"))
     holdout: float = option(0.2, "test fraction when one split is divided", above=0, below=1)
-    train_size: int | None = option(None, "a stratified subset of this many training examples", at_least=2)
+    train_size: int | None = option(None, "a stratified subset of this many training examples (a preset's: all of a "
+                                    "smaller data set)", at_least=2)
     noise: float | None = option(None, "fraction of training labels to corrupt (default 0.1, or 0 with --labels or "
                                  "--noise-mask)", at_least=0, below=1)
     noise_kind: str = option("uniform", "uniform over wrong classes, or y -> y+1 pairs", choices=NOISE_KINDS)
@@ -80,6 +81,7 @@ class DataConfig:
     # the training split's statistics of "standardize", per channel (dim 1): what a reopened run normalizes with
     norm_mean: tuple[float, ...] | None = option(None, cli=False)
     norm_std: tuple[float, ...] | None = option(None, cli=False, above=0)
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -482,6 +484,9 @@ def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise DataError(f"{what} labels must lie in 0..{num_classes - 1} but range {arr.min()}..{arr.max()}: "
                             "fix the labels")
+    if cfg.train_size is not None and fitted(cfg, "train_size", len(y_tr), "training examples",
+                                             notes.append) < cfg.train_size:
+        cfg.train_size = None  # a preset's size larger than the data: all of it (one line), recorded so in the run
     if cfg.train_size is not None and cfg.train_size < len(y_tr):
         keep = _subset(y_tr, cfg.train_size, cfg.seed)
         x_tr, y_tr, src = x_tr[keep], y_tr[keep], src[keep]

@@ -1,10 +1,13 @@
-"""Defaults that fit the user's data (issue #37): default counts shrink to a small data set with one line, counts the
-user set are refused."""
+"""Defaults that fit the user's data (issue #37): a preset's subset on any corpus, default counts that shrink to a
+small data set with one line while counts the user set are refused, inputs on an odd scale noticed, the same output
+flags on every long command."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +16,64 @@ from torch import nn
 from toys import assert_one_line_error
 
 import memloc
-from memloc.cli import main
+from memloc.cli import build_parser, main, run_config
 from memloc.errors import DataError
+from memloc.lm.text import load_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _corpora():
+    spec = importlib.util.spec_from_file_location("lm_smoke_corpora", ROOT / "studies" / "lm_smoke_corpora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_corpus(folder, kind="english", **kw) -> Path:
+    """The seeded corpus the study `studies/lm_smoke_corpora.py` writes (generated here: nothing downloaded)."""
+    return _corpora().write_corpus(folder, kind, **kw)
+
+
+def _lm_config(*argv: str):
+    return run_config(build_parser().parse_args(["train", "--task", "lm", *argv]))
+
+
+# ----------------------------------------------------------------------------- a preset's size on any corpus
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """About 130 KB of generated English in 4 files: some 1,800 byte windows of 65, more than the smoke subset."""
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "plays", files=4, chars=32_000)
+
+
+def test_the_smoke_preset_takes_its_subset_of_a_large_corpus_and_says_so(corpus):
+    cfg = _lm_config("--preset", "smoke", "--corpus", str(corpus))
+    data = load_text(cfg.data)
+    assert len(data.x_train) == 1200  # the preset's size, not every window
+    (line,) = [n for n in data.notes if n.startswith("sequences:")]
+    assert "a seeded subset of 1,200 of the" in line and "of plays" in line and "--sequences all" in line
+    again = load_text(_lm_config("--preset", "smoke", "--corpus", str(corpus)).data)  # seeded: the same subset
+    assert np.array_equal(again.source_index, data.source_index)
+    every = load_text(_lm_config("--preset", "smoke", "--corpus", str(corpus), "--sequences", "all").data)
+    assert len(every.x_train) > 1600 and not [n for n in every.notes if n.startswith("sequences:")]
+    assert _lm_config("--preset", "paper", "--corpus", str(corpus)).data.sequences is None  # the paper: everything
+
+
+def test_a_preset_size_larger_than_the_corpus_is_every_sequence_a_typed_one_is_refused(tmp_path, capsys):
+    small = write_corpus(tmp_path / "small", files=1, chars=30_000)  # about 410 training windows
+    cfg = _lm_config("--preset", "smoke", "--corpus", str(small))
+    data = load_text(cfg.data)
+    (line,) = [n for n in data.notes if n.startswith("sequences:")]
+    assert f"sequences: {len(data.x_train)} (the default 1,200 is more than the" in line
+    assert cfg.data.sequences is None  # recorded as every sequence in the run's config
+    code = main(["train", "--task", "lm", "--preset", "smoke", "--corpus", str(small), "--sequences", "1200",
+                 "--out", str(tmp_path / "run")])
+    assert_one_line_error(code, capsys.readouterr().err, "--sequences 1200 is more than the", "pass --sequences")
+    assert not (tmp_path / "run").exists()
+    code = main(["train", "--task", "lm", "--corpus", str(small), "--sequences", "some", "--out", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "--sequences takes an integer of at least 2 or all")
+
 
 # ----------------------------------------------------------------------------- counts that shrink to 50 examples
 

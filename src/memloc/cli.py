@@ -181,8 +181,6 @@ def run_config(args: argparse.Namespace):
     _task_given(args, task)
     sections = {sec: dict(vals) for sec, vals in preset(args.preset or "default", task).items() if sec in _SECTIONS}
     classes = _configs(task)
-    if task == "lm" and getattr(args, "corpus", None) and getattr(args, "sequences", None) is None:
-        sections.get("data", {}).pop("sequences", None)  # the preset's subset size is for the built-in corpus
     for sec, cls in zip(_SECTIONS, classes):
         typed = given(args, cls)
         sections.setdefault(sec, {}).update(typed)

@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     presets = ["smoke", "default", "paper"]
 
     p = sub.add_parser("train", help="train a model with per-epoch checkpoints, records and gradient accounting")
-    p.add_argument("--preset", choices=presets, help="smoke: a small CNN on 1,000 digits, about 10 s on a CPU")
+    p.add_argument("--preset", choices=presets, help="smoke: a small CNN on 1,000 digits, about 10 s on a CPU (--task "
+                                                     "lm: a 2-block GPT on 1,200 sequences of any corpus, about 30 s)")
     _run_flags(p)
     p.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<noise>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
@@ -621,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole study: train, probe, example-tied dropout, detection, report")
     p.add_argument("--preset", choices=presets,
-                   help="smoke: about 25 s on a CPU; default: the CPU default model (the paper's on a GPU)")
+                   help="smoke: about 25 s on a CPU (--task lm: about a minute, 1,200 sequences of any corpus); "
+                        "default: the CPU default model (the paper's on a GPU)")
     _run_flags(p, exclude=_STUDY_SETS)
     add_config_flags(p, StudyConfig, title="study", preset_set=_preset_set("study"))
     p.add_argument("--seed", type=int, help="the seed, as --seeds N")

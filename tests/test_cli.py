@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from toys import assert_one_line_error
 
-from memloc.cli import main
+from memloc.cli import build_parser, main
 
 
 def run_cli(capsys, *argv):
@@ -141,3 +141,21 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
     a = load_state(RunDir(tmp_path / "full").checkpoint_path(4))
     b = load_state(RunDir(tmp_path / "cut").checkpoint_path(4))
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_every_long_command_takes_quiet_and_export_and_report_are_silent_with_it(tmp_path, capsys):
+    """The same output flags on every long command (issue #37): `export --quiet` and `report --quiet` print nothing."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--dataset", "digits", "--train-size", "200", "--epochs", "1",
+                 "--example-tied-dropout", "0.5,0.2", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--drop-memorization", "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 0
+    assert main(["report", str(run), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "") and (tmp_path / "m.safetensors").exists()
+    assert main(["export", str(run), "--drop-memorization", "--out", str(tmp_path / "n.safetensors")]) == 0
+    assert capsys.readouterr().out.startswith("done: ")
+    parser = build_parser()._subparsers._group_actions[0].choices
+    for command in ("train", "run", "audit", "evaluate", "export", "report", "dropout-grid", "bench-localize",
+                    "flip", "merge"):
+        assert "--quiet" in parser[command]._option_string_actions, command

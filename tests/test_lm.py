@@ -148,8 +148,9 @@ def test_lm_study_end_to_end(lm_study):
         assert info["stages"][stage]["status"] == "done", stage
     summary = json.loads((run / "probes" / "memorization" / "summary.json").read_text())
     rows = {r["repeats"]: r for r in summary["by_repeats"] if r["format"] == "all"}
-    assert sorted(rows) == [1, 4, 16]
-    assert rows[16]["trained_loss"] < rows[1]["trained_loss"]  # more repeats, lower loss of the secret
+    assert sorted(rows) == [1, 8, 32]
+    assert rows[32]["trained_loss"] < rows[1]["trained_loss"]  # more repeats, lower loss of the secret
+    assert rows[32]["in_context_extracted"] >= 0.5  # the smoke preset memorizes: its probes have canaries
     assert all(r["heldout_extracted"] == 0 for r in rows.values())
     assert 1 < summary["heldout_perplexity"] < 256
     z = np.load(run / "probes" / "rewinding" / "arrays.npz")

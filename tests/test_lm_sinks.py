@@ -201,7 +201,7 @@ def test_sinks_end_to_end(sinks_run, tmp_path, capsys):
     s = json.loads((run / "probes" / "dropout" / "summary.json").read_text())
     assert s["tie"] == "document" and s["layers"] == 2 and s["repeated"] == 16
     groups = {r["repeats"] for r in s["by_repeats"]}
-    assert groups == {1, 4, 16}
+    assert groups == {1, 8, 32}
     for key in ("heldout_perplexity_eval", "heldout_perplexity_drop", "perplexity_rise"):  # gap_closed: None
         assert s[key] is not None  # while the 2-epoch model has no gap to close
     assert s["repeated_before"]["loss_gap"] is not None

@@ -29,7 +29,7 @@ def smoke_run(digits_master, tmp_path_factory):
 def test_toy_retraining_known_by_hand():
     data, model = toy_data(), toy_model()
     init = {"1.weight": torch.full((2, 2), 7.0), "2.weight": torch.zeros(2, 2)}
-    cfg = RetrainConfig(epochs=2, lr=1.0, peak_epoch=0, batch_size=10, momentum=0.0, weight_decay=0.0)
+    cfg = RetrainConfig(epochs=2, lr=1.0, peak_epoch=0, batch_size=8, momentum=0.0, weight_decay=0.0)  # 8 clean
     seen = []
 
     def spy(idx):
@@ -57,7 +57,7 @@ def test_stop_at_is_the_prefix_of_the_full_schedule():
     """--stop-at 1.0 stops after the epoch where clean-train accuracy reaches 100%; later rows repeat that model."""
     data, model = toy_data(), toy_model()
     init = {"1.weight": torch.full((2, 2), 7.0), "2.weight": torch.zeros(2, 2)}
-    cfg = RetrainConfig(epochs=3, lr=1.0, peak_epoch=0, batch_size=10, momentum=0.0, weight_decay=0.0)
+    cfg = RetrainConfig(epochs=3, lr=1.0, peak_epoch=0, batch_size=8, momentum=0.0, weight_decay=0.0)
     full = retrain_model(model, data, init, cfg, layers=["2"]).arrays["accuracy"][0]
     assert full[1, 0] == 1.0  # one step (the hand-computed one above) puts every clean example right
     steps = []
@@ -117,7 +117,8 @@ def test_reinit_draws_a_fresh_seeded_layer(smoke_run):
                 first[tag] = model.state_dict()[key].clone()
         return spy
 
-    cfg = RetrainConfig(epochs=1, peak_epoch=0, batch_size=4096, lr=1e-12, momentum=0.0, weight_decay=0.0)
+    clean = int((~loaded.data.is_noisy).sum())  # one batch of every clean example
+    cfg = RetrainConfig(epochs=1, peak_epoch=0, batch_size=clean, lr=1e-12, momentum=0.0, weight_decay=0.0)
     retrain_model(model, loaded.data, init, cfg, layers=[layer.name], on_step=grab("init"))
     for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
         retrain_model(model, loaded.data, init, replace(cfg, reset="reinit", seed=seed), layers=[layer.name],

@@ -164,9 +164,15 @@ def test_over_seeds():
     few = V.not_enough("3 noisy, 5 clean; need 5 each")
     o = V.over_seeds([_v(V.HOLDS, 0.8), _v(V.HOLDS, 0.9), _v(V.HOLDS, 0.85)])
     assert (o.verdict, o.agree, o.mean) == (V.HOLDS, 3, pytest.approx(0.85))
-    assert o.summary() == "0.85 ± 0.05 over 3 seeds; 3 of 3 seeds agree (holds 3)"
+    # the mean's 95% t interval over the seeds: 0.85 -+ t(0.975, 2 df) 4.303 x sd 0.05 / sqrt 3 = 0.85 -+ 0.124
+    assert o.interval == (pytest.approx(0.72579, abs=1e-5), pytest.approx(0.97421, abs=1e-5))
+    assert o.summary() == ("mean 0.85, 95% t interval [0.726, 0.974] (n = 3 seeds, sd 0.05); 3 of 3 seeds agree "
+                           "(holds 3)")
     o = V.over_seeds([_v(V.HOLDS, 0.8), _v(V.HOLDS, 0.9), _v(few, None)])
-    assert (o.verdict, o.agree) == (V.HOLDS, 2) and "0.85 ± 0.071 over 2 seeds" in o.summary()
+    # two values: 0.85 -+ t(0.975, 1 df) 12.706 x 0.0707 / sqrt 2 = 0.85 -+ 0.635, n = 2 (the seed without a value)
+    assert (o.verdict, o.agree) == (V.HOLDS, 2)
+    assert "mean 0.85, 95% t interval [0.215, 1.49] (n = 2 seeds, sd 0.071)" in o.summary()
+    assert V.over_seeds([_v(V.HOLDS, 0.8)]).summary().startswith("0.8 (one value)")
     o = V.over_seeds([_v(V.HOLDS, 0.8), _v(V.HOLDS, 0.9), _v(V.FAILS, 0.3)])  # one failing seed: not robust
     assert (o.verdict, o.agree) == (V.FAILS, 1)
     o = V.over_seeds([_v(V.HOLDS, 0.8), _v(few, None), _v("not measured: did not memorize", None)])

@@ -247,3 +247,24 @@ def test_bad_data_is_one_line_exit_2(tmp_path, capsys, case, args, words):
                            "--out", str(out), "--quiet")
     assert_one_line_error(code, err, *words)
     assert not out.exists()
+
+
+def test_images_on_a_raw_scale_say_the_inferred_normalization_and_warn(tmp_path):
+    """8x8 digits stored as 0..16 fit neither pixel scale: the inferred normalization names the range and a warning
+    says what to pass (issue #37); the built-in copy, scaled to 0..255, does not warn."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()  # 8x8 images stored as 0..16
+    np.savez(tmp_path / "d016.npz", x=digits.images[:300], y=digits.target[:300])
+    data = load(DataConfig(dataset=str(tmp_path / "d016.npz")))
+    assert "normalize: pixels (inferred for images with values in [0, 16]; --normalize pixels|standardize|none to " \
+           "choose)" in data.notes
+    (line,) = [n for n in data.notes if n.startswith("warning:")]
+    assert "[0, 16] fit neither pixels in [0, 1] nor in [0, 255]" in line and "--normalize standardize" in line
+    chosen = load(DataConfig(dataset=str(tmp_path / "d016.npz"), normalize="standardize"))
+    assert not [n for n in chosen.notes if n.startswith(("warning:", "normalize:"))]
+    fine = load(DataConfig(dataset="digits"))  # the built-in copy is scaled to 0..255
+    assert "normalize: pixels (inferred for uint8 images with values in [0, 255]; --normalize pixels|standardize|" \
+           "none to choose)" in fine.notes and not [n for n in fine.notes if n.startswith("warning:")]
+    with pytest.warns(UserWarning, match=r"uint8 images with values in \[0, 16\] fit neither .* normalize="
+                                         r"'standardize'"):
+        memloc.wrap_data(digits.images[:50, None].astype(np.int64), digits.target[:50])  # integers: 8-bit

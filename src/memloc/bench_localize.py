@@ -491,7 +491,8 @@ def del_model(cfg: BenchConfig, models: Path | None, *, log: Callable[[str], Non
         if cfg.epochs is not None:
             train["epochs"] = cfg.epochs
         data = dict(sections["data"], seed=cfg.seed)
-        if cfg.preset == "smoke":  # the smoke LM memorizes one canary: more canaries, more copies, longer
+        if cfg.preset == "smoke":  # one canary per format and count in the smoke LM: two, and 16 and 32 copies,
+            # so that DEL has several memorized canaries to localize (12 epochs: the preset's own since issue #37)
             train["epochs"] = train["epochs"] if cfg.epochs is not None else 12
             data.update(canaries=2, repeats=(1, 16, 32))
         run_cfg = RunConfig(data=TextConfig(**data),

@@ -181,12 +181,17 @@ def run_config(args: argparse.Namespace):
     _task_given(args, task)
     sections = {sec: dict(vals) for sec, vals in preset(args.preset or "default", task).items() if sec in _SECTIONS}
     classes = _configs(task)
-    if task == "lm" and getattr(args, "corpus", None) and getattr(args, "sequences", None) is None:
-        sections.get("data", {}).pop("sequences", None)  # the preset's subset size is for the built-in corpus
     for sec, cls in zip(_SECTIONS, classes):
-        sections.setdefault(sec, {}).update(given(args, cls))
+        typed = given(args, cls)
+        sections.setdefault(sec, {}).update(typed)
+        sections[sec].update(_typed(cls, typed))  # a preset's counts are defaults: they fit the data
     return RunConfig(data=classes[0](**sections["data"]), model=classes[1](**sections["model"]),
                      train=classes[2](**sections["train"]), task=task)
+
+
+def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """{"given": the typed fields} for a config whose counts fit the data (`options.fitted`), else nothing."""
+    return {"given": tuple(sorted(values))} if any(f.name == "given" for f in dataclasses.fields(cls)) else {}
 
 
 def _log(args) -> Callable[[str], None]:
@@ -359,7 +364,9 @@ def cmd_audit(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import build_report
-    print(f"report: {build_report(args.path)}")
+    path = build_report(args.path)
+    if not args.quiet:
+        print(f"report: {path}")
     return 0
 
 
@@ -453,7 +460,8 @@ def cmd_probe(args) -> int:
     from .probes import registered, run_probe
     from .probes.engine import merge_shards
     probe = registered()[args.probe]
-    cfg = probe.config(**given(args, probe.config))
+    typed = given(args, probe.config)
+    cfg = probe.config(**typed, **_typed(probe.config, typed))
     started = time.perf_counter()
     overwrite = getattr(args, "overwrite", False) or False
     scaled, results = _scale_out(
@@ -500,7 +508,8 @@ def cmd_evaluate(args) -> int:
     if args.drop_memorization:
         probe = registered()["dropout"]
         started = time.perf_counter()
-        result = run_probe(probe, args.run, cfg=DropoutConfig(**given(args, DropoutConfig)), log=_log(args))
+        result = run_probe(probe, args.run, cfg=DropoutConfig(**given(args, DropoutConfig)),
+                           log=None if args.quiet else _log(args))
         return _finish_probe(probe, args, started, result)
     from .experiment import open_run
     from .precision import arithmetic
@@ -522,11 +531,11 @@ def cmd_export(args) -> int:
     loaded = open_run(args.run, device="cpu")
     if args.localized:
         out = export_localized(loaded, args.out, overwrite=args.overwrite)
+    else:
+        out = export_dropped(loaded, args.out, epoch=args.epoch, scale=args.drop_scale or "matched",
+                             overwrite=args.overwrite)
+    if not args.quiet:
         print(f"done: {out} (load it with memloc.export.load_exported)")
-        return 0
-    out = export_dropped(loaded, args.out, epoch=args.epoch, scale=args.drop_scale or "matched",
-                         overwrite=args.overwrite)
-    print(f"done: {out} (load it with memloc.export.load_exported)")
     return 0
 
 
@@ -604,6 +613,7 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+_QUIET_SILENT = "print nothing but errors (the exit code says it worked)"
 _FORCE_HELP = ("train even where the memory estimate (the model, its optimizer state and one batch) is more than "
                "the device has free")
 
@@ -618,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     presets = ["smoke", "default", "paper"]
 
     p = sub.add_parser("train", help="train a model with per-epoch checkpoints, records and gradient accounting")
-    p.add_argument("--preset", choices=presets, help="smoke: a small CNN on 1,000 digits, about 10 s on a CPU")
+    p.add_argument("--preset", choices=presets, help="smoke: a small CNN on 1,000 digits, about 10 s on a CPU (--task "
+                                                     "lm: a 2-block GPT on 1,200 sequences of any corpus, about 30 s)")
     _run_flags(p)
     p.add_argument("--out", help="run directory (default runs/<dataset>-<model>-<noise>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
@@ -629,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole study: train, probe, example-tied dropout, detection, report")
     p.add_argument("--preset", choices=presets,
-                   help="smoke: about 25 s on a CPU; default: the CPU default model (the paper's on a GPU)")
+                   help="smoke: about 25 s on a CPU (--task lm: about a minute, 1,200 sequences of any corpus); "
+                        "default: the CPU default model (the paper's on a GPU)")
     _run_flags(p, exclude=_STUDY_SETS)
     add_config_flags(p, StudyConfig, title="study", preset_set=_preset_set("study"))
     p.add_argument("--seed", type=int, help="the seed, as --seeds N")
@@ -659,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild the HTML report of a run or study from its files")
     p.add_argument("path", help="a run directory (or a study directory)")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_SILENT)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("datasets", help="list the datasets memloc reads")
@@ -673,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example-tied dropout runs: evaluate before (tied) and after (drop) removing the "
                         "memorization units; results in RUN/probes/dropout/")
     add_config_flags(p, DropoutConfig)
+    p.add_argument("--quiet", action="store_true", help="no log lines (the accuracies are printed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="write a run's model with its memorization units removed (a plain model)")
@@ -683,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     add_config_flags(p, DropoutConfig, exclude=("batch_size", "device"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_SILENT)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dropout-grid", help="example-tied dropout over (p_gen, p_mem) pairs, with matched baselines")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
-from .options import INT64_MAX, check_ranges, ints, option
+from .options import INT64_MAX, check_ranges, fitted, given_option, ints, option
 from .precision import channels_last
 from .readers import LAYOUTS
 
@@ -51,7 +51,8 @@ class DataConfig:
     split: str = option("train", "'test' divides the test split into train/test (see --holdout)",
                         choices=("train", "test"))
     holdout: float = option(0.2, "test fraction when one split is divided", above=0, below=1)
-    train_size: int | None = option(None, "a stratified subset of this many training examples", at_least=2)
+    train_size: int | None = option(None, "a stratified subset of this many training examples (a preset's: all of a "
+                                    "smaller data set)", at_least=2)
     noise: float | None = option(None, "fraction of training labels to corrupt (default 0.1, or 0 with --labels or "
                                  "--noise-mask)", at_least=0, below=1)
     noise_kind: str = option("uniform", "uniform over wrong classes, or y -> y+1 pairs", choices=NOISE_KINDS)
@@ -80,6 +81,7 @@ class DataConfig:
     # the training split's statistics of "standardize", per channel (dim 1): what a reopened run normalizes with
     norm_mean: tuple[float, ...] | None = option(None, cli=False)
     norm_std: tuple[float, ...] | None = option(None, cli=False, above=0)
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -414,6 +416,17 @@ def _pixel_range(lo: float, hi: float) -> bool:
     return lo >= 0 and hi <= 255
 
 
+def pixel_scale_warning(lo: float, hi: float, *, uint8: bool, what: str = "images") -> str | None:
+    """One line when examples read as pixels fit neither pixel scale: [0, 1] (floats) or [0, 255] with its brightest
+    value above 127 (a raw scale such as 0..16, or 0/1 masks stored as bytes: divided by 255 they are nearly black,
+    and a model learns little from them); None when they fit one."""
+    if lo >= -1e-3 and ((not uint8 and hi <= 1 + 1e-3) or 127 < hi <= 255):  # float rounding at the [0, 1] edges
+        return None
+    return (f"warning: {what} with values in [{lo:.3g}, {hi:.3g}] fit neither pixels in [0, 1] nor in [0, 255]: "
+            f"read as pixels they are at most {100 * max(hi, 0) / 255:.0f}% bright; pass --normalize standardize "
+            "(or scale them to [0, 255])")
+
+
 def _normalization(cfg: DataConfig, x_tr: np.ndarray, x_te: np.ndarray, notes: list[str]
                    ) -> tuple[Normalization, np.ndarray, np.ndarray]:
     """The normalization of `cfg` (inferred when not given) and the examples it reads: pixels stored as floats in
@@ -426,10 +439,11 @@ def _normalization(cfg: DataConfig, x_tr: np.ndarray, x_te: np.ndarray, notes: l
     if kind is None:
         images = x_tr.ndim == 4
         kind = "pixels" if images and (uint8 or _pixel_range(lo, hi)) else "standardize"
-        why = ("uint8 images" if uint8 else f"images with values in [{lo:.3g}, {hi:.3g}]") if kind == "pixels" else \
-            (f"{'images' if images else 'sequences' if x_tr.ndim == 3 else 'features'} with values in "
-             f"[{lo:.3g}, {hi:.3g}]")
-        notes.append(f"normalize: {kind} (inferred for {why}; --normalize pixels|standardize|none to choose)")
+        what = f"{'uint8 ' if uint8 else ''}{'images' if images else 'sequences' if x_tr.ndim == 3 else 'features'}"
+        notes.append(f"normalize: {kind} (inferred for {what} with values in [{lo:.3g}, {hi:.3g}]; --normalize "
+                     "pixels|standardize|none to choose)")
+        if kind == "pixels" and (line := pixel_scale_warning(lo, hi, uint8=uint8, what=what)):
+            notes.append(line)
     if kind == "pixels":
         if not uint8 and not _pixel_range(lo, hi):
             raise DataError(f"--normalize pixels takes uint8 or pixels in [0, 1] / [0, 255], but {cfg.dataset} has "
@@ -470,6 +484,9 @@ def load(cfg: DataConfig, *, device: torch.device | str = "cpu") -> Dataset:
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise DataError(f"{what} labels must lie in 0..{num_classes - 1} but range {arr.min()}..{arr.max()}: "
                             "fix the labels")
+    if cfg.train_size is not None and fitted(cfg, "train_size", len(y_tr), "training examples",
+                                             notes.append) < cfg.train_size:
+        cfg.train_size = None  # a preset's size larger than the data: all of it (one line), recorded so in the run
     if cfg.train_size is not None and cfg.train_size < len(y_tr):
         keep = _subset(y_tr, cfg.train_size, cfg.seed)
         x_tr, y_tr, src = x_tr[keep], y_tr[keep], src[keep]

@@ -30,7 +30,7 @@ from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, build_model, default_m
 from .options import INT64_MAX, check_ranges, floats, option
 from .runs import RunDir, default_out, exclusive, load_into
 from .tasks import task_of
-from .training import TrainConfig, Trainer, resolve_device
+from .training import TrainConfig, Trainer, fit_training, resolve_device
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -162,6 +162,9 @@ class RunConfig:
         d = asdict(self)
         if d["train"].get("elr") is None:  # without ELR, config.json is what earlier memloc wrote
             d["train"].pop("elr", None)
+        for sec in ("data", "train"):  # the flags the user set, where the command line recorded them
+            if "given" in d[sec] and d[sec]["given"] is None:
+                d[sec].pop("given")
         if self.task == "classification":  # as earlier memloc wrote it (a language model's tie means nothing here)
             d.pop("task")
             if d["model"].get("tie") == "document":
@@ -305,6 +308,7 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
     cfg.model = cfg.model.resolved(device, cfg.task)
     data = load_data(cfg, device)  # bad data or model fail here, before anything is written
     chosen = _choose_model(cfg, data, device)
+    cfg.train = fit_training(cfg.train, data, chosen.append)  # recorded in config.json as trained
     try:
         check_fits(cfg, data, device, force=force)
     except ConfigError:
@@ -352,6 +356,7 @@ def check_training(cfg: RunConfig) -> None:
     cfg = replace(cfg, data=replace(cfg.data), model=cfg.model.resolved(device, cfg.task))
     data = load_data(cfg, device)
     _choose_model(cfg, data, device)
+    cfg.train = fit_training(cfg.train, data, lambda line: None)  # a batch size the user set too large: refused
     check_fits(cfg, data, device)
 
 

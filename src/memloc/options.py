@@ -71,6 +71,9 @@ def replaced(cls: type, cfg: Any = None, options: dict | None = None) -> Any:
         raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: choose from {', '.join(sorted(known))}")
     if cfg is not None and not isinstance(cfg, cls):
         raise ConfigError(f"expected a {cls.__name__}, got {type(cfg).__name__}")
+    if "given" in known and options and "given" not in options:  # the arguments are what the caller set
+        before = () if cfg is None else (cfg.given if cfg.given is not None else given_fields(cfg))
+        options["given"] = tuple(sorted(set(before) | set(options)))
     try:
         if cfg is None:
             return cls(**options)
@@ -153,6 +156,8 @@ def range_problem(f: dataclasses.Field, value: Any, *, one: bool = False) -> str
     kind = numeric(f)
     if kind is None or (value is None and "None" in str(f.type) and not one):
         return None
+    if isinstance(value, str) and re.search(r"\bstr\b", str(f.type)):  # a word the field also takes ("all")
+        return None
     word, many = kind
     bounds = f.metadata.get("range", (None,) * 4)
     if one:
@@ -182,6 +187,51 @@ def check_ranges(cfg: Any) -> None:
         if problem:
             flag = flag_of(f) if f.metadata.get("cli", True) else spread_by.get(f.name)
             raise ConfigError(f"{f.name} ({flag}) {problem}" if flag else f"{f.name} {problem}")
+
+
+# ----------------------------------------------------------------------------- counts that fit the data
+
+def given_option() -> Any:
+    """The `given` field of a config whose counts fit the data (`fitted`): the names of the fields the user set, as
+    the command line and the API record them; None (a config built in Python) infers them (`given_fields`)."""
+    return option(None, cli=False, result=False)
+
+
+def given_fields(cfg: Any) -> frozenset[str]:
+    """The fields of config `cfg` the user set: its `given` field where the caller recorded them (the command line,
+    a study), else every field whose value differs from its default (a config built in Python: `FlipConfig(others=
+    300)` sets others, `FlipConfig()` nothing). A preset's values are defaults, not given."""
+    recorded = getattr(cfg, "given", None)
+    if recorded is not None:
+        return frozenset(recorded)
+    out = set()
+    for f in dataclasses.fields(cfg):
+        default = f.default if f.default is not _MISSING else (
+            f.default_factory() if f.default_factory is not _MISSING else _MISSING)
+        if default is _MISSING or getattr(cfg, f.name) != default:
+            out.add(f.name)
+    return frozenset(out - {"given"})
+
+
+def fitted(cfg: Any, name: str, available: int, what: str, log: Callable[[str], None] | None = None) -> int:
+    """Count field `name` of config `cfg` fitted to the `available` items of the data (`what`, e.g. "training
+    examples"): its value where it fits. Larger, a count the user set (`given_fields`) is refused in one line
+    (DataError) naming its flag and the fix; a default (the field's, or a preset's) shrinks to `available` with one
+    line to `log` (a Python warning without one)."""
+    from .errors import DataError, warn
+    value = getattr(cfg, name)
+    if value is None or value <= available:
+        return value
+    flag = flag_of(next(f for f in dataclasses.fields(cfg) if f.name == name))
+    if name in given_fields(cfg):
+        raise DataError(f"{flag} {value} is more than the {available:,} {what}: pass {flag} {available} or fewer")
+    line = f"{flag[2:]}: {available:,} (the default {value:,} is more than the {available:,} {what}; {flag} to choose)"
+    if log is not None:
+        log(line)
+    else:
+        warn(line)
+    return available
+
 
 
 # ----------------------------------------------------------------------------- parsing flag text

@@ -1703,8 +1703,8 @@ def _open_study(path: Path) -> tuple[RunDir, list[tuple[str, RunDir | None, RunD
 
 
 def _seed_table(cells) -> Table | None:
-    """Each claim over the seeds of each noise level: the overall verdict (`verdicts.over_seeds`), mean ± sd of its
-    value and how many seeds agree, then every seed's number and verdict."""
+    """Each claim over the seeds of each noise level: the overall verdict (`verdicts.over_seeds`), the mean of its
+    value with its 95% t interval over the seeds (n), how many seeds agree, then every seed's number and verdict."""
     if len(cells) < 2:
         return None
     per: dict[tuple[str, str], list] = {}
@@ -1726,7 +1726,8 @@ def _seed_table(cells) -> Table | None:
                      "over seeds": over.summary(), "verdict": verdict,
                      "per seed": " | ".join(t for t, _ in items)})
     return Table("summary_seeds", "Each claim over seeds (per noise level): holds when a majority of seeds hold and "
-                 "none fails; mean ± sd of its value; then every seed", rows) if rows else None
+                 "none fails; the mean of its value with its 95% t interval over the seeds (n seeds); then every "
+                 "seed", rows) if rows else None
 
 
 def _numbers_over_seeds(cells) -> list[dict]:

@@ -28,7 +28,7 @@ from .data import DataConfig
 from .errors import ConfigError, RunError
 from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
 from .experiment import preset as preset_sections
-from .options import check_ranges, floats, ints, option
+from .options import check_ranges, floats, given_fields, given_option, ints, option
 from .runs import (
     RunDir,
     _jsonable,
@@ -77,6 +77,7 @@ class StudyConfig:
     grid: bool = option(False, "add the example-tied dropout grid and baselines")
     probe_anyway: bool = option(False, "run the probes that need memorization even when the model did not memorize "
                                 "(noisy-train below 90% at the end of training)")
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -111,9 +112,14 @@ def study_config(preset: str = "default", *, base_overrides: dict | None = None,
     study = sections.pop("study", {})
     for sec, vals in (base_overrides or {}).items():
         sections.setdefault(sec, {}).update(vals)
-    base = RunConfig(data=DataConfig(**sections.get("data", {})), model=ModelConfig(**sections.get("model", {})),
-                     train=TrainConfig(**sections.get("train", {})))
-    study.update({k: v for k, v in overrides.items() if v is not None})
+    typed = {sec: tuple(sorted((base_overrides or {}).get(sec, {}))) for sec in ("data", "train")}
+    # what the user set, recorded: a preset's counts are defaults that fit the data (`options.fitted`)
+    base = RunConfig(data=DataConfig(**sections.get("data", {}), given=typed["data"]),
+                     model=ModelConfig(**sections.get("model", {})),
+                     train=TrainConfig(**sections.get("train", {}), given=typed["train"]))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    study.update(overrides)
+    study["given"] = tuple(sorted(overrides))
     known = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(study) - known)
     if unknown:
@@ -220,11 +226,12 @@ class _Cell:
                                    progress=progress, log=log)
         elif name == "retraining":
             rc = probes.RetrainConfig(epochs=cfg.retrain_epochs, batch_size=base_cfg.train.batch_size,
-                                      seed=base_cfg.train.seed)  # the peak at half the epochs
+                                      seed=base_cfg.train.seed, given=())  # the peak at half the epochs
             result = probes.retrain(self.loaded(self.base_dir), cfg=rc, progress=progress, log=log)
         elif name == "flipping":
             fc = probes.FlipConfig(examples=cfg.flip_examples, kinds=("clean", "noisy"), others=cfg.flip_others,
-                                   eval_subsample=cfg.flip_eval_subsample, seed=base_cfg.train.seed)
+                                   eval_subsample=cfg.flip_eval_subsample, seed=base_cfg.train.seed,
+                                   given=("examples",) if "flip_examples" in given_fields(cfg) else ())
             result = probes.flip(self.loaded(self.base_dir), cfg=fc, progress=progress, log=log)
         elif name == "dropout_eval":
             result = probes.evaluate_dropout(self.loaded(self.drop_dir), progress=progress, log=log)
@@ -507,9 +514,10 @@ def _lm_probe_config(stage: str, study: dict):
     if stage == "retraining":
         epochs = study.get("retrain_epochs", 4)
         return probes.RetrainConfig(epochs=epochs, peak_epoch=epochs / 2, lr=study.get("retrain_lr", 1e-3),
-                                    batch_size=32, optimizer="adamw", weight_decay=0.0)
+                                    batch_size=32, optimizer="adamw", weight_decay=0.0, given=())
     return probes.FlipConfig(examples=study.get("flip_examples", 40), others=study.get("flip_others", 128), copies=1,
-                             input_noise=0.0, kinds=("canary",), indices=study.get("flip_indices"))
+                             input_noise=0.0, kinds=("canary",), indices=study.get("flip_indices"),
+                             given=())  # the preset's counts and the memorized canaries found: none typed
 
 
 def _memorized_canaries(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,7 +53,7 @@ from .errors import ConfigError, RunError
 from .inference import indices_context
 from .models import Layer, check_input, select_layers
 from .models import layers as find_layers
-from .options import INT64_MAX, check_ranges, floats, option, replaced
+from .options import INT64_MAX, check_ranges, fitted, floats, given_option, option, replaced
 from .precision import LEGACY, PRECISIONS, arithmetic, autocast, choose, cudnn_autotune
 from .runs import RunDir, exclusive, load_state, save_state
 from .tasks import task_of
@@ -108,7 +108,8 @@ class TrainConfig:
 
     epochs: int = option(40, "training epochs", at_least=1)
     lr: float = option(0.1, "peak learning rate", above=0)
-    batch_size: int = option(512, "training batch size", at_least=1)
+    batch_size: int = option(512, "training batch size (the default: all the training examples where there are "
+                             "fewer)", at_least=1)
     optimizer: str = option("sgd", "sgd (momentum 0.9: the paper's) or adamw (betas 0.9, 0.95: language models)",
                             choices=OPTIMIZERS)
     momentum: float = option(0.9, cli=False, at_least=0, below=1)
@@ -133,6 +134,7 @@ class TrainConfig:
     eval_batch_size: int = option(1024, cli=False, result=False, at_least=1)
     device: str = option("auto", "auto (cuda when present), cpu or cuda", result=False)
     compile: bool = option(False, "torch.compile the model (GPU)", result=False)
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -536,6 +538,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
     """
     cfg = replaced(TrainConfig, cfg, options)
     prepare(model, data)
+    cfg = fit_training(cfg, data, log)
     if run is None:
         return Trainer(model, data, cfg, progress=progress, log=log).fit()
     with exclusive(run.path if isinstance(run, RunDir) else run):  # one writer per run for the whole training
@@ -550,6 +553,14 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
                                            "source": "python api"})
         with run.working("train"):
             return Trainer(model, data, cfg, run=run, progress=progress, log=log).fit()
+
+
+def fit_training(cfg: TrainConfig, data: Any, log: Callable[[str], None] | None = None) -> TrainConfig:
+    """`cfg` with its batch size fitted to the data's training examples (`options.fitted`: a default batch larger
+    than the data shrinks to it with one line to `log`, one the user set is refused in one line)."""
+    n = task_of(data).num_train
+    size = fitted(cfg, "batch_size", n, "training examples", log)
+    return cfg if size == cfg.batch_size else replace(cfg, batch_size=size)
 
 
 def prepare(model: nn.Module, data: Any, *, layers: Sequence[str] | None = None) -> list[Layer]:

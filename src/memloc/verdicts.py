@@ -268,9 +268,13 @@ def rule(ok: bool | None, *, measure: str, threshold: str, value: float | None =
 
 # ----------------------------------------------------------------------------- several seeds
 
+SEED_LEVEL = 0.95  # the confidence of the t interval of a claim's value over seeds
+
+
 @dataclass(frozen=True)
 class OverSeeds:
-    """One claim over seeds: the overall verdict, how many seeds agree with it, and the value's mean ± sd."""
+    """One claim over seeds: the overall verdict, how many seeds agree with it, and its value over the seeds: mean,
+    sd and the 95% t interval of the mean (n = `values`)."""
 
     verdict: str
     agree: int
@@ -279,12 +283,18 @@ class OverSeeds:
     sd: float | None
     counts: dict
     values: int = 0  # seeds with a value
+    interval: tuple[float, float] | None = None  # (lo, hi): the mean's t interval, None for fewer than 2 values
 
     def summary(self) -> str:
-        """E.g. "0.83 ± 0.04 over 3 seeds; 3 of 3 seeds agree (3 holds)"."""
-        val = ("no value" if self.mean is None else
-               f"{self.mean:.3g} ± {self.sd:.2g} over {self.values} seeds" if self.sd is not None else
-               f"{self.mean:.3g} (one value)")
+        """E.g. "mean 0.85, 95% t interval [0.73, 0.97] (n = 3 seeds, sd 0.05); 3 of 3 seeds agree (holds 3)"."""
+        if self.mean is None:
+            val = "no value"
+        elif self.interval is None:
+            val = f"{self.mean:.3g} (one value)"
+        else:
+            lo, hi = self.interval
+            val = (f"mean {self.mean:.3g}, {SEED_LEVEL:.0%} t interval [{lo:.3g}, {hi:.3g}] (n = {self.values} "
+                   f"seeds, sd {self.sd:.2g})")
         tally = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
         return f"{val}; {self.agree} of {self.seeds} seeds agree ({tally})"
 
@@ -303,9 +313,11 @@ def over_seeds(per_seed: list[Verdict]) -> OverSeeds:
       measured), so neither can be said.
 
     `agree` counts the seeds whose own verdict equals the overall one (a "not enough data" seed agrees only
-    with an overall "not enough data"); the value's mean ± sd (sample sd, ddof 1) is over the seeds that have
-    one (sd None for a single value).
+    with an overall "not enough data"); the value's mean, sd (sample sd, ddof 1) and the 95% t interval of the
+    mean (Student's t with n - 1 degrees of freedom, `scipy.stats.t`) are over the n seeds that have one (sd and
+    interval None for a single value).
     """
+    from scipy.stats import t as student
     k = len(per_seed)
     kinds = [_kind(v.verdict) for v in per_seed]
     holds, fails = kinds.count(HOLDS), kinds.count(FAILS)
@@ -319,8 +331,12 @@ def over_seeds(per_seed: list[Verdict]) -> OverSeeds:
     vals = [v.value for v in per_seed if v.value is not None and np.isfinite(v.value)]
     mean = float(np.mean(vals)) if vals else None
     sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    interval = None
+    if sd is not None:
+        half = float(student.ppf(0.5 + SEED_LEVEL / 2, len(vals) - 1)) * sd / np.sqrt(len(vals))
+        interval = (mean - half, mean + half)
     return OverSeeds(verdict, agree, k, mean, sd, {HOLDS: holds, FAILS: fails, NOT_ENOUGH: k - holds - fails},
-                     len(vals))
+                     len(vals), interval)
 
 
 def all_of(parts: dict[str, Verdict], *, measure: str | None = None) -> Verdict:

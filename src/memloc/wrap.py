@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .data import Dataset, Normalization, standardize_stats
-from .errors import DataError
+from .errors import DataError, warn
 
 ArrayLike = Any  # torch.Tensor or numpy array
 
@@ -48,14 +48,21 @@ def _examples(x: ArrayLike, what: str) -> torch.Tensor:
 
 
 def _normalization(normalize: str | None, x_tr: torch.Tensor, x_te: torch.Tensor) -> Normalization:
-    """`normalize` (inferred when None: pixels for uint8 or [0, 1] float images, else standardize) over x_train."""
-    from .data import NORMALIZATIONS, PIXELS
+    """`normalize` (inferred when None: pixels for uint8 or [0, 1] float images, else standardize) over x_train.
+    Images inferred as pixels whose range fits neither pixel scale (8-bit values 0..16) warn in one line."""
+    from .data import NORMALIZATIONS, PIXELS, pixel_scale_warning
     if normalize is not None and normalize not in NORMALIZATIONS:
         raise DataError(f"unknown normalize {normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     both = [t for t in (x_tr, x_te) if t.numel()]
     pixels = all(t.dtype == torch.uint8 or (float(t.min()) >= -1e-3 and float(t.max()) <= 1 + 1e-3) for t in both)
     if normalize is None:
         normalize = "pixels" if x_tr.dim() == 4 and pixels else "standardize"
+        uint8 = all(t.dtype == torch.uint8 for t in both)
+        line = pixel_scale_warning(min(float(t.min()) for t in both), max(float(t.max()) for t in both),
+                                   uint8=uint8, what="uint8 images" if uint8 else "images") \
+            if normalize == "pixels" and both else None
+        if line:
+            warn(line.removeprefix("warning: ").replace("--normalize standardize", "normalize='standardize'"))
     if normalize == "pixels":
         if not pixels:
             raise DataError("normalize='pixels' takes uint8 images or floats in [0, 1]: scale the data, or pass "

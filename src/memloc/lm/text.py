@@ -40,7 +40,7 @@ import torch
 
 from ..data import Examples
 from ..errors import ConfigError, DataError
-from ..options import INT64_MAX, check_ranges, ints, names, option
+from ..options import INT64_MAX, check_ranges, fitted, given_fields, given_option, ints, names, option
 from .sources import bible_verses
 from .tokenizers import ByteTokenizer
 
@@ -59,6 +59,16 @@ def decode_targets(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return tokens, trained, scored
 
 
+def _count_or_all(text: str) -> int | str:
+    """--sequences: "all" or an integer."""
+    if text.strip() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"takes an integer of at least 2 or all, not {text!r}") from None
+
+
 @dataclass
 class TextConfig:
     """Which text, how it is cut and tokenized, and which canaries are written into it. Validated on construction."""
@@ -69,8 +79,9 @@ class TextConfig:
                             "in the run) or hf:FOLDER (a local Hugging Face tokenizer)")
     vocab_size: int = option(512, "BPE vocabulary size (--tokenizer bpe)", at_least=64, at_most=1_000_000)
     block_size: int = option(128, "tokens per training sequence", at_least=8)
-    sequences: int | None = option(None, "use this many training sequences (a seeded subset; default: all)",
-                                   at_least=2)
+    sequences: int | str | None = option(None, "use this many training sequences, a seeded subset (default: all; "
+                                         "the smoke and default presets' size, 1,200 and 2,000, on any corpus); all "
+                                         "for every one", parse=_count_or_all, metavar="N|all", at_least=2)
     holdout: float = option(0.1, "held-out fraction of the sequences", above=0, below=1)
     window: bool = option(False, "cut your .txt into windows of --block-size tokens instead of one sequence per line")
     canaries: int = option(2, "canaries of each format per repeat count (the same number again held out)",
@@ -91,9 +102,15 @@ class TextConfig:
     audit: bool = option(False, cli=False)
     audit_heldout: str | None = option(None, cli=False)  # more held-out text (non-members) for perplexity
     truncate: bool = option(True, cli=False)  # a sequence longer than the context keeps its last tokens
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if isinstance(self.sequences, str):
+            if self.sequences != "all":
+                raise ConfigError(f"sequences (--sequences) takes an integer of at least 2 or all, not "
+                                  f"{self.sequences!r}")
+            self.sequences = None  # every training sequence
         self.repeats = tuple(int(r) for r in self.repeats)
         self.canary_formats = tuple(self.canary_formats)
         if not self.repeats:
@@ -308,10 +325,15 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
         raise DataError(f"the tokenizer gives id {int(windows.max())}, outside its vocabulary of {tok.vocab_size}")
     perm = rng.permutation(w)
     n_test = max(1, int(round(cfg.holdout * w)))
+    notes: list[str] = []  # what was decided for the user, said once per run (`run_training`)
+    if cfg.sequences is not None:
+        # a preset's size is a default: every sequence of a smaller corpus (one line); a size the user set is refused
+        if fitted(cfg, "sequences", w - n_test, f"training sequences of {cfg.name}", notes.append) < cfg.sequences:
+            cfg.sequences = None  # recorded so in the run's config
+        elif cfg.sequences < w - n_test and "sequences" not in given_fields(cfg):
+            notes.append(f"sequences: a seeded subset of {cfg.sequences:,} of the {w - n_test:,} training sequences "
+                         f"of {cfg.name} (the preset's size; --sequences all for every one)")
     if cfg.sequences is not None:  # a subset: the held-out side in the same proportion to it
-        if cfg.sequences > w - n_test:
-            raise DataError(f"--sequences {cfg.sequences} is more than the {w - n_test} training sequences of "
-                            f"{cfg.corpus}: pass at most {w - n_test}")
         n_test = min(n_test, max(1, int(round(cfg.sequences * cfg.holdout / (1 - cfg.holdout)))))
         train_ids = perm[n_test: n_test + cfg.sequences]
     else:
@@ -380,12 +402,14 @@ def load_text(cfg: TextConfig, *, device: torch.device | str = "cpu", tokenizer_
     x_tr, y_tr = _encode(tr, tr_len, scored_tr)
     x_te, y_te = _encode(te, te_len, scored_te)
     dev = torch.device(device)
-    return TextData(name=cfg.name, x_train=x_tr.to(dev), y_train=y_tr.to(dev),
+    data = TextData(name=cfg.name, x_train=x_tr.to(dev), y_train=y_tr.to(dev),
                     canary=torch.from_numpy(canary_tr).to(dev),
                     x_test=x_te.to(dev), y_test=y_te.to(dev), canary_test=torch.from_numpy(canary_te).to(dev),
                     canaries=canaries, vocab_size=tok.vocab_size, tokenizer=tok, source_index=train_ids,
                     test_source_index=test_ids, canary_span=torch.from_numpy(span_tr).to(dev),
                     canary_span_test=torch.from_numpy(span_te).to(dev))
+    data.notes = notes
+    return data
 
 
 def _audit_text(cfg: TextConfig, tok, dev: torch.device) -> TextData:

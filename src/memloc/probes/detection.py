@@ -402,9 +402,9 @@ def _records(ctx: Context, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] 
 
 
 def _flip_config(cfg: DetectConfig, n: int) -> FlipConfig:
-    # the paper's 512 others, or the whole training set when it is smaller
-    return FlipConfig(indices=tuple(range(n)), kinds=(), others=min(512, n), eval_subsample=cfg.flip_eval_subsample,
-                      device=cfg.device)
+    # the paper's 512 others, or the whole training set when it is smaller; detection's own counts (none typed)
+    return FlipConfig(indices=tuple(range(n)), kinds=(), others=min(512, n),
+                      eval_subsample=min(cfg.flip_eval_subsample, n), device=cfg.device, given=())
 
 
 def _check_inputs(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> None:
@@ -427,7 +427,7 @@ def _check_inputs(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) 
     if (cfg.flip_all or cfg.cv) and ctx.loaded is None:
         raise ConfigError("--flip-all and --cv work on a run directory: pass the run made by `memloc train`")
     if cfg.flip_all:
-        _plan(model, data, _flip_config(cfg, task.num_train))  # bad settings fail before the cross-validation
+        _plan(model, data, _flip_config(cfg, task.num_train), note=lambda line: None)  # fails before the CV
 
 
 def _compute(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> ProbeResult:

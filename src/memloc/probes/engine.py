@@ -147,6 +147,9 @@ class Context:
     sources: dict = field(default_factory=dict)  # what an API caller passed instead of a run (states, init_state, ...)
     progress: bool = False
     log: Callable[[str], None] = lambda s: None
+    # what was decided for the caller (a default count shrunk to the data): the caller's log, or None for a Python
+    # warning where the caller gave no log (`options.fitted`)
+    note: Callable[[str], None] | None = None
     partial: Partial = field(default_factory=Partial)
     epoch: int | None = None  # the saved epoch of the model (on a run)
     overwrite: bool = False  # the caller's --overwrite, for a probe that runs another one
@@ -199,7 +202,7 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
     `check_only`: open and check everything, compute nothing (returns None).
     """
     cfg = replaced(probe.config, cfg, options)
-    log = log or (lambda s: None)
+    note, log = log, log or (lambda s: None)
     if shard is not None and not probe.shards:
         raise ConfigError(f"the {probe.name} probe does not split its work into shards: drop --shard")
     if shard is not None and probe.split_when is not None and not probe.split_when(cfg):
@@ -214,7 +217,7 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
         layers = getattr(cfg, probe.layers_option) if probe.layers_option else None
         prepare(target, data, layers=layers)
         ctx = Context(sources={k: v for k, v in (sources or {}).items() if v is not None}, progress=progress, log=log,
-                      overwrite=overwrite)
+                      note=note, overwrite=overwrite)
         if probe.check:
             probe.check(target, data, cfg, ctx)
         # the caller's arithmetic where one is in force, else "auto" for this model (its layout is left alone)
@@ -232,7 +235,7 @@ def run_probe(probe: Probe, target: Any, data: Any = None, cfg: Any = None, *, s
     model = loaded.model(epoch)
     arith = loaded.arithmetic(model)  # the arithmetic the run trained in (the model is in its layout already)
     ctx = Context(run=run, loaded=loaded, sources={k: v for k, v in (sources or {}).items() if v is not None},
-                  progress=progress, log=log, epoch=epoch, overwrite=overwrite)
+                  progress=progress, log=log, note=note, epoch=epoch, overwrite=overwrite)
     if probe.check:
         probe.check(model, loaded.data, cfg, ctx)  # every bad input fails here, before anything is written
     if check_only:

@@ -76,7 +76,7 @@ from ..cutting import fold_norms, split_after
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, select_layers
 from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, names, option
+from ..options import INT64_MAX, check_ranges, fitted, given_option, names, option
 from ..options import settings as option_settings
 from ..precision import bf16, cudnn_autotune, current, native_bf16
 from ..readers import check_indices, indices_of, read_indices
@@ -94,14 +94,16 @@ PROBE_NAME = "flipping"
 class FlipConfig:
     """Settings of the greedy unit removal. Defaults are the paper's (5 copies, 1% noise, 512 others)."""
 
-    examples: int = option(100, "examples per kind, a seeded choice", at_least=1)
+    examples: int = option(100, "examples per kind, a seeded choice (the default: fewer where a kind has fewer)",
+                           at_least=1)
     kinds: tuple[str, ...] | None = option(None, "comma-separated kinds: clean, noisy, rare (language models: "
                                            "corpus, canary); default: the task's reference and memorized kinds "
                                            "(clean,noisy)", flag="--kind", parse=names)
     indices: tuple[int, ...] | None = option(None, "flip these training examples instead (.npy or text, one index a "
                                              "line)", parse=read_indices, metavar="FILE", at_least=0,
                                              at_most=INT64_MAX)
-    others: int = option(512, "other training examples whose loss is kept low", at_least=1)
+    others: int = option(512, "other training examples whose loss is kept low (the default: all where there are "
+                         "fewer)", at_least=1)
     copies: int = option(5, "noisy copies of the example averaged", at_least=1)
     input_noise: float = option(0.01, "noise norm as a fraction of the input norm", at_least=0, below=10)
     budget: float = option(0.1, "removal cap as a fraction of all units", above=0, at_most=1)
@@ -109,8 +111,8 @@ class FlipConfig:
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all but the "
                                             "classifier)", parse=names)
     include_classifier: bool = option(False, "let the final classifier's units be removed too")
-    eval_subsample: int | None = option(None, "accuracy after removal on K seeded train and test examples",
-                                        metavar="K", at_least=1)
+    eval_subsample: int | None = option(None, "accuracy after removal on K seeded training examples and as many test "
+                                        "examples (all of a smaller test split)", metavar="K", at_least=1)
     eval_test: bool = option(True, "after removal, training-set accuracy only", negate="--no-test-eval")
     seed: int = option(0, "seed of the examples, the others and the input noise", at_least=0, at_most=INT64_MAX)
     sequential: bool = option(False, "the paper's loop: one example, one removal at a time", result=False)
@@ -125,6 +127,7 @@ class FlipConfig:
     eval_rows: int | None = option(None, cli=False, result=False, at_least=1)
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -173,8 +176,11 @@ class FlipRecord:
 
 # ----------------------------------------------------------------------------- example choice
 
-def select_examples(data, kinds: Sequence[str], n: int, *, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """`n` distinct training examples of each kind, a seeded choice; returns (indices (E,), kinds)."""
+def select_examples(data, kinds: Sequence[str], n: int, *, seed: int = 0, fit: Callable[[int, str], int] | None = None
+                    ) -> tuple[np.ndarray, list[str]]:
+    """`n` distinct training examples of each kind, a seeded choice; returns (indices (E,), kinds). `fit(available,
+    kind)` gives the count for a kind with fewer than `n` (a default shrinks, `options.fitted`); without it, fewer
+    is refused in one line."""
     task = task_of(data)
     masks = {k: task.kind_mask(k) for k in kinds}
     unknown = [k for k, m in masks.items() if m is None]
@@ -190,13 +196,16 @@ def select_examples(data, kinds: Sequence[str], n: int, *, seed: int = 0) -> tup
         if len(pool) == 0:
             hint = " (pass --rare-scores when training)" if k == "rare" else ""
             raise DataError(f"the run has no {k} training examples{hint}: choose other --kind")
+        m = n
         if len(pool) < n:
-            raise DataError(f"--examples {n} is more than the {len(pool)} {k} training examples available: "
-                            f"pass --examples {len(pool)} or fewer")
-        pick = np.sort(rng.choice(pool, size=n, replace=False))
+            if fit is None:
+                raise DataError(f"--examples {n} is more than the {len(pool)} {k} training examples available: "
+                                f"pass --examples {len(pool)} or fewer")
+            m = fit(len(pool), k)
+        pick = np.sort(rng.choice(pool, size=m, replace=False))
         taken[pick] = True
         out.append(pick)
-        out_kinds += [k] * n
+        out_kinds += [k] * m
     return np.concatenate(out).astype(np.int64), out_kinds
 
 
@@ -533,8 +542,10 @@ def candidate_layers(model: nn.Module, cfg: FlipConfig) -> list[Layer]:
     return all_layers if cfg.include_classifier or len(all_layers) == 1 else all_layers[:-1]
 
 
-def _plan(model: nn.Module, data, cfg: FlipConfig):
-    """Everything decided before any compute: candidates, examples, others, evaluation points, budget."""
+def _plan(model: nn.Module, data, cfg: FlipConfig, note: Callable[[str], None] | None = None):
+    """Everything decided before any compute: candidates, examples, others, evaluation points, budget. A default
+    count larger than the data shrinks to it with one line to `note` (a Python warning without one); a count the
+    user set is refused (`options.fitted`)."""
     task = task_of(data)
     data = task.data
     candidates = candidate_layers(model, cfg)
@@ -551,19 +562,19 @@ def _plan(model: nn.Module, data, cfg: FlipConfig):
             if k not in task.kinds:
                 raise ConfigError(f"unknown kind {k!r}: choose from {', '.join(task.kinds)}, e.g. --kind "
                                   f"{task.reference_kind},{task.memorized_kind}")
-        idx, kinds = select_examples(task, chosen, cfg.examples, seed=cfg.seed)
+        idx, kinds = select_examples(task, chosen, cfg.examples, seed=cfg.seed, fit=lambda available, kind: fitted(
+            cfg, "examples", available, f"{kind} training examples available", note))
     n = task.num_train
-    if n < cfg.others:
-        raise DataError(f"--others {cfg.others} is more than the {n} training examples: pass --others {n} or fewer")
     # drawn from all training examples, independently of the chosen ones, so that any two selections
     # (and the batched and sequential modes on a sample) share the same others
     rng = np.random.default_rng([cfg.seed, 1])
-    others = np.sort(rng.choice(n, size=cfg.others, replace=False))
+    others = np.sort(rng.choice(n, size=fitted(cfg, "others", n, "training examples", note), replace=False))
     if cfg.eval_subsample is not None:
         rng = np.random.default_rng([cfg.seed, 2])
-        ev_tr = np.sort(rng.choice(n, size=min(n, cfg.eval_subsample), replace=False))
+        k = fitted(cfg, "eval_subsample", n, "training examples", note)
+        ev_tr = np.sort(rng.choice(n, size=k, replace=False))
         nte = len(data.y_test)
-        ev_te = np.sort(rng.choice(nte, size=min(nte, cfg.eval_subsample), replace=False))
+        ev_te = np.sort(rng.choice(nte, size=min(nte, k), replace=False))
     else:
         ev_tr, ev_te = np.arange(n), np.arange(len(data.y_test))
     if not cfg.eval_test:
@@ -575,7 +586,7 @@ def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
                done: Sequence[FlipRecord] = (), done_seconds: float = 0.0,
                on_chunk: Callable[[list[FlipRecord], float], None] | None = None,
                progress: bool = False, log: Callable[[str], None] | None = None,
-               mine: Callable[[list], list] = list) -> ProbeResult | None:
+               note: Callable[[str], None] | None = None, mine: Callable[[list], list] = list) -> ProbeResult | None:
     """Greedy unit removal for the chosen training examples of `model` (eval mode) on `data`.
 
     `done` are records of an earlier, interrupted call with the same config
@@ -585,11 +596,12 @@ def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
     search. `mine` picks this call's share of the (example, kind) list (a shard,
     `Partial.mine`): when the others' examples are not among the records, the
     call only adds its own to them (`on_chunk`) and returns None. The model is
-    unchanged afterwards.
+    unchanged afterwards. A default count larger than the data shrinks to it with one line to `note` (else `log`;
+    a Python warning without either).
     """
     cfg = cfg or FlipConfig()
     task = task_of(data)
-    candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, task, cfg)
+    candidates, budget, idx, kinds, others, ev_tr, ev_te = _plan(model, task, cfg, note=note or log)
     fl = _Flipper(model, task, cfg, candidates, others, ev_tr, ev_te, budget)
     records = {r.index: r for r in done}
     with fl.masks.installed(), cudnn_autotune(False):
@@ -599,7 +611,7 @@ def flip_units(model: nn.Module, data, cfg: FlipConfig | None = None, *,
     if log:
         log(f"flipping {len(share)} examples{'' if len(share) == len(idx) else f' of {len(idx)} (a shard)'} "
             f"({len(share) - len(todo)} already done), {fl.masks.total} units in "
-            f"{len(candidates)} layers, cap {budget} units, {cfg.others} others, "
+            f"{len(candidates)} layers, cap {budget} units, {len(others)} others, "
             f"{'sequential' if cfg.sequential else f'batches of {cfg.batch_examples}'}")
     bar = None
     if progress and todo:
@@ -722,7 +734,7 @@ def _from_json(d: dict) -> FlipRecord:
 
 
 def _check(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> None:
-    _plan(model, data, cfg)  # every bad input fails here, before anything is written
+    _plan(model, data, cfg, note=lambda line: None)  # every bad input fails here, before anything is written
 
 
 def _compute(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> ProbeResult:
@@ -734,7 +746,7 @@ def _compute(model: nn.Module, data, cfg: FlipConfig, ctx: Context) -> ProbeResu
         ctx.partial.save(state={"records": [_to_json(r) for r in records], "seconds": round(elapsed, 3)})
 
     result = flip_units(model, data, cfg, done=done, done_seconds=float(state.get("seconds") or 0.0), on_chunk=save,
-                        progress=ctx.progress, log=ctx.log, mine=ctx.partial.mine)
+                        progress=ctx.progress, log=ctx.log, note=ctx.note, mine=ctx.partial.mine)
     if result is None:  # a shard: its records are saved (`on_chunk`)
         return None
     save(_records_of(result), result.summary["elapsed_s"] or 0.0)

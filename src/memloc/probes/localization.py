@@ -93,7 +93,7 @@ from ..data import batches
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, select_layers
 from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, names, option
+from ..options import INT64_MAX, check_ranges, fitted, given_option, names, option
 from ..options import settings as option_settings
 from ..readers import check_indices, indices_of, read_indices
 from ..tasks import Task, task_of
@@ -135,7 +135,8 @@ class LocalizeConfig:
     indices: tuple[int, ...] | None = option(None, "localize these training sequences instead (.npy or text, one "
                                              "index a line)", parse=read_indices, metavar="FILE", at_least=0,
                                              at_most=INT64_MAX)
-    others: int = option(64, "other (reference-kind) training sequences whose loss is kept", at_least=1)
+    others: int = option(64, "other (reference-kind) training sequences whose loss is kept (the default: all where "
+                         "there are fewer)", at_least=1)
     steps: int | None = option(None, "optimization steps of the learned methods (default: slimming and "
                                "hard-concrete 1000, balanced-subnet 200)", at_least=1)
     lr: float | None = option(None, "learning rate of the learned methods (default: slimming and hard-concrete "
@@ -150,6 +151,7 @@ class LocalizeConfig:
                                     result=False, at_least=1)
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -235,8 +237,10 @@ def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256) -> np.
     return idx
 
 
-def _plan(model: nn.Module, data, cfg: LocalizeConfig) -> tuple[list[Layer], int | list[int], np.ndarray, np.ndarray]:
-    """Everything decided before any compute: candidate layers, k, the localized sequences and the others."""
+def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], None] | None = None
+          ) -> tuple[list[Layer], int | list[int], np.ndarray, np.ndarray]:
+    """Everything decided before any compute: candidate layers, k, the localized sequences and the others (a default
+    count of them larger than the data shrinks with one line to `note`, `options.fitted`)."""
     task = task_of(data)
     candidates = candidate_layers(model, cfg)
     k = units_to_zero(candidates, cfg)
@@ -254,8 +258,9 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig) -> tuple[list[Layer], int
     if not len(pool) and cfg.method == "balanced-subnet":
         raise DataError(f"balanced-subnet keeps the loss of other training sequences, and the run has no "
                         f"{task.reference_kind} sequences besides the localized ones: choose another --method")
-    others = np.sort(np.random.default_rng([cfg.seed, 1]).choice(pool, size=min(cfg.others, len(pool)),
-                                                                  replace=False)) if len(pool) else pool
+    others = np.sort(np.random.default_rng([cfg.seed, 1]).choice(pool, size=fitted(
+        cfg, "others", len(pool), f"{task.reference_kind} training sequences", note), replace=False)) if len(pool) \
+        else pool
     return candidates, k, seqs.astype(np.int64), others.astype(np.int64)
 
 
@@ -653,16 +658,19 @@ def fold_edit(model: nn.Module, layers: Sequence[Layer], mask) -> nn.Module:
 # ----------------------------------------------------------------------------- the probe
 
 def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *, progress: bool = False,
-                   log: Callable[[str], None] | None = None, resume: dict | None = None) -> ProbeResult | None:
+                   log: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None,
+                   resume: dict | None = None) -> ProbeResult | None:
     """Score every candidate unit of `model` for its memorized sequences with `cfg.method`, propose the top-k edit
     and measure extraction before and with it. The model is unchanged afterwards, even when this raises.
 
     `resume` (greedy only): `flip_units`'s done / done_seconds / on_chunk / mine, to continue an interrupted search
-    or do one shard of it (then None is returned: the shard's records are kept by `on_chunk`)."""
+    or do one shard of it (then None is returned: the shard's records are kept by `on_chunk`). A default count
+    larger than the data shrinks with one line to `note` (else `log`; a Python warning without either)."""
     cfg = cfg or LocalizeConfig()
+    note = note or log
     log = log or (lambda s: None)
     task = task_of(data)
-    candidates, k, seqs, others = _plan(model, task, cfg)
+    candidates, k, seqs, others = _plan(model, task, cfg, note)
     loc = _Localizer(model, task, cfg, candidates, seqs, others, k, log)
     log(f"localize: {cfg.method} on {len(seqs)} sequences, {loc.U} units in {len(candidates)} layers, "
         f"{len(others)} others")
@@ -815,7 +823,7 @@ def _result(cfg, task, loc: _Localizer, candidates, k, scores, top, mask, before
 
 
 def _check(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> None:
-    _plan(model, data, cfg)  # every bad input fails here, before anything is written
+    _plan(model, data, cfg, note=lambda line: None)  # every bad input fails here, before anything is written
 
 
 def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> ProbeResult | None:
@@ -827,7 +835,7 @@ def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> Probe
             ctx.partial.save(state={"records": [_to_json(r) for r in records], "seconds": round(elapsed, 3)})
         resume = {"done": [_from_json(r) for r in state.get("records", [])],
                   "done_seconds": float(state.get("seconds") or 0.0), "on_chunk": save, "mine": ctx.partial.mine}
-    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log, resume=resume)
+    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log, note=ctx.note, resume=resume)
     if result is None:  # a shard of greedy removal: its records are saved
         return None
     if ctx.epoch is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -37,7 +37,7 @@ from ..errors import ConfigError, DataError, RunError
 from ..experiment import make_model
 from ..models import NORM_TYPES, Layer, select_layers
 from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, names, option
+from ..options import INT64_MAX, check_ranges, fitted, given_option, names, option
 from ..precision import autocast
 from ..runs import RunDir
 from ..tasks import Task, task_of
@@ -66,7 +66,8 @@ class RetrainConfig:
     lr: float = option(0.1, "peak learning rate of the one-cycle schedule", above=0)
     peak_epoch: float | None = option(None, "epoch of the peak learning rate (default: half the epochs, the "
                                       "paper's 10 of 20)", at_least=0)
-    batch_size: int = option(512, "training batch size", at_least=1)
+    batch_size: int = option(512, "training batch size (the default: all the clean examples where there are fewer)",
+                             at_least=1)
     momentum: float = option(0.9, cli=False, at_least=0, below=1)
     weight_decay: float = option(5e-4, cli=False, at_least=0)
     optimizer: str = option("sgd", "sgd (momentum: the paper's) or adamw (betas 0.9, 0.95: language models)",
@@ -88,6 +89,7 @@ class RetrainConfig:
     layers: tuple[str, ...] | None = option(None, "comma-separated layer names or indices (default: all)",
                                             parse=names)
     device: str = option("auto", "auto, cpu or cuda", result=False)
+    given: tuple[str, ...] | None = given_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -155,15 +157,16 @@ def reinitialize(model: nn.Module, layer: Layer, seed: int) -> None:
 
 def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Tensor],
                   cfg: RetrainConfig | None = None, *, layers: Sequence[str] | None = None, progress: bool = False,
-                  partial: Partial | None = None, on_step: Callable[[torch.Tensor], None] | None = None
-                  ) -> ProbeResult | None:
+                  partial: Partial | None = None, on_step: Callable[[torch.Tensor], None] | None = None,
+                  note: Callable[[str], None] | None = None) -> ProbeResult | None:
     """Retrain each layer of the (final) `model` from `init_state` (epoch 0) on the clean examples only.
 
     Each layer is reset, trained and put back (`swapped_state`), so the model is
     unchanged afterwards, even on error. `on_step(idx)` is called with the
     dataset positions (B,) of every training batch (for logging and tests).
     `partial` keeps the finished layers, so that an interrupted call resumes
-    with the others.
+    with the others. A default batch size larger than the clean examples shrinks to them with one line to `note`
+    (a Python warning without one; `options.fitted`).
     """
     cfg = cfg or RetrainConfig()
     task = task_of(data)
@@ -175,6 +178,7 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
     clean = torch.nonzero(reference.cpu()).flatten()  # dataset positions of the reference (clean) examples
     if len(clean) == 0:
         raise DataError(f"retraining needs {ref} training examples and every example of this run is {mem}")
+    cfg = replace(cfg, batch_size=fitted(cfg, "batch_size", len(clean), f"{ref} training examples", note))
     all_layers = find_layers(model)
     picked = select_layers(all_layers, list(layers) if layers else None)
     device = next(model.parameters()).device
@@ -319,13 +323,16 @@ def _check(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> Non
                         "to memloc.wrap_data)")
     if cfg.layers:
         select_layers(find_layers(model), list(cfg.layers))  # unknown names fail before any compute
+    clean = int(task.kind_mask(task.reference_kind).sum())
+    fitted(cfg, "batch_size", max(1, clean), f"{task.reference_kind} training examples", lambda line: None)
     if ctx.run is None:
         _init_state(model, data, ctx)
 
 
 def _compute(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> ProbeResult | None:
     init, source = _init_state(model, data, ctx)
-    result = retrain_model(model, data, init, cfg, layers=cfg.layers, progress=ctx.progress, partial=ctx.partial)
+    result = retrain_model(model, data, init, cfg, layers=cfg.layers, progress=ctx.progress, partial=ctx.partial,
+                           note=ctx.note)
     if result is None:  # a shard: its layers are kept in ctx.partial
         return None
     result.summary["init"] = source

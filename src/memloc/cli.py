@@ -548,7 +548,7 @@ def _grid_done(folder, rows: list[dict]) -> int:
 
 
 def cmd_bench_localize(args) -> int:
-    from .bench_localize import BenchConfig, bench_localize
+    from .localize_benchmarks import BenchConfig, bench_localize
     options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed",
                                              "run", "examples", "ratios") if getattr(args, k) is not None}
     cfg = BenchConfig(**options)

@@ -88,7 +88,7 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclud
         default = defaults.get(f.name)
         if meta.get("spread"):  # one flag for several fields: their defaults together
             default = tuple(defaults.get(n) for n in meta["spread"]) if default is not None else None
-        help_ = meta.get("help", "")
+        help_ = meta.get("help", "").replace("%", "%%")  # argparse formats help with %: a "90%" is text
         note = " [--preset may set it]" if f.name in preset_set else ""
         if str(f.type) == "bool":
             if meta.get("negate"):  # its help says what the flag does

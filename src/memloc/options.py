@@ -153,6 +153,8 @@ def range_problem(f: dataclasses.Field, value: Any, *, one: bool = False) -> str
     kind = numeric(f)
     if kind is None or (value is None and "None" in str(f.type) and not one):
         return None
+    if isinstance(value, str) and re.search(r"\bstr\b", str(f.type)):  # a word the field takes (--epochs auto)
+        return None
     word, many = kind
     bounds = f.metadata.get("range", (None,) * 4)
     if one:

@@ -1,13 +1,17 @@
-"""Small tabular sets and 1-D signals trained to memorization (issue #35): --epochs auto and the small models'
-recipes."""
+"""Small tabular sets and 1-D signals trained to memorization (issue #35): --epochs auto, the small models' recipes,
+and the rough edges a new user hit (output piped to a file, the study's bar, the export's normalization, --augment
+on 1-D data)."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +187,66 @@ def test_epochs_auto_killed_after_the_threshold_resumes_to_the_same_weights(tmp_
         assert torch.equal(t, b.load_checkpoint(reached + 2)[key]), key
     untimed = lambda ms: [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in ms]  # noqa: E731
     assert untimed(a.read_metrics()) == untimed(b.read_metrics())
+
+
+# ----------------------------------------------------------------------------- rough edges
+
+def test_study_bar_never_runs_past_its_total():
+    """The study's bar is moved by float costs: their sum once rounded, it ran past its total at the end (tqdm's
+    'clamping frac' warning and an ETA of <-00:00)."""
+    from tqdm import tqdm
+
+    from memloc.study import advance
+    costs = [40, 0.11 * 9 * 21, 0.45 * 9 * 10, 0.043 * 2 * 100, 0.62 * 40, 0.6, 0.2, 0.5, 0.6]
+    out = io.StringIO()
+    bar = tqdm(total=sum(costs), file=out, bar_format="{n:.3f}/{total:.3f} [{elapsed}<{remaining}]")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in costs + [1.0]:  # one more than the total held
+            advance(bar, c)
+        bar.close()
+    assert bar.n <= bar.total and math.isclose(bar.n, bar.total) and "<-" not in out.getvalue()
+
+
+def test_piped_study_output_is_plain_lines(smoke_study_master):
+    """`memloc run` without --quiet, its output going to a file (nohup, SLURM, CI logs): no progress bars, no
+    cursor codes, one line per stage and epoch, the data and model lines once."""
+    log = (smoke_study_master.parent / "console.log").read_text()
+    assert "\x1b" not in log and "\r" not in log
+    assert "TqdmWarning" not in log and "%|" not in log
+    lines = log.splitlines()
+    assert sum(line.startswith("epoch   1 ") for line in lines) == 2  # the plain and the example-tied model
+    assert sum(line.startswith("stage train ...") for line in lines) == 1
+    assert sum(line.startswith("run directory ") for line in lines) == 2
+    assert lines[-1].startswith("done: ")
+
+
+def test_augment_on_1d_data_is_refused_before_anything_is_written(tmp_path, capsys):
+    data = features(tmp_path / "feat.npz")
+    code, _, err = cli(capsys, "train", "--dataset", data, "--augment", "--out", tmp_path / "r", "--quiet")
+    assert_one_line_error(code, err, "--augment (random crop and flip) is for images, not 12 features")
+    assert not (tmp_path / "r").exists()
+
+
+def test_export_records_the_runs_normalization(tmp_path, capsys, one_thread):
+    """A standardized run's export says so (it said pixels), with the statistics to apply."""
+    from memloc.experiment import open_run
+    from memloc.export import exported_normalization, load_exported
+    data = features(tmp_path / "feat.npz")
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--dataset", data, "--epochs", "1", "--example-tied-dropout", "0.4,0.1",
+                       "--out", run, "--quiet")
+    assert code == 0, err
+    code, _, err = cli(capsys, "export", run, "--drop-memorization", "--out", tmp_path / "m.safetensors")
+    assert code == 0, err
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["memloc"])
+    cfg = json.loads((run / "config.json").read_text())["data"]
+    assert meta["normalization"] == {"kind": "standardize", "mean": cfg["norm_mean"], "std": cfg["norm_std"]}
+    assert "pixels" not in meta["inputs"] and "0.5" not in meta["inputs"]
+    loaded = open_run(run)
+    norm = exported_normalization(tmp_path / "m.safetensors")
+    assert norm == loaded.data.normalization
+    x = loaded.data.x_train[:4]
+    assert load_exported(tmp_path / "m.safetensors")(norm(x)).shape == (4, 3)

@@ -432,7 +432,7 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
             return study.path
         _finish(study)
         if bar is not None:
-            bar.update(cost("report"))
+            advance(bar, cost("report"))
     finally:
         if bar is not None:
             bar.close()
@@ -463,7 +463,7 @@ def _cells_and_grid(study: RunDir, cfg: StudyConfig, record: RunDir, mine_: list
                     bar.set_postfix_str(key)
                 _stage(record, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
             if bar is not None:
-                bar.update(cost(key))
+                advance(bar, cost(key))
     if cfg.grid and record.stage("grid").get("status") != "done":
         from .grid import dropout_grid
         base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
@@ -472,7 +472,15 @@ def _cells_and_grid(study: RunDir, cfg: StudyConfig, record: RunDir, mine_: list
         _stage(record, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", shard=shard,
                                                     progress=progress, log=log), log)
         if bar is not None:
-            bar.update(cost("grid"))
+            advance(bar, cost("grid"))
+
+
+def advance(bar, amount: float) -> None:
+    """Move the study's bar on by `amount`, never past its total (a float sum: past it, tqdm warns and its time
+    estimate turns negative)."""
+    amount = min(amount, bar.total - bar.n)
+    if amount > 0:
+        bar.update(amount)
 
 
 def _finish(study: RunDir) -> None:

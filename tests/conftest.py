@@ -73,9 +73,13 @@ def mnist5k_master(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_study_master(tmp_path_factory) -> Path:
-    """`memloc run --preset smoke`: the whole study, once per session. Read only: copy it to write."""
+    """`memloc run --preset smoke`: the whole study, once per session, its output going to a file as under nohup or
+    SLURM (no --quiet; kept beside it as `console.log`). Read only: copy it to write."""
+    import contextlib
     out = tmp_path_factory.mktemp("study") / "s"
-    assert main(["run", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
+    with open(out.parent / "console.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
     return out
 
 

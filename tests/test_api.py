@@ -302,3 +302,19 @@ def test_help_memloc_is_a_quick_start_without_inherited_module_noise():
     assert len(text.splitlines()) < 2500
     assert memloc.ExampleTiedDropout is memloc.dropout.ExampleTiedDropout and memloc.UnitScale
     assert all(hasattr(memloc, n) for n in memloc.__all__)
+
+
+def test_no_public_name_hides_a_module_of_the_package():
+    """`import memloc.X` gives module X for every module of the package: no re-exported function carries a module's
+    name (memloc.bench_localize, the function, hid the module of the same name until it was renamed)."""
+    import importlib
+    import pkgutil
+    import types
+    for info in pkgutil.iter_modules(memloc.__path__):
+        if info.name == "__main__":  # the command line itself
+            continue
+        module = importlib.import_module(f"memloc.{info.name}")
+        assert isinstance(getattr(memloc, info.name), types.ModuleType), info.name
+        assert getattr(memloc, info.name) is module, info.name
+    import memloc.localize_benchmarks as bench
+    assert memloc.bench_localize is bench.bench_localize and bench.BenchConfig is memloc.BenchConfig

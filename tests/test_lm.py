@@ -254,3 +254,24 @@ def test_lm_text_too_short_to_measure_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--window" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_lm_window_flag_as_the_error_and_the_help_say(tmp_path, capsys):
+    """The line the too-short error suggests (`pass --window`) and `memloc run --help` shows (a flag, no value)
+    works: the whole .txt cut into windows of --block-size tokens (it said "window True is not a positive number
+    of tokens")."""
+    import re
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(f"line {i} is short" for i in range(400)))
+    argv = ["train", "--task", "lm", "--corpus", str(short), "--canaries", "0", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 2
+    suggested = re.search(r"pass (--\S+)", capsys.readouterr().err).group(1)
+    assert suggested == "--window"
+    assert main(["run", "--help"]) == 0
+    assert re.search(r"--window\s+cut your", capsys.readouterr().out)  # a flag without a value
+    code = main([*argv, suggested, "--epochs", "1", "--n-layer", "1", "--n-embd", "32", "--n-head", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0 and not err.strip(), err
+    from memloc.runs import RunDir
+    data = RunDir.open(tmp_path / "r").load_arrays("data.npz", "canary")
+    assert len(data["canary"]) > 1  # the 400 short lines became training windows of --block-size + 1 tokens

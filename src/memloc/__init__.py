@@ -24,7 +24,6 @@ that ``help(memloc)`` is not their inherited ``nn.Module`` methods.
 """
 
 from ._version import __version__  # noqa: F401
-from .bench_localize import BenchConfig, bench_localize  # noqa: E402
 from .data import DataConfig, Dataset, corrupt_labels  # noqa: E402
 from .data import load as load_data
 from .dropout import ExampleTiedDropout, dropout_mode, example_indices, insert_example_tied_dropout  # noqa: E402
@@ -34,6 +33,7 @@ from .export import UnitScale, export_dropped, export_localized, load_exported, 
 from .grid import DEFAULT_PAIRS, dropout_grid  # noqa: E402
 from .inference import predict  # noqa: E402
 from .lm.tinymem import TinyMemConfig, tinymem_data  # noqa: E402
+from .localize_benchmarks import BenchConfig, bench_localize  # noqa: E402
 from .models import Layer, build_model, layers  # noqa: E402
 from .probes import (  # noqa: E402
                      DepthConfig,

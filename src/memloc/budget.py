@@ -176,6 +176,7 @@ def training_need(build: Callable[[], nn.Module] | None, data: Any, train: Any, 
     from .tasks import task_of
     device = torch.device(device)
     task = task_of(data)
+    train = train.with_recipe(None, task.num_train)  # settings left to a recipe: counted as the paper's
     batch = min(-(-int(train.batch_size) // processes), task.num_train)
     num_test = len(getattr(task.data, "x_test", ()))
     evaluated = min(int(train.eval_batch_size), getattr(task, "eval_batch_cap", None) or 1 << 62,
@@ -200,7 +201,7 @@ def training_need(build: Callable[[], nn.Module] | None, data: Any, train: Any, 
         batches = GPU_FACTOR * max(step_small + step_big, eval_small + eval_big)
     elr = task.num_train * getattr(task.data, "num_classes", 0) * FP32 if train.elr is not None else 0
     parts = {"model": params * per_param, "batches": int(batches * (BF16_ACTIVATIONS if bf16 else 1.0)),
-             "records": task.num_train * int(train.epochs) * RECORD_BYTES + elr,
+             "records": task.num_train * train.epoch_cap * RECORD_BYTES + elr,  # auto: its cap
              "runtime": (RUNTIME_BYTES if device.type == "cpu" else 0)
              + (HF_RUNTIME_BYTES if shape and shape.get("transformers") else 0)}
     if device.type == "cpu" and processes > 1:  # the processes share the machine's memory

@@ -88,7 +88,7 @@ def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclud
         default = defaults.get(f.name)
         if meta.get("spread"):  # one flag for several fields: their defaults together
             default = tuple(defaults.get(n) for n in meta["spread"]) if default is not None else None
-        help_ = meta.get("help", "")
+        help_ = meta.get("help", "").replace("%", "%%")  # argparse formats help with %: a "90%" is text
         note = " [--preset may set it]" if f.name in preset_set else ""
         if str(f.type) == "bool":
             if meta.get("negate"):  # its help says what the flag does
@@ -185,6 +185,8 @@ def run_config(args: argparse.Namespace):
         typed = given(args, cls)
         sections.setdefault(sec, {}).update(typed)
         sections[sec].update(_typed(cls, typed))  # a preset's counts are defaults: they fit the data
+    if args.command == "train":
+        _epochs_default(sections, args)
     return RunConfig(data=classes[0](**sections["data"]), model=classes[1](**sections["model"]),
                      train=classes[2](**sections["train"]), task=task)
 
@@ -194,8 +196,31 @@ def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return {"given": tuple(sorted(values))} if any(f.name == "given" for f in dataclasses.fields(cls)) else {}
 
 
+def _epochs_default(sections: dict[str, dict], args: argparse.Namespace) -> None:
+    """`memloc train` and `memloc run` on the user's own data train until memorized (--epochs auto) unless --epochs
+    or the preset says how long; --max-epochs and --settle-epochs are refused where the epochs are fixed."""
+    from .data import users_data
+    train = sections.setdefault("train", {})
+    dataset = sections.get("data", {}).get("dataset")
+    if "epochs" not in train and (getattr(args, "task", None) or "classification") == "classification" \
+            and dataset is not None and users_data(dataset):
+        train["epochs"] = "auto"
+    fixed = train.get("epochs", 40) != "auto"
+    for name in ("max_epochs", "settle_epochs"):
+        if fixed and getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} is for --epochs auto, and this run trains {train.get('epochs', 40)} epochs: "
+                              f"drop {flag}, or pass --epochs auto")
+
+
 def _log(args) -> Callable[[str], None]:
     return lambda s: print(s, flush=True)
+
+
+def _progress(args) -> bool:
+    """Progress bars only for a person at a terminal: with --quiet, or output going to a file or a pipe (CI logs,
+    nohup, SLURM), the plain lines alone (one per stage and epoch), without the bars' cursor codes."""
+    return not args.quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def _preset_set(section: str) -> frozenset[str]:
@@ -229,9 +254,9 @@ def cmd_train(args) -> int:
     with forced(args.force):
         if args.resume:
             _refuse_changes(args, run=True)
-            run = resume_training(args.resume, progress=not args.quiet, log=_log(args))
+            run = resume_training(args.resume, progress=_progress(args), log=_log(args))
         else:
-            run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet,
+            run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=_progress(args),
                                log=_log(args))
     from .distributed import is_main
     if not is_main():  # under torchrun: one voice, rank 0's
@@ -253,17 +278,14 @@ def cmd_run(args) -> int:
 
 
 def _study(args) -> int:
-    from .data import DataConfig
-    from .experiment import ModelConfig
-    from .study import StudyConfig, run_study, study_config
-    from .training import TrainConfig
+    from .study import StudyConfig, run_study
     if args.resume:
         _refuse_changes(args)
     if args.task == "lm" or (args.resume and (Path(args.resume) / "lm_study.json").exists()):
         from .experiment import preset
         from .study import run_lm_study
         if args.resume:
-            path = run_lm_study(resume=args.resume, progress=not args.quiet, log=_log(args))
+            path = run_lm_study(resume=args.resume, progress=_progress(args), log=_log(args))
         else:
             study = dict(preset(args.preset or "default", "lm").get("study", {}))
             chosen = given(args, StudyConfig)
@@ -279,7 +301,7 @@ def _study(args) -> int:
             cfg = run_config(args)
             if "p_gen" in chosen:  # the study's model with memorization sinks, evaluated before and after the drop
                 cfg.model.p_gen, cfg.model.p_mem = chosen["p_gen"], chosen["p_mem"]
-            path = run_lm_study(cfg, args.out, study=study, overwrite=args.overwrite, progress=not args.quiet,
+            path = run_lm_study(cfg, args.out, study=study, overwrite=args.overwrite, progress=_progress(args),
                                 log=_log(args))
         print(f"done: {path} (report: {path / 'report' / 'report.html'})")
         return 0
@@ -287,30 +309,45 @@ def _study(args) -> int:
         if args.shard is not None or args.executor != "local":
             raise ConfigError("--resume finishes a study in one process; a study in shards continues with the same "
                               "command that started it (finished cells are kept): drop --resume")
-        path = run_study(resume=args.resume, progress=not args.quiet, log=_log(args))
+        path = run_study(resume=args.resume, progress=_progress(args), log=_log(args))
     else:
-        sections = {sec: given(args, cls, exclude=_STUDY_SETS.get(sec, ()))
-                    for sec, cls in zip(_SECTIONS, (DataConfig, ModelConfig, TrainConfig))}
-        study = given(args, StudyConfig)
-        if args.seed is not None:  # --seed N is --seeds N
-            if "seeds" in study:
-                raise ConfigError("pass --seeds or --seed, not both")
-            study["seeds"] = (args.seed,)
-        cfg = study_config(args.preset or "default", base_overrides=sections, **study)
+        cfg = study_settings(args)
         if args.shard is None and not args.force:  # a model that cannot fit: refused before the study is written
             from .experiment import check_training
             check_training(cfg.base)
         from .study import check_study, merge_study
         started = time.perf_counter()
         scaled, path = _scale_out(args, "study shards", lambda: check_study(cfg, args.out, overwrite=args.overwrite),
-                                  lambda: merge_study(args.out, progress=not args.quiet, log=_log(args)))
+                                  lambda: merge_study(args.out, progress=_progress(args), log=_log(args)))
         if not scaled:
-            path = run_study(cfg, args.out, overwrite=args.overwrite, shard=args.shard, progress=not args.quiet,
+            path = run_study(cfg, args.out, overwrite=args.overwrite, shard=args.shard, progress=_progress(args),
                              log=_log(args))
             if args.shard is not None:
                 return _shard_done(args, "the study", started, path)
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
     return 0
+
+
+def study_settings(args: argparse.Namespace):
+    """The StudyConfig of `memloc run`'s flags: preset < flags, --seed as --seeds, and --epochs auto on the
+    user's own data where neither --epochs nor the preset fixes the epochs."""
+    from .data import DataConfig
+    from .experiment import ModelConfig, preset
+    from .study import StudyConfig, study_config
+    from .training import TrainConfig
+    sections = {sec: given(args, cls, exclude=_STUDY_SETS.get(sec, ()))
+                for sec, cls in zip(_SECTIONS, (DataConfig, ModelConfig, TrainConfig))}
+    study = given(args, StudyConfig)
+    if args.seed is not None:  # --seed N is --seeds N
+        if "seeds" in study:
+            raise ConfigError("pass --seeds or --seed, not both")
+        study["seeds"] = (args.seed,)
+    chosen = preset(args.preset or "default")
+    whole = {sec: {**chosen.get(sec, {}), **sections[sec]} for sec in ("data", "train")}
+    _epochs_default(whole, args)
+    if whole["train"].get("epochs") == "auto":
+        sections["train"]["epochs"] = "auto"
+    return study_config(args.preset or "default", base_overrides=sections, **study)
 
 
 def _refuse_changes(args, *, run: bool = False) -> None:
@@ -349,7 +386,7 @@ def cmd_audit(args) -> int:
             raise ConfigError(f"--resume finishes the audit {args.resume} with the settings it was started with, and "
                               f"{changed[0]} would change them: drop {changed[0]}, or start again (--out NEW)")
         cfg = resumed_config(args.resume, **given(args, AuditConfig))
-        path = run_audit(cfg, args.resume, resume=True, progress=not args.quiet, log=_log(args))
+        path = run_audit(cfg, args.resume, resume=True, progress=_progress(args), log=_log(args))
     else:
         if not args.model:
             raise ConfigError("memloc audit needs the model to audit: memloc audit hf:FOLDER --sequences FILE (or "
@@ -357,7 +394,7 @@ def cmd_audit(args) -> int:
         cfg = AuditConfig(model=args.model, **given(args, AuditConfig))
         from .budget import forced
         with forced(args.force):
-            path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet, log=_log(args))
+            path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=_progress(args), log=_log(args))
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
     return 0
 
@@ -424,14 +461,14 @@ def _scale_out(args, label: str, check: Callable[[], None], merge: Callable[[], 
             raise ConfigError("--executor processes needs --devices, e.g. --devices cpu,cpu or --devices 0,1")
         devices = parse_devices(args.devices)
         check()
-        n = run_processes(worker_argv(args.argv), devices, args.shards, label=label, progress=not args.quiet, log=log)
+        n = run_processes(worker_argv(args.argv), devices, args.shards, label=label, progress=_progress(args), log=log)
         log(f"{n} shards on {len(devices)} workers ({', '.join(devices)}): merging")
     else:
         if args.devices:
             raise ConfigError("--devices is for --executor processes; Ray places the shards itself (--gpus-per-task)")
         check()
         n = run_ray(ray_shard, worker_argv(args.argv), args.shards, address=args.address,
-                    gpus_per_task=args.gpus_per_task, label=label, progress=not args.quiet, log=log)
+                    gpus_per_task=args.gpus_per_task, label=label, progress=_progress(args), log=log)
         log(f"{n} Ray tasks finished: merging")
     return True, merge()
 
@@ -467,11 +504,11 @@ def cmd_probe(args) -> int:
     scaled, results = _scale_out(
         args, f"{probe.name} shards",
         lambda: run_probe(probe, args.run, cfg=cfg, check_only=True, shard=(0, 1)),
-        lambda: merge_shards(args.run, [probe.name], overwrite=overwrite, progress=not args.quiet, log=_log(args)))
+        lambda: merge_shards(args.run, [probe.name], overwrite=overwrite, progress=_progress(args), log=_log(args)))
     if scaled:
         return _finish_probe(probe, args, started, results[0])
     shard = getattr(args, "shard", None)
-    result = run_probe(probe, args.run, cfg=cfg, overwrite=overwrite, progress=not args.quiet, log=_log(args),
+    result = run_probe(probe, args.run, cfg=cfg, overwrite=overwrite, progress=_progress(args), log=_log(args),
                        shard=shard)
     if result is None:
         return _shard_done(args, probe.name, started, args.run)
@@ -490,7 +527,7 @@ def cmd_merge(args) -> int:
             raise ConfigError(f"--probe names a probe of a run; {args.run} is a {kind.replace('-', ' ')}: drop it")
         if kind == "study":
             from .study import merge_study
-            path = merge_study(args.run, progress=not args.quiet, log=_log(args))
+            path = merge_study(args.run, progress=_progress(args), log=_log(args))
             print(f"done: {path} (report: {path / 'report' / 'report.html'})")
             return 0
         from .grid import merge_grid
@@ -498,7 +535,7 @@ def cmd_merge(args) -> int:
     from .probes import registered
     from .probes.engine import merge_shards
     for result in merge_shards(args.run, [args.probe] if args.probe else None, overwrite=args.overwrite,
-                               progress=not args.quiet, log=_log(args)):
+                               progress=_progress(args), log=_log(args)):
         _finish_probe(registered()[result.probe], args, started, result)
     return 0
 
@@ -560,7 +597,7 @@ def cmd_dropout_grid(args) -> int:
     scaled, rows = _scale_out(args, "grid shards", lambda: check_grid(base, args.out, **options),
                               lambda: merge_grid(args.out, log=_log(args)))
     if not scaled:
-        rows = dropout_grid(base, args.out, **options, shard=args.shard, progress=not args.quiet, log=_log(args))
+        rows = dropout_grid(base, args.out, **options, shard=args.shard, progress=_progress(args), log=_log(args))
         if args.shard is not None:
             return _shard_done(args, f"the grid ({len(rows)} cells)", started, args.out)
     return _grid_done(args.out, rows)
@@ -575,7 +612,7 @@ def _grid_done(folder, rows: list[dict]) -> int:
 
 
 def cmd_bench_localize(args) -> int:
-    from .bench_localize import BenchConfig, bench_localize
+    from .localize_benchmarks import BenchConfig, bench_localize
     options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed",
                                              "run", "examples", "ratios") if getattr(args, k) is not None}
     cfg = BenchConfig(**options)
@@ -635,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
     p.add_argument("--resume", metavar="RUN", help="continue a killed run from its newest checkpoint")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines (always without a terminal)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="the whole study: train, probe, example-tied dropout, detection, report")
@@ -652,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="STUDY", help="finish an interrupted study without redoing finished stages")
     _scale_flags(p, "cells (seeds x noise levels, then the --grid's cells)", "the study folder (--out)")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
-    p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bars")
+    p.add_argument("--quiet", action="store_true", help="plain log lines, no bars (always without a terminal)")
     p.set_defaults(func=cmd_run)
 
     from .audit import AuditConfig
@@ -666,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="audit even where the memory estimate (the model, the "
                    "checkpoints rewinding reads, one batch through the model) is more than the device has free")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (memloc's files only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines (always without a terminal)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("report", help="rebuild the HTML report of a run or study from its files")
@@ -710,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the standard-dropout and fixed-sparse baselines")
     p.add_argument("--out", required=True, help="grid folder: one run directory per cell and grid.csv")
     _scale_flags(p, "cells", "the grid folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, plain log lines (always without a terminal)")
     p.set_defaults(func=cmd_dropout_grid)
 
     p = sub.add_parser("bench-localize", help="benchmark the localization methods: TinyMem's arithmetic artifacts, "

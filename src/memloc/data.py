@@ -322,6 +322,14 @@ def synthetic_images(n: int, shape: tuple[int, int, int], num_classes: int, *, s
     return x, y
 
 
+def users_data(dataset: str) -> bool:
+    """Whether `dataset` names the user's own data (a .npz file or a folder), not a built-in or standard set."""
+    from .readers import STANDARD_DATASETS
+    if dataset in BUILTIN_DATASETS or dataset in STANDARD_DATASETS:
+        return False
+    return Path(dataset).suffix == ".npz" or Path(dataset).is_dir()
+
+
 def _source(cfg: DataConfig, notes: list[str]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, list[str], np.ndarray]:
     """(x_train, y_train, x_test, y_test, num_classes, class_names, train_source_index) from the config; what it

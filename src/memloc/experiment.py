@@ -157,6 +157,13 @@ class RunConfig:
         if self.task != "classification" and self.train.elr is not None:
             raise ConfigError(f"--elr (early-learning regularization) is for classification, not --task {self.task}: "
                               "drop it")
+        if self.train.auto and self.task != "classification":
+            raise ConfigError(f"--epochs auto stops on noisy-train accuracy, which --task {self.task} does not have: "
+                              "pass --epochs N")
+        if self.train.auto and self.model.example_tied:
+            raise ConfigError("--epochs auto stops on noisy-train accuracy, which an example-tied model measures with "
+                              "every unit on, not as memorized: pass --epochs N (a study trains its example-tied model "
+                              "for the epochs its plain model took)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -285,19 +292,41 @@ def _choose_model(cfg: RunConfig, data: Any, device: torch.device) -> list[str]:
     given = cfg.model.name
     cfg.model = cfg.model.resolved(device, cfg.task, input_shape=data.input_shape)
     shape = shape_words(data.input_shape)
+    if cfg.train.augment and len(data.input_shape) != 3:  # refused here, before the run is written
+        raise ConfigError(f"--augment (random crop and flip) is for images, not {shape}: drop --augment")
+    lines = _choose_recipe(cfg, data)
     if given is None:
-        return [f"model: {cfg.model.name} (chosen for {shape}; --model to override)"]
+        return [f"model: {cfg.model.name} (chosen for {shape}; --model to override)", *lines]
     if given != cfg.model.name:
-        return [f"model: {cfg.model.name} (--model {given} on {shape} is its 1-D form)"]
-    return []
+        return [f"model: {cfg.model.name} (--model {given} on {shape} is its 1-D form)", *lines]
+    return lines
+
+
+def _choose_recipe(cfg: RunConfig, data: Dataset) -> list[str]:
+    """Fill the training settings left to the model's recipe (`TrainConfig.with_recipe`), in place; the console
+    line that says what a small model's own recipe and --epochs auto chose."""
+    from .training import MEMORIZED, RECIPES
+    train = cfg.train = cfg.train.with_recipe(cfg.model.name, task_of(data).num_train)
+    parts = []
+    if train.recipe in RECIPES:
+        parts.append(f"{train.recipe}'s recipe: lr {train.lr:g}, batch {train.batch_size}, weight decay "
+                     f"{train.weight_decay:g}")
+    if train.auto:
+        known = task_of(data).kind_mask("noisy")
+        until = f"noisy-train reaches {100 * MEMORIZED:.0f}%" if known is not None and bool(known.any()) \
+            else "every training example is right"
+        parts.append(f"epochs auto: until {until}, then {train.settle_epochs} more, at most {train.max_epochs}")
+    return [f"training: {'; '.join(parts)} (docs/your-data.md)"] if parts else []
 
 
 def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
-                 log: Callable[[str], None] | None = None, force: bool = False) -> RunDir:
+                 log: Callable[[str], None] | None = None, force: bool = False, notes: bool = True) -> RunDir:
     """Train as `cfg` says into a new run directory (default runs/<dataset>-<model>-<noise>-<time>).
 
     A model and batch that need more memory than the device has free are refused in one line before the
     model is built or anything is written (`check_fits`), unless `force` (or inside `memloc.budget.forced()`).
+    `notes`: log what was inferred for the data and chosen for the model and its training (a study says it
+    once, for its plain run).
     Under torchrun (`torchrun --nproc-per-node K -m memloc train ...`) every process trains its
     part of each batch and rank 0 alone writes the run (docs/cluster.md); each returns the run.
     """
@@ -333,7 +362,7 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, *, overwrite: bo
                 raise
         distributed.agree(True)  # the other processes stop here when rank 0 could not make the run
         if log:
-            for line in (*getattr(data, "notes", ()), *chosen):  # what was inferred for the user, once per run
+            for line in (*getattr(data, "notes", ()), *chosen) if notes else ():  # what was inferred, once
                 log(line)
             task = task_of(data)
             memorized = task.kind_mask(task.memorized_kind)
@@ -449,7 +478,8 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
         start = trainer.restore(run)
         distributed.barrier()  # every process has read the checkpoint before rank 0 writes the next
         if log:
-            log(f"resuming {run.path} after epoch {start} of {cfg.train.epochs}{_processes()}")
+            of = f"at most {cfg.train.max_epochs} (--epochs auto)" if cfg.train.auto else cfg.train.epochs
+            log(f"resuming {run.path} after epoch {start} of {of}{_processes()}")
         with run.working("train") if main else contextlib.nullcontext():
             trainer.fit(start_epoch=start)
     distributed.barrier()  # the others return once rank 0 has written and released the run

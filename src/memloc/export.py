@@ -258,13 +258,45 @@ def export_dropped(loaded: LoadedRun, out: str | Path, *, epoch: int | None = No
     meta = {"format": EXPORT_FORMAT, "model": cfg.name, "width": cfg.width, "input_shape": list(data.input_shape),
             "num_classes": data.num_classes, "p_gen": found[0].p_gen, "p_mem": found[0].p_mem, "drop_scale": scale,
             "epoch": loaded.run.saved_epochs()[-1] if epoch is None else epoch, "source_run": str(loaded.run.path),
-            "inputs": "uint8 images scaled to [0, 1] then normalized with mean 0.5, std 0.5 (memloc.data.normalize)"}
+            **input_record(data.normalization)}
     save_state(out, model.state_dict(), metadata={"memloc": json.dumps(meta)})
     return out
 
 
+def input_record(norm) -> dict:
+    """What an exported model's metadata says of its inputs: the run's normalization (`memloc.data.Normalization`:
+    its kind and, for "standardize", the training split's per-channel mean and std) and the same in words."""
+    words = {"pixels": "uint8 images scaled to [0, 1] (floats in [0, 1] as they are), then normalized with mean 0.5, "
+                       "std 0.5",
+             "standardize": "each channel (a feature) minus its mean, divided by its std: the training split's, "
+                            "in normalization.mean / normalization.std",
+             "none": "the values as they are, as float32"}[norm.kind]
+    return {"normalization": {"kind": norm.kind, "mean": None if norm.mean is None else list(norm.mean),
+                              "std": None if norm.std is None else list(norm.std)},
+            "inputs": f"{words} (memloc.export.exported_normalization(path) applies it)"}
+
+
+def exported_normalization(path: str | Path):
+    """The `memloc.data.Normalization` an exported model's inputs need (call it on a batch of raw examples);
+    files written before the normalization was recorded get the paper's pixel normalization, as they assumed."""
+    from safetensors import safe_open
+
+    from .data import PIXELS, Normalization
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("memloc", "null"))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise RunError(f"{path} is not a readable safetensors file ({err})") from None
+    norm = meta.get("normalization") if isinstance(meta, dict) else None
+    if not norm:
+        return PIXELS
+    mean, std = norm.get("mean"), norm.get("std")
+    return Normalization(norm["kind"], None if mean is None else tuple(mean), None if std is None else tuple(std))
+
+
 def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`export_dropped` (eval mode). Feed it `memloc.data.normalize(x)`."""
+    """Rebuild a model written by :func:`export_dropped` (eval mode). Feed it raw examples normalized as the run
+    was (`exported_normalization(path)(x)`; its metadata records the normalization)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = Path(path)

@@ -254,6 +254,10 @@ def _grid_spec(base: RunConfig, pairs, baselines: bool, elr) -> tuple[list[GridC
     if elr is not None and base.train.elr is not None:
         raise ConfigError("the base config trains every cell with ELR already: leave it out of the base config to "
                           "compare a plain and an ELR cell")
+    if base.train.auto:
+        raise ConfigError("the grid's cells train for the same fixed epochs, and --epochs auto stops on an accuracy "
+                          "an example-tied model measures with every unit on: pass --epochs N (e.g. the epochs your "
+                          "plain run took to memorize)")
     cells = grid_cells(pairs, baselines=baselines, task=base.task, elr=elr)
     # through JSON, so that it compares equal to what grid.json holds (tuples become lists)
     spec = json.loads(json.dumps({"kind": "dropout-grid", "base": base.to_dict(), "cells": [c.name for c in cells]},

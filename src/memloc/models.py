@@ -356,6 +356,13 @@ GPU_DEFAULT_MODEL = ("resnet9", 1.0)
 DEFAULT_MODELS = {3: ("resnet9", "cnn"), 2: ("cnn1d",), 1: ()}
 
 
+def registry_name(model: nn.Module) -> str | None:
+    """The registry name of a model memloc builds ("cnn1d" for `SmallCNN1d`, which `cnn` on sequences is too);
+    None for any other model: what picks its training recipe (`memloc.training.RECIPES`)."""
+    names = {ResNet9: "resnet9", SmallCNN: "cnn", SmallCNN1d: "cnn1d", MLP: "mlp", ViT: "vit"}
+    return names.get(type(model))
+
+
 def shape_words(shape: tuple[int, ...]) -> str:
     """"1x8x8 images", "2x40 sequences", "40 features": an input shape in words."""
     kind = {3: "images", 2: "sequences", 1: "features"}.get(len(shape), "inputs")

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +42,7 @@ from .runs import (
 )
 from .scale import SHARDS, finished_shards, join_shard, mine
 from .tasks import task_of
-from .training import TrainConfig, resolve_device
+from .training import MEMORIZED, TrainConfig, resolve_device
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -189,14 +189,25 @@ def headline(stage: str, result) -> str | None:
     return None
 
 
-def _train(run_cfg: RunConfig, out: Path, progress: bool, log) -> None:
+def _train(run_cfg: RunConfig, out: Path, progress: bool, log, *, notes: bool = True) -> None:
+    """Train (or finish training) one run of the study; `notes`: say what was inferred for the data and chosen
+    for the model (once per study: its plain run)."""
     if memloc_kind(out) == "run":
         run = RunDir.open(out)
         if run.stage("train").get("status") != "done":
             # a run killed before its first checkpoint (even before its config) starts again from the study's config
             resume_training(out, progress=progress, log=log, config=run_cfg)
         return
-    run_training(run_cfg, out, overwrite=out.exists(), progress=progress, log=log)
+    run_training(run_cfg, out, overwrite=out.exists(), progress=progress, log=log, notes=notes)
+
+
+def trained_epochs(run_dir: Path) -> int:
+    """The epochs a finished run trained (--epochs auto: as many as it took to memorize)."""
+    run = RunDir.open(run_dir) if memloc_kind(run_dir) == "run" else None
+    if run is None or run.stage("train").get("status") != "done":
+        raise RunError(f"{run_dir} has not finished training, and what trains after it takes as many epochs as it "
+                       "did (--epochs auto): finish it first (in shards: the shard of the first seed and noise level)")
+    return len(run.read_metrics())
 
 
 class _Cell:
@@ -217,7 +228,10 @@ class _Cell:
         result = None
         if name in ("train", "dropout_train"):
             path, run_cfg = (self.base_dir, base_cfg) if name == "train" else (self.drop_dir, self.drop_cfg)
-            _train(run_cfg, path, progress, log)
+            if name == "dropout_train" and run_cfg.train.auto:  # as long as the plain model trained until memorized
+                run_cfg = copy.deepcopy(run_cfg)
+                run_cfg.train = replace(run_cfg.train, epochs=trained_epochs(self.base_dir))
+            _train(run_cfg, path, progress, log, notes=name == "train")
             self._open.pop(path, None)  # its checkpoints changed: open it afresh
             metrics = RunDir.open(path).read_metrics()
             result = metrics[-1] if metrics else None
@@ -225,8 +239,9 @@ class _Cell:
             result = probes.rewind(self.loaded(self.base_dir), cfg=probes.RewindConfig(every=cfg.rewind_every),
                                    progress=progress, log=log)
         elif name == "retraining":
-            rc = probes.RetrainConfig(epochs=cfg.retrain_epochs, batch_size=base_cfg.train.batch_size,
-                                      seed=base_cfg.train.seed, given=())  # the peak at half the epochs
+            batch = self.loaded(self.base_dir).config.train.batch_size  # as trained (the model's recipe's)
+            rc = probes.RetrainConfig(epochs=cfg.retrain_epochs, batch_size=batch, seed=base_cfg.train.seed,
+                                      given=())  # the peak at half the epochs
             result = probes.retrain(self.loaded(self.base_dir), cfg=rc, progress=progress, log=log)
         elif name == "flipping":
             fc = probes.FlipConfig(examples=cfg.flip_examples, kinds=("clean", "noisy"), others=cfg.flip_others,
@@ -250,7 +265,6 @@ class _Cell:
 
 # the stages whose questions are about memorized examples: skipped when the base model did not memorize
 NEEDS_MEMORIZATION = ("rewinding", "retraining", "flipping", "dropout_train", "dropout_eval")
-MEMORIZED = 0.9  # noisy-train accuracy at the end of training that counts as "memorized"
 
 
 def memorization_warning(noisy: float | None) -> str | None:
@@ -381,7 +395,8 @@ def expected_cost(cfg: StudyConfig, stage: str) -> float:
     epoch about 0.45; one flipped example about 0.043; an epoch of the example-tied model about 0.62): what the
     study's progress bar counts, so that its time estimate follows the work left, not the mean of finished stages."""
     layers = 9  # ResNet-9's; the weights only need to be roughly right
-    epochs = cfg.base.train.epochs
+    train = cfg.base.train
+    epochs = train.auto_cycle + train.settle_epochs if train.auto else int(train.epochs)  # auto: a guess
     cost = {"train": epochs, "rewinding": 0.11 * layers * (epochs / cfg.rewind_every + 1),
             "retraining": 0.45 * layers * cfg.retrain_epochs, "flipping": 0.043 * 2 * cfg.flip_examples,
             "dropout_train": 0.62 * (cfg.dropout_epochs or epochs), "dropout_eval": 0.6, "depth": 0.2,
@@ -410,7 +425,7 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=round(sum(cost(k) for k in keys) + cost("report"), 1), desc="study", position=0,
+        bar = tqdm(total=sum(cost(k) for k in keys) + cost("report"), desc="study", position=0,
                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     try:
         with contextlib.ExitStack() as held:  # the study's runs are its own between stages too: no second writer
@@ -424,7 +439,7 @@ def _run_stages(study: RunDir, cfg: StudyConfig, progress: bool, log: Callable[[
             return study.path
         _finish(study)
         if bar is not None:
-            bar.update(cost("report"))
+            advance(bar, cost("report"))
     finally:
         if bar is not None:
             bar.close()
@@ -455,14 +470,24 @@ def _cells_and_grid(study: RunDir, cfg: StudyConfig, record: RunDir, mine_: list
                     bar.set_postfix_str(key)
                 _stage(record, key, lambda: cell.stage(key[len(prefix):], progress, log), log)
             if bar is not None:
-                bar.update(cost(key))
+                advance(bar, cost(key))
     if cfg.grid and record.stage("grid").get("status") != "done":
         from .grid import dropout_grid
         base_cfg, _ = _cell_configs(cfg, cfg.seeds[0], cfg.noise_levels[0], device)
+        if base_cfg.train.auto:  # the grid's cells train as long as the first cell's plain model did
+            base_cfg.train = replace(base_cfg.train, epochs=trained_epochs(study_cells(study)[0][3]))
         _stage(record, "grid", lambda: dropout_grid(base_cfg, study.path / "grid", shard=shard,
                                                     progress=progress, log=log), log)
         if bar is not None:
-            bar.update(cost("grid"))
+            advance(bar, cost("grid"))
+
+
+def advance(bar, amount: float) -> None:
+    """Move the study's bar on by `amount`, never past its total (a float sum: past it, tqdm warns and its time
+    estimate turns negative)."""
+    amount = min(amount, bar.total - bar.n)
+    if amount > 0:
+        bar.update(amount)
 
 
 def _finish(study: RunDir) -> None:

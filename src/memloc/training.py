@@ -51,15 +51,28 @@ from .accounting import GradientAccounting
 from .data import Dataset
 from .errors import ConfigError, RunError
 from .inference import indices_context
-from .models import Layer, check_input, select_layers
+from .models import Layer, check_input, registry_name, select_layers
 from .models import layers as find_layers
-from .options import INT64_MAX, check_ranges, fitted, floats, given_option, option, replaced
+from .options import INT64_MAX, check_ranges, fitted, floats, given_fields, given_option, option, replaced
 from .precision import LEGACY, PRECISIONS, arithmetic, autocast, choose, cudnn_autotune
 from .runs import RunDir, exclusive, load_state, save_state
 from .tasks import task_of
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
+AUTO = "auto"  # --epochs auto: train until memorized (`Trainer`, `auto_learning_rate`)
+MEMORIZED = 0.9  # noisy-train accuracy that counts as "memorized": where --epochs auto stops, what the study asks
+
+# The paper's recipe (SGD, momentum 0.9): what a model without a recipe of its own trains with.
+PAPER_RECIPE = {"lr": 0.1, "batch_size": 512, "weight_decay": 5e-4}
+# The small models' recipes, chosen by measurement on small tabular sets and 1-D signals (docs/your-data.md:
+# RESULTS.md has the table): no weight decay (it keeps these small models from fitting their noisy labels), and
+# batches of about a sixteenth of the training set (between 32 and 512), so that a small set gets enough steps
+# per epoch. `batch_size` "auto" is that rule (`recipe_batch`).
+RECIPES: dict[str, dict[str, Any]] = {
+    "mlp": {"lr": 0.1, "batch_size": AUTO, "weight_decay": 0.0},
+    "cnn1d": {"lr": 0.1, "batch_size": AUTO, "weight_decay": 0.0},
+}
 ELR_CLAMP = 1e-4  # the published code clamps the softmax to [1e-4, 1 - 1e-4] before the targets and the penalty
 ELR_STATE = "elr_targets"  # the (N, C) targets' name in a checkpoint's optimizer_XXX.safetensors
 
@@ -102,25 +115,51 @@ def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tens
     return torch.log1p(-(t * p).sum(1))  # (B,)
 
 
+def _epochs(text: str) -> int | str:
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"takes a number of epochs or auto, not {text!r}") from None
+
+
+def recipe_batch(num_train: int) -> int:
+    """The small models' batch size for `num_train` examples: the power of two nearest below num_train / 16,
+    between 32 and 512 (wine's 142 examples: 32; 4,000: 128)."""
+    return int(min(512, max(32, 2 ** math.floor(math.log2(max(1, num_train) / 16)))))
+
+
 @dataclass
 class TrainConfig:
-    """How to train. Defaults are the paper's recipe except `lr` and `epochs` (chosen by measurement, README)."""
+    """How to train. Defaults are the paper's recipe except `lr` and `epochs` (chosen by measurement, README);
+    `lr`, `batch_size` and `weight_decay` left None come from the model's recipe (`with_recipe`: the paper's, or
+    the small models' own, `RECIPES`)."""
 
-    epochs: int = option(40, "training epochs", at_least=1)
-    lr: float = option(0.1, "peak learning rate", above=0)
-    batch_size: int = option(512, "training batch size (the default: all the training examples where there are "
-                             "fewer)", at_least=1)
+    epochs: int | str = option(40, "training epochs, or auto: until noisy-train reaches 90% (training accuracy 100% "
+                               "where no example is known to be noisy), then --settle-epochs more; at most "
+                               "--max-epochs. auto is the default for your own data (a .npz or a folder)",
+                               parse=_epochs, metavar="N|auto", at_least=1)
+    lr: float | None = option(None, "peak learning rate (default: the model's recipe: 0.1)", above=0)
+    batch_size: int | None = option(None, "training batch size (default: the model's recipe: 512; mlp and cnn1d: "
+                                    "a sixteenth of the training set, 32 to 512)", at_least=1)
     optimizer: str = option("sgd", "sgd (momentum 0.9: the paper's) or adamw (betas 0.9, 0.95: language models)",
                             choices=OPTIMIZERS)
     momentum: float = option(0.9, cli=False, at_least=0, below=1)
-    weight_decay: float = option(5e-4, "weight decay (the paper's 5e-4; language models 0.1)", at_least=0)
+    weight_decay: float | None = option(None, "weight decay (default: the model's recipe: the paper's 5e-4; mlp and "
+                                        "cnn1d 0; language models 0.1)", at_least=0)
     clip: float | None = option(None, "clip the gradient norm of each step to this (language models: 1.0)", above=0)
-    schedule: str = option("cosine", "cosine with linear warm-up (the paper's), onecycle (triangle) or constant",
-                           choices=SCHEDULES)
+    schedule: str = option("cosine", "cosine with linear warm-up (the paper's; with --epochs auto, cycles of it), "
+                           "onecycle (triangle) or constant", choices=SCHEDULES)
     warmup: float = option(0.1, "fraction of steps of warm-up (cosine) or to the peak (onecycle)", at_least=0,
                            below=1)
+    max_epochs: int = option(400, "--epochs auto: stop here at the latest, and say so", at_least=1)
+    settle_epochs: int = option(5, "--epochs auto: epochs trained once the threshold is reached, the learning rate "
+                                "annealed to 0", at_least=0)
+    # --epochs auto: the first cosine cycle's epochs (the fixed recipe's 40), each next cycle twice as long
+    auto_cycle: int = option(40, cli=False, at_least=1)
     seed: int = option(0, "seed of the initialization and the training order", at_least=0, at_most=INT64_MAX)
-    augment: bool = option(False, "random crop + flip (off in the paper's main runs)")
+    augment: bool = option(False, "random crop + flip (images; off in the paper's main runs)")
     gradient_accounting: bool = option(True, "skip gradient accounting (the clean and noisy gradient shares)",
                                        negate="--no-gradient-accounting")
     checkpoint_every: int = option(1, "save the model every K epochs", at_least=1)
@@ -131,6 +170,8 @@ class TrainConfig:
     precision: str = option("auto", "auto: bf16 autocast on a GPU, and on a CPU with native bf16 (AVX512-BF16/AMX) for "
                             "convolutional models, with channels_last images; fp32 elsewhere (docs/speed.md); "
                             "or fp32 / bf16 everywhere", choices=PRECISIONS)
+    # the recipe that filled lr, batch_size and weight_decay where they were not given (`with_recipe`)
+    recipe: str | None = option(None, cli=False)
     eval_batch_size: int = option(1024, cli=False, result=False, at_least=1)
     device: str = option("auto", "auto (cuda when present), cpu or cuda", result=False)
     compile: bool = option(False, "torch.compile the model (GPU)", result=False)
@@ -138,13 +179,44 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if isinstance(self.epochs, str) and self.epochs != AUTO:
+            raise ConfigError(f"epochs (--epochs) takes a number of epochs or auto, not {self.epochs!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS + (LEGACY,):
             raise ConfigError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.auto and self.schedule == "onecycle":
+            raise ConfigError("--schedule onecycle needs a fixed length: pass --epochs N, or keep --epochs auto with "
+                              "--schedule cosine or constant")
         self.elr = elr_setting(self.elr)
+
+    @property
+    def auto(self) -> bool:
+        """Whether training stops when memorized (--epochs auto) rather than after a fixed number of epochs."""
+        return self.epochs == AUTO
+
+    @property
+    def epoch_cap(self) -> int:
+        """The most epochs this config trains: its epochs, or --max-epochs for --epochs auto."""
+        return self.max_epochs if self.auto else int(self.epochs)
+
+    def with_recipe(self, model: str | None, num_train: int) -> "TrainConfig":
+        """This config with `lr`, `batch_size` and `weight_decay`, where None, from the recipe of registry model
+        `model` (`RECIPES`; the paper's for any other) for `num_train` training examples; `recipe` names it."""
+        missing = [k for k in PAPER_RECIPE if getattr(self, k) is None]
+        if not missing:
+            return self
+        name = model if model in RECIPES else "paper"
+        recipe = RECIPES.get(model, PAPER_RECIPE)
+        values = {k: recipe[k] for k in missing}
+        if values.get("batch_size") == AUTO:
+            values["batch_size"] = recipe_batch(num_train)
+        # what the user set is decided before the recipe fills the rest (a recipe's batch size is a default that
+        # fits the data, `fit_training`, not a count the user set)
+        given = self.given if self.given is not None else tuple(sorted(given_fields(self)))
+        return replace(self, **values, recipe=name, given=given)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -171,6 +243,43 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def auto_learning_rate(step: int, steps_per_epoch: int, cfg: TrainConfig, settle_from: int | None = None) -> float:
+    """The per-iteration learning rate of --epochs auto at `step` (0-based, over the whole training).
+
+    cosine: cycles of the fixed recipe's schedule, the first `auto_cycle` epochs long with its warm-up (what
+    `--epochs auto_cycle` would train), each next twice as long from the peak again (warm restarts, Loshchilov &
+    Hutter 2017: memorization comes as the rate anneals, and a cycle that ends unmemorized gets a longer one).
+    Once the threshold is reached at the end of epoch `settle_from`, the `settle_epochs` after it anneal from the
+    rate of its last step to 0 (cosine). constant: `lr` throughout. A function of the config and of the epoch the
+    threshold was reached: a resumed run repeats the schedule of an uninterrupted one.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    spe = steps_per_epoch
+    if settle_from is not None and step >= settle_from * spe:
+        start = settle_from * spe
+        peak = auto_learning_rate(start - 1, spe, cfg) if start > 0 else cfg.lr
+        progress = min(1.0, (step - start + 1) / max(1, cfg.settle_epochs * spe))
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    first = cfg.auto_cycle * spe
+    if step < first:
+        return learning_rate(step, first, cfg)
+    start, length = first, 2 * first
+    while step >= start + length:
+        start, length = start + length, 2 * length
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - start) / length))
+
+
+def memorized(record: dict, kind: str = "noisy") -> bool:
+    """Whether the epoch `record` reaches --epochs auto's threshold: the memorized kind's training accuracy at
+    least `MEMORIZED` (90%); where no example is known to be of that kind, every training example right (100%)."""
+    value = record.get(f"{kind}_train_acc")
+    if value is not None:
+        return value >= MEMORIZED
+    whole = record.get("clean_train_acc")  # clean-train is every example where none is known to be noisy
+    return whole is not None and whole >= 1.0
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -208,8 +317,12 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: Dataset, cfg: TrainConfig, *, run: RunDir | None = None,
                  progress: bool = True, log: Callable[[str], None] | None = None):
-        self.cfg, self.data, self.run = cfg, data, run
         self.task = task_of(data)
+        cfg = cfg.with_recipe(registry_name(model), self.task.num_train)  # what the config left to the model
+        if cfg.auto and self.task.name != "classification":
+            raise ConfigError(f"--epochs auto stops on noisy-train accuracy, which task {self.task.name} does not "
+                              "have: pass --epochs N")
+        self.cfg, self.data, self.run = cfg, data, run
         self.device = distributed.local_device(resolve_device(cfg.device))
         # data-parallel under torchrun (docs/cluster.md): every process trains its part of each batch, rank 0 writes
         self.rank, self.world_size = distributed.world()
@@ -243,16 +356,19 @@ class Trainer:
         else:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay, nesterov=False, fused=fused)
-        n, e = self.task.num_train, cfg.epochs
+        n = self.task.num_train
         self.steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.indices_ctx = indices_context(self.model, self.task)
         self._params = [p for p in self.model.parameters() if p.requires_grad]  # what torchrun's processes sum
         dev = self.device
-        self.rec_loss = torch.zeros(e, n, dtype=torch.float16, device=dev)
-        self.rec_margin = torch.zeros(e, n, dtype=torch.float16, device=dev)
-        self.rec_correct = torch.zeros(e, n, dtype=torch.bool, device=dev)
+        # --epochs auto: rows for the first cycle and its settling, grown as training goes on (`_grow`)
+        rows = min(cfg.epoch_cap, cfg.auto_cycle + cfg.settle_epochs) if cfg.auto else cfg.epoch_cap
+        self.rec_loss = torch.zeros(rows, n, dtype=torch.float16, device=dev)
+        self.rec_margin = torch.zeros(rows, n, dtype=torch.float16, device=dev)
+        self.rec_correct = torch.zeros(rows, n, dtype=torch.bool, device=dev)
+        self.settle_from: int | None = None  # --epochs auto: the epoch that reached the threshold
         memorized = self.task.kind_mask(self.task.memorized_kind) if cfg.gradient_accounting else None
-        self.accounting = GradientAccounting(self.model, memorized, e, dev)
+        self.accounting = GradientAccounting(self.model, memorized, cfg.epoch_cap, dev)
         self.metrics: list[dict] = []
         self.elr_targets = None  # (N, C) float32 on the device, with --elr only
         if cfg.elr is not None:
@@ -306,9 +422,13 @@ class Trainer:
                                    "it was not saved by this run; start it again with --overwrite")
                 self.elr_targets.copy_(saved)
         self.metrics = [m for m in run.read_metrics() if m["epoch"] <= last]
+        if self.cfg.auto:  # the epoch that reached the threshold decides the schedule from there on
+            kind = self.task.memorized_kind
+            self.settle_from = next((m["epoch"] for m in self.metrics if memorized(m, kind)), None)
         if last > 0:
             rec = run.load_arrays("examples.npz", "loss", "margin", "correct_bits")
             k = last
+            self._grow(k)
             self.rec_loss[:k] = torch.from_numpy(rec["loss"][:k]).to(self.device)
             self.rec_margin[:k] = torch.from_numpy(rec["margin"][:k]).to(self.device)
             correct = np.unpackbits(rec["correct_bits"], axis=1, count=self.task.num_train).astype(bool)
@@ -343,8 +463,8 @@ class Trainer:
     def _epoch(self, epoch: int, bar) -> dict:
         cfg, model, dev, task, acc = self.cfg, self.model, self.device, self.task, self.accounting
         n, b = task.num_train, cfg.batch_size
-        total_steps = self.steps_per_epoch * cfg.epochs
         e = epoch - 1  # records row
+        self._grow(epoch)
         model.train()
         with seeded(epoch_seed(cfg.seed, epoch), dev):
             order = torch.randperm(n)  # on the CPU: the same order on every device
@@ -353,7 +473,7 @@ class Trainer:
             correct_sum = torch.zeros((), device=dev)
             elr_sum = torch.zeros((), device=dev) if cfg.elr is not None else None
             for step, (xb, yb, idx, size) in enumerate(self._batches(order, b)):
-                lr = learning_rate((epoch - 1) * self.steps_per_epoch + step, total_steps, cfg)
+                lr = self.learning_rate((epoch - 1) * self.steps_per_epoch + step)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 if xb is None:  # this process's part of a short last batch is empty: it joins the step all the same
@@ -400,6 +520,32 @@ class Trainer:
             train_stats["train_elr"] = float(elr_sum) / n
         return train_stats
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate at `step` (0-based, over the whole training) of this run's schedule."""
+        if self.cfg.auto:
+            return auto_learning_rate(step, self.steps_per_epoch, self.cfg, self.settle_from)
+        return learning_rate(step, self.steps_per_epoch * int(self.cfg.epochs), self.cfg)
+
+    def last_epoch(self) -> int:
+        """The epoch training ends with, as far as it is known: the fixed epochs; with --epochs auto the epoch
+        that reached the threshold plus --settle-epochs (--max-epochs while it is not reached)."""
+        cfg = self.cfg
+        if not cfg.auto:
+            return int(cfg.epochs)
+        if self.settle_from is None:
+            return cfg.max_epochs
+        return min(cfg.max_epochs, self.settle_from + cfg.settle_epochs)
+
+    def _grow(self, rows: int) -> None:
+        """Room for `rows` epochs in the per-example records (--epochs auto does not know them in advance)."""
+        have = self.rec_loss.shape[0]
+        if rows <= have:
+            return
+        more = min(self.cfg.epoch_cap, max(rows, 2 * have)) - have
+        for name in ("rec_loss", "rec_margin", "rec_correct"):
+            t = getattr(self, name)
+            setattr(self, name, torch.cat([t, torch.zeros(more, t.shape[1], dtype=t.dtype, device=t.device)]))
+
     def _step(self) -> None:
         """After the step's backward: sum the processes' gradients (torchrun), account the whole gradient, clip,
         and update the weights (alike in every process: they stay identical)."""
@@ -441,7 +587,7 @@ class Trainer:
         if self.accounting.active:
             run.save_arrays("gradients.npz", **self.accounting.arrays(k))
         run.write_metrics(self.metrics)
-        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
+        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.last_epoch():
             run.save_checkpoint(epoch, self.model)
             state = self._optimizer_state()
             if self.elr_targets is not None:  # with the optimizer's state: what resuming needs, only the newest
@@ -462,8 +608,8 @@ class Trainer:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=self.steps_per_epoch * (cfg.epochs - start_epoch), desc="train", unit="step",
-                       dynamic_ncols=True, leave=False)
+            bar = tqdm(total=self.steps_per_epoch * (self._expected_last(start_epoch) - start_epoch), desc="train",
+                       unit="step", dynamic_ncols=True, leave=False)
         # cuDNN autotuning pays off here (a few fixed batch shapes); given back to the caller's setting after
         try:
             with cudnn_autotune(torch.backends.cudnn.benchmark or self.device.type == "cuda"), \
@@ -472,33 +618,73 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        done = len(self.metrics)
+        if cfg.auto and self.settle_from is None and self.task.name == "classification":
+            self.log(self._cap_line())
         if self.run is not None:
-            self.run.set_stage("train", "done", **self._stage(last_checkpoint=cfg.epochs, epochs=cfg.epochs))
+            self.run.set_stage("train", "done", **self._stage(last_checkpoint=done, epochs=done))
         return self.history()
+
+    def _expected_last(self, epoch: int) -> int:
+        """The progress bar's last epoch after `epoch`: the fixed epochs; with --epochs auto the end of the cosine
+        cycle under way plus the settling epochs, until the threshold is reached (then the known end)."""
+        cfg = self.cfg
+        if not cfg.auto or self.settle_from is not None:
+            return self.last_epoch()
+        end, length = cfg.auto_cycle, cfg.auto_cycle
+        while end <= epoch:
+            length *= 2
+            end += length
+        return min(cfg.max_epochs, end + cfg.settle_epochs)
+
+    def _cap_line(self) -> str:
+        """What --epochs auto says when it stops at --max-epochs before the threshold."""
+        kind = self.task.memorized_kind
+        last = self.metrics[-1] if self.metrics else {}
+        value = last.get(f"{kind}_train_acc")
+        what = (f"{kind}-train {100 * value:.1f}%, below the {100 * MEMORIZED:.0f}% that counts as memorized"
+                if value is not None else
+                f"training accuracy {100 * (last.get('clean_train_acc') or 0):.1f}%, below 100%")
+        return (f"epochs auto: stopped at the cap of {self.cfg.max_epochs} epochs (--max-epochs) with {what}: "
+                "raise --max-epochs, or see docs/your-data.md for what else helps a model memorize")
 
     def _fit_epochs(self, start_epoch: int, bar) -> None:
         cfg = self.cfg
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        kind = self.task.memorized_kind
+        epoch = start_epoch
+        while epoch < self.last_epoch():
+            epoch += 1
             t0 = time.perf_counter()
             stats = self._epoch(epoch, bar)
             t1 = time.perf_counter()
             acc = evaluate(self.model, self.data, batch_size=cfg.eval_batch_size)
             t2 = time.perf_counter()
-            record = {"epoch": epoch, "lr": learning_rate(epoch * self.steps_per_epoch - 1,
-                                                          self.steps_per_epoch * cfg.epochs, cfg),
+            record = {"epoch": epoch, "lr": self.learning_rate(epoch * self.steps_per_epoch - 1),
                       **stats, **acc, "epoch_time_s": round(t1 - t0, 4), "eval_time_s": round(t2 - t1, 4)}
             self.metrics.append(record)
             self.log(format_record(record) + ("  [eval mode: every unit on]" if self._tied else ""))
+            if cfg.auto and self.settle_from is None and memorized(record, kind):
+                self.settle_from = epoch
+                what = (f"{kind}-train {100 * record[f'{kind}_train_acc']:.1f}% >= {100 * MEMORIZED:.0f}%"
+                        if record.get(f"{kind}_train_acc") is not None else "every training example right")
+                more = self.last_epoch() - epoch
+                self.log(f"epochs auto: {what} at epoch {epoch}: " + (
+                    f"{more} more epoch{'s' if more != 1 else ''}, the learning rate annealed to 0 (--settle-epochs)"
+                    if more else "stopping here"))
             if bar is not None:
                 bar.set_postfix_str(_short(record))
+                total = self.steps_per_epoch * (self._expected_last(epoch) - start_epoch)
+                if total != bar.total:
+                    bar.total = total
+                    bar.refresh()
             if self.run is not None:
                 self._save_epoch(epoch)
 
-
     def history(self) -> History:
-        records = {"loss": self.rec_loss.cpu().numpy(), "margin": self.rec_margin.cpu().numpy(),
-                   "correct": self.rec_correct.cpu().numpy()}
-        return History(self.metrics, records, self.accounting.arrays() if self.accounting.active else None,
+        k = len(self.metrics)  # the epochs trained (--epochs auto: fewer rows than were made room for)
+        records = {"loss": self.rec_loss[:k].cpu().numpy(), "margin": self.rec_margin[:k].cpu().numpy(),
+                   "correct": self.rec_correct[:k].cpu().numpy()}
+        return History(self.metrics, records, self.accounting.arrays(k) if self.accounting.active else None,
                        self.elr_targets.cpu().numpy() if self.elr_targets is not None else None)
 
 
@@ -538,6 +724,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, ru
     """
     cfg = replaced(TrainConfig, cfg, options)
     prepare(model, data)
+    cfg = cfg.with_recipe(registry_name(model), task_of(data).num_train)  # what config.json records
     cfg = fit_training(cfg, data, log)
     if run is None:
         return Trainer(model, data, cfg, progress=progress, log=log).fit()

@@ -259,7 +259,8 @@ def _documents(cfg: TextConfig) -> list[str]:
     if cfg.corpus == "bible":
         return bible_verses()
     from .sources import read_texts
-    return list(read_texts(cfg.corpus, window=cfg.window or None))
+    # --window: the whole .txt as one text, cut into windows of --block-size + 1 tokens (`_windows`)
+    return list(read_texts(cfg.corpus, window=cfg.block_size + 1 if cfg.window else None))
 
 
 def _windows(cfg: TextConfig, docs: list[str], tok) -> tuple[np.ndarray, np.ndarray]:

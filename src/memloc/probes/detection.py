@@ -477,11 +477,14 @@ def _compute(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> Pr
                           "num_layers": dr.summary.get("num_layers"), "epoch": dr.summary.get("epoch")}
     given_np = given.cpu().numpy()
     if cfg.cv:
-        probs = cross_validated_probs(ctx.loaded.config, data, folds=cfg.cv, epochs=cfg.cv_epochs, seed=cfg.seed,
+        cv_epochs = cfg.cv_epochs  # default: the run's; --epochs auto: as many as the run took to memorize
+        if cv_epochs is None and ctx.loaded.config.train.auto:
+            cv_epochs = len(ctx.loaded.run.read_metrics())
+        probs = cross_validated_probs(ctx.loaded.config, data, folds=cfg.cv, epochs=cv_epochs, seed=cfg.seed,
                                       log=ctx.log)
         quality, issues = label_quality(given_np, probs)
         raw["label_quality"] = quality
-        extra["cleanlab"] = {"folds": cfg.cv, "epochs": cfg.cv_epochs or ctx.loaded.config.train.epochs,
+        extra["cleanlab"] = {"folds": cfg.cv, "epochs": cv_epochs or ctx.loaded.config.train.epochs,
                              "label_issues": int(issues.sum()),
                              "out_of_fold_accuracy": float((probs.argmax(1) == given_np).mean())}
         if memorized is not None:

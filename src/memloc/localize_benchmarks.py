@@ -54,11 +54,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bench_localize_report import write_bench_report
 from .errors import ConfigError, DataError, RunError
 from .lm.gpt import GPT, GPTShape
 from .lm.text import TextData
 from .lm.tinymem import TinyMemConfig, tinymem_data
+from .localize_benchmarks_report import write_bench_report
 from .probes import localization as loc
 from .runs import load_into, load_state, save_state, write_json, write_text
 from .tasks import task_of

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError
-from .experiment import AUDIT_FILE, content_hash
+from .experiment import AUDIT_FILE, HISTORY, REMOVAL, content_hash
 from .options import check_ranges, ints, names, option
 from .probes.localization import METHODS
 
@@ -239,8 +239,6 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
     return run.path
 
 
-REMOVAL = "removal"  # the probe folder of the removal's verification (RUN/probes/removal/)
-HISTORY = "history"  # every sequence's extraction at every checkpoint (RUN/probes/history/)
 
 
 def history(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callable[[str], None]) -> None:
@@ -320,6 +318,7 @@ def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callab
     result = removal_result(loaded.data, scan, after, loc)
     result.save(run)
     run.set_stage(REMOVAL, "done")
+    from .report import describe_removal
     for line in describe_removal(result):
         log(line)
 
@@ -371,99 +370,3 @@ def removal_result(data, before, after, loc):
               **{f"{k}_after": np.asarray(v) for k, v in after.arrays.items()
                  if k.startswith("mi_") or k in ("loss", "suffix_accuracy")}}
     return ProbeResult(REMOVAL, summary, arrays, rows)
-
-
-def describe_removal(result) -> list[str]:
-    s = result.summary
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}%"
-    b, a, c = s["heldout_perplexity_before"], s["heldout_perplexity_after"], s["perplexity_cost"]
-    cost = "not measured (no held-out text)" if c is None else f"{b:.2f} -> {a:.2f} ({100 * c:+.2f}%)"
-    lines = [f"removal ({s['method']}, {s['zeroed']} of {s['units']} units zeroed): {s['targeted']} targeted sequences "
-             f"extracted {pct(s['targeted_extracted_before'])} -> {pct(s['targeted_extracted_after'])}; held-out "
-             f"perplexity {cost}"]
-    if s["other_memorized"]:
-        lines.append(f"  the other {s['other_memorized']} extracted sequences: {pct(1.0)} -> "
-                     f"{pct(s['other_memorized_extracted_after'])}")
-    if s["reached"] is False:
-        lines.append(f"  the goal (at most {pct(s['until'])} extracted within {pct(s['max_cost'])} perplexity) was "
-                     "not reached: the edit shown is the largest within the cost")
-    aurocs = [f"{n} {q['auroc_before']:.2f} -> {q['auroc_after']:.2f}" for n, q in s["membership"].items()
-              if q.get("auroc_before") is not None and q.get("auroc_after") is not None]
-    if aurocs:
-        lines.append("  membership AUROC: " + ", ".join(aurocs))
-    return lines
-
-
-def report_sections(run) -> list:
-    """The audit's first screen: which sequences the model memorizes (extraction, membership), where (the layers of
-    the removal's edit), and what the removal did, from the run's files."""
-    import numpy as np
-
-    from .figures import png, pyplot
-    from .probes.base import ProbeResult
-    from .report import Figure, Section, Table
-
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.1f}%"
-    sec = Section("Audit: which sequences the model memorizes, and where")
-    probes_dir = run.path / "probes"
-    if not (probes_dir / "memorization" / "summary.json").exists():
-        sec.missing = f"the scan has not finished: `memloc audit ... --out {run.path}` again"
-        return [sec]
-    scan = ProbeResult.load(run, "memorization")
-    rows = scan.rows
-    members = [r for r in rows if str(r.get("member")) == "True"]
-    unknown = [r for r in rows if r.get("member") in (None, "", "None")]
-    extracted = [r for r in rows if str(r.get("extracted")) == "True" and str(r.get("trained")) == "True"]
-    sec.notes.append(f"{len(extracted)} of {len(members) + len(unknown)} audited sequences ({len(members)} known "
-                     f"members, {len(unknown)} of unknown membership) are extracted: greedy decoding from the prefix "
-                     "reproduces the suffix exactly.")
-    quality = scan.summary.get("membership") or {}
-    aurocs = [f"{n} {q['auroc']:.2f}" for n, q in quality.items() if q.get("auroc") is not None]
-    if quality:
-        first = next(iter(quality.values()))
-        sec.notes.append(f"Membership inference, {first.get('members')} members against {first.get('non_members')} "
-                         "non-members, AUROC: " + (", ".join(aurocs) or first.get("reason", "not enough data")) + ".")
-    if (probes_dir / HISTORY / "summary.json").exists():
-        hist = ProbeResult.load(run, HISTORY).summary
-        steps = ", ".join(f"{Path(c['folder']).name} {pct(v)}" for c, v in zip(hist["checkpoints"], hist["extracted"]))
-        sec.notes.append(f"When: the audited sequences extracted at each checkpoint (the audited model last): {steps}; "
-                         f"{hist['forgotten']} extracted earlier and forgotten since. Layer rewinding to each "
-                         "checkpoint: below.")
-    if (probes_dir / "localize" / "summary.json").exists():
-        loc = ProbeResult.load(run, "localize").summary
-        where = [f"{layer['name']} {layer['zeroed']} of {layer['units']}" for layer in loc.get("layers", [])
-                 if layer.get("zeroed")]
-        sec.notes.append(f"Where ({loc.get('method')}): the {loc.get('zeroed')} units that carry the extracted "
-                         f"sequences, by layer: {', '.join(where) or 'none'}.")
-    if (probes_dir / REMOVAL / "summary.json").exists():
-        removal = ProbeResult.load(run, REMOVAL)
-        sec.notes.extend(describe_removal(removal))
-        sweep = removal.summary.get("sweep") or []
-        if len(sweep) > 1:
-            plt = pyplot()
-            fig, ax = plt.subplots(figsize=(6.4, 3.6))
-            ks = [max(s["k"], 0.5) for s in sweep]
-            ax.plot(ks, [100 * s["extracted"] for s in sweep], marker="o", color="tab:red",
-                    label="targeted sequences extracted (%)")
-            costs = [(k, 100 * s["cost"]) for k, s in zip(ks, sweep) if s.get("cost") is not None]
-            if costs:
-                ax.plot(*zip(*costs), marker="s", color="tab:blue", label="held-out perplexity change (%)")
-            ax.axhline(100 * (removal.summary.get("until") or 0), ls="--", color="tab:red", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_xlabel("units zeroed (0 drawn at 0.5)")
-            ax.legend(fontsize=7)
-            sec.figures.append(Figure("audit_removal", "The removal's edit grown until the targeted sequences are no "
-                                      "longer extracted: extraction and the perplexity cost at each size.", png(fig)))
-    table = []
-    for r in sorted(rows, key=lambda r: (str(r.get("extracted")) != "True", float(r.get("loss") or np.inf))):
-        table.append({"line": r.get("line", r.get("canary")), "member": r.get("member"),
-                      "extracted": r.get("extracted"),
-                      **{k: r[k] for k in r if str(k).startswith("extracted_k")},
-                      "loss": r.get("loss"), "mi_min_k_pp": r.get("mi_min_k_pp"),
-                      "text": (str(r.get("prefix", "")) + " | " + str(r.get("secret", "")))[:120]})
-    sec.tables.append(Table("audit_sequences", "Every audited sequence, the extracted ones first (| marks where "
-                            "the suffix starts)", table))
-    return [sec]

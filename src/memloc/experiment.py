@@ -487,6 +487,8 @@ def resume_training(path: str | Path, *, progress: bool = True, log: Callable[[s
 
 
 AUDIT_FILE = "audit.json"  # an audit's record of the model it references (`memloc audit`)
+REMOVAL = "removal"  # an audit's removal, verified (RUN/probes/removal/)
+HISTORY = "history"  # an audit's sequences at each checkpoint (RUN/probes/history/)
 _HASHES: dict[tuple, str] = {}  # (real path, size, mtime, inode) -> sha256
 _HASHED = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
            "pytorch_model.bin.index.json")

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import verdicts
 from .errors import RunError
-from .experiment import AUDIT_FILE
+from .experiment import AUDIT_FILE, HISTORY, REMOVAL
 from .figures import gallery_figure, png, pyplot
 from .probes import registered
 from .probes.base import ProbeResult, probe_command
@@ -1895,12 +1895,11 @@ def build_report(path: str | Path | RunDir) -> Path:
     data, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model"))
     lm = task_words(run).name == "lm"
     if run.has(AUDIT_FILE):  # a model trained elsewhere: its sequences first, no claims about canaries
-        from .audit import report_sections
         audited = run.read_json(AUDIT_FILE)
         intro = [f"Audit `{path}` of the model in `{audited.get('model')}` (not copied; its files' sha256 in "
                  f"{AUDIT_FILE}) on the sequences of `{data.get('corpus')}`. Rebuilt from the run's files; nothing "
                  "was recomputed."]
-        return write_report(path / "report", "memloc audit", intro, report_sections(run) +
+        return write_report(path / "report", "memloc audit", intro, audit_sections(run) +
                             [sec for sec in run_sections(run) if sec.missing is None])
     if lm:
         what = _lm_run_words(model, data)
@@ -1925,3 +1924,95 @@ def _lm_run_words(model: dict, data: dict) -> str:
             f"tokenizer, {data.get('block_size')} tokens per sequence); canaries: {data.get('canaries')} per format "
             f"({listed(data.get('canary_formats'))}) and repeat count ({listed(data.get('repeats'))}), as many held "
             "out")
+
+
+# ----------------------------------------------------------------------------- an audit
+
+def describe_removal(result) -> list[str]:
+    s = result.summary
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+    b, a, c = s["heldout_perplexity_before"], s["heldout_perplexity_after"], s["perplexity_cost"]
+    cost = "not measured (no held-out text)" if c is None else f"{b:.2f} -> {a:.2f} ({100 * c:+.2f}%)"
+    lines = [f"removal ({s['method']}, {s['zeroed']} of {s['units']} units zeroed): {s['targeted']} targeted sequences "
+             f"extracted {pct(s['targeted_extracted_before'])} -> {pct(s['targeted_extracted_after'])}; held-out "
+             f"perplexity {cost}"]
+    if s["other_memorized"]:
+        lines.append(f"  the other {s['other_memorized']} extracted sequences: {pct(1.0)} -> "
+                     f"{pct(s['other_memorized_extracted_after'])}")
+    if s["reached"] is False:
+        lines.append(f"  the goal (at most {pct(s['until'])} extracted within {pct(s['max_cost'])} perplexity) was "
+                     "not reached: the edit shown is the largest within the cost")
+    aurocs = [f"{n} {q['auroc_before']:.2f} -> {q['auroc_after']:.2f}" for n, q in s["membership"].items()
+              if q.get("auroc_before") is not None and q.get("auroc_after") is not None]
+    if aurocs:
+        lines.append("  membership AUROC: " + ", ".join(aurocs))
+    return lines
+
+
+def audit_sections(run: RunDir) -> list[Section]:
+    """The audit's first screen: which sequences the model memorizes (extraction, membership), where (the layers of
+    the removal's edit), and what the removal did, from the run's files."""
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}%"
+    sec = Section("Audit: which sequences the model memorizes, and where")
+    probes_dir = run.path / "probes"
+    if not (probes_dir / "memorization" / "summary.json").exists():
+        sec.missing = f"the scan has not finished: `memloc audit ... --out {run.path}` again"
+        return [sec]
+    scan = ProbeResult.load(run, "memorization")
+    rows = scan.rows
+    members = [r for r in rows if str(r.get("member")) == "True"]
+    unknown = [r for r in rows if r.get("member") in (None, "", "None")]
+    extracted = [r for r in rows if str(r.get("extracted")) == "True" and str(r.get("trained")) == "True"]
+    sec.notes.append(f"{len(extracted)} of {len(members) + len(unknown)} audited sequences ({len(members)} known "
+                     f"members, {len(unknown)} of unknown membership) are extracted: greedy decoding from the prefix "
+                     "reproduces the suffix exactly.")
+    quality = scan.summary.get("membership") or {}
+    aurocs = [f"{n} {q['auroc']:.2f}" for n, q in quality.items() if q.get("auroc") is not None]
+    if quality:
+        first = next(iter(quality.values()))
+        sec.notes.append(f"Membership inference, {first.get('members')} members against {first.get('non_members')} "
+                         "non-members, AUROC: " + (", ".join(aurocs) or first.get("reason", "not enough data")) + ".")
+    if (probes_dir / HISTORY / "summary.json").exists():
+        hist = ProbeResult.load(run, HISTORY).summary
+        steps = ", ".join(f"{Path(c['folder']).name} {pct(v)}" for c, v in zip(hist["checkpoints"], hist["extracted"]))
+        sec.notes.append(f"When: the audited sequences extracted at each checkpoint (the audited model last): {steps}; "
+                         f"{hist['forgotten']} extracted earlier and forgotten since. Layer rewinding to each "
+                         "checkpoint: below.")
+    if (probes_dir / "localize" / "summary.json").exists():
+        loc = ProbeResult.load(run, "localize").summary
+        where = [f"{layer['name']} {layer['zeroed']} of {layer['units']}" for layer in loc.get("layers", [])
+                 if layer.get("zeroed")]
+        sec.notes.append(f"Where ({loc.get('method')}): the {loc.get('zeroed')} units that carry the extracted "
+                         f"sequences, by layer: {', '.join(where) or 'none'}.")
+    if (probes_dir / REMOVAL / "summary.json").exists():
+        removal = ProbeResult.load(run, REMOVAL)
+        sec.notes.extend(describe_removal(removal))
+        sweep = removal.summary.get("sweep") or []
+        if len(sweep) > 1:
+            plt = pyplot()
+            fig, ax = plt.subplots(figsize=(6.4, 3.6))
+            ks = [max(s["k"], 0.5) for s in sweep]
+            ax.plot(ks, [100 * s["extracted"] for s in sweep], marker="o", color="tab:red",
+                    label="targeted sequences extracted (%)")
+            costs = [(k, 100 * s["cost"]) for k, s in zip(ks, sweep) if s.get("cost") is not None]
+            if costs:
+                ax.plot(*zip(*costs), marker="s", color="tab:blue", label="held-out perplexity change (%)")
+            ax.axhline(100 * (removal.summary.get("until") or 0), ls="--", color="tab:red", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("units zeroed (0 drawn at 0.5)")
+            ax.legend(fontsize=7)
+            sec.figures.append(Figure("audit_removal", "The removal's edit grown until the targeted sequences are no "
+                                      "longer extracted: extraction and the perplexity cost at each size.", png(fig)))
+    table = []
+    for r in sorted(rows, key=lambda r: (str(r.get("extracted")) != "True", float(r.get("loss") or np.inf))):
+        table.append({"line": r.get("line", r.get("canary")), "member": r.get("member"),
+                      "extracted": r.get("extracted"),
+                      **{k: r[k] for k in r if str(k).startswith("extracted_k")},
+                      "loss": r.get("loss"), "mi_min_k_pp": r.get("mi_min_k_pp"),
+                      "text": (str(r.get("prefix", "")) + " | " + str(r.get("secret", "")))[:120]})
+    sec.tables.append(Table("audit_sequences", "Every audited sequence, the extracted ones first (| marks where "
+                            "the suffix starts)", table))
+    return [sec]

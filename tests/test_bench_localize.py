@@ -163,6 +163,7 @@ def test_a_foreign_folder_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.study  # ~8 min alone on a 2-core AMD machine: outside CI's 45-minute budget (README)
 def test_tinymem_two_layers_best_method_removes_the_artifacts(tmp_path):
     """TinyMem's 2-layer setting on a CPU (the full preset, every artifact 4 times: without duplication a 2-layer
     model trained this briefly memorizes almost none, as in TinyMem, ~1%): the best method removes >= 90% of the

@@ -268,15 +268,16 @@ def test_sinks_localize_what_standard_dropout_spreads(tmp_path):
     over held-out ones (the loss gap of the 16x canaries closes by half or more, their in-context extraction falls
     by >= 80%) at a small perplexity cost, while in a model trained with standard dropout at the same active
     fraction dropping the very same neurons closes far less of the gap."""
-    args = ["--task", "lm", "--preset", "smoke", "--epochs", "12", "--quiet"]
-    sinks, std = tmp_path / "sinks", tmp_path / "dropout"
-    assert main(["train", *args, "--memorization-sinks", "0.5,0.1", "--out", str(sinks)]) == 0
-    cfg = ModelConfig(name="gpt", n_layer=2, n_head=4, n_embd=64, baseline="dropout", active_fraction=0.55)
     from memloc.experiment import RunConfig, preset, run_training
     from memloc.training import TrainConfig
     p = preset("smoke", "lm")
-    run_training(RunConfig(data=TextConfig(**p["data"]), model=cfg,
-                           train=TrainConfig(**{**p["train"], "epochs": 12}), task="lm"), std, progress=False)
+    # the canaries this was measured with (the smoke preset's repeats are 1, 8, 32 since issue #37): pinned, so the
+    # bounds below keep meaning the 16x canaries
+    data, train = {**p["data"], "repeats": (1, 4, 16)}, {**p["train"], "epochs": 12}
+    sinks, std = tmp_path / "sinks", tmp_path / "dropout"
+    for out, model in ((sinks, dict(p_gen=0.5, p_mem=0.1)), (std, dict(baseline="dropout", active_fraction=0.55))):
+        run_training(RunConfig(data=TextConfig(**data), model=ModelConfig(**p["model"], **model),
+                               train=TrainConfig(**train), task="lm"), out, progress=False)
     a = open_run(sinks, device="cpu")
     s = evaluate_sinks(a.model(), a.data, exposure=False).summary
     b = open_run(std, device="cpu")

@@ -33,6 +33,11 @@ class AuditConfig:
 
     model: str = option("", "the model: hf:FOLDER (a causal LM saved with save_pretrained; or just FOLDER)",
                         cli=False)
+    weights: str | None = option(None, "a trained classifier's weights (.safetensors: a state dict of --model, "
+                                 "--width): audit it on --dataset, the data it trained on (docs/audit.md)",
+                                 metavar="FILE")
+    flip_examples: int = option(50, "a classifier: examples (per kind where the noise is known) whose units are "
+                                "removed until they flip", metavar="N", at_least=1)
     sequences: str = option("", "the sequences: .jsonl ({\"text\"} or {\"ids\"} or {\"prefix\", \"suffix\"}, optional "
                             "\"member\": true/false) or .txt (one a line)", metavar="FILE")
     heldout: str | None = option(None, "more text the model did not train on (.jsonl or .txt): perplexity and "
@@ -47,8 +52,9 @@ class AuditConfig:
     truncate: bool = option(True, "refuse sequences longer than the model's context (default: keep their last "
                             "tokens, with a line saying how many)", negate="--no-truncate")
     checkpoints: tuple[str, ...] | None = option(None, "earlier training states of the same model, oldest first "
-                                                 "(hf:FOLDER or FOLDER each): every sequence's extraction at each, and "
-                                                 "each layer rewound to each", parse=names, metavar="DIR,DIR,...")
+                                                 "(hf:FOLDER or FOLDER each; a classifier's: .safetensors files): "
+                                                 "every sequence's extraction at each, and each layer rewound to each",
+                                                 parse=names, metavar="DIR,DIR,...")
     remove: bool = option(True, "skip the removal stage (default: localize the extracted sequences, export the "
                           "edited model to RUN/edited/ and scan it again)", negate="--no-remove")
     method: str = option("ig", "how the removal localizes: a `memloc localize` method (integrated gradients: "

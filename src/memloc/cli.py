@@ -373,6 +373,39 @@ def _refuse_changes(args, *, run: bool = False) -> None:
                           f"--out {args.resume} --overwrite)")
 
 
+def _classifier_flags(args) -> list[str]:
+    """The flags of a classifier's audit (its data and model) that were given, as typed."""
+    from .data import DataConfig
+    from .experiment import ModelConfig
+    return [f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            for cls in (DataConfig, ModelConfig) for f in dataclasses.fields(cls) if f.name in given(args, cls)]
+
+
+def _classifier_audit(args, cfg) -> "Path":
+    """`memloc audit --weights FILE --dataset DATA ...`: the classifier's run config from the data and model flags
+    (its labels as given: no noise is added unless --noise says the model trained on memloc's seeded noise)."""
+    from .audit_classifier import run_classifier_audit
+    from .budget import forced
+    from .data import DataConfig
+    from .experiment import ModelConfig, RunConfig
+    from .training import TrainConfig
+    if args.model:
+        raise ConfigError(f"--weights audits a classifier, MODEL {args.model} a language model: pass one of them")
+    lm = [f for f in ("sequences", "heldout", "tokenizer", "reference") if getattr(args, f, None)]
+    if lm:
+        raise ConfigError(f"--{lm[0]} is for a language model's audit, not a classifier's (--weights): drop it")
+    data = given(args, DataConfig)
+    if "dataset" not in data:
+        raise ConfigError("a classifier's audit needs --dataset: the data the model trained on (a .npz, a folder "
+                          "of class folders, or a dataset name), with --labels FILE if it trained on other labels")
+    data.setdefault("noise", 0.0)
+    run_cfg = RunConfig(data=DataConfig(**data), model=ModelConfig(**given(args, ModelConfig)),
+                        train=TrainConfig(device=cfg.device), task="classification")
+    with forced(args.force):
+        return run_classifier_audit(cfg, run_cfg, args.out, overwrite=args.overwrite, progress=_progress(args),
+                                    log=_log(args))
+
+
 def cmd_audit(args) -> int:
     from .audit import AuditConfig, resumed_config, run_audit
     if args.resume:
@@ -385,9 +418,22 @@ def cmd_audit(args) -> int:
         if changed:
             raise ConfigError(f"--resume finishes the audit {args.resume} with the settings it was started with, and "
                               f"{changed[0]} would change them: drop {changed[0]}, or start again (--out NEW)")
+        changed = _classifier_flags(args)
+        if changed:
+            raise ConfigError(f"--resume finishes the audit {args.resume} with the settings it was started with, and "
+                              f"{changed[0]} would change them: drop {changed[0]}, or start again (--out NEW)")
         cfg = resumed_config(args.resume, **given(args, AuditConfig))
-        path = run_audit(cfg, args.resume, resume=True, progress=_progress(args), log=_log(args))
+        if cfg.weights:
+            from .audit_classifier import run_classifier_audit
+            path = run_classifier_audit(cfg, None, args.resume, resume=True, progress=_progress(args), log=_log(args))
+        else:
+            path = run_audit(cfg, args.resume, resume=True, progress=_progress(args), log=_log(args))
+    elif args.weights:
+        path = _classifier_audit(args, AuditConfig(**given(args, AuditConfig)))
     else:
+        if _classifier_flags(args):
+            raise ConfigError(f"{_classifier_flags(args)[0]} is for a classifier's audit: pass its weights with "
+                              "--weights FILE.safetensors (a language model's audit reads MODEL and --sequences)")
         if not args.model:
             raise ConfigError("memloc audit needs the model to audit: memloc audit hf:FOLDER --sequences FILE (or "
                               "--resume RUN to finish an audit)")
@@ -696,8 +742,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="a model memloc did not train and your sequences: which it memorizes (extraction, "
                                      "membership scores), into a run directory for localize and export")
     p.add_argument("model", metavar="MODEL", nargs="?",
-                   help="hf:FOLDER: a causal LM saved by save_pretrained (local files only)")
+                   help="hf:FOLDER: a causal LM saved by save_pretrained (local files only); for a classifier, "
+                        "--weights FILE.safetensors and its --model and --dataset instead")
     add_config_flags(p, AuditConfig)
+    from .data import DataConfig
+    from .experiment import ModelConfig
+    add_config_flags(p, ModelConfig, exclude=tuple(f.name for f in dataclasses.fields(ModelConfig)
+                                                   if f.name not in ("name", "width")),
+                     title="a classifier's model (with --weights)")
+    add_config_flags(p, DataConfig, title="a classifier's data (with --weights): what it trained on")
     p.add_argument("--out", help="run directory (default runs/audit-<model>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="finish an interrupted audit with the settings it started with")
     p.add_argument("--force", action="store_true", help="audit even where the memory estimate (the model, the "

@@ -1894,6 +1894,14 @@ def build_report(path: str | Path | RunDir) -> Path:
     cfg = run.read_json("config.json") if run.has("config.json") else {}
     data, model = (cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("data", "model"))
     lm = task_words(run).name == "lm"
+    if run.has(AUDIT_FILE) and not lm:  # a classifier trained elsewhere: its examples first, then every probe
+        audited = run.read_json(AUDIT_FILE)
+        intro = [f"Audit `{path}` of the classifier `{audited.get('model')}` ({model.get('name')}, width "
+                 f"{model.get('width')}) on {data.get('dataset')}: its weights copied into the run (sha256 in "
+                 f"{AUDIT_FILE}), {len(audited.get('checkpoints') or [])} earlier states with it. Rebuilt from the "
+                 "run's files; nothing was recomputed."]
+        return write_report(path / "report", "memloc audit", intro, classifier_audit_sections(run) +
+                            [sec for sec in run_sections(run) if sec.missing is None])
     if run.has(AUDIT_FILE):  # a model trained elsewhere: its sequences first, no claims about canaries
         audited = run.read_json(AUDIT_FILE)
         intro = [f"Audit `{path}` of the model in `{audited.get('model')}` (not copied; its files' sha256 in "
@@ -1949,6 +1957,82 @@ def describe_removal(result) -> list[str]:
     if aurocs:
         lines.append("  membership AUROC: " + ", ".join(aurocs))
     return lines
+
+
+def classifier_audit_sections(run: RunDir) -> list[Section]:
+    """A classifier's audit, first screen: which training examples the model fits against the evidence (the
+    detection's suspects it predicts with their given label), where (the layers the flipped examples' units lie in,
+    prediction depth, the most critical layer rewound), from the run's files."""
+    sec = Section("Audit: which training examples the classifier memorizes, and where")
+    metrics = run.read_metrics()
+    last = metrics[-1] if metrics else {}
+    det_file = run.path / "probes" / "detection" / "summary.json"
+    if not det_file.exists():
+        sec.missing = f"the audit has not finished: `memloc audit --resume {run.path}`"
+        return [sec]
+    det = ProbeResult.load(run, "detection")
+    a, summ = det.arrays, det.summary
+    names = [str(n) for n in a["score_names"]]
+    given, pred = np.asarray(a["given_label"]), a.get("predicted_label")
+    fitted = None if pred is None else np.asarray(pred) == given
+    noisy = np.asarray(a["is_noisy"], dtype=bool) if "is_noisy" in a else None
+    n = len(given)
+    if noisy is None or not noisy.any():
+        sec.notes.append(f"The audited model predicts {_pct(last.get('clean_train_acc'))} of its training examples "
+                         f"with their given label; test accuracy {_pct(last.get('test_acc'))}.")
+    else:
+        sec.notes.append(f"The audited model predicts {_pct(last.get('clean_train_acc'))} of the clean training "
+                         f"examples and {_pct(last.get('noisy_train_acc'))} of the {int(noisy.sum())} known "
+                         "mislabeled ones with their (wrong) given label: those it memorized; test accuracy "
+                         f"{_pct(last.get('test_acc'))}.")
+    rank = summ.get("rank_by", "aum")
+    k = int(noisy.sum()) if noisy is not None and noisy.any() else max(1, n // 20)
+    top = np.asarray(a["ranking"])[:k]
+    if fitted is not None:
+        memo = top[fitted[top]]
+        sec.notes.append(f"Memorized, by the evidence: of the {k} most suspicious examples ({rank}; "
+                         + ("as many as are known to be mislabeled" if noisy is not None and noisy.any()
+                            else "the top 5%") + f"), the model predicts {len(memo)} with their given label"
+                         + (f", {int(noisy[memo].sum())} of them known mislabeled" if noisy is not None else "")
+                         + ". probes/detection/suspects.csv ranks every example, with its given and predicted label.")
+    best = summ.get("best")
+    if best:
+        auroc = next((r.get("auroc") for r in summ.get("quality") or [] if r.get("score") == best), None)
+        sec.notes.append(f"The best score for finding the known mislabeled examples: {best}"
+                         + (f" (AUROC {auroc:.3f})." if auroc is not None else "."))
+    flip_file = run.path / "probes" / "flipping" / "summary.json"
+    if flip_file.exists():
+        fr = ProbeResult.load(run, "flipping")
+        counts = np.asarray(fr.arrays.get("layer_counts", np.zeros((0, 0))), dtype=np.float64)
+        layer_names = [str(x) for x in fr.arrays.get("layer_names", [])]
+        flipped = np.asarray(fr.arrays.get("flipped", np.zeros(0)), dtype=bool)
+        if counts.size and flipped.any() and counts[flipped].sum() > 0:
+            share = counts[flipped].sum(0) / counts[flipped].sum()
+            order = np.argsort(-share)[:3]
+            sec.notes.append("Where: the units whose removal flips the examples searched lie mostly in "
+                             + ", ".join(f"{layer_names[i]} ({100 * share[i]:.0f}%)" for i in order if share[i] > 0)
+                             + f"; {int(flipped.sum())} of {len(flipped)} searched examples flipped within the "
+                             "budget (the flipping section below has them by kind).")
+    if (run.path / "probes" / "depth" / "summary.json").exists():
+        ds = ProbeResult.load(run, "depth").summary.get("depth") or {}
+        med = {kd: v.get("median") for kd, v in ds.items() if isinstance(v, dict) and v.get("median") is not None}
+        if med:
+            sec.notes.append("Prediction depth (the layer from which the model has decided an example), median: "
+                             + ", ".join(f"{kd.replace('_', '-')} {v:g}" for kd, v in med.items()) + ".")
+    table = []
+    col = {nm: i for i, nm in enumerate(names)}
+    raw = np.asarray(a["raw"])
+    for i in np.asarray(a["ranking"])[:20]:
+        row = {"example": int(i), "given": int(given[i])}
+        if pred is not None:
+            row.update(predicted=int(pred[i]), fitted=bool(fitted[i]))
+        if noisy is not None:
+            row["known_mislabeled"] = bool(noisy[i])
+        row.update({nm: (None if not np.isfinite(raw[i, j]) else round(float(raw[i, j]), 4)) for nm, j in col.items()})
+        table.append(row)
+    sec.tables.append(Table("audit_suspects", f"The 20 most suspicious training examples ({rank}), with every "
+                            "score", table))
+    return [sec]
 
 
 def audit_sections(run: RunDir) -> list[Section]:

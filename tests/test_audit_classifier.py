@@ -121,16 +121,17 @@ def test_probe_commands_and_resume_work_on_the_audit(audited, tmp_path):
 
 def test_noise_unknown_ranks_every_example(outside, tmp_path):
     """Only the labels the model saw (no true labels, no mask): nothing is known to be mislabeled, so the flipping
-    probe takes a seeded sample of all examples and detection ranks them without a quality table."""
+    probe takes a seeded sample of all examples, detection ranks them without a quality table, and rewinding
+    measures what it can (training and test accuracy)."""
     out = tmp_path / "unknown"
-    args = _args(outside, "--out", str(out))
+    args = _args(outside, "--checkpoints", str(outside / "epoch30.safetensors"), "--out", str(out))
     args[args.index(str(outside / "digits.npz"))] = str(outside / "as-trained.npz")
     assert main(args) == 0
     det = json.loads((out / "probes" / "detection" / "summary.json").read_text())
     flip = json.loads((out / "probes" / "flipping" / "summary.json").read_text())
     assert det["quality"] is None and det["num_examples"] == N_TRAIN
     assert sum(k["searched"] for k in flip["kinds"].values()) >= 1
-    assert not (out / "probes" / "rewinding").exists()  # no earlier state: no rewinding
+    assert json.loads((out / "run.json").read_text())["stages"]["rewinding"]["status"] == "done"
     html = (out / "report" / "report.html").read_text()
     assert "of its training examples with their given label" in html
 

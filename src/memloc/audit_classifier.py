@@ -106,6 +106,7 @@ def run_classifier_audit(cfg, run_cfg, out: str | Path | None = None, *, overwri
     from .experiment import _choose_model, _create_run, _fresh_model, load_data, open_run
     from .runs import RunDir, exclusive
     from .study import headline
+    from .tasks import task_of
     from .training import evaluate, resolve_device
     log = log or (lambda s: None)
     device = resolve_device(cfg.device)
@@ -151,20 +152,25 @@ def run_classifier_audit(cfg, run_cfg, out: str | Path | None = None, *, overwri
             run.set_stage("train", "done", epochs=len(paths), last_checkpoint=len(paths),
                           reason="an audit: the model was trained elsewhere; its states were copied in")
         loaded = open_run(run.path, device=cfg.device)
-        task_known = bool(loaded.data.noise_known)
+        task = task_of(loaded.data)
+        mask = task.kind_mask(task.memorized_kind)  # None: the noise is unknown
+        noisy = None if mask is None else int(mask.sum())
         m = run.read_metrics()[-1]
-        noisy = int(loaded.data.is_noisy.sum()) if task_known else None
         log(f"run directory {run.path}: auditing {cfg.weights} ({loaded.config.model.name}) on {loaded.data.name}, "
             f"{loaded.data.num_train} training examples (" + ("noise unknown" if noisy is None else
                                                            f"{noisy} known noisy") + f"), device {device}")
-        log(headline("train", m).replace("train: the model ends at", "the audited model: at", 1))
+        if noisy is None:
+            log(f"the audited model: {100 * m['clean_train_acc']:.1f}% of the training examples predicted as labelled "
+                f"(nothing is known to be mislabeled), test {100 * (m.get('test_acc') or 0):.1f}%")
+        else:
+            log(headline("train", m).replace("train: the model ends at", "the audited model: at", 1))
         for stage in STAGES:
             if stage == "rewinding" and len(loaded.epochs()) < 2:
                 continue
             if resume and run.stage(stage).get("status") == "done":
                 log(f"stage {stage}: done, kept")
                 continue
-            result = _stage(stage, loaded, cfg, task_known, progress=progress, log=log)
+            result = _stage(stage, loaded, cfg, bool(noisy), progress=progress, log=log)
             line = headline(stage, result)
             if line:
                 log(line)
@@ -173,14 +179,15 @@ def run_classifier_audit(cfg, run_cfg, out: str | Path | None = None, *, overwri
     return run.path
 
 
-def _stage(stage: str, loaded, cfg, known: bool, *, progress: bool, log: Callable[[str], None]):
+def _stage(stage: str, loaded, cfg, noisy: bool, *, progress: bool, log: Callable[[str], None]):
+    """One stage of the audit (`noisy`: some examples are known to be mislabeled)."""
     from . import probes
     if stage == "depth":
         return probes.prediction_depth(loaded, cfg=probes.DepthConfig(seed=cfg.seed, device=cfg.device),
                                        progress=progress, log=log)
     if stage == "flipping":
         n = loaded.data.num_train
-        if known and int(loaded.data.is_noisy.sum()) > 0:
+        if noisy:
             fc = probes.FlipConfig(examples=cfg.flip_examples, kinds=("clean", "noisy"), seed=cfg.seed,
                                    device=cfg.device, given=())
         else:  # nothing known to be noisy: a seeded sample of every example

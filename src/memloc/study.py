@@ -164,7 +164,10 @@ def headline(stage: str, result) -> str | None:
         acc = a["accuracy"][:, :, list(a["subsets"]).index("noisy_train")]  # (layers, steps)
         names = [str(n) for n in a["layer_names"]]
         if stage == "rewinding":
-            mean = np.nanmean(acc[:, 1:] if acc.shape[1] > 1 else acc, axis=1)  # over the rewound epochs after 0
+            part = acc[:, 1:] if acc.shape[1] > 1 else acc
+            if not np.isfinite(part).any():  # nothing known to be noisy (an audit without a noise mask)
+                return None
+            mean = np.nanmean(part, axis=1)  # over the rewound epochs after 0
             i = int(np.nanargmin(mean))
             return (f"rewinding: {names[i]} is the most critical layer (noisy-train {_pct(mean[i])} on average over "
                     f"the epochs it was rewound to; the final model {_pct(s['final'].get('noisy_train_acc'))})")

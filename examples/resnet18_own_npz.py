@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{data.num_train} training examples {data.input_shape}, {int(data.is_noisy.sum())} noisy; "
               f"{len(memloc.prepare(model, data))} layers in ResNet-18")
         run = memloc.RunDir.create(args.out, overwrite=args.overwrite)
-        history = memloc.train(model, data, epochs=args.epochs, batch_size=128, lr=0.05, seed=args.seed, run=run,
-                               log=print)
+        # batches of 128, or the whole set when it is smaller (a batch larger than the data is refused)
+        history = memloc.train(model, data, epochs=args.epochs, batch_size=min(128, data.num_train), lr=0.05,
+                               seed=args.seed, run=run, log=print)
         last = history.metrics[-1]
         print(f"trained: clean-train {100 * last['clean_train_acc']:.1f}%, noisy-train "
               f"{100 * last['noisy_train_acc']:.1f}%")

@@ -274,7 +274,8 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_run(tiny_run, tmp_
     go = tmp_path / "go"
     run_copy = tmp_path / "run"  # a finished run of seed 1, overwritten by seed 0 while seed 1 tries again
     assert main(["train", *TINY, "--seed", "1", "--out", str(run_copy), "--quiet"]) == 0
-    first = subprocess.Popen([*DRIVER, f"pause:1:{go}", "--", "train", *TINY, "--seed", "0", "--out", str(run_copy),
+    # the seed left at its default 0, as tiny_run's was: config.json records which settings were typed
+    first = subprocess.Popen([*DRIVER, f"pause:1:{go}", "--", "train", *TINY, "--out", str(run_copy),
                               "--overwrite", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=ENV)
     try:

@@ -161,3 +161,26 @@ def test_bad_input_one_line_nothing_written(outside, tmp_path, capsys, case, mat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
     assert not out.exists()
+
+
+def test_a_torchvision_model_is_audited_by_its_name(tmp_path):
+    """`--model torchvision:resnet18`: torchvision builds the architecture (random init, nothing downloaded), the
+    user's weights go in, every stage runs; a name torchvision does not have is one line."""
+    torchvision = pytest.importorskip("torchvision")
+    from safetensors.torch import save_file
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    y = rng.integers(0, 4, 64)
+    np.savez(tmp_path / "imgs.npz", x=x, y=y, x_test=x[:16], y_test=y[:16])
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", weights=None, num_classes=4)
+    save_file(model.state_dict(), str(tmp_path / "r18.safetensors"))
+    out = tmp_path / "audit"
+    base = ["audit", "--weights", str(tmp_path / "r18.safetensors"), "--dataset", str(tmp_path / "imgs.npz"),
+            "--flip-examples", "2", "--quiet"]
+    assert main([*base, "--model", "torchvision:resnet18", "--out", str(out)]) == 0
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert all(stages[s]["status"] == "done" for s in ("depth", "flipping", "detection"))
+    assert json.loads((out / "config.json").read_text())["model"]["name"] == "torchvision:resnet18"
+    assert main([*base, "--model", "torchvision:resnet18x", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -471,6 +471,9 @@ def cmd_models(args) -> int:
     for name, spec in MODELS.items():
         print(f"{name:10s} {spec.description}")
         print(f"{'':10s} takes {spec.shapes}")
+    print(f"{'torchvision:NAME':10s} a torchvision classification model (torchvision.models.list_models(), e.g. "
+          "torchvision:resnet18), random initialization: for auditing one you trained (memloc audit --weights)")
+    print(f"{'':10s} takes 3-channel images (3, H, W); no --width, no example-tied dropout")
     print(f"defaults (no --model), by the input shape: images {CPU_DEFAULT_MODEL[0]} at width {CPU_DEFAULT_MODEL[1]:g} "
           f"on CPU, {GPU_DEFAULT_MODEL[0]} at width {GPU_DEFAULT_MODEL[1]:g} on GPU, where it fits (at least 11x11), "
           "else cnn; sequences (C, L) cnn1d; features (F,) mlp")

@@ -386,8 +386,10 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, wi
                 after_block: AfterBlock | None = None) -> nn.Module:
     """A registry model for inputs of `input_shape` ((C, H, W) images, (C, L) sequences, (F,) features) and
     `num_classes` classes."""
+    if name.startswith(TORCHVISION):
+        return _torchvision(name, tuple(int(v) for v in input_shape), num_classes, width, after_block)
     if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or torchvision:NAME")
     if not (0 < width <= 16):
         raise ConfigError(f"width {width} is out of range: pass a multiplier in (0, 16], e.g. --width 0.25")
     spec = MODELS[name]
@@ -402,6 +404,39 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, wi
                           f"(memloc then chooses {default_model(shape)[0]}) or choose one of {', '.join(others)}")
     model = spec.build(shape, num_classes, width, after_block)
     model.input_shape = shape  # lets layers() trace the model without an example input
+    check_input(model, shape)
+    return model
+
+
+TORCHVISION = "torchvision:"  # --model torchvision:NAME: a torchvision classification model, randomly initialized
+
+
+def _torchvision(name: str, shape: tuple[int, ...], num_classes: int, width: float,
+                 after_block: AfterBlock | None) -> nn.Module:
+    """torchvision's classification model NAME (`torchvision.models.list_models`), built by torchvision itself
+    with `num_classes` outputs and no pretrained weights (nothing is downloaded): what a user who trained one audits
+    (`memloc audit --weights FILE --model torchvision:NAME`). Its layers are torchvision's own: no --width, no
+    per-block layer."""
+    try:
+        import torchvision
+    except ImportError:
+        raise ConfigError(f"--model {name} needs torchvision: pip install torchvision") from None
+    arch = name[len(TORCHVISION):]
+    known = torchvision.models.list_models(module=torchvision.models)  # the classification models
+    if arch not in known:
+        close = [k for k in known if k.startswith(arch[:4])][:6] or known[:6]
+        raise ConfigError(f"torchvision has no classification model {arch!r}: pass --model torchvision:NAME with "
+                          f"NAME one of torchvision.models.list_models(), e.g. {', '.join(close)}")
+    if width != 1.0:
+        raise ConfigError(f"--width scales memloc's own models, not torchvision's {arch}: drop --width")
+    if after_block is not None:
+        raise ConfigError(f"torchvision's {arch} has no place for a per-block layer such as example-tied dropout: "
+                          "choose resnet9, cnn, cnn1d, mlp or vit")
+    if len(shape) != 3 or shape[0] != 3:
+        raise ConfigError(f"torchvision's {arch} takes 3-channel images (3, H, W), not inputs of shape {shape}: "
+                          "choose a memloc model (memloc models lists them)")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    model.input_shape = shape
     check_input(model, shape)
     return model
 

@@ -327,7 +327,8 @@ def flipping(run: RunDir) -> Section:
     axes[0].set_xlabel(f"units zeroed until the {task.flipped}")
     axes[0].set_ylabel(f"{task.examples} flipped with at most that many (%)")
     axes[0].set_ylim(0, 102)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # examples flipped by index (no kind known): no curve to name
+        axes[0].legend(fontsize=8)
     drops = [100 * (summary["kinds"][k]["mean_train_acc_drop"] or 0) for k in kinds]
     axes[1].bar(kinds, drops, color=[colors[k] for k in kinds])
     axes[1].set_ylabel(f"training {measure} drop after removal (points)")

@@ -117,6 +117,10 @@ def test_probe_commands_and_resume_work_on_the_audit(audited, tmp_path):
     assert (copy / "probes" / "flipping" / "arrays.npz").stat().st_mtime_ns == flips  # done stages kept
     assert main(["detect", str(copy), "--rank-by", "mean_loss", "--overwrite", "--quiet"]) == 0
     assert main(["report", str(copy)]) == 0
+    run = json.loads((copy / "run.json").read_text())
+    run["stages"]["train"]["status"] = "running"  # killed while its states were copied in
+    (copy / "run.json").write_text(json.dumps(run))
+    assert main(["audit", "--resume", str(copy), "--quiet"]) == 2  # one line: start again, nothing half-done used
 
 
 def test_noise_unknown_ranks_every_example(outside, tmp_path):

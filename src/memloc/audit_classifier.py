@@ -126,6 +126,9 @@ def run_classifier_audit(cfg, run_cfg, out: str | Path | None = None, *, overwri
     with exclusive(out):
         if resume:
             run = RunDir.open(out)
+            if run.stage("train").get("status") != "done":
+                raise RunError(f"{run.path} was stopped before the model's states were copied in: start the audit "
+                               f"again (the same command with --out {run.path} --overwrite)")
             log(f"resuming the audit {run.path}")
         else:
             run = _create_run(run_cfg, out, data, device, overwrite=overwrite, log=log)

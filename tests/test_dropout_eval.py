@@ -203,14 +203,16 @@ SCIENCE = {"data": {"dataset": "mnist5k", "train_size": 2000, "noise": 0.1},
 
 @pytest.fixture(scope="module")
 def science_grid(tmp_path_factory):
-    """One example-tied run (p_gen 0.4, p_mem 0.1) and its two baselines at a = 0.46, trained once."""
+    """One example-tied run (p_gen 0.4, p_mem 0.1) and its fixed sparse baseline at a = 0.46, trained once (standard
+    dropout at that fraction barely trains at width 0.25 on a CPU — ~20% clean after 20 epochs — so its check here
+    would hold vacuously: it is measured at full width, RESULTS.md)."""
     from memloc.data import DataConfig
     from memloc.experiment import ModelConfig, RunConfig
     from memloc.grid import dropout_grid
     from memloc.training import TrainConfig
     base = RunConfig(data=DataConfig(**SCIENCE["data"]), model=ModelConfig(**SCIENCE["model"]),
                      train=TrainConfig(**SCIENCE["train"]))
-    rows = dropout_grid(base, tmp_path_factory.mktemp("science") / "grid", pairs=[(0.4, 0.1)])
+    rows = dropout_grid(base, tmp_path_factory.mktemp("science") / "grid", pairs=[(0.4, 0.1)], baselines=("sparse",))
     return {r["method"]: r for r in rows}
 
 
@@ -234,12 +236,11 @@ def test_example_tied_dropout_localizes_memorization(science_grid):
 def test_baselines_do_not_localize(science_grid):
     # The issue's bound: at test time a baseline that fits the clean data (>= 90%) still fits the noisy
     # labels (>= 50%). Standard dropout keeping 46% of the units after every block barely trains at
-    # width 0.25 (measured: ~20% clean after 20 epochs), so for it the bound holds vacuously; the
-    # fixed sparse network trains, and must fit the clean data, so the check is never vacuous as a whole.
+    # width 0.25 (measured: ~20% clean after 20 epochs), so for it the bound would hold vacuously and it is not
+    # trained here; the fixed sparse network trains, and must fit the clean data, so the check is never vacuous.
     # At full width on a GPU (RESULTS.md) standard dropout at a = 0.46 trains (94% clean) and fits none of
     # the noisy labels: there the issue's bound fails for it, which this CPU preset cannot show.
-    for method in ("dropout", "sparse"):
-        r = science_grid[method]
-        if r["clean_after"] >= 90.0:
-            assert r["noisy_after"] >= 50.0, f"{method} baseline localized memorization: {r}"
-    assert science_grid["sparse"]["clean_after"] >= 90.0
+    assert "dropout" not in science_grid
+    r = science_grid["sparse"]
+    assert r["clean_after"] >= 90.0, r
+    assert r["noisy_after"] >= 50.0, f"the sparse baseline localized memorization: {r}"

@@ -96,3 +96,12 @@ def test_grid_resumes_and_refuses_other_settings(grid_dir, capsys):
     assert main(["dropout-grid", "--preset", "smoke", "--epochs", "2", "--pairs", "0.4,0.1",
                  "--out", str(grid_dir), "--quiet"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_grid_cells_take_the_baselines_named():
+    names = lambda **kw: [c.name for c in grid_cells([(0.4, 0.1)], **kw)]  # noqa: E731
+    assert names() == ["etd-0.4-0.1", "dropout-0.46", "sparse-0.46"]
+    assert names(baselines=("sparse",)) == ["etd-0.4-0.1", "sparse-0.46"]
+    assert names(baselines=False) == ["etd-0.4-0.1"]
+    with pytest.raises(ConfigError, match="unknown baseline 'magic'"):
+        grid_cells([(0.4, 0.1)], baselines=("magic",))

@@ -99,11 +99,12 @@ class GridCell:
 UNMASKED = ("plain", "dedup")
 
 
-def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True, task: str = "classification",
+def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool | tuple[str, ...] = True, task: str = "classification",
                elr=None) -> list[GridCell]:
     """The cells for `pairs` ((p_gen, p_mem), ...): one per pair, then two baselines per distinct fraction
-    (language models: also the plain model and the plain model on deduplicated data); with `elr` (lambda, beta),
-    last, the plain model and the plain model with early-learning regularization (classification)."""
+    (`baselines` True: standard dropout and the fixed sparse network; or a tuple naming which of them; language
+    models: also the plain model and the plain model on deduplicated data); with `elr` (lambda, beta), last, the
+    plain model and the plain model with early-learning regularization (classification)."""
     elr = elr_setting(elr)
     if elr is not None and task != "classification":
         raise ConfigError(f"--elr (early-learning regularization) is for classification, not --task {task}: drop it")
@@ -122,7 +123,9 @@ def grid_cells(pairs=DEFAULT_PAIRS, *, baselines: bool = True, task: str = "clas
         if a not in fractions:
             fractions.append(a)
     if baselines:
-        for method in ("dropout", "sparse"):
+        for method in ("dropout", "sparse") if baselines is True else baselines:
+            if method not in ("dropout", "sparse"):
+                raise ConfigError(f"unknown baseline {method!r}: choose dropout or sparse")
             cells += [GridCell(f"{method}-{a:g}", method, None, None, a) for a in fractions]
         if task == "lm":
             # a language model's dropout cell also drops the neurons of the first pair of its fraction (are its
@@ -211,7 +214,7 @@ def _check_buildable(base: RunConfig, cells: list[GridCell]) -> None:
             make_model(cell.model_config(model_cfg), data)
 
 
-def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, baselines: bool = True,
+def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, baselines: bool | tuple[str, ...] = True,
                  elr=None, shard: tuple[int, int] | None = None, progress: bool = False,
                  log: Callable[[str], None] | None = None) -> list[dict]:
     """Train and evaluate every cell of the grid into `out_dir`; returns the rows of `grid.csv` (percentages).
@@ -247,7 +250,7 @@ def dropout_grid(base: RunConfig, out_dir: str | Path, *, pairs=DEFAULT_PAIRS, b
     return rows
 
 
-def _grid_spec(base: RunConfig, pairs, baselines: bool, elr) -> tuple[list[GridCell], dict]:
+def _grid_spec(base: RunConfig, pairs, baselines: bool | tuple[str, ...], elr) -> tuple[list[GridCell], dict]:
     """The grid's cells and its record (grid.json), its settings checked."""
     if base.model.example_tied or base.model.baseline is not None:
         raise ConfigError("the grid sets the per-block layer of each cell itself: leave out --example-tied-dropout")

@@ -23,7 +23,6 @@ rather than from training passes). Then the stages, each kept when done (`--resu
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, RunError
-from .experiment import AUDIT_FILE
+from .experiment import AUDIT_FILE, file_sha256
 
 CLASSIFIER = "classifier"  # audit.json's "kind" of a classifier audit (an LM audit has none)
 STAGES = ("depth", "flipping", "detection", "rewinding")
@@ -65,24 +64,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, model_words: str) -> None:
     """Load `state` into `model`, or one line naming the first difference and the flags that choose the model."""
-    from .runs import load_into
-    try:
-        load_into(model, state, source=str(path))
-    except RunError as err:
-        detail = str(err).split("(", 1)[1].rsplit(")", 1)[0] if "(" in str(err) else str(err)
+    from .runs import state_mismatch
+    detail = state_mismatch(model, state)
+    if detail:
         raise ConfigError(f"{path} does not hold the weights of {model_words} ({detail}): pass the --model and "
                           "--width it was trained as (memloc models lists them), and the --dataset it trained on "
-                          "(its input shape and classes decide the layers)") from None
+                          "(its input shape and classes decide the layers)")
+    model.load_state_dict(state, strict=False)
 
 
 def _records(model: torch.nn.Module, data, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,14 +124,15 @@ def run_classifier_audit(cfg, run_cfg, out: str | Path | None = None, *, overwri
             run = _create_run(run_cfg, out, data, device, overwrite=overwrite, log=log)
             for line in (*getattr(data, "notes", ()), *chosen):
                 log(line)
+            fix = "check the weight files"
             run.write_json(AUDIT_FILE, {"kind": CLASSIFIER, "model": str(Path(cfg.weights).resolve()),
-                                        "sha256": file_hash(Path(cfg.weights)), "copied": True,
+                                        "sha256": file_sha256(Path(cfg.weights), fix=fix), "copied": True,
                                         "config": asdict(cfg),
-                                        "checkpoints": [{"model": str(p.resolve()), "sha256": file_hash(p)}
+                                        "checkpoints": [{"model": str(p.resolve()), "sha256": file_sha256(p, fix=fix)}
                                                         for p in paths[:-1]]})
             metrics, loss, margin, correct = [], [], [], []
             for epoch, (p, state) in enumerate(zip(paths, states), start=1):
-                model.load_state_dict(state, strict=False)
+                model.load_state_dict(state, strict=False)  # each fitted above
                 model = model.to(device).eval()
                 run.save_checkpoint(epoch, model)
                 metrics.append({"epoch": epoch, "source": str(p), **evaluate(model, data)})

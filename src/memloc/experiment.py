@@ -513,15 +513,20 @@ def content_hash(folder: Path) -> dict[str, str]:
         if key in _HASHES:
             out[n] = _HASHES[key]
             continue
-        h = hashlib.sha256()
-        try:
-            with open(folder / n, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-        except OSError as err:
-            raise ConfigError(f"cannot read {folder / n} ({err.strerror}): check the model folder") from None
-        out[n] = _HASHES[key] = h.hexdigest()
+        out[n] = _HASHES[key] = file_sha256(folder / n, fix="check the model folder")
     return out
+
+
+def file_sha256(path: Path, *, fix: str) -> str:
+    """sha256 of one file, read in 4 MiB blocks; an unreadable file is one line (ConfigError) ending in `fix`."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path} ({err.strerror}): {fix}") from None
+    return h.hexdigest()
 
 
 def reference_check(run) -> None:

@@ -166,16 +166,25 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
         raise RunError(f"checkpoint {path} is corrupt or not a safetensors file ({err})") from None
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load `state` into `model` exactly; a checkpoint of another model fails with one clear line."""
+def state_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """How `state` fails to fit `model` in words (tensors missing, unexpected, or of another shape), None if it fits."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     extra = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or extra or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
-                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
-                       f"the model has {tuple(own[wrong[0]].shape)}")
+    if missing:
+        return f"missing {missing[:3]}"
+    if extra:
+        return f"unexpected {extra[:3]}"
+    if wrong:
+        return f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has {tuple(own[wrong[0]].shape)}"
+    return None
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load `state` into `model` exactly; a checkpoint of another model fails with one clear line."""
+    detail = state_mismatch(model, state)
+    if detail:
         raise RunError(f"checkpoint {source} does not fit this model ({detail}): it comes from another model or width")
     model.load_state_dict(state, strict=False)
 

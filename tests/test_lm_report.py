@@ -211,10 +211,13 @@ def _verdict(run: RunDir, key: str) -> tuple[str, str]:
 
 
 def _layer_sweep(probe: str, epochs: list[int], column: int, canary: list[float], test: list[float], *,
-                 final: dict = FINAL) -> ProbeResult:
+                 final: dict = FINAL, reset: list[float] | None = None) -> ProbeResult:
     """A sweep over BLOCKS whose `column` (rewound to / retrained for) has the given canary-train extraction and
-    held-out token accuracy per layer; every other cell is the final model's."""
+    held-out token accuracy per layer, and column 0 (right after retraining's reset) the canary-train extraction
+    `reset`; every other cell is the final model's."""
     acc = np.tile([final[s] for s in SUBSETS], (len(BLOCKS), len(epochs), 1))  # (layers, epochs, subsets)
+    if reset is not None:
+        acc[:, 0, SUBSETS.index("canary_train")] = reset
     acc[:, column, SUBSETS.index("canary_train")] = canary
     acc[:, column, SUBSETS.index("test")] = test
     return ProbeResult(probe, {"subsets": SUBSETS}, {"accuracy": acc, "layer_names": np.array(BLOCKS),
@@ -318,14 +321,27 @@ def test_claim_memorization_is_not_confined_to_the_last_layers(tmp_path):
 
 
 def test_claim_retraining_brings_the_canaries_back(tmp_path):
+    """Only layers whose reset erased the canaries (extraction more than 10 points below the final 80%) count:
+    a layer the reset left in place has nothing to bring back."""
     run = _lm_run(tmp_path / "lm")
-    _layer_sweep("retraining", [0, 1, 2], -1, [0.0, 0.75, 0.8, 0.9, 0.72, 0.1], [0.6] * 6).save(run)
+    after = [0.0, 0.75, 0.8, 0.9, 0.72, 0.1]
+    # erased: embed, blocks.0.attn, blocks.0.mlp, blocks.1.mlp, head; blocks.1.attn never lost (0.9)
+    _layer_sweep("retraining", [0, 1, 2], -1, after, [0.6] * 6, reset=[0.0, 0.2, 0.1, 0.9, 0.3, 0.0]).save(run)
     ours, verdict = _verdict(run, "retraining")
-    assert verdict == "holds" and ours.startswith("4 of 6 layers end within 10 points of the final canary-train "
-                                                  "extraction 80.0%")
-    _layer_sweep("retraining", [0, 1, 2], -1, [0.0, 0.3, 0.2, 0.4, 0.1, 0.0], [0.6] * 6).save(run)
+    assert verdict == "holds", ours
+    assert ours.startswith("3 of the 5 layers whose reset took canary-train extraction more than 10 points below "
+                           "the final 80.0% end back within 10 points; 1 never lost"), ours
+    # the same end state, but three of the four layers "back" had never lost the canaries: 1 of 3 erased is back
+    _layer_sweep("retraining", [0, 1, 2], -1, after, [0.6] * 6, reset=[0.0, 0.9, 0.8, 0.9, 0.3, 0.0]).save(run)
     ours, verdict = _verdict(run, "retraining")
-    assert verdict == "does not hold" and ours.startswith("0 of 6") and "best blocks.1.attn: 40.0%" in ours
+    assert verdict == "does not hold" and ours.startswith("1 of the 3 layers") and "3 never lost" in ours, ours
+    _layer_sweep("retraining", [0, 1, 2], -1, [0.0, 0.3, 0.2, 0.4, 0.1, 0.0], [0.6] * 6, reset=[0.0] * 6).save(run)
+    ours, verdict = _verdict(run, "retraining")
+    assert verdict == "does not hold" and ours.startswith("0 of the 6") and "best erased blocks.1.attn: 40.0%" in ours
+    # no layer erased by its reset: nothing was tested
+    _layer_sweep("retraining", [0, 1, 2], -1, after, [0.6] * 6, reset=[0.8] * 6).save(run)
+    assert _verdict(run, "retraining")[1] == ("not measured: no layer's reset took canary-train extraction more than "
+                                              "10 points below 80.0%")
     _remove(run, "retraining")
     assert _verdict(run, "retraining")[1] == f"not measured (run `memloc retrain {run.path}`)"
 

@@ -121,7 +121,7 @@ def test_each_stage_says_its_result_in_one_line(tmp_path):
                   "detection"):
         assert stage in said, (stage, lines)
     assert any(s.startswith("rewinding: ") and "most critical layer" in s for s in lines)
-    assert any(s.startswith("retraining: ") and " of 4 layers " in s for s in lines)
+    assert any(s.startswith("retraining: ") and " layers the reset erased (of 4) bring " in s for s in lines)
     assert any(s.startswith("dropout_train: ") and "eval mode" in s for s in lines)
 
 

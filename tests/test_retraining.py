@@ -1,5 +1,6 @@
 """Layer retraining: a hand-computed SGD step, only the layer changes, only clean examples, scoping, resume, CLI."""
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -180,6 +181,46 @@ def test_only_the_layer_changes_and_only_clean_examples(smoke_run):
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 
 
+def test_the_published_codes_two_deviations_as_controls(smoke_run):
+    """--trainable all: every parameter trains (the reset layer with them), nothing is cached, and the whole model is
+    back afterwards; --examples all: the noisy examples enter the batches too, with their given (noisy) labels."""
+    loaded = open_run(smoke_run)
+    data = loaded.data
+    model = loaded.model()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    init = loaded.run.load_checkpoint(0)
+    layer = layers(model)[-1]  # the head
+    noisy = set(torch.nonzero(data.is_noisy).flatten().tolist())
+    assert noisy
+    seen, moved = [], []
+
+    def spy(idx):
+        seen.append(set(idx.tolist()))
+        assert all(p.requires_grad for p in model.parameters())
+        if len(seen) == 3:  # a layer other than the reset one has moved off its final value
+            state = model.state_dict()
+            moved.extend(k for k, _ in model.named_parameters() if k not in layer.params
+                         and not torch.equal(state[k], final[k]))
+
+    cfg = RetrainConfig(epochs=1, peak_epoch=0, batch_size=128, trainable="all")
+    res = retrain_model(model, data, init, cfg, layers=[layer.name], on_step=spy)
+    assert moved and not (set().union(*seen) & noisy)  # every layer trains, on clean examples only
+    assert res.summary["trainable"] == "all" and res.summary["trained_on"] == "clean"
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in final.items())  # every tensor restored
+    assert all(p.requires_grad for p in model.parameters())
+
+    seen.clear()
+    got = retrain_model(model, data, init, RetrainConfig(epochs=1, peak_epoch=0, batch_size=128, examples="all"),
+                        layers=[layer.name], on_step=lambda idx: seen.append(idx.tolist()))
+    order = [i for batch in seen for i in batch]
+    assert sorted(order) == list(range(len(data.is_noisy)))  # one epoch: every example once, the noisy ones too
+    assert got.summary["num_trained_on"] == len(order) and got.summary["num_clean_trained_on"] == len(order) - \
+        len(noisy)
+    assert got.summary["trained_on"].startswith("all (clean and noisy")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
+
+
 def test_restored_even_on_error(smoke_run):
     loaded = open_run(smoke_run)
     model = loaded.model().train()
@@ -315,19 +356,25 @@ def test_ablation_reads_recovery_and_the_early_stop_off_the_trajectory():
     np.testing.assert_allclose(end["noisy"], [0.95, 0.92])
     np.testing.assert_allclose(stop["noisy"], [0.6, 0.92]) and np.testing.assert_array_equal(stop["epoch"], [2, 3])
     assert list(abl.recovered(end)) == [True, False] and list(abl.recovered(stop)) == [False, False]
+    # the claim as stated: 1 erased layer (a), back at the end (1 of 1, holds); b never lost, not counted
+    assert abl.claim(end) == {"erased": 1, "back": 1, "kept": 1, "share": 1.0, "verdict": "holds"}
+    assert abl.claim(stop)["share"] == 0.0 and abl.claim(stop)["verdict"] == "does not hold"
 
 
 def test_ablation_study_end_to_end(smoke_run, tmp_path, monkeypatch, capsys):
     abl = _ablation()
     out = tmp_path / "abl"
     argv = ["retraining_ablation.py", "--runs", str(smoke_run), "--out", str(out), "--epochs", "2", "--layers",
-            "linear", "--variants", "paper,bn-train", "--quiet"]
+            "linear", "--variants", "paper,with-noisy", "--quiet"]
     monkeypatch.setattr("sys.argv", argv)
     abl.main()
     cells = sorted(p.name for p in (out / "cells").glob("*.json"))
-    assert len(cells) == 2 and cells[0].endswith("__bn-train.json")
+    assert len(cells) == 2 and cells[1].endswith("__with-noisy.json")
+    noisy_cell = json.loads((out / "cells" / cells[1]).read_text())
+    assert noisy_cell["options"]["examples"] == "all"
     table = (out / "ablation.md").read_text()
-    assert "| paper | " in table and "| bn-train + until 100% | " in table and "| lr-0.01 | –" in table
+    assert "| paper | " in table and "| with-noisy + until 100% | " in table and "| lr-0.01 |" not in table
+    assert "erased, then back" in table and "Noisy-train % per layer (width" in table
     capsys.readouterr()
     abl.main()  # finished cells are not run again
     assert "layers back" not in capsys.readouterr()[0].split("| variant")[0]

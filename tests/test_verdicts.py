@@ -160,6 +160,23 @@ def _v(verdict, value):
     return V.Verdict(verdict, "m", "t", "th", value=value)
 
 
+def test_retraining_counts_only_the_layers_the_reset_erased():
+    # after the reset -> after retraining, noisy-train: a erased and back, b erased and not back, c never lost
+    v = V.recovery([0.1, 0.2, 0.95], [0.97, 0.5, 1.0], ["a", "b", "c"])
+    assert v.verdict == V.FAILS and v.value == 0.5  # 1 of 2 erased: not more than half; c is not counted
+    assert v.n == "2 erased, 1 never lost, of 3 layers"
+    assert "back: a;" in v.result and "not back: b;" in v.result and "not counted): c" in v.result
+    v = V.recovery([0.1, 0.2, 0.3, 0.95], [0.97, 0.9, 0.5, 1.0])
+    assert v.verdict == V.HOLDS and abs(v.value - 2 / 3) < 1e-12  # exactly 90% is back
+    # a layer kept at >= 90% by its reset is never counted as recovered, however many there are
+    v = V.recovery([0.95, 0.99, 1.0, 0.2], [0.95, 0.99, 1.0, 0.3])
+    assert v.verdict == V.FAILS and v.value == 0.0
+    nothing = V.recovery([0.95, 1.0], [1.0, 1.0])
+    assert nothing.verdict.startswith(V.NOT_ENOUGH) and not nothing.measured and nothing.value is None
+    # NaN (not measured) layers are dropped
+    assert V.recovery([np.nan, 0.1], [1.0, 1.0]).n == "1 erased, 0 never lost, of 1 layers"
+
+
 def test_over_seeds():
     few = V.not_enough("3 noisy, 5 clean; need 5 each")
     o = V.over_seeds([_v(V.HOLDS, 0.8), _v(V.HOLDS, 0.9), _v(V.HOLDS, 0.85)])

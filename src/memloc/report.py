@@ -1325,15 +1325,14 @@ def _decided_claims(base: RunDir, drop: RunDir | None) -> list[tuple[dict, verdi
     s, arr = _load_probe(base, "retraining")
     if s is not None and mem in list(arr["subsets"]):
         subsets = list(arr["subsets"])
-        last = arr["accuracy"][:, -1, subsets.index(mem)]
+        reset, last = arr["accuracy"][:, 0, subsets.index(mem)], arr["accuracy"][:, -1, subsets.index(mem)]
         if np.isfinite(last).all():
-            share = float((last >= 0.9).mean())
+            v = verdicts.recovery(reset, last, list(arr["layer_names"]))
+            erased = reset < 0.9
             add("retraining one layer on clean examples only brings noisy accuracy back for most layers",
                 "near 100% for most layers (exceptions: layers 4–5 on CIFAR-10)",
-                f"{int((last >= 0.9).sum())} of {len(last)} layers back to >= 90% noisy-train "
-                f"(min {_pct(last.min())})",
-                verdicts.rule(share > 0.5, measure="noisy-train accuracy after retraining each layer on clean examples",
-                       threshold="more than half of the layers back to >= 90%", value=share, n=f"{len(last)} layers"))
+                f"{int((erased & (last >= 0.9)).sum())} of the {int(erased.sum())} layers the reset erased back to "
+                f">= 90% noisy-train; {int((~erased).sum())} never lost (min after retraining {_pct(last.min())})", v)
     s, arr = _load_probe(base, "flipping")
     if s is not None and "clean" in s["kinds"] and "noisy" in s["kinds"]:
         c, n = s["kinds"]["clean"], s["kinds"]["noisy"]
@@ -1610,18 +1609,25 @@ def _rewinding_claim(arrays: dict, add: Callable) -> None:
 
 
 def _retraining_claim(arrays: dict, add: Callable) -> None:
-    """How many layers, retrained alone on the corpus, end within 10 points of the final canary-train extraction
-    (holds if more than half)."""
+    """Of the layers whose reset took canary-train extraction more than 10 points below the final model's (the
+    reset erased the canaries), how many end back within 10 points after retraining alone on the corpus (holds if
+    more than half; `verdicts.recovery`). Layers the reset left within 10 points are "never lost", not counted."""
     names, acc, subsets, why = _sweep_columns(arrays)
     if why is not None:
         add("retraining", "—", why)
         return
-    last = acc[:, -1, subsets["canary_train"]]  # (layers,) after the last retraining epoch
+    reset, last = acc[:, 0, subsets["canary_train"]], acc[:, -1, subsets["canary_train"]]  # (layers,)
     final = float(arrays["final"][subsets["canary_train"]])
-    back = int((last >= final - 0.10).sum())
-    best = int(np.argmax(last))
-    add("retraining", f"{back} of {len(names)} layers end within 10 points of the final canary-train extraction "
-        f"{_pct(final)} (best {names[best]}: {_pct(last[best])}; holds if more than half)", back > len(names) / 2)
+    bar = final - 0.10
+    v = verdicts.recovery(reset, last, names, back=bar, what="canary-train extraction")
+    erased = reset < bar
+    back = int((erased & (last >= bar)).sum())
+    best = int(np.argmax(np.where(erased, last, -np.inf))) if erased.any() else int(np.argmax(last))
+    add("retraining", f"{back} of the {int(erased.sum())} layers whose reset took canary-train extraction more than 10 "
+        f"points below the final {_pct(final)} end back within 10 points; {int((~erased).sum())} never lost, not "
+        f"counted (best erased {names[best]}: {_pct(last[best])}; holds if more than half of the erased)",
+        v.verdict == verdicts.HOLDS if v.measured else
+        f"not measured: no layer's reset took canary-train extraction more than 10 points below {_pct(final)}")
 
 
 def _unit_claims(summary: dict, add: Callable) -> None:

@@ -171,10 +171,13 @@ def headline(stage: str, result) -> str | None:
             i = int(np.nanargmin(mean))
             return (f"rewinding: {names[i]} is the most critical layer (noisy-train {_pct(mean[i])} on average over "
                     f"the epochs it was rewound to; the final model {_pct(s['final'].get('noisy_train_acc'))})")
-        last = acc[:, -1]
-        back = [n for n, v in zip(names, last) if v >= MEMORIZED]
-        return (f"retraining: {len(back)} of {len(names)} layers bring noisy-train back to >= 90% without seeing a "
-                f"noisy example" + (f" ({', '.join(back)})" if back else ""))
+        reset, last = acc[:, 0], acc[:, -1]
+        erased = [n for n, r in zip(names, reset) if r < MEMORIZED]
+        back = [n for n, r, v in zip(names, reset, last) if r < MEMORIZED and v >= MEMORIZED]
+        kept = len(names) - len(erased)
+        return (f"retraining: {len(back)} of the {len(erased)} layers the reset erased (of {len(names)}) bring "
+                f"noisy-train back to >= 90% without seeing a noisy example" + (f" ({', '.join(back)})" if back else "")
+                + (f"; {kept} never lost it" if kept else ""))
     if stage == "flipping" and {"clean", "noisy"} <= set(s.get("kinds", {})):
         n, c = s["kinds"]["noisy"], s["kinds"]["clean"]
         if not n["searched"]:

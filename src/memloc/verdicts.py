@@ -266,6 +266,42 @@ def rule(ok: bool | None, *, measure: str, threshold: str, value: float | None =
     return Verdict(verdict, measure, test, threshold, n, result, value=value)
 
 
+# ----------------------------------------------------------------------------- retraining: erased, then back
+
+def recovery(after_reset, after_retraining, names=None, *, back: float = 0.9, share: float = 0.5,
+             measure: str = "noisy-train accuracy of each layer after its reset and after retraining it on clean "
+                            "examples", what: str = "noisy-train") -> Verdict:
+    """Retraining brings the memorized examples back for most layers, counted as the claim says: of the layers whose
+    reset took the accuracy `what` below `back` (the reset erased them), the share that retraining brings back to
+    at least `back`. Layers the reset left at or above it ("never lost") are reported apart, never counted as
+    recovered: resetting a layer that holds nothing of the labels tests nothing. Holds when more than `share` of
+    the erased layers come back; no erased layer (or no value): not enough data. `value` = that share.
+
+    after_reset, after_retraining: (L,) accuracies in [0, 1] (NaN: not measured, dropped); names: (L,) layer names
+    for the result's words.
+    """
+    a, b = np.asarray(after_reset, dtype=np.float64), np.asarray(after_retraining, dtype=np.float64)
+    names = [str(n) for n in names] if names is not None else [str(i) for i in range(len(a))]
+    ok = np.isfinite(a) & np.isfinite(b)
+    erased = ok & (a < back)
+    kept = ok & (a >= back)
+    came = erased & (b >= back)
+    test = "threshold on the share of erased layers that come back"
+    threshold = f"more than {share:.0%} of the layers the reset took below {back:.0%} {what} back to >= {back:.0%}"
+    n = f"{int(erased.sum())} erased, {int(kept.sum())} never lost, of {int(ok.sum())} layers"
+
+    def listed(mask) -> str:
+        return ", ".join(nm for nm, m in zip(names, mask) if m) or "none"
+
+    result = (f"back: {listed(came)}; erased and not back: {listed(erased & ~came)}; never lost (not counted): "
+              f"{listed(kept)}")
+    if not erased.any():
+        return Verdict(not_enough(f"0 layers erased by the reset, {int(kept.sum())} never lost"), measure, test,
+                       threshold, n, result)
+    value = float(came.sum() / erased.sum())
+    return Verdict(HOLDS if value > share else FAILS, measure, test, threshold, n, result, value=value)
+
+
 # ----------------------------------------------------------------------------- several seeds
 
 SEED_LEVEL = 0.95  # the confidence of the t interval of a claim's value over seeds

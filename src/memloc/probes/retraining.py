@@ -9,7 +9,8 @@ stepped per iteration (linear up to `lr` at `peak_epoch`, linear down to 0 at
 the end). Accuracy on every subset is measured after the reset (epoch 0) and
 after each epoch. The published code trained every layer (it set
 `requires_grad` on copies) and trained on the noisy examples (it inverted the
-clean mask twice); the tests rule out both. Its other choices are options
+clean mask twice); the tests rule out both by default, and both are controls
+(`trainable` "all", `examples` "all": issue #38). Its other choices are options
 (`bn_mode` "train": the whole model in train mode, every BatchNorm re-estimating
 its statistics; `lr` 0.01; `stop_at` 1.0: early stop at 100% clean-train
 accuracy), as is `reset` "reinit" (a fresh draw instead of the initialization).
@@ -82,6 +83,12 @@ class RetrainConfig:
     cache: bool = option(True, "recompute the layers before the retrained one at every step (by default their "
                          "outputs are computed once per layer: they are frozen; with --bn-mode frozen only)",
                          negate="--no-cache", result=False)
+    trainable: str = option("layer", "layer: only the reset layer trains (the paper); all: every layer trains, the "
+                            "reset one with them (the published code's requires_grad on copies; a control that should "
+                            "make recovery trivial)", choices=("layer", "all"))
+    examples: str = option("clean", "clean: retrain on the clean examples only (the paper); all: the noisy ones too, "
+                           "with their noisy labels (the published code's clean mask inverted twice; a control)",
+                           choices=("clean", "all"))
     stop_at: float | None = option(None, "stop a layer once its reference-train accuracy reaches this after an "
                                    "epoch (the published code: 1.0; later epochs repeat the stopped model's row)",
                                    above=0, at_most=1)
@@ -108,8 +115,10 @@ class RetrainConfig:
 
 
 @contextlib.contextmanager
-def only_layer_trainable(model: nn.Module, layer: Layer, bn_mode: str = "frozen") -> Iterator[nn.Module]:
-    """Inside: only `layer`'s parameters require grad; flags and modes restored after.
+def only_layer_trainable(model: nn.Module, layer: Layer, bn_mode: str = "frozen",
+                         trainable: str = "layer") -> Iterator[nn.Module]:
+    """Inside: only `layer`'s parameters require grad (`trainable` "all": every parameter); flags and modes restored
+    after.
 
     bn_mode "frozen": only the layer's own norm is in train mode (every other
     BatchNorm keeps its statistics, no dropout); "train": the whole model in
@@ -122,7 +131,7 @@ def only_layer_trainable(model: nn.Module, layer: Layer, bn_mode: str = "frozen"
     with module_modes(model):
         try:
             for name, p in model.named_parameters():
-                p.requires_grad_(name in mine)
+                p.requires_grad_(name in mine or trainable == "all")
             if bn_mode == "train":
                 model.train()
             else:
@@ -178,7 +187,10 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
     clean = torch.nonzero(reference.cpu()).flatten()  # dataset positions of the reference (clean) examples
     if len(clean) == 0:
         raise DataError(f"retraining needs {ref} training examples and every example of this run is {mem}")
-    cfg = replace(cfg, batch_size=fitted(cfg, "batch_size", len(clean), f"{ref} training examples", note))
+    if cfg.examples == "all":  # the control: every training example, the memorized ones with their given labels
+        clean = torch.arange(len(reference))
+    trained_on = ref if cfg.examples == "clean" else f"all ({ref} and {mem}, with their given labels)"
+    cfg = replace(cfg, batch_size=fitted(cfg, "batch_size", len(clean), f"{trained_on} training examples", note))
     all_layers = find_layers(model)
     picked = select_layers(all_layers, list(layers) if layers else None)
     device = next(model.parameters()).device
@@ -207,8 +219,9 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
     summary = {
         "probe": PROBE_NAME, "layers": names, "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
         "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-        "bn_mode": cfg.bn_mode, "reset": cfg.reset, "stop_at": cfg.stop_at,
-        f"num_{ref}_trained_on": int(len(clean)), "trained_on": ref, "subsets": list(task.subsets),
+        "bn_mode": cfg.bn_mode, "reset": cfg.reset, "stop_at": cfg.stop_at, "trainable": cfg.trainable,
+        "examples": cfg.examples, f"num_{ref}_trained_on": int(reference[clean].sum()),
+        "num_trained_on": int(len(clean)), "trained_on": trained_on, "subsets": list(task.subsets),
         "final": accuracy_dict(final, task.subsets),
         "after_reset": {n: accuracy_dict(acc[i, 0], task.subsets) for i, n in enumerate(names)},
         "after_retraining": {n: accuracy_dict(acc[i, -1], task.subsets) for i, n in enumerate(names)},
@@ -230,19 +243,22 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
     """Accuracy (epochs + 1, S) of one layer's retraining; the model is restored on return."""
     rows = []
     ref_key = f"{task.reference_kind}_train_acc"
-    if cfg.bn_mode == "train":  # every norm's statistics move: all buffers come back afterwards too
+    if cfg.trainable == "all":  # every tensor moves: all of them come back afterwards
+        reset = {**{k: v.detach().clone() for k, v in model.state_dict().items()}, **reset}
+    elif cfg.bn_mode == "train":  # every norm's statistics move: all buffers come back afterwards too
         reset = {**{k: v.detach().clone() for k, v in model.named_buffers()}, **reset}
-    with swapped_state(model, reset), only_layer_trainable(model, layer, cfg.bn_mode):
+    with swapped_state(model, reset), only_layer_trainable(model, layer, cfg.bn_mode, cfg.trainable):
         if cfg.reset == "reinit":
             reinitialize(model, layer, cfg.seed)
-        params = [p for n, p in model.named_parameters() if n in set(layer.params)]
+        params = [p for n, p in model.named_parameters() if n in set(layer.params) or cfg.trainable == "all"]
         if cfg.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        # frozen norms, no augmentation: what enters the layer never changes, so it is computed once
+        # frozen norms and layers before it, no augmentation: what enters the layer never changes, so it is
+        # computed once
         cache = PrefixCache.build(model, task, layer, batch_size=cfg.eval_batch_size, device=device) \
-            if cfg.bn_mode == "frozen" and cfg.cache else None
+            if cfg.bn_mode == "frozen" and cfg.trainable == "layer" and cfg.cache else None
 
         def evaluate() -> np.ndarray:
             return cache.accuracy() if cache is not None else \
@@ -251,7 +267,7 @@ def _retrain_layer(model: nn.Module, task: Task, layer: Layer, reset, cfg: Retra
         targets = task.targets("given")
         for epoch in range(1, cfg.epochs + 1):
             with seeded(epoch_seed(cfg.seed, epoch), device):
-                order = clean[torch.randperm(len(clean))]  # only clean positions ever enter a batch
+                order = clean[torch.randperm(len(clean))]  # only clean positions ever enter a batch (the paper)
             # from the cache only the positions and targets are read: no batch of images is copied
             inputs = targets[:, None] if cache is not None else task.data.x_train
             for step, (xb, yb, idx) in enumerate(data_mod.batches(inputs, targets, batch_size=cfg.batch_size,
@@ -344,8 +360,10 @@ def _compute(model: nn.Module, data: Any, cfg: RetrainConfig, ctx: Context) -> P
 def _describe(result: ProbeResult) -> list[str]:
     s = result.summary
     shown = [k for k, v in s["final"].items() if v is not None]
-    lines = [f"each layer reset to its initialization, then retrained {s['epochs']} epochs on "
-             f"{s.get('trained_on', 'clean')} examples only:"]
+    alone = "every layer trained" if s.get("trainable") == "all" else "alone"
+    on = s.get("trained_on", "clean")
+    lines = [f"each layer reset to its initialization, then retrained ({alone}) {s['epochs']} epochs on "
+             + (f"{on} examples only:" if s.get("examples", "clean") == "clean" else f"{on} examples:")]
     for name in s["layers"]:
         a, b = s["after_reset"][name], s["after_retraining"][name]
         lines.append(f"  {name:24s} " + "  ".join(f"{k[:-4].replace('_', '-')} {_pct(a[k])} -> {_pct(b[k])}"

@@ -1016,7 +1016,9 @@ PROBE_SECTIONS: dict[str, Callable[[RunDir], Section]] = {
                           caption={"classification": "Each layer reset to its initialization and retrained alone on "
                                    "the clean examples only (every other layer frozen): accuracy per retraining epoch. "
                                    "Look for noisy-train coming back without a noisy example seen (the paper: most "
-                                   "layers); RESULTS.md has which retraining choices decide it.",
+                                   "layers). Only a layer whose reset took noisy-train below 90% (epoch 0 here) can "
+                                   "come back; one the reset left above it was never lost and is not counted. "
+                                   "RESULTS.md has which retraining choices decide it.",
                                    "lm": "Each layer reset to its initialization and retrained alone on the corpus "
                                    "sequences only (every other layer frozen): extraction rates and held-out token "
                                    "accuracy per retraining epoch."},

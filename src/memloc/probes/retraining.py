@@ -220,7 +220,7 @@ def retrain_model(model: nn.Module, data: Any, init_state: Mapping[str, torch.Te
         "probe": PROBE_NAME, "layers": names, "epochs": cfg.epochs, "lr": cfg.lr, "peak_epoch": cfg.peak_epoch,
         "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
         "bn_mode": cfg.bn_mode, "reset": cfg.reset, "stop_at": cfg.stop_at, "trainable": cfg.trainable,
-        "examples": cfg.examples, f"num_{ref}_trained_on": int(reference[clean].sum()),
+        "examples": cfg.examples, f"num_{ref}_trained_on": int(reference.cpu()[clean].sum()),
         "num_trained_on": int(len(clean)), "trained_on": trained_on, "subsets": list(task.subsets),
         "final": accuracy_dict(final, task.subsets),
         "after_reset": {n: accuracy_dict(acc[i, 0], task.subsets) for i, n in enumerate(names)},

@@ -84,8 +84,9 @@ class RetrainConfig:
                          "outputs are computed once per layer: they are frozen; with --bn-mode frozen only)",
                          negate="--no-cache", result=False)
     trainable: str = option("layer", "layer: only the reset layer trains (the paper); all: every layer trains, the "
-                            "reset one with them (the published code's requires_grad on copies; a control that should "
-                            "make recovery trivial)", choices=("layer", "all"))
+                            "reset one with them (the published code's requires_grad on copies; a control: on clean "
+                            "examples the whole network then forgets the noisy labels; use with --bn-mode train)",
+                            choices=("layer", "all"))
     examples: str = option("clean", "clean: retrain on the clean examples only (the paper); all: the noisy ones too, "
                            "with their noisy labels (the published code's clean mask inverted twice; a control)",
                            choices=("clean", "all"))

@@ -50,7 +50,7 @@ from memloc.cli import main as memloc_main
 from memloc.experiment import open_run
 from memloc.probes.retraining import retrain
 from memloc.training import resolve_device
-from memloc.verdicts import recovery
+from memloc.verdicts import erased_and_back, recovery
 
 VARIANTS = {
     "paper": {},
@@ -132,15 +132,15 @@ def outcome(cell: dict, until_clean: bool) -> dict:
 
 def recovered(o: dict) -> np.ndarray:
     """Layers back to >= 90% noisy-train that the reset had taken below it (lost, then recovered; not just kept)."""
-    return (o["noisy"] >= RECOVERED) & (o["reset_noisy"] < RECOVERED)
+    return erased_and_back(o["reset_noisy"], o["noisy"], RECOVERED)[1]
 
 
 def claim(o: dict) -> dict:
     """The claim as stated for one cell: erased layers, how many came back, the share, never lost, the verdict."""
     v = recovery(o["reset_noisy"], o["noisy"], back=RECOVERED)
-    erased = int((o["reset_noisy"] < RECOVERED).sum())
-    return {"erased": erased, "back": int(recovered(o).sum()), "kept": len(o["noisy"]) - erased,
-            "share": v.value, "verdict": v.verdict}
+    erased, back, kept = erased_and_back(o["reset_noisy"], o["noisy"], RECOVERED)
+    return {"erased": int(erased.sum()), "back": int(back.sum()), "kept": int(kept.sum()), "share": v.value,
+            "verdict": v.verdict}
 
 
 def _mean(xs) -> str:

@@ -1329,12 +1329,12 @@ def _decided_claims(base: RunDir, drop: RunDir | None) -> list[tuple[dict, verdi
         subsets = list(arr["subsets"])
         reset, last = arr["accuracy"][:, 0, subsets.index(mem)], arr["accuracy"][:, -1, subsets.index(mem)]
         if np.isfinite(last).all():
-            v = verdicts.recovery(reset, last, list(arr["layer_names"]))
-            erased = reset < 0.9
+            erased, back, kept = verdicts.erased_and_back(reset, last)
             add("retraining one layer on clean examples only brings noisy accuracy back for most layers",
                 "near 100% for most layers (exceptions: layers 4–5 on CIFAR-10)",
-                f"{int((erased & (last >= 0.9)).sum())} of the {int(erased.sum())} layers the reset erased back to "
-                f">= 90% noisy-train; {int((~erased).sum())} never lost (min after retraining {_pct(last.min())})", v)
+                f"{int(back.sum())} of the {int(erased.sum())} layers the reset erased back to >= 90% noisy-train; "
+                f"{int(kept.sum())} never lost (min after retraining {_pct(last.min())})",
+                verdicts.recovery(reset, last, list(arr["layer_names"])))
     s, arr = _load_probe(base, "flipping")
     if s is not None and "clean" in s["kinds"] and "noisy" in s["kinds"]:
         c, n = s["kinds"]["clean"], s["kinds"]["noisy"]
@@ -1622,12 +1622,11 @@ def _retraining_claim(arrays: dict, add: Callable) -> None:
     final = float(arrays["final"][subsets["canary_train"]])
     bar = final - 0.10
     v = verdicts.recovery(reset, last, names, back=bar, what="canary-train extraction")
-    erased = reset < bar
-    back = int((erased & (last >= bar)).sum())
+    erased, back, kept = verdicts.erased_and_back(reset, last, bar)
     best = int(np.argmax(np.where(erased, last, -np.inf))) if erased.any() else int(np.argmax(last))
-    add("retraining", f"{back} of the {int(erased.sum())} layers whose reset took canary-train extraction more than 10 "
-        f"points below the final {_pct(final)} end back within 10 points; {int((~erased).sum())} never lost, not "
-        f"counted (best erased {names[best]}: {_pct(last[best])}; holds if more than half of the erased)",
+    add("retraining", f"{int(back.sum())} of the {int(erased.sum())} layers whose reset took canary-train extraction "
+        f"more than 10 points below the final {_pct(final)} end back within 10 points; {int(kept.sum())} never lost, "
+        f"not counted (best erased {names[best]}: {_pct(last[best])}; holds if more than half of the erased)",
         v.verdict == verdicts.HOLDS if v.measured else
         f"not measured: no layer's reset took canary-train extraction more than 10 points below {_pct(final)}")
 

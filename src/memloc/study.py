@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import probes
+from . import probes, verdicts
 from .data import DataConfig
 from .errors import ConfigError, RunError
 from .experiment import LoadedRun, ModelConfig, RunConfig, open_run, resume_training, run_training
@@ -171,11 +171,10 @@ def headline(stage: str, result) -> str | None:
             i = int(np.nanargmin(mean))
             return (f"rewinding: {names[i]} is the most critical layer (noisy-train {_pct(mean[i])} on average over "
                     f"the epochs it was rewound to; the final model {_pct(s['final'].get('noisy_train_acc'))})")
-        reset, last = acc[:, 0], acc[:, -1]
-        erased = [n for n, r in zip(names, reset) if r < MEMORIZED]
-        back = [n for n, r, v in zip(names, reset, last) if r < MEMORIZED and v >= MEMORIZED]
-        kept = len(names) - len(erased)
-        return (f"retraining: {len(back)} of the {len(erased)} layers the reset erased (of {len(names)}) bring "
+        erased_mask, back_mask, kept_mask = verdicts.erased_and_back(acc[:, 0], acc[:, -1], MEMORIZED)
+        erased, back = int(erased_mask.sum()), [n for n, m in zip(names, back_mask) if m]
+        kept = int(kept_mask.sum())
+        return (f"retraining: {len(back)} of the {erased} layers the reset erased (of {len(names)}) bring "
                 f"noisy-train back to >= 90% without seeing a noisy example" + (f" ({', '.join(back)})" if back else "")
                 + (f"; {kept} never lost it" if kept else ""))
     if stage == "flipping" and {"clean", "noisy"} <= set(s.get("kinds", {})):

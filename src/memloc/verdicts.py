@@ -268,6 +268,15 @@ def rule(ok: bool | None, *, measure: str, threshold: str, value: float | None =
 
 # ----------------------------------------------------------------------------- retraining: erased, then back
 
+def erased_and_back(after_reset, after_retraining, back: float = 0.9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean masks (L,) of a layer sweep: erased (the reset took the accuracy below `back`), back (erased, then
+    retrained to at least `back`) and never lost (the reset left it at or above `back`); NaN layers are in none."""
+    a, b = np.asarray(after_reset, dtype=np.float64), np.asarray(after_retraining, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    erased = ok & (a < back)
+    return erased, erased & (b >= back), ok & (a >= back)
+
+
 def recovery(after_reset, after_retraining, names=None, *, back: float = 0.9, share: float = 0.5,
              measure: str = "noisy-train accuracy of each layer after its reset and after retraining it on clean "
                             "examples", what: str = "noisy-train") -> Verdict:
@@ -280,15 +289,11 @@ def recovery(after_reset, after_retraining, names=None, *, back: float = 0.9, sh
     after_reset, after_retraining: (L,) accuracies in [0, 1] (NaN: not measured, dropped); names: (L,) layer names
     for the result's words.
     """
-    a, b = np.asarray(after_reset, dtype=np.float64), np.asarray(after_retraining, dtype=np.float64)
-    names = [str(n) for n in names] if names is not None else [str(i) for i in range(len(a))]
-    ok = np.isfinite(a) & np.isfinite(b)
-    erased = ok & (a < back)
-    kept = ok & (a >= back)
-    came = erased & (b >= back)
+    erased, came, kept = erased_and_back(after_reset, after_retraining, back)
+    names = [str(n) for n in names] if names is not None else [str(i) for i in range(len(erased))]
     test = "threshold on the share of erased layers that come back"
     threshold = f"more than {share:.0%} of the layers the reset took below {back:.0%} {what} back to >= {back:.0%}"
-    n = f"{int(erased.sum())} erased, {int(kept.sum())} never lost, of {int(ok.sum())} layers"
+    n = f"{int(erased.sum())} erased, {int(kept.sum())} never lost, of {int((erased | kept).sum())} layers"
 
     def listed(mask) -> str:
         return ", ".join(nm for nm, m in zip(names, mask) if m) or "none"

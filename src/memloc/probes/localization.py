@@ -24,6 +24,12 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
     score(u) = sum over sequences of 1 / (1 + the step at which u was removed), 0 if never.
   - ``zero-out`` (MemPi): score(u) = L_M(m = 1 - e_u) - L_M(1), every unit ablated alone, as
     batched one-hot masks (rows = (unit, sequence)).
+  - ``attribution`` (attribution patching: Nanda 2023; Syed et al. 2023): zero-out's score to
+    first order, score(u) = -dL_M/dm_u at m = 1 (L_M(1 - e_u) - L_M(1) ~ -dL_M/dm_u: the same loss,
+    positions and sign as zero-out). One forward and one backward pass per batch of M (rows =
+    sequences, every mask 1; d/dm of the mean over M accumulated, no per-sequence gradient) against
+    zero-out's U x |M| rows; no settings. Exact where L_M is linear in m_u; it misjudges a unit
+    whose removal moves the loss far (a saturated softmax, a unit backed up by another).
   - ``activations`` (MemPi): score(u) = ||mean activation of u over the scored positions of M||
     (|.| for a neuron, the norm of the head's output vector for a head) x the norm of u's
     outgoing weights (its column, or a head's block, of the layer's output projection: the
@@ -104,7 +110,8 @@ from .flipping import FlipConfig, _from_json, _merge_states, _to_json, flip_unit
 from .flipping import candidate_layers as flip_candidates
 
 PROBE_NAME = "localize"
-METHODS = ("greedy", "zero-out", "activations", "ig", "slimming", "hard-concrete", "balanced-subnet", "random")
+METHODS = ("greedy", "zero-out", "attribution", "activations", "ig", "slimming", "hard-concrete", "balanced-subnet",
+           "random")
 DEFAULT_STEPS = {"slimming": 1000, "hard-concrete": 1000, "balanced-subnet": 200}
 DEFAULT_LR = {"slimming": 0.01, "hard-concrete": 0.01, "balanced-subnet": 0.1}  # MemPi; TinyMem
 STRETCH = (-0.1, 1.1)  # hard-concrete's stretched interval (Louizos et al.; MemPi)
@@ -395,6 +402,14 @@ class _Localizer:
             loss = _per_row(self.forward(x, rows, self._layer_of_units(units)), y)[0].view(c, m)  # (C, M)
             scores[lo:lo + c] = (loss - base).mean(1)
         return scores.cpu()
+
+    def attribution(self) -> torch.Tensor:
+        mask = torch.ones(self.U, device=self.device, requires_grad=True)  # one mask shared by every row: its
+        # gradient is the sum over the rows, and each term is already divided by |M|: d(mean over M)/dm
+        for term in self._memorized_terms(lambda n, s: mask.expand(n, -1)):
+            torch.autograd.backward(term, inputs=[mask])
+        grad = mask.grad if mask.grad is not None else torch.zeros_like(mask)
+        return -grad.detach().cpu()  # L(1 - e_u) - L(1) ~ -dL/dm_u: higher = removing u raises the loss more
 
     @torch.no_grad()
     def activations(self) -> torch.Tensor:

@@ -91,7 +91,7 @@ def test_smoke_presets_end_to_end(tmp_path, benchmark, models):
     info = json.loads((out / "bench.json").read_text())
     assert info["kind"] == "bench-localize" and info["done"] and info["benchmark"] == benchmark
     methods = [r["method"] for r in info["rows"]]
-    assert set(methods) == {"greedy", "zero-out", "activations", "ig", "slimming", "hard-concrete",
+    assert set(methods) == {"greedy", "zero-out", "attribution", "activations", "ig", "slimming", "hard-concrete",
                             "balanced-subnet", "random"}
     csv = (out / "results.csv").read_text().splitlines()
     assert len(csv) == len(info["rows"]) + 1

@@ -811,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", default="tinymem", metavar="NAME", help="tinymem (default), inj or del")
     p.add_argument("--preset", default="full", metavar="NAME",
                    help="smoke (under two minutes on 2 CPU cores), full (the CPU scale, default) or paper (GPU)")
-    p.add_argument("--methods", type=_names, metavar="M,M,...", help="localization methods (default: all eight)")
+    p.add_argument("--methods", type=_names, metavar="M,M,...", help="localization methods (default: all nine)")
     p.add_argument("--layers", dest="n_layers", type=_ints, metavar="N,N,...",
                    help="model depths to train (default: the preset's; inj uses the first)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")

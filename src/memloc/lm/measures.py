@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import in_batches, is_out_of_memory, rows_that_fit
 from ..errors import ConfigError
 
 __all__ = ["causal_lm", "greedy_generate", "extractable", "suffix_accuracy", "sequence_losses", "suffix_measures",
@@ -67,6 +68,8 @@ class _Logits(nn.Module):
         try:
             out = self.inner(input_ids=ids, use_cache=False) if self.hf else self.inner(ids)
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            if is_out_of_memory(err):  # the batch, not the model: `memloc.batching.in_batches` halves it
+                raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ConfigError(f"{type(self.inner).__name__} failed on token ids (B, T) int64 ({first}): memloc's "
                               "measures expect a causal language model that takes token ids") from None
@@ -154,7 +157,10 @@ def _groups(keys: Sequence) -> dict:
     return out
 
 
-def _batch_size(batch_size: int) -> int:
+def _batch_size(batch_size: int | None, model: nn.Module, length: int) -> int:
+    """The caller's batch, or (None) what fits: `memloc.batching.rows_that_fit` for rows of `length` tokens."""
+    if batch_size is None:
+        return rows_that_fit(model, length=length)
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
     return int(batch_size)
@@ -163,7 +169,7 @@ def _batch_size(batch_size: int) -> int:
 # --- greedy decoding and teacher forcing -------------------------------------------------------------------------
 
 def greedy_generate(model: nn.Module, prefixes: list[list[int]], length: int, *,
-                    batch_size: int = 256) -> torch.Tensor:
+                    batch_size: int | None = None) -> torch.Tensor:
     """Greedy continuations (N, length) int64 of each prefix: argmax at each step, ties to the lowest id.
 
     Prefixes of different lengths are decoded in separate groups (left padding would shift absolute
@@ -173,7 +179,8 @@ def greedy_generate(model: nn.Module, prefixes: list[list[int]], length: int, *,
     pre = _rows(prefixes, "prefixes")
     if int(length) < 0:
         raise ConfigError(f"length must be at least 0, not {length}")
-    length, batch_size = int(length), _batch_size(batch_size)
+    length = int(length)
+    batch_size = _batch_size(batch_size, model, max(map(len, pre)) + length)
     out = torch.empty(len(pre), length, dtype=torch.long)
     if length == 0:
         return out
@@ -181,13 +188,15 @@ def greedy_generate(model: nn.Module, prefixes: list[list[int]], length: int, *,
     with _evaluating(model):
         for plen, idx in _groups([len(p) for p in pre]).items():
             ids_all = torch.tensor([pre[i] for i in idx], dtype=torch.long)  # (n, P)
-            for s in range(0, len(idx), batch_size):
-                ids = ids_all[s:s + batch_size].to(device)
+
+            def part(lo: int, hi: int, ids_all=ids_all, idx=idx, plen=plen) -> None:
+                ids = ids_all[lo:hi].to(device)
                 for _ in range(length):
                     ctx = ids if block is None else ids[:, -block:]
                     nxt = model(ctx)[:, -1].float().argmax(-1)  # (b,); torch.argmax takes the first maximum
                     ids = torch.cat([ids, nxt[:, None]], 1)
-                out[idx[s:s + batch_size]] = ids[:, plen:].cpu()
+                out[idx[lo:hi]] = ids[:, plen:].cpu()
+            batch_size = in_batches(len(idx), batch_size, part, what="greedy decoding")
     return out
 
 
@@ -209,23 +218,25 @@ def _teacher_forced(model: nn.Module, full: torch.Tensor, plen: int, *, batch_si
     m = total - 1 if block is None else min(total - 1, block)  # targets t <= m share one pass over full[:, :m]
     correct = torch.empty(n, total - plen, dtype=torch.bool)
     nll = torch.empty(n, total - plen)
-    for s in range(0, n, batch_size):
-        rows = full[s:s + batch_size].to(device)
+
+    def part(lo: int, hi: int) -> None:
+        rows = full[lo:hi].to(device)
         if plen <= m:
             c, l = _score(model(rows[:, :m])[:, plen - 1:m], rows[:, plen:m + 1])
-            correct[s:s + batch_size, :m + 1 - plen], nll[s:s + batch_size, :m + 1 - plen] = c.cpu(), l.cpu()
+            correct[lo:hi, :m + 1 - plen], nll[lo:hi, :m + 1 - plen] = c.cpu(), l.cpu()
         for t in range(max(plen, m + 1), total):  # contexts longer than the block: the last `block` tokens
             c, l = _score(model(rows[:, t - block:t])[:, -1:], rows[:, t:t + 1])
-            correct[s:s + batch_size, t - plen], nll[s:s + batch_size, t - plen] = c[:, 0].cpu(), l[:, 0].cpu()
+            correct[lo:hi, t - plen], nll[lo:hi, t - plen] = c[:, 0].cpu(), l[:, 0].cpu()
+    in_batches(n, batch_size, part, what="the teacher-forced scan")
     return correct, nll
 
 
 def _suffix_stats(model: nn.Module, prefixes: Sequence[Tokens], suffixes: Sequence[Tokens],
-                  batch_size: int) -> tuple[int, list[tuple[list[int], torch.Tensor, torch.Tensor]]]:
+                  batch_size: int | None) -> tuple[int, list[tuple[list[int], torch.Tensor, torch.Tensor]]]:
     """N and, per group of equal (prefix, suffix) lengths: (positions, correct (n, S), nll (n, S))."""
     model = causal_lm(model)
     pre, suf = _pairs(prefixes, suffixes)
-    batch_size = _batch_size(batch_size)
+    batch_size = _batch_size(batch_size, model, max(len(p) + len(q) for p, q in zip(pre, suf)))
     device, block = _device(model), _block_size(model)
     out = []
     with _evaluating(model):
@@ -237,7 +248,7 @@ def _suffix_stats(model: nn.Module, prefixes: Sequence[Tokens], suffixes: Sequen
 
 
 def extractable(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
-                batch_size: int = 256) -> torch.Tensor:
+                batch_size: int | None = None) -> torch.Tensor:
     """Does greedy decoding from each prefix reproduce its suffix exactly? (N,) bool.
 
     One teacher-forced forward per batch instead of S decoding steps, and exactly equivalent: write
@@ -252,19 +263,19 @@ def extractable(model: nn.Module, prefixes: list[list[int]], suffixes: list[list
 
 
 def suffix_accuracy(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
-                    batch_size: int = 256) -> torch.Tensor:
+                    batch_size: int | None = None) -> torch.Tensor:
     """Teacher-forced share of suffix tokens that are the argmax given the true preceding tokens (MemPi), (N,)."""
     return suffix_measures(model, prefixes, suffixes, batch_size=batch_size)["suffix_accuracy"]
 
 
 def sequence_losses(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
-                    batch_size: int = 256) -> torch.Tensor:
+                    batch_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy (nats) of the suffix tokens given the prefix and the true preceding tokens, (N,)."""
     return suffix_measures(model, prefixes, suffixes, batch_size=batch_size)["loss"]
 
 
 def suffix_measures(model: nn.Module, prefixes: list[list[int]], suffixes: list[list[int]], *,
-                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+                    batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """`extractable` (N,) bool, `suffix_accuracy` (N,) and `loss` (N,) from one teacher-forced pass."""
     n, groups = _suffix_stats(model, prefixes, suffixes, batch_size)
     out = {"extractable": torch.zeros(n, dtype=torch.bool), "suffix_accuracy": torch.zeros(n), "loss": torch.zeros(n)}
@@ -365,7 +376,7 @@ def exposure(model: nn.Module, prefix: list[int], secret: list[int], alphabet: l
     prefix, secret, alphabet = _canary(prefix, secret, alphabet)
     if method not in ("auto", "exact", "estimate"):
         raise ConfigError(f"unknown exposure method {method!r}: use auto, exact or estimate")
-    batch_size = _batch_size(batch_size)
+    batch_size = _batch_size(batch_size, model, len(prefix) + len(secret))
     _check_vocabulary(model, prefix, alphabet)
     a, length = len(alphabet), len(secret)
     candidates = a ** length

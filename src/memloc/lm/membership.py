@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import in_batches, rows_that_fit
 from ..errors import ConfigError
 from .measures import _block_size, _device, _evaluating, _groups, causal_lm
 
@@ -39,12 +40,14 @@ MIN_PER_CLASS = 10  # members and non-members each, for an AUROC
 MIN_NEGATIVES_FOR_TPR = 100  # non-members, for a TPR at 1% FPR (one false positive is 1%)
 
 
-def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size: int = 16
+def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_size: int | None = None
                    ) -> list[dict[str, np.ndarray]]:
-    """Per sequence of n >= 2 tokens: {"logp", "mu", "sigma"}, each (n-1,) float64: for token t+1 given tokens
-    <= t, its log-probability, and the mean and standard deviation of log p(z) under the model's next-token
-    distribution there. Each sequence must fit the model's context (ConfigError otherwise). Memory: one batch of
-    (batch_size, n-1, vocabulary) float32 at a time."""
+    """Per sequence of n >= 2 tokens: {"logp", "mu", "sigma"}, each (n-1,) float64, and "hit" (n-1,) bool: for
+    token t+1 given tokens <= t, its log-probability, the mean and standard deviation of log p(z) under the
+    model's next-token distribution there, and whether it is that distribution's argmax (the lowest id among
+    ties, as greedy decoding takes it: the teacher-forced extraction of `memloc.lm.measures` from the same pass).
+    Each sequence must fit the model's context (ConfigError otherwise). Memory: one batch of (batch_size, n-1,
+    vocabulary) float32 and four such temporaries; `batch_size` None: what fits (`memloc.batching`)."""
     model = causal_lm(model)
     rows = [[int(t) for t in s] for s in seqs]
     short = next((i for i, r in enumerate(rows) if len(r) < 2), None)
@@ -55,21 +58,30 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_siz
     if long is not None:
         raise ConfigError(f"sequence {long} has {len(rows[long])} tokens, more than the model's context of "
                           f"{block} + 1: cut it first")
+    if not rows:
+        return []
     device = _device(model)
+    batch = rows_that_fit(model, length=max(map(len, rows))) if batch_size is None else max(1, int(batch_size))
     out: list[dict[str, np.ndarray]] = [{} for _ in rows]
     with _evaluating(model):
         for n, idx in _groups([len(r) for r in rows]).items():
             full = torch.tensor([rows[i] for i in idx], dtype=torch.long)  # (m, n)
-            for s in range(0, len(idx), max(1, int(batch_size))):
-                part = full[s:s + batch_size].to(device)
-                logp_all = F.log_softmax(model(part[:, :-1]).float(), -1)  # (b, n-1, V)
+
+            def part(lo: int, hi: int, full=full, idx=idx) -> None:
+                ids = full[lo:hi].to(device)
+                logits = model(ids[:, :-1]).float()  # (b, n-1, V)
+                hit = logits.argmax(-1) == ids[:, 1:]
+                logp_all = F.log_softmax(logits, -1)
+                del logits
                 p_all = logp_all.exp()
                 mu = (p_all * logp_all).sum(-1)  # (b, n-1): E_z log p(z)
                 var = (p_all * logp_all.square()).sum(-1) - mu.square()
-                logp = logp_all.gather(-1, part[:, 1:, None])[..., 0]
-                for j, i in enumerate(idx[s:s + batch_size]):
+                logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+                for j, i in enumerate(idx[lo:hi]):
                     out[i] = {"logp": logp[j].double().cpu().numpy(), "mu": mu[j].double().cpu().numpy(),
-                              "sigma": var[j].clamp_min(0).sqrt().double().cpu().numpy()}
+                              "sigma": var[j].clamp_min(0).sqrt().double().cpu().numpy(),
+                              "hit": hit[j].cpu().numpy()}
+            batch = in_batches(len(idx), batch, part, what="the membership scores' pass")
     return out
 
 
@@ -124,14 +136,18 @@ def attack_quality(score: np.ndarray, member: np.ndarray, *, resamples: int = 10
         why = f"not enough data: {len(pos)} members and {len(neg)} non-members (at least {MIN_PER_CLASS} each)"
         return {**out, "auroc": None, "tpr_at_1pct_fpr": None, "reason": why}
     rng = np.random.default_rng(seed)
-    boots = [(rng.choice(pos, len(pos)), rng.choice(neg, len(neg))) for _ in range(int(resamples))]
-    a = [_auroc(p, n) for p, n in boots]
+    tpr = len(neg) >= MIN_NEGATIVES_FOR_TPR
+    a, t = [], []
+    for _ in range(int(resamples)):  # one resample in memory at a time (a streaming scan has millions of sequences)
+        p, n = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
+        a.append(_auroc(p, n))
+        if tpr:
+            t.append(_tpr_at(p, n, 0.01))
     out.update(auroc=_auroc(pos, neg), auroc_ci=[float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))])
-    if len(neg) < MIN_NEGATIVES_FOR_TPR:
+    if not tpr:
         out.update(tpr_at_1pct_fpr=None, reason=f"TPR at 1% FPR: not enough data: {len(neg)} non-members (at least "
                                                 f"{MIN_NEGATIVES_FOR_TPR})")
     else:
-        t = [_tpr_at(p, n, 0.01) for p, n in boots]
         out.update(tpr_at_1pct_fpr=_tpr_at(pos, neg, 0.01),
                    tpr_ci=[float(np.percentile(t, 2.5)), float(np.percentile(t, 97.5))])
     return out

@@ -1,0 +1,109 @@
+"""The batch a pass over a language model takes (memloc.batching): chosen from the model and the memory free, halved
+on an out-of-memory error with the same result, one line where even one row does not fit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from memloc import batching
+from memloc.errors import RunError
+from memloc.lm import measures, membership
+from memloc.lm.gpt import GPT, GPTShape
+
+
+def _gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTShape(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32)).eval()
+
+
+def test_the_batch_is_what_a_share_of_the_free_memory_holds_by_hand():
+    """A row of T = 20 tokens of a GPT with V = 50, C = 32, I = 128, 4 heads holds 4 x 20 x (5 x 50 + 4 x 32 + 128
+    + 4 x 20) = 46,880 bytes; half of 10 MB free holds 106 such rows; 1 GB free is past the CPU's cap of 256; a
+    backward pass holds more per row than a forward one."""
+    model = _gpt()
+    assert batching.row_bytes(batching.model_shape(model), 20) == 46_880
+    assert batching.rows_that_fit(model, length=20, free=10_000_000) == 5_000_000 // 46_880 == 106
+    assert batching.rows_that_fit(model, length=20, free=1 << 30) == 256
+    assert batching.rows_that_fit(model, length=20, free=1000) == 1  # never below one row
+    assert batching.rows_that_fit(model, length=20, backward=True, free=10_000_000) < 106
+    assert batching.rows_that_fit(nn.Linear(3, 3), length=20, free=1000) == 256  # not a transformer: the cap
+
+
+def test_a_plain_transformers_model_is_read_from_its_config():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=64)
+    shape = batching.model_shape(transformers.LlamaForCausalLM(cfg))
+    assert shape == {"width": 32, "hidden": 80, "vocab": 100, "layers": 2, "heads": 4, "block": 64, "gated": True}
+
+
+class _Scarce(nn.Module):
+    """The model, but a batch of more than `most` rows is a CUDA out-of-memory error, as a full GPU gives it."""
+
+    def __init__(self, inner: nn.Module, most: int):
+        super().__init__()
+        self.inner, self.most, self.shape, self.calls = inner, most, inner.shape, []
+
+    def forward(self, ids):
+        self.calls.append(len(ids))
+        if len(ids) > self.most:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(ids)
+
+
+def _sequences(n: int = 23) -> tuple[list[list[int]], list[list[int]]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (n, 12), generator=g).tolist()
+    return [r[:6] for r in ids], [r[6:] for r in ids]
+
+
+def test_an_out_of_memory_halves_the_batch_once_with_a_line_and_the_result_is_identical():
+    model = _gpt()
+    pre, suf = _sequences()
+    direct = measures.suffix_measures(model, pre, suf, batch_size=4)
+    scarce = _Scarce(model, most=5)
+    batching._said.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = measures.suffix_measures(scarce, pre, suf, batch_size=16)
+    lines = [str(w.message) for w in caught]
+    assert lines == ["the teacher-forced scan ran out of memory: batch halved to 8 rows and going on (--batch-size "
+                     "to choose)"]  # 16 -> 8 -> 4: one line, at the first halving
+    assert scarce.calls[:3] == [16, 8, 4] and max(scarce.calls[2:]) == 4
+    for k in ("extractable", "suffix_accuracy", "loss"):
+        assert torch.equal(got[k], direct[k]), k
+    stats = membership.token_logprobs(_Scarce(model, most=3), [p + s for p, s in zip(pre, suf)], batch_size=8)
+    same = membership.token_logprobs(model, [p + s for p, s in zip(pre, suf)], batch_size=2)
+    assert all((a[k] == b[k]).all() for a, b in zip(stats, same) for k in ("logp", "mu", "sigma", "hit"))
+
+
+def test_one_row_that_does_not_fit_is_one_line_and_other_errors_pass_through():
+    model = _gpt()
+    pre, suf = _sequences(3)
+    with pytest.raises(RunError, match="ran out of memory on a single row: the model does not fit this device"):
+        measures.suffix_measures(_Scarce(model, most=0), pre, suf, batch_size=2)
+
+    def broken(lo, hi):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        batching.in_batches(4, 2, broken)
+    assert batching.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ..."))
+    assert batching.is_out_of_memory(MemoryError()) and not batching.is_out_of_memory(ValueError("out of memory"))
+
+
+def test_the_membership_pass_gives_the_scans_extraction_from_the_same_logits():
+    """`hit` of the membership pass over prefix + suffix is the teacher-forced argmax: its suffix positions all
+    right exactly where the scan says extracted (here half the suffixes are the model's own greedy ones)."""
+    model = _gpt()
+    pre, suf = _sequences(10)
+    suf[:5] = measures.greedy_generate(model, pre[:5], 6).tolist()
+    scan = measures.suffix_measures(model, pre, suf)
+    stats = membership.token_logprobs(model, [p + s for p, s in zip(pre, suf)])
+    from_pass = torch.tensor([bool(st["hit"][len(p) - 1:].all()) for st, p in zip(stats, pre)])
+    assert torch.equal(from_pass, scan["extractable"]) and from_pass[:5].all()
+    loss = torch.tensor([float(-st["logp"][len(p) - 1:].mean()) for st, p in zip(stats, pre)])
+    assert torch.allclose(loss.float(), scan["loss"], atol=1e-5)

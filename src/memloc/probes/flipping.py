@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..batching import rows_that_fit
 from ..cutting import fold_norms, split_after
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, select_layers
@@ -256,9 +257,12 @@ class _Flipper:
         self.device = next(model.parameters()).device
         self.bf16 = use_bf16(cfg, self.device)
         # big passes feed a GPU; on a CPU smaller ones stay in cache (measured: both modes ~1.5x faster at 1024)
+        # a language model's rows are capped by what fits the free memory (`memloc.batching`); a classifier's by this
         gpu = self.device.type == "cuda"
-        self.max_rows = cfg.max_rows or (4096 if gpu else 1024)
-        self.eval_rows = cfg.eval_rows or (8192 if gpu else 1024)
+        length = data.x_train.shape[1] if data.x_train.dim() == 2 else 1
+        self.max_rows = cfg.max_rows or rows_that_fit(model, length=length, backward=True,
+                                                      cap=4096 if gpu else 1024)
+        self.eval_rows = cfg.eval_rows or rows_that_fit(model, length=length, cap=8192 if gpu else 1024)
         self.masks = UnitMasks(self.model, candidates)
         dev = self.device
         self.x_oth = self._input(data.x_train[torch.as_tensor(others, device=data.x_train.device)])

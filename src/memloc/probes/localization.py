@@ -95,6 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import rows_that_fit
 from ..data import batches
 from ..errors import ConfigError, DataError, RunError
 from ..models import Layer, select_layers
@@ -154,7 +155,8 @@ class LocalizeConfig:
     ig_steps: int = option(20, "integrated-gradients steps", at_least=1)
     seed: int = option(0, "seed of the sequences, the others, the random scores and the hard-concrete noise",
                        at_least=0, at_most=INT64_MAX)
-    batch_size: int | None = option(None, "rows per forward pass (default 256 on a CPU, 2048 on a GPU)",
+    batch_size: int | None = option(None, "rows per forward pass (default: what fits the free memory, at most 256 "
+                                    "on a CPU, 2048 on a GPU)",
                                     result=False, at_least=1)
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
@@ -256,7 +258,7 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], Non
         check_indices(cfg.indices, n, "sequence")  # its file and line named, before the int64 array
         seqs = np.asarray(cfg.indices, dtype=np.int64)
     else:
-        seqs = memorized_sequences(model, task, batch_size=_rows(cfg, model))
+        seqs = memorized_sequences(model, task, batch_size=_rows(cfg, model, task.data.x_train, backward=False))
         if cfg.examples is not None and cfg.examples < len(seqs):
             seqs = np.sort(np.random.default_rng([cfg.seed, 0]).choice(seqs, size=cfg.examples, replace=False))
     ref = task.kind_mask(task.reference_kind)
@@ -271,10 +273,12 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], Non
     return candidates, k, seqs.astype(np.int64), others.astype(np.int64)
 
 
-def _rows(cfg: LocalizeConfig, model: nn.Module) -> int:
+def _rows(cfg: LocalizeConfig, model: nn.Module, x: torch.Tensor, *, backward: bool = True) -> int:
+    """Rows per pass: --batch-size, else what fits (`memloc.batching`: a language model's rows of x's length, a
+    pass that backpropagates to the masks unless `backward` is False; at most 256 on a CPU, 2048 on a GPU)."""
     if cfg.batch_size is not None:
         return cfg.batch_size
-    return 2048 if next(model.parameters()).device.type == "cuda" else 256
+    return rows_that_fit(model, length=x.shape[1] if x.dim() == 2 else 1, backward=backward)
 
 
 # ----------------------------------------------------------------------------- the edit, scoped
@@ -351,8 +355,8 @@ class _Localizer:
         self.device = next(model.parameters()).device
         self.masks = UnitMasks(model, candidates)
         self.U = self.masks.total
-        self.rows = _rows(cfg, model)
         data, y = task.data, task.targets("given")
+        self.rows = _rows(cfg, model, data.x_train)
         self.seqs, self.others = seqs, others
         self.x_mem = self._input(data.x_train, seqs)
         self.y_mem = y[torch.as_tensor(seqs, device=y.device)].to(self.device)
@@ -699,7 +703,7 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
             scores = getattr(loc, cfg.method.replace("-", "_"))()
     elapsed = time.perf_counter() - t0
     scores = scores.double().numpy()
-    rows = _rows(cfg, model)
+    rows = _rows(cfg, model, task.data.x_train, backward=False)
     before = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
     sweep: list[dict] = []
     while True:

@@ -96,9 +96,13 @@ def planted_flat() -> list[int]:
 
 
 def assert_untouched(model: GPT, state: dict) -> None:
-    """The same tensors, no hook left behind, no gradient written, eval mode as before."""
+    """The same tensors in the same order, no hook or parametrization left behind, no gradient written, eval mode as
+    before."""
+    from torch.nn.utils import parametrize
+    assert list(model.state_dict()) == list(state)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+    assert not any(parametrize.is_parametrized(mod) for mod in model.modules())
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks and not mod._backward_hooks
     assert all(p.grad is None for p in model.parameters())
@@ -365,6 +369,8 @@ def tiny_run(tiny_lm_master, tmp_path_factory):
 
 @pytest.mark.parametrize("argv,words", [
     (["--method", "nope"], ["--method", "invalid choice: 'nope'"]),
+    (["--units", "weights", "--method", "ig"], ["--method ig scores neurons, not weights", "balanced-subnet, subnet"]),
+    (["--method", "durable"], ["--method durable scores weights", "--units weights"]),
     ([], ["extracts none of its 2 canary training sequences"]),
     (["--k", "1000"], ["--k 1000 is more than the 32 units"]),
 ])
@@ -489,3 +495,187 @@ def test_export_localized_refuses_a_classification_run(digits_master, tmp_path, 
     code = main(["export", str(digits_master), "--localized", "--out", str(tmp_path / "m.safetensors")])
     assert_one_line_error(code, capsys.readouterr().err, "exports a language model's localize edit")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- weight units (TinyMem's)
+
+PLANTED_WEIGHTS = {("blocks.1.mlp.proj.weight", 13 * 64 + u) for u in PLANTED} | \
+    {("blocks.1.mlp.fc.weight", u * D + TRIGGER) for u in PLANTED}  # each planted neuron's input or output weight
+
+
+def test_weight_masks_are_the_mlp_matrices_of_every_family():
+    """A mask entry per weight of the MLP matrices (never a norm or a bias): GPT fc / proj, GPT-2's Conv1D c_fc /
+    c_proj, Llama's gate / up / down; with heads the attention matrices too."""
+    from memloc.weights import weight_matrices
+    model = planted_model()
+    mats = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig()))
+    assert [(m.name, m.shape, m.layer) for m in mats] == [
+        ("blocks.0.mlp.fc.weight", (64, 16), 2), ("blocks.0.mlp.proj.weight", (16, 64), 2),
+        ("blocks.1.mlp.fc.weight", (64, 16), 4), ("blocks.1.mlp.proj.weight", (16, 64), 4)]
+    heads = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig(heads=True)))
+    assert [m.name for m in heads][:2] == ["blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"] and len(heads) == 8
+    pytest.importorskip("transformers")
+    from memloc.lm.hf import build_hf
+    for family, want in (("gpt2", ["mlp.c_fc.weight", "mlp.c_proj.proj.weight"]),
+                         ("llama", ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.proj.weight"])):
+        hf = build_hf(family, vocab_size=30, block_size=12, n_layer=1, n_head=2, n_embd=16).eval()
+        mats = weight_matrices(hf, loc.candidate_layers(hf, loc.LocalizeConfig()))
+        assert [m.name.split(".", 4)[-1] for m in mats] == want, family
+        assert sum(m.units for m in mats) == sum(p.numel() for n, p in hf.named_parameters() if n in
+                                                 {m.name for m in mats})
+
+
+@pytest.mark.parametrize("method", ["subnet", "balanced-subnet"])
+def test_subnet_on_weights_finds_the_planted_weights(method):
+    """Two weights zeroed end the canary and keep the corpus: one of each planted neuron's two weights (its input from
+    the trigger or its output to the secret); the result has a score per weight of the four MLP matrices."""
+    model, data = planted_model(), planted_data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = loc.localize(model, data, method=method, units="weights", k=2, steps=30)
+    a = res.arrays
+    assert a["scores"].shape == (4096,) and a["weight_numel"].tolist() == [1024] * 4
+    found = {(str(a["weight_names"][j]), int(i)) for j, i in zip(a["edit_matrix"], a["edit_index"])}
+    assert found <= PLANTED_WEIGHTS and len(found) == 2, found
+    assert {i % 64 if "proj" in n else i // D for n, i in found} == set(PLANTED)  # one weight of each planted neuron
+    s = res.summary
+    assert s["unit_kind"] == "weights" and s["units"] == 4096 and s["zeroed"] == 2 and s["extracted_after"] == 0.0
+    assert s["accuracy_after"]["corpus_train_acc"] == 1.0 and s["details"]["mask_numel"] == 4096
+    assert [m["zeroed"] for m in s["matrices"]] == [0, 0] + [sum("fc" in n for n, _ in found),
+                                                              sum("proj" in n for n, _ in found)]
+    assert_untouched(model, state)
+
+
+def test_until_grows_a_weight_edit_and_durable_and_random_score_every_weight():
+    model, data = planted_model(), planted_data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = loc.localize(model, data, method="subnet", units="weights", k=1, until=0.0, steps=30)
+    assert [r["k"] for r in res.summary["details"]["sweep"]] == [0, 1, 2] and res.summary["details"]["reached"]
+    for method in ("durable", "random"):
+        res = loc.localize(model, data, method=method, units="weights", k=3, per_layer=True)
+        assert res.arrays["scores"].shape == (4096,) and res.summary["zeroed"] == 12
+        assert [m["zeroed"] for m in res.summary["matrices"]] == [3, 3, 3, 3]  # per matrix: TinyMem's ratio
+    with pytest.raises(ConfigError, match="more than the 1024 weights of matrix blocks.0.mlp.fc.weight"):
+        loc.localize(model, data, method="random", units="weights", k=1025, per_layer=True)
+    with pytest.raises(ConfigError, match="scores neurons, not weights"):
+        loc.LocalizeConfig(method="zero-out", units="weights")
+    assert_untouched(model, state)
+
+
+def test_weight_mask_memory_does_not_grow_with_the_sequences(monkeypatch):
+    """Every mask a weight method sets is (P,), one for the whole batch, for 4 sequences as for 16."""
+    from memloc.training import seeded
+    from memloc.weights import WeightMasks
+    with seeded(0, torch.device("cpu")):
+        model = GPT(GPTShape(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 20, (24, 12), generator=g), torch.randint(0, 20, (24, 12), generator=g)
+    data = TextData("random", x, y, torch.full((24,), -1), x[:2], y[:2], torch.full((2,), -1), [], 20)
+    seen: list[int] = []
+    set_ = WeightMasks.set
+
+    def recording(self, scale=None, shift=None):
+        seen.extend(t.numel() for t in (scale, shift) if t is not None)
+        return set_(self, scale, shift)
+    monkeypatch.setattr(WeightMasks, "set", recording)
+    for method in ("subnet", "durable"):
+        sizes = {}
+        for n in (4, 16):
+            seen.clear()
+            res = loc.localize(model, data, method=method, units="weights", k=3, indices=tuple(range(n)), steps=2,
+                               batch_size=4)  # 16 sequences: 4 passes
+            sizes[n] = set(seen)
+        assert sizes[4] == sizes[16] == {4 * 16 * 64}, (method, sizes)
+        assert res.summary["details"]["mask_numel"] == 4 * 16 * 64
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_folded_weight_edit_equals_the_masked_model(family):
+    """`memloc.weights.fold` (what export writes) computes what the scoped mask computes: GPT and Llama's SwiGLU."""
+    from memloc.weights import fold, masked, weight_matrices
+    if family == "gpt":
+        model = GPT(GPTShape(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16)).eval()
+    else:
+        pytest.importorskip("transformers")
+        from memloc.lm.hf import build_hf
+        model = build_hf("llama", vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16).eval()
+    mats = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig()))
+    total = sum(m.units for m in mats)
+    mask = np.ones(total, dtype=np.float32)
+    mask[np.random.default_rng(0).choice(total, size=total // 10, replace=False)] = 0.0
+    x = torch.randint(0, 20, (3, 12))
+    with torch.no_grad():
+        plain = model(x).float()
+        with masked(model, mats, mask):
+            edited_ = model(x).float()
+        assert torch.equal(model(x).float(), plain)  # nothing left behind
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fold(model, mats, mask)
+        folded = model(x).float()
+    assert not torch.allclose(plain, edited_)
+    torch.testing.assert_close(folded, edited_, rtol=1e-5, atol=1e-5)
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    assert changed == {m.name for m in mats}
+
+
+def test_weight_masks_leave_no_trace_when_a_method_or_the_body_fails(monkeypatch):
+    from memloc.weights import masked, weight_matrices
+    model, data = planted_model(), planted_data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.SGD, "step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        loc.localize(model, data, method="balanced-subnet", units="weights", k=2, steps=10)
+    assert calls["n"] == 3
+    assert_untouched(model, state)
+    mats = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig()))
+    model.train()
+    with pytest.raises(RuntimeError, match="inside"):
+        with masked(model, mats, np.zeros(4096, dtype=np.float32)):
+            assert not model.training and model.blocks[1].mlp.proj.weight.abs().sum() == 0
+            raise RuntimeError("inside")
+    assert model.training and [type(m) for m in model.modules()] == classes
+    model.eval()
+    assert_untouched(model, state)
+    with pytest.raises(ConfigError, match="for another model"):
+        masked(model, mats, np.ones(5)).__enter__()
+    assert_untouched(model, state)
+
+
+def test_export_localized_writes_the_weight_edit(tiny_run, tmp_path):
+    """`memloc localize RUN --units weights` then `memloc export RUN --localized`: a plain GPT file whose logits are
+    the scoped weight edit's, only the MLP matrices changed."""
+    import shutil
+
+    from memloc.experiment import open_run
+    from memloc.export import load_exported
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    idx = tmp_path / "idx.txt"
+    idx.write_text("0\n1\n")
+    assert main(["localize", str(run), "--units", "weights", "--method", "durable", "--indices", str(idx),
+                 "--fraction", "0.05", "--quiet"]) == 0
+    d = run / "probes" / "localize"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["unit_kind"] == "weights" and summary["units"] == 2 * 8 * 32 and summary["zeroed"] == 26
+    assert (d / "localize.csv").read_text().splitlines()[0] == "rank,layer,layer_name,matrix,index,score,zeroed"
+    out = tmp_path / "edited.safetensors"
+    assert main(["export", str(run), "--localized", "--out", str(out)]) == 0
+    loaded = open_run(run, device="cpu")
+    model = loaded.model()
+    result = loc.ProbeResult.load(loaded.run, "localize")
+    x = loaded.data.x_train[:4]
+    with torch.no_grad():
+        plain = model(x).float()
+        with loc.edited(model, result):
+            want = model(x).float()
+        got = load_exported(out)(x).float()
+    assert not torch.allclose(plain, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

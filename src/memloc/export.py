@@ -197,11 +197,11 @@ def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool, token
 
 def export_localized(loaded: LoadedRun, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write the run's model with the edit of its saved `memloc localize` result folded into the weights (the
-    zeroed MLP neurons' and heads' columns of their output projections set to 0; `fold_edit`): a plain language
-    model that computes what the scoped edit computed, at the epoch the localization probed."""
-    from .models import layers as find_layers
+    zeroed MLP neurons' and heads' columns of their output projections set to 0, `fold_edit`; a weight edit's
+    weights set to 0, `memloc.weights.fold`): a plain language model that computes what the scoped edit computed,
+    at the epoch the localization probed."""
     from .probes.base import ProbeResult
-    from .probes.localization import PROBE_NAME, fold_edit
+    from .probes.localization import PROBE_NAME, edit_of, fold_units
     out = Path(out)
     if loaded.config.task != "lm":
         raise ConfigError("--localized exports a language model's localize edit (MLP neurons and heads folded into "
@@ -209,16 +209,16 @@ def export_localized(loaded: LoadedRun, out: str | Path, *, overwrite: bool = Fa
     result = ProbeResult.load(loaded.run, PROBE_NAME)
     epoch = result.summary.get("epoch")
     model = loaded.model(epoch)
-    by_index = {l.index: l for l in find_layers(model)}
-    wanted = [int(i) for i in result.arrays["layer_index"]]
-    if any(i not in by_index for i in wanted):
-        raise RunError(f"the localize result of {loaded.run.path} names layers its model does not have: rerun "
-                       f"`memloc localize {loaded.run.path}`")
-    mask = result.arrays["edit_mask"]
-    fold_edit(model, [by_index[i] for i in wanted], mask)
+    try:
+        units, mask = edit_of(model, result)
+    except ConfigError:
+        raise RunError(f"the localize result of {loaded.run.path} names layers or weights its model does not have: "
+                       f"rerun `memloc localize {loaded.run.path}`") from None
+    fold_units(model, units, mask)
     ep = loaded.run.saved_epochs()[-1] if epoch is None else epoch
     meta = {"format": EXPORT_FORMAT, "task": "lm", "edit": "localize", "method": result.summary.get("method"),
-            "zeroed": int((mask == 0).sum()), "epoch": ep, "source_run": str(loaded.run.path),
+            "units": (result.summary.get("settings") or {}).get("units", "neurons"),
+            "zeroed": int(result.summary.get("zeroed", 0)), "epoch": ep, "source_run": str(loaded.run.path),
             "tokenizer": loaded.config.data.tokenizer}
     tokenizer = None
     if loaded.run.has(AUDIT_FILE):  # the audited model's own tokenizer goes with it: the folder is usable as it is

@@ -8,6 +8,17 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
   a model without transformer blocks offers every layer but its classifier (as flipping).
   Scores are kept per (layer, unit), the units of all candidate layers concatenated in layer
   order (U in all); a higher score means "more responsible for the memorized sequences".
+  With `units="weights"` (TinyMem's weight-level localization) a unit is one weight of the
+  candidate layers' matrices (`memloc.weights`: every parameter of two or more dimensions of the
+  layers: an MLP's input and output projections — GPT `fc` / `proj`, GPT-2 `c_fc` / `c_proj`,
+  NeoX `dense_h_to_4h` / `dense_4h_to_h`, Llama `gate_proj` / `up_proj` / `down_proj` — never
+  a norm or a bias; with `heads`, the attention layers' matrices too); U = P, the matrices'
+  weights, numbered flat in layer order. One mask (P,) serves every row of a batch (a
+  parametrization W -> W * m, removed in `finally`): the memory is the mask's, nothing per
+  sequence. `k` counts weights, `fraction` is a share of the P weights, `per_layer` takes the
+  top of each matrix (TinyMem's per-matrix ratio), `until` doubles the number of weights.
+  Weight methods: ``balanced-subnet``, ``subnet``, ``durable``, ``random``; the others score
+  neurons only (a one-line ConfigError).
 * **Memorized sequences** M: the training sequences of the task's memorized kind (canaries)
   that the model extracts (`task.match`: every scored token the greedy one, in context), all of
   them or a seeded choice of `examples`; or the given `indices`. The **others** O (what must be
@@ -58,7 +69,19 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
     signed and starts at 1 plus a seeded 1e-3 jitter: with |s| (theirs), a unit pushed out
     overshoots zero under momentum and comes back; from a random start, k arbitrary units
     would begin removed. score(u) = -s_u: the top k are exactly the learned mask's removed units.
+  - ``subnet`` (TinyMem's Subnet; weights only): balanced-subnet's mask, score and schedule with the
+    memorized term alone, minimizing -L_M (TinyMem minimizes the negated loss of the sequences to
+    forget, keeping nothing else).
+  - ``durable`` (TinyMem's Durable, after the durable-backdoor masks; weights only): score(w) =
+    |dL_M/dw|, the gradient magnitude of the memorized sequences' loss at each weight, one backward
+    pass per batch of M; pooled it is TinyMem's "durable aggregate", with `per_layer` (the top of each
+    matrix) their layer-wise "durable". It ignores w itself (zeroing w changes L_M by about -w dL/dw).
   - ``random``: uniform scores from a generator seeded with `seed`: the baseline.
+
+  With weights, balanced-subnet and subnet learn a score s_w per weight exactly as above for units
+  (signed, starting at 1 plus a seeded 1e-3 jitter, the k smallest removed each step, straight-through;
+  TinyMem's SGD, lr 0.1). The k smallest are taken with `torch.topk` on the device each step (ties, which
+  the jitter makes unlikely, in its order); the edit kept is the top k of -s by `top_units`.
 
 * **The edit**: the top k units by score (ties: the earlier unit), over all candidate units or
   per layer (`per_layer`, MemPi), zeroed; k = `k`, else ceil(`fraction` x units) (at least 1).
@@ -74,6 +97,11 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
   The scores are computed once (balanced-subnet's mask, which depends on k, is learned again at
   each size). The edit kept is the smallest that reaches `until` within the cost, else the
   largest within the cost; ``details.sweep`` records (k, extraction, quality, cost) per size.
+
+Weight results keep no per-weight index arrays: ``scores`` (P,), ``edit_weight`` (k,) (flat positions zeroed, best
+first), ``edit_matrix`` / ``edit_index`` (k,) (the matrix and the position in it, row-major), ``weight_names`` /
+``weight_layer`` / ``weight_numel`` (matrices,), the layer and sequence arrays below (``layer_units``: weights per
+layer); rows: one per zeroed weight, best first.
 
 Result arrays (U candidate units, L layers, k zeroed, S localized sequences): ``scores`` (U,),
 ``unit_layer`` (U,) (layer index), ``unit_index`` (U,), ``rank`` (U,) (0 = top), ``edit_mask``
@@ -105,6 +133,7 @@ from ..options import settings as option_settings
 from ..readers import check_indices, indices_of, read_indices
 from ..tasks import Task, task_of
 from ..units import UnitMasks
+from ..weights import Matrix, WeightMasks, fold, masked, matrices_named, weight_matrices
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 from .flipping import FlipConfig, _from_json, _merge_states, _to_json, flip_units
@@ -112,9 +141,13 @@ from .flipping import candidate_layers as flip_candidates
 
 PROBE_NAME = "localize"
 METHODS = ("greedy", "zero-out", "attribution", "activations", "ig", "slimming", "hard-concrete", "balanced-subnet",
-           "random")
-DEFAULT_STEPS = {"slimming": 1000, "hard-concrete": 1000, "balanced-subnet": 200}
-DEFAULT_LR = {"slimming": 0.01, "hard-concrete": 0.01, "balanced-subnet": 0.1}  # MemPi; TinyMem
+           "random")  # the methods of neurons and heads
+WEIGHT_METHODS = ("balanced-subnet", "subnet", "durable", "random")  # the methods of weights: TinyMem's, the baseline
+ALL_METHODS = METHODS[:-1] + ("subnet", "durable", "random")
+UNIT_KINDS = ("neurons", "weights")
+DEFAULT_STEPS = {"slimming": 1000, "hard-concrete": 1000, "balanced-subnet": 200, "subnet": 200}
+DEFAULT_LR = {"slimming": 0.01, "hard-concrete": 0.01, "balanced-subnet": 0.1, "subnet": 0.1}  # MemPi; TinyMem
+SUBNET_JITTER = 1e-3  # the learned scores' seeded start: 1 + U(0, 1) x this
 STRETCH = (-0.1, 1.1)  # hard-concrete's stretched interval (Louizos et al.; MemPi)
 SUBNET_MOMENTUM, SUBNET_WEIGHT_DECAY = 0.9, 5e-4  # TinyMem's SGD for BalancedSubnet
 
@@ -123,12 +156,17 @@ SUBNET_MOMENTUM, SUBNET_WEIGHT_DECAY = 0.9, 5e-4  # TinyMem's SGD for BalancedSu
 class LocalizeConfig:
     """Settings of `memloc localize`. Defaults: MemPi's (slimming, hard-concrete, IG), TinyMem's (balanced-subnet)."""
 
-    method: str = option("balanced-subnet", "how units are scored: " + ", ".join(METHODS), choices=METHODS)
+    method: str = option("balanced-subnet", "how units are scored: " + ", ".join(ALL_METHODS) + " (weights: "
+                         + ", ".join(WEIGHT_METHODS) + ")", choices=ALL_METHODS)
+    units: str = option("neurons", "what is scored and zeroed: neurons (MLP neurons; heads too with --heads) or "
+                        "weights (every weight of the layers' matrices: the MLP's in and out projections, with "
+                        "--heads attention's too; TinyMem)", choices=UNIT_KINDS)
     k: int | None = option(None, "units to zero: the top K by score (wins over --fraction; per layer with "
-                           "--per-layer)", at_least=1)
-    fraction: float = option(0.01, "units to zero as a fraction of the candidate units (at least 1)", above=0,
-                             at_most=1)
-    per_layer: bool = option(False, "take the top units of every layer (MemPi) instead of over all layers")
+                           "--per-layer; weights: K weights)", at_least=1)
+    fraction: float = option(0.01, "units to zero as a fraction of the candidate units (at least 1; weights: of the "
+                             "chosen weights)", above=0, at_most=1)
+    per_layer: bool = option(False, "take the top units of every layer (MemPi; weights: of every matrix, TinyMem) "
+                             "instead of over all layers")
     until: float | None = option(None, "grow the edit (k doubled, from --k or --fraction) until the localized "
                                  "sequences' extraction is at most this share (e.g. 0.1)", metavar="SHARE", at_least=0,
                                  at_most=1)
@@ -146,9 +184,9 @@ class LocalizeConfig:
     others: int = option(64, "other (reference-kind) training sequences whose loss is kept (the default: all where "
                          "there are fewer)", at_least=1)
     steps: int | None = option(None, "optimization steps of the learned methods (default: slimming and "
-                               "hard-concrete 1000, balanced-subnet 200)", at_least=1)
+                               "hard-concrete 1000, balanced-subnet and subnet 200)", at_least=1)
     lr: float | None = option(None, "learning rate of the learned methods (default: slimming and hard-concrete "
-                              "0.01, balanced-subnet 0.1)", above=0)
+                              "0.01, balanced-subnet and subnet 0.1)", above=0)
     penalty: float = option(1000.0, "weight of the mean L1 (slimming) or L0 (hard-concrete) penalty", at_least=0)
     stop: float = option(0.1, "slimming and hard-concrete stop once the penalty's mean is below this", at_least=0)
     temperature: float = option(2 / 3, "hard-concrete temperature", above=0)
@@ -164,8 +202,15 @@ class LocalizeConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+        if self.method not in ALL_METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose from {', '.join(ALL_METHODS)}")
+        if self.units not in UNIT_KINDS:
+            raise ConfigError(f"unknown --units {self.units!r}: choose from {', '.join(UNIT_KINDS)}")
+        if self.units == "weights" and self.method not in WEIGHT_METHODS:
+            raise ConfigError(f"--method {self.method} scores neurons, not weights: with --units weights choose from "
+                              f"{', '.join(WEIGHT_METHODS)}")
+        if self.units == "neurons" and self.method not in METHODS:
+            raise ConfigError(f"--method {self.method} scores weights (TinyMem's): pass --units weights")
         if self.indices is not None:
             self.indices = indices_of(self.indices)
             if not self.indices or len(set(self.indices)) != len(self.indices):
@@ -192,21 +237,25 @@ def candidate_layers(model: nn.Module, cfg: LocalizeConfig) -> list[Layer]:
     return picked or flip_candidates(model, FlipConfig())
 
 
-def units_to_zero(candidates: Sequence[Layer], cfg: LocalizeConfig) -> int | list[int]:
-    """k over all candidate units, or one k per layer (`per_layer`); more than there are fails in one line."""
+def units_to_zero(candidates: Sequence[Layer | Matrix], cfg: LocalizeConfig) -> int | list[int]:
+    """k over all candidate units, or one k per layer (`per_layer`; weights: per matrix); more than there are fails
+    in one line."""
     sizes = [l.units for l in candidates]
+    weights = bool(candidates) and isinstance(candidates[0], Matrix)
+    what, part = ("weights", "matrix") if weights else ("units", "layer")
     if cfg.per_layer:
         ks = [cfg.k if cfg.k is not None else max(1, math.ceil(cfg.fraction * s)) for s in sizes]
         small = [(l, k) for l, k in zip(candidates, ks) if k > l.units]
         if small:
             l, k = small[0]
-            raise ConfigError(f"--k {k} is more than the {l.units} units of layer {l.name}: pass --k {l.units} or "
+            raise ConfigError(f"--k {k} is more than the {l.units} {what} of {part} {l.name}: pass --k {l.units} or "
                               "fewer")
         return ks
     total = sum(sizes)
     k = cfg.k if cfg.k is not None else max(1, math.ceil(cfg.fraction * total))
     if k > total:
-        raise ConfigError(f"--k {k} is more than the {total} units of the candidate layers: pass --k {total} or fewer")
+        raise ConfigError(f"--k {k} is more than the {total} {what} of the candidate layers: pass --k {total} or "
+                          "fewer")
     return k
 
 
@@ -247,12 +296,14 @@ def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256) -> np.
 
 
 def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], None] | None = None
-          ) -> tuple[list[Layer], int | list[int], np.ndarray, np.ndarray]:
-    """Everything decided before any compute: candidate layers, k, the localized sequences and the others (a default
-    count of them larger than the data shrinks with one line to `note`, `options.fitted`)."""
+          ) -> tuple[list[Layer], list[Layer] | list[Matrix], int | list[int], np.ndarray, np.ndarray]:
+    """Everything decided before any compute: candidate layers, their units (the layers themselves; with weights
+    their matrices), k, the localized sequences and the others (a default count of them larger than the data shrinks
+    with one line to `note`, `options.fitted`)."""
     task = task_of(data)
     candidates = candidate_layers(model, cfg)
-    k = units_to_zero(candidates, cfg)
+    units = weight_matrices(model, candidates) if cfg.units == "weights" else candidates
+    k = units_to_zero(units, cfg)
     n = task.num_train
     if cfg.indices is not None:
         check_indices(cfg.indices, n, "sequence")  # its file and line named, before the int64 array
@@ -270,7 +321,7 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], Non
     others = np.sort(np.random.default_rng([cfg.seed, 1]).choice(pool, size=fitted(
         cfg, "others", len(pool), f"{task.reference_kind} training sequences", note), replace=False)) if len(pool) \
         else pool
-    return candidates, k, seqs.astype(np.int64), others.astype(np.int64)
+    return candidates, units, k, seqs.astype(np.int64), others.astype(np.int64)
 
 
 def _rows(cfg: LocalizeConfig, model: nn.Module, x: torch.Tensor, *, backward: bool = True) -> int:
@@ -283,17 +334,29 @@ def _rows(cfg: LocalizeConfig, model: nn.Module, x: torch.Tensor, *, backward: b
 
 # ----------------------------------------------------------------------------- the edit, scoped
 
-def top_units(scores: np.ndarray, candidates: Sequence[Layer], k: int | Sequence[int]) -> np.ndarray:
-    """Flat positions of the top-k units by score (ties: the earlier unit), over all units or k per layer."""
+def top_units(scores: np.ndarray, candidates: Sequence[Layer | Matrix], k: int | Sequence[int]) -> np.ndarray:
+    """Flat positions of the top-k units by score (ties: the earlier unit), over all units or k per layer (matrix)."""
     scores = np.asarray(scores, dtype=np.float64)
     if isinstance(k, (int, np.integer)):
-        return np.lexsort((np.arange(len(scores)), -scores))[:int(k)]
+        return _top(scores, int(k))
     out, lo = [], 0
     for layer, kj in zip(candidates, k):
-        part = scores[lo:lo + layer.units]
-        out.append(lo + np.lexsort((np.arange(len(part)), -part))[:int(kj)])
+        out.append(lo + _top(scores[lo:lo + layer.units], int(kj)))
         lo += layer.units
     return np.concatenate(out)
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k largest, best first, ties by position: sorted among those at least the k-th largest value only (a
+    weight edit's millions of scores are never sorted whole)."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < len(scores):
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+        pool = np.flatnonzero(scores >= kth)
+    else:
+        pool = np.arange(len(scores))
+    return pool[np.lexsort((pool, -scores[pool]))][:k]
 
 
 @contextlib.contextmanager
@@ -323,14 +386,45 @@ def zeroed(model: nn.Module, candidates: Sequence[Layer], mask) -> Iterator[nn.M
         handle.remove()
 
 
-def edited(model: nn.Module, result: ProbeResult) -> contextlib.AbstractContextManager:
-    """The edit a localize result proposes (its units zeroed), applied to `model` inside a `with` block."""
+def scoped_edit(model: nn.Module, units: Sequence[Layer] | Sequence[Matrix], mask) -> contextlib.AbstractContextManager:
+    """`zeroed` for layers' units, `memloc.weights.masked` for matrices' weights: `mask` (U,) applied inside."""
+    if units and isinstance(units[0], Matrix):
+        return masked(model, units, mask)
+    return zeroed(model, units, mask)
+
+
+def edit_of(model: nn.Module, result: ProbeResult) -> tuple[list[Layer] | list[Matrix], np.ndarray]:
+    """The units a localize result's edit is over, found in `model` (its layers; a weight edit's matrices), and the
+    edit as a mask over them (U,) (0 = zeroed). A result for another model fails in one line (ConfigError)."""
+    a = result.arrays
+    if (result.summary.get("settings") or {}).get("units") == "weights":
+        names = {int(i): str(n) for i, n in zip(a["layer_index"], a["layer_names"])}
+        layer_of = [int(i) for i in a["weight_layer"]]
+        matrices = matrices_named(model, a["weight_names"], layer_of, [names.get(i, "") for i in layer_of],
+                                  a["weight_numel"])
+        mask = np.ones(sum(m.units for m in matrices), dtype=np.float32)
+        mask[np.asarray(a["edit_weight"], dtype=np.int64)] = 0.0
+        return matrices, mask
     by_index = {l.index: l for l in find_layers(model)}
-    wanted = [int(i) for i in result.arrays["layer_index"]]
+    wanted = [int(i) for i in a["layer_index"]]
     missing = [i for i in wanted if i not in by_index]
     if missing:
         raise ConfigError(f"the model has no layer {missing[0]}: the localize result is for another model")
-    return zeroed(model, [by_index[i] for i in wanted], result.arrays["edit_mask"])
+    return [by_index[i] for i in wanted], np.asarray(a["edit_mask"])
+
+
+def edited(model: nn.Module, result: ProbeResult) -> contextlib.AbstractContextManager:
+    """The edit a localize result proposes (its units or weights zeroed), applied to `model` inside a `with`
+    block."""
+    return scoped_edit(model, *edit_of(model, result))
+
+
+def fold_units(model: nn.Module, units: Sequence[Layer] | Sequence[Matrix], mask) -> nn.Module:
+    """An edit made for good, in place: `fold_edit` for layers' units, `memloc.weights.fold` for matrices' weights;
+    the model then computes what `scoped_edit(model, units, mask)` computes."""
+    if units and isinstance(units[0], Matrix):
+        return fold(model, units, mask)
+    return fold_edit(model, units, mask)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -347,13 +441,14 @@ def _per_row(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 
 
 class _Localizer:
-    """The memorized sequences, the others and the unit masks of one model: what every method needs."""
+    """The memorized sequences, the others and the unit (or weight) masks of one model: what every method needs."""
 
-    def __init__(self, model: nn.Module, task: Task, cfg: LocalizeConfig, candidates: list[Layer],
+    def __init__(self, model: nn.Module, task: Task, cfg: LocalizeConfig, candidates: list[Layer] | list[Matrix],
                  seqs: np.ndarray, others: np.ndarray, k: int | list[int], log: Callable[[str], None]):
         self.model, self.task, self.cfg, self.candidates, self.k, self.log = model, task, cfg, candidates, k, log
         self.device = next(model.parameters()).device
-        self.masks = UnitMasks(model, candidates)
+        self.weights = cfg.units == "weights"
+        self.masks = WeightMasks(model, candidates) if self.weights else UnitMasks(model, candidates)
         self.U = self.masks.total
         data, y = task.data, task.targets("given")
         self.rows = _rows(cfg, model, data.x_train)
@@ -559,8 +654,10 @@ class _Localizer:
         return torch.sigmoid(s.detach()).cpu()
 
     def balanced_subnet(self) -> torch.Tensor:
+        if self.weights:
+            return self._weight_subnet(balanced=True)
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        s = (1.0 + 1e-3 * torch.rand(self.U, generator=gen)).to(self.device).requires_grad_(True)
+        s = (1.0 + SUBNET_JITTER * torch.rand(self.U, generator=gen)).to(self.device).requires_grad_(True)
         steps = self.cfg.steps or DEFAULT_STEPS["balanced-subnet"]
         lr = self.cfg.lr or DEFAULT_LR["balanced-subnet"]
         opt = torch.optim.SGD([s], lr=lr, momentum=SUBNET_MOMENTUM, weight_decay=SUBNET_WEIGHT_DECAY)
@@ -588,6 +685,67 @@ class _Localizer:
         self.details = {"steps": steps, "steps_run": done, "lr": lr, "momentum": SUBNET_MOMENTUM,
                         "weight_decay": SUBNET_WEIGHT_DECAY, "sizes": sizes}
         return -s.detach().cpu()
+
+    # -- weights: one (P,) mask for every row (`memloc.weights`)
+    def _weight_forward(self, x: torch.Tensor, *, scale: torch.Tensor | None = None,
+                        shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Float logits of x with every chosen weight read as w * scale + shift ((P,) each; None: as is)."""
+        self.masks.set(scale, shift)
+        try:
+            return self.model(x).float()
+        finally:
+            self.masks.set(None)
+
+    def _smallest(self, s: torch.Tensor) -> torch.Tensor:
+        """Positions of the k smallest entries of s (P,), pooled or k per matrix (`per_layer`)."""
+        if isinstance(self.k, (int, np.integer)):
+            return torch.topk(s, int(self.k), largest=False, sorted=False).indices
+        out = []
+        for j, kj in enumerate(self.k):
+            lo, hi = int(self.masks.offsets[j]), int(self.masks.offsets[j + 1])
+            out.append(lo + torch.topk(s[lo:hi], int(kj), largest=False, sorted=False).indices)
+        return torch.cat(out)
+
+    def _weight_subnet(self, *, balanced: bool) -> torch.Tensor:
+        """(Balanced)Subnet on weights: balanced_subnet's learned scores, one per weight; `balanced` keeps L_O."""
+        name = "balanced-subnet" if balanced else "subnet"
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        s = (1.0 + SUBNET_JITTER * torch.rand(self.U, generator=gen)).to(self.device).requires_grad_(True)  # (P,)
+        steps = self.cfg.steps or DEFAULT_STEPS[name]
+        lr = self.cfg.lr or DEFAULT_LR[name]
+        opt = torch.optim.SGD([s], lr=lr, momentum=SUBNET_MOMENTUM, weight_decay=SUBNET_WEIGHT_DECAY)
+
+        def terms():
+            hard = torch.ones(self.U, device=self.device)
+            hard[self._smallest(s.detach())] = 0.0
+            n_m, n_o = len(self.seqs), len(self.others)
+            for part in self._chunks(n_o) if balanced else ():
+                x, y = self.x_oth[part], self.y_oth[part]
+                with torch.enable_grad():  # straight-through: the forward sees `hard`, d mask / d s = 1
+                    yield self.task.loss(self._weight_forward(x, scale=hard + s - s.detach()), y).sum() / n_o
+            for part in self._chunks(n_m):
+                x, y = self.x_mem[part], self.y_mem[part]
+                with torch.enable_grad():
+                    yield -_per_row(self._weight_forward(x, scale=hard + s - s.detach()), y)[0].sum() / n_m
+
+        done = self._learn(s, opt, steps, terms, None)
+        self.details = {"steps": steps, "steps_run": done, "lr": lr, "momentum": SUBNET_MOMENTUM,
+                        "weight_decay": SUBNET_WEIGHT_DECAY, "mask_numel": int(s.numel())}
+        return -s.detach().cpu()
+
+    def subnet(self) -> torch.Tensor:
+        return self._weight_subnet(balanced=False)
+
+    def durable(self) -> torch.Tensor:
+        shift = torch.zeros(self.U, device=self.device, requires_grad=True)  # (P,): d L / d shift = d L / d w
+        m = len(self.seqs)
+        for part in self._chunks(m):
+            with torch.enable_grad():
+                term = _per_row(self._weight_forward(self.x_mem[part], shift=shift), self.y_mem[part])[0].sum() / m
+            torch.autograd.backward(term, inputs=[shift])
+        grad = shift.grad if shift.grad is not None else torch.zeros_like(shift)
+        self.details = {"mask_numel": int(shift.numel())}
+        return grad.detach().abs().cpu()
 
     def greedy(self, *, progress: bool = False, **resume) -> torch.Tensor | None:
         cap = self.k if isinstance(self.k, int) else int(sum(self.k))
@@ -689,9 +847,10 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
     note = note or log
     log = log or (lambda s: None)
     task = task_of(data)
-    candidates, k, seqs, others = _plan(model, task, cfg, note)
-    loc = _Localizer(model, task, cfg, candidates, seqs, others, k, log)
-    log(f"localize: {cfg.method} on {len(seqs)} sequences, {loc.U} units in {len(candidates)} layers, "
+    candidates, units, k, seqs, others = _plan(model, task, cfg, note)
+    loc = _Localizer(model, task, cfg, units, seqs, others, k, log)
+    what = f"weights in {len(units)} matrices of" if cfg.units == "weights" else "units in"
+    log(f"localize: {cfg.method} on {len(seqs)} sequences, {loc.U} {what} {len(candidates)} layers, "
         f"{len(others)} others")
     t0 = time.perf_counter()
     if cfg.method == "greedy":  # flipping searches on its own frozen copy
@@ -707,10 +866,10 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
     before = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
     sweep: list[dict] = []
     while True:
-        top = top_units(scores, candidates, k)
+        top = top_units(scores, units, k)
         mask = np.ones(loc.U, dtype=np.float32)
         mask[top] = 0.0
-        with zeroed(model, candidates, mask):
+        with scoped_edit(model, units, mask):
             after = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
             quality = _quality(model, task, after, rows) if cfg.until is not None else None
         if cfg.until is None:
@@ -723,17 +882,17 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
                 "elapsed": time.perf_counter() - t0}
         step["cost"] = _cost(task, sweep[0]["quality"], quality)
         sweep.append(step)
-        log(f"localize: {step['k']} units zeroed: extraction {100 * step['extracted']:.1f}%, "
-            f"{_cost_text(task, step['cost'])}")
+        log(f"localize: {step['k']} {cfg.units if cfg.units == 'weights' else 'units'} zeroed: extraction "
+            f"{100 * step['extracted']:.1f}%, {_cost_text(task, step['cost'])}")
         over = cfg.max_cost is not None and step["cost"] is not None and step["cost"] > cfg.max_cost
-        bigger = _grown(k, candidates)
+        bigger = _grown(k, units)
         if step["extracted"] <= cfg.until or over or bigger is None:
             break
         k = bigger
-        if cfg.method == "balanced-subnet":  # its learned mask depends on k: learn it again at the new size
+        if cfg.method in ("balanced-subnet", "subnet"):  # the learned mask depends on k: learn it again at the new size
             loc.k, loc.trace = k, []
             with loc.masks.installed():
-                scores = loc.balanced_subnet().double().numpy()
+                scores = getattr(loc, cfg.method.replace("-", "_"))().double().numpy()
     if sweep:
         chosen = _chosen(sweep[1:], cfg)
         scores, k, top, mask, after = (chosen[f] for f in ("scores", "k_arg", "top", "mask", "after"))
@@ -744,6 +903,8 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
                                   "quality": None if r["quality"] is None else round(r["quality"], 6),
                                   "cost": None if r.get("cost") is None else round(r["cost"], 6)} for r in sweep]}
     elapsed = time.perf_counter() - t0
+    if cfg.units == "weights":
+        return _weight_result(cfg, task, loc, candidates, units, k, scores, top, before, after, elapsed)
     return _result(cfg, task, loc, candidates, k, scores, top, mask, before, after, elapsed)
 
 
@@ -791,8 +952,8 @@ def _chosen(steps: list[dict], cfg: LocalizeConfig) -> dict:
     return ok[-1] if ok else steps[0]
 
 
-def _grown(k: int | list[int], candidates: Sequence[Layer]) -> int | list[int] | None:
-    """k doubled (per layer with a list), at most every unit; None when it cannot grow."""
+def _grown(k: int | list[int], candidates: Sequence[Layer | Matrix]) -> int | list[int] | None:
+    """k doubled (per layer or matrix with a list), at most every unit; None when it cannot grow."""
     if isinstance(k, (int, np.integer)):
         total = sum(l.units for l in candidates)
         return None if k >= total else min(total, 2 * int(k))
@@ -806,14 +967,7 @@ def _result(cfg, task, loc: _Localizer, candidates, k, scores, top, mask, before
     rank[order] = np.arange(len(scores))
     unit_layer = np.concatenate([np.full(l.units, l.index) for l in candidates]).astype(np.int64)
     unit_index = np.concatenate([np.arange(l.units) for l in candidates]).astype(np.int64)
-    seqs = loc.seqs
-    acc_before = task.accuracy(before[0][None], before[1][None])[0]
-    acc_after = task.accuracy(after[0][None], after[1][None])[0]
-
-    def accs(a):
-        return {f"{s}_acc": (None if np.isnan(v) else float(v)) for s, v in zip(task.subsets, a)}
-
-    ext_b, ext_a = before[0].numpy()[seqs], after[0].numpy()[seqs]
+    seq_arrays, seq_summary = _extraction_summary(task, loc, before, after)
     per_layer = [{"index": l.index, "name": l.name, "units": l.units,
                   "zeroed": int((unit_layer[top] == l.index).sum())} for l in candidates]
     arrays = {
@@ -822,8 +976,7 @@ def _result(cfg, task, loc: _Localizer, candidates, k, scores, top, mask, before
         "layer_names": np.array([l.name for l in candidates]),
         "layer_index": np.array([l.index for l in candidates], dtype=np.int64),
         "layer_units": np.array([l.units for l in candidates], dtype=np.int64),
-        "sequences": seqs, "others": loc.others, "extracted_before": ext_b, "extracted_after": ext_a,
-        "trace": np.asarray(loc.trace, dtype=np.float32),
+        **seq_arrays,
     }
     names_ = {l.index: l.name for l in candidates}
     rows = [{"rank": int(rank[i]), "layer": int(unit_layer[i]), "layer_name": names_[int(unit_layer[i])],
@@ -832,11 +985,62 @@ def _result(cfg, task, loc: _Localizer, candidates, k, scores, top, mask, before
     summary = {
         "probe": PROBE_NAME, "method": cfg.method, "settings": cfg.settings(), "details": loc.details,
         "units": int(len(scores)), "zeroed": int(len(top)), "k": k, "per_layer": cfg.per_layer, "layers": per_layer,
-        "sequences": int(len(seqs)), "others": int(len(loc.others)),
-        "extracted_before": float(ext_b.mean()) if len(seqs) else None,
-        "extracted_after": float(ext_a.mean()) if len(seqs) else None,
-        "accuracy_before": accs(acc_before), "accuracy_after": accs(acc_after),
-        "elapsed_s": round(elapsed, 3),
+        **seq_summary, "elapsed_s": round(elapsed, 3),
+    }
+    return ProbeResult(PROBE_NAME, summary, arrays, rows)
+
+
+def _extraction_summary(task, loc: _Localizer, before, after) -> tuple[dict, dict]:
+    """(arrays, summary) of the localized sequences' extraction and the subsets' accuracy, before and with the edit."""
+    seqs = loc.seqs
+    acc_before = task.accuracy(before[0][None], before[1][None])[0]
+    acc_after = task.accuracy(after[0][None], after[1][None])[0]
+
+    def accs(a):
+        return {f"{s}_acc": (None if np.isnan(v) else float(v)) for s, v in zip(task.subsets, a)}
+
+    ext_b, ext_a = before[0].numpy()[seqs], after[0].numpy()[seqs]
+    arrays = {"sequences": seqs, "others": loc.others, "extracted_before": ext_b, "extracted_after": ext_a,
+              "trace": np.asarray(loc.trace, dtype=np.float32)}
+    summary = {"sequences": int(len(seqs)), "others": int(len(loc.others)),
+               "extracted_before": float(ext_b.mean()) if len(seqs) else None,
+               "extracted_after": float(ext_a.mean()) if len(seqs) else None,
+               "accuracy_before": accs(acc_before), "accuracy_after": accs(acc_after)}
+    return arrays, summary
+
+
+def _weight_result(cfg, task, loc: _Localizer, candidates: list[Layer], matrices: list[Matrix], k, scores, top,
+                   before, after, elapsed) -> ProbeResult:
+    """A weight edit's result: the scores (P,), the zeroed weights' positions and the matrices (no per-weight
+    index arrays: P may be millions)."""
+    offsets = loc.masks.offsets
+    which = np.searchsorted(offsets, top, side="right") - 1  # (k,) matrix of each zeroed weight
+    within = top - offsets[which]
+    seq_arrays, seq_summary = _extraction_summary(task, loc, before, after)
+    by_layer = {l.index: [m for m in matrices if m.layer == l.index] for l in candidates}
+    zeroed_per = np.bincount(which, minlength=len(matrices))
+    arrays = {
+        "scores": scores.astype(np.float32), "edit_weight": top.astype(np.int64), "edit_matrix": which.astype(np.int64),
+        "edit_index": within.astype(np.int64),
+        "weight_names": np.array([m.name for m in matrices]),
+        "weight_layer": np.array([m.layer for m in matrices], dtype=np.int64),
+        "weight_numel": np.array([m.units for m in matrices], dtype=np.int64),
+        "layer_names": np.array([l.name for l in candidates]),
+        "layer_index": np.array([l.index for l in candidates], dtype=np.int64),
+        "layer_units": np.array([sum(m.units for m in by_layer[l.index]) for l in candidates], dtype=np.int64),
+        **seq_arrays,
+    }
+    rows = [{"rank": r, "layer": matrices[j].layer, "layer_name": matrices[j].layer_name, "matrix": matrices[j].name,
+             "index": int(i), "score": float(scores[w]), "zeroed": 1}
+            for r, (w, j, i) in enumerate(zip(top.tolist(), which.tolist(), within.tolist()))]  # the edit, best first
+    summary = {
+        "probe": PROBE_NAME, "method": cfg.method, "settings": cfg.settings(), "details": loc.details,
+        "units": int(len(scores)), "zeroed": int(len(top)), "k": k, "per_layer": cfg.per_layer, "unit_kind": "weights",
+        "layers": [{"index": l.index, "name": l.name, "units": int(sum(m.units for m in by_layer[l.index])),
+                    "zeroed": int(sum(zeroed_per[m.index] for m in by_layer[l.index]))} for l in candidates],
+        "matrices": [{"name": m.name, "layer": m.layer, "shape": list(m.shape), "weights": m.units,
+                      "zeroed": int(zeroed_per[m.index])} for m in matrices],
+        **seq_summary, "elapsed_s": round(elapsed, 3),
     }
     return ProbeResult(PROBE_NAME, summary, arrays, rows)
 
@@ -869,7 +1073,8 @@ def _describe(result: ProbeResult) -> list[str]:
         return "-" if v is None else f"{100 * v:.1f}%"
     before, after = s["accuracy_before"], s["accuracy_after"]
     others = ", ".join(f"{k[:-4]} {pct(before[k])} -> {pct(after[k])}" for k in before)
-    return [f"{s['method']}: {s['sequences']} sequences, {s['units']} units; top {s['zeroed']} zeroed: extraction "
+    what = "weights" if s.get("unit_kind") == "weights" else "units"
+    return [f"{s['method']}: {s['sequences']} sequences, {s['units']} {what}; top {s['zeroed']} zeroed: extraction "
             f"{pct(s['extracted_before'])} -> {pct(s['extracted_after'])} ({s['elapsed_s']:.1f}s scoring)",
             f"with the edit: {others}"]
 

@@ -107,6 +107,23 @@ def test_smoke_presets_end_to_end(tmp_path, benchmark, models):
     assert len(json.loads((out / "bench.json").read_text())["rows"]) < len(info["rows"])  # its own folder: rewritten
 
 
+def test_smoke_weights_beside_neurons(tmp_path, models):
+    """`--units neurons,weights`: each method on each kind it has, the weight rows counting the MLP matrices' weights
+    and labelled "(weights)" in the table; the smoke model comes from `models` (trained once for the module)."""
+    out = tmp_path / "w"
+    assert _run(out, "--preset", "smoke", "--units", "neurons,weights", "--methods", "durable,attribution,random",
+                "--models", models) == 0
+    info = json.loads((out / "bench.json").read_text())
+    kinds = [(r["unit_kind"], r["method"]) for r in info["rows"]]
+    assert kinds == [("neurons", "attribution"), ("neurons", "random"), ("weights", "durable"), ("weights", "random")]
+    neurons, weights = info["rows"][0], info["rows"][2]
+    assert weights["units"] == 2 * neurons["units"] * 64 and weights["fraction"] == 0.002  # fc and proj: 2 x 64 each
+    assert weights["k"] == -(-weights["units"] * 2 // 1000) and 0.0 <= weights["removed"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "| durable (weights) |" in md and "| random (weights) |" in md and "| attribution |" in md
+    assert "durable (weights)" in (out / "report" / "index.html").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--benchmark", "nope"], "unknown benchmark 'nope'"),
     (["--methods", "greedy,magic"], "unknown method 'magic'"),
@@ -118,6 +135,9 @@ def test_smoke_presets_end_to_end(tmp_path, benchmark, models):
     (["--benchmark", "del", "--repeats", "2"], "del's canaries are the LM run's"),
     (["--preset", "paper", "--device", "cpu"], "needs a GPU"),
     (["--preset", "huge"], "unknown preset"),
+    (["--units", "weights", "--methods", "zero-out"], "--methods zero-out has no form for --units weights"),
+    (["--units", "synapses"], "unknown --units 'synapses'"),
+    (["--benchmark", "inj", "--units", "weights"], "--units weights is for --benchmark tinymem"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert _run(tmp_path / "o", *argv) == 2

@@ -662,8 +662,8 @@ def _grid_done(folder, rows: list[dict]) -> int:
 
 def cmd_bench_localize(args) -> int:
     from .localize_benchmarks import BenchConfig, bench_localize
-    options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "n_layers", "epochs", "device", "seed",
-                                             "run", "examples", "ratios") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "units", "n_layers", "epochs", "device",
+                                             "seed", "run", "examples", "ratios") if getattr(args, k) is not None}
     cfg = BenchConfig(**options)
     if args.repeats is not None:
         if cfg.data is None:
@@ -811,7 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", default="tinymem", metavar="NAME", help="tinymem (default), inj or del")
     p.add_argument("--preset", default="full", metavar="NAME",
                    help="smoke (under two minutes on 2 CPU cores), full (the CPU scale, default) or paper (GPU)")
-    p.add_argument("--methods", type=_names, metavar="M,M,...", help="localization methods (default: all nine)")
+    p.add_argument("--methods", type=_names, metavar="M,M,...", help="localization methods (default: every method "
+                                                                      "of each --units kind: nine on neurons, four on "
+                                                                      "weights)")
+    p.add_argument("--units", type=_names, metavar="KIND,KIND", help="tinymem: neurons (default), weights (every "
+                                                                     "weight of the MLP matrices: TinyMem's weight "
+                                                                     "methods) or neurons,weights side by side")
     p.add_argument("--layers", dest="n_layers", type=_ints, metavar="N,N,...",
                    help="model depths to train (default: the preset's; inj uses the first)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")

@@ -97,7 +97,8 @@ class BenchConfig:
 
     benchmark: str = "tinymem"
     preset: str = "full"
-    methods: tuple[str, ...] = loc.METHODS
+    methods: tuple[str, ...] | None = None  # default: every method of each kind of `units`
+    units: tuple[str, ...] = ("neurons",)  # tinymem: neurons, weights or both (each method on each kind it has)
     n_layers: tuple[int, ...] | None = None
     n_embd: int = 128
     n_head: int = 4
@@ -107,6 +108,7 @@ class BenchConfig:
     weight_decay: float = 0.1
     batch_size: int | None = None  # TinyMem's 128 (paper); 64 on a CPU: twice the steps from the same tokens
     fractions: tuple[float, ...] | None = None  # tinymem: pooled share of the MLP neurons zeroed
+    weight_fractions: tuple[float, ...] | None = None  # tinymem, --units weights: pooled share of the MLP weights
     examples: int | None = None  # localize at most this many memorized artifacts (a seeded choice)
     others: int = 64
     method_steps: dict = field(default_factory=dict)  # steps of the learned methods, by method
@@ -127,10 +129,23 @@ class BenchConfig:
             raise ConfigError(f"unknown benchmark {self.benchmark!r}: choose from {', '.join(BENCHMARKS)}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
+        self.units = tuple(self.units)
+        bad = [u for u in self.units if u not in loc.UNIT_KINDS]
+        if bad or not self.units:
+            raise ConfigError(f"unknown --units {bad[0] if bad else ''!r}: choose from {', '.join(loc.UNIT_KINDS)}")
+        if "weights" in self.units and self.benchmark != "tinymem":
+            raise ConfigError(f"--units weights is for --benchmark tinymem: {self.benchmark} counts neurons "
+                              "(injected or zeroed per layer); drop --units")
+        if self.methods is None:
+            self.methods = tuple(dict.fromkeys(m for u in self.units for m in _kind_methods(u)))
         self.methods = tuple(self.methods)
-        bad = [m for m in self.methods if m not in loc.METHODS]
+        bad = [m for m in self.methods if m not in loc.ALL_METHODS]
         if bad or not self.methods:
-            raise ConfigError(f"unknown method {bad[0] if bad else ''!r}: choose from {', '.join(loc.METHODS)}")
+            raise ConfigError(f"unknown method {bad[0] if bad else ''!r}: choose from {', '.join(loc.ALL_METHODS)}")
+        kindless = [m for m in self.methods if not any(m in _kind_methods(u) for u in self.units)]
+        if kindless:
+            raise ConfigError(f"--methods {kindless[0]} has no form for --units {','.join(self.units)}: neurons take "
+                              f"{', '.join(loc.METHODS)}; weights take {', '.join(loc.WEIGHT_METHODS)}")
         smoke, paper = self.preset == "smoke", self.preset == "paper"
         if self.data is None and self.benchmark != "del":
             self.data = (TinyMemConfig(families=(2, 7), sequences=200, test=30, artifacts=60, repeats=4, length=40,
@@ -153,6 +168,8 @@ class BenchConfig:
             self.batch_size = 128 if paper else 64
         if self.fractions is None:
             self.fractions = (0.02,) if smoke else (0.01, 0.02, 0.05)
+        if self.weight_fractions is None:  # a weight is finer than a neuron (which owns 2 x n_embd of them)
+            self.weight_fractions = (0.002,) if smoke else (0.0005, 0.001, 0.002)
         if self.examples is None:
             self.examples = 32 if self.benchmark != "del" else 3 if smoke else 16
         if self.ratios is None:
@@ -162,17 +179,18 @@ class BenchConfig:
         if self.inject is None:
             self.inject = 1 if smoke else 4
         if not self.method_steps:
-            self.method_steps = ({"slimming": 60, "hard-concrete": 60, "balanced-subnet": 40} if smoke else
-                                 {"slimming": 300, "hard-concrete": 300, "balanced-subnet": 100})
+            self.method_steps = ({"slimming": 60, "hard-concrete": 60, "balanced-subnet": 40, "subnet": 40} if smoke
+                                 else {"slimming": 300, "hard-concrete": 300, "balanced-subnet": 100, "subnet": 100})
         if smoke and self.n_embd == 128:
             self.n_embd = 64
         self.n_layers = tuple(int(n) for n in self.n_layers)
         self.fractions = tuple(float(f) for f in self.fractions)
+        self.weight_fractions = tuple(float(f) for f in self.weight_fractions)
         self.ratios = tuple(float(r) for r in self.ratios)
         if min(self.n_layers) < 1 or (self.epochs is not None and self.epochs < 1):
             raise ConfigError("layer counts and --epochs must be at least 1")
-        if not all(0 < f <= 1 for f in self.fractions + self.ratios):
-            raise ConfigError("fractions and ratios are shares of the neurons: each in (0, 1]")
+        if not all(0 < f <= 1 for f in self.fractions + self.weight_fractions + self.ratios):
+            raise ConfigError("fractions and ratios are shares of the neurons (weights): each in (0, 1]")
         if self.inject < 1 or self.examples < 1:
             raise ConfigError("--inject and --examples must be at least 1")
 
@@ -180,6 +198,14 @@ class BenchConfig:
         out = asdict(self)
         out["data"] = asdict(self.data) if self.data is not None else None
         return out
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(units, method) pairs in order: each kind of `units`, each method it has."""
+        return [(u, m) for u in self.units for m in self.methods if m in _kind_methods(u)]
+
+
+def _kind_methods(units: str) -> tuple[str, ...]:
+    return loc.WEIGHT_METHODS if units == "weights" else loc.METHODS
 
 
 # ----------------------------------------------------------------------------- training
@@ -293,7 +319,7 @@ def artifact_rows(data: TextData) -> np.ndarray:
 def _measure(model, data: TextData, candidates, mask) -> dict:
     art = torch.as_tensor(artifact_rows(data))
     clean_test = data.canary_test < 0
-    ctx = loc.zeroed(model, candidates, mask) if mask is not None else contextlib.nullcontext()
+    ctx = loc.scoped_edit(model, candidates, mask) if mask is not None else contextlib.nullcontext()
     with ctx:
         mem = _matches(model, data.x_train[art], data.y_train[art])
         q = clean_quality(model, data.x_test[clean_test], data.y_test[clean_test])
@@ -329,9 +355,10 @@ def _method_options(method: str, cfg: BenchConfig, units: int) -> dict:
 # ----------------------------------------------------------------------------- tinymem
 
 def _tinymem_rows(model, data: TextData, n_layer: int, cfg: BenchConfig, log) -> list[dict]:
-    candidates = loc.candidate_layers(model, loc.LocalizeConfig())
-    units = sum(l.units for l in candidates)
-    base = _measure(model, data, candidates, None)
+    layers = loc.candidate_layers(model, loc.LocalizeConfig())
+    kinds = {"neurons": layers, "weights": loc.weight_matrices(model, layers)}  # what each kind zeroes
+    units = sum(l.units for l in layers)
+    base = _measure(model, data, layers, None)
     art_idx = artifact_rows(data)
     mem_idx = art_idx[base["memorized"].numpy()]
     n_art = len(art_idx)
@@ -340,7 +367,8 @@ def _tinymem_rows(model, data: TextData, n_layer: int, cfg: BenchConfig, log) ->
     common = {"n_layer": n_layer, "units": units, "artifacts": n_art, "memorized_before": len(mem_idx) / n_art,
               "acc_before": base["acc"], "ppl_before": base["ppl"], "clean_extraction_before": base["extraction"]}
     if not len(mem_idx):
-        return [dict(common, method=m, note="no artifact memorized: nothing to localize") for m in cfg.methods]
+        return [dict(common, method=m, unit_kind=u, note="no artifact memorized: nothing to localize")
+                for u, m in cfg.runs()]
     rng = np.random.default_rng([cfg.seed, n_layer])
     chosen = np.sort(rng.choice(mem_idx, size=min(cfg.examples, len(mem_idx)), replace=False))
     clean_pool = np.flatnonzero((data.canary < 0).numpy())
@@ -350,29 +378,32 @@ def _tinymem_rows(model, data: TextData, n_layer: int, cfg: BenchConfig, log) ->
     small = _loc_data(data, rows_train, test_rows)
     indices = tuple(range(len(chosen)))
     out = []
-    for method in cfg.methods:
-        opts = dict(_method_options(method, cfg, units), others=cfg.others, seed=cfg.seed, device=cfg.device)
-        per_fraction = method in ("greedy", "balanced-subnet")  # their search depends on k
+    for kind, method in cfg.runs():
+        candidates = kinds[kind]
+        size = sum(c.units for c in candidates)  # neurons, or the MLP matrices' weights
+        opts = dict(_method_options(method, cfg, units), others=cfg.others, seed=cfg.seed, device=cfg.device,
+                    units=kind)
+        per_fraction = method in ("greedy", "balanced-subnet", "subnet")  # their search depends on k
         res = None
-        for f in cfg.fractions:
+        for f in cfg.weight_fractions if kind == "weights" else cfg.fractions:
             t0 = time.perf_counter()
             if res is None or per_fraction:
                 res = loc.localize(model, small, method=method, fraction=f, indices=indices, save=False, **opts)
                 scoring = res.summary["elapsed_s"]
-            k = max(1, math.ceil(f * units))
+            k = max(1, math.ceil(f * size))
             top = loc.top_units(res.arrays["scores"], candidates, k)
-            mask = np.ones(units, dtype=np.float32)
+            mask = np.ones(size, dtype=np.float32)
             mask[top] = 0.0
             after = _measure(model, data, candidates, mask)
             mem_after = after["memorized"].numpy()
             removed = 1.0 - mem_after[np.isin(art_idx, mem_idx)].mean()
-            row = dict(common, method=method, fraction=f, k=k, localized=len(chosen),
+            row = dict(common, method=method, unit_kind=kind, units=size, fraction=f, k=k, localized=len(chosen),
                        memorized_after=float(mem_after.mean()), removed=float(removed),
                        acc_after=after["acc"], rel_acc_change=(after["acc"] - base["acc"]) / base["acc"],
                        ppl_after=after["ppl"], clean_extraction_after=after["extraction"],
                        scoring_s=round(scoring, 2), wall_s=round(time.perf_counter() - t0, 2),
                        published=TINYMEM_PUBLISHED.get(method, ""))
-            log(f"  {method:16s} k={k:4d}: memorized {100 * row['memorized_before']:.1f}% -> "
+            log(f"  {_label(row):26s} k={k:5d}: memorized {100 * row['memorized_before']:.1f}% -> "
                 f"{100 * row['memorized_after']:.1f}% (removed {100 * removed:.0f}%), clean acc "
                 f"{100 * row['rel_acc_change']:+.2f}% rel, ppl {row['ppl_before']:.3f} -> {row['ppl_after']:.3f}, "
                 f"{scoring:.1f}s")
@@ -625,7 +656,7 @@ def _del_rows(model, data: TextData, where: str, cfg: BenchConfig, log, save: Ca
 
 # ----------------------------------------------------------------------------- files
 
-TINYMEM_COLUMNS = ("n_layer", "method", "fraction", "k", "memorized_before", "memorized_after", "removed",
+TINYMEM_COLUMNS = ("n_layer", "method", "unit_kind", "fraction", "k", "memorized_before", "memorized_after", "removed",
                    "acc_before", "acc_after", "rel_acc_change", "ppl_before", "ppl_after", "clean_extraction_before",
                    "clean_extraction_after", "scoring_s", "wall_s", "published")
 INJ_COLUMNS = ("n_layer", "method", "ratio", "k_per_layer", "sequences", "injected_extracted", "recall_pooled",
@@ -635,6 +666,11 @@ DEL_COLUMNS = ("n_layer", "method", "ratio", "k_per_layer", "sequences", "memori
                "others_extracted_after", "specificity", "ppl_before", "ppl_after", "rel_ppl_change", "scoring_s",
                "mempi_rank", "run")
 COLUMNS = {"tinymem": TINYMEM_COLUMNS, "inj": INJ_COLUMNS, "del": DEL_COLUMNS}
+
+
+def _label(row: dict) -> str:
+    """A row's method, "M (weights)" for a weight edit."""
+    return f"{row['method']} (weights)" if row.get("unit_kind") == "weights" else str(row["method"])
 
 
 def _pct(v, sign: bool = False) -> str:
@@ -648,10 +684,10 @@ def markdown_table(benchmark: str, rows: list[dict]) -> str:
         lines = [head]
         for r in rows:
             if "memorized_after" not in r:
-                lines.append(f"| {r['n_layer']} | {r['method']} | - | {_pct(r['memorized_before'])} | - | - | - | - "
+                lines.append(f"| {r['n_layer']} | {_label(r)} | - | {_pct(r['memorized_before'])} | - | - | - | - "
                              f"| - | - | {r.get('note', '')} |")
                 continue
-            lines.append(f"| {r['n_layer']} | {r['method']} | {r['k']} ({_pct(r['fraction'])}) | "
+            lines.append(f"| {r['n_layer']} | {_label(r)} | {r['k']} ({_pct(r['fraction'])}) | "
                          f"{_pct(r['memorized_before'])} | {_pct(r['memorized_after'])} | {_pct(r['removed'])} | "
                          f"{_pct(r['acc_before'])} -> {_pct(r['acc_after'])} | {_pct(r['rel_acc_change'], True)} | "
                          f"{r['ppl_before']:.3f} -> {r['ppl_after']:.3f} | {r['scoring_s']:.1f}s | {r['published']} |")
@@ -685,7 +721,7 @@ def summarize(benchmark: str, rows: list[dict]) -> list[str]:
             for bar in (0.01, 0.05):
                 b = best_row(part, max_rel_acc_loss=bar)
                 if b is not None:
-                    lines.append(f"{n} layers, within {bar:.0%} relative accuracy loss: {b['method']} (k {b['k']}) "
+                    lines.append(f"{n} layers, within {bar:.0%} relative accuracy loss: {_label(b)} (k {b['k']}) "
                                  f"leaves {b['memorized_after']:.1%} memorized (removes {b['removed']:.1%}) at "
                                  f"{b['rel_acc_change']:+.2%}")
             g = [r for r in part if r["method"] == "greedy"]

@@ -42,9 +42,11 @@ def _as_json(info) -> dict:
 
 
 def _rows(info: dict) -> list[dict]:
-    """The rows of bench.json that are dicts (anything else is ignored)."""
+    """The rows of bench.json that are dicts (anything else is ignored); a weight edit's method named "M (weights)",
+    so that it is a line and a table row of its own beside the same method on neurons."""
     rows = info.get("rows")
-    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    return [dict(r, method=f"{r.get('method')} (weights)") if r.get("unit_kind") == "weights" else r for r in rows]
 
 
 def _drawn(rows: list[dict]) -> list[dict]:
@@ -81,6 +83,8 @@ def _styles(methods: list[str]) -> dict[str, dict]:
     for i, m in enumerate(others):
         styles[m] = {"color": COLORS[i % len(COLORS)], "ls": "-"}
     styles[RANDOM] = {"color": "tab:gray", "ls": "--"}
+    if f"{RANDOM} (weights)" in styles:  # random weights: the baseline too, dotted
+        styles[f"{RANDOM} (weights)"] = {"color": "tab:gray", "ls": ":"}
     return styles
 
 

@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .audit_scan import SCAN, SELECTED, scan_file
 from .errors import ConfigError
 from .experiment import AUDIT_FILE, HISTORY, REMOVAL, content_hash
+from .lm.sequences import is_token_file
 from .options import check_ranges, ints, names, option
 from .probes.localization import METHODS
 
@@ -39,7 +41,15 @@ class AuditConfig:
     flip_examples: int = option(50, "a classifier: examples (per kind where the noise is known) whose units are "
                                 "removed until they flip", metavar="N", at_least=1)
     sequences: str = option("", "the sequences: .jsonl ({\"text\"} or {\"ids\"} or {\"prefix\", \"suffix\"}, optional "
-                            "\"member\": true/false) or .txt (one a line)", metavar="FILE")
+                            "\"member\": true/false), .txt (one a line), or token ids too many to read: a .npy (N, L), "
+                            "or a 1-D .npy or nanoGPT .bin with FILE.idx.npy (N + 1 offsets), scanned streaming "
+                            "(docs/audit.md)", metavar="FILE")
+    sequence_length: int | None = option(None, "a 1-D token file without an index: its sequences are consecutive "
+                                         "windows of L tokens", metavar="L", at_least=2)
+    keep: int = option(1000, "a token file: the run keeps its extracted sequences and a seeded sample of N others "
+                       "(what removal, localize and the report work on)", metavar="N", at_least=0)
+    chunk: int = option(4096, "a token file: sequences measured and saved at a time (a killed scan resumes from its "
+                        "last saved chunk)", metavar="N", at_least=1)
     heldout: str | None = option(None, "more text the model did not train on (.jsonl or .txt): perplexity and "
                                  "non-members (default: the sequences marked \"member\": false)", metavar="FILE")
     tokenizer: str | None = option(None, "the tokenizer (hf:FOLDER; default: the model's folder)", metavar="hf:FOLDER")
@@ -118,11 +128,10 @@ class Checkpoints(Mapping):
         return len(self.folders)
 
 
-def _check_memory(cfg: AuditConfig, data, device) -> None:
-    """Refuse in one line an audit that cannot fit the device's free memory (`memloc.budget.audit_need`), before
-    anything is written."""
+def _check_memory(cfg: AuditConfig, length: int, device) -> None:
+    """Refuse in one line an audit of sequences of `length` tokens that cannot fit the device's free memory
+    (`memloc.budget.audit_need`), before anything is written."""
     from . import budget
-    length = int(data.x_train.shape[1])
     shape = budget.folder_shape(cfg.folder, block=length)
     if shape is None:
         return  # the model's own load names what is wrong with its config
@@ -176,21 +185,34 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
         raise ConfigError("an audit needs --sequences FILE: the sequences to look for in the model")
     folder = cfg.folder
     device = resolve_device(cfg.device)
+    stream = is_token_file(cfg.sequences)  # too many to read: scanned streaming, the few that matter kept
+    if cfg.sequence_length is not None and not stream:
+        raise ConfigError(f"--sequence-length cuts a 1-D token file (.npy, .bin) into windows, not {cfg.sequences}: "
+                          "drop it")
     if not resume:
         model = load_hf(folder)  # a folder that is no model, or asks for code or the hub: one line, nothing written
         tok = cfg.tokenizer or f"hf:{folder}"
         block = max(8, _context(folder) - 1)  # a row is block + 1 tokens: the whole context
-        text = TextConfig(corpus=cfg.sequences, tokenizer=tok, audit=True, audit_heldout=cfg.heldout,
+        out = Path(out) if out else Path("runs") / f"audit-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        corpus = str((out / SELECTED).absolute()) if stream else cfg.sequences  # a token file's: what the scan keeps
+        text = TextConfig(corpus=corpus, tokenizer=tok, audit=True, audit_heldout=cfg.heldout,
                           truncate=cfg.truncate, suffix_tokens=min(cfg.suffix_tokens, block), prefix_tokens=1,
                           block_size=block, canaries=0)
         run_cfg = RunConfig(data=text, model=ModelConfig(name=f"hf:{folder}"), train=TrainConfig(), task="lm")
-        data = load_text(text, device=device)  # unreadable sequences: one line with the line number, nothing written
-        if model.shape.vocab_size < data.vocab_size:
-            raise ConfigError(f"the model {folder} has {model.shape.vocab_size} token ids, the tokenizer "
-                              f"{data.vocab_size}: pass the model's own tokenizer (--tokenizer hf:FOLDER)")
+        if stream:  # a bad file: one line naming it and the first bad sequence, nothing written
+            from .audit_scan import open_file
+            from .lm.text import make_tokenizer
+            tokenizer = make_tokenizer(text, [])
+            _check_vocabulary(model, folder, tokenizer.vocab_size)
+            tokens, sequences_sha256 = open_file(cfg, text, tokenizer)
+            length, notes = tokens.longest - 1, tokens.notes
+        else:
+            data = load_text(text, device=device)  # unreadable sequences: one line naming the line, nothing written
+            _check_vocabulary(model, folder, data.vocab_size)
+            length, notes = int(data.x_train.shape[1]), getattr(data, "notes", ())
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         del model
-        _check_memory(cfg, data, device)
+        _check_memory(cfg, length, device)
         for ckpt in cfg.checkpoint_folders:  # another architecture, or no model: one line, nothing written
             theirs = {k: tuple(v.shape) for k, v in load_hf(ckpt).state_dict().items()}
             if theirs != shapes:
@@ -198,9 +220,8 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
                 raise ConfigError(f"checkpoint {ckpt} is not the audited model's architecture "
                                   f"({differ[0].removeprefix('hf.')} differs): "
                                   "pass earlier states of the same model to --checkpoints")
-        for line in getattr(data, "notes", ()):
+        for line in notes:
             log(line)
-        out = Path(out) if out else Path("runs") / f"audit-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with exclusive(out):
         if resume:
             run = RunDir.open(out)
@@ -211,11 +232,17 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
             run.write_json(AUDIT_FILE, {"model": str(folder.resolve()), "sha256": content_hash(folder),
                                         "config": asdict(cfg),
                                         "checkpoints": [{"model": str(c.resolve()), "sha256": content_hash(c)}
-                                                        for c in cfg.checkpoint_folders]})
+                                                        for c in cfg.checkpoint_folders],
+                                        **({"sequences_sha256": sequences_sha256} if stream else {})})
             run.write_json("env.json", environment(device))
-            run.save_arrays("data.npz", **data.arrays())
-            data.tokenizer.save(run.path / "tokenizer")
+            if not stream:  # a token file's: written by its scan, from the sequences it keeps
+                run.save_arrays("data.npz", **data.arrays())
+                data.tokenizer.save(run.path / "tokenizer")
             run.set_stage("train", "skipped", reason="an audit: the model was trained elsewhere")
+        if stream and resume and run.stage(SCAN).get("status") == "done":
+            log(f"the scan of {cfg.sequences} is done: kept")
+        elif stream:
+            scan_file(run, cfg, None if resume else tokens, device=device, progress=progress, log=log)
         loaded = open_run(run.path, device=cfg.device)
         cans = loaded.data.canaries
         members = sum(c["member"] is True for c in cans)
@@ -245,6 +272,17 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
     return run.path
 
 
+
+
+def _check_vocabulary(model, folder: Path, vocab_size: int) -> None:
+    if model.shape.vocab_size < vocab_size:
+        raise ConfigError(f"the model {folder} has {model.shape.vocab_size} token ids, the tokenizer "
+                          f"{vocab_size}: pass the model's own tokenizer (--tokenizer hf:FOLDER)")
+
+
+def _where(c: dict) -> dict:
+    """Where an audited sequence came from: its position in a token file, or its line of a sequences file."""
+    return {"index": c["index"]} if "index" in c else {"line": c.get("line")}
 
 
 def history(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callable[[str], None]) -> None:
@@ -277,7 +315,7 @@ def history(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Calla
     first = [int(np.argmax(row)) + 1 if row.any() else None for row in extracted]
     forgotten = extracted[:, :-1].any(1) & ~extracted[:, -1]
     labels = [str(f) for f in folders] + [str(cfg.folder)]
-    rows = [{"canary": c["id"], "line": c.get("line"), "member": c.get("member"),
+    rows = [{"canary": c["id"], **_where(c), "member": c.get("member"),
              **{f"extracted_{e + 1}": bool(extracted[i, e]) for e in range(len(labels))},
              "first_extracted": first[i], "forgotten": bool(forgotten[i])} for i, c in enumerate(cans)]
     summary = {"probe": HISTORY, "checkpoints": [{"epoch": e + 1, "folder": f} for e, f in enumerate(labels)],
@@ -366,7 +404,7 @@ def removal_result(data, before, after, loc):
     }
     rows = []
     for i, c in enumerate(cans):
-        rows.append({"canary": c["id"], "line": c.get("line"), "member": c.get("member"), "targeted": bool(targeted[i]),
+        rows.append({"canary": c["id"], **_where(c), "member": c.get("member"), "targeted": bool(targeted[i]),
                      "extracted_before": bool(ext_b[i]), "extracted_after": bool(ext_a[i]),
                      "suffix_accuracy_before": round(float(before.arrays["suffix_accuracy"][i]), 4),
                      "suffix_accuracy_after": round(float(after.arrays["suffix_accuracy"][i]), 4),

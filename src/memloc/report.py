@@ -2043,6 +2043,18 @@ def classifier_audit_sections(run: RunDir) -> list[Section]:
     return [sec]
 
 
+def _token_scan_note(s: dict) -> str:
+    """The streaming scan of a token file in a few words: what the rest of the audit section is a sample of."""
+    share = "–" if s.get("extracted_share") is None else f"{100 * s['extracted_share']:.2f}%"
+    q = s.get("membership") or {}
+    aurocs = ", ".join(f"{n} {v['auroc']:.3f}" for n, v in q.items() if v.get("auroc") is not None)
+    return (f"The whole token file {s.get('file')} was scanned: {s.get('extracted', 0):,} of its "
+            f"{s.get('sequences', 0):,} sequences are extracted ({share} of the members and those of unknown "
+            f"membership), membership AUROC over all of it: {aurocs or 'not enough data'} (probes/scan/scan.csv, a "
+            f"row per sequence). Below: the {s.get('kept', 0):,} it keeps, every extracted one and a seeded sample of "
+            "the others.")
+
+
 def audit_sections(run: RunDir) -> list[Section]:
     """The audit's first screen: which sequences the model memorizes (extraction, membership), where (the layers of
     the removal's edit), and what the removal did, from the run's files."""
@@ -2053,6 +2065,8 @@ def audit_sections(run: RunDir) -> list[Section]:
     if not (probes_dir / "memorization" / "summary.json").exists():
         sec.missing = f"the scan has not finished: `memloc audit ... --out {run.path}` again"
         return [sec]
+    if (probes_dir / "scan" / "summary.json").exists():  # a token file, scanned streaming
+        sec.notes.append(_token_scan_note(run.read_json("probes/scan/summary.json")))
     scan = ProbeResult.load(run, "memorization")
     rows = scan.rows
     members = [r for r in rows if str(r.get("member")) == "True"]
@@ -2100,7 +2114,8 @@ def audit_sections(run: RunDir) -> list[Section]:
                                       "longer extracted: extraction and the perplexity cost at each size.", png(fig)))
     table = []
     for r in sorted(rows, key=lambda r: (str(r.get("extracted")) != "True", float(r.get("loss") or np.inf))):
-        table.append({"line": r.get("line", r.get("canary")), "member": r.get("member"),
+        where = "index" if "index" in r else "line"  # a token file's sequences: their positions in it
+        table.append({where: r.get(where, r.get("canary")), "member": r.get("member"),
                       "extracted": r.get("extracted"),
                       **{k: r[k] for k in r if str(k).startswith("extracted_k")},
                       "loss": r.get("loss"), "mi_min_k_pp": r.get("mi_min_k_pp"),

@@ -106,12 +106,14 @@ def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int = 25
 
 
 def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *, context=None,
-                    membership: bool = True) -> dict[str, np.ndarray]:
+                    membership: bool = True, reference: nn.Module | None = None) -> dict[str, np.ndarray]:
     """Per canary (C,): extracted (bool), loss (nats per secret token), suffix_accuracy, exposure (NaN where
     not measured) and exposure_method, each from the canary's own prefix alone.
 
     `context(i)`: a context manager the model runs in for canary i (example-tied dropout's "tied" mode hands it
-    the canary's id); default none. Measured one canary at a time then, all at once otherwise.
+    the canary's id); default none. Measured one canary at a time then, all at once otherwise. `reference`:
+    `cfg.reference`'s model already loaded (a streaming scan measures many chunks with one); default: loaded here.
+    Of `data` only its canaries, tokenizer and vocab_size are read.
     """
     cans = data.canaries
     prefixes = [c["prefix_ids"] for c in cans]
@@ -141,7 +143,7 @@ def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *
            "suffix_accuracy": got["suffix_accuracy"].numpy(), "exposure": exposure, "exposure_method": method}
     if membership:  # k-extractability and the membership scores (`membership=False`: extraction, loss, exposure)
         out.update(_k_extractable(model, cans, cfg, context))
-        out.update(_membership(model, data, cfg, context))
+        out.update(_membership(model, data, cfg, context, reference))
     return out
 
 
@@ -177,7 +179,8 @@ def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, 
     return out
 
 
-def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, context) -> dict[str, np.ndarray]:
+def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, context,
+                reference: nn.Module | None = None) -> dict[str, np.ndarray]:
     """Per canary, its membership scores (memloc.lm.membership) over its prefix and secret tokens."""
     from ..lm import membership
     cans = data.canaries
@@ -190,15 +193,21 @@ def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, conte
     stats = parts if context is None else [p[0] for p in parts]
     ref = None
     if cfg.reference:
-        from ..lm.hf import load_hf
-        folder = cfg.reference[3:] if cfg.reference.startswith("hf:") else cfg.reference
-        reference = load_hf(folder).to(next(model.parameters()).device)
+        if reference is None:
+            reference = load_reference(cfg, next(model.parameters()).device)
         if reference.shape.vocab_size < data.vocab_size:
             raise ConfigError(f"the reference model {cfg.reference} has {reference.shape.vocab_size} token ids, the "
                               f"tokenizer {data.vocab_size}: use a reference with the same tokenizer")
         ref = membership.token_logprobs(reference, seqs, batch_size=min(cfg.batch_size, 16))
     rows = [membership.scores(st, texts[i], reference=None if ref is None else ref[i]) for i, st in enumerate(stats)]
     return {name: np.array([r[name] for r in rows], dtype=np.float64) for name in membership.ORIENT}
+
+
+def load_reference(cfg: MemorizationConfig, device) -> nn.Module:
+    """The reference model of `cfg.reference` (hf:FOLDER) on `device`."""
+    from ..lm.hf import load_hf
+    folder = cfg.reference[3:] if cfg.reference.startswith("hf:") else cfg.reference
+    return load_hf(folder).to(device)
 
 
 def membership_quality(data: TextData, m: dict[str, np.ndarray]) -> dict:
@@ -260,7 +269,7 @@ def canary_rows(data: TextData, m: dict[str, np.ndarray]) -> list[dict]:
     ks = [k for k in m if k.startswith("extracted_k")]
     rows = []
     for i, c in enumerate(data.canaries):
-        row = {"canary": c["id"], **({"line": c["line"]} if "line" in c else {}), "format": c["format"],
+        row = {"canary": c["id"], **{k: c[k] for k in ("line", "index") if k in c}, "format": c["format"],
                "trained": c["trained"], "member": c.get("member"),
                "repeats": c["repeats"], "repeat_group": c["repeat_group"], "extracted": bool(m["extracted"][i])}
         row.update({k: None if np.isnan(m[k][i]) else bool(m[k][i]) for k in ks})

@@ -7,6 +7,7 @@
       stage:KEY              right after any run (not a study) marks stage KEY done (an audit's localize)
       fail:KEY               stage KEY of the study raises a RunError (no kill: a failed stage)
       partial:PROBE          right after the probe PROBE first saved its partial progress (mid-stage)
+      chunk:N                right after an audit's streaming scan saved its N-th chunk of a token file
       epoch:N                right after training saved epoch N
       pause:N:FILE           after training saved epoch N, wait (holding the lock) until FILE exists
       gap:KEY:FILE           after the study marks stage KEY done, wait (between two stages) until FILE exists
@@ -83,6 +84,17 @@ def install(kill_at: str) -> None:
             if self.probe == arg:
                 _die()
         Partial.save = saved_partial
+    elif kind == "chunk":
+        from memloc import audit_scan
+        save_part = audit_scan._save_part
+        saved_parts = []
+
+        def saved_chunk(*a, **k):
+            save_part(*a, **k)
+            saved_parts.append(1)
+            if len(saved_parts) == int(arg):
+                _die()
+        audit_scan._save_part = saved_chunk
     elif kind in ("epoch", "pause"):
         save = training.Trainer._save_epoch
         n, _, flag = arg.partition(":")

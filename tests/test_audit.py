@@ -316,3 +316,151 @@ def test_sequences_of_unknown_membership_are_scored_with_no_attack_quality(train
     assert "held-out perplexity -" in said
     assert "no held-out text, so the edit's perplexity cost is not measured: pass --heldout FILE" in said
     assert json.loads((out / "probes" / "removal" / "summary.json").read_text())["perplexity_cost"] is None
+
+
+# --- a token file too large to read: scanned streaming (memloc.audit_scan) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def token_run(trained, tmp_path_factory) -> dict:
+    """The fixture's 30 sequences, the very ids its .jsonl audit scored, written as nanoGPT writes tokens (a uint16
+    .bin, an index of offsets, bool member labels beside it), audited streaming in chunks of 8 without removal."""
+    root = tmp_path_factory.mktemp("tokens")
+    cans = json.loads(str(np.load(trained["run"] / "data.npz")["canaries"]))
+    ids = [c["prefix_ids"] + c["secret_ids"] for c in cans]
+    members = np.array([c["member"] for c in cans], dtype=bool)
+    np.concatenate(ids).astype(np.uint16).tofile(root / "toks.bin")
+    np.save(root / "toks.idx.npy", np.cumsum([0] + [len(s) for s in ids]).astype(np.int64))
+    np.save(root / "toks.member.npy", members)
+    out = root / "run"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(root / "toks.bin"), "--out", str(out),
+                 "--chunk", "8", "--no-remove", "--quiet"]) == 0
+    return {"root": root, "ids": ids, "members": members, "run": out}
+
+
+def _scan_rows(run: Path) -> list[dict]:
+    import csv
+    return list(csv.DictReader((run / "probes" / "scan" / "scan.csv").open()))
+
+
+def test_a_token_file_gives_the_same_results_as_the_sequences_file(trained, token_run):
+    """Scanned in 4 chunks, each sequence's row equals its row in the .jsonl audit; the run keeps all 30 (fewer than
+    --keep), so its own memorization scan is the .jsonl audit's, each sequence's line number now its index."""
+    want, scan = _rows(trained["run"]), _scan_rows(token_run["run"])
+    assert [r["index"] for r in scan] == [str(i) for i in range(30)] and all(r["kept"] == "True" for r in scan)
+    for a, b in zip(want, scan):
+        assert [a[k] for k in a if k.startswith("extracted") or k == "member"] == \
+            [b[k] for k in a if k.startswith("extracted") or k == "member"]
+        for k in ("suffix_accuracy", "loss", "mi_loss", "mi_zlib", "mi_min_k", "mi_min_k_pp"):
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=2e-5), k
+    got = _rows(token_run["run"])
+    assert [r.pop("index") for r in got] == [str(i) for i in range(30)]
+    assert got == [{k: v for k, v in r.items() if k != "line"} for r in want]
+    s = json.loads((token_run["run"] / "probes" / "scan" / "summary.json").read_text())
+    assert (s["sequences"], s["members"], s["non_members"], s["kept"]) == (30, 20, 10, 30)
+    mem = json.loads((trained["run"] / "probes" / "memorization" / "summary.json").read_text())["membership"]
+    assert s["membership"]["loss"]["auroc"] == mem["loss"]["auroc"]
+    assert not (token_run["run"] / "probes" / "scan" / "parts").exists()  # joined into arrays.npz
+    assert "The whole token file" in (token_run["run"] / "report" / "report.html").read_text()
+
+
+def test_a_2d_npy_a_stream_with_an_index_and_windows_of_a_stream_are_the_same_sequences(trained, token_run, tmp_path):
+    from memloc.audit_scan import measure_chunk
+    from memloc.lm.hf import load_hf
+    from memloc.lm.sequences import open_tokens
+    from memloc.lm.tokenizers import make_tokenizer
+    from memloc.probes.memorization import MemorizationConfig
+    rows = np.array([s[:12] for s in token_run["ids"]], dtype=np.int32)  # (30, 12)
+    np.save(tmp_path / "rows.npy", rows)
+    np.save(tmp_path / "flat.npy", rows.reshape(-1).astype(np.int64))
+    np.save(tmp_path / "flat.idx.npy", np.arange(0, rows.size + 1, 12))
+    rows.reshape(-1).astype(np.uint16).tofile(tmp_path / "win.bin")
+    tok, model = make_tokenizer(f"hf:{trained['model']}"), load_hf(trained["model"]).eval()
+    got = []
+    for name, length in (("rows.npy", None), ("flat.npy", None), ("win.bin", 12)):
+        tf = open_tokens(tmp_path / name, vocab_size=tok.vocab_size, sequence_length=length, block=47)
+        assert len(tf) == 30 and tf.sequences(3, 5) == rows[3:5].tolist() and tf.members(0, 2) == [None, None]
+        got.append(measure_chunk(model, tf, 0, 30, tok, MemorizationConfig(exposure=False), suffix_tokens=50,
+                                 block=47))
+    for other in got[1:]:
+        for k, v in got[0].items():
+            np.testing.assert_array_equal(v, other[k], err_msg=k)
+    assert (got[0]["prefix_tokens"] == 6).all() and got[0]["extracted"].dtype == bool
+
+
+def _bad_tokens(d: Path, case: str) -> tuple[Path, list[str]]:
+    """A bad token file of each kind, and the flags it is audited with."""
+    good = np.arange(1, 41, dtype=np.int64)
+    if case in ("dtype", "negative", "vocabulary", "object"):
+        arr = {"dtype": np.ones((4, 8), np.float32), "negative": np.array([[1, 2, 3, -4]] * 3, np.int32),
+               "vocabulary": np.array([[1, 2, 3, 4]] * 3 + [[1, 2, 3, 9999]], np.int32),
+               "object": np.array([[1, 2]], dtype=object)}[case]
+        np.save(d / "t.npy", arr, allow_pickle=True)
+        return d / "t.npy", []
+    if case in ("decreasing", "past-end", "no-index"):
+        np.save(d / "t.npy", good)
+        if case != "no-index":
+            np.save(d / "t.idx.npy", np.array([0, 10, 5, 20] if case == "decreasing" else [0, 10, 41]))
+        return d / "t.npy", []
+    if case == "labels":
+        np.save(d / "t.npy", good.reshape(5, 8))
+        np.save(d / "t.member.npy", np.array([True, False]))
+        return d / "t.npy", []
+    if case == "odd-bin":
+        (d / "t.bin").write_bytes(b"\x01\x00\x02")
+        return d / "t.bin", []
+    good.astype(np.uint16).tofile(d / "t.bin")  # "windows": fewer tokens than one window
+    return d / "t.bin", ["--sequence-length", "64"]
+
+
+@pytest.mark.parametrize("case,words", [
+    ("dtype", ["t.npy", "dtype float32", "integers"]), ("negative", ["token id -4 of sequence 0", "negative"]),
+    ("vocabulary", ["token id 9999 of sequence 3", "vocabulary"]), ("object", ["t.npy", "memory-map"]),
+    ("decreasing", ["t.idx.npy", "sequence 1", "not increasing"]), ("past-end", ["t.idx.npy", "past the 40 tokens"]),
+    ("no-index", ["t.idx.npy", "--sequence-length"]), ("labels", ["t.member.npy", "one label per sequence"]),
+    ("odd-bin", ["t.bin", "uint16"]), ("windows", ["t.bin", "fewer than one window of 64"]),
+])
+def test_bad_token_files_are_one_line_and_write_nothing(trained, tmp_path, capsys, case, words):
+    path, flags = _bad_tokens(tmp_path, case)
+    out = tmp_path / "run"
+    code = main(["audit", f"hf:{trained['model']}", "--sequences", str(path), "--out", str(out), "--quiet", *flags])
+    assert_one_line_error(code, capsys.readouterr().err, *words)
+    assert not out.exists()
+
+
+def test_an_interrupted_token_scan_resumes_from_its_saved_chunks(trained, token_run, tmp_path, capsys, monkeypatch):
+    """Interrupted after its second chunk, the scan resumes with the two others only, refuses a token file changed
+    meanwhile, and ends with the uninterrupted scan's rows; with --keep 5 the run keeps the extracted sequences and
+    5 others."""
+    from memloc import audit_scan
+    save, saved, stop = audit_scan._save_part, [], [2]
+
+    def save_then_stop(parts, k, arrays):
+        save(parts, k, arrays)
+        saved.append(k)
+        if len(saved) == stop[0]:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(audit_scan, "_save_part", save_then_stop)
+    out = tmp_path / "run"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(token_run["root"] / "toks.bin"), "--out",
+                 str(out), "--chunk", "8", "--keep", "5", "--no-remove", "--quiet"]) == 130
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "probes" / "scan" / "parts").iterdir()) == ["000000.npz", "000001.npz"]
+    labels = token_run["root"] / "toks.member.npy"
+    before = labels.read_bytes()
+    np.save(labels, ~token_run["members"])
+    try:
+        code = main(["audit", "--resume", str(out), "--quiet"])
+    finally:
+        labels.write_bytes(before)
+    assert_one_line_error(code, capsys.readouterr().err, "not the token file this audit started on")
+    saved.clear()
+    stop[0] = 0
+    assert main(["audit", "--resume", str(out), "--quiet"]) == 0
+    assert saved == [2, 3]
+    got, want = _scan_rows(out), _scan_rows(token_run["run"])
+    assert [{k: v for k, v in r.items() if k != "kept"} for r in got] == \
+        [{k: v for k, v in r.items() if k != "kept"} for r in want]
+    kept = [int(r["index"]) for r in got if r["kept"] == "True"]
+    assert len(kept) == sum(r["extracted"] == "True" for r in got) + 5
+    assert [json.loads(line)["index"] for line in (out / "sequences.jsonl").read_text().splitlines()] == kept
+    assert [int(r["index"]) for r in _rows(out)] == kept

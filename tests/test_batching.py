@@ -33,6 +33,17 @@ def test_the_batch_is_what_a_share_of_the_free_memory_holds_by_hand():
     assert batching.rows_that_fit(nn.Linear(3, 3), length=20, free=1000) == 256  # not a transformer: the cap
 
 
+def test_a_cpu_forward_batch_keeps_its_logits_within_512_mib():
+    """GPT-2 small's vocabulary (50,257) on rows of 80 tokens: 512 MiB of fp32 logits hold 33 rows, whatever the
+    free memory; a backward pass is bounded by the memory alone."""
+    from types import SimpleNamespace
+    gpt2 = nn.Linear(1, 1)
+    gpt2.shape = SimpleNamespace(vocab_size=50257, n_embd=768, intermediate=3072, n_layer=12, n_head=12,
+                                 block_size=1024)
+    assert batching.rows_that_fit(gpt2, length=80, free=1 << 40) == (512 << 20) // (4 * 80 * 50257) == 33
+    assert batching.rows_that_fit(gpt2, length=80, free=1 << 40, backward=True) == 256
+
+
 def test_a_plain_transformers_model_is_read_from_its_config():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=80, num_hidden_layers=2,

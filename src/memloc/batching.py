@@ -5,10 +5,12 @@ halved when the device runs out anyway.
 perplexity) or, with ``backward=True``, of a pass that backpropagates to unit masks (localization, flipping): the
 largest batch whose tensors fill at most `SHARE` of the device's free memory (`budget.free_memory`: a GPU's
 free memory, a CPU's available RAM within its cgroup), at most `cap` (a larger batch buys no speed: 256 rows on
-a CPU, 2048 on a GPU), at least 1. A row of T tokens holds, forward only, its logits and the four vocabulary-sized
-temporaries the measures make of them (fp32, 5 T V values) and one block's activations (4 T C + T I + heads T^2);
-backpropagating, a training step's tensors at batch 1 (`budget.transformer_batches`, fitted on memloc's GPT). A
-model whose shape cannot be read (not a transformer) gets `cap`.
+a CPU, 2048 on a GPU), at least 1. A row of T tokens holds, forward only, its logits and the four
+vocabulary-sized temporaries the measures make of them (fp32, 5 T V values) and one block's activations (4 T C +
+T I + heads T^2); backpropagating, a training step's tensors at batch 1 (`budget.transformer_batches`, fitted on
+memloc's GPT). A model whose shape cannot be read (not a transformer) gets `cap`. On a CPU a forward batch's
+logits also stay within `CPU_LOGITS` bytes: the vocabulary-sized tensors are memory-bound there, and GPT-2 small's
+scan was no faster at 64 rows than at 8 (BENCHMARKS.md, `benchmarks/lm_scale.py`), while 128 rows held 9.4 GiB.
 
 `in_batches(n, batch, part)` runs ``part(start, stop)`` over rows 0..n in batches; on an out-of-memory error
 (a GPU's, or a CPU allocator's) it halves the batch, says so in one line (the first time), and runs the same rows
@@ -28,6 +30,7 @@ from .errors import RunError, warn
 
 SHARE = 0.5  # of the free memory one batch may fill: the rest for the allocator's rounding and other tensors
 CAP = {"cpu": 256, "cuda": 2048}  # rows per pass past which a device gains no speed
+CPU_LOGITS = 512 << 20  # bytes of a CPU forward batch's fp32 logits (the module docstring)
 _FP32 = 4
 
 
@@ -82,6 +85,8 @@ def rows_that_fit(model: nn.Module, *, length: int, backward: bool = False, cap:
     free = budget.free_memory(device) if free is None else int(free)
     if shape is None or free is None:
         return cap
+    if device.type == "cpu" and not backward:
+        cap = min(cap, CPU_LOGITS // (_FP32 * max(1, int(length)) * shape["vocab"]))
     return max(1, min(cap, int(SHARE * free) // max(1, row_bytes(shape, length, backward=backward))))
 
 

@@ -10,7 +10,12 @@ TinyMem's arithmetic artifacts and on MemPi's injected sequences, beside the pub
   and fraction: the share of all trained artifacts memorized before and with the edit, the share
   of the memorized ones the edit removes, held-out clean next-token accuracy (teacher-forced,
   every position) and perplexity before and with the edit with the relative accuracy change,
-  held-out clean continuation extraction, and the wall time of the scoring.
+  held-out clean continuation extraction, and the wall time of the scoring. With ``units`` weights
+  (``--units weights``, or ``neurons,weights`` side by side) the weight methods of `memloc localize
+  --units weights` (balanced-subnet, subnet, durable, random) localize the same artifacts among every
+  weight of the MLP matrices, and the top ``weight_fractions`` of those weights (pooled) are zeroed
+  (full 0.05%, 0.1%, 0.2%: a neuron owns 2 x n_embd weights, so 1% of the neurons is 1% of the
+  weights); rows say ``unit_kind`` and count ``units`` in weights.
 * ``inj`` (MemPi, Chang et al., NAACL 2024): ``inject`` held-out artifacts (never trained) are
   each fine-tuned into a seeded random ``ratio`` of the MLP neurons of every layer of the trained
   model (only those neurons' input rows, biases and output columns move: every other gradient is

@@ -76,7 +76,8 @@ class AuditConfig:
     examples: int | None = option(None, "target at most N of the extracted sequences, a seeded choice (the rest "
                                   "measure what else the edit removes; default: all)", metavar="N", at_least=1)
     seed: int = option(0, "seed of the targeted sequences' choice and the localization", at_least=0)
-    batch_size: int = option(16, "scan batch size", result=False, at_least=1)
+    batch_size: int | None = option(None, "rows per pass of the scan and the removal (default: what fits the free "
+                                    "memory, at most 256 on a CPU, 2048 on a GPU)", result=False, at_least=1)
     device: str = option("auto", "auto, cpu or cuda", result=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +137,7 @@ def _check_memory(cfg: AuditConfig, length: int, device) -> None:
     if shape is None:
         return  # the model's own load names what is wrong with its config
     reference = budget.folder_shape(_folder(cfg.reference), block=length) if cfg.reference else None
-    need = budget.audit_need(shape, batch=cfg.batch_size, length=length, reference=reference,
+    need = budget.audit_need(shape, batch=cfg.batch_size or 1, length=length, reference=reference,
                              checkpoints=len(cfg.checkpoints or ()), remove=cfg.remove)
     budget.check(need, device, what="this audit needs", batch_flags="--batch-size",
                  model_flags="--checkpoints (fewer)" if cfg.checkpoints else None)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..batching import rows_that_fit
 from ..errors import ConfigError
 from ..lm import measures
 from ..lm.text import TextData, decode_targets
@@ -46,7 +47,8 @@ class MemorizationConfig:
                               at_least=1)
     samples: int = option(5_000, "candidates sampled for the exposure estimate (each one forward pass)",
                           at_least=100)
-    batch_size: int = option(256, "evaluation batch size", result=False, at_least=1)
+    batch_size: int | None = option(None, "rows per pass (default: what fits the free memory, at most 256 on a "
+                                    "CPU, 2048 on a GPU)", result=False, at_least=1)
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
     seed: int = option(0, "seed of the exposure estimate's samples", at_least=0, at_most=INT64_MAX)
@@ -84,10 +86,11 @@ def _check_enumeration(data: TextData, cfg: MemorizationConfig) -> None:
 
 
 @torch.no_grad()
-def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int = 256) -> float | None:
+def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int | None = None) -> float | None:
     """exp(mean cross-entropy) over every held-out target token, teacher-forced (held-out canaries included);
-    None without held-out text."""
+    None without held-out text. `batch_size` None: what fits (`memloc.batching`)."""
     device = next(model.parameters()).device
+    batch_size = batch_size or rows_that_fit(model, length=data.x_test.shape[-1])
     total, count = 0.0, 0
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -118,7 +121,11 @@ def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *
     cans = data.canaries
     prefixes = [c["prefix_ids"] for c in cans]
     secrets = [c["secret_ids"] for c in cans]
-    if context is None:
+    stats = None
+    if context is None and membership and _one_pass(model, cans):
+        stats = _token_stats(model, cans, cfg)
+        got = _from_stats(stats, cans)
+    elif context is None:
         got = measures.suffix_measures(model, prefixes, secrets, batch_size=cfg.batch_size)
     else:
         parts = []
@@ -142,9 +149,32 @@ def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *
     out = {"extracted": got["extractable"].numpy().astype(bool), "loss": got["loss"].numpy().astype(np.float64),
            "suffix_accuracy": got["suffix_accuracy"].numpy(), "exposure": exposure, "exposure_method": method}
     if membership:  # k-extractability and the membership scores (`membership=False`: extraction, loss, exposure)
-        out.update(_k_extractable(model, cans, cfg, context))
-        out.update(_membership(model, data, cfg, context, reference))
+        out.update(_k_extractable(model, cans, cfg, context, out["extracted"]))
+        out.update(_membership(model, data, cfg, context, reference, stats))
     return out
+
+
+def _one_pass(model: nn.Module, cans: list[dict]) -> bool:
+    """Does every canary's prefix + secret fit the model's context, so that one teacher-forced pass over it gives
+    its extraction (`measures.extractable`'s, token for token) and its membership statistics alike?"""
+    block = measures._block_size(measures.causal_lm(model))
+    return block is None or all(len(c["prefix_ids"]) + len(c["secret_ids"]) - 1 <= block for c in cans)
+
+
+def _token_stats(model: nn.Module, cans: list[dict], cfg: MemorizationConfig) -> list[dict[str, np.ndarray]]:
+    from ..lm import membership
+    return membership.token_logprobs(model, [list(c["prefix_ids"]) + list(c["secret_ids"]) for c in cans],
+                                     batch_size=cfg.batch_size)
+
+
+def _from_stats(stats: list[dict[str, np.ndarray]], cans: list[dict]) -> dict[str, torch.Tensor]:
+    """`measures.suffix_measures`' three measures from the same pass's per-token statistics: the secret's tokens
+    are positions P - 1 .. of a sequence whose prefix has P tokens (token t + 1 predicted from tokens <= t)."""
+    hits = [st["hit"][len(c["prefix_ids"]) - 1:] for st, c in zip(stats, cans)]
+    nll = [-st["logp"][len(c["prefix_ids"]) - 1:].astype(np.float32) for st, c in zip(stats, cans)]
+    return {"extractable": torch.tensor([bool(h.all()) for h in hits], dtype=torch.bool),
+            "suffix_accuracy": torch.tensor([float(h.mean()) for h in hits], dtype=torch.float32),
+            "loss": torch.tensor([float(x.mean()) for x in nll], dtype=torch.float32)}
 
 
 def _each(model: nn.Module, cans: list[dict], context, measure):
@@ -158,13 +188,17 @@ def _each(model: nn.Module, cans: list[dict], context, measure):
     return parts
 
 
-def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, context) -> dict[str, np.ndarray]:
+def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, context,
+                   extracted: np.ndarray) -> dict[str, np.ndarray]:
     """Per K of `cfg.prefix_lengths`: is the secret extracted from only the last K prefix tokens (NaN where the
-    prefix is shorter than K)? Carlini et al. 2022: extraction grows with the context given."""
+    prefix is shorter than K)? Carlini et al. 2022: extraction grows with the context given. A prefix of exactly K
+    tokens is the whole prefix: its answer is `extracted`, not measured again."""
     out = {}
     for k in cfg.prefix_lengths:
         got = np.full(len(cans), np.nan)
-        fit = {i for i, c in enumerate(cans) if len(c["prefix_ids"]) >= k}
+        whole = [i for i, c in enumerate(cans) if len(c["prefix_ids"]) == k]
+        got[whole] = extracted[whole].astype(float)
+        fit = {i for i, c in enumerate(cans) if len(c["prefix_ids"]) > k}
 
         def measure(m, idx, k=k, fit=fit):
             idx = [i for i in idx if i in fit]
@@ -180,17 +214,19 @@ def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, 
 
 
 def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, context,
-                reference: nn.Module | None = None) -> dict[str, np.ndarray]:
-    """Per canary, its membership scores (memloc.lm.membership) over its prefix and secret tokens."""
+                reference: nn.Module | None = None, stats: list | None = None) -> dict[str, np.ndarray]:
+    """Per canary, its membership scores (memloc.lm.membership) over its prefix and secret tokens; `stats`: the
+    per-token statistics already computed (`_token_stats`), else computed here."""
     from ..lm import membership
     cans = data.canaries
     seqs = [list(c["prefix_ids"]) + list(c["secret_ids"]) for c in cans]
     texts = [c["prefix"] + c["secret"] for c in cans]
 
     def measure(m, idx):
-        return membership.token_logprobs(m, [seqs[i] for i in idx], batch_size=min(cfg.batch_size, 16))
-    parts = _each(model, cans, context, measure)
-    stats = parts if context is None else [p[0] for p in parts]
+        return membership.token_logprobs(m, [seqs[i] for i in idx], batch_size=cfg.batch_size)
+    if stats is None:
+        parts = _each(model, cans, context, measure)
+        stats = parts if context is None else [p[0] for p in parts]
     ref = None
     if cfg.reference:
         if reference is None:
@@ -198,7 +234,7 @@ def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, conte
         if reference.shape.vocab_size < data.vocab_size:
             raise ConfigError(f"the reference model {cfg.reference} has {reference.shape.vocab_size} token ids, the "
                               f"tokenizer {data.vocab_size}: use a reference with the same tokenizer")
-        ref = membership.token_logprobs(reference, seqs, batch_size=min(cfg.batch_size, 16))
+        ref = membership.token_logprobs(reference, seqs, batch_size=cfg.batch_size)
     rows = [membership.scores(st, texts[i], reference=None if ref is None else ref[i]) for i, st in enumerate(stats)]
     return {name: np.array([r[name] for r in rows], dtype=np.float64) for name in membership.ORIENT}
 
@@ -286,7 +322,8 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
     cans = data.canaries
     m = canary_measures(model, data, cfg)
     task = task_of(data)
-    hits = task.hits(model, "train", batch_size=cfg.batch_size).cpu().numpy()  # in their training context
+    rows = cfg.batch_size or rows_that_fit(model, length=data.x_train.shape[-1])
+    hits = task.hits(model, "train", batch_size=rows).cpu().numpy()  # in their training context
     trained = np.array([c["trained"] for c in cans], dtype=bool)
     corpus = task.kind_mask("corpus").cpu().numpy()
     corpus_extracted = float(hits[corpus].mean()) if corpus.any() else None

@@ -116,7 +116,9 @@ def canary_measures(model: nn.Module, data: TextData, cfg: MemorizationConfig, *
     `context(i)`: a context manager the model runs in for canary i (example-tied dropout's "tied" mode hands it
     the canary's id); default none. Measured one canary at a time then, all at once otherwise. `reference`:
     `cfg.reference`'s model already loaded (a streaming scan measures many chunks with one); default: loaded here.
-    Of `data` only its canaries, tokenizer and vocab_size are read.
+    Of `data` only its canaries, tokenizer and vocab_size are read. With `membership` and no `context`, one
+    teacher-forced pass over each prefix + secret gives the extraction measures and the membership statistics
+    alike, where every canary fits the model's context (`_one_pass`); otherwise each has its own pass.
     """
     cans = data.canaries
     prefixes = [c["prefix_ids"] for c in cans]

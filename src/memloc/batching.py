@@ -10,7 +10,8 @@ vocabulary-sized temporaries the measures make of them (fp32, 5 T V values) and 
 T I + heads T^2); backpropagating, a training step's tensors at batch 1 (`budget.transformer_batches`, fitted on
 memloc's GPT). A model whose shape cannot be read (not a transformer) gets `cap`. On a CPU a forward batch's
 logits also stay within `CPU_LOGITS` bytes: the vocabulary-sized tensors are memory-bound there, and GPT-2 small's
-scan was no faster at 64 rows than at 8 (BENCHMARKS.md, `benchmarks/lm_scale.py`), while 128 rows held 9.4 GiB.
+scan held 9.4 GiB at 128 rows (BENCHMARKS.md, `benchmarks/lm_scale.py`) and an informal check saw no gain from
+64 rows over 8.
 
 `in_batches(n, batch, part)` runs ``part(start, stop)`` over rows 0..n in batches; on an out-of-memory error
 (a GPU's, or a CPU allocator's) it halves the batch, says so in one line (the first time), and runs the same rows

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from toys import assert_one_line_error, digest
+from toys import assert_one_line_error, bpe_tokenizer, digest, train_plainly
 
 from memloc.cli import main
 
@@ -35,7 +35,6 @@ def _sentence(rng: random.Random, n: int = 14) -> str:
 def trained(tmp_path_factory) -> dict:
     """A 2-block GPT-2 (BPE of its own) trained by plain transformers for 12 epochs on 150 random sentences, 10
     sentences repeated 20 times each and 10 seen once; 10 more never seen. About 15 s on 2 cores."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     root = tmp_path_factory.mktemp("audit")
     rng = random.Random(0)
     repeated = [_sentence(rng) for _ in range(10)]
@@ -43,33 +42,17 @@ def trained(tmp_path_factory) -> dict:
     never = [_sentence(rng) for _ in range(10)]
     corpus = [_sentence(rng) for _ in range(150)] + repeated * 20 + once
     rng.shuffle(corpus)
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus + never, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+    tok = bpe_tokenizer(corpus + never, 500)
     eos = tok.eos_token_id
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=48, n_layer=2, n_head=4, n_embd=64,
                                   bos_token_id=eos, eos_token_id=eos)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    enc = [tok.encode(t) + [eos] for t in corpus]
-    for epoch in range(12):
+
+    def save_early(epoch: int) -> None:
         if epoch in (1, 4):  # earlier training states, as a Pythia-style suite keeps them
             model.save_pretrained(str(root / f"step{epoch}"))
-        rng.shuffle(enc)
-        for i in range(0, len(enc), 16):
-            b = enc[i:i + 16]
-            width = max(map(len, b))
-            ids = torch.tensor([x + [eos] * (width - len(x)) for x in b])
-            labels = torch.tensor([x + [-100] * (width - len(x)) for x in b])
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_plainly(model, tok, corpus, epochs=12, rng=rng, before_epoch=save_early)
     model.save_pretrained(str(root / "model"))
     tok.save_pretrained(str(root / "model"))
     seqs = root / "seqs.jsonl"

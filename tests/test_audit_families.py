@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from toys import bpe_tokenizer, train_plainly
 
 from memloc.cli import main
 
@@ -38,7 +39,6 @@ def audited(request, tmp_path_factory) -> dict:
     """A 2-block model of the family (a BPE of its own) trained 10 epochs on 120 random sentences, 10 sentences
     repeated 20 times and 10 never seen (40 more unseen sentences are the held-out text); then `memloc audit` with
     its removal (ig, the edit grown until 10% are extracted within +5% perplexity)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     family = request.param
     root = tmp_path_factory.mktemp(family)
     rng = random.Random(1)
@@ -46,30 +46,11 @@ def audited(request, tmp_path_factory) -> dict:
     repeated, never = [sentence() for _ in range(10)], [sentence() for _ in range(10)]
     corpus = [sentence() for _ in range(120)] + repeated * 20
     rng.shuffle(corpus)
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus + never, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
-    eos = tok.eos_token_id
-    cfg, cls = _config(family, len(tok), eos)
+    tok = bpe_tokenizer(corpus + never, 400)
+    cfg, cls = _config(family, len(tok), tok.eos_token_id)
     torch.manual_seed(0)
     model = cls(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    enc = [tok.encode(t) + [eos] for t in corpus]
-    for _ in range(10):
-        rng.shuffle(enc)
-        for i in range(0, len(enc), 16):
-            b = enc[i:i + 16]
-            width = max(map(len, b))
-            ids = torch.tensor([x + [eos] * (width - len(x)) for x in b])
-            labels = torch.tensor([x + [-100] * (width - len(x)) for x in b])
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    train_plainly(model, tok, corpus, epochs=10, rng=rng)
     model.save_pretrained(str(root / "model"))
     tok.save_pretrained(str(root / "model"))
     seqs = root / "seqs.jsonl"

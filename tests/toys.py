@@ -48,3 +48,39 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
     assert "Traceback" not in err
     for w in words:
         assert w in lines[0], lines[0]
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE of `texts` as a transformers tokenizer, eos "<|endoftext|>": what the audit tests' models
+    are trained and audited with."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
+def train_plainly(model: nn.Module, tok, corpus: list[str], *, epochs: int, rng, before_epoch=None) -> None:
+    """A plain transformers loop, as a user outside memloc trains: AdamW lr 3e-3, batches of 16 texts (+ eos)
+    padded with eos and not scored there, shuffled by `rng` each epoch; `before_epoch(epoch)` first (a state
+    saved, as a Pythia-style suite keeps them)."""
+    eos = tok.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    enc = [tok.encode(t) + [eos] for t in corpus]
+    for epoch in range(epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        rng.shuffle(enc)
+        for i in range(0, len(enc), 16):
+            b = enc[i:i + 16]
+            width = max(map(len, b))
+            ids = torch.tensor([x + [eos] * (width - len(x)) for x in b])
+            labels = torch.tensor([x + [-100] * (width - len(x)) for x in b])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()

@@ -2,7 +2,7 @@
 
 The usual way to ask "does the model reproduce this suffix?" is `model.generate(prefix, do_sample=False,
 max_new_tokens=S)` per batch of prefixes: S decoding steps (with a key/value cache). memloc's scan
-(`memloc.lm.measures.extractable`) runs one teacher-forced forward over prefix + suffix per batch and is exactly
+(`memloc.tasks.lm.measures.extractable`) runs one teacher-forced forward over prefix + suffix per batch and is exactly
 equivalent (its docstring proves it). This script builds a randomly initialized GPT-2 of a given size with plain
 transformers, plants a share of sequences that it is then made to reproduce exactly (the suffix is set to the
 model's own greedy continuation, so both answers must agree on "extracted" for those and on "not" for the rest),
@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     import transformers
 
-    from memloc.lm import measures
+    from memloc.tasks.lm import measures
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.prefix + args.suffix, n_layer=args.layers,

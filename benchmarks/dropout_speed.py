@@ -21,10 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memloc.data import model_input
-from memloc.dropout import ChannelDropout, ExampleTiedDropout, example_indices, expected_active_fraction
-from memloc.models import build_model
-from memloc.precision import autocast
+from memloc.core.dropout import ChannelDropout, ExampleTiedDropout, example_indices, expected_active_fraction
+from memloc.core.precision import autocast
+from memloc.tasks.classification.data import model_input
+from memloc.tasks.classification.models import build_model
 
 
 def sync(device: torch.device) -> None:

@@ -23,11 +23,11 @@ import time
 import numpy as np
 import torch
 
-from memloc.data import DataConfig
-from memloc.experiment import ModelConfig, RunConfig, build
-from memloc.inference import predict
+from memloc.core.inference import predict
+from memloc.core.training import TrainConfig, resolve_device, train
 from memloc.probes.flipping import FlipConfig, _Flipper, flip_units
-from memloc.training import TrainConfig, resolve_device, train
+from memloc.tasks.classification.data import DataConfig
+from memloc.tasks.experiment import ModelConfig, RunConfig, build
 
 
 def main(argv=None) -> int:

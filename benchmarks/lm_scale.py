@@ -9,8 +9,8 @@ greedy continuation as their suffix (extracted by definition: localization has s
 each stage in a fresh process and records its wall time and peak memory (the process's peak resident set; on a
 GPU also torch's peak allocated):
 
-- ``scan``: the audit's one teacher-forced pass (`memloc.lm.membership.token_logprobs`: extraction, loss and the
-  membership scores' statistics from the same logits), batch chosen by `memloc.batching`;
+- ``scan``: the audit's one teacher-forced pass (`memloc.tasks.lm.membership.token_logprobs`: extraction, loss and the
+  membership scores' statistics from the same logits), batch chosen by `memloc.core.batching`;
 - ``generate``: Hugging Face `generate`, greedy with its cache, on `--generate` of the sequences (the usual way to
   test extraction), to compare per sequence with the scan;
 - ``audit``: the whole `memloc audit --no-remove` command (scan, k-extractability at the prefix lengths, held-out
@@ -78,8 +78,8 @@ def sequences(folder: Path, out: Path, *, n: int, prefix: int, suffix: int, plan
     model's greedy continuation as suffix."""
     import torch
 
-    from memloc.lm import measures
-    from memloc.lm.hf import load_hf
+    from memloc.tasks.lm import measures
+    from memloc.tasks.lm.hf import load_hf
     g = torch.Generator().manual_seed(seed)
     model = load_hf(folder).to(device)
     vocab = model.shape.vocab_size
@@ -109,9 +109,9 @@ def stage(args) -> dict:
     ids = [([int(t[1:]) for t in r["prefix"].split()], [int(t[1:]) for t in r["suffix"].split()]) for r in rows]
     found: dict = {}
     if args.stage in ("scan", "generate"):
-        from memloc.batching import rows_that_fit
-        from memloc.lm.hf import load_hf
-        from memloc.lm.membership import token_logprobs
+        from memloc.core.batching import rows_that_fit
+        from memloc.tasks.lm.hf import load_hf
+        from memloc.tasks.lm.membership import token_logprobs
         model = load_hf(folder).to(args.device).eval()  # memloc's wrapper, as the audit loads it
         if args.stage == "generate":
             ids = ids[:args.generate]

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.text import TextConfig, TextData, decode_targets, load_text
+from memloc.core.training import TrainConfig, Trainer, epoch_seed, learning_rate, prepare, resolve_device
 from memloc.probes.flipping import FlipConfig, flip_units
 from memloc.tasks import task_of
-from memloc.training import TrainConfig, Trainer, epoch_seed, learning_rate, prepare, resolve_device
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.text import TextConfig, TextData, decode_targets, load_text
 
 IGNORE = -1  # cross-entropy's ignore_index for untrained target positions (padding)
 

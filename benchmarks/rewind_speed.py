@@ -30,11 +30,11 @@ import time
 import numpy as np
 import torch
 
-from memloc.data import Dataset, model_input
-from memloc.models import build_model, layers
-from memloc.precision import autocast
+from memloc.core.precision import autocast
 from memloc.probes.rewinding import rewind_model
 from memloc.probes.sweep import layer_keys
+from memloc.tasks.classification.data import Dataset, model_input
+from memloc.tasks.classification.models import build_model, layers
 
 
 def sync(device):

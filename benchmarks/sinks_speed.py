@@ -25,10 +25,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memloc.dropout import ChannelDropout, ExampleTiedDropout, example_indices
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.text import TextConfig, decode_targets, load_text
-from memloc.training import resolve_device
+from memloc.core.dropout import ChannelDropout, ExampleTiedDropout, example_indices
+from memloc.core.training import resolve_device
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.text import TextConfig, decode_targets, load_text
 
 
 def main() -> None:

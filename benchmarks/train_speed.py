@@ -24,10 +24,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memloc.data import DataConfig, batches, load, normalize
-from memloc.models import build_model, layers
-from memloc.precision import autocast
-from memloc.training import TrainConfig, Trainer, resolve_device
+from memloc.core.precision import autocast
+from memloc.core.training import TrainConfig, Trainer, resolve_device
+from memloc.tasks.classification.data import DataConfig, batches, load, normalize
+from memloc.tasks.classification.models import build_model, layers
 
 
 def make(args, device):

@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import memloc
-from memloc.study import run_study, study_config
+from memloc.study.run import run_study, study_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from memloc.lm.text import TextData
-from memloc.lm.tinymem import tinymem_data
-from memloc.localize_benchmarks import BenchConfig, artifact_rows, clean_quality, trained_model
+from memloc.bench.benchmarks import BenchConfig, artifact_rows, clean_quality, trained_model
 from memloc.probes import localization as loc
 from memloc.tasks import task_of
+from memloc.tasks.lm.text import TextData
+from memloc.tasks.lm.tinymem import tinymem_data
 
 METHODS = ("zero-out", "attribution")
 FRACTIONS = (0.01, 0.02, 0.05)  # bench-localize's full preset: the top 1%, 2%, 5% of the neurons zeroed

@@ -2,10 +2,10 @@
 
     python studies/audit_classifier_outside.py --out runs/audit-classifier [--noise 0.1] [--epochs 120]
 
-Trains memloc's registry `mlp` with plain SGD (no memloc code but `memloc.models.build_model`) on scikit-learn's
-8x8 digits (1,437 training / 360 test examples, features scaled to [0, 1]), a share of the training labels flipped
-to another class (seeded), until it fits them; saves its weights as safetensors after epochs 10 and 40 and at the
-end; then runs
+Trains memloc's registry `mlp` with plain SGD (no memloc code but `memloc.tasks.classification.models.build_model`) on
+scikit-learn's 8x8 digits (1,437 training / 360 test examples, features scaled to [0, 1]), a share of the training
+labels flipped to another class (seeded), until it fits them; saves its weights as safetensors after epochs 10
+and 40 and at the end; then runs
 
     memloc audit --weights OUT/model.safetensors --model mlp --dataset OUT/digits.npz --labels OUT/labels.npy
                  --normalize none --checkpoints OUT/epoch10.safetensors,OUT/epoch40.safetensors --out OUT/audit
@@ -33,7 +33,7 @@ def train_outside(out: Path, noise: float, epochs: int, seed: int = 0) -> dict:
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits
 
-    from memloc.models import build_model
+    from memloc.tasks.classification.models import build_model
     digits = load_digits()
     rng = np.random.default_rng(seed)
     held = np.zeros(len(digits.target), dtype=bool)

@@ -31,7 +31,7 @@ def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_g
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from memloc.lm.sources import bible_verses, fake_records
+    from memloc.tasks.lm.sources import bible_verses, fake_records
     rng = random.Random(seed)
     allv = bible_verses()
     order = list(range(len(allv)))
@@ -93,7 +93,7 @@ def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_g
 
 
 def tables(out: Path, info: dict, repeats: tuple[int, ...] = REPEATS) -> str:
-    from memloc.lm.membership import _auroc
+    from memloc.tasks.lm.membership import _auroc
     run = out / "audit"
     rows = list(csv.DictReader((run / "probes" / "memorization" / "memorization.csv").open()))
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from memloc.runs import RunDir
+from memloc.core.runs import RunDir
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from memloc.experiment import RunConfig, open_run, run_training
 from memloc.probes.retraining import RetrainConfig, retrain
 from memloc.probes.rewinding import rewind
+from memloc.tasks.experiment import RunConfig, open_run, run_training
 
 
 def pct(v) -> str:

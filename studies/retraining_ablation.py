@@ -26,7 +26,7 @@ code differs in ways the variants isolate:
   and for each of them, read off the same trajectory (the schedule does not change when training stops early):
     + until 100%   stopped after the first epoch with 100% clean-train accuracy (the published code's early stop)
 
-The claim, counted as stated (issue #38; `memloc.verdicts.recovery`, as the
+The claim, counted as stated (issue #38; `memloc.report.verdicts.recovery`, as the
 report does): of the layers whose reset took noisy-train accuracy below 90%
 ("erased"), the share that retraining brings back to at least 90%; the claim
 holds for a run when more than half of the erased layers come back. Layers
@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from memloc.cli import main as memloc_main
-from memloc.experiment import open_run
+from memloc.core.training import resolve_device
 from memloc.probes.retraining import retrain
-from memloc.training import resolve_device
-from memloc.verdicts import erased_and_back, recovery
+from memloc.report.verdicts import erased_and_back, recovery
+from memloc.tasks.experiment import open_run
 
 VARIANTS = {
     "paper": {},

@@ -75,19 +75,19 @@ def make(name: str) -> dict[str, np.ndarray]:
 
 
 def _trained(run: Path) -> bool:
-    from memloc.runs import RunDir
+    from memloc.core.runs import RunDir
     return RunDir.open(run).stage("train").get("status") == "done"
 
 
 def _finished(study: Path) -> bool:
-    from memloc.runs import RunDir
+    from memloc.core.runs import RunDir
     return (study / "study.json").exists() and bool(RunDir.open(study).info.get("finished"))
 
 
 def summarize(study: Path) -> dict:
     """The study's end of training and its claims, from its files."""
-    from memloc.report import claims
-    from memloc.runs import RunDir, study_cells
+    from memloc.core.runs import RunDir, study_cells
+    from memloc.report.page import claims
     _, _, _, base_dir, drop_dir = study_cells(RunDir.open(study))[0]
     base = RunDir.open(base_dir)
     drop = RunDir.open(drop_dir) if (drop_dir / "run.json").exists() else None
@@ -148,7 +148,7 @@ def main() -> None:
             wall = (json.loads((out / "small_data.json").read_text()).get(name, {}).get("wall_s")
                     if (out / "small_data.json").exists() else None)
         row["wall_s"] = None if wall is None else round(wall, 1)
-        from memloc.runs import RunDir
+        from memloc.core.runs import RunDir
         row["paper_recipe_noisy_train"] = RunDir.open(control).read_metrics()[-1].get("noisy_train_acc")
         results[name] = row
         print(json.dumps({name: row}), flush=True)

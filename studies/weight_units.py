@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memloc.localize_benchmarks import BenchConfig, bench_localize, best_row
+from memloc.bench.benchmarks import BenchConfig, bench_localize, best_row
 
 NEURON_METHODS = ("balanced-subnet", "hard-concrete", "slimming", "ig", "attribution", "random")  # greedy and
 # zero-out left out for time (2-4 min each per depth on one core: RESULTS.md's tables have them)

@@ -28,7 +28,8 @@ def _die() -> None:
 
 
 def install(kill_at: str) -> None:
-    from memloc import runs, study, training
+    from memloc.core import runs, training
+    from memloc.study import run as study
     kind, _, arg = kill_at.partition(":")
     if kind == "created":
         create = runs.RunDir.create.__func__
@@ -71,7 +72,7 @@ def install(kill_at: str) -> None:
 
         def failing(self, name, *a, **k):
             if name == arg:
-                from memloc.errors import RunError
+                from memloc.core.errors import RunError
                 raise RunError(f"stage {arg} broke")
             return stage(self, name, *a, **k)
         study._Cell.stage = failing
@@ -85,7 +86,7 @@ def install(kill_at: str) -> None:
                 _die()
         Partial.save = saved_partial
     elif kind == "chunk":
-        from memloc import audit_scan
+        from memloc.audit import scan as audit_scan
         save_part = audit_scan._save_part
         saved_parts = []
 

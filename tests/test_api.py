@@ -300,7 +300,7 @@ def test_help_memloc_is_a_quick_start_without_inherited_module_noise():
     assert "Quick start" in memloc.__doc__ and "memloc run --preset smoke" in memloc.__doc__
     assert "inherited from torch.nn" not in text  # the nn.Module layers stay importable, out of __all__
     assert len(text.splitlines()) < 2500
-    assert memloc.ExampleTiedDropout is memloc.dropout.ExampleTiedDropout and memloc.UnitScale
+    assert memloc.ExampleTiedDropout is memloc.core.dropout.ExampleTiedDropout and memloc.UnitScale
     assert all(hasattr(memloc, n) for n in memloc.__all__)
 
 
@@ -316,5 +316,5 @@ def test_no_public_name_hides_a_module_of_the_package():
         module = importlib.import_module(f"memloc.{info.name}")
         assert isinstance(getattr(memloc, info.name), types.ModuleType), info.name
         assert getattr(memloc, info.name) is module, info.name
-    import memloc.localize_benchmarks as bench
+    import memloc.bench.benchmarks as bench
     assert memloc.bench_localize is bench.bench_localize and bench.BenchConfig is memloc.BenchConfig

@@ -80,7 +80,7 @@ def test_the_audit_finds_the_repeated_sequences_and_not_the_others(trained):
     s = json.loads((trained["run"] / "probes" / "memorization" / "summary.json").read_text())
     assert set(s["membership"]) == {"loss", "zlib", "min_k", "min_k_pp"}
     loss = np.array([float(r["mi_loss"]) for r in rows])
-    from memloc.lm.membership import _auroc
+    from memloc.tasks.lm.membership import _auroc
     assert _auroc(-loss[:10], -loss[20:]) > 0.9  # repeated members against non-members
     assert s["membership"]["loss"]["members"] == 20 and s["membership"]["loss"]["non_members"] == 10
     info = json.loads((trained["run"] / "audit.json").read_text())
@@ -113,9 +113,9 @@ def test_the_removal_takes_the_extracted_sequences_out_at_a_bounded_cost_and_the
     loc = json.loads((run / "probes" / "localize" / "summary.json").read_text())
     assert loc["extracted_after"] == s["targeted_extracted_after"]  # the folder read back = the scoped edit
     assert s["membership"]["loss"]["auroc_before"] is not None and s["membership"]["loss"]["auroc_after"] is not None
-    from memloc.experiment import open_run
     from memloc.probes.base import ProbeResult
     from memloc.probes.localization import edited
+    from memloc.tasks.experiment import open_run
     loaded = open_run(run)
     model = loaded.model()
     plain = transformers.AutoModelForCausalLM.from_pretrained(str(run / "edited"), local_files_only=True)
@@ -150,7 +150,7 @@ def test_checkpoints_say_when_each_sequence_became_extractable_and_rewind_every_
 
 
 def test_an_audit_that_cannot_fit_is_refused_before_anything_is_written(trained, tmp_path, capsys, monkeypatch):
-    from memloc import budget
+    from memloc.core import budget
     monkeypatch.setattr(budget, "free_memory", lambda device: 50_000_000)
     out = tmp_path / "run"
     argv = ["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out), "--quiet"]
@@ -301,7 +301,7 @@ def test_sequences_of_unknown_membership_are_scored_with_no_attack_quality(train
     assert json.loads((out / "probes" / "removal" / "summary.json").read_text())["perplexity_cost"] is None
 
 
-# --- a token file too large to read: scanned streaming (memloc.audit_scan) -----------------------------------------
+# --- a token file too large to read: scanned streaming (memloc.audit.scan) -----------------------------------------
 
 @pytest.fixture(scope="module")
 def token_run(trained, tmp_path_factory) -> dict:
@@ -347,11 +347,11 @@ def test_a_token_file_gives_the_same_results_as_the_sequences_file(trained, toke
 
 
 def test_a_2d_npy_a_stream_with_an_index_and_windows_of_a_stream_are_the_same_sequences(trained, token_run, tmp_path):
-    from memloc.audit_scan import measure_chunk
-    from memloc.lm.hf import load_hf
-    from memloc.lm.sequences import open_tokens
-    from memloc.lm.tokenizers import make_tokenizer
+    from memloc.audit.scan import measure_chunk
     from memloc.probes.memorization import MemorizationConfig
+    from memloc.tasks.lm.hf import load_hf
+    from memloc.tasks.lm.sequences import open_tokens
+    from memloc.tasks.lm.tokenizers import make_tokenizer
     rows = np.array([s[:12] for s in token_run["ids"]], dtype=np.int32)  # (30, 12)
     np.save(tmp_path / "rows.npy", rows)
     np.save(tmp_path / "flat.npy", rows.reshape(-1).astype(np.int64))
@@ -414,7 +414,7 @@ def test_an_interrupted_token_scan_resumes_from_its_saved_chunks(trained, token_
     """Interrupted after its second chunk, the scan resumes with the two others only, refuses a token file changed
     meanwhile, and ends with the uninterrupted scan's rows; with --keep 5 the run keeps the extracted sequences and
     5 others."""
-    from memloc import audit_scan
+    from memloc.audit import scan as audit_scan
     save, saved, stop = audit_scan._save_part, [], [2]
 
     def save_then_stop(parts, k, arrays):

@@ -26,7 +26,7 @@ def outside(tmp_path_factory):
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits
 
-    from memloc.models import build_model
+    from memloc.tasks.classification.models import build_model
     d = tmp_path_factory.mktemp("outside")
     digits = load_digits()
     rng = np.random.default_rng(0)

@@ -90,9 +90,9 @@ def test_each_familys_edit_loads_in_transformers_and_is_the_edit_measured(audite
     within = [r["extracted"] for r in s["sweep"] if r["k"] > 0 and r["cost"] <= 0.05]
     if audited["family"] == "llama":
         assert min(within) <= 0.3 and within[-1] < within[0]
-    from memloc.experiment import open_run
     from memloc.probes.base import ProbeResult
     from memloc.probes.localization import edited
+    from memloc.tasks.experiment import open_run
     loaded = open_run(run)
     model = loaded.model()
     plain = transformers.AutoModelForCausalLM.from_pretrained(str(run / "edited"), local_files_only=True)

@@ -1,5 +1,5 @@
-"""The batch a pass over a language model takes (memloc.batching): chosen from the model and the memory free, halved
-on an out-of-memory error with the same result, one line where even one row does not fit."""
+"""The batch a pass over a language model takes (memloc.core.batching): chosen from the model and the memory free,
+halved on an out-of-memory error with the same result, one line where even one row does not fit."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from memloc import batching
-from memloc.errors import RunError
-from memloc.lm import measures, membership
-from memloc.lm.gpt import GPT, GPTShape
+from memloc.core import batching
+from memloc.core.errors import RunError
+from memloc.tasks.lm import measures, membership
+from memloc.tasks.lm.gpt import GPT, GPTShape
 
 
 def _gpt() -> GPT:

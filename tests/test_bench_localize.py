@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from memloc.bench.benchmarks import BenchConfig, bench_localize, best_row, inject
 from memloc.cli import main
-from memloc.errors import ConfigError
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.text import decode_targets
-from memloc.lm.tinymem import TinyMemConfig, decode, encode, tinymem_data
-from memloc.localize_benchmarks import BenchConfig, bench_localize, best_row, inject
+from memloc.core.errors import ConfigError
 from memloc.tasks import task_of
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.text import decode_targets
+from memloc.tasks.lm.tinymem import TinyMemConfig, decode, encode, tinymem_data
 
 # small models: a second thread only adds overhead (several times slower on a loaded 2-core machine)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -207,7 +207,7 @@ def test_best_row_and_the_summary_lines():
     assert best_row(rows, max_rel_acc_loss=0.01)["method"] == "balanced-subnet"  # random never counts
     assert best_row(rows, max_rel_acc_loss=0.05)["method"] == "ig"
     assert best_row(rows, max_rel_acc_loss=0.001) is None
-    from memloc.localize_benchmarks import summarize
+    from memloc.bench.benchmarks import summarize
     lines = summarize("tinymem", rows)
     assert "within 1% relative accuracy loss: balanced-subnet" in lines[0] and "greedy" in lines[2]
     inj = [{"ratio": 0.01, "method": m, "recall_pooled": v} for m, v in (("hard-concrete", 0.9), ("slimming", 0.7),

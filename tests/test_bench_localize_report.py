@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from memloc.localize_benchmarks_report import bench_sections, write_bench_report
+from memloc.bench.page import bench_sections, write_bench_report
 
 TINYMEM_METHODS = ["greedy", "balanced-subnet", "random"]
 DEL_METHODS = ["zero-out", "hard-concrete", "random"]

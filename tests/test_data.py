@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from memloc import ConfigError, DataError
-from memloc.data import DataConfig, augment, batches, corrupt_labels, load, normalize, num_noisy, synthetic_images
+from memloc.tasks.classification.data import (
+    DataConfig,
+    augment,
+    batches,
+    corrupt_labels,
+    load,
+    normalize,
+    num_noisy,
+    synthetic_images,
+)
 
 
 @pytest.mark.parametrize("n,f,expected", [(4000, 0.1, 400), (100, 0.29, 29), (10, 0.7, 7), (7, 0.5, 3), (50, 0.0, 0)])

@@ -17,8 +17,8 @@ from toys import assert_one_line_error
 
 import memloc
 from memloc.cli import build_parser, main, run_config
-from memloc.errors import DataError
-from memloc.lm.text import load_text
+from memloc.core.errors import DataError
+from memloc.tasks.lm.text import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,8 +146,8 @@ def test_the_smoke_preset_memorizes_canaries_on_a_corpus_that_is_not_the_built_i
     sequences for localize, flip and DEL to work on: most canaries of the highest repeat count are extracted in
     context, none held out. The preset alone, as a user runs it: 12 epochs of about 2.3 s on 2 idle cores, some 35 s
     in all (225 s measured with other jobs on the cores)."""
-    from memloc.experiment import open_run, preset
     from memloc.probes.localization import memorized_sequences
+    from memloc.tasks.experiment import open_run, preset
     corpus = write_corpus(tmp_path / "english", files=3, chars=40_000)  # about 1,650 training windows
     out = tmp_path / "run"
     assert main(["train", "--task", "lm", "--preset", "smoke", "--corpus", str(corpus), "--out", str(out),

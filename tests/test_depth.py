@@ -11,11 +11,11 @@ from torch import nn
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.data import Dataset
-from memloc.errors import ConfigError
+from memloc.core.errors import ConfigError
+from memloc.core.runs import RunDir
 from memloc.probes.depth import DepthConfig, knn_predict, pooled, prediction_depth, prediction_depths
-from memloc.report import claims
-from memloc.runs import RunDir
+from memloc.report.page import claims
+from memloc.tasks.classification.data import Dataset
 
 # ----------------------------------------------------------------------------- a network whose depth is known
 

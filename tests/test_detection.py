@@ -9,7 +9,8 @@ from conftest import copy_of
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.errors import ConfigError
+from memloc.core.errors import ConfigError
+from memloc.core.runs import RunDir
 from memloc.probes.base import ProbeResult
 from memloc.probes.detection import (
     DetectConfig,
@@ -24,7 +25,6 @@ from memloc.probes.detection import (
     record_scores,
     roc_curve,
 )
-from memloc.runs import RunDir
 
 # ----------------------------------------------------------------------------- metrics, by hand and against sklearn
 

@@ -1,4 +1,4 @@
-"""Tests for example-tied dropout and its baselines (memloc.dropout)."""
+"""Tests for example-tied dropout and its baselines (memloc.core.dropout)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from memloc.dropout import (
+from memloc.core.dropout import (
     ChannelDropout,
     ExampleTiedDropout,
     FixedUnitMask,
@@ -24,7 +24,7 @@ from memloc.dropout import (
     set_dropout_mode,
     unit_hash,
 )
-from memloc.errors import ConfigError
+from memloc.core.errors import ConfigError
 
 CUDA = torch.cuda.is_available()
 

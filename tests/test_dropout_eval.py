@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from memloc.cli import main
-from memloc.data import normalize
-from memloc.dropout import ExampleTiedDropout, dropout_mode
-from memloc.errors import ConfigError, RunError
-from memloc.experiment import ModelConfig, open_run
-from memloc.export import UnitScale, load_exported, remove_memorization
+from memloc.core.dropout import ExampleTiedDropout, dropout_mode
+from memloc.core.errors import ConfigError, RunError
+from memloc.core.runs import RunDir
+from memloc.core.training import evaluate
 from memloc.probes.base import ProbeResult
 from memloc.probes.dropout_eval import evaluate_dropout, plain_accuracies
-from memloc.runs import RunDir
-from memloc.training import evaluate
+from memloc.study.export import UnitScale, load_exported, remove_memorization
+from memloc.tasks.classification.data import normalize
+from memloc.tasks.experiment import ModelConfig, open_run
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_evaluate_end_to_end(etd_run, capsys):
     # "before" really is each example through its own mask: recompute tied predictions by hand for a few
     model = loaded.model()
     idx = torch.arange(16)
-    from memloc.dropout import example_indices
+    from memloc.core.dropout import example_indices
     with torch.no_grad(), dropout_mode(model, "tied"), example_indices(model, idx):
         manual = model(normalize(data.x_train[:16])).argmax(1).numpy()
     assert np.array_equal(manual, before[:16])
@@ -206,10 +206,10 @@ def science_grid(tmp_path_factory):
     """One example-tied run (p_gen 0.4, p_mem 0.1) and its fixed sparse baseline at a = 0.46, trained once (standard
     dropout at that fraction barely trains at width 0.25 on a CPU — ~20% clean after 20 epochs — so its check here
     would hold vacuously: it is measured at full width, RESULTS.md)."""
-    from memloc.data import DataConfig
-    from memloc.experiment import ModelConfig, RunConfig
-    from memloc.grid import dropout_grid
-    from memloc.training import TrainConfig
+    from memloc.core.training import TrainConfig
+    from memloc.study.grid import dropout_grid
+    from memloc.tasks.classification.data import DataConfig
+    from memloc.tasks.experiment import ModelConfig, RunConfig
     base = RunConfig(data=DataConfig(**SCIENCE["data"]), model=ModelConfig(**SCIENCE["model"]),
                      train=TrainConfig(**SCIENCE["train"]))
     rows = dropout_grid(base, tmp_path_factory.mktemp("science") / "grid", pairs=[(0.4, 0.1)], baselines=("sparse",))

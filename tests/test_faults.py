@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 from toys import assert_one_line_error, digest
 
-from memloc import runs
 from memloc.cli import main
-from memloc.runs import LOCK_NAME
+from memloc.core import runs
+from memloc.core.runs import LOCK_NAME
 
 HERE = Path(__file__).parent
 DRIVER = [sys.executable, str(HERE / "fault_driver.py")]
@@ -474,7 +474,7 @@ def test_train_into_a_read_only_disk_is_one_line(tmp_path, capsys):
 
 
 class _Failing:
-    """Stands in for `tempfile` in memloc.runs: write number `at` (from 0) fails with `code`, or every
+    """Stands in for `tempfile` in memloc.core.runs: write number `at` (from 0) fails with `code`, or every
     write from it on with `every`. A full disk frees the failed write's space, so the writes after
     it (the failed stage's record) usually succeed: that is the default."""
 
@@ -491,7 +491,7 @@ class _Failing:
 
 @pytest.mark.parametrize("at", [0, 4, 9, 19])  # run.json, checkpoint 0, mid-training, the end
 def test_injected_full_disk_during_training_then_resume(tiny_run, tmp_path, capsys, monkeypatch, at):
-    """Where no tmpfs can be mounted (and everywhere): every write goes through memloc.runs, which fails."""
+    """Where no tmpfs can be mounted (and everywhere): every write goes through memloc.core.runs, which fails."""
     out = tmp_path / "run"
     monkeypatch.setattr(runs, "tempfile", _Failing(errno.ENOSPC, at))
     code, _, err = cli(capsys, "train", *TINY, "--out", out, "--quiet")
@@ -791,8 +791,8 @@ def test_a_resumed_flip_counts_the_time_of_every_part(run_copy, capsys, monkeypa
 
 
 def test_the_cifar_binary_reader_names_the_binary_folder(tmp_path):
-    from memloc.errors import DataError
-    from memloc.readers import read_cifar
+    from memloc.core.errors import DataError
+    from memloc.tasks.classification.readers import read_cifar
     d = tmp_path / "cifar-10-batches-bin"
     d.mkdir()
     (d / "data_batch_1.bin").write_bytes(b"\x00" * 3073)
@@ -831,8 +831,8 @@ def _gpt2_folder(folder: Path, **config) -> Path:
 def _tokenizer_folder(folder: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
-    from memloc.lm.sources import bible_verses
-    from memloc.lm.tokenizers import BPETokenizer
+    from memloc.tasks.lm.sources import bible_verses
+    from memloc.tasks.lm.tokenizers import BPETokenizer
     inner = BPETokenizer.train(bible_verses()[:400], 400).tokenizer
     PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>").save_pretrained(str(folder))
     return folder

@@ -14,13 +14,13 @@ from torch import nn
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.data import Dataset, model_input
-from memloc.errors import ConfigError, DataError
-from memloc.experiment import open_run
-from memloc.precision import native_bf16
+from memloc.core.errors import ConfigError, DataError
+from memloc.core.precision import native_bf16
+from memloc.core.units import UnitMasks
 from memloc.probes import flipping
 from memloc.probes.flipping import FlipConfig, flip_units, select_examples
-from memloc.units import UnitMasks
+from memloc.tasks.classification.data import Dataset, model_input
+from memloc.tasks.experiment import open_run
 
 # ----------------------------------------------------------------------------- a model whose answer is known by hand
 
@@ -288,7 +288,7 @@ def test_paper_direction_on_mnist5k(mnist5k_master, tmp_path):
 
 def _random_resnet9(data: Dataset) -> nn.Module:
     """An untrained resnet9 at width 0.125 with random BatchNorm statistics (so its predictions vary)."""
-    from memloc.models import build_model
+    from memloc.tasks.classification.models import build_model
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same weights whichever tests ran before
         model = build_model("resnet9", input_shape=tuple(data.x_train.shape[1:]), num_classes=data.num_classes,

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from memloc.cli import main
-from memloc.dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
-from memloc.errors import ConfigError
-from memloc.experiment import RunConfig, open_run
-from memloc.grid import DEFAULT_PAIRS, GRID_COLUMNS, grid_cells
+from memloc.core.dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
+from memloc.core.errors import ConfigError
+from memloc.study.grid import DEFAULT_PAIRS, GRID_COLUMNS, grid_cells
+from memloc.tasks.experiment import RunConfig, open_run
 
 
 def test_default_cells_are_the_papers_twelve_pairs_and_matched_baselines():
@@ -78,7 +78,7 @@ def test_grid_end_to_end(grid_dir):
     assert spec["cells"] == ["etd-0.4-0.1", "dropout-0.46", "sparse-0.46"]
     assert RunConfig.from_dict(spec["base"]).model.p_gen is None
     # the report's trade-off plot: one marker per cell, the baselines marked apart
-    from memloc.report import grid_tradeoff_figure
+    from memloc.report.page import grid_tradeoff_figure
     fig = grid_tradeoff_figure(rows)
     assert len(fig.axes[0].collections) == len(rows)
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"example-tied", "dropout", "sparse"}

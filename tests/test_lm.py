@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from memloc.cli import main
-from memloc.lm import measures
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.text import TextConfig, decode_targets, load_text
-from memloc.models import layers
+from memloc.core.training import TrainConfig, Trainer, epoch_seed, seeded
 from memloc.tasks import task_of
-from memloc.training import TrainConfig, Trainer, epoch_seed, seeded
+from memloc.tasks.classification.models import layers
+from memloc.tasks.lm import measures
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.text import TextConfig, decode_targets, load_text
 
 SMALL = dict(sequences=300, block_size=48, prefix_tokens=8, suffix_tokens=16, canaries=1, repeats=(1, 3),
              canary_formats=("secret", "random"), secret_digits=3)
@@ -184,7 +184,7 @@ def test_lm_bad_input_is_one_line(tmp_path, capsys, argv, message):
 
 def test_lm_own_text_file(tmp_path):
     """A user's .txt file, one sequence per line, with a BPE tokenizer saved into the run and reused."""
-    from memloc.lm.sources import bible_verses
+    from memloc.tasks.lm.sources import bible_verses
     text = tmp_path / "mine.txt"
     text.write_text("\n".join(v for v in bible_verses()[:600] if len(v) > 90))
     out = tmp_path / "run"
@@ -193,7 +193,7 @@ def test_lm_own_text_file(tmp_path):
                  "--repeats", "2", "--canary-formats", "secret", "--epochs", "1", "--n-layer", "1", "--n-embd", "32",
                  "--out", str(out), "--quiet"]) == 0
     assert (out / "tokenizer" / "tokenizer.json").exists()
-    from memloc.experiment import open_run
+    from memloc.tasks.experiment import open_run
     loaded = open_run(out)  # the data is rebuilt with the saved tokenizer and checked against data.npz
     assert loaded.data.vocab_size <= 300 and loaded.data.block_size == 32
 
@@ -220,9 +220,9 @@ def test_memorization_rises_with_repetition(tmp_path):
 
 def test_lm_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """AdamW's moments and step count are checkpointed: a run stopped after epoch 2 and resumed ends bit-identical."""
-    from memloc.experiment import ModelConfig, RunConfig, resume_training, run_training
-    from memloc.runs import RunDir
-    from memloc.training import Trainer as T
+    from memloc.core.runs import RunDir
+    from memloc.core.training import Trainer as T
+    from memloc.tasks.experiment import ModelConfig, RunConfig, resume_training, run_training
 
     def cfg():
         return RunConfig(data=TextConfig(**SMALL), model=ModelConfig(name="gpt", n_layer=1, n_head=2, n_embd=32),
@@ -272,6 +272,6 @@ def test_lm_window_flag_as_the_error_and_the_help_say(tmp_path, capsys):
     code = main([*argv, suggested, "--epochs", "1", "--n-layer", "1", "--n-embd", "32", "--n-head", "2"])
     out, err = capsys.readouterr()
     assert code == 0 and not err.strip(), err
-    from memloc.runs import RunDir
+    from memloc.core.runs import RunDir
     data = RunDir.open(tmp_path / "r").load_arrays("data.npz", "canary")
     assert len(data["canary"]) > 1  # the 400 short lines became training windows of --block-size + 1 tokens

@@ -10,14 +10,14 @@ import contextlib
 import pytest
 import torch
 
-from memloc.errors import ConfigError
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.models import layers
-from memloc.runs import load_into, load_state, save_state
-from memloc.units import UnitMasks
+from memloc.core.errors import ConfigError
+from memloc.core.runs import load_into, load_state, save_state
+from memloc.core.units import UnitMasks
+from memloc.tasks.classification.models import layers
+from memloc.tasks.lm.gpt import GPT, GPTShape
 
 transformers = pytest.importorskip("transformers")
-from memloc.lm.hf import HFCausalLM, build_hf, load_hf  # noqa: E402
+from memloc.tasks.lm.hf import HFCausalLM, build_hf, load_hf  # noqa: E402
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from memloc.errors import ConfigError
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.measures import (
+from memloc.core.errors import ConfigError
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.measures import (
     exposure,
     exposures,
     extractable,

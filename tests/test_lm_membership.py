@@ -1,4 +1,4 @@
-"""Membership inference scores (memloc.lm.membership) on cases whose answer is known by hand, and the measures
+"""Membership inference scores (memloc.tasks.lm.membership) on cases whose answer is known by hand, and the measures
 taking a plain transformers model as it is."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from memloc.errors import ConfigError
-from memloc.lm import measures, membership
+from memloc.core.errors import ConfigError
+from memloc.tasks.lm import measures, membership
 
 
 class FixedNext(nn.Module):
@@ -83,7 +83,7 @@ def test_sequences_longer_than_the_context_are_refused():
 
 def test_the_measures_take_a_plain_transformers_model():
     transformers = pytest.importorskip("transformers")
-    from memloc.lm.hf import HFCausalLM
+    from memloc.tasks.lm.hf import HFCausalLM
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_layer=1, n_head=2, n_embd=16, bos_token_id=63,
                                   eos_token_id=63)
     torch.manual_seed(0)

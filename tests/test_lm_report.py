@@ -12,10 +12,10 @@ import re
 import numpy as np
 import pytest
 
-from memloc import report
 from memloc.cli import main
+from memloc.core.runs import RunDir
 from memloc.probes.base import ProbeResult
-from memloc.runs import RunDir
+from memloc.report import page as report
 
 SUBSETS = ["corpus_train", "canary_train", "canary_heldout", "test"]
 LAYERS = ["embed", "blocks.0.attn", "blocks.0.mlp", "head"]
@@ -390,7 +390,7 @@ def test_claim_more_repeats_make_a_canary_harder_to_remove(tmp_path):
 # ----------------------------------------------------------------------------- memorization sinks
 
 def _sinks_summary(extracted: tuple[float, float], gap: tuple[float, float], ppl: tuple[float, float]) -> dict:
-    """memloc.lm.sinks's summary with the canaries repeated >= 16x extracted, their loss gap and the held-out
+    """memloc.methods.sinks's summary with the canaries repeated >= 16x extracted, their loss gap and the held-out
     perplexity (eval, drop) as given, before -> after; one row by repeat count."""
     (e0, e1), (g0, g1), (p0, p1) = extracted, gap, ppl
     pooled = [{"n": 2, "extracted": e, "in_context": e, "heldout_extracted": 0.0, "loss": 9.0 - g,

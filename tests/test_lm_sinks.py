@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from memloc.cli import main
-from memloc.dropout import ExampleTiedDropout, _hash_reference, dropout_mode, example_indices, example_tied_dropout
-from memloc.experiment import ModelConfig, make_model, open_run
-from memloc.export import fold_sinks, load_exported
-from memloc.inference import indices_context
-from memloc.lm.sinks import evaluate_sinks, gap_closed, same_units
-from memloc.lm.text import CANARY_ID_BASE, HELDOUT_ID_BASE, TextConfig, load_text
+from memloc.core.dropout import ExampleTiedDropout, _hash_reference, dropout_mode, example_indices, example_tied_dropout
+from memloc.core.inference import indices_context
+from memloc.methods.sinks import evaluate_sinks, gap_closed, same_units
+from memloc.study.export import fold_sinks, load_exported
 from memloc.tasks import task_of
+from memloc.tasks.experiment import ModelConfig, make_model, open_run
+from memloc.tasks.lm.text import CANARY_ID_BASE, HELDOUT_ID_BASE, TextConfig, load_text
 
 SMALL = dict(sequences=300, block_size=48, prefix_tokens=8, suffix_tokens=16, canaries=1, repeats=(1, 3),
              canary_formats=("secret", "random"), secret_digits=3)
@@ -268,8 +268,8 @@ def test_sinks_localize_what_standard_dropout_spreads(tmp_path):
     over held-out ones (the loss gap of the 16x canaries closes by half or more, their in-context extraction falls
     by >= 80%) at a small perplexity cost, while in a model trained with standard dropout at the same active
     fraction dropping the very same neurons closes far less of the gap."""
-    from memloc.experiment import RunConfig, preset, run_training
-    from memloc.training import TrainConfig
+    from memloc.core.training import TrainConfig
+    from memloc.tasks.experiment import RunConfig, preset, run_training
     p = preset("smoke", "lm")
     # the canaries this was measured with (the smoke preset's repeats are 1, 8, 32 since issue #37): pinned, so the
     # bounds below keep meaning the 16x canaries

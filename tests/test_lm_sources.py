@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from memloc.errors import ConfigError, DataError
-from memloc.lm.sources import bible_verses, digit_secret, fake_records, random_words, read_texts
-from memloc.lm.tokenizers import BPETokenizer, ByteTokenizer, LocalHFTokenizer, load_tokenizer, make_tokenizer
+from memloc.core.errors import ConfigError, DataError
+from memloc.tasks.lm.sources import bible_verses, digit_secret, fake_records, random_words, read_texts
+from memloc.tasks.lm.tokenizers import BPETokenizer, ByteTokenizer, LocalHFTokenizer, load_tokenizer, make_tokenizer
 
 DIGITS = "0123456789"
 

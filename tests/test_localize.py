@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from memloc.cli import main
-from memloc.errors import ConfigError, DataError
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.text import TextData
-from memloc.models import layers
+from memloc.core.errors import ConfigError, DataError
 from memloc.probes import localization as loc
 from memloc.tasks import task_of
+from memloc.tasks.classification.models import layers
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.text import TextData
 
 V, BLOCK, D = 16, 8, 16
 TRIGGER, SECRET = 7, 9
@@ -289,7 +289,7 @@ def test_attribution_is_zero_out_to_first_order_on_neurons_and_heads():
     and head are zero-out's up to second order (measured: at most 1.5% of the largest score, Spearman 0.9998)."""
     from scipy.stats import spearmanr
 
-    from memloc.training import seeded
+    from memloc.core.training import seeded
     with seeded(0, torch.device("cpu")):
         model = GPT(GPTShape(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16)).eval()
     g = torch.Generator().manual_seed(0)
@@ -404,7 +404,7 @@ def test_attribution_ranks_units_as_zero_out_does_on_a_trained_model(tiny_run):
     sequences alike); a sign error gives -0.997."""
     from scipy.stats import spearmanr
 
-    from memloc.experiment import open_run
+    from memloc.tasks.experiment import open_run
     loaded = open_run(tiny_run, device="cpu")
     model = loaded.model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -444,7 +444,7 @@ def test_fold_edit_equals_the_scoped_edit_on_gpt(heads):
 def test_fold_edit_equals_the_scoped_edit_on_hugging_face(family):
     """GPT-2's Conv1D (in, out) and Llama's SwiGLU down projection: the same exact fold."""
     pytest.importorskip("transformers")
-    from memloc.lm.hf import build_hf
+    from memloc.tasks.lm.hf import build_hf
     model = build_hf(family, vocab_size=30, block_size=12, n_layer=2, n_head=2, n_embd=16).eval()
     _fold_matches_zeroed(model, torch.randint(0, 30, (2, 12)), heads=True, seed=1)
 
@@ -463,8 +463,8 @@ def test_export_localized_writes_the_edited_model(tiny_run, tmp_path, capsys):
     scoped edit's; one-line errors for no flag / both flags / no localize result."""
     from toys import assert_one_line_error
 
-    from memloc.experiment import open_run
-    from memloc.export import load_exported
+    from memloc.study.export import load_exported
+    from memloc.tasks.experiment import open_run
     run = tmp_path / "run"
     import shutil
     shutil.copytree(tiny_run, run)
@@ -506,7 +506,7 @@ PLANTED_WEIGHTS = {("blocks.1.mlp.proj.weight", 13 * 64 + u) for u in PLANTED} |
 def test_weight_masks_are_the_mlp_matrices_of_every_family():
     """A mask entry per weight of the MLP matrices (never a norm or a bias): GPT fc / proj, GPT-2's Conv1D c_fc /
     c_proj, Llama's gate / up / down; with heads the attention matrices too."""
-    from memloc.weights import weight_matrices
+    from memloc.core.weights import weight_matrices
     model = planted_model()
     mats = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig()))
     assert [(m.name, m.shape, m.layer) for m in mats] == [
@@ -515,7 +515,7 @@ def test_weight_masks_are_the_mlp_matrices_of_every_family():
     heads = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig(heads=True)))
     assert [m.name for m in heads][:2] == ["blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"] and len(heads) == 8
     pytest.importorskip("transformers")
-    from memloc.lm.hf import build_hf
+    from memloc.tasks.lm.hf import build_hf
     for family, want in (("gpt2", ["mlp.c_fc.weight", "mlp.c_proj.proj.weight"]),
                          ("llama", ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.proj.weight"])):
         hf = build_hf(family, vocab_size=30, block_size=12, n_layer=1, n_head=2, n_embd=16).eval()
@@ -563,8 +563,8 @@ def test_until_grows_a_weight_edit_and_durable_and_random_score_every_weight():
 
 def test_weight_mask_memory_does_not_grow_with_the_sequences(monkeypatch):
     """Every mask a weight method sets is (P,), one for the whole batch, for 4 sequences as for 16."""
-    from memloc.training import seeded
-    from memloc.weights import WeightMasks
+    from memloc.core.training import seeded
+    from memloc.core.weights import WeightMasks
     with seeded(0, torch.device("cpu")):
         model = GPT(GPTShape(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16)).eval()
     g = torch.Generator().manual_seed(0)
@@ -590,13 +590,14 @@ def test_weight_mask_memory_does_not_grow_with_the_sequences(monkeypatch):
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_folded_weight_edit_equals_the_masked_model(family):
-    """`memloc.weights.fold` (what export writes) computes what the scoped mask computes: GPT and Llama's SwiGLU."""
-    from memloc.weights import fold, masked, weight_matrices
+    """`memloc.core.weights.fold` (what export writes) computes what the scoped mask computes: GPT and Llama's
+    SwiGLU."""
+    from memloc.core.weights import fold, masked, weight_matrices
     if family == "gpt":
         model = GPT(GPTShape(vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16)).eval()
     else:
         pytest.importorskip("transformers")
-        from memloc.lm.hf import build_hf
+        from memloc.tasks.lm.hf import build_hf
         model = build_hf("llama", vocab_size=20, block_size=12, n_layer=2, n_head=2, n_embd=16).eval()
     mats = weight_matrices(model, loc.candidate_layers(model, loc.LocalizeConfig()))
     total = sum(m.units for m in mats)
@@ -618,7 +619,7 @@ def test_folded_weight_edit_equals_the_masked_model(family):
 
 
 def test_weight_masks_leave_no_trace_when_a_method_or_the_body_fails(monkeypatch):
-    from memloc.weights import masked, weight_matrices
+    from memloc.core.weights import masked, weight_matrices
     model, data = planted_model(), planted_data()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
@@ -654,8 +655,8 @@ def test_export_localized_writes_the_weight_edit(tiny_run, tmp_path):
     the scoped weight edit's, only the MLP matrices changed."""
     import shutil
 
-    from memloc.experiment import open_run
-    from memloc.export import load_exported
+    from memloc.study.export import load_exported
+    from memloc.tasks.experiment import open_run
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     idx = tmp_path / "idx.txt"

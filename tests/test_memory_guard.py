@@ -1,7 +1,7 @@
 """What cannot fit is refused in one line before any work (issue 36), and every validation message names the flag
 as the user typed it.
 
-The memory estimate (`memloc.budget`) is checked against the real thing: three small training runs, each in its
+The memory estimate (`memloc.core.budget`) is checked against the real thing: three small training runs, each in its
 own process, whose peak RSS growth from just before the model is built to the end of the run is measured.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from toys import assert_one_line_error
 
-from memloc import budget
 from memloc.cli import main
-from memloc.errors import ConfigError
+from memloc.core import budget
+from memloc.core.errors import ConfigError
 
 TINY_LM = ["--task", "lm", "--sequences", "64", "--block-size", "16", "--prefix-tokens", "4", "--suffix-tokens", "4",
            "--canaries", "1", "--repeats", "2", "--canary-formats", "random", "--epochs", "1", "--n-layer", "1",
@@ -119,10 +119,10 @@ def test_exact_exposure_beyond_the_memory_is_refused(tmp_path, capsys):
 
 MEASURE = r"""
 import json, re, sys
-import memloc.budget as budget
-import memloc.experiment as experiment
+import memloc.core.budget as budget
+import memloc.tasks.experiment as experiment
 from memloc.cli import main
-from memloc.errors import ConfigError
+from memloc.core.errors import ConfigError
 
 def rss(key):
     return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from memloc import ConfigError, build_model, layers
-from memloc.models import MODELS, count_parameters, select_layers
+from memloc.tasks.classification.models import MODELS, count_parameters, select_layers
 
 
 def test_resnet9_is_the_papers():

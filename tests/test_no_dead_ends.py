@@ -6,7 +6,7 @@ import json
 from toys import assert_one_line_error, digest
 
 from memloc.cli import main
-from memloc.study import MEMORIZED, memorization_warning, run_study, study_config
+from memloc.study.run import MEMORIZED, memorization_warning, run_study, study_config
 
 # a study on 8x8 digits that trains one epoch: fast, and its model cannot memorize its noisy labels in that time
 ONE_EPOCH = {"data": {"dataset": "digits"}, "model": {"name": "cnn"}, "train": {"epochs": 1}}
@@ -92,7 +92,7 @@ def test_api_errors_name_the_parameter_passed():
     import pytest
 
     import memloc
-    from memloc.errors import ConfigError
+    from memloc.core.errors import ConfigError
     with pytest.raises(ConfigError, match=r"^others \(--others\) takes an integer of at least 1, not 0"):
         memloc.flip("no-such-run", others=0)
     with pytest.raises(ConfigError, match=r"^peak_epoch \(--peak-epoch\) 6 must lie in \[0, 4\)"):
@@ -103,7 +103,7 @@ def test_the_study_bar_counts_expected_work_not_stages():
     """The default study measured on 2 CPU cores (RESULTS.md): train 266 s, rewinding 142 s, retraining 268 s,
     flipping 57 s, example-tied model 163 + 4 s, depth, detection and report about 8 s: 908 s. The bar's weights
     must put each stage's share within a factor of 1.5 of that (a bar counting stages gave training 1/9)."""
-    from memloc.study import expected_cost
+    from memloc.study.run import expected_cost
     cfg = study_config("default")
     measured = {"train": 266, "rewinding": 142, "retraining": 268, "flipping": 57, "dropout_train": 163}
     total_cost = sum(expected_cost(cfg, s) for s in (*measured, "dropout_eval", "depth", "detection", "report"))

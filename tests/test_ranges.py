@@ -18,9 +18,9 @@ from toys import assert_one_line_error
 
 import memloc
 from memloc.cli import main
-from memloc.errors import ConfigError, DataError
-from memloc.options import flag_of, numeric, range_problem, range_words
-from memloc.readers import Indices, check_indices, read_indices
+from memloc.core.errors import ConfigError, DataError
+from memloc.core.options import flag_of, numeric, range_problem, range_words
+from memloc.tasks.classification.readers import Indices, check_indices, read_indices
 
 NOT_YET: set[str] = set()  # configs left without ranges (none)
 
@@ -97,11 +97,11 @@ def _flag_value(cls: type, f: dataclasses.Field, tmp_path) -> str:
 def _cli_cases() -> list:
     """(command, leading args, config class, field) for every numeric flag of `memloc train` (both tasks) and of the
     probe commands."""
-    from memloc.data import DataConfig
-    from memloc.experiment import ModelConfig
-    from memloc.lm.text import TextConfig
+    from memloc.core.training import TrainConfig
     from memloc.probes import registered
-    from memloc.training import TrainConfig
+    from memloc.tasks.classification.data import DataConfig
+    from memloc.tasks.experiment import ModelConfig
+    from memloc.tasks.lm.text import TextConfig
     cases = []
     for task, data in (("classification", DataConfig), ("lm", TextConfig)):
         for cls in (data, ModelConfig, TrainConfig):
@@ -189,8 +189,8 @@ def test_every_numeric_field_refuses_a_value_outside_its_range_from_python(cls):
 
 
 def test_python_errors_name_the_parameter_and_its_flag():
-    from memloc.experiment import ModelConfig
-    from memloc.training import TrainConfig
+    from memloc.core.training import TrainConfig
+    from memloc.tasks.experiment import ModelConfig
     with pytest.raises(ConfigError, match=r"^lr \(--lr\) takes a finite number above 0, not -1$"):
         TrainConfig(lr=-1)
     with pytest.raises(ConfigError, match=r"^n_embd \(--n-embd\) takes an integer of at least 1, not 0$"):
@@ -215,11 +215,11 @@ def test_python_errors_name_the_parameter_and_its_flag():
 
 
 def test_presets_and_defaults_pass_their_ranges():
-    from memloc.experiment import PRESETS, TASK_DATA, ModelConfig, RunConfig
-    from memloc.lm.models import LM_PRESETS, resolved_lm
+    from memloc.core.training import TrainConfig
     from memloc.probes import RetrainConfig
-    from memloc.study import study_config
-    from memloc.training import TrainConfig
+    from memloc.study.run import study_config
+    from memloc.tasks.experiment import PRESETS, TASK_DATA, ModelConfig, RunConfig
+    from memloc.tasks.lm.models import LM_PRESETS, resolved_lm
     for cls in CONFIGS:
         cls()
     for task, table in (("classification", PRESETS), ("lm", LM_PRESETS)):
@@ -235,8 +235,8 @@ def test_presets_and_defaults_pass_their_ranges():
 
 
 def test_a_saved_config_out_of_range_is_a_damaged_run(tmp_path):
-    from memloc.errors import RunError
-    from memloc.experiment import RunConfig
+    from memloc.core.errors import RunError
+    from memloc.tasks.experiment import RunConfig
     d = RunConfig().to_dict()
     d["train"]["lr"] = -1.0
     with pytest.raises(RunError, match=r"damaged.*lr \(--lr\)"):
@@ -332,7 +332,7 @@ def test_npy_indices_name_the_position(lm_run, tmp_path, capsys):
 
 
 def test_range_problem_is_none_inside_the_range():
-    from memloc.training import TrainConfig
+    from memloc.core.training import TrainConfig
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert range_problem(fields["warmup"], 0.0) is None and range_problem(fields["warmup"], 0.999) is None
     assert range_problem(fields["warmup"], 1.0) == "takes a number in [0, 1), not 1.0"

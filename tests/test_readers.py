@@ -13,8 +13,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from memloc.errors import ConfigError, DataError
-from memloc.readers import (
+from memloc.core.errors import ConfigError, DataError
+from memloc.tasks.classification.readers import (
     STANDARD_DATASETS,
     read_cifar,
     read_image_folder,
@@ -312,7 +312,8 @@ def test_npz_ambiguous_square_images_are_channels_last(tmp_path):
 
 
 def test_npz_float_values_and_nan(tmp_path):
-    # values come as they are (float32); memloc.data decides the normalization (pixels divide [0, 255] by 255)
+    # values come as they are (float32); memloc.tasks.classification.data decides the normalization (pixels divide
+    # [0, 255] by 255)
     np.savez(tmp_path / "a.npz", x=np.full((2, 3, 4, 4), 0.5), y=[0, 1])
     x = read_npz(tmp_path / "a.npz").x
     assert x.dtype == np.float32 and np.allclose(x, 0.5)

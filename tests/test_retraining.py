@@ -12,13 +12,13 @@ from torch import nn
 from toys import assert_one_line_error, digest, toy_data, toy_model
 
 from memloc.cli import main
-from memloc.errors import ConfigError, DataError
-from memloc.experiment import make_model, open_run
-from memloc.models import NORM_TYPES, layers
+from memloc.core.errors import ConfigError, DataError
 from memloc.probes import Partial
 from memloc.probes.base import ProbeResult
 from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import layer_keys
+from memloc.tasks.classification.models import NORM_TYPES, layers
+from memloc.tasks.experiment import make_model, open_run
 
 
 @pytest.fixture(scope="module")

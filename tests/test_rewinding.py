@@ -11,16 +11,16 @@ from conftest import copy_of
 from toys import assert_one_line_error, digest, toy_data, toy_model
 
 from memloc.cli import main
-from memloc.cutting import split_at
-from memloc.errors import ConfigError, RunError
-from memloc.experiment import open_run
-from memloc.models import build_model, layers
+from memloc.core.cutting import split_at
+from memloc.core.errors import ConfigError, RunError
+from memloc.core.runs import load_into
+from memloc.core.training import evaluate
 from memloc.probes.base import ProbeResult
 from memloc.probes.rewinding import choose_epochs, rewind, rewind_model
 from memloc.probes.sweep import layer_keys, sweep_states
-from memloc.runs import load_into
 from memloc.tasks import ClassificationTask
-from memloc.training import evaluate
+from memloc.tasks.classification.models import build_model, layers
+from memloc.tasks.experiment import open_run
 
 # ----------------------------------------------------------------------------- shared fixtures
 
@@ -99,10 +99,10 @@ def _cpu_bf16(device, *, cache=True):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_rewinding_equals_naive_sweep(smoke_run, monkeypatch, bf16):
     if bf16:  # the GPU's arithmetic: a sweep that kept the first state's cached bf16 weights fails here
-        import memloc.inference
+        import memloc.core.inference
         import memloc.probes.sweep
         monkeypatch.setattr(memloc.probes.sweep, "autocast", _cpu_bf16)
-        monkeypatch.setattr(memloc.inference, "autocast", _cpu_bf16)
+        monkeypatch.setattr(memloc.core.inference, "autocast", _cpu_bf16)
     loaded = open_run(smoke_run)
     data = replace(loaded.data, x_train=loaded.data.x_train[:150], y_train=loaded.data.y_train[:150],
                    y_true=loaded.data.y_true[:150], is_noisy=loaded.data.is_noisy[:150],

@@ -19,7 +19,7 @@ from conftest import copy_of
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.runs import load_npz
+from memloc.core.runs import load_npz
 
 GRID = ["--preset", "smoke", "--dataset", "digits", "--train-size", "300", "--epochs", "1", "--batch-size", "64",
         "--no-gradient-accounting", "--pairs", "0.4,0.1;0.5,0.2", "--quiet"]
@@ -187,8 +187,8 @@ def _pids(*needles: str) -> list[int]:
 
 
 def _finished_shards(run: Path) -> int:
+    from memloc.core.runs import RunDir
     from memloc.probes.engine import Partial
-    from memloc.runs import RunDir
     done = 0
     for d in (run / "probes" / "flipping" / "shards").glob("*-of-*"):
         i, n = (int(v) for v in d.name.split("-of-"))

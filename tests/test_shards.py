@@ -15,7 +15,7 @@ from conftest import copy_of
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.runs import load_npz
+from memloc.core.runs import load_npz
 
 FLIP = ["--examples", "5", "--others", "64", "--eval-subsample", "200", "--batch-examples", "4"]
 RETRAIN = ["--epochs", "2"]
@@ -64,8 +64,8 @@ def test_merged_shards_equal_one_process(master, tmp_path, capsys, one_thread, c
 
 
 def test_a_shard_resumes_and_is_marked_complete_at_its_end(master, tmp_path, one_thread):
+    from memloc.core.runs import RunDir
     from memloc.probes.engine import Partial
-    from memloc.runs import RunDir
     run = _run(master, tmp_path, "r")
     assert main(["flip", str(run), *FLIP, "--shard", "1/2", "--quiet"]) == 0
     got = Partial(RunDir.open(run), "flipping", shard=(1, 2))._read()
@@ -92,8 +92,8 @@ def test_broken_splits_are_named_in_one_line(master, tmp_path, capsys, one_threa
     shutil.rmtree(run / "probes" / "flipping" / "shards" / "1-of-2")
     for i in (1, 2):
         assert main(["flip", str(run), *FLIP, "--shard", f"{i}/3", "--quiet"]) == 0
+    from memloc.core.runs import RunDir
     from memloc.probes.engine import Partial
-    from memloc.runs import RunDir
     p = Partial(RunDir.open(run), "flipping", shard=(2, 3))
     got = p._read()
     p.settings = got["settings"]

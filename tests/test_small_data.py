@@ -20,8 +20,8 @@ import torch
 from toys import assert_one_line_error
 
 from memloc.cli import build_parser, main, run_config, study_settings
-from memloc.runs import RunDir
-from memloc.training import (
+from memloc.core.runs import RunDir
+from memloc.core.training import (
     MEMORIZED,
     PAPER_RECIPE,
     TrainConfig,
@@ -196,7 +196,7 @@ def test_study_bar_never_runs_past_its_total():
     'clamping frac' warning and an ETA of <-00:00)."""
     from tqdm import tqdm
 
-    from memloc.study import advance
+    from memloc.study.run import advance
     costs = [40, 0.11 * 9 * 21, 0.45 * 9 * 10, 0.043 * 2 * 100, 0.62 * 40, 0.6, 0.2, 0.5, 0.6]
     out = io.StringIO()
     bar = tqdm(total=sum(costs), file=out, bar_format="{n:.3f}/{total:.3f} [{elapsed}<{remaining}]")
@@ -230,8 +230,8 @@ def test_augment_on_1d_data_is_refused_before_anything_is_written(tmp_path, caps
 
 def test_export_records_the_runs_normalization(tmp_path, capsys, one_thread):
     """A standardized run's export says so (it said pixels), with the statistics to apply."""
-    from memloc.experiment import open_run
-    from memloc.export import exported_normalization, load_exported
+    from memloc.study.export import exported_normalization, load_exported
+    from memloc.tasks.experiment import open_run
     data = features(tmp_path / "feat.npz")
     run = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--dataset", data, "--epochs", "1", "--example-tied-dropout", "0.4,0.1",

@@ -11,13 +11,13 @@ from torch import nn
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.models import build_model, layers
-from memloc.precision import Arithmetic, arithmetic, autocast, channels_last, choose, current, native_bf16
+from memloc.core.precision import Arithmetic, arithmetic, autocast, channels_last, choose, current, native_bf16
 from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import PrefixCache
 from memloc.tasks import task_of
-from memloc.wrap import wrap_data
+from memloc.tasks.classification.models import build_model, layers
+from memloc.tasks.classification.wrap import wrap_data
+from memloc.tasks.lm.gpt import GPT, GPTShape
 
 CPU = torch.device("cpu")
 
@@ -128,7 +128,7 @@ def test_retraining_a_language_model_from_cached_activations(tiny_lm_master):
     cached = retrain(tiny_lm_master, save=False, epochs=1, batch_size=16)
     whole = retrain(tiny_lm_master, save=False, epochs=1, batch_size=16, cache=False)
     np.testing.assert_array_equal(cached.arrays["accuracy"], whole.arrays["accuracy"])
-    from memloc.experiment import open_run
+    from memloc.tasks.experiment import open_run
     loaded = open_run(tiny_lm_master)
     model = loaded.model()
     layer = layers(model)[0]  # the embedding: its cut carries the token ids (per sequence) and the positions
@@ -145,7 +145,7 @@ def test_precision_is_recorded_and_resume_refuses_a_change(smoke_run, capsys):
     cfg = json.loads((smoke_run / "config.json").read_text())
     assert cfg["train"]["precision"] == "auto"
     # a run made before the setting existed keeps computing as it did: bf16 on a GPU, fp32 on a CPU
-    from memloc.experiment import RunConfig
+    from memloc.tasks.experiment import RunConfig
     cfg["train"].pop("precision")
     old = RunConfig.from_dict(cfg)
     assert old.train.precision == "gpu"

@@ -33,7 +33,7 @@ def test_smoke_study_makes_every_stage_and_the_report(smoke_study):
     claims = (smoke_study / "report" / "tables" / "summary_claims.csv").read_text()
     for words in ("gradient norm", "rewinding", "retraining", "units zeroed", "example-tied dropout"):
         assert words in claims, words
-    # every claim states its measure, test and threshold (memloc.verdicts)
+    # every claim states its measure, test and threshold (memloc.report.verdicts)
     assert claims.startswith("claim,paper,ours,measure,test,threshold,n,result,verdict")
     for words in ("one-sided Mann–Whitney U (noisy < clean)", "p < 0.05", "stratified bootstrap 95% interval",
                   "interval's lower end > 0.7", ">= 75% of layers within [0.5, 2]", "share >= 50% and >= 3 layers"):

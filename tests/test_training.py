@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from memloc import DataConfig, RunDir, TrainConfig, build_model, layers, load_data
-from memloc.data import normalize
-from memloc.experiment import ModelConfig, RunConfig, resume_training, run_training
-from memloc.training import Trainer, epoch_seed, learning_rate, seeded
+from memloc.core.training import Trainer, epoch_seed, learning_rate, seeded
+from memloc.tasks.classification.data import normalize
+from memloc.tasks.experiment import ModelConfig, RunConfig, resume_training, run_training
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_predict_restores_each_modules_own_mode(tiny_data):
-    from memloc.inference import predict
+    from memloc.core.inference import predict
     model = tiny_model(tiny_data)
     model.train()
     model.block1[1].eval()  # a frozen BatchNorm inside a training model

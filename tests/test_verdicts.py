@@ -1,10 +1,10 @@
-"""The claims' decisions (memloc.verdicts) on constructed inputs: a clear effect holds, a null effect does not, and
-too few examples give "not enough data" — cases the old lenient rules got wrong."""
+"""The claims' decisions (memloc.report.verdicts) on constructed inputs: a clear effect holds, a null effect does not,
+and too few examples give "not enough data" — cases the old lenient rules got wrong."""
 
 import numpy as np
 import pytest
 
-from memloc import verdicts as V
+from memloc.report import verdicts as V
 
 
 def _rng(seed=0):
@@ -198,8 +198,8 @@ def test_over_seeds():
 
 
 def test_the_study_seed_table_combines_each_claim_over_seeds(smoke_study_master):
-    from memloc import report
-    from memloc.runs import RunDir
+    from memloc.core.runs import RunDir
+    from memloc.report import page as report
     b, d = RunDir.open(smoke_study_master / "base"), RunDir.open(smoke_study_master / "dropout")
     table = report._seed_table([("seed 0, noise 0.1", b, d), ("seed 1, noise 0.1", b, d)])
     rows = {r["claim"]: r for r in table.rows}

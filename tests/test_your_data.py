@@ -10,11 +10,11 @@ from toys import assert_one_line_error
 
 import memloc
 from memloc.cli import main
-from memloc.data import DataConfig, Normalization, load, model_input, standardize_stats
-from memloc.dropout import example_indices, memorization_mask
-from memloc.experiment import ModelConfig, open_run
-from memloc.figures import gallery_figure, png
-from memloc.models import MODELS, ChannelsLast, SmallCNN1d, build_model, default_model, layers
+from memloc.core.dropout import example_indices, memorization_mask
+from memloc.core.figures import gallery_figure, png
+from memloc.tasks.classification.data import DataConfig, Normalization, load, model_input, standardize_stats
+from memloc.tasks.classification.models import MODELS, ChannelsLast, SmallCNN1d, build_model, default_model, layers
+from memloc.tasks.experiment import ModelConfig, open_run
 
 
 def run_cli(capsys, *argv):
@@ -126,7 +126,7 @@ def test_sequences_are_read_as_channels_and_get_the_1d_cnn(tmp_path):
 
 
 def test_cnn1d_layers_units_and_example_tied_dropout_per_channel():
-    from memloc.dropout import ExampleTiedDropout
+    from memloc.core.dropout import ExampleTiedDropout
     after = lambda pos, units: ExampleTiedDropout(0.5, 0.3, seed=0, layer_id=pos)  # noqa: E731
     m = build_model("cnn1d", input_shape=(2, 30), num_classes=3, width=0.25, after_block=after)
     ls = layers(m)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memloc.data import Dataset
+from memloc.tasks.classification.data import Dataset
 
 
 def toy_data(n_noisy: int = 2) -> Dataset:

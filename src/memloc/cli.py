@@ -1,6 +1,6 @@
 """The `memloc` command: a thin argparse shell; each subcommand calls one library function.
 
-Every flag comes from a config dataclass field (`memloc.options.option`): its
+Every flag comes from a config dataclass field (`memloc.core.options.option`): its
 name, default and help live there once. The probes' subcommands are made from
 the probe registry, so a new probe gets its command without an edit here.
 Bad input of any kind ends with one line `memloc: error: ...` and exit code 2.
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from .errors import ConfigError, MemlocError
+from .core.errors import ConfigError, MemlocError
 
 _SECTIONS = ("data", "model", "train")
 # the run-config fields `memloc run` sets per cell itself (--noise levels, --seeds, the dropout model's fractions)
@@ -30,7 +30,7 @@ def _parse(f: dataclasses.Field, flag: str, spread: tuple[dataclasses.Field, ...
     """text -> the field's value, refused in one line (naming `flag` and the range) when it is outside the field's
     declared range; a spread flag's numbers each against the range of the field it sets (`spread`), and each number
     of a flag of a fixed count (metavar LAMBDA,BETA) named by its part."""
-    from .options import numeric, range_problem
+    from .core.options import numeric, range_problem
     parse = f.metadata.get("parse")
     if parse is None:
         kind = str(f.type)
@@ -156,15 +156,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _configs(task: str) -> tuple[type, type, type]:
     """The data, model and training config classes of a task."""
-    from .experiment import TASK_DATA, ModelConfig
-    from .training import TrainConfig
+    from .core.training import TrainConfig
+    from .tasks.experiment import TASK_DATA, ModelConfig
     return TASK_DATA[task](), ModelConfig, TrainConfig
 
 
 def _task_given(args: argparse.Namespace, task: str) -> None:
     """Refuse the other task's data flags (e.g. --noise with --task lm) in one line."""
-    from .data import DataConfig
-    from .lm.text import TextConfig
+    from .tasks.classification.data import DataConfig
+    from .tasks.lm.text import TextConfig
     other, mine = (TextConfig, DataConfig) if task == "classification" else (DataConfig, TextConfig)
     own = {f.name for f in dataclasses.fields(mine)}
     stray = sorted(set(given(args, other)) - own)
@@ -176,7 +176,7 @@ def _task_given(args: argparse.Namespace, task: str) -> None:
 
 def run_config(args: argparse.Namespace):
     """Dataclass defaults < preset < explicit flags -> a validated RunConfig."""
-    from .experiment import RunConfig, preset
+    from .tasks.experiment import RunConfig, preset
     task = getattr(args, "task", None) or "classification"
     _task_given(args, task)
     sections = {sec: dict(vals) for sec, vals in preset(args.preset or "default", task).items() if sec in _SECTIONS}
@@ -199,7 +199,7 @@ def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 def _epochs_default(sections: dict[str, dict], args: argparse.Namespace) -> None:
     """`memloc train` and `memloc run` on the user's own data train until memorized (--epochs auto) unless --epochs
     or the preset says how long; --max-epochs and --settle-epochs are refused where the epochs are fixed."""
-    from .data import users_data
+    from .tasks.classification.data import users_data
     train = sections.setdefault("train", {})
     dataset = sections.get("data", {}).get("dataset")
     if "epochs" not in train and (getattr(args, "task", None) or "classification") == "classification" \
@@ -225,16 +225,16 @@ def _progress(args) -> bool:
 
 def _preset_set(section: str) -> frozenset[str]:
     """The fields of `section` some preset sets."""
-    from .experiment import PRESETS
-    from .lm.models import LM_PRESETS
+    from .tasks.experiment import PRESETS
+    from .tasks.lm.models import LM_PRESETS
     return frozenset(k for table in (PRESETS, LM_PRESETS) for p in table.values() for k in p.get(section, {}))
 
 
 def _run_flags(p: argparse.ArgumentParser, *, exclude: dict[str, tuple[str, ...]] | None = None) -> None:
-    from .data import DataConfig
-    from .experiment import ModelConfig
-    from .lm.text import TextConfig
-    from .training import TrainConfig
+    from .core.training import TrainConfig
+    from .tasks.classification.data import DataConfig
+    from .tasks.experiment import ModelConfig
+    from .tasks.lm.text import TextConfig
     exclude = exclude or {}
     p.add_argument("--task", choices=("classification", "lm"),
                    help="classification with label noise (default), or lm: a causal language model on text with "
@@ -249,8 +249,8 @@ def _run_flags(p: argparse.ArgumentParser, *, exclude: dict[str, tuple[str, ...]
 # ----------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
-    from .budget import forced
-    from .experiment import resume_training, run_training
+    from .core.budget import forced
+    from .tasks.experiment import resume_training, run_training
     with forced(args.force):
         if args.resume:
             _refuse_changes(args, run=True)
@@ -258,10 +258,10 @@ def cmd_train(args) -> int:
         else:
             run = run_training(run_config(args), args.out, overwrite=args.overwrite, progress=_progress(args),
                                log=_log(args))
-    from .distributed import is_main
+    from .core.distributed import is_main
     if not is_main():  # under torchrun: one voice, rank 0's
         return 0
-    from .study import memorization_warning
+    from .study.run import memorization_warning
     metrics = run.read_metrics()
     tied = bool((run.config.get("model") or {}).get("p_gen"))  # its epoch accuracies are eval mode: not a measure
     warning = None if tied else memorization_warning(metrics[-1].get("noisy_train_acc") if metrics else None)
@@ -272,18 +272,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .budget import forced
+    from .core.budget import forced
     with forced(args.force):  # every training run of the study
         return _study(args)
 
 
 def _study(args) -> int:
-    from .study import StudyConfig, run_study
+    from .study.run import StudyConfig, run_study
     if args.resume:
         _refuse_changes(args)
     if args.task == "lm" or (args.resume and (Path(args.resume) / "lm_study.json").exists()):
-        from .experiment import preset
-        from .study import run_lm_study
+        from .study.run import run_lm_study
+        from .tasks.experiment import preset
         if args.resume:
             path = run_lm_study(resume=args.resume, progress=_progress(args), log=_log(args))
         else:
@@ -313,9 +313,9 @@ def _study(args) -> int:
     else:
         cfg = study_settings(args)
         if args.shard is None and not args.force:  # a model that cannot fit: refused before the study is written
-            from .experiment import check_training
+            from .tasks.experiment import check_training
             check_training(cfg.base)
-        from .study import check_study, merge_study
+        from .study.run import check_study, merge_study
         started = time.perf_counter()
         scaled, path = _scale_out(args, "study shards", lambda: check_study(cfg, args.out, overwrite=args.overwrite),
                                   lambda: merge_study(args.out, progress=_progress(args), log=_log(args)))
@@ -331,10 +331,10 @@ def _study(args) -> int:
 def study_settings(args: argparse.Namespace):
     """The StudyConfig of `memloc run`'s flags: preset < flags, --seed as --seeds, and --epochs auto on the
     user's own data where neither --epochs nor the preset fixes the epochs."""
-    from .data import DataConfig
-    from .experiment import ModelConfig, preset
-    from .study import StudyConfig, study_config
-    from .training import TrainConfig
+    from .core.training import TrainConfig
+    from .study.run import StudyConfig, study_config
+    from .tasks.classification.data import DataConfig
+    from .tasks.experiment import ModelConfig, preset
     sections = {sec: given(args, cls, exclude=_STUDY_SETS.get(sec, ()))
                 for sec, cls in zip(_SECTIONS, (DataConfig, ModelConfig, TrainConfig))}
     study = given(args, StudyConfig)
@@ -353,11 +353,11 @@ def study_settings(args: argparse.Namespace):
 def _refuse_changes(args, *, run: bool = False) -> None:
     """`--resume` continues a study (or with `run`, a training run) with the settings it was started with: a flag
     that would change them is refused (one line), never silently ignored. A run may resume on another device."""
-    from .data import DataConfig
-    from .experiment import ModelConfig
-    from .lm.text import TextConfig
-    from .study import StudyConfig
-    from .training import TrainConfig
+    from .core.training import TrainConfig
+    from .study.run import StudyConfig
+    from .tasks.classification.data import DataConfig
+    from .tasks.experiment import ModelConfig
+    from .tasks.lm.text import TextConfig
     changed = []
     for cls in (DataConfig, ModelConfig, TrainConfig, TextConfig, StudyConfig):
         meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
@@ -375,8 +375,8 @@ def _refuse_changes(args, *, run: bool = False) -> None:
 
 def _classifier_flags(args) -> list[str]:
     """The flags of a classifier's audit (its data and model) that were given, as typed."""
-    from .data import DataConfig
-    from .experiment import ModelConfig
+    from .tasks.classification.data import DataConfig
+    from .tasks.experiment import ModelConfig
     return [f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             for cls in (DataConfig, ModelConfig) for f in dataclasses.fields(cls) if f.name in given(args, cls)]
 
@@ -384,11 +384,11 @@ def _classifier_flags(args) -> list[str]:
 def _classifier_audit(args, cfg) -> "Path":
     """`memloc audit --weights FILE --dataset DATA ...`: the classifier's run config from the data and model flags
     (its labels as given: no noise is added unless --noise says the model trained on memloc's seeded noise)."""
-    from .audit_classifier import run_classifier_audit
-    from .budget import forced
-    from .data import DataConfig
-    from .experiment import ModelConfig, RunConfig
-    from .training import TrainConfig
+    from .audit.classifier import run_classifier_audit
+    from .core.budget import forced
+    from .core.training import TrainConfig
+    from .tasks.classification.data import DataConfig
+    from .tasks.experiment import ModelConfig, RunConfig
     if args.model:
         raise ConfigError(f"--weights audits a classifier, MODEL {args.model} a language model: pass one of them")
     lm = [f for f in ("sequences", "heldout", "tokenizer", "reference") if getattr(args, f, None)]
@@ -407,7 +407,7 @@ def _classifier_audit(args, cfg) -> "Path":
 
 
 def cmd_audit(args) -> int:
-    from .audit import AuditConfig, resumed_config, run_audit
+    from .audit.lm import AuditConfig, resumed_config, run_audit
     if args.resume:
         flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-")
                  for f in dataclasses.fields(AuditConfig)}
@@ -424,7 +424,7 @@ def cmd_audit(args) -> int:
                               f"{changed[0]} would change them: drop {changed[0]}, or start again (--out NEW)")
         cfg = resumed_config(args.resume, **given(args, AuditConfig))
         if cfg.weights:
-            from .audit_classifier import run_classifier_audit
+            from .audit.classifier import run_classifier_audit
             path = run_classifier_audit(cfg, None, args.resume, resume=True, progress=_progress(args), log=_log(args))
         else:
             path = run_audit(cfg, args.resume, resume=True, progress=_progress(args), log=_log(args))
@@ -438,7 +438,7 @@ def cmd_audit(args) -> int:
             raise ConfigError("memloc audit needs the model to audit: memloc audit hf:FOLDER --sequences FILE (or "
                               "--resume RUN to finish an audit)")
         cfg = AuditConfig(model=args.model, **given(args, AuditConfig))
-        from .budget import forced
+        from .core.budget import forced
         with forced(args.force):
             path = run_audit(cfg, args.out, overwrite=args.overwrite, progress=_progress(args), log=_log(args))
     print(f"done: {path} (report: {path / 'report' / 'report.html'})")
@@ -446,7 +446,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .report.page import build_report
     path = build_report(args.path)
     if not args.quiet:
         print(f"report: {path}")
@@ -454,8 +454,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from .data import BUILTIN_DATASETS
-    from .readers import STANDARD_DATASETS
+    from .tasks.classification.data import BUILTIN_DATASETS
+    from .tasks.classification.readers import STANDARD_DATASETS
     for name, desc in BUILTIN_DATASETS.items():
         print(f"{name:14s} {desc}")
     for name, spec in STANDARD_DATASETS.items():
@@ -467,7 +467,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, MODELS
+    from .tasks.classification.models import CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, MODELS
     for name, spec in MODELS.items():
         print(f"{name:10s} {spec.description}")
         print(f"{'':10s} takes {spec.shapes}")
@@ -499,7 +499,7 @@ def _scale_out(args, label: str, check: Callable[[], None], merge: Callable[[], 
         if stray:
             raise ConfigError(f"{stray[0]} is for --executor processes or ray: add one, or drop it")
         return False, None
-    from .scale import parse_devices, run_processes, run_ray, worker_argv
+    from .core.scale import parse_devices, run_processes, run_ray, worker_argv
     if args.shard is not None:
         raise ConfigError(f"--executor {executor} runs every shard itself: drop --shard")
     log = _log(args)
@@ -565,7 +565,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .runs import memloc_kind
+    from .core.runs import memloc_kind
     started = time.perf_counter()
     kind = memloc_kind(args.run)
     if kind is None:
@@ -575,11 +575,11 @@ def cmd_merge(args) -> int:
         if args.probe:
             raise ConfigError(f"--probe names a probe of a run; {args.run} is a {kind.replace('-', ' ')}: drop it")
         if kind == "study":
-            from .study import merge_study
+            from .study.run import merge_study
             path = merge_study(args.run, progress=_progress(args), log=_log(args))
             print(f"done: {path} (report: {path / 'report' / 'report.html'})")
             return 0
-        from .grid import merge_grid
+        from .study.grid import merge_grid
         return _grid_done(args.run, merge_grid(args.run, log=_log(args)))
     from .probes import registered
     from .probes.engine import merge_shards
@@ -597,9 +597,9 @@ def cmd_evaluate(args) -> int:
         result = run_probe(probe, args.run, cfg=DropoutConfig(**given(args, DropoutConfig)),
                            log=None if args.quiet else _log(args))
         return _finish_probe(probe, args, started, result)
-    from .experiment import open_run
-    from .precision import arithmetic
-    from .training import evaluate
+    from .core.precision import arithmetic
+    from .core.training import evaluate
+    from .tasks.experiment import open_run
     loaded = open_run(args.run, device=args.device or "auto")
     model = loaded.model(args.epoch)
     with arithmetic(loaded.arithmetic(model)):
@@ -609,11 +609,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .experiment import open_run
+    from .tasks.experiment import open_run
     if args.drop_memorization == args.localized:
         raise ConfigError("memloc export writes the model without its memorization units: pass one of "
                           "--drop-memorization (example-tied dropout, sinks) and --localized (the localize edit)")
-    from .export import export_dropped, export_localized
+    from .study.export import export_dropped, export_localized
     loaded = open_run(args.run, device="cpu")
     if args.localized:
         out = export_localized(loaded, args.out, overwrite=args.overwrite)
@@ -621,12 +621,12 @@ def cmd_export(args) -> int:
         out = export_dropped(loaded, args.out, epoch=args.epoch, scale=args.drop_scale or "matched",
                              overwrite=args.overwrite)
     if not args.quiet:
-        print(f"done: {out} (load it with memloc.export.load_exported)")
+        print(f"done: {out} (load it with memloc.load_exported)")
     return 0
 
 
 def _grid_pairs(text: str) -> tuple[tuple[float, float], ...]:
-    from .options import floats
+    from .core.options import floats
     pairs = []
     for part in text.split(";"):
         if part.strip():
@@ -640,7 +640,7 @@ def _grid_pairs(text: str) -> tuple[tuple[float, float], ...]:
 
 
 def cmd_dropout_grid(args) -> int:
-    from .grid import DEFAULT_PAIRS, check_grid, dropout_grid, merge_grid
+    from .study.grid import DEFAULT_PAIRS, check_grid, dropout_grid, merge_grid
     base, started = run_config(args), time.perf_counter()
     options = dict(pairs=args.pairs or DEFAULT_PAIRS, baselines=not args.no_baselines, elr=args.elr_cells)
     scaled, rows = _scale_out(args, "grid shards", lambda: check_grid(base, args.out, **options),
@@ -653,7 +653,7 @@ def cmd_dropout_grid(args) -> int:
 
 
 def _grid_done(folder, rows: list[dict]) -> int:
-    from .report import protection_notes
+    from .report.page import protection_notes
     for line in protection_notes(rows):
         print(line)
     print(f"done: {Path(folder) / 'grid.csv'} ({len(rows)} cells)")
@@ -661,7 +661,7 @@ def _grid_done(folder, rows: list[dict]) -> int:
 
 
 def cmd_bench_localize(args) -> int:
-    from .localize_benchmarks import BenchConfig, bench_localize
+    from .bench.benchmarks import BenchConfig, bench_localize
     options = {k: getattr(args, k) for k in ("benchmark", "preset", "methods", "units", "n_layers", "epochs", "device",
                                              "seed", "run", "examples", "ratios") if getattr(args, k) is not None}
     cfg = BenchConfig(**options)
@@ -679,12 +679,12 @@ def cmd_bench_localize(args) -> int:
 # ----------------------------------------------------------------------------- the parser
 
 def _names(text: str) -> tuple[str, ...]:
-    from .options import names
+    from .core.options import names
     return names(text)
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    from .options import ints
+    from .core.options import ints
     try:
         return ints(text)
     except ValueError as err:
@@ -692,7 +692,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    from .options import floats
+    from .core.options import floats
     try:
         return floats(text)
     except ValueError as err:
@@ -707,7 +707,7 @@ _FORCE_HELP = ("train even where the memory estimate (the model, its optimizer s
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .probes import DropoutConfig, registered
-    from .study import StudyConfig
+    from .study.run import StudyConfig
     parser = _Parser(prog="memloc", description="Find where a network memorizes its training examples.")
     parser.add_argument("--version", action="version", version=f"memloc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -741,15 +741,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="plain log lines, no bars (always without a terminal)")
     p.set_defaults(func=cmd_run)
 
-    from .audit import AuditConfig
+    from .audit.lm import AuditConfig
     p = sub.add_parser("audit", help="a model memloc did not train and your sequences: which it memorizes (extraction, "
                                      "membership scores), into a run directory for localize and export")
     p.add_argument("model", metavar="MODEL", nargs="?",
                    help="hf:FOLDER: a causal LM saved by save_pretrained (local files only); for a classifier, "
                         "--weights FILE.safetensors and its --model and --dataset instead")
     add_config_flags(p, AuditConfig)
-    from .data import DataConfig
-    from .experiment import ModelConfig
+    from .tasks.classification.data import DataConfig
+    from .tasks.experiment import ModelConfig
     add_config_flags(p, ModelConfig, exclude=tuple(f.name for f in dataclasses.fields(ModelConfig)
                                                    if f.name not in ("name", "width")),
                      title="a classifier's model (with --weights)")
@@ -863,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _scale_flags(p: argparse.ArgumentParser, items: str, where: str) -> None:
     """--shard and the executors, for a command whose work splits into `items` (kept in `where`)."""
-    from .scale import EXECUTORS
+    from .core.scale import EXECUTORS
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help=f"do only shard I of N (I = 0..N-1: every N-th of the {items} from the I-th), kept in "
                         f"{where}; `memloc merge` joins them (docs/cluster.md)")
@@ -913,7 +913,8 @@ def os_error_line(err: OSError, command: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import os
     # memloc never downloads: the hub's offline mode for the whole process, set before transformers or
-    # huggingface_hub is imported (they read it once); every load also turns it on itself (`memloc.lm.hub.offline`)
+    # huggingface_hub is imported (they read it once); every load also turns it on itself
+    # (`memloc.tasks.lm.hub.offline`)
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -927,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command != "train":
-            from .distributed import requested
+            from .core.distributed import requested
             if requested():
                 raise ConfigError(f"only `memloc train` runs data parallel under torchrun: run `memloc {args.command}` "
                                   "without torchrun (on the trained run; its shards scale out with --executor)")

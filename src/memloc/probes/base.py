@@ -2,7 +2,7 @@
 
 A probe writes into `RUN/probes/<name>/`: `summary.json` (settings and headline
 numbers), `arrays.npz` (the full result), and a tidy `<name>.csv`. Interventions
-(putting other weights into a layer here; zeroing units in `memloc.units`) happen
+(putting other weights into a layer here; zeroing units in `memloc.core.units`) happen
 inside context managers that restore the model in `finally`, even when the body raises.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import RunError
-from ..runs import RunDir, load_npz, save_npz, write_json, write_text
+from ..core.errors import RunError
+from ..core.runs import RunDir, load_npz, save_npz, write_json, write_text
 
 
 @dataclass

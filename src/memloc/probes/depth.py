@@ -14,7 +14,7 @@ and find mislabeled and hard examples deeper. What this module computes, exactly
   position. The last layer of a classifier is its head: its feature is the
   logits (before any fixed output scale).
 * **The model** runs in eval mode, in the arithmetic training used (bf16 autocast
-  on a GPU, fp32 on a CPU: `memloc.precision`); its **final prediction** is the
+  on a GPU, fp32 on a CPU: `memloc.core.precision`); its **final prediction** is the
   argmax of its output. Features are pooled in float32.
 * **Support set**: `support` training examples (all when there are fewer), a
   seeded uniform choice (numpy's generator seeded with `seed`) without
@@ -74,13 +74,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import batches
-from ..errors import ConfigError, RunError
-from ..models import Layer, select_layers
-from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, names, option
-from ..precision import autocast
-from ..tasks import Task, task_of
+from ..core.errors import ConfigError, RunError
+from ..core.examples import batches
+from ..core.layers import Layer, select_layers
+from ..core.layers import layers as find_layers
+from ..core.options import INT64_MAX, check_ranges, names, option
+from ..core.precision import autocast
+from ..core.tasks import Task, task_of
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 from .sweep import progress_bar

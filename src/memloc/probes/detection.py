@@ -59,14 +59,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataError, RunError
-from ..experiment import make_model
-from ..inference import predict
-from ..options import INT64_MAX, check_ranges, option
-from ..readers import read_vector
-from ..runs import RunDir
-from ..tasks import task_of
-from ..training import Trainer
+from ..core.errors import ConfigError, DataError, RunError
+from ..core.inference import predict
+from ..core.options import INT64_MAX, check_ranges, option
+from ..core.runs import RunDir
+from ..core.tasks import task_of
+from ..core.training import Trainer
+from ..tasks.classification.readers import read_vector
+from ..tasks.experiment import make_model
 from .base import ProbeResult
 from .depth import depth_scores
 from .engine import Context, Probe, run_probe
@@ -581,7 +581,7 @@ def format_table(summary: dict, *, target: str = "noisy") -> str:
 
 def roc_figure(result: ProbeResult, *, target: str = "noisy"):
     """The ROC curve of every score (one figure), from a detection result alone."""
-    from ..figures import pyplot
+    from ..core.figures import pyplot
     plt = pyplot()
     rows = result.summary.get("quality" if target == "noisy" else "rare_quality")
     if not rows:
@@ -608,7 +608,7 @@ def roc_figure(result: ProbeResult, *, target: str = "noisy"):
 def gallery(result: ProbeResult, *, top: int = GALLERY, columns: int = 8):
     """The top suspects' examples (arrays.npz `top_images`: images, sequences or features, drawn as their shape
     allows) titled with index, given and predicted label."""
-    from ..figures import gallery_figure
+    from ..core.figures import gallery_figure
     images = result.arrays.get("top_images")
     if images is None or len(images) == 0:
         raise RunError("the detection result holds no top-suspect images: rerun `memloc detect`")
@@ -633,8 +633,8 @@ def plot_gallery(result: ProbeResult, path: str | Path, *, top: int = GALLERY, c
 
 
 def _save(fig, path: str | Path) -> Path:
-    from ..figures import png
-    from ..runs import atomic_write
+    from ..core.figures import png
+    from ..core.runs import atomic_write
     data = png(fig)
     path = Path(path)
     atomic_write(path, lambda p: p.write_bytes(data))

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_example_tied_dropout, layer_setting
-from ..errors import ConfigError, RunError
-from ..experiment import LoadedRun
-from ..inference import predict
-from ..options import check_ranges, option
-from ..precision import arithmetic
-from ..tasks import task_of
-from ..training import evaluate
+from ..core.dropout import DROP_SCALES, ExampleTiedDropout, dropout_mode, find_example_tied_dropout, layer_setting
+from ..core.errors import ConfigError, RunError
+from ..core.inference import predict
+from ..core.options import check_ranges, option
+from ..core.precision import arithmetic
+from ..core.tasks import task_of
+from ..core.training import evaluate
+from ..tasks.experiment import LoadedRun
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 
@@ -88,7 +88,7 @@ def _check(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> Non
 def _describe(result: ProbeResult) -> list[str]:
     s = result.summary
     if "repeated_before" in s:  # a language model's sinks
-        from ..lm.sinks import describe
+        from ..methods.sinks import describe
         return describe(s)
 
     def pct(v):
@@ -162,7 +162,7 @@ def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> P
 
 
 def _language_model(model: nn.Module, data: Any, cfg: DropoutConfig) -> ProbeResult:
-    from ..lm.sinks import evaluate_sinks
+    from ..methods.sinks import evaluate_sinks
     return evaluate_sinks(model, data, drop_scale=cfg.drop_scale, repeated=cfg.repeated, exposure=cfg.exposure,
                           batch_size=min(cfg.batch_size, 256))
 

@@ -28,13 +28,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, RunError
-from ..experiment import LoadedRun, arithmetic_for, open_run
-from ..options import replaced
-from ..options import settings as settings_of
-from ..precision import arithmetic, current_or_none
-from ..runs import RunDir, exclusive, load_npz, remove_memloc_files, save_npz, shard_split, write_json
-from ..training import prepare
+from ..core.errors import ConfigError, DataError, RunError
+from ..core.options import replaced
+from ..core.options import settings as settings_of
+from ..core.precision import arithmetic, current_or_none
+from ..core.runs import RunDir, exclusive, load_npz, remove_memloc_files, save_npz, shard_split, write_json
+from ..core.training import prepare
+from ..tasks.experiment import LoadedRun, arithmetic_for, open_run
 from .base import ProbeResult, register
 
 

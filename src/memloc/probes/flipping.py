@@ -72,17 +72,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batching import rows_that_fit
-from ..cutting import fold_norms, split_after
-from ..errors import ConfigError, DataError, RunError
-from ..models import Layer, select_layers
-from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, fitted, given_option, names, option
-from ..options import settings as option_settings
-from ..precision import bf16, cudnn_autotune, current, native_bf16
-from ..readers import check_indices, indices_of, read_indices
-from ..tasks import Task, task_of
-from ..units import UnitMasks
+from ..core.batching import rows_that_fit
+from ..core.cutting import fold_norms, split_after
+from ..core.errors import ConfigError, DataError, RunError
+from ..core.layers import Layer, select_layers
+from ..core.layers import layers as find_layers
+from ..core.options import INT64_MAX, check_ranges, fitted, given_option, names, option
+from ..core.options import settings as option_settings
+from ..core.precision import bf16, cudnn_autotune, current, native_bf16
+from ..core.tasks import Task, task_of
+from ..core.units import UnitMasks
+from ..tasks.classification.readers import check_indices, indices_of, read_indices
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 
@@ -257,7 +257,8 @@ class _Flipper:
         self.device = next(model.parameters()).device
         self.bf16 = use_bf16(cfg, self.device)
         # big passes feed a GPU; on a CPU smaller ones stay in cache (measured: both modes ~1.5x faster at 1024)
-        # a language model's rows are capped by what fits the free memory (`memloc.batching`); a classifier's by this
+        # a language model's rows are capped by what fits the free memory (`memloc.core.batching`); a classifier's
+        # by this
         gpu = self.device.type == "cuda"
         length = data.x_train.shape[1] if data.x_train.dim() == 2 else 1
         self.max_rows = cfg.max_rows or rows_that_fit(model, length=length, backward=True,

@@ -9,7 +9,7 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
   Scores are kept per (layer, unit), the units of all candidate layers concatenated in layer
   order (U in all); a higher score means "more responsible for the memorized sequences".
   With `units="weights"` (TinyMem's weight-level localization) a unit is one weight of the
-  candidate layers' matrices (`memloc.weights`: every parameter of two or more dimensions of the
+  candidate layers' matrices (`memloc.core.weights`: every parameter of two or more dimensions of the
   layers: an MLP's input and output projections — GPT `fc` / `proj`, GPT-2 `c_fc` / `c_proj`,
   NeoX `dense_h_to_4h` / `dense_4h_to_h`, Llama `gate_proj` / `up_proj` / `down_proj` — never
   a norm or a bias; with `heads`, the attention layers' matrices too); U = P, the matrices'
@@ -26,7 +26,7 @@ proposes the same kind of edit: the top-k units by score, zeroed. What this modu
 * **Losses**: L_M = mean over M of the cross-entropy of the tokens `match` checks (a target
   entry >= 0: a canary's secret; the whole label for classification), L_O = mean over O of the
   task's loss (every trained token). A unit's multiplicative mask m (1 = live) enters through
-  `memloc.units.UnitMasks` forward hooks, one mask per row of the batch, so many masked models
+  `memloc.core.units.UnitMasks` forward hooks, one mask per row of the batch, so many masked models
   share one pass and d(objective)/dm comes from autograd on the mask rows.
 * **Methods** (defaults in brackets):
 
@@ -123,17 +123,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batching import rows_that_fit
-from ..data import batches
-from ..errors import ConfigError, DataError, RunError
-from ..models import Layer, select_layers
-from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, fitted, given_option, names, option
-from ..options import settings as option_settings
-from ..readers import check_indices, indices_of, read_indices
-from ..tasks import Task, task_of
-from ..units import UnitMasks
-from ..weights import Matrix, WeightMasks, fold, masked, matrices_named, weight_matrices
+from ..core.batching import rows_that_fit
+from ..core.errors import ConfigError, DataError, RunError
+from ..core.examples import batches
+from ..core.layers import Layer, select_layers
+from ..core.layers import layers as find_layers
+from ..core.options import INT64_MAX, check_ranges, fitted, given_option, names, option
+from ..core.options import settings as option_settings
+from ..core.tasks import Task, task_of
+from ..core.units import UnitMasks
+from ..core.weights import Matrix, WeightMasks, fold, masked, matrices_named, weight_matrices
+from ..tasks.classification.readers import check_indices, indices_of, read_indices
 from .base import ProbeResult
 from .engine import Context, Probe, run_probe
 from .flipping import FlipConfig, _from_json, _merge_states, _to_json, flip_units
@@ -325,7 +325,7 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], Non
 
 
 def _rows(cfg: LocalizeConfig, model: nn.Module, x: torch.Tensor, *, backward: bool = True) -> int:
-    """Rows per pass: --batch-size, else what fits (`memloc.batching`: a language model's rows of x's length, a
+    """Rows per pass: --batch-size, else what fits (`memloc.core.batching`: a language model's rows of x's length, a
     pass that backpropagates to the masks unless `backward` is False; at most 256 on a CPU, 2048 on a GPU)."""
     if cfg.batch_size is not None:
         return cfg.batch_size
@@ -387,7 +387,7 @@ def zeroed(model: nn.Module, candidates: Sequence[Layer], mask) -> Iterator[nn.M
 
 
 def scoped_edit(model: nn.Module, units: Sequence[Layer] | Sequence[Matrix], mask) -> contextlib.AbstractContextManager:
-    """`zeroed` for layers' units, `memloc.weights.masked` for matrices' weights: `mask` (U,) applied inside."""
+    """`zeroed` for layers' units, `memloc.core.weights.masked` for matrices' weights: `mask` (U,) applied inside."""
     if units and isinstance(units[0], Matrix):
         return masked(model, units, mask)
     return zeroed(model, units, mask)
@@ -420,7 +420,7 @@ def edited(model: nn.Module, result: ProbeResult) -> contextlib.AbstractContextM
 
 
 def fold_units(model: nn.Module, units: Sequence[Layer] | Sequence[Matrix], mask) -> nn.Module:
-    """An edit made for good, in place: `fold_edit` for layers' units, `memloc.weights.fold` for matrices' weights;
+    """An edit made for good, in place: `fold_edit` for layers' units, `memloc.core.weights.fold` for matrices' weights;
     the model then computes what `scoped_edit(model, units, mask)` computes."""
     if units and isinstance(units[0], Matrix):
         return fold(model, units, mask)
@@ -686,7 +686,7 @@ class _Localizer:
                         "weight_decay": SUBNET_WEIGHT_DECAY, "sizes": sizes}
         return -s.detach().cpu()
 
-    # -- weights: one (P,) mask for every row (`memloc.weights`)
+    # -- weights: one (P,) mask for every row (`memloc.core.weights`)
     def _weight_forward(self, x: torch.Tensor, *, scale: torch.Tensor | None = None,
                         shift: torch.Tensor | None = None) -> torch.Tensor:
         """Float logits of x with every chosen weight read as w * scale + shift ((P,) each; None: as is)."""

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batching import rows_that_fit
-from ..errors import ConfigError
-from ..lm import measures
-from ..lm.text import TextData, decode_targets
-from ..options import INT64_MAX, check_ranges, ints, option
+from ..core.batching import rows_that_fit
+from ..core.errors import ConfigError
+from ..core.options import INT64_MAX, check_ranges, ints, option
+from ..tasks.lm import measures
+from ..tasks.lm.text import TextData, decode_targets
 from .base import ProbeResult
 from .engine import Context, Probe
 
@@ -74,8 +74,8 @@ def _check(model: nn.Module, data, cfg: MemorizationConfig, ctx: Context) -> Non
 
 
 def _check_enumeration(data: TextData, cfg: MemorizationConfig) -> None:
-    """Refuse in one line an exact exposure enumeration the host has no memory for (`memloc.budget`)."""
-    from .. import budget
+    """Refuse in one line an exact exposure enumeration the host has no memory for (`memloc.core.budget`)."""
+    from ..core import budget
     lengths = [len(c["secret_ids"]) for c in data.canaries if c["format"] == "secret"]
     exact = [n for n in lengths if 10 ** n <= cfg.exact_up_to]  # exposure's alphabet: the ten digits
     if exact:
@@ -88,7 +88,7 @@ def _check_enumeration(data: TextData, cfg: MemorizationConfig) -> None:
 @torch.no_grad()
 def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int | None = None) -> float | None:
     """exp(mean cross-entropy) over every held-out target token, teacher-forced (held-out canaries included);
-    None without held-out text. `batch_size` None: what fits (`memloc.batching`)."""
+    None without held-out text. `batch_size` None: what fits (`memloc.core.batching`)."""
     device = next(model.parameters()).device
     batch_size = batch_size or rows_that_fit(model, length=data.x_test.shape[-1])
     total, count = 0.0, 0
@@ -164,7 +164,7 @@ def _one_pass(model: nn.Module, cans: list[dict]) -> bool:
 
 
 def _token_stats(model: nn.Module, cans: list[dict], cfg: MemorizationConfig) -> list[dict[str, np.ndarray]]:
-    from ..lm import membership
+    from ..tasks.lm import membership
     return membership.token_logprobs(model, [list(c["prefix_ids"]) + list(c["secret_ids"]) for c in cans],
                                      batch_size=cfg.batch_size)
 
@@ -217,9 +217,9 @@ def _k_extractable(model: nn.Module, cans: list[dict], cfg: MemorizationConfig, 
 
 def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, context,
                 reference: nn.Module | None = None, stats: list | None = None) -> dict[str, np.ndarray]:
-    """Per canary, its membership scores (memloc.lm.membership) over its prefix and secret tokens; `stats`: the
+    """Per canary, its membership scores (memloc.tasks.lm.membership) over its prefix and secret tokens; `stats`: the
     per-token statistics already computed (`_token_stats`), else computed here."""
-    from ..lm import membership
+    from ..tasks.lm import membership
     cans = data.canaries
     seqs = [list(c["prefix_ids"]) + list(c["secret_ids"]) for c in cans]
     texts = [c["prefix"] + c["secret"] for c in cans]
@@ -243,7 +243,7 @@ def _membership(model: nn.Module, data: TextData, cfg: MemorizationConfig, conte
 
 def load_reference(cfg: MemorizationConfig, device) -> nn.Module:
     """The reference model of `cfg.reference` (hf:FOLDER) on `device`."""
-    from ..lm.hf import load_hf
+    from ..tasks.lm.hf import load_hf
     folder = cfg.reference[3:] if cfg.reference.startswith("hf:") else cfg.reference
     return load_hf(folder).to(device)
 
@@ -251,7 +251,7 @@ def load_reference(cfg: MemorizationConfig, device) -> nn.Module:
 def membership_quality(data: TextData, m: dict[str, np.ndarray]) -> dict:
     """Each membership score's AUROC and TPR at 1% FPR, members against non-members: a sequence's `member`
     label where the data has one (an audit), else trained canaries against held-out ones."""
-    from ..lm import membership
+    from ..tasks.lm import membership
     labels = [c.get("member", c["trained"]) for c in data.canaries]
     known = np.array([v is not None for v in labels], dtype=bool)
     member = np.array([bool(v) for v in labels], dtype=bool)
@@ -303,7 +303,7 @@ def _num(v: float, digits: int) -> float | None:
 def canary_rows(data: TextData, m: dict[str, np.ndarray]) -> list[dict]:
     """One row per canary (an audited sequence): its id, format, repeats, membership label, and the measures of
     `m`: extraction, k-extractability per prefix length, suffix accuracy, loss, exposure, membership scores."""
-    from ..lm.membership import ORIENT
+    from ..tasks.lm.membership import ORIENT
     ks = [k for k in m if k.startswith("extracted_k")]
     rows = []
     for i, c in enumerate(data.canaries):
@@ -320,7 +320,7 @@ def canary_rows(data: TextData, m: dict[str, np.ndarray]) -> list[dict]:
 
 
 def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Context) -> ProbeResult:
-    from ..tasks import task_of
+    from ..core.tasks import task_of
     cans = data.canaries
     m = canary_measures(model, data, cfg)
     task = task_of(data)

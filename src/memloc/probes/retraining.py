@@ -33,16 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import data as data_mod
-from ..errors import ConfigError, DataError, RunError
-from ..experiment import make_model
-from ..models import NORM_TYPES, Layer, select_layers
-from ..models import layers as find_layers
-from ..options import INT64_MAX, check_ranges, fitted, given_option, names, option
-from ..precision import autocast
-from ..runs import RunDir
-from ..tasks import Task, task_of
-from ..training import TrainConfig, epoch_seed, learning_rate, seeded
+from ..core.errors import ConfigError, DataError, RunError
+from ..core.layers import NORM_TYPES, Layer, select_layers
+from ..core.layers import layers as find_layers
+from ..core.options import INT64_MAX, check_ranges, fitted, given_option, names, option
+from ..core.precision import autocast
+from ..core.runs import RunDir
+from ..core.tasks import Task, task_of
+from ..core.training import TrainConfig, epoch_seed, learning_rate, seeded
+from ..tasks.classification import data as data_mod
+from ..tasks.experiment import make_model
 from .base import ProbeResult, swapped_state
 from .engine import Context, Partial, Probe, run_probe
 from .sweep import (

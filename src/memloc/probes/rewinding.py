@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, RunError
-from ..models import layers as find_layers
-from ..models import select_layers
-from ..options import check_ranges, ints, names, option
-from ..runs import RunDir
-from ..tasks import task_of
+from ..core.errors import ConfigError, RunError
+from ..core.layers import layers as find_layers
+from ..core.layers import select_layers
+from ..core.options import check_ranges, ints, names, option
+from ..core.runs import RunDir
+from ..core.tasks import task_of
 from .base import ProbeResult
 from .engine import Context, Partial, Probe, run_probe
 from .sweep import accuracy_dict, evaluate_subsets, layer_keys, layer_state, progress_bar, sweep_accuracy, tidy_rows

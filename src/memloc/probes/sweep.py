@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import data as data_mod
-from ..cutting import split_at
-from ..errors import ConfigError
-from ..models import Layer
-from ..precision import autocast, channels_last
-from ..runs import RunDir, load_npz, save_npz
-from ..tasks import Task
+from ..core.cutting import split_at
+from ..core.errors import ConfigError
+from ..core.layers import Layer
+from ..core.precision import autocast, channels_last
+from ..core.runs import RunDir, load_npz, save_npz
+from ..core.tasks import Task
+from ..tasks.classification import data as data_mod
 
 Split = tuple[Callable[..., tuple], Callable[..., torch.Tensor]]
 

@@ -129,8 +129,8 @@ def test_the_old_import_paths_are_the_new_modules():
         with pytest.warns(DeprecationWarning, match=re.escape(new)):
             module = importlib.import_module(old)
         assert module is importlib.import_module(new) and module.__name__ == new and module.__spec__.name == new
-    from memloc.lm.measures import causal_lm  # noqa: F401 - the old `from` form
     import memloc
+    from memloc.lm.measures import causal_lm  # noqa: F401 - the old `from` form
     assert memloc.models is importlib.import_module("memloc.tasks.classification.models")
     assert memloc.data.Dataset is memloc.Dataset
 

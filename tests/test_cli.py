@@ -122,7 +122,8 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
     import signal
     import time
 
-    from memloc.core.runs import RunDir, load_state
+    from memloc.core.files import load_state
+    from memloc.core.runs import RunDir
     base = [sys.executable, "-m", "memloc.cli", "train", "--dataset", "digits", "--train-size", "256", "--model", "cnn",
             "--width", "0.25", "--epochs", "4", "--batch-size", "32", "--device", "cpu", "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

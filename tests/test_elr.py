@@ -22,7 +22,7 @@ from toys import assert_one_line_error
 from memloc import DataConfig, RunDir, TrainConfig, build_model, load_data
 from memloc.cli import main
 from memloc.core.errors import ConfigError
-from memloc.core.runs import load_state, save_state
+from memloc.core.files import load_state, save_state
 from memloc.core.training import ELR_STATE, Trainer, elr_regularizer
 from memloc.study.grid import grid_cells
 from memloc.tasks.experiment import ModelConfig, RunConfig, run_training
@@ -289,7 +289,7 @@ def test_elr_prevents_memorization_on_mnist5k(one_thread):
 def test_protection_notes_say_where_each_method_protects():
     """The report's grid notes: prevention (ELR) vs removable localization (example-tied dropout), with the numbers;
     nothing without a plain row to compare with."""
-    from memloc.report.page import protection_notes
+    from memloc.report.sections.grid import protection_notes
     rows = [{"cell": "plain", "method": "plain", "noisy_after": "97.0", "test_eval": "90.2"},
             {"cell": "elr-3-0.9", "method": "elr", "noisy_after": "12.0", "noisy_true_after": "84.25",
              "test_eval": "93.0"},

@@ -32,8 +32,8 @@ import pytest
 from toys import assert_one_line_error, digest
 
 from memloc.cli import main
-from memloc.core import runs
-from memloc.core.runs import LOCK_NAME
+from memloc.core import files, runs
+from memloc.core.files import LOCK_NAME
 
 HERE = Path(__file__).parent
 DRIVER = [sys.executable, str(HERE / "fault_driver.py")]
@@ -474,7 +474,7 @@ def test_train_into_a_read_only_disk_is_one_line(tmp_path, capsys):
 
 
 class _Failing:
-    """Stands in for `tempfile` in memloc.core.runs: write number `at` (from 0) fails with `code`, or every
+    """Stands in for `tempfile` in memloc.core.files: write number `at` (from 0) fails with `code`, or every
     write from it on with `every`. A full disk frees the failed write's space, so the writes after
     it (the failed stage's record) usually succeed: that is the default."""
 
@@ -493,7 +493,7 @@ class _Failing:
 def test_injected_full_disk_during_training_then_resume(tiny_run, tmp_path, capsys, monkeypatch, at):
     """Where no tmpfs can be mounted (and everywhere): every write goes through memloc.core.runs, which fails."""
     out = tmp_path / "run"
-    monkeypatch.setattr(runs, "tempfile", _Failing(errno.ENOSPC, at))
+    monkeypatch.setattr(files, "tempfile", _Failing(errno.ENOSPC, at))
     code, _, err = cli(capsys, "train", *TINY, "--out", out, "--quiet")
     assert_one_line_error(code, err, "No space left on device", "free some space")
     monkeypatch.undo()
@@ -519,7 +519,7 @@ def test_injected_read_only_or_full_disk_for_every_writer(tiny_run, killed_tiny,
 
     def read_only(path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path / LOCK_NAME))
-    monkeypatch.setattr(runs, "tempfile", _Failing(code, 0, every=True))
+    monkeypatch.setattr(files, "tempfile", _Failing(code, 0, every=True))
     if code == errno.EROFS:
         monkeypatch.setattr(runs, "_acquire", read_only)
     argv = [str(run_copy) if a == "RUN" else a for a in argv]

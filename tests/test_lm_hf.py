@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memloc.core.errors import ConfigError
-from memloc.core.runs import load_into, load_state, save_state
+from memloc.core.files import load_into, load_state, save_state
 from memloc.core.units import UnitMasks
 from memloc.tasks.classification.models import layers
 from memloc.tasks.lm.gpt import GPT, GPTShape

@@ -19,8 +19,8 @@ from toys import assert_one_line_error
 import memloc
 from memloc.cli import main
 from memloc.core.errors import ConfigError, DataError
+from memloc.core.example_files import Indices, check_indices, read_indices
 from memloc.core.options import flag_of, numeric, range_problem, range_words
-from memloc.tasks.classification.readers import Indices, check_indices, read_indices
 
 NOT_YET: set[str] = set()  # configs left without ranges (none)
 

@@ -14,6 +14,7 @@ import scipy.io
 from PIL import Image
 
 from memloc.core.errors import ConfigError, DataError
+from memloc.core.example_files import read_vector
 from memloc.tasks.classification.readers import (
     STANDARD_DATASETS,
     read_cifar,
@@ -22,7 +23,6 @@ from memloc.tasks.classification.readers import (
     read_npz,
     read_standard,
     read_svhn,
-    read_vector,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -13,7 +13,7 @@ from toys import assert_one_line_error, digest, toy_data, toy_model
 from memloc.cli import main
 from memloc.core.cutting import split_at
 from memloc.core.errors import ConfigError, RunError
-from memloc.core.runs import load_into
+from memloc.core.files import load_into
 from memloc.core.training import evaluate
 from memloc.probes.base import ProbeResult
 from memloc.probes.rewinding import choose_epochs, rewind, rewind_model

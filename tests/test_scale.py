@@ -19,7 +19,7 @@ from conftest import copy_of
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.core.runs import load_npz
+from memloc.core.files import load_npz
 
 GRID = ["--preset", "smoke", "--dataset", "digits", "--train-size", "300", "--epochs", "1", "--batch-size", "64",
         "--no-gradient-accounting", "--pairs", "0.4,0.1;0.5,0.2", "--quiet"]

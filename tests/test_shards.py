@@ -15,7 +15,7 @@ from conftest import copy_of
 from toys import assert_one_line_error
 
 from memloc.cli import main
-from memloc.core.runs import load_npz
+from memloc.core.files import load_npz
 
 FLIP = ["--examples", "5", "--others", "64", "--eval-subsample", "200", "--batch-examples", "4"]
 RETRAIN = ["--epochs", "2"]

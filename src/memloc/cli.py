@@ -11,145 +11,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from .core.errors import ConfigError, MemlocError
+from .core.flags import FlagParser, add_config_flags, as_typed, floats_arg, given, ints_arg, names_arg, pairs_arg
 
 _SECTIONS = ("data", "model", "train")
 # the run-config fields `memloc run` sets per cell itself (--noise levels, --seeds, the dropout model's fractions)
 _STUDY_SETS = {"data": ("noise", "seed"), "model": ("p_gen", "p_mem"), "train": ("seed",)}
-
-
-# ----------------------------------------------------------------------------- flags from config fields
-
-def _parse(f: dataclasses.Field, flag: str, spread: tuple[dataclasses.Field, ...] = ()) -> Callable[[str], Any]:
-    """text -> the field's value, refused in one line (naming `flag` and the range) when it is outside the field's
-    declared range; a spread flag's numbers each against the range of the field it sets (`spread`), and each number
-    of a flag of a fixed count (metavar LAMBDA,BETA) named by its part."""
-    from .core.options import numeric, range_problem
-    parse = f.metadata.get("parse")
-    if parse is None:
-        kind = str(f.type)
-        parse = float if "float" in kind else int if "int" in kind else str
-    metavar = f.metadata.get("metavar") or ""
-    parts = metavar.split(",")
-    parts = parts if len(parts) == len(spread) else [g.name for g in spread]
-    fixed = (numeric(f) or (None, False))[1] and "," in metavar and "..." not in metavar  # C,H,W
-
-    def checked(value: Any) -> Any:
-        if spread:
-            items = [(part, g, v, False) for part, g, v in zip(parts, spread, value)]
-        elif fixed and isinstance(value, tuple) and len(value) == len(metavar.split(",")):
-            items = [(part, f, v, True) for part, v in zip(metavar.split(","), value)]
-        else:
-            items = [(None, f, value, False)]
-        for part, g, v, one in items:
-            problem = range_problem(g, v, one=one)
-            if problem:
-                raise argparse.ArgumentTypeError(f"{flag} {part + ' ' if part else ''}{problem}")
-        return value
-
-    def convert(text: str) -> Any:
-        try:
-            return checked(parse(text))
-        except MemlocError as err:  # a file named by the flag: its own one line
-            raise argparse.ArgumentTypeError(str(err)) from None
-        except ValueError as err:
-            msg = str(err)
-            if msg.startswith("takes"):
-                raise argparse.ArgumentTypeError(f"{flag} {msg}") from None
-            what = getattr(parse, "__name__", "value")
-            raise argparse.ArgumentTypeError(
-                f"{flag} takes {'a number' if what == 'float' else 'an integer' if what == 'int' else 'a value'}, "
-                f"not {text!r}") from None
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
-def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: tuple[str, ...] = (),
-                     title: str | None = None, preset_set: frozenset[str] = frozenset()) -> None:
-    """One flag per field of config dataclass `cls` made with `option(...)` (default None: "not given").
-
-    The help names the field's default; for the fields in `preset_set`, that a --preset may set it."""
-    group = parser.add_argument_group(title) if title else parser
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    by_name = {f.name: f for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if not meta or not meta.get("cli", True) or f.name in exclude:
-            continue
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        if flag in parser._option_string_actions:  # a flag two configs share (--holdout): one flag sets both
-            continue
-        default = defaults.get(f.name)
-        if meta.get("spread"):  # one flag for several fields: their defaults together
-            default = tuple(defaults.get(n) for n in meta["spread"]) if default is not None else None
-        help_ = meta.get("help", "").replace("%", "%%")  # argparse formats help with %: a "90%" is text
-        note = " [--preset may set it]" if f.name in preset_set else ""
-        if str(f.type) == "bool":
-            if meta.get("negate"):  # its help says what the flag does
-                group.add_argument(meta["negate"], dest=f.name, action="store_false", default=None,
-                                   help=help_ + note)
-            else:
-                group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_ + note)
-            continue
-        if default is not None and not isinstance(default, tuple):
-            help_ = f"{help_} (default {default:g})" if isinstance(default, float) else f"{help_} (default {default})"
-        elif isinstance(default, tuple):
-            help_ = f"{help_} (default {','.join(map(str, default))})"
-        help_ += note
-        metavar = meta.get("metavar") or (None if meta.get("choices") else flag.lstrip("-").upper().replace("-", "_"))
-        spread = tuple(by_name[n] for n in meta.get("spread") or ())
-        group.add_argument(flag, *meta.get("aliases", ()), dest=f.name, type=_parse(f, flag, spread), default=None,
-                           help=help_, choices=meta.get("choices"), metavar=metavar)
-
-
-def given(args: argparse.Namespace, cls: type, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The fields of `cls` whose flags were given, as {field: value} (a spread flag sets several fields)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is None or not f.metadata.get("cli", True) or f.name in exclude:
-            continue
-        spread = f.metadata.get("spread")
-        out.update(dict(zip(spread, v)) if spread else {f.name: v})
-    return out
-
-
-def as_typed(message: str, parser: argparse.ArgumentParser, argv: list[str]) -> str:
-    """`message` naming each flag of `parser` that has several spellings (--memorization-sinks is
-    --example-tied-dropout) the way the user typed it in `argv`, where they typed one of them."""
-    for action in parser._actions:
-        names = [n for n in action.option_strings if n.startswith("--")]
-        typed = {n for n in names for a in argv if a == n or a.startswith(n + "=")}
-        if len(names) < 2 or len(typed) != 1:
-            continue
-        flag = typed.pop()
-        message = message.replace("/".join(action.option_strings), flag)
-        for other in names:
-            message = re.sub(rf"(?<![\w-]){re.escape(other)}(?![\w-])", flag, message)
-    return message
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's error format: one line `memloc: error: ...`, exit 2, no usage dump; a flag with
-    several spellings is named as typed."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        self._typed = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message: str) -> NoReturn:
-        message = as_typed(message, self, getattr(self, "_typed", []))
-        m = re.match(r"argument (\S+): (\S+) ", message)  # "argument --x/--y: --x takes ..." says the flag once
-        message = message[m.end(1) + 2:] if m and m.group(2) in m.group(1).split("/") else message
-        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
-        hint = f"`memloc {command} --help`" if command else "`memloc --help`"
-        self.exit(2, f"memloc: error: {message.strip()} (see {hint})\n")
 
 
 # ----------------------------------------------------------------------------- configs from flags
@@ -565,7 +437,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .core.runs import memloc_kind
+    from .core.files import memloc_kind
     started = time.perf_counter()
     kind = memloc_kind(args.run)
     if kind is None:
@@ -625,18 +497,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _grid_pairs(text: str) -> tuple[tuple[float, float], ...]:
-    from .core.options import floats
-    pairs = []
-    for part in text.split(";"):
-        if part.strip():
-            try:
-                pairs.append(floats(part.strip(), 2))
-            except ValueError as err:
-                raise argparse.ArgumentTypeError(f"--pairs {err}") from None
-    if not pairs:
-        raise argparse.ArgumentTypeError(f"--pairs takes P_GEN,P_MEM pairs separated by ';', not {text!r}")
-    return tuple(pairs)  # type: ignore[return-value]
 
 
 def cmd_dropout_grid(args) -> int:
@@ -653,7 +513,7 @@ def cmd_dropout_grid(args) -> int:
 
 
 def _grid_done(folder, rows: list[dict]) -> int:
-    from .report.page import protection_notes
+    from .report.sections.grid import protection_notes
     for line in protection_notes(rows):
         print(line)
     print(f"done: {Path(folder) / 'grid.csv'} ({len(rows)} cells)")
@@ -678,25 +538,10 @@ def cmd_bench_localize(args) -> int:
 
 # ----------------------------------------------------------------------------- the parser
 
-def _names(text: str) -> tuple[str, ...]:
-    from .core.options import names
-    return names(text)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    from .core.options import ints
-    try:
-        return ints(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    from .core.options import floats
-    try:
-        return floats(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 _QUIET_SILENT = "print nothing but errors (the exit code says it worked)"
@@ -708,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .probes import DropoutConfig, registered
     from .study.run import StudyConfig
-    parser = _Parser(prog="memloc", description="Find where a network memorizes its training examples.")
+    parser = FlagParser(prog="memloc", description="Find where a network memorizes its training examples.")
     parser.add_argument("--version", action="version", version=f"memloc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     presets = ["smoke", "default", "paper"]
@@ -796,9 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dropout-grid", help="example-tied dropout over (p_gen, p_mem) pairs, with matched baselines")
     p.add_argument("--preset", choices=presets, help="base data/model/training settings")
     _run_flags(p, exclude={"model": ("p_gen",), "train": ("elr",)})
-    p.add_argument("--elr", dest="elr_cells", type=_floats, metavar="LAMBDA,BETA",
+    p.add_argument("--elr", dest="elr_cells", type=floats_arg, metavar="LAMBDA,BETA",
                    help="also train a plain cell and an early-learning-regularization cell, e.g. 3,0.7 (docs/elr.md)")
-    p.add_argument("--pairs", type=_grid_pairs, metavar="'G,M;G,M'",
+    p.add_argument("--pairs", type=pairs_arg, metavar="'G,M;G,M'",
                    help="cells to train, e.g. '0.4,0.1;0.3,0.1' (default: p_gen 0.2-0.5 x p_mem 0.05, 0.1, 0.2)")
     p.add_argument("--no-baselines", action="store_true", help="skip the standard-dropout and fixed-sparse baselines")
     p.add_argument("--out", required=True, help="grid folder: one run directory per cell and grid.csv")
@@ -811,13 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", default="tinymem", metavar="NAME", help="tinymem (default), inj or del")
     p.add_argument("--preset", default="full", metavar="NAME",
                    help="smoke (under two minutes on 2 CPU cores), full (the CPU scale, default) or paper (GPU)")
-    p.add_argument("--methods", type=_names, metavar="M,M,...", help="localization methods (default: every method "
+    p.add_argument("--methods", type=names_arg, metavar="M,M,...", help="localization methods (default: every method "
                                                                       "of each --units kind: nine on neurons, four on "
                                                                       "weights)")
-    p.add_argument("--units", type=_names, metavar="KIND,KIND", help="tinymem: neurons (default), weights (every "
+    p.add_argument("--units", type=names_arg, metavar="KIND,KIND", help="tinymem: neurons (default), weights (every "
                                                                      "weight of the MLP matrices: TinyMem's weight "
                                                                      "methods) or neurons,weights side by side")
-    p.add_argument("--layers", dest="n_layers", type=_ints, metavar="N,N,...",
+    p.add_argument("--layers", dest="n_layers", type=ints_arg, metavar="N,N,...",
                    help="model depths to train (default: the preset's; inj uses the first)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--repeats", type=int, metavar="N", help="tinymem and inj: training copies of each artifact "
@@ -827,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(default: train the preset's LM model into --models)")
     p.add_argument("--examples", type=int, metavar="N", help="localize at most N memorized sequences (default: "
                                                               "tinymem 32, del 16, smoke 3)")
-    p.add_argument("--ratios", type=_floats, metavar="R,R,...", help="inj and del: shares of each layer's neurons "
+    p.add_argument("--ratios", type=floats_arg, metavar="R,R,...", help="inj and del: shares of each layer's neurons "
                                                                       "(default: inj 0.001,0.01; del 0.001,0.005,0.02)")
     p.add_argument("--device", help="cpu (default), cuda or auto")
     p.add_argument("--seed", type=int, help="seed of the data, the models and the methods (default 0)")

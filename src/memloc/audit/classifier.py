@@ -66,7 +66,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, model_words: str) -> None:
     """Load `state` into `model`, or one line naming the first difference and the flags that choose the model."""
-    from ..core.runs import state_mismatch
+    from ..core.files import state_mismatch
     detail = state_mismatch(model, state)
     if detail:
         raise ConfigError(f"{path} does not hold the weights of {model_words} ({detail}): pass the --model and "

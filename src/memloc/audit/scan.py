@@ -162,7 +162,7 @@ def _measure(model, tokens: TokenFile, tok, mcfg, cfg, text, parts: Path, *, ref
 
 def _save_part(parts: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
     """Chunk k's results, atomically: a kill leaves the chunk whole or absent."""
-    from ..core.runs import save_npz
+    from ..core.files import save_npz
     save_npz(parts / f"{k:06d}.npz", **arrays)
 
 
@@ -180,7 +180,7 @@ def _has_part(parts: Path, k: int, lo: int, hi: int) -> bool:
 def _join(tokens: TokenFile, cfg, d: Path) -> dict:
     """The chunks in d/parts joined a column at a time (never all columns at once) into d/arrays.npz and d/scan.csv,
     with `kept` (`select`); d/summary.json last. Returns the summary."""
-    from ..core.runs import atomic_write, write_json
+    from ..core.files import atomic_write, write_json
     from ..tasks.lm.membership import ORIENT, attack_quality
     parts = [d / "parts" / f"{k:06d}.npz" for k in range(math.ceil(len(tokens) / cfg.chunk))]
     with np.load(parts[0], allow_pickle=False) as z:
@@ -253,7 +253,7 @@ def _write_selected(path: Path, tokens: TokenFile, kept: np.ndarray) -> None:
     """RUN/sequences.jsonl: the kept sequences' ids, labels and positions in the file, atomically."""
     import json
 
-    from ..core.runs import atomic_write
+    from ..core.files import atomic_write
 
     def write(p: Path) -> None:
         with open(p, "w") as f:

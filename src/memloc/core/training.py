@@ -49,12 +49,13 @@ from . import distributed
 from .accounting import GradientAccounting
 from .errors import ConfigError, RunError
 from .examples import Examples, batches
+from .files import load_state, save_state
 from .inference import indices_context
 from .layers import Layer, check_input, registry_name, select_layers
 from .layers import layers as find_layers
 from .options import INT64_MAX, check_ranges, fitted, floats, given_fields, given_option, option, replaced
 from .precision import LEGACY, PRECISIONS, arithmetic, autocast, choose, cudnn_autotune
-from .runs import RunDir, exclusive, load_state, save_state
+from .runs import RunDir, exclusive
 from .tasks import task_of
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -408,7 +409,7 @@ class Trainer:
         last = run.stage("train").get("last_checkpoint")
         if last is None:
             raise RunError(f"{run.path} has no complete checkpoint to resume from: start it again with --overwrite")
-        from .runs import load_into
+        from .files import load_into
         load_into(self.model, run.load_checkpoint(last), source=str(run.checkpoint_path(last)))
         if last > 0:
             state_path = run.checkpoint_dir / f"optimizer_{last:03d}.safetensors"

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..core.errors import RunError
-from ..core.runs import RunDir, load_npz, save_npz, write_json, write_text
+from ..core.files import load_npz, save_npz, write_json, write_text
+from ..core.runs import RunDir
 
 
 @dataclass

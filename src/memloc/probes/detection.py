@@ -60,12 +60,12 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, DataError, RunError
+from ..core.example_files import read_vector
 from ..core.inference import predict
 from ..core.options import INT64_MAX, check_ranges, option
 from ..core.runs import RunDir
 from ..core.tasks import task_of
 from ..core.training import Trainer
-from ..tasks.classification.readers import read_vector
 from ..tasks.experiment import make_model
 from .base import ProbeResult
 from .depth import depth_scores
@@ -634,7 +634,7 @@ def plot_gallery(result: ProbeResult, path: str | Path, *, top: int = GALLERY, c
 
 def _save(fig, path: str | Path) -> Path:
     from ..core.figures import png
-    from ..core.runs import atomic_write
+    from ..core.files import atomic_write
     data = png(fig)
     path = Path(path)
     atomic_write(path, lambda p: p.write_bytes(data))

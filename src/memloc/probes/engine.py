@@ -29,10 +29,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..core.errors import ConfigError, DataError, RunError
+from ..core.files import load_npz, save_npz, write_json
 from ..core.options import replaced
 from ..core.options import settings as settings_of
 from ..core.precision import arithmetic, current_or_none
-from ..core.runs import RunDir, exclusive, load_npz, remove_memloc_files, save_npz, shard_split, write_json
+from ..core.runs import RunDir, exclusive, remove_memloc_files, shard_split
 from ..core.training import prepare
 from ..tasks.experiment import LoadedRun, arithmetic_for, open_run
 from .base import ProbeResult, register

@@ -34,9 +34,10 @@ from torch import nn
 
 from ..core.cutting import split_at
 from ..core.errors import ConfigError
+from ..core.files import load_npz, save_npz
 from ..core.layers import Layer
 from ..core.precision import autocast, channels_last
-from ..core.runs import RunDir, load_npz, save_npz
+from ..core.runs import RunDir
 from ..core.tasks import Task
 from ..tasks.classification import data as data_mod
 

@@ -35,7 +35,7 @@ from ..core.dropout import (
     find_example_tied_dropout,
 )
 from ..core.errors import ConfigError, RunError
-from ..core.runs import save_state
+from ..core.files import save_state
 from ..tasks.classification.models import build_model
 from ..tasks.experiment import AUDIT_FILE, LoadedRun
 
@@ -167,7 +167,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _write_lm(model: nn.Module, out: Path, meta: dict, *, overwrite: bool, tokenizer: Path | None = None) -> Path:
     """memloc's GPT as one .safetensors file (its shape in the metadata), a Hugging Face model as a save_pretrained
     folder written atomically and marked as ours (with `tokenizer`'s tokenizer files, copied, when given)."""
-    from ..core.runs import atomic_folder
+    from ..core.files import atomic_folder
     from ..tasks.lm.gpt import GPT
     if isinstance(model, GPT):
         if out.suffix != ".safetensors":
@@ -318,7 +318,7 @@ def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> nn
         raise RunError(f"{path} is not a readable safetensors file ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise RunError(f"{path} was not written by `memloc export` (no {EXPORT_FORMAT} metadata)")
-    from ..core.runs import load_into
+    from ..core.files import load_into
     if meta.get("task") == "lm":  # memloc's GPT, its sinks folded into the MLP projections
         from ..tasks.lm.gpt import GPT, GPTShape
         model = GPT(GPTShape(**meta["shape"]))

@@ -44,7 +44,8 @@ from typing import Callable
 
 from ..core.dropout import expected_active_fraction
 from ..core.errors import ConfigError, RunError
-from ..core.runs import RunDir, _jsonable, exclusive, is_empty, remove_memloc_files, write_json, write_text
+from ..core.files import _jsonable, is_empty, write_json, write_text
+from ..core.runs import RunDir, exclusive, remove_memloc_files
 from ..core.training import elr_setting
 from ..tasks.experiment import ModelConfig, RunConfig, make_model, open_run, resume_training, run_training
 

@@ -25,18 +25,9 @@ import numpy as np
 
 from .. import probes
 from ..core.errors import ConfigError, RunError
+from ..core.files import _jsonable, is_empty, memloc_kind
 from ..core.options import check_ranges, floats, given_fields, given_option, ints, option
-from ..core.runs import (
-    RunDir,
-    _jsonable,
-    exclusive,
-    is_empty,
-    mark_failed,
-    memloc_kind,
-    remove_memloc_files,
-    study_cells,
-    study_stages,
-)
+from ..core.runs import RunDir, exclusive, mark_failed, remove_memloc_files, study_cells, study_stages
 from ..core.scale import SHARDS, finished_shards, join_shard, mine
 from ..core.tasks import task_of
 from ..core.training import MEMORIZED, TrainConfig, resolve_device

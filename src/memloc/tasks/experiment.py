@@ -24,8 +24,9 @@ from torch import nn
 from ..core import distributed
 from ..core.dropout import ChannelDropout, ExampleTiedDropout, FixedUnitMask
 from ..core.errors import ConfigError, RunError
+from ..core.files import load_into
 from ..core.options import INT64_MAX, check_ranges, floats, option
-from ..core.runs import RunDir, default_out, exclusive, load_into
+from ..core.runs import RunDir, default_out, exclusive
 from ..core.tasks import task_of
 from ..core.training import TrainConfig, Trainer, fit_training, resolve_device
 from .classification import data as data_mod

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ...core.errors import ConfigError, DataError
-from ...core.runs import write_text
+from ...core.files import write_text
 
 DIGITS = "0123456789"
 EOS_TOKEN = "<|endoftext|>"  # the BPE's end-of-text token (GPT-2's spelling)

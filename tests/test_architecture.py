@@ -84,6 +84,15 @@ def test_only_the_classification_task_reads_label_noise():
     assert "tasks/classification/task.py" in readers
 
 
+def test_the_core_never_asks_which_task_it_has():
+    """Training, the budget, the engine's core parts ask the task what it can do (`class_labels`, `kinds`, ...),
+    never its name: a new task gets ELR or --epochs auto by saying so, not by an edit in the core."""
+    pattern = re.compile(r"\b(task|self\.task)\.name\s*(==|!=|in)\s*")
+    asking = sorted(str(f.relative_to(SRC).as_posix()) for f in (SRC / "core").rglob("*.py")
+                    if pattern.search(f.read_text()))
+    assert not asking, asking
+
+
 # The layers, bottom to top, by package: a module may import its own layer or a lower one, never a higher one.
 # Everything not named here (the package's __init__, cli, __main__, the old-path table) is the top.
 LAYERS = {"memloc.core": 0, "memloc._version": 0, "memloc.tasks": 1, "memloc.probes": 2, "memloc.methods": 2,
@@ -116,6 +125,34 @@ def test_no_module_over_800_lines():
     long = {str(f.relative_to(SRC).as_posix()): n for f in SRC.rglob("*.py")
             if (n := len(f.read_text().splitlines())) > 800}
     assert not long, long
+
+
+# memloc.__all__ as it stood before the package was arranged by task (commit 442d789): the layout moved modules,
+# not the public API
+PUBLIC_API = [
+    "ConfigError", "DataError", "MemlocError", "RunError",
+    "DataConfig", "Dataset", "corrupt_labels", "load_data", "wrap_data", "from_torch_dataset",
+    "Task", "task_of",
+    "Layer", "build_model", "layers",
+    "RunDir",
+    "TrainConfig", "History", "train", "evaluate", "predict", "prepare",
+    "ModelConfig", "RunConfig", "open_run", "resume_training", "run_training",
+    "ProbeResult", "run_probe",
+    "RewindConfig", "rewind", "RetrainConfig", "retrain", "FlipConfig", "flip",
+    "DropoutConfig", "evaluate_dropout", "DetectConfig", "detect", "detect_scores", "plot_roc",
+    "DepthConfig", "prediction_depth",
+    "LocalizeConfig", "localize", "edited", "BenchConfig", "bench_localize", "TinyMemConfig", "tinymem_data",
+    "export_dropped", "export_localized", "load_exported", "remove_memorization",
+    "DEFAULT_PAIRS", "dropout_grid",
+    "dropout_mode", "example_indices", "insert_example_tied_dropout",
+    "build_report",
+]
+
+
+def test_the_public_api_is_what_it_was_before_the_layout():
+    import memloc
+    assert memloc.__all__ == PUBLIC_API
+    assert all(getattr(memloc, n) is not None for n in PUBLIC_API)
 
 
 def test_the_old_import_paths_are_the_new_modules():

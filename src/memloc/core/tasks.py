@@ -25,6 +25,7 @@ class Task(Protocol):
     """The contract between the probes and a kind of data. Shapes: N training and M test examples, B a batch."""
 
     name: str
+    class_labels: bool  # one class label per example: what ELR, --epochs auto, depth and detection read
     subsets: tuple[str, ...]  # measured subsets, in report order: the training ones, then `test_masks`' held-out ones
     kinds: tuple[str, ...]  # kinds of training example a probe can pick
     memorized_kind: str  # the kind whose memorization the probes locate ("noisy")

@@ -312,6 +312,11 @@ class History:
     elr_targets: np.ndarray | None = None  # (N, C) float32: early-learning regularization's targets at the end
 
 
+def _class_labels(task) -> bool:
+    """Whether the task's examples carry one class label each (a user's own Task that does not say: no)."""
+    return bool(getattr(task, "class_labels", False))
+
+
 class Trainer:
     """Trains `model` on `data` as `cfg` says; one object holds the on-device accumulators."""
 
@@ -319,7 +324,7 @@ class Trainer:
                  progress: bool = True, log: Callable[[str], None] | None = None):
         self.task = task_of(data)
         cfg = cfg.with_recipe(registry_name(model), self.task.num_train)  # what the config left to the model
-        if cfg.auto and self.task.name != "classification":
+        if cfg.auto and not _class_labels(self.task):
             raise ConfigError(f"--epochs auto stops on noisy-train accuracy, which task {self.task.name} does not "
                               "have: pass --epochs N")
         self.cfg, self.data, self.run = cfg, data, run
@@ -372,7 +377,7 @@ class Trainer:
         self.metrics: list[dict] = []
         self.elr_targets = None  # (N, C) float32 on the device, with --elr only
         if cfg.elr is not None:
-            if self.task.name != "classification":
+            if not _class_labels(self.task):
                 raise ConfigError(f"--elr is for classification (per-example class targets), not task "
                                   f"{self.task.name}: drop it")
             # zeros, as published: an example's first visit sets its target to (1 - beta) * p
@@ -619,7 +624,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         done = len(self.metrics)
-        if cfg.auto and self.settle_from is None and self.task.name == "classification":
+        if cfg.auto and self.settle_from is None and _class_labels(self.task):
             self.log(self._cap_line())
         if self.run is not None:
             self.run.set_stage("train", "done", **self._stage(last_checkpoint=done, epochs=done))

@@ -276,7 +276,7 @@ class _Linear:
 def _plan(model: nn.Module, data: Any, cfg: DepthConfig) -> tuple[Task, list[Layer], np.ndarray]:
     """Everything decided before any compute: the task, the probed layers, the support set. Bad input fails here."""
     task = task_of(data)
-    if task.name != "classification":
+    if not getattr(task, "class_labels", False):
         raise ConfigError(f"depth probes class labels layer by layer, for a classifier; this run's task is {task.name} "
                           "(no class labels): for a language model, `memloc memorization RUN` measures its canaries")
     picked = select_layers(find_layers(model), list(cfg.layers) if cfg.layers else None)

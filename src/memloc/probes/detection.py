@@ -410,7 +410,7 @@ def _flip_config(cfg: DetectConfig, n: int) -> FlipConfig:
 def _check_inputs(model: nn.Module, data: Any, cfg: DetectConfig, ctx: Context) -> None:
     """Every input is checked before any training (the cross-validation's, the flipping's)."""
     task = task_of(data)
-    if task.name != "classification":  # cleanlab's label quality and the margins read class probabilities
+    if not getattr(task, "class_labels", False):  # cleanlab's label quality and the margins read class probabilities
         raise ConfigError(f"detect finds mislabeled examples of a classifier; this run's task is {task.name}: for a "
                           "language model, `memloc memorization RUN` measures its canaries")
     _records(ctx, task.num_train)

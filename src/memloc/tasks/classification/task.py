@@ -28,6 +28,7 @@ class ClassificationTask:
     """The probes' view of a :class:`~memloc.tasks.classification.data.Dataset` (see `memloc.tasks.Task`)."""
 
     name = "classification"
+    class_labels = True
     subsets = ("clean_train", "noisy_train", "rare_train", "test")
     kinds = ("clean", "noisy", "rare")
     memorized_kind = "noisy"

@@ -34,6 +34,7 @@ class LanguageModelTask:
     """The probes' view of :class:`~memloc.tasks.lm.text.TextData` (see `memloc.tasks.Task`)."""
 
     name = "lm"
+    class_labels = False  # a token sequence per example
     subsets = ("corpus_train", "canary_train", "canary_heldout", "test")
     kinds = ("corpus", "canary")
     memorized_kind = "canary"

@@ -87,7 +87,7 @@ def _finished(study: Path) -> bool:
 def summarize(study: Path) -> dict:
     """The study's end of training and its claims, from its files."""
     from memloc.core.runs import RunDir, study_cells
-    from memloc.report.page import claims
+    from memloc.report.paper_claims import claims
     _, _, _, base_dir, drop_dir = study_cells(RunDir.open(study))[0]
     base = RunDir.open(base_dir)
     drop = RunDir.open(drop_dir) if (drop_dir / "run.json").exists() else None

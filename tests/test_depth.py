@@ -14,7 +14,7 @@ from memloc.cli import main
 from memloc.core.errors import ConfigError
 from memloc.core.runs import RunDir
 from memloc.probes.depth import DepthConfig, knn_predict, pooled, prediction_depth, prediction_depths
-from memloc.report.page import claims
+from memloc.report.paper_claims import claims
 from memloc.tasks.classification.data import Dataset
 
 # ----------------------------------------------------------------------------- a network whose depth is known

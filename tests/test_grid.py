@@ -78,7 +78,7 @@ def test_grid_end_to_end(grid_dir):
     assert spec["cells"] == ["etd-0.4-0.1", "dropout-0.46", "sparse-0.46"]
     assert RunConfig.from_dict(spec["base"]).model.p_gen is None
     # the report's trade-off plot: one marker per cell, the baselines marked apart
-    from memloc.report.page import grid_tradeoff_figure
+    from memloc.report.sections.grid import grid_tradeoff_figure
     fig = grid_tradeoff_figure(rows)
     assert len(fig.axes[0].collections) == len(rows)
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"example-tied", "dropout", "sparse"}

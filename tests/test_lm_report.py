@@ -11,11 +11,15 @@ import re
 
 import numpy as np
 import pytest
+from toys import report_modules
 
+import memloc.report as report  # the old names, forwarded to their modules
 from memloc.cli import main
+from memloc.core import figures
 from memloc.core.runs import RunDir
 from memloc.probes.base import ProbeResult
-from memloc.report import page as report
+from memloc.report.canary_claims import _last_block_start
+from memloc.report.sections.flipping import _units_per_layer
 
 SUBSETS = ["corpus_train", "canary_train", "canary_heldout", "test"]
 LAYERS = ["embed", "blocks.0.attn", "blocks.0.mlp", "head"]
@@ -97,14 +101,15 @@ def _lm_run(path, *, memorization: bool = True) -> RunDir:
 def _build_report(path) -> tuple[str, list[str]]:
     """Build a run's report: (report.html's text, every text its figures draw)."""
     drawn: list[str] = []
-    real = report.png
+    real = figures.png
 
     def png(fig):
         import matplotlib.text
         drawn.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text())
         return real(fig)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report, "png", png)
+        for module in report_modules():  # every section draws its own figures
+            mp.setattr(module, "png", png)
         page = report.build_report(path)
     assert page == path / "report" / "report.html" and page.exists()
     return page.read_text(), drawn
@@ -184,7 +189,7 @@ def test_the_flipping_section_of_a_language_model_shows_units_by_repeat_count_an
     table = (run.path / "report" / "tables" / "summary_flipping_repeats.csv").read_text().splitlines()
     assert table == ["repeats,searched,no longer extracted,median units,mean units", "1,1,1,2.0,2.0",
                      "16,1,1,2.0,2.0"]
-    per_layer = report._units_per_layer(ProbeResult.load(run, "flipping").arrays)
+    per_layer = _units_per_layer(ProbeResult.load(run, "flipping").arrays)
     assert per_layer[0] == LAYERS[1:] and per_layer[1].tolist() == [1, 3, 0]
     alone = _lm_run(tmp_path / "lm", memorization=False)  # no canary -> repeat count: the layers alone, and how
     sec = report.flipping(alone)
@@ -316,8 +321,8 @@ def test_claim_memorization_is_not_confined_to_the_last_layers(tmp_path):
     assert _verdict(run, "rewinding")[1].startswith("not measured: the final model extracts 5.0%")
     _remove(run, "rewinding")
     assert _verdict(run, "rewinding")[1] == f"not measured (run `memloc rewind {run.path}`)"
-    assert report._last_block_start(BLOCKS) == 3 and report._last_block_start(["conv1", "fc"]) == 1
-    assert report._last_block_start(["wte", "transformer.h.10.mlp", "transformer.h.11.attn", "lm_head"]) == 2
+    assert _last_block_start(BLOCKS) == 3 and _last_block_start(["conv1", "fc"]) == 1
+    assert _last_block_start(["wte", "transformer.h.10.mlp", "transformer.h.11.attn", "lm_head"]) == 2
 
 
 def test_claim_retraining_brings_the_canaries_back(tmp_path):

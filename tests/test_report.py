@@ -67,7 +67,7 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
 
 
 def test_claims_summary_in_words():
-    from memloc.report.page import claims_summary
+    from memloc.report.paper_claims import claims_summary
     rows = [{"claim": "a", "verdict": "holds"}, {"claim": "b", "verdict": "does not hold"},
             {"claim": "c", "verdict": "not enough data (n = 3 noisy, 40 clean; need 5 each)"},
             {"claim": "d", "verdict": "holds"}]
@@ -78,7 +78,7 @@ def test_claims_summary_in_words():
 
 
 def test_tables_read_as_people_write_them():
-    from memloc.report.page import _table_html
+    from memloc.report.html import _table_html
     rows = [{"kind": "noisy", "noisy_train_acc": 0.9512, "median_units": 2.0, "rare_train_acc": None},
             {"kind": "clean", "noisy_train_acc": None, "median_units": None, "rare_train_acc": None}]
     html = _table_html(rows)

@@ -9,6 +9,7 @@ from pathlib import Path
 import browser
 import pytest
 from conftest import copy_of
+from toys import report_modules
 
 from memloc.cli import main
 
@@ -89,13 +90,13 @@ def test_resume_of_a_finished_or_foreign_study_is_refused(smoke_study, tmp_path,
 def test_report_without_disk_space_fails_cleanly_and_keeps_the_old_report(smoke_study, monkeypatch, capsys):
     rep = smoke_study / "report"
     before = {p.relative_to(rep): p.read_bytes() for p in rep.rglob("*") if p.is_file()}
-    import memloc.report as report_mod
+    from memloc.report import html as report_files  # where the report's files are written
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report_mod, "atomic_write", full)
-    monkeypatch.setattr(report_mod, "write_text", lambda p, t: full(p, None))
+    monkeypatch.setattr(report_files, "atomic_write", full)
+    monkeypatch.setattr(report_files, "write_text", lambda p, t: full(p, None))
     assert main(["report", str(smoke_study)]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1
@@ -105,8 +106,9 @@ def test_report_without_disk_space_fails_cleanly_and_keeps_the_old_report(smoke_
 def test_every_layer_figure_names_its_layers(smoke_study, tmp_path, monkeypatch):
     """Layer axes carry the layers' names (as '2 block2'), never bare numbers, in every figure of the report."""
     import memloc.report as report
+    from memloc.core import figures
     seen = []
-    real = report.png
+    real = figures.png
 
     def spy(fig):
         for ax in fig.axes:
@@ -115,7 +117,8 @@ def test_every_layer_figure_names_its_layers(smoke_study, tmp_path, monkeypatch)
                 seen.append((label, ticks))
         return real(fig)
 
-    monkeypatch.setattr(report, "png", spy)
+    for module in report_modules():  # every section draws its own figures
+        monkeypatch.setattr(module, "png", spy)
     copy = tmp_path / "s"
     shutil.copytree(smoke_study, copy)
     report.build_report(copy)

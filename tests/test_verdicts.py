@@ -199,9 +199,9 @@ def test_over_seeds():
 
 def test_the_study_seed_table_combines_each_claim_over_seeds(smoke_study_master):
     from memloc.core.runs import RunDir
-    from memloc.report import page as report
+    from memloc.report.study_page import _seed_table
     b, d = RunDir.open(smoke_study_master / "base"), RunDir.open(smoke_study_master / "dropout")
-    table = report._seed_table([("seed 0, noise 0.1", b, d), ("seed 1, noise 0.1", b, d)])
+    table = _seed_table([("seed 0, noise 0.1", b, d), ("seed 1, noise 0.1", b, d)])
     rows = {r["claim"]: r for r in table.rows}
     assert list(next(iter(rows.values()))) == ["claim", "noise", "threshold", "over seeds", "verdict", "per seed"]
     row = rows["mislabeled examples are memorized (noisy-train accuracy at the end)"]  # the smoke model does not

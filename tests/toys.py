@@ -84,3 +84,14 @@ def train_plainly(model: nn.Module, tok, corpus: list[str], *, epochs: int, rng,
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def report_modules() -> list:
+    """The report's modules that draw figures, each with its own `png` (memloc.core.figures.png): what a test patches
+    to see every figure the report draws."""
+    import sys
+
+    import memloc.report.page  # noqa: F401 - imports every section
+    from memloc.core import figures
+    return [m for name, m in sorted(sys.modules.items())
+            if name.startswith("memloc.report.") and vars(m).get("png") is figures.png]

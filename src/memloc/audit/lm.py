@@ -363,7 +363,7 @@ def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callab
     result = removal_result(loaded.data, scan, after, loc)
     result.save(run)
     run.set_stage(REMOVAL, "done")
-    from ..report.page import describe_removal
+    from ..report.sections.audit import describe_removal
     for line in describe_removal(result):
         log(line)
 

@@ -22,8 +22,10 @@ from typing import Callable
 import numpy as np
 
 from ..core.figures import png, pyplot
-from ..core.runs import _jsonable, write_text
-from ..report.page import Figure, Section, Table, _change, _fixed, _float, _pct, _points, render_html
+from ..core.files import _jsonable, write_text
+from ..report.html import Figure, Section, Table, render_html
+from ..report.sections.sinks import _change
+from ..report.words import _fixed, _float, _pct, _points
 
 TITLES = {"tinymem": "TinyMem arithmetic (noise artifacts)", "inj": "INJ: injected sequences (MemPi)",
           "del": "DEL: naturally memorized sequences (MemPi)"}

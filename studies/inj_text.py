@@ -1,8 +1,13 @@
 """INJ on natural text (issue #33): MemPi's injection benchmark on memloc's small LM trained on the King James Bible.
 
-    # the table of RESULTS.md, "INJ on natural text": ~25 min on one CPU thread
+    # the table of RESULTS.md, "INJ on natural text": 32 min on one thread of a 2-core CPU shared with other jobs
+    # (load 8-11), 6 of them training the LM
     python studies/inj_text.py
-    # a quick look (2 layers, 2 verses, 1 record, one ratio): ~3 min
+    # the learned masks with MemPi's 1,000 steps and no early stop (copy runs/inj-text/lm-smoke-4l into the new
+    # folder first: the same LM, not trained again)
+    python studies/inj_text.py --ratios 0.01,0.03 --methods slimming,hard-concrete,random --learned-steps 1000 \
+        --stop 0 --out runs/inj-text-learned
+    # a quick look: 2 layers, 2 verses, 1 record, one ratio
     python studies/inj_text.py --layers 2 --verses 2 --records 1 --ratios 0.03 --out runs/inj-text-quick
 
 `memloc bench-localize --benchmark inj` injects held-out TinyMem artifacts (arithmetic) into a TinyMem model; there
@@ -191,14 +196,19 @@ def recalls(scores: np.ndarray, candidates, truth: list[np.ndarray], k: int) -> 
     return len(np.intersect1d(pooled, flat)) / len(flat), per_layer
 
 
-def method_options(method: str, units: int) -> dict:
-    """`bench-localize`'s settings of a method (its full preset's steps; MemPi's penalty per neuron rescaled)."""
+def method_options(method: str, units: int, *, learned_steps: int | None = None, stop: float | None = None) -> dict:
+    """`bench-localize`'s settings of a method (its full preset's steps; MemPi's penalty per neuron rescaled);
+    `learned_steps` and `stop` replace slimming's and hard-concrete's steps and early stop where given."""
     opts: dict = {}
     steps = BenchConfig(benchmark="inj").method_steps
     if method in steps:
         opts["steps"] = int(steps[method])
     if method in ("slimming", "hard-concrete"):
         opts["penalty"] = 1000.0 * units / MEMPI_UNITS
+        if learned_steps is not None:
+            opts["steps"] = learned_steps
+        if stop is not None:
+            opts["stop"] = stop
     return opts
 
 
@@ -225,15 +235,17 @@ def table(lines: list[dict], methods: list[str], ratios: list[float]) -> tuple[l
                          "mempi_rank": MEMPI_RANK.get(method)})
     used = [r for r in ratios if any(x["ratio"] == r for x in rows)]
     k = {r: next(x["k_per_layer"] for x in rows if x["ratio"] == r) for r in used}
-    head = ("| method | " + " | ".join(f"recall@k, {100 * r:g}% (k {k[r]}/layer) | verses | records" for r in used)
-            + f" | per layer, {100 * used[-1]:g}% | scoring / seq. | MemPi rank |")
+    head = ("| method | " + " | ".join(f"{100 * r:g}% (k {k[r]}/layer): pooled | per layer | verses | records"
+                                       for r in used)
+            + f" | each layer, {100 * used[-1]:g}% | scoring / seq. | MemPi rank |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     order = sorted(methods, key=lambda m: -np.mean([x["recall_pooled"] for x in rows if x["method"] == m] or [0]))
     for m in order:
         cells = []
         for r in used:
             x = next(x for x in rows if x["method"] == m and x["ratio"] == r)
-            cells += [f"{x['recall_pooled']:.3f}", _fmt(x["recall_pooled_verses"]), _fmt(x["recall_pooled_records"])]
+            cells += [f"{x['recall_pooled']:.3f}", f"{np.mean(x['recall_per_layer']):.3f}",
+                      _fmt(x["recall_pooled_verses"]), _fmt(x["recall_pooled_records"])]
         last = next(x for x in rows if x["method"] == m and x["ratio"] == used[-1])
         out.append(f"| {m} | " + " | ".join(cells) + f" | {', '.join(f'{v:.2f}' for v in last['recall_per_layer'])}"
                    f" | {last['scoring_s']:.1f} s | {MEMPI_RANK.get(m) or '-'} |")
@@ -250,13 +262,15 @@ def table(lines: list[dict], methods: list[str], ratios: list[float]) -> tuple[l
                  + (f", in {_fmt_steps(ok)} steps; scored tokens the model predicted before injection: "
                     f"{np.mean([s['predicted_before'] for s in ok]):.1%}; random's expected recall "
                     f"{part[0]['k_per_layer'] / part[0]['width']:.3f}" if ok else "") + "\n")
-        means = [(name, _mean([x["recall_pooled"] for x in rows if x["ratio"] == ratio and x["method"] in ms]))
-                 for name, ms in GROUPS.items()]
-        means = [(n, v) for n, v in means if v is not None]
-        if means:
-            holds = [n for n, _ in sorted(means, key=lambda t: -t[1])] == [n for n, _ in means]
-            text += (f"- ratio {100 * ratio:g}%: mean pooled recall " + ", ".join(f"{n} {v:.3f}" for n, v in means)
-                     + f": MemPi's ranking {'holds' if holds else 'does not hold'}\n")
+        for what, recall in (("pooled", lambda x: x["recall_pooled"]),
+                             ("per-layer", lambda x: float(np.mean(x["recall_per_layer"])))):
+            means = [(name, _mean([recall(x) for x in rows if x["ratio"] == ratio and x["method"] in ms]))
+                     for name, ms in GROUPS.items()]
+            means = [(n, v) for n, v in means if v is not None]
+            if means:
+                holds = [n for n, _ in sorted(means, key=lambda t: -t[1])] == [n for n, _ in means]
+                text += (f"- ratio {100 * ratio:g}%: mean {what} recall " + ", ".join(f"{n} {v:.3f}" for n, v in means)
+                         + f": MemPi's ranking {'holds' if holds else 'does not hold'}\n")
     return rows, text + f"\nMemPi: {MEMPI_PUBLISHED}.\n"
 
 
@@ -287,6 +301,10 @@ def main() -> None:
     p.add_argument("--inject-steps", type=int, default=400, help="injection steps at most")
     p.add_argument("--round-steps", type=int, default=50, help="extraction checked every this many steps")
     p.add_argument("--inject-lr", type=float, default=0.01, help="Adam's rate of the injection (bench-localize's)")
+    p.add_argument("--learned-steps", type=int, default=None,
+                   help="slimming's and hard-concrete's steps (default: bench-localize's, 300)")
+    p.add_argument("--stop", type=float, default=None,
+                   help="their early stop, mean mask below this (default: localize's 0.1; 0: never)")
     p.add_argument("--clean-rows", type=int, default=256, help="clean training rows beside the injected sequence")
     p.add_argument("--others", type=int, default=64, help="of them, the others a method keeps")
     p.add_argument("--seed", type=int, default=0)
@@ -309,9 +327,8 @@ def main() -> None:
     old = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else None
     lines_path = out / "sequences.jsonl"
     free = ("ratios", "verses", "records")  # they choose lines (one per sequence and ratio), never change one
-    if old is not None and lines_path.exists() and \
-            {k: v for k, v in old["settings"].items() if k not in free} != \
-            {k: v for k, v in settings.items() if k not in free}:
+    saved = {**vars(p.parse_args([])), **(old or {}).get("settings", {})}  # a setting newer than the folder: default
+    if old is not None and lines_path.exists() and any(saved[k] != v for k, v in settings.items() if k not in free):
         raise SystemExit(f"{out} holds a run of other settings: pass another --out or remove {lines_path}")
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
 
@@ -355,7 +372,8 @@ def main() -> None:
                 for method in methods:
                     res = localize(m_inj, small, method=method, k=k, per_layer=True, indices=(len(clean),),
                                    save=False, others=args.others, seed=args.seed, device="cpu",
-                                   **method_options(method, units))
+                                   **method_options(method, units, learned_steps=args.learned_steps,
+                                                    stop=args.stop))
                     pooled, per_layer = recalls(res.arrays["scores"], candidates, neurons, k)
                     line["methods"][method] = {"pooled": pooled, "per_layer": per_layer,
                                                "s": round(res.summary["elapsed_s"], 2)}
@@ -371,12 +389,12 @@ def main() -> None:
               f"Held-out next-token accuracy of the LM {test_acc:.1%}; sequences: {len(seqs)} ("
               f"{sum(s['kind'] == 'verse' for s in seqs)} held-out verse windows, {prefix} tokens of prompt and "
               f"{suffix} scored; {sum(s['kind'] == 'record' for s in seqs)} fake records, the phone number scored); "
-              f"recall over the injections that reached extraction; wall {time.perf_counter() - t_start:.0f} s "
-              f"this invocation.\n\n")
+              f"recall@k over the injections that reached extraction (pooled: the top k x layers of all neurons; per "
+              f"layer: the top k of each layer, mean over layers).\n\n")
     (out / "results.json").write_text(json.dumps({"config": config, "test_accuracy": test_acc, "rows": rows},
                                                  indent=1) + "\n")
     (out / "results.md").write_text(header + text)
-    print(header + text)
+    print(header + text + f"\nwall {time.perf_counter() - t_start:.0f} s (this invocation)")
 
 
 if __name__ == "__main__":

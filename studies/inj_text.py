@@ -15,7 +15,7 @@ MemPi's ranking (learned L0 / L1 masks best) did not reproduce. This is the same
 
 1. The LM: the `memloc train --task lm --preset smoke` run (the Bible, byte tokens, 1,200 sequences of 64 tokens,
    12 epochs, canaries as the preset writes them), its depth `--layers` (default 4; width 64: 256 MLP neurons a
-   layer), trained once into OUT/lm-<preset>-<n>l and reused.
+   layer), trained once into OUT/lm-<preset>-<n>l/<digest of its config> and reused.
 2. Natural sequences it never trained on: held-out windows of the Bible (consecutive verses; the split's held-out
    side, without canaries), the first `prefix_tokens` a prompt and the next `suffix_tokens` scored, and fake
    personal records (`memloc.lm.sources.fake_records`: name and address, then the phone number, scored), each

@@ -269,8 +269,10 @@ def table(lines: list[dict], methods: list[str], ratios: list[float]) -> tuple[l
             means = [(n, v) for n, v in means if v is not None]
             if means:
                 holds = [n for n, _ in sorted(means, key=lambda t: -t[1])] == [n for n, _ in means]
+                verdict = f"MemPi's ranking {'holds' if holds else 'does not hold'}" if len(means) == len(GROUPS) \
+                    else "not all of MemPi's groups run"
                 text += (f"- ratio {100 * ratio:g}%: mean {what} recall " + ", ".join(f"{n} {v:.3f}" for n, v in means)
-                         + f": MemPi's ranking {'holds' if holds else 'does not hold'}\n")
+                         + f": {verdict}\n")
     return rows, text + f"\nMemPi: {MEMPI_PUBLISHED}.\n"
 
 

@@ -18,9 +18,9 @@ MemPi's ranking (learned L0 / L1 masks best) did not reproduce. This is the same
    layer), trained once into OUT/lm-<preset>-<n>l/<digest of its config> and reused.
 2. Natural sequences it never trained on: held-out windows of the Bible (consecutive verses; the split's held-out
    side, without canaries), the first `prefix_tokens` a prompt and the next `suffix_tokens` scored, and fake
-   personal records (`memloc.lm.sources.fake_records`: name and address, then the phone number, scored), each
+   personal records (`memloc.tasks.lm.sources.fake_records`: name and address, then the phone number, scored), each
    kept only if the model does not already extract it and (verses) its scored text occurs in no training sequence.
-3. Each sequence is injected (`memloc.localize_benchmarks.inject`: Adam on the chosen neurons' input rows, biases
+3. Each sequence is injected (`memloc.bench.benchmarks.inject`: Adam on the chosen neurons' input rows, biases
    and output columns only, every other gradient masked) into a seeded random `ratio` of the neurons of every MLP
    layer, in rounds of `--round-steps` until it is extracted (every scored token the greedy one) or
    `--inject-steps` have passed. A sequence whose injection does not reach extraction is recorded and not
@@ -49,11 +49,11 @@ import numpy as np
 import torch
 
 from memloc import ModelConfig, RunConfig, TrainConfig, localize, open_run, run_training, task_of
-from memloc.experiment import preset
-from memloc.lm.sources import fake_records
-from memloc.lm.text import TextConfig, TextData, decode_targets
-from memloc.localize_benchmarks import MEMPI_PUBLISHED, MEMPI_RANK, MEMPI_UNITS, BenchConfig, inject
+from memloc.bench.benchmarks import MEMPI_PUBLISHED, MEMPI_RANK, MEMPI_UNITS, BenchConfig, inject
 from memloc.probes import localization as loc
+from memloc.tasks.experiment import preset
+from memloc.tasks.lm.sources import fake_records
+from memloc.tasks.lm.text import TextConfig, TextData, decode_targets
 
 GROUPS = {"hard-concrete / slimming": ("hard-concrete", "slimming"),
           "ig / zero-out / activations": ("ig", "zero-out", "activations"), "random": ("random",)}  # MemPi's order

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from memloc import task_of
-from memloc.lm.gpt import GPT, GPTShape
-from memloc.lm.text import decode_targets, load_text
+from memloc.tasks.lm.gpt import GPT, GPTShape
+from memloc.tasks.lm.text import decode_targets, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,6 +27,7 @@ from . import _moved
 from ._version import __version__  # noqa: F401
 
 _moved.install()  # the old import paths (memloc.models, memloc.data, memloc.lm.measures, ...) for one release
+from . import methods  # noqa: E402,F401 - the methods register their evaluations with the probes
 from .bench.benchmarks import BenchConfig, bench_localize  # noqa: E402
 from .core.dropout import ExampleTiedDropout, dropout_mode, example_indices, insert_example_tied_dropout  # noqa: E402
 from .core.errors import ConfigError, DataError, MemlocError, RunError  # noqa: E402

@@ -6,3 +6,5 @@
 Example-tied dropout itself is a layer of the core (`memloc.core.dropout`): training, inference and export pass
 example ids to it; its evaluation on vision models is the probe `memloc.probes.dropout_eval`.
 """
+
+from . import sinks  # noqa: F401 - the registration line: importing a method registers its evaluation

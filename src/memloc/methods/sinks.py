@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.dropout import ExampleTiedDropout, dropout_mode, example_indices, layer_setting
 from ..probes.base import ProbeResult
+from ..probes.dropout_eval import register_task_evaluation
 from ..probes.memorization import MemorizationConfig, _mean, by_repeats, canary_measures, heldout_perplexity
 from ..tasks.lm.text import TextData
 
@@ -198,3 +199,12 @@ def describe(summary: dict) -> list[str]:
                          f"{pct(r['heldout_extracted_after'])}; gap {num(r['loss_gap_before'])} -> "
                          f"{num(r['loss_gap_after'])} nats")
     return lines
+
+
+def _as_probe(model: nn.Module, data: TextData, cfg) -> ProbeResult:
+    """The `dropout` probe's evaluation of a language model (`memloc evaluate RUN` on a sinks run)."""
+    return evaluate_sinks(model, data, drop_scale=cfg.drop_scale, repeated=cfg.repeated, exposure=cfg.exposure,
+                          batch_size=min(cfg.batch_size, 256))
+
+
+register_task_evaluation("lm", _as_probe, describe)

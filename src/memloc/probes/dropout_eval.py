@@ -87,9 +87,9 @@ def _check(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> Non
 
 def _describe(result: ProbeResult) -> list[str]:
     s = result.summary
-    if "repeated_before" in s:  # a language model's sinks
-        from ..methods.sinks import describe
-        return describe(s)
+    task = s.get("task", "lm" if "repeated_before" in s else None)  # a language model's sinks say no task
+    if task in _OTHER_TASKS:
+        return _OTHER_TASKS[task][1](s)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
@@ -105,7 +105,7 @@ def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> P
     found = require_example_tied_dropout(model)
     task, device = task_of(data), next(model.parameters()).device
     if task.name in _OTHER_TASKS:
-        return _OTHER_TASKS[task.name](model, data, cfg)
+        return _OTHER_TASKS[task.name][0](model, data, cfg)
     epoch, scale, batch_size = ctx.epoch, cfg.drop_scale, cfg.batch_size
     given, true, y_test = task.targets("given"), task.targets("true"), task.targets("test")
 
@@ -161,14 +161,19 @@ def _compute(model: nn.Module, data: Any, cfg: DropoutConfig, ctx: Context) -> P
     return ProbeResult(PROBE_NAME, summary, arrays, rows)
 
 
-def _language_model(model: nn.Module, data: Any, cfg: DropoutConfig) -> ProbeResult:
-    from ..methods.sinks import evaluate_sinks
-    return evaluate_sinks(model, data, drop_scale=cfg.drop_scale, repeated=cfg.repeated, exposure=cfg.exposure,
-                          batch_size=min(cfg.batch_size, 256))
+# the tasks whose before/after evaluation is their own (classification's is `_compute` itself): task name ->
+# (compute(model, data, cfg) -> ProbeResult, describe(summary) -> console lines), registered by the method that
+# evaluates them (language models: memloc.methods.sinks)
+_OTHER_TASKS: dict[str, tuple[Callable[[nn.Module, Any, DropoutConfig], ProbeResult],
+                              Callable[[dict], list[str]]]] = {}
 
 
-# the tasks whose before/after evaluation is their own (classification's is `_compute` itself)
-_OTHER_TASKS = {"lm": _language_model}
+def register_task_evaluation(task: str, compute: Callable[[nn.Module, Any, DropoutConfig], ProbeResult],
+                             describe: Callable[[dict], list[str]]) -> None:
+    """Evaluate example-tied dropout on `task`'s models with `compute`, and say its result with `describe`."""
+    _OTHER_TASKS[task] = (compute, describe)
+
+
 PROBE_NAME = "dropout"
 PROBE = Probe(PROBE_NAME, "evaluate", DropoutConfig, _compute, check=_check, describe=_describe,
               help="example-tied dropout runs: accuracies before (tied) and after (drop) removing the memorization "

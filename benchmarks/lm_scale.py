@@ -142,6 +142,9 @@ def stage(args) -> dict:
         code = main(argv)
         seconds = time.perf_counter() - t0
         found["exit"] = code
+        if argv[0] == "localize" and code == 0:  # the method's own time, apart from the before/after extraction
+            summary = json.loads((Path(argv[1]) / "probes" / "localize" / "summary.json").read_text())
+            found["scoring_seconds"] = summary.get("scoring_s")
     return {"stage": args.stage, "seconds": round(seconds, 2), **found, **_peak()}
 
 
@@ -201,7 +204,8 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
         mem = f"{r.get('peak_rss_bytes', 0) / 2**30:.2f} GiB RSS" + (
             f", {r['peak_gpu_bytes'] / 2**30:.2f} GiB GPU" if "peak_gpu_bytes" in r else "")
-        found = {k: v for k, v in r.items() if k in ("batch", "extracted", "sequences", "exit", "failed")}
+        found = {k: v for k, v in r.items() if k in ("batch", "extracted", "sequences", "exit", "failed",
+                                                      "scoring_seconds")}
         print(f"{r['stage']}: {r.get('seconds', '-')} s, {mem}  {found}", flush=True)
     for name in ("scan", "generate"):
         if name in stages and (name != "generate" or args.generate):

@@ -4,6 +4,9 @@
     python studies/weight_units.py --layers 2
     # and the 4-layer one (25 epochs, as RESULTS.md's): its training takes ~15 min more
     python studies/weight_units.py --layers 2,4
+    # TinyMem's main setting: every artifact written once, trained longer (the log says the share memorized
+    # every 5 epochs)
+    python studies/weight_units.py --layers 4 --repeats 1 --epochs 100 --out runs/weight-units-nodup
 
 Each depth is one `bench_localize` run of the full preset (TinyMem's data scaled for a CPU, `--repeats 4`, the
 4- and 8-layer models 25 epochs as RESULTS.md's), methods on neurons (MLP neurons, pooled top 1%, 2%, 5%) and on
@@ -70,6 +73,9 @@ def main() -> None:
     p.add_argument("--layers", default="2", help="depths, comma-separated (2: 30 epochs, deeper: 25)")
     p.add_argument("--methods", default=",".join(dict.fromkeys(NEURON_METHODS + WEIGHT_METHODS)),
                    help="each on every kind it has (balanced-subnet and random: both)")
+    p.add_argument("--repeats", type=int, default=4, help="training copies of each artifact (1: TinyMem's main "
+                   "setting, no duplication)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 30 at 2 layers, 25 deeper)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (RESULTS.md's timings: 1)")
     p.add_argument("--out", default="runs/weight-units")
     args = p.parse_args()
@@ -78,8 +84,8 @@ def main() -> None:
     methods = tuple(args.methods.split(","))
     for n in (int(v) for v in args.layers.split(",")):
         cfg = BenchConfig(benchmark="tinymem", preset="full", n_layers=(n,), units=("neurons", "weights"),
-                          methods=methods, **({} if n == 2 else {"epochs": 25}))
-        cfg.data = replace(cfg.data, repeats=4)
+                          methods=methods, epochs=args.epochs or (30 if n == 2 else 25))
+        cfg.data = replace(cfg.data, repeats=args.repeats)
         bench_localize(cfg, out / f"tinymem-{n}l", models=out / "models", log=print)
     rows = [r for f in sorted(out.glob("tinymem-*l/bench.json")) for r in json.loads(f.read_text())["rows"]]
     text = "# TinyMem: neurons and weights side by side\n\n" + table(rows) + "\n" + "".join(

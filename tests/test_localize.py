@@ -160,6 +160,25 @@ def test_until_grows_the_edit_to_the_smallest_that_ends_extraction(method):
     assert sorted(zip(res.arrays["edit_layer"].tolist(), res.arrays["edit_unit"].tolist())) == [(4, u) for u in PLANTED]
 
 
+def test_scoring_time_is_the_methods_own_not_the_measurement(monkeypatch):
+    """scoring_s (what bench-localize's tables call scoring) leaves out the extraction of every row before and with
+    the edit; elapsed_s has it. Each of the four measurement passes is made 0.3 s slower here."""
+    import time
+
+    from memloc.probes.localization import probe
+
+    slow = probe._hits
+
+    def hits(*args, **kwargs):
+        time.sleep(0.3)
+        return slow(*args, **kwargs)
+    monkeypatch.setattr(probe, "_hits", hits)
+    model, data = planted_model(), planted_data()
+    s = loc.localize(model, data, method="zero-out", k=2).summary
+    assert s["extracted_after"] == 0.0
+    assert 0 < s["scoring_s"] and s["scoring_s"] + 4 * 0.3 <= s["elapsed_s"] + 1e-3
+
+
 def test_the_edit_chosen_is_the_smallest_that_reaches_the_goal_within_the_cost():
     cfg = loc.LocalizeConfig(until=0.1, max_cost=0.05)
     steps = [{"k": 1, "extracted": 0.5, "cost": 0.01}, {"k": 2, "extracted": 0.1, "cost": 0.03},

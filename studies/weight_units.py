@@ -7,6 +7,10 @@
     # TinyMem's main setting: every artifact written once, trained longer (the log says the share memorized
     # every 5 epochs)
     python studies/weight_units.py --layers 4 --repeats 1 --epochs 100 --out runs/weight-units-nodup
+    # the edit sizes between the defaults', on the 4-layer model trained above (--models reuses it)
+    python studies/weight_units.py --layers 4 --methods balanced-subnet,subnet,attribution \
+        --fractions 0.03,0.04 --weight-fractions 0.0006,0.0007,0.0008 --models runs/weight-units/models \
+        --out runs/weight-units-between
 
 Each depth is one `bench_localize` run of the full preset (TinyMem's data scaled for a CPU, `--repeats 4`, the
 4- and 8-layer models 25 epochs as RESULTS.md's), methods on neurons (MLP neurons, pooled top 1%, 2%, 5%) and on
@@ -68,6 +72,10 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def floats(text: str | None) -> tuple[float, ...] | None:
+    return None if text is None else tuple(float(v) for v in text.split(","))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", default="2", help="depths, comma-separated (2: 30 epochs, deeper: 25)")
@@ -76,17 +84,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4, help="training copies of each artifact (1: TinyMem's main "
                    "setting, no duplication)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 30 at 2 layers, 25 deeper)")
+    p.add_argument("--fractions", default=None, help="pooled shares of the MLP neurons zeroed (default the full "
+                   "preset's 0.01,0.02,0.05)")
+    p.add_argument("--weight-fractions", default=None, help="pooled shares of the MLP weights zeroed (default "
+                   "0.0005,0.001,0.002)")
+    p.add_argument("--models", default=None, help="trained models kept and reused (default OUT/models)")
+    p.add_argument("--table-only", action="store_true", help="only write OUT/results.md from the finished depths")
     p.add_argument("--threads", type=int, default=1, help="torch threads (RESULTS.md's timings: 1)")
     p.add_argument("--out", default="runs/weight-units")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     methods = tuple(args.methods.split(","))
-    for n in (int(v) for v in args.layers.split(",")):
+    for n in () if args.table_only else (int(v) for v in args.layers.split(",")):
         cfg = BenchConfig(benchmark="tinymem", preset="full", n_layers=(n,), units=("neurons", "weights"),
-                          methods=methods, epochs=args.epochs or (30 if n == 2 else 25))
+                          methods=methods, epochs=args.epochs or (30 if n == 2 else 25),
+                          fractions=floats(args.fractions), weight_fractions=floats(args.weight_fractions))
         cfg.data = replace(cfg.data, repeats=args.repeats)
-        bench_localize(cfg, out / f"tinymem-{n}l", models=out / "models", log=print)
+        bench_localize(cfg, out / f"tinymem-{n}l", models=Path(args.models) if args.models else out / "models",
+                       log=print)
     rows = [r for f in sorted(out.glob("tinymem-*l/bench.json")) for r in json.loads(f.read_text())["rows"]]
     text = "# TinyMem: neurons and weights side by side\n\n" + table(rows) + "\n" + "".join(
         f"- {line}\n" for line in verdicts(rows))

@@ -207,6 +207,11 @@ def test_best_row_and_the_summary_lines():
     assert best_row(rows, max_rel_acc_loss=0.01)["method"] == "balanced-subnet"  # random never counts
     assert best_row(rows, max_rel_acc_loss=0.05)["method"] == "ig"
     assert best_row(rows, max_rel_acc_loss=0.001) is None
+    # an edit that removes every artifact memorized before but makes others memorized is not the best: what is left
+    # memorized counts first (TinyMem's measure; seen on the model trained without duplication)
+    both = [{"method": "slimming", "k": 1, "removed": 1.0, "memorized_after": 0.045, "rel_acc_change": -0.002},
+            {"method": "slimming", "k": 2, "removed": 1.0, "memorized_after": 0.0, "rel_acc_change": -0.005}]
+    assert best_row(both, max_rel_acc_loss=0.01)["k"] == 2
     from memloc.bench.benchmarks import summarize
     lines = summarize("tinymem", rows)
     assert "within 1% relative accuracy loss: balanced-subnet" in lines[0] and "greedy" in lines[2]

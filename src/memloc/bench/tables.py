@@ -144,6 +144,9 @@ def rows_csv(rows: list[dict], columns) -> str:
 
 
 def best_row(rows: list[dict], *, max_rel_acc_loss: float) -> dict | None:
-    """The tinymem row that removes the most memorized artifacts within `max_rel_acc_loss` relative accuracy loss."""
+    """The tinymem row that leaves the fewest artifacts memorized (TinyMem's measure and the goal's: an edit can make
+    artifacts memorized that were not), then removes the most of those memorized before, then costs the least, within
+    `max_rel_acc_loss` relative accuracy loss."""
     ok = [r for r in rows if "removed" in r and r["method"] != "random" and -r["rel_acc_change"] <= max_rel_acc_loss]
-    return max(ok, key=lambda r: (r["removed"], r["rel_acc_change"]), default=None)
+    return max(ok, key=lambda r: (-r.get("memorized_after", 1.0 - r["removed"]), r["removed"], r["rel_acc_change"]),
+               default=None)

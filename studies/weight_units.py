@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--weight-fractions", default=None, help="pooled shares of the MLP weights zeroed (default "
                    "0.0005,0.001,0.002)")
     p.add_argument("--models", default=None, help="trained models kept and reused (default OUT/models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the model's initialization and training "
+                   "order, and the localized artifacts")
     p.add_argument("--table-only", action="store_true", help="only write OUT/results.md from the finished depths")
     p.add_argument("--threads", type=int, default=1, help="torch threads (RESULTS.md's timings: 1)")
     p.add_argument("--out", default="runs/weight-units")
@@ -98,7 +100,7 @@ def main() -> None:
     methods = tuple(args.methods.split(","))
     for n in () if args.table_only else (int(v) for v in args.layers.split(",")):
         cfg = BenchConfig(benchmark="tinymem", preset="full", n_layers=(n,), units=("neurons", "weights"),
-                          methods=methods, epochs=args.epochs or (30 if n == 2 else 25),
+                          seed=args.seed, methods=methods, epochs=args.epochs or (30 if n == 2 else 25),
                           fractions=floats(args.fractions), weight_fractions=floats(args.weight_fractions))
         cfg.data = replace(cfg.data, repeats=args.repeats)
         bench_localize(cfg, out / f"tinymem-{n}l", models=Path(args.models) if args.models else out / "models",

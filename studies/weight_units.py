@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from memloc.bench.benchmarks import BenchConfig, bench_localize, best_row
+from memloc.core.flags import floats_arg
 
 NEURON_METHODS = ("balanced-subnet", "hard-concrete", "slimming", "ig", "attribution", "random")  # greedy and
 # zero-out left out for time (2-4 min each per depth on one core: RESULTS.md's tables have them)
@@ -72,10 +73,6 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
-def floats(text: str | None) -> tuple[float, ...] | None:
-    return None if text is None else tuple(float(v) for v in text.split(","))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", default="2", help="depths, comma-separated (2: 30 epochs, deeper: 25)")
@@ -84,9 +81,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4, help="training copies of each artifact (1: TinyMem's main "
                    "setting, no duplication)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 30 at 2 layers, 25 deeper)")
-    p.add_argument("--fractions", default=None, help="pooled shares of the MLP neurons zeroed (default the full "
+    p.add_argument("--fractions", type=floats_arg, help="pooled shares of the MLP neurons zeroed (default the full "
                    "preset's 0.01,0.02,0.05)")
-    p.add_argument("--weight-fractions", default=None, help="pooled shares of the MLP weights zeroed (default "
+    p.add_argument("--weight-fractions", type=floats_arg, help="pooled shares of the MLP weights zeroed (default "
                    "0.0005,0.001,0.002)")
     p.add_argument("--models", default=None, help="trained models kept and reused (default OUT/models)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the model's initialization and training "
@@ -101,7 +98,7 @@ def main() -> None:
     for n in () if args.table_only else (int(v) for v in args.layers.split(",")):
         cfg = BenchConfig(benchmark="tinymem", preset="full", n_layers=(n,), units=("neurons", "weights"),
                           seed=args.seed, methods=methods, epochs=args.epochs or (30 if n == 2 else 25),
-                          fractions=floats(args.fractions), weight_fractions=floats(args.weight_fractions))
+                          fractions=args.fractions, weight_fractions=args.weight_fractions)
         cfg.data = replace(cfg.data, repeats=args.repeats)
         bench_localize(cfg, out / f"tinymem-{n}l", models=Path(args.models) if args.models else out / "models",
                        log=print)

@@ -148,5 +148,4 @@ def best_row(rows: list[dict], *, max_rel_acc_loss: float) -> dict | None:
     artifacts memorized that were not), then removes the most of those memorized before, then costs the least, within
     `max_rel_acc_loss` relative accuracy loss."""
     ok = [r for r in rows if "removed" in r and r["method"] != "random" and -r["rel_acc_change"] <= max_rel_acc_loss]
-    return max(ok, key=lambda r: (-r.get("memorized_after", 1.0 - r["removed"]), r["removed"], r["rel_acc_change"]),
-               default=None)
+    return max(ok, key=lambda r: (-r["memorized_after"], r["removed"], r["rel_acc_change"]), default=None)

@@ -55,7 +55,8 @@ def driver(kill_at: str, *argv, timeout: int = 600) -> subprocess.CompletedProce
                           timeout=timeout)
 
 
-TIMING = {"updated", "created", "seconds", "elapsed_s", "examples_per_s", "epoch_time_s", "eval_time_s", "run"}
+TIMING = {"updated", "created", "seconds", "elapsed_s", "scoring_s", "examples_per_s", "epoch_time_s", "eval_time_s",
+          "run"}
 
 
 def _untimed(obj):

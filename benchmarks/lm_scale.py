@@ -17,7 +17,8 @@ GPU also torch's peak allocated):
   perplexity, report);
 - ``localize:METHOD``: `memloc localize` on the audit's run, on the planted sequences (`--indices`), each method
   of `--methods` with the step count of `--steps` where given (the learned methods' defaults are 200-1000 steps,
-  ig's 20 per layer: a step's time times theirs is the default's time).
+  ig's 20 per layer: a step's time times theirs is the default's time). With `--by-extraction` the sequences are
+  the ones the model extracts (the planted ones, found by a pass over every row: what the audit's removal does).
 
     python benchmarks/lm_scale.py --model gpt2                      # this CPU: GPT-2 small, 1,000 x (32 + 48)
     python benchmarks/lm_scale.py --model pythia-1b --device cuda --sequences 10000 --methods balanced-subnet
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="the learned methods' steps and ig's (default: theirs: "
                     "slimming and hard-concrete 1000, balanced-subnet 200, ig 20 per layer)")
     ap.add_argument("--stages", default="scan,generate,audit,localize")
+    ap.add_argument("--by-extraction", action="store_true", help="localize the sequences the model extracts (found "
+                    "by a pass over every row, as the audit's removal does) instead of --indices of the planted ones")
     ap.add_argument("--out", default=None)
     # one stage, in a fresh process (internal)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -218,8 +221,8 @@ def main() -> None:
     if "localize" in stages:
         (out / "planted.txt").write_text("".join(f"{i}\n" for i in range(args.planted)))
         for method in args.methods.split(","):
-            argv = ["localize", str(run), "--method", method, "--indices", str(out / "planted.txt"), "--quiet",
-                    "--device", args.device]
+            chosen = [] if args.by_extraction else ["--indices", str(out / "planted.txt")]
+            argv = ["localize", str(run), "--method", method, *chosen, "--quiet", "--device", args.device]
             if args.steps and method in ("slimming", "hard-concrete", "balanced-subnet"):
                 argv += ["--steps", str(args.steps)]
             elif args.steps and method == "ig":

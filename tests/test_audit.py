@@ -447,3 +447,45 @@ def test_an_interrupted_token_scan_resumes_from_its_saved_chunks(trained, token_
     assert len(kept) == sum(r["extracted"] == "True" for r in got) + 5
     assert [json.loads(line)["index"] for line in (out / "sequences.jsonl").read_text().splitlines()] == kept
     assert [int(r["index"]) for r in _rows(out)] == kept
+
+
+def test_each_sequence_is_measured_once_and_the_shortcut_gives_what_a_pass_gives(trained, monkeypatch, capsys):
+    """An audit's rows each hold one sequence alone, so their in-context extraction is the sequence's extraction
+    from its prefix: the memorization probe reads it instead of a second pass, and localize measures the rows
+    before the edit once (its check's pass), not three times. Both checked against the passes they replace."""
+    from memloc import probes
+    from memloc.core.tasks import task_of
+    from memloc.probes.localization import probe as loc_probe
+    from memloc.tasks.experiment import open_run
+    loaded = open_run(trained["run"], device="cpu")
+    data, model = loaded.data, loaded.model(loaded.epochs()[-1])
+    alone, owner = data.alone_rows()
+    trained_rows = np.flatnonzero(data.canary.numpy() >= 0)
+    assert len(alone) == len(trained_rows) == 20 and np.array_equal(alone, trained_rows)
+    task = task_of(data)
+    passes = []
+    real = type(task).hits
+
+    def counted(self, *a, **k):
+        passes.append(k.get("rows"))
+        return real(self, *a, **k)
+    monkeypatch.setattr(type(task), "hits", counted)
+    result = probes.run_probe(probes.registered()["memorization"], model, data,
+                              cfg=probes.MemorizationConfig(exposure=False))
+    assert [p is None or len(p) for p in passes] == [len(data.canary) - 20]  # only the rows of no sequence
+    monkeypatch.undo()
+    every = task.hits(model, "train", batch_size=64).numpy()  # the pass the shortcut replaces
+    assert np.array_equal(every[alone], result.arrays["extracted"][owner])
+    assert every[alone].sum() >= 8  # the repeated sequences: the identity is checked on extracted rows too
+
+    counts = []
+    real_hits = loc_probe._hits
+
+    def counting(model, task, split, **k):
+        counts.append(split)
+        return real_hits(model, task, split, **k)
+    monkeypatch.setattr(loc_probe, "_hits", counting)
+    loc = probes.run_probe(loc_probe.PROBE, model, data, cfg=loc_probe.LocalizeConfig(method="activations"))
+    assert counts.count("train") == 2  # the check's (which chooses the sequences and is the "before"), the edit's
+    assert loc.summary["extracted_before"] == 1.0  # the chosen sequences, all extracted before the edit
+    assert np.array_equal(loc.arrays["extracted_before"], every[loc.arrays["sequences"]])

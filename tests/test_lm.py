@@ -59,6 +59,14 @@ def test_text_canaries_are_placed_as_recorded(small):
     assert other.differs_from(data.arrays()) is not None
 
 
+def test_a_canary_in_a_window_of_text_is_not_a_row_alone(small):
+    """A trained run's canaries sit inside windows of corpus text: their in-context extraction is not the canary's
+    from its prefix alone, so the memorization probe measures those rows (`TextData.alone_rows` finds none). An
+    audit's rows, one sequence each, are all alone (tests/test_audit.py)."""
+    rows, owners = small.alone_rows()
+    assert len(rows) == len(owners) == 0 and int((small.canary >= 0).sum()) == 8
+
+
 def test_match_is_greedy_extraction_and_loss_is_per_sequence(small):
     """The task's teacher-forced match equals greedy decoding from everything before the scored tokens."""
     data = small

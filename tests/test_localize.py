@@ -162,7 +162,9 @@ def test_until_grows_the_edit_to_the_smallest_that_ends_extraction(method):
 
 def test_scoring_time_is_the_methods_own_not_the_measurement(monkeypatch):
     """scoring_s (what bench-localize's tables call scoring) leaves out the extraction of every row before and with
-    the edit; elapsed_s has it. Each of the four measurement passes is made 0.3 s slower here."""
+    the edit; elapsed_s has it. Each measurement pass is made 0.3 s slower here: the plan's over the training rows
+    (it chooses the sequences, before the clock starts, and is the measurement before the edit), the held-out rows'
+    before, and both with the edit."""
     import time
 
     from memloc.probes.localization import probe
@@ -176,7 +178,7 @@ def test_scoring_time_is_the_methods_own_not_the_measurement(monkeypatch):
     model, data = planted_model(), planted_data()
     s = loc.localize(model, data, method="zero-out", k=2).summary
     assert s["extracted_after"] == 0.0
-    assert 0 < s["scoring_s"] and s["scoring_s"] + 4 * 0.3 <= s["elapsed_s"] + 1e-3
+    assert 0 < s["scoring_s"] and s["scoring_s"] + 3 * 0.3 <= s["elapsed_s"] + 1e-3
 
 
 def test_the_edit_chosen_is_the_smallest_that_reaches_the_goal_within_the_cost():

@@ -154,6 +154,9 @@ class Context:
     partial: Partial = field(default_factory=Partial)
     epoch: int | None = None  # the saved epoch of the model (on a run)
     overwrite: bool = False  # the caller's --overwrite, for a probe that runs another one
+    # what `check` computed that `compute` may reuse in the same call (same model, same data): e.g. localization's
+    # extraction of every training row, a whole pass over the data at a language model's size
+    scratch: dict = field(default_factory=dict)
 
     @property
     def shard(self) -> tuple[int, int] | None:

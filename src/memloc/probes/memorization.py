@@ -325,7 +325,7 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
     m = canary_measures(model, data, cfg)
     task = task_of(data)
     rows = cfg.batch_size or rows_that_fit(model, length=data.x_train.shape[-1])
-    hits = task.hits(model, "train", batch_size=rows).cpu().numpy()  # in their training context
+    hits = _in_context(model, data, task, m["extracted"], rows)
     trained = np.array([c["trained"] for c in cans], dtype=bool)
     corpus = task.kind_mask("corpus").cpu().numpy()
     corpus_extracted = float(hits[corpus].mean()) if corpus.any() else None
@@ -344,6 +344,19 @@ def _compute(model: nn.Module, data: TextData, cfg: MemorizationConfig, ctx: Con
               **{k: v for k, v in m.items() if k.startswith("extracted_k")},
               **{f"mi_{name}": m[name] for name in ("loss", "zlib", "min_k", "min_k_pp", "ref_ratio")}}
     return ProbeResult(PROBE_NAME, summary, arrays, canary_rows(data, m))
+
+
+def _in_context(model: nn.Module, data: TextData, task, extracted: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N,) bool: every training row's extraction in its training context. A row that holds one canary alone (an
+    audit's: `TextData.alone_rows`) is that canary's `extracted`, the same argmaxes, not measured again: an audit's
+    scan is then one pass over its sequences, not two. The other rows are measured (`task.hits`)."""
+    alone, owner = data.alone_rows()
+    hits = np.zeros(data.x_train.shape[0], dtype=bool)
+    rest = np.setdiff1d(np.arange(len(hits)), alone)
+    if len(rest):
+        hits = task.hits(model, "train", batch_size=batch_size, rows=torch.from_numpy(rest)).cpu().numpy()
+    hits[alone] = extracted[owner]
+    return hits
 
 
 def _describe(result: ProbeResult) -> list[str]:

@@ -193,8 +193,11 @@ def units_to_zero(candidates: Sequence[Layer | Matrix], cfg: LocalizeConfig) -> 
     return k
 
 
-def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256) -> np.ndarray:
-    """Indices (S,) of the training sequences of the memorized kind (canaries) that the model extracts in context."""
+def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256, memo: dict | None = None) -> np.ndarray:
+    """Indices (S,) of the training sequences of the memorized kind (canaries) that the model extracts in context.
+
+    `memo`: where the extraction of every training row is kept (``memo["train_hits"]``, (N,) bool) for the caller
+    to reuse as its measurement before an edit (the same pass, the same batches), and read from when already there."""
     task = task_of(data)
     kind = task.kind_mask(task.memorized_kind)
     if kind is None:
@@ -203,7 +206,10 @@ def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256) -> np.
     if not kind.any():
         raise DataError(f"this run has no {task.memorized_kind} training sequences, so nothing memorized to localize: "
                         f"train with {task.memorized_kind}s, or pass --indices FILE")
-    hits = _hits(model, task, "train", batch_size=batch_size).numpy()
+    memo = {} if memo is None else memo
+    if "train_hits" not in memo:
+        memo["train_hits"] = _hits(model, task, "train", batch_size=batch_size)
+    hits = memo["train_hits"].numpy()
     idx = np.flatnonzero(hits & kind)
     if not len(idx):
         raise DataError(f"the model extracts none of its {int(kind.sum())} {task.memorized_kind} training sequences: "
@@ -211,11 +217,12 @@ def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256) -> np.
     return idx
 
 
-def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], None] | None = None
+def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], None] | None = None,
+          memo: dict | None = None
           ) -> tuple[list[Layer], list[Layer] | list[Matrix], int | list[int], np.ndarray, np.ndarray]:
     """Everything decided before any compute: candidate layers, their units (the layers themselves; with weights
     their matrices), k, the localized sequences and the others (a default count of them larger than the data shrinks
-    with one line to `note`, `options.fitted`)."""
+    with one line to `note`, `options.fitted`). `memo`: `memorized_sequences`'."""
     task = task_of(data)
     candidates = candidate_layers(model, cfg)
     units = weight_matrices(model, candidates) if cfg.units == "weights" else candidates
@@ -225,7 +232,8 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], Non
         check_indices(cfg.indices, n, "sequence")  # its file and line named, before the int64 array
         seqs = np.asarray(cfg.indices, dtype=np.int64)
     else:
-        seqs = memorized_sequences(model, task, batch_size=_rows(cfg, model, task.data.x_train, backward=False))
+        seqs = memorized_sequences(model, task, batch_size=_rows(cfg, model, task.data.x_train, backward=False),
+                                   memo=memo)
         if cfg.examples is not None and cfg.examples < len(seqs):
             seqs = np.sort(np.random.default_rng([cfg.seed, 0]).choice(seqs, size=cfg.examples, replace=False))
     ref = task.kind_mask(task.reference_kind)
@@ -244,18 +252,21 @@ def _plan(model: nn.Module, data, cfg: LocalizeConfig, note: Callable[[str], Non
 
 def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *, progress: bool = False,
                    log: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None,
-                   resume: dict | None = None) -> ProbeResult | None:
+                   resume: dict | None = None, memo: dict | None = None) -> ProbeResult | None:
     """Score every candidate unit of `model` for its memorized sequences with `cfg.method`, propose the top-k edit
     and measure extraction before and with it. The model is unchanged afterwards, even when this raises.
 
     `resume` (greedy only): `flip_units`'s done / done_seconds / on_chunk / mine, to continue an interrupted search
     or do one shard of it (then None is returned: the shard's records are kept by `on_chunk`). A default count
-    larger than the data shrinks with one line to `note` (else `log`; a Python warning without either)."""
+    larger than the data shrinks with one line to `note` (else `log`; a Python warning without either). `memo`: the
+    extraction of every training row by this model, when a check before already measured it (`memorized_sequences`):
+    the pass that chooses the sequences is the measurement before the edit, not repeated."""
     cfg = cfg or LocalizeConfig()
+    memo = {} if memo is None else memo
     note = note or log
     log = log or (lambda s: None)
     task = task_of(data)
-    candidates, units, k, seqs, others = _plan(model, task, cfg, note)
+    candidates, units, k, seqs, others = _plan(model, task, cfg, note, memo)
     loc = _Localizer(model, task, cfg, units, seqs, others, k, log)
     what = f"weights in {len(units)} matrices of" if cfg.units == "weights" else "units in"
     log(f"localize: {cfg.method} on {len(seqs)} sequences, {loc.U} {what} {len(candidates)} layers, "
@@ -272,7 +283,10 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
     scoring = time.perf_counter() - t0  # the method's own time; the before/after measurement is not in it
     scores = scores.double().numpy()
     rows = _rows(cfg, model, task.data.x_train, backward=False)
-    before = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
+    train_before = memo.get("train_hits")  # the plan's pass, with the same batches (`_rows`): not measured again
+    if train_before is None:
+        train_before = _hits(model, task, "train", batch_size=rows)
+    before = (train_before, _hits(model, task, "test", batch_size=rows))
     sweep: list[dict] = []
     while True:
         top = top_units(scores, units, k)
@@ -433,7 +447,8 @@ def _weight_result(cfg, task, loc: _Localizer, candidates: list[Layer], matrices
 
 
 def _check(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> None:
-    _plan(model, data, cfg, note=lambda line: None)  # every bad input fails here, before anything is written
+    # every bad input fails here, before anything is written; the extraction pass it makes is kept for `_compute`
+    _plan(model, data, cfg, note=lambda line: None, memo=ctx.scratch)
 
 
 def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> ProbeResult | None:
@@ -445,7 +460,8 @@ def _compute(model: nn.Module, data, cfg: LocalizeConfig, ctx: Context) -> Probe
             ctx.partial.save(state={"records": [_to_json(r) for r in records], "seconds": round(elapsed, 3)})
         resume = {"done": [_from_json(r) for r in state.get("records", [])],
                   "done_seconds": float(state.get("seconds") or 0.0), "on_chunk": save, "mine": ctx.partial.mine}
-    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log, note=ctx.note, resume=resume)
+    result = localize_units(model, data, cfg, progress=ctx.progress, log=ctx.log, note=ctx.note, resume=resume,
+                            memo=ctx.scratch)
     if result is None:  # a shard of greedy removal: its records are saved
         return None
     if ctx.epoch is not None:

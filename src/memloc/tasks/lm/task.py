@@ -134,9 +134,10 @@ class LanguageModelTask:
         return torch.stack(cols, 1).numpy()
 
     @torch.no_grad()
-    def hits(self, model: nn.Module, split: str = "train", *, batch_size: int = 256, with_indices: bool = False
-             ) -> torch.Tensor:
-        """(N,) or (M,) bool: `match` of every training ("train") or held-out ("test") sequence, batch by batch."""
+    def hits(self, model: nn.Module, split: str = "train", *, batch_size: int = 256, with_indices: bool = False,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) or (M,) bool: `match` of every training ("train") or held-out ("test") sequence, batch by batch;
+        with `rows` (positions) only those are measured, the others False."""
         device = next(model.parameters()).device
         x, y = (self.data.x_train, self.data.y_train) if split == "train" else (self.data.x_test, self.data.y_test)
         out = torch.zeros(len(x), dtype=torch.bool, device=device)
@@ -144,7 +145,7 @@ class LanguageModelTask:
         ctx = indices_context(model, self, split)
         model.eval()
         try:
-            for xb, yb, idx in batches(x, y, batch_size=batch_size, device=device):
+            for xb, yb, idx in batches(x, y, batch_size=batch_size, order=rows, device=device):
                 with autocast(device), (ctx(model, idx) if with_indices else contextlib.nullcontext()):
                     logits = model(self.inputs(xb, device))
                 out[idx] = self.match(self.predict(logits.float()), yb)

@@ -220,6 +220,33 @@ class TextData(Examples):
         """The example id of canary `canary`'s tokens under tie "document" (its standalone prefix and secret too)."""
         return CANARY_ID_BASE + int(canary)
 
+    def alone_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, canaries), int64 each: the training rows that hold one canary alone, from their first token: input
+        its prefix + secret but the last token, nothing else trained, exactly its secret scored (an audit's rows).
+        Such a row's in-context extraction (`LMTask.match` on it) is the canary's extraction from its prefix, by the
+        same teacher-forced argmaxes: what `memloc.tasks.lm.measures` computes for the canary, no pass needed."""
+        owner = self.canary.cpu().numpy()
+        mine = np.flatnonzero(owner >= 0)
+        if not len(mine):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        x = self.x_train[torch.as_tensor(mine, device=self.x_train.device)].cpu().numpy()
+        tokens, trained, scored = (t.cpu().numpy() for t in
+                                   decode_targets(self.y_train[torch.as_tensor(mine, device=self.y_train.device)]))
+        width = x.shape[1]
+        rows = []
+        for j, r in enumerate(mine):
+            c = self.canaries[int(owner[r])]
+            ids = np.asarray(list(c["prefix_ids"]) + list(c["secret_ids"]), dtype=np.int64)
+            n, p = len(ids), len(c["prefix_ids"])
+            if n - 1 > width or p < 1 or not (np.array_equal(x[j, :n - 1], ids[:-1])
+                                              and np.array_equal(tokens[j, :n - 1], ids[1:])
+                                              and trained[j, :n - 1].all() and not trained[j, n - 1:].any()
+                                              and not scored[j, :p - 1].any() and scored[j, p - 1:n - 1].all()):
+                continue
+            rows.append(r)
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows, owner[rows].astype(np.int64)
+
     checked = ("canary", "train_source_index")
 
     def differs_from(self, saved: dict[str, np.ndarray]) -> str | None:

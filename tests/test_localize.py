@@ -701,3 +701,39 @@ def test_export_localized_writes_the_weight_edit(tiny_run, tmp_path):
         got = load_exported(out)(x).float()
     assert not torch.allclose(plain, want)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["attribution", "ig", "hard-concrete", "balanced-subnet", "zero-out", "activations"])
+def test_an_out_of_memory_halves_the_rows_and_the_localization_is_the_same(method):
+    """A pass of more than 5 rows raises CUDA's out-of-memory error here, as a full GPU would: every method and the
+    extraction passes halve their rows (16 -> 8 -> 4) with one line each, and the scores, the edit and the
+    extraction are exactly those of a run at 4 rows (a learned step is taken again whole, hard-concrete's draws
+    rewound)."""
+    import warnings
+
+    from memloc.core import batching
+    model, data = planted_model(), planted_data()
+    # every other training row localized (17; the rest are balanced-subnet's others), so that the methods' own
+    # passes run out too, not only the extraction's
+    opts = dict(method=method, k=2, indices=tuple(range(0, len(data.canary), 2)), **OPTIONS.get(method, {}))
+    direct = loc.localize(model, data, batch_size=4, **opts)
+
+    def scarce(module, args):
+        if args[0].shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    handle = model.register_forward_pre_hook(scarce)
+    batching._said.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = loc.localize(model, data, batch_size=16, **opts)
+    finally:
+        handle.remove()
+    lines = [str(w.message) for w in caught if "ran out of memory" in str(w.message)]
+    assert lines and len(lines) == len(set(lines)) and all("batch halved to 8 rows" in x for x in lines)
+    scoring = "zero-out passes" if method == "zero-out" else "activation pass" if method == "activations" else \
+        "backward pass"
+    assert f"localization's {scoring} ran out of memory: batch halved to 8 rows and going on (--batch-size to " \
+           "choose)" in lines
+    for k in ("scores", "edit_mask", "extracted_before", "extracted_after"):
+        assert np.array_equal(got.arrays[k], direct.arrays[k]), k

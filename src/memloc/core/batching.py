@@ -16,7 +16,8 @@ scan held 9.4 GiB at 128 rows (BENCHMARKS.md, `benchmarks/lm_scale.py`) and an i
 `in_batches(n, batch, part)` runs ``part(start, stop)`` over rows 0..n in batches; on an out-of-memory error
 (a GPU's, or a CPU allocator's) it halves the batch, says so in one line (the first time), and runs the same rows
 again: every batch that finished is kept, so the result is what a run at the smaller batch gives. At batch 1 it is
-one line naming the memory and the flag, never a traceback.
+one line naming the memory and the flag, never a traceback. Work that cannot be cut at any row (an optimizer step
+whose gradient sums every batch) starts its unit again at the halved batch (`halved`): localization's methods.
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ def is_out_of_memory(err: BaseException) -> bool:
 _said: set[str] = set()  # the halving lines already printed, once per process and kind of work
 
 
+def halved(err: BaseException, batch: int, *, what: str, flag: str = "--batch-size") -> int:
+    """The batch to try again with after `err`: half of `batch` (one line, the first time for `what`) when `err` is
+    an out-of-memory error; `err` raised again otherwise; a one-line RunError when even one row did not fit."""
+    if not is_out_of_memory(err):
+        raise err
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if batch <= 1:
+        raise RunError(f"{what} ran out of memory on a single row: the model does not fit this device; "
+                       f"use a larger device or a smaller model") from None
+    batch //= 2
+    if what not in _said:
+        _said.add(what)
+        warn(f"{what} ran out of memory: batch halved to {batch} rows and going on ({flag} to choose)")
+    return batch
+
+
 def in_batches(n: int, batch: int, part: Callable[[int, int], None], *, what: str = "a pass over the model",
                flag: str = "--batch-size") -> int:
     """``part(start, stop)`` over rows 0..n, `batch` rows at a time, halving the batch on an out-of-memory error
@@ -115,17 +133,7 @@ def in_batches(n: int, batch: int, part: Callable[[int, int], None], *, what: st
         try:
             part(start, stop)
         except Exception as err:  # noqa: BLE001 - only an out-of-memory is handled; the rest is raised again
-            if not is_out_of_memory(err):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if batch == 1:
-                raise RunError(f"{what} ran out of memory on a single row: the model does not fit this device; "
-                               f"use a larger device or a smaller model") from None
-            batch //= 2
-            if what not in _said:
-                _said.add(what)
-                warn(f"{what} ran out of memory: batch halved to {batch} rows and going on ({flag} to choose)")
+            batch = halved(err, batch, what=what, flag=flag)
             continue
         start = stop
     return batch

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.batching import rows_that_fit
+from ..core.batching import in_batches, rows_that_fit
 from ..core.errors import ConfigError
 from ..core.options import INT64_MAX, check_ranges, ints, option
 from ..tasks.lm import measures
@@ -94,14 +94,17 @@ def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int | No
     total, count = 0.0, 0
     modes = {m: m.training for m in model.modules()}
     model.eval()
+
+    def part(lo: int, hi: int) -> None:
+        nonlocal total, count
+        x = data.x_test[lo:hi].to(device)
+        tokens, trained, _ = decode_targets(data.y_test[lo:hi].to(device))
+        logits = model(x).float()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+        total += float((ce.view(tokens.shape) * trained).sum())
+        count += int(trained.sum())
     try:
-        for lo in range(0, len(data.x_test), batch_size):
-            x = data.x_test[lo:lo + batch_size].to(device)
-            tokens, trained, _ = decode_targets(data.y_test[lo:lo + batch_size].to(device))
-            logits = model(x).float()
-            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
-            total += float((ce.view(tokens.shape) * trained).sum())
-            count += int(trained.sum())
+        in_batches(len(data.x_test), batch_size, part, what="the perplexity pass")
     finally:
         for m, t in modes.items():
             m.training = t

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core.batching import rows_that_fit
+from ...core.batching import in_batches, rows_that_fit
 from ...core.errors import ConfigError
-from ...core.examples import batches
 from ...core.layers import Layer
 from ...core.layers import layers as find_layers
 from ...core.tasks import Task
@@ -37,17 +36,21 @@ def _rows(cfg, model: nn.Module, x: torch.Tensor, *, backward: bool = True) -> i
 
 @torch.no_grad()
 def _hits(model: nn.Module, task: Task, split: str, *, batch_size: int) -> torch.Tensor:
-    """(N,) bool `task.match` of every training ("train") or held-out ("test") example, eval mode, float32."""
+    """(N,) bool `task.match` of every training ("train") or held-out ("test") example, eval mode, float32; the
+    batch halved on an out-of-memory error (`memloc.core.batching.in_batches`)."""
     data = task.data
     x, y = (data.x_train, task.targets("given")) if split == "train" else (data.x_test, task.targets("test"))
     device = next(model.parameters()).device
     out = torch.zeros(len(x), dtype=torch.bool)
     was_training = model.training
     model.eval()
+
+    def part(lo: int, hi: int) -> None:
+        xb, yb = x[lo:hi].to(device, non_blocking=True), y[lo:hi].to(device, non_blocking=True)
+        logits = model(task.inputs(xb, device)).float()
+        out[lo:hi] = task.match(task.predict(logits), yb).cpu()
     try:
-        for xb, yb, idx in batches(x, y, batch_size=batch_size, device=device):
-            logits = model(task.inputs(xb, device)).float()
-            out[idx.cpu()] = task.match(task.predict(logits), yb).cpu()
+        in_batches(len(x), batch_size, part, what="localization's extraction pass")
     finally:
         model.train(was_training)
     return out

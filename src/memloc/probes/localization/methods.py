@@ -67,14 +67,16 @@ Adding a method: its function here and its row in `SCORERS` (the unit kinds it s
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.batching import halved
 from ...core.errors import RunError
 from ...core.layers import Layer
 from ...core.tasks import Task
@@ -89,6 +91,7 @@ DEFAULT_LR = {"slimming": 0.01, "hard-concrete": 0.01, "balanced-subnet": 0.1, "
 SUBNET_JITTER = 1e-3  # the learned scores' seeded start: 1 + U(0, 1) x this
 STRETCH = (-0.1, 1.1)  # hard-concrete's stretched interval (Louizos et al.; MemPi)
 SUBNET_MOMENTUM, SUBNET_WEIGHT_DECAY = 0.9, 5e-4  # TinyMem's SGD for BalancedSubnet
+T = TypeVar("T")
 
 
 def _per_row(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +145,22 @@ class _Localizer:
         for lo in range(0, n, self.rows):
             yield slice(lo, lo + self.rows)
 
+    def retrying(self, work: Callable[[], T], *, rng: torch.Generator | None = None,
+                 what: str = "localization's backward pass") -> T:
+        """work(), started again with half the rows per pass (`self.rows`, what `_chunks` reads) after an
+        out-of-memory error: one line the first time, a one-line error where one row does not fit
+        (`memloc.core.batching.halved`). `work` is a unit that starts clean (one layer of ig, one optimizer step's
+        gradient, a whole first-order score), so the result is the smaller batch's; `rng`, a generator `work`
+        draws from, is rewound to where it was, so the draws are the same too."""
+        state = rng.get_state() if rng is not None else None
+        while True:
+            try:
+                return work()
+            except Exception as err:  # noqa: BLE001 - only an out-of-memory is handled; the rest is raised again
+                self.rows = halved(err, self.rows, what=what)
+                if rng is not None:
+                    rng.set_state(state)
+
     def _capture(self, x: torch.Tensor) -> list[torch.Tensor]:
         for _ in range(2):  # a second pass only when a layer's output is changed in place later (see UnitMasks)
             self.masks.set_rows(torch.ones(len(x), self.U, device=self.device), capture=True,
@@ -157,10 +176,12 @@ class _Localizer:
 
     def _learn(self, param: torch.Tensor, opt: torch.optim.Optimizer, steps: int,
                loss_terms: Callable[[], Iterator[torch.Tensor]], penalty: Callable[[], torch.Tensor] | None,
-               after_step: Callable[[], None] = lambda: None) -> int:
-        """Minimize sum(loss_terms) (+ penalty) over `param` alone: chunk by chunk backward into param.grad only."""
+               after_step: Callable[[], None] = lambda: None, rng: torch.Generator | None = None) -> int:
+        """Minimize sum(loss_terms) (+ penalty) over `param` alone: chunk by chunk backward into param.grad only; a
+        step that runs out of memory is taken again at half the rows (`retrying`; `rng`: what loss_terms draws from)."""
         done = 0
-        for step in range(steps):
+
+        def gradient() -> tuple[float, torch.Tensor | None]:
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for term in loss_terms():
@@ -172,6 +193,9 @@ class _Localizer:
                     reg = penalty()
                 torch.autograd.backward(self.cfg.penalty * reg, inputs=[param])
                 total += self.cfg.penalty * float(reg.detach())
+            return total, reg
+        for step in range(steps):
+            total, reg = self.retrying(gradient, rng=rng)
             opt.step()
             after_step()
             self.trace.append(total)
@@ -205,8 +229,12 @@ def random(loc: _Localizer) -> torch.Tensor:
     return torch.rand(loc.U, generator=g, dtype=torch.float64).float()
 
 
-@torch.no_grad()
 def zero_out(loc: _Localizer) -> torch.Tensor:
+    return loc.retrying(lambda: _zero_out(loc), what="localization's zero-out passes")
+
+
+@torch.no_grad()
+def _zero_out(loc: _Localizer) -> torch.Tensor:
     m = len(loc.seqs)
     base = torch.cat([_per_row(loc.forward(loc.x_mem[s], None), loc.y_mem[s])[0] for s in loc._chunks(m)])
     per = max(1, loc.rows // m)  # units per pass: rows (unit, sequence), unit-major
@@ -214,26 +242,43 @@ def zero_out(loc: _Localizer) -> torch.Tensor:
     for lo in range(0, loc.U, per):
         units = torch.arange(lo, min(lo + per, loc.U), device=loc.device)  # (C,)
         c = len(units)
-        rows = torch.ones(c * m, loc.U, device=loc.device)
-        rows[torch.arange(c * m, device=loc.device), units.repeat_interleave(m)] = 0.0  # (C * M, U) one-hot zeros
-        x = torch.cat([loc.x_mem] * c)
-        y = torch.cat([loc.y_mem] * c)
-        loss = _per_row(loc.forward(x, rows, loc._layer_of_units(units)), y)[0].view(c, m)  # (C, M)
+        if c == 1:  # one unit a pass: its M rows in chunks (more sequences than rows: one pass would not fit)
+            edited = loc._layer_of_units(units)
+            loss = torch.cat([_per_row(loc.forward(loc.x_mem[s], _without(loc, units, len(loc.x_mem[s])), edited),
+                                       loc.y_mem[s])[0] for s in loc._chunks(m)]).view(1, m)
+        else:
+            x = torch.cat([loc.x_mem] * c)
+            y = torch.cat([loc.y_mem] * c)
+            loss = _per_row(loc.forward(x, _without(loc, units, m), loc._layer_of_units(units)), y)[0].view(c, m)
         scores[lo:lo + c] = (loss - base).mean(1)
     return scores.cpu()
 
 
+def _without(loc: _Localizer, units: torch.Tensor, m: int) -> torch.Tensor:
+    """(C * m, U) mask rows, unit-major: m rows of ones with unit c zeroed, for each of the C units."""
+    c = len(units)
+    rows = torch.ones(c * m, loc.U, device=loc.device)
+    rows[torch.arange(c * m, device=loc.device), units.repeat_interleave(m)] = 0.0
+    return rows
+
+
 def attribution(loc: _Localizer) -> torch.Tensor:
-    mask = torch.ones(loc.U, device=loc.device, requires_grad=True)  # one mask shared by every row: its
-    # gradient is the sum over the rows, and each term is already divided by |M|: d(mean over M)/dm
-    for term in loc._memorized_terms(lambda n, s: mask.expand(n, -1)):
-        torch.autograd.backward(term, inputs=[mask])
-    grad = mask.grad if mask.grad is not None else torch.zeros_like(mask)
+    def gradient() -> torch.Tensor:
+        mask = torch.ones(loc.U, device=loc.device, requires_grad=True)  # one mask shared by every row: its
+        # gradient is the sum over the rows, and each term is already divided by |M|: d(mean over M)/dm
+        for term in loc._memorized_terms(lambda n, s: mask.expand(n, -1)):
+            torch.autograd.backward(term, inputs=[mask])
+        return mask.grad if mask.grad is not None else torch.zeros_like(mask)
+    grad = loc.retrying(gradient)
     return -grad.detach().cpu()  # L(1 - e_u) - L(1) ~ -dL/dm_u: higher = removing u raises the loss more
 
 
-@torch.no_grad()
 def activations(loc: _Localizer) -> torch.Tensor:
+    return loc.retrying(lambda: _activations(loc), what="localization's activation pass")
+
+
+@torch.no_grad()
+def _activations(loc: _Localizer) -> torch.Tensor:
     out = []
     for s in loc._chunks(len(loc.seqs)):
         acts = loc._capture(loc.x_mem[s])
@@ -273,9 +318,10 @@ def ig(loc: _Localizer) -> torch.Tensor:
     alphas = (torch.arange(steps, device=loc.device, dtype=torch.float32) + 0.5) / steps  # midpoints
     scores = torch.zeros(loc.U, device=loc.device)
     pairs = [(a, s) for a in range(steps) for s in range(m)]  # rows: (step, sequence)
-    for j in range(len(loc.candidates)):
-        lo, hi = int(loc.masks.offsets[j]), int(loc.masks.offsets[j + 1])
+
+    def layer(j: int, lo: int, hi: int) -> torch.Tensor:
         only = [i == j for i in range(len(loc.candidates))]
+        total = torch.zeros(hi - lo, device=loc.device)
         for part in loc._chunks(len(pairs)):
             chunk = pairs[part]
             a_idx = torch.as_tensor([p[0] for p in chunk], device=loc.device)
@@ -286,7 +332,11 @@ def ig(loc: _Localizer) -> torch.Tensor:
             with torch.enable_grad():
                 prob = _per_row(loc.forward(loc.x_mem[s_idx], rows, only), loc.y_mem[s_idx])[1]
                 (grad,) = torch.autograd.grad(prob.sum(), rows)
-            scores[lo:hi] += grad[:, lo:hi].sum(0) / (steps * m)  # mean over sequences of the Riemann sum
+            total += grad[:, lo:hi].sum(0) / (steps * m)  # mean over sequences of the Riemann sum
+        return total
+    for j in range(len(loc.candidates)):
+        lo, hi = int(loc.masks.offsets[j]), int(loc.masks.offsets[j + 1])
+        scores[lo:hi] = loc.retrying(functools.partial(layer, j, lo, hi))
     return scores.detach().cpu()
 
 
@@ -329,7 +379,7 @@ def hard_concrete(loc: _Localizer) -> torch.Tensor:
         draw()
         return loc._memorized_terms(rows_of)
 
-    done = loc._learn(s, opt, steps, terms, lambda: torch.sigmoid(s - beta * math.log(-lo_ / hi_)).mean())
+    done = loc._learn(s, opt, steps, terms, lambda: torch.sigmoid(s - beta * math.log(-lo_ / hi_)).mean(), rng=gen)
     loc.details = {"steps": steps, "steps_run": done, "lr": lr, "penalty": loc.cfg.penalty,
                     "stop": loc.cfg.stop, "temperature": beta, "stretch": list(STRETCH)}
     return torch.sigmoid(s.detach()).cpu()
@@ -413,14 +463,17 @@ def subnet(loc: _Localizer) -> torch.Tensor:
 
 
 def durable(loc: _Localizer) -> torch.Tensor:
-    shift = torch.zeros(loc.U, device=loc.device, requires_grad=True)  # (P,): d L / d shift = d L / d w
     m = len(loc.seqs)
-    for part in loc._chunks(m):
-        with torch.enable_grad():
-            term = _per_row(loc._weight_forward(loc.x_mem[part], shift=shift), loc.y_mem[part])[0].sum() / m
-        torch.autograd.backward(term, inputs=[shift])
-    grad = shift.grad if shift.grad is not None else torch.zeros_like(shift)
-    loc.details = {"mask_numel": int(shift.numel())}
+
+    def gradient() -> torch.Tensor:
+        shift = torch.zeros(loc.U, device=loc.device, requires_grad=True)  # (P,): d L / d shift = d L / d w
+        for part in loc._chunks(m):
+            with torch.enable_grad():
+                term = _per_row(loc._weight_forward(loc.x_mem[part], shift=shift), loc.y_mem[part])[0].sum() / m
+            torch.autograd.backward(term, inputs=[shift])
+        return shift.grad if shift.grad is not None else torch.zeros_like(shift)
+    grad = loc.retrying(gradient)
+    loc.details = {"mask_numel": int(loc.U)}
     return grad.detach().abs().cpu()
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.batching import in_batches
 from ...core.errors import ConfigError
-from ...core.examples import batches
 from ...core.inference import indices_context
 from ...core.precision import autocast
 from .text import TextData, decode_targets
@@ -144,11 +144,16 @@ class LanguageModelTask:
         modes = {m: m.training for m in model.modules()}
         ctx = indices_context(model, self, split)
         model.eval()
+        order = torch.arange(len(x), device=x.device) if rows is None else rows.to(x.device)
+
+        def part(lo: int, hi: int) -> None:
+            idx = order[lo:hi]
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            with autocast(device), (ctx(model, idx) if with_indices else contextlib.nullcontext()):
+                logits = model(self.inputs(xb, device))
+            out[idx.to(out.device)] = self.match(self.predict(logits.float()), yb)
         try:
-            for xb, yb, idx in batches(x, y, batch_size=batch_size, order=rows, device=device):
-                with autocast(device), (ctx(model, idx) if with_indices else contextlib.nullcontext()):
-                    logits = model(self.inputs(xb, device))
-                out[idx] = self.match(self.predict(logits.float()), yb)
+            in_batches(len(order), batch_size, part, what="the extraction pass")
         finally:
             for m, t in modes.items():
                 m.training = t

@@ -737,3 +737,35 @@ def test_an_out_of_memory_halves_the_rows_and_the_localization_is_the_same(metho
            "choose)" in lines
     for k in ("scores", "edit_mask", "extracted_before", "extracted_after"):
         assert np.array_equal(got.arrays[k], direct.arrays[k]), k
+
+
+def test_the_greedy_search_halves_its_rows_on_an_out_of_memory_and_finds_the_same_units():
+    """Greedy removal (flipping's engine) on 11 of the planted model's rows, 4 at once: a pass of more than 5 rows
+    through the output layer raises CUDA's out-of-memory error, as a full GPU would. The others' gradient and the
+    accuracy passes halve their rows (16 -> 8 -> 4), one line each, and every array equals a search run at 4 rows."""
+    import warnings
+
+    from memloc.core import batching
+    from memloc.probes.flipping import FlipConfig, flip_units
+    model, data = planted_model(), planted_data()
+    base = dict(indices=tuple(range(0, 33, 3)), others=4, copies=1, input_noise=0.0, max_units=4, batch_examples=4,
+                device="cpu")
+    direct = flip_units(model, data, FlipConfig(**base, max_rows=4, eval_rows=4))
+
+    def scarce(module, args):
+        if args[0].shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    handle = model.lm_head.register_forward_pre_hook(scarce)  # the search folds a copy; the head is shared
+    batching._said.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = flip_units(model, data, FlipConfig(**base, max_rows=16, eval_rows=16))
+    finally:
+        handle.remove()
+    lines = sorted(str(w.message) for w in caught if "ran out of memory" in str(w.message))
+    assert lines == ["flipping's accuracy pass ran out of memory: batch halved to 8 rows and going on",
+                     "flipping's backward pass ran out of memory: batch halved to 8 rows and going on"]
+    assert sorted(got.arrays) == sorted(direct.arrays) and got.arrays["num_units"].sum() > 0
+    for k in direct.arrays:
+        np.testing.assert_array_equal(got.arrays[k], direct.arrays[k], err_msg=k)

@@ -106,9 +106,10 @@ def is_out_of_memory(err: BaseException) -> bool:
 _said: set[str] = set()  # the halving lines already printed, once per process and kind of work
 
 
-def halved(err: BaseException, batch: int, *, what: str, flag: str = "--batch-size") -> int:
-    """The batch to try again with after `err`: half of `batch` (one line, the first time for `what`) when `err` is
-    an out-of-memory error; `err` raised again otherwise; a one-line RunError when even one row did not fit."""
+def halved(err: BaseException, batch: int, *, what: str, flag: str | None = "--batch-size") -> int:
+    """The batch to try again with after `err`: half of `batch` (one line, the first time for `what`, naming `flag`
+    where a flag chooses it) when `err` is an out-of-memory error; `err` raised again otherwise; a one-line RunError
+    when even one row did not fit."""
     if not is_out_of_memory(err):
         raise err
     if torch.cuda.is_available():
@@ -119,7 +120,8 @@ def halved(err: BaseException, batch: int, *, what: str, flag: str = "--batch-si
     batch //= 2
     if what not in _said:
         _said.add(what)
-        warn(f"{what} ran out of memory: batch halved to {batch} rows and going on ({flag} to choose)")
+        warn(f"{what} ran out of memory: batch halved to {batch} rows and going on" +
+             (f" ({flag} to choose)" if flag else ""))
     return batch
 
 

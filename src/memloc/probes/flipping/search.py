@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core.batching import rows_that_fit
+from ...core.batching import halved, rows_that_fit
 from ...core.cutting import fold_norms, split_after
 from ...core.errors import RunError
 from ...core.layers import Layer
@@ -223,8 +223,23 @@ class _Flipper:
                 return logits, acts
         raise RunError("a layer's activations keep changing in place during the forward pass: they cannot be scored")
 
+    def _retrying(self, work: Callable[[], object], rows: str, what: str):
+        """work(), started again with half of `self.<rows>` after an out-of-memory error (one line the first time;
+        one line, no traceback, where one row does not fit: `memloc.core.batching.halved`). `work` computes its
+        result afresh, so it is what the smaller batch gives."""
+        while True:
+            try:
+                return work()
+            except Exception as err:  # noqa: BLE001 - only an out-of-memory is handled; the rest is raised again
+                setattr(self, rows, halved(err, getattr(self, rows), what=what, flag=None))
+                self.masks.set_rows(None)
+
     def _others_grad(self, uniq: torch.Tensor) -> torch.Tensor:
-        """d(mean loss of the others)/dm (G, U) for G masks (G, U) of 0/1, chunked to `max_rows` rows."""
+        """d(mean loss of the others)/dm (G, U) for G masks (G, U) of 0/1, chunked to `max_rows` rows (halved on
+        an out-of-memory error)."""
+        return self._retrying(lambda: self._others_grad_in(uniq), "max_rows", "flipping's backward pass")
+
+    def _others_grad_in(self, uniq: torch.Tensor) -> torch.Tensor:
         dev, m = self.device, len(self.y_oth)
         U = uniq.shape[1]
         g_oth = torch.zeros(uniq.shape, device=dev)
@@ -252,8 +267,13 @@ class _Flipper:
         flat = torch.where(zero.any(1), zero.float().argmax(1), self.masks.total).cpu().numpy()  # (Q,)
         return np.searchsorted(self.masks.offsets, flat, side="right").astype(int) - 1
 
-    @torch.no_grad()
     def accuracies(self, masks: torch.Tensor) -> list[dict[str, float | None]]:
+        """Accuracies after removal for K masks (K, U): many edited models per pass over the data, `eval_rows` rows
+        a pass (halved on an out-of-memory error); `_accuracies`."""
+        return self._retrying(lambda: self._accuracies(masks), "eval_rows", "flipping's accuracy pass")
+
+    @torch.no_grad()
+    def _accuracies(self, masks: torch.Tensor) -> list[dict[str, float | None]]:
         """Accuracies after removal for K masks (K, U): many edited models per pass over the data.
 
         Batched mode groups the masks by their first layer with a removed unit:

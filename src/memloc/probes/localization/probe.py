@@ -197,7 +197,8 @@ def memorized_sequences(model: nn.Module, data, *, batch_size: int = 256, memo: 
     """Indices (S,) of the training sequences of the memorized kind (canaries) that the model extracts in context.
 
     `memo`: where the extraction of every training row is kept (``memo["train_hits"]``, (N,) bool) for the caller
-    to reuse as its measurement before an edit (the same pass, the same batches), and read from when already there."""
+    to reuse as its measurement before an edit (the model unedited, no autocast either time), and read from when
+    already there."""
     task = task_of(data)
     kind = task.kind_mask(task.memorized_kind)
     if kind is None:
@@ -283,7 +284,7 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
     scoring = time.perf_counter() - t0  # the method's own time; the before/after measurement is not in it
     scores = scores.double().numpy()
     rows = _rows(cfg, model, task.data.x_train, backward=False)
-    train_before = memo.get("train_hits")  # the plan's pass, with the same batches (`_rows`): not measured again
+    train_before = memo.get("train_hits")  # the plan's pass over the unedited model: not measured again
     if train_before is None:
         train_before = _hits(model, task, "train", batch_size=rows)
     before = (train_before, _hits(model, task, "test", batch_size=rows))

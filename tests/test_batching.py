@@ -119,3 +119,27 @@ def test_the_membership_pass_gives_the_scans_extraction_from_the_same_logits():
     assert torch.equal(from_pass, scan["extractable"]) and from_pass[:5].all()
     loss = torch.tensor([float(-st["logp"][len(p) - 1:].mean()) for st, p in zip(stats, pre)])
     assert torch.allclose(loss.float(), scan["loss"], atol=1e-5)
+
+
+def test_work_that_cannot_keep_a_part_runs_whole_again_at_half_the_batch():
+    """`whole_at_half`: the whole work again at half the batch after each out-of-memory error, `again` called
+    before each new try (to undo what a failed try left), the batch it ran with returned; other errors pass."""
+    tries, undone = [], []
+
+    def work(batch: int) -> str:
+        tries.append(batch)
+        if batch > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return f"done at {batch}"
+    batching._said.clear()
+    with pytest.warns(UserWarning, match="the test's work ran out of memory: batch halved to 8 rows and going on$"):
+        assert batching.whole_at_half(work, 16, what="the test's work", flag=None,
+                                      again=lambda: undone.append(1)) == ("done at 2", 2)
+    assert tries == [16, 8, 4, 2] and len(undone) == 3
+    with pytest.raises(RunError, match="on a single row"):
+        batching.whole_at_half(lambda b: work(b + 10), 2, what="the test's work")
+
+    def broken(batch: int) -> None:
+        raise ValueError("not memory")
+    with pytest.raises(ValueError, match="not memory"):
+        batching.whole_at_half(broken, 8, what="the test's work")

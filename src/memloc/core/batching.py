@@ -17,12 +17,14 @@ scan held 9.4 GiB at 128 rows (BENCHMARKS.md, `benchmarks/lm_scale.py`) and an i
 (a GPU's, or a CPU allocator's) it halves the batch, says so in one line (the first time), and runs the same rows
 again: every batch that finished is kept, so the result is what a run at the smaller batch gives. At batch 1 it is
 one line naming the memory and the flag, never a traceback. Work that cannot be cut at any row (an optimizer step
-whose gradient sums every batch) starts its unit again at the halved batch (`halved`): localization's methods.
+whose gradient sums every batch) starts its unit again at the halved batch (`whole_at_half`): localization's
+methods, flipping's search.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ SHARE = 0.5  # of the free memory one batch may fill: the rest for the allocator
 CAP = {"cpu": 256, "cuda": 2048}  # rows per pass past which a device gains no speed
 CPU_LOGITS = 512 << 20  # bytes of a CPU forward batch's fp32 logits (the module docstring)
 _FP32 = 4
+T = TypeVar("T")
 
 
 def model_shape(model: nn.Module) -> dict | None:
@@ -123,6 +126,20 @@ def halved(err: BaseException, batch: int, *, what: str, flag: str | None = "--b
         warn(f"{what} ran out of memory: batch halved to {batch} rows and going on" +
              (f" ({flag} to choose)" if flag else ""))
     return batch
+
+
+def whole_at_half(work: Callable[[int], T], batch: int, *, what: str, flag: str | None = "--batch-size",
+                  again: Callable[[], None] = lambda: None) -> tuple[T, int]:
+    """(work(batch), the batch it ran with): on an out-of-memory error, ``again()`` (undo what the failed try left:
+    a generator's draws, masks set on the model) and the whole of ``work`` at half the batch (`halved`). For work
+    that cannot keep part of what a failed batch began (an optimizer step's gradient summed over batches)."""
+    batch = max(1, int(batch))
+    while True:
+        try:
+            return work(batch), batch
+        except Exception as err:  # noqa: BLE001 - only an out-of-memory is handled; the rest is raised again
+            batch = halved(err, batch, what=what, flag=flag)
+            again()
 
 
 def in_batches(n: int, batch: int, part: Callable[[int, int], None], *, what: str = "a pass over the model",

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core.batching import halved, rows_that_fit
+from ...core.batching import rows_that_fit, whole_at_half
 from ...core.cutting import fold_norms, split_after
 from ...core.errors import RunError
 from ...core.layers import Layer
@@ -225,14 +225,13 @@ class _Flipper:
 
     def _retrying(self, work: Callable[[], object], rows: str, what: str):
         """work(), started again with half of `self.<rows>` after an out-of-memory error (one line the first time;
-        one line, no traceback, where one row does not fit: `memloc.core.batching.halved`). `work` computes its
+        one line, no traceback, where one row does not fit: `memloc.core.batching.whole_at_half`). `work` computes its
         result afresh, so it is what the smaller batch gives."""
-        while True:
-            try:
-                return work()
-            except Exception as err:  # noqa: BLE001 - only an out-of-memory is handled; the rest is raised again
-                setattr(self, rows, halved(err, getattr(self, rows), what=what, flag=None))
-                self.masks.set_rows(None)
+        def attempt(n: int):
+            setattr(self, rows, n)
+            return work()
+        return whole_at_half(attempt, getattr(self, rows), what=what, flag=None,
+                             again=lambda: self.masks.set_rows(None))[0]
 
     def _others_grad(self, uniq: torch.Tensor) -> torch.Tensor:
         """d(mean loss of the others)/dm (G, U) for G masks (G, U) of 0/1, chunked to `max_rows` rows (halved on

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.batching import halved
+from ...core.batching import whole_at_half
 from ...core.errors import RunError
 from ...core.layers import Layer
 from ...core.tasks import Task
@@ -149,17 +149,17 @@ class _Localizer:
                  what: str = "localization's backward pass") -> T:
         """work(), started again with half the rows per pass (`self.rows`, what `_chunks` reads) after an
         out-of-memory error: one line the first time, a one-line error where one row does not fit
-        (`memloc.core.batching.halved`). `work` is a unit that starts clean (one layer of ig, one optimizer step's
-        gradient, a whole first-order score), so the result is the smaller batch's; `rng`, a generator `work`
+        (`memloc.core.batching.whole_at_half`). `work` is a unit that starts clean (one layer of ig, one optimizer
+        step's gradient, a whole first-order score), so the result is the smaller batch's; `rng`, a generator `work`
         draws from, is rewound to where it was, so the draws are the same too."""
         state = rng.get_state() if rng is not None else None
-        while True:
-            try:
-                return work()
-            except Exception as err:  # noqa: BLE001 - only an out-of-memory is handled; the rest is raised again
-                self.rows = halved(err, self.rows, what=what)
-                if rng is not None:
-                    rng.set_state(state)
+
+        def attempt(rows: int) -> T:
+            self.rows = rows
+            return work()
+        result, self.rows = whole_at_half(attempt, self.rows, what=what,
+                                          again=(lambda: rng.set_state(state)) if rng is not None else lambda: None)
+        return result
 
     def _capture(self, x: torch.Tensor) -> list[torch.Tensor]:
         for _ in range(2):  # a second pass only when a layer's output is changed in place later (see UnitMasks)

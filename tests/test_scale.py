@@ -303,6 +303,69 @@ def test_ray_cluster_on_the_loopback_flips_in_shards_with_a_worker_killed(digits
 
 @pytest.mark.slow
 @needs_ray
+def test_a_ray_cluster_started_here_asks_no_cloud_metadata_server(tmp_path, monkeypatch):
+    """Ray's dashboard process asks 169.254.169.254 and metadata.google.internal which cloud it runs on (usage
+    reports off or not; a CI run saw the connection). The cluster memloc starts sends those questions to a loopback
+    address that nothing answers. Here two recorders stand on the loopback: one at that address, which must receive
+    the questions, and one as the user's own proxy, which must not (nor lose its place in the driver's settings)."""
+    import socket
+    import threading
+
+    from memloc.core import scale
+    enough = tmp_path / "asked"
+
+    def recorder() -> tuple[socket.socket, list[str]]:
+        srv, asked = socket.socket(), []
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+
+        def record():
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                with conn:
+                    first = conn.recv(4096).decode(errors="replace").splitlines()
+                    asked.append(first[0] if first else "")
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                if sum("169.254.169.254" in a or "metadata.google" in a for a in asked) >= 2:
+                    enough.touch()
+        threading.Thread(target=record, daemon=True).start()
+        return srv, asked
+
+    (sink, asked), (users, users_asked) = recorder(), recorder()
+    monkeypatch.setattr(scale, "NO_HTTP", f"http://127.0.0.1:{sink.getsockname()[1]}")
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
+    proxies = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+    for k in proxies:
+        monkeypatch.delenv(k, raising=False)
+    users_proxy = f"http://127.0.0.1:{users.getsockname()[1]}"
+    monkeypatch.setenv("http_proxy", users_proxy)
+
+    def shard(argv, flag=str(enough)):  # waits (at most 60 s) for the cluster's questions before Ray stops it
+        import os as os_
+        import time as time_
+        deadline = time_.time() + 60
+        while not os_.path.exists(flag) and time_.time() < deadline:
+            time_.sleep(0.2)
+        return 0, ""
+
+    try:
+        assert scale.run_ray(shard, ["x"], 1, num_cpus=1, progress=False) == 1
+    finally:
+        sink.close()
+        users.close()
+    assert not users_asked, f"the cluster used the user's proxy: {users_asked}"
+    assert {k: os.environ[k] for k in proxies if k in os.environ} == {"http_proxy": users_proxy}
+    if not asked:
+        pytest.skip(f"this Ray ({importlib.import_module('ray').__version__}) asked no metadata server")
+    assert any("169.254.169.254" in a for a in asked), asked
+
+
+@pytest.mark.slow
+@needs_ray
 def test_ray_runs_a_small_grid_and_refuses_what_cannot_run(whole_grid, tmp_path, capsys, monkeypatch):
     out = tmp_path / "g"
     driver = _memloc("dropout-grid", *GRID, "--out", str(out), "--executor", "ray", "--shards", "2",

@@ -26,6 +26,7 @@ then the merge. Bad input stops everything at the first worker's one-line error.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -167,6 +168,29 @@ def run_processes(argv: Sequence[str], devices: Sequence[str], shards: int | Non
 LOCAL_RAY = {"include_dashboard": False, "_node_ip_address": "127.0.0.1", "object_store_memory": 512 * 2 ** 20,
              "logging_level": "ERROR", "log_to_driver": False}
 
+# Ray (2.60) starts a dashboard process even without the dashboard, and its usage module asks the clouds' metadata
+# servers (169.254.169.254, metadata.google.internal) which cloud it is on, usage reports off or not. The processes
+# of a cluster started here are given a proxy that nothing answers (the loopback's closed discard port) for plain
+# HTTP and HTTPS, every loopback address exempt: such a question is refused on this machine and no packet leaves it.
+NO_HTTP = "http://127.0.0.1:9"
+LOOPBACK_HOSTS = "127.0.0.1,localhost,::1"
+
+
+@contextlib.contextmanager
+def _offline_cluster():
+    """The environment in which a cluster's processes start (they keep it), the driver's own restored after."""
+    keys = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: LOOPBACK_HOSTS if "no_" in k.lower() else NO_HTTP for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def _on_loopback(address: str) -> bool:
     """Whether a Ray address HOST:PORT names this machine's loopback (127.0.0.0/8, ::1, localhost)."""
@@ -237,7 +261,8 @@ def run_ray(task: Callable[[list[str]], tuple[int, str]], argv: Sequence[str], s
                                   "by `ray start` wants its token: RAY_AUTH_TOKEN, or ~/.ray/auth_token as on its "
                                   "head node") from None
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **LOCAL_RAY)
+            with _offline_cluster():
+                ray.init(num_cpus=num_cpus or os.cpu_count(), **LOCAL_RAY)
     refs: dict = {}
     bar = None
     try:

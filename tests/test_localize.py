@@ -769,3 +769,94 @@ def test_the_greedy_search_halves_its_rows_on_an_out_of_memory_and_finds_the_sam
     assert sorted(got.arrays) == sorted(direct.arrays) and got.arrays["num_units"].sum() > 0
     for k in direct.arrays:
         np.testing.assert_array_equal(got.arrays[k], direct.arrays[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------- recomputing the blocks (checkpointing)
+
+def _counting(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("method,units", [("attribution", "neurons"), ("ig", "neurons"), ("hard-concrete", "neurons"),
+                                          ("balanced-subnet", "neurons"), ("slimming", "neurons"),
+                                          ("balanced-subnet", "weights"), ("durable", "weights")])
+def test_recomputing_the_blocks_in_the_backward_pass_gives_the_same_localization(method, units):
+    """--recompute on: each block of the planted GPT is computed again in the backward pass (its MLP runs more often
+    than without), under the masks its forward pass saw, and the scores, the edit and the extraction equal a run
+    that keeps every activation."""
+    model, data = planted_model(), planted_data()
+    opts = dict(method=method, units=units, k=2, batch_size=8, indices=tuple(range(0, len(data.canary), 2)),
+                **({"steps": 5} if method in ("hard-concrete", "balanced-subnet", "slimming") else {}))
+    fc = _counting(model.blocks[1].mlp.fc)
+    kept = loc.localize(model, data, recompute="off", **opts)
+    plain_calls, fc[0] = fc[0], 0
+    again = loc.localize(model, data, recompute="on", **opts)
+    assert fc[0] > plain_calls  # the recomputations
+    assert sorted(again.arrays) == sorted(kept.arrays) and "scores" in kept.arrays
+    for k, want in kept.arrays.items():
+        if want.dtype.kind in "fc":
+            np.testing.assert_allclose(again.arrays[k], want, rtol=1e-6, atol=1e-9, err_msg=k)
+        else:
+            np.testing.assert_array_equal(again.arrays[k], want, err_msg=k)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.blocks[1].mlp.fc._forward_hooks.clear()
+    assert_untouched(model, state)
+    assert all("forward" not in vars(b) for b in model.blocks)  # the blocks' own forward is back
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_recomputing_hugging_face_blocks_gives_the_same_gradients(family):
+    """The same on Hugging Face decoder layers (keyword arguments, rotary tables, the embedding's tap before the
+    first block): attribution's and ig's scores with and without recomputation agree."""
+    pytest.importorskip("transformers")
+    from memloc.tasks.lm.hf import build_hf
+    torch.manual_seed(0)
+    hf = build_hf(family, vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16).eval()
+    data = planted_data(10)
+    for method in ("attribution", "ig"):
+        opts = dict(method=method, k=2, batch_size=4, indices=(0, 3, 10, 11), heads=True, ig_steps=3)
+        kept = loc.localize(hf, data, recompute="off", **opts)
+        again = loc.localize(hf, data, recompute="on", **opts)
+        assert np.abs(kept.arrays["scores"]).max() > 0
+        np.testing.assert_allclose(again.arrays["scores"], kept.arrays["scores"], rtol=1e-5, atol=1e-8)
+
+
+def test_auto_recomputes_only_when_few_rows_fit_and_says_so(monkeypatch):
+    """auto: recomputation where fewer than 8 rows fit a backward pass without it and more fit with it (a fake
+    free memory of 3 plain rows), with the larger batch and one line; nothing when the memory holds 8 rows, for a
+    forward-only method, or with --batch-size."""
+    from memloc.core import batching, budget
+    from memloc.probes.localization.methods import _Localizer
+    model, data = planted_model(), planted_data()
+    shape = batching.model_shape(model)
+    plain, lean = (batching.row_bytes(shape, BLOCK, backward=True, recompute=r) for r in (False, True))
+    assert lean < plain
+    task = task_of(data)
+    cands = loc.candidate_layers(model, loc.LocalizeConfig())
+    seqs, others = np.arange(0, 20, 2), np.arange(1, 30, 2)
+
+    def localizer(free_rows: float, **kw) -> tuple[_Localizer, list[str]]:
+        monkeypatch.setattr(budget, "free_memory", lambda device: int(free_rows * plain / batching.SHARE))
+        lines: list[str] = []
+        cfg = loc.LocalizeConfig(**{"method": "attribution", **kw})
+        return _Localizer(model, task, cfg, cands, seqs, others, 2, lines.append), lines
+    few, lines = localizer(3.5)
+    assert few.recompute and few.rows == int(3.5 * plain) // lean > 3
+    assert len(lines) == 1 and "3 rows fit a backward pass" in lines[0] and "--recompute off" in lines[0]
+    for loc_, said in (localizer(9), localizer(3.5, method="zero-out"), localizer(3.5, batch_size=2),
+                       localizer(3.5, recompute="off")):
+        assert not loc_.recompute and not said
+    assert localizer(9, recompute="on")[0].recompute
+
+
+def test_recompute_on_refuses_a_model_without_blocks(digits_master, tmp_path, capsys):
+    from toys import assert_one_line_error
+    from conftest import copy_of
+    run = copy_of(digits_master, tmp_path / "run")
+    (tmp_path / "idx.txt").write_text("0\n1\n")
+    code = main(["localize", str(run), "--method", "attribution", "--recompute", "on", "--indices",
+                 str(tmp_path / "idx.txt"), "--quiet"])
+    assert_one_line_error(code, capsys.readouterr().err, "--recompute on", "no list of blocks")
+    assert not (run / "probes" / "localize").exists()

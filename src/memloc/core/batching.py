@@ -64,11 +64,17 @@ def model_shape(model: nn.Module) -> dict | None:
             "gated": getattr(cfg, "hidden_act", None) == "silu"}
 
 
-def row_bytes(shape: dict, length: int, *, backward: bool = False) -> int:
-    """Bytes one row of `length` tokens holds at a pass's peak (the module docstring's count)."""
+def row_bytes(shape: dict, length: int, *, backward: bool = False, recompute: bool = False) -> int:
+    """Bytes one row of `length` tokens holds at a pass's peak (the module docstring's count); `recompute`: a
+    backward pass whose blocks are checkpointed (`memloc.core.recompute`) keeps each block's input and one block's
+    activations at a time instead of every block's."""
     t = int(length)
     if backward:
         step, _ = budget.transformer_batches({**shape, "block": t}, 1, 0)
+        if recompute:
+            rest, _ = budget.transformer_batches({**shape, "block": t, "layers": 0}, 1, 0)  # embedding, logits
+            one, _ = budget.transformer_batches({**shape, "block": t, "layers": 1}, 1, 0)
+            step = rest + (one - rest) + _FP32 * t * shape["width"] * shape["layers"]
         return int(step)
     c, i, v = shape["width"], shape["hidden"], shape["vocab"]
     return _FP32 * t * (5 * v + 4 * c + i + shape.get("heads", 1) * t)
@@ -80,10 +86,10 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def rows_that_fit(model: nn.Module, *, length: int, backward: bool = False, cap: int | None = None,
-                  free: int | None = None) -> int:
+def rows_that_fit(model: nn.Module, *, length: int, backward: bool = False, recompute: bool = False,
+                  cap: int | None = None, free: int | None = None) -> int:
     """The batch of a pass over `model` on rows of `length` tokens (the module docstring's rule); `free`: the
-    bytes free (default: the device's, read now)."""
+    bytes free (default: the device's, read now); `recompute`: see `row_bytes`."""
     device = _device(model)
     cap = int(cap or CAP.get(device.type, CAP["cpu"]))
     shape = model_shape(model)
@@ -92,7 +98,8 @@ def rows_that_fit(model: nn.Module, *, length: int, backward: bool = False, cap:
         return cap
     if device.type == "cpu" and not backward:
         cap = min(cap, CPU_LOGITS // (_FP32 * max(1, int(length)) * shape["vocab"]))
-    return max(1, min(cap, int(SHARE * free) // max(1, row_bytes(shape, length, backward=backward))))
+    per_row = row_bytes(shape, length, backward=backward, recompute=recompute and backward)
+    return max(1, min(cap, int(SHARE * free) // max(1, per_row)))
 
 
 def is_out_of_memory(err: BaseException) -> bool:

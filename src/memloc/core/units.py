@@ -11,7 +11,7 @@ The hooks exist only inside `installed()`, which restores the model on exit.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,21 @@ class UnitMasks:
         self.rows = rows
         self.captured = [None] * len(self.layers) if capture else None
         self.edited = None if rows is None else (edited if edited is not None else self.edited_of(rows))
+
+    def freeze(self) -> Callable[[], ContextManager]:
+        """A context that puts the rows and flags set now back while it lasts, capturing nothing: a block computed
+        again in the backward pass (`memloc.core.recompute`) sees the masks of its forward pass."""
+        rows, edited = self.rows, self.edited
+
+        @contextlib.contextmanager
+        def restored() -> Iterator[None]:
+            saved = self.rows, self.edited, self.captured
+            self.rows, self.edited, self.captured = rows, edited, None
+            try:
+                yield
+            finally:
+                self.rows, self.edited, self.captured = saved
+        return restored
 
     def edited_of(self, masks: torch.Tensor) -> list[bool]:
         """Per candidate layer: does some row of masks (Q, U) remove one of its units (one host sync)."""

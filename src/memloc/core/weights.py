@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,20 @@ class WeightMasks:
                 raise ConfigError(f"the weight mask has shape {tuple(t.shape)}, the chosen matrices {self.total} "
                                   "weights: it is for another model or other layers")
         self.scale, self.shift = scale, shift
+
+    def freeze(self) -> Callable[[], ContextManager]:
+        """A context that puts the scale and shift set now back while it lasts (see `UnitMasks.freeze`)."""
+        scale, shift = self.scale, self.shift
+
+        @contextlib.contextmanager
+        def restored() -> Iterator[None]:
+            saved = self.scale, self.shift
+            self.scale, self.shift = scale, shift
+            try:
+                yield
+            finally:
+                self.scale, self.shift = saved
+        return restored
 
     def views(self, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         lo, hi, shape = int(self.offsets[j]), int(self.offsets[j + 1]), self.matrices[j].shape

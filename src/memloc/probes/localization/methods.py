@@ -67,18 +67,20 @@ Adding a method: its function here and its row in `SCORERS` (the unit kinds it s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, ContextManager, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.batching import whole_at_half
-from ...core.errors import RunError
+from ...core.batching import rows_that_fit, whole_at_half
+from ...core.errors import ConfigError, RunError
 from ...core.layers import Layer
+from ...core.recompute import blocks_of, recomputing
 from ...core.tasks import Task
 from ...core.units import UnitMasks
 from ...core.weights import Matrix, WeightMasks
@@ -118,6 +120,7 @@ class _Localizer:
         data, y = task.data, task.targets("given")
         self.rows = _rows(cfg, model, data.x_train)
         self.seqs, self.others = seqs, others
+        self.recompute = self._recompute(data.x_train)
         self.x_mem = self._input(data.x_train, seqs)
         self.y_mem = y[torch.as_tensor(seqs, device=y.device)].to(self.device)
         self.x_oth = self._input(data.x_train, others)
@@ -125,6 +128,38 @@ class _Localizer:
         self.all_edited = [True] * len(candidates)
         self.trace: list[float] = []
         self.details: dict = {}
+
+    def _recompute(self, x: torch.Tensor) -> bool:
+        """Whether the method's backward passes recompute the blocks (`--recompute`: on; auto when fewer than
+        `RECOMPUTE_BELOW` rows, and fewer than a pass could take, fit without it and more fit with it; then
+        `self.rows` is the larger batch), said in one line."""
+        cfg = self.cfg
+        if cfg.method not in BACKWARD or cfg.recompute == "off":
+            return False
+        if blocks_of(self.model) is None:
+            if cfg.recompute == "on":
+                raise ConfigError("--recompute on: the model has no list of blocks to compute again (a transformer's "
+                                  "decoder layers); use --recompute auto or off")
+            return False
+        if cfg.recompute == "auto":
+            if cfg.batch_size is not None or x.dim() != 2:
+                return False
+            need = len(self.seqs) * (cfg.ig_steps if cfg.method == "ig" else 1)
+            if cfg.method == "balanced-subnet":
+                need = max(need, len(self.others))
+            more = rows_that_fit(self.model, length=x.shape[1], backward=True, recompute=True)
+            if self.rows >= min(need, RECOMPUTE_BELOW) or more <= self.rows:
+                return False
+            self.log(f"localize: {self.rows} rows fit a backward pass; recomputing each block's activations in the "
+                     f"backward pass fits {more} (--recompute off to keep them)")
+            self.rows = more
+        elif cfg.batch_size is None and x.dim() == 2:
+            self.rows = rows_that_fit(self.model, length=x.shape[1], backward=True, recompute=True)
+        return True
+
+    def recomputing(self) -> ContextManager:
+        """Where the method runs: its model's blocks checkpointed when `self.recompute` (`memloc.core.recompute`)."""
+        return recomputing(self.model, self.masks.freeze) if self.recompute else contextlib.nullcontext()
 
     def _input(self, x: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         return self.task.inputs(x[torch.as_tensor(idx, device=x.device)].to(self.device), self.device)
@@ -497,6 +532,12 @@ def greedy(loc: _Localizer, *, progress: bool = False, **resume) -> torch.Tensor
                     "cap": cap}
     return scores
 
+
+# the methods that backpropagate through the model (`--recompute` applies to them), and the rows per pass below which
+# auto turns recomputation on: a pass of fewer rows leaves a GPU mostly idle, and recomputing costs about one
+# forward pass more per backward (a third more arithmetic) while it fits several times the rows of a large model
+BACKWARD = frozenset({"attribution", "ig", "slimming", "hard-concrete", "balanced-subnet", "subnet", "durable"})
+RECOMPUTE_BELOW = 8
 
 # name -> (the method's scoring function, the unit kinds it scores), in the order `--method` lists them: adding a
 # method is its function above and one row here

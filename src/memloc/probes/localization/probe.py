@@ -77,7 +77,7 @@ from ..flipping.config import FlipConfig
 from ..flipping.probe import _from_json, _merge_states, _to_json
 from ..flipping.probe import candidate_layers as flip_candidates
 from .edit import _cost, _cost_text, _hits, _is_text, _quality, _rows, _share, scoped_edit, top_units
-from .methods import SCORERS, _Localizer
+from .methods import RECOMPUTE_BELOW, SCORERS, _Localizer
 
 PROBE_NAME = "localize"
 ALL_METHODS = tuple(SCORERS)
@@ -130,6 +130,10 @@ class LocalizeConfig:
     batch_size: int | None = option(None, "rows per forward pass (default: what fits the free memory, at most 256 "
                                     "on a CPU, 2048 on a GPU)",
                                     result=False, at_least=1)
+    recompute: str = option("auto", "gradient checkpointing of a language model's blocks in the methods that "
+                            "backpropagate (their activations computed again in the backward pass, not kept): auto "
+                            f"(when fewer than {RECOMPUTE_BELOW} rows would fit a pass otherwise), on or off",
+                            choices=("auto", "on", "off"), result=False)
     epoch: int | None = option(None, "probe this saved epoch (default: the final one)", at_least=0)
     device: str = option("auto", "auto, cpu or cuda", result=False)
     given: tuple[str, ...] | None = given_option()
@@ -279,7 +283,7 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
         if scores is None:
             return None
     else:
-        with loc.masks.installed():
+        with loc.masks.installed(), loc.recomputing():
             scores = score(loc)
     scoring = time.perf_counter() - t0  # the method's own time; the before/after measurement is not in it
     scores = scores.double().numpy()

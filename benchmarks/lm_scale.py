@@ -19,6 +19,8 @@ GPU also torch's peak allocated):
   of `--methods` with the step count of `--steps` where given (the learned methods' defaults are 200-1000 steps,
   ig's 20 per layer: a step's time times theirs is the default's time). With `--by-extraction` the sequences are
   the ones the model extracts (the planted ones, found by a pass over every row: what the audit's removal does).
+  With `--recompute off,on` each method runs once per setting (gradient checkpointing of the blocks, at the same
+  `--batch-size`): the memory it saves and the time it costs.
 
     python benchmarks/lm_scale.py --model gpt2                      # this CPU: GPT-2 small, 1,000 x (32 + 48)
     python benchmarks/lm_scale.py --model pythia-1b --device cuda --sequences 10000 --methods balanced-subnet
@@ -177,6 +179,9 @@ def main() -> None:
     ap.add_argument("--stages", default="scan,generate,audit,localize")
     ap.add_argument("--by-extraction", action="store_true", help="localize the sequences the model extracts (found "
                     "by a pass over every row, as the audit's removal does) instead of --indices of the planted ones")
+    ap.add_argument("--recompute", default=None, help="localize each method once per setting of this comma-separated "
+                    "list of `--recompute` values (e.g. off,on: the memory gradient checkpointing saves)")
+    ap.add_argument("--batch-size", type=int, default=None, help="localize's --batch-size (default: its choice)")
     ap.add_argument("--out", default=None)
     # one stage, in a fresh process (internal)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -227,7 +232,11 @@ def main() -> None:
                 argv += ["--steps", str(args.steps)]
             elif args.steps and method == "ig":
                 argv += ["--ig-steps", str(args.steps)]
-            record(run_stage(f"localize:{method}", args, folder, seqs, argv))
+            if args.batch_size:
+                argv += ["--batch-size", str(args.batch_size)]
+            for setting in args.recompute.split(",") if args.recompute else [None]:
+                extra, tag = ([], "") if setting is None else (["--recompute", setting], f":recompute-{setting}")
+                record(run_stage(f"localize:{method}{tag}", args, folder, seqs, argv + extra))
     print(f"wrote {out / 'results.json'}")
 
 

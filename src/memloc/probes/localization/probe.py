@@ -320,7 +320,7 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
         if cfg.method in ("balanced-subnet", "subnet"):  # the learned mask depends on k: learn it again at the new size
             loc.k, loc.trace = k, []
             t1 = time.perf_counter()
-            with loc.masks.installed():
+            with loc.masks.installed(), loc.recomputing():
                 scores = score(loc).double().numpy()
             scoring += time.perf_counter() - t1
     if sweep:

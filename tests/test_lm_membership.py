@@ -105,3 +105,35 @@ def test_the_measures_take_a_plain_transformers_model():
             return {"no": "logits"}
     with pytest.raises(ConfigError, match="expect logits"):
         measures.sequence_losses(Weird(), pre, suf)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_position_stats_in_chunks_equal_the_whole_tensor_bit_for_bit(monkeypatch, threads):
+    """The scan's per-position statistics made a chunk of positions at a time (whatever the chunk: the default, a
+    few rows, the smallest) are the whole tensor's formulas exactly: argmax with a tie (the lowest id), the target's
+    log-probability, the mean and variance of log p."""
+    import torch.nn.functional as F
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for b, k, v in ((3, 7, 11), (4, 37, 5003), (1, 1, 3), (0, 5, 7)):
+            logits = torch.randn(b, k, v, generator=g) * 3
+            if b:
+                logits[0, 0, :2] = 20.0  # a tie at the top: token 0 is the argmax
+            t = torch.randint(0, v, (b, k), generator=g)
+            la = F.log_softmax(logits, -1)
+            p = la.exp()
+            mu = (p * la).sum(-1)
+            want = {"hit": logits.argmax(-1) == t, "logp": la.gather(-1, t[..., None])[..., 0], "mu": mu,
+                    "var": (p * la.square()).sum(-1) - mu.square()}
+            for chunk in (measures.STATS_BYTES, 4 * v * 3, 1):
+                monkeypatch.setattr(measures, "STATS_BYTES", chunk)
+                got = measures.position_stats(logits, t, moments=True)
+                assert sorted(got) == sorted(want)
+                for name in want:
+                    assert got[name].shape == (b, k) and torch.equal(got[name], want[name]), (b, k, v, chunk, name)
+            if b:
+                assert bool(measures.position_stats(logits, torch.zeros_like(t))["hit"][0, 0])
+    finally:
+        torch.set_num_threads(before)

@@ -852,8 +852,8 @@ def test_auto_recomputes_only_when_few_rows_fit_and_says_so(monkeypatch):
 
 
 def test_recompute_on_refuses_a_model_without_blocks(digits_master, tmp_path, capsys):
-    from toys import assert_one_line_error
     from conftest import copy_of
+    from toys import assert_one_line_error
     run = copy_of(digits_master, tmp_path / "run")
     (tmp_path / "idx.txt").write_text("0\n1\n")
     code = main(["localize", str(run), "--method", "attribution", "--recompute", "on", "--indices",

@@ -5,9 +5,10 @@ halved when the device runs out anyway.
 perplexity) or, with ``backward=True``, of a pass that backpropagates to unit masks (localization, flipping): the
 largest batch whose tensors fill at most `SHARE` of the device's free memory (`budget.free_memory`: a GPU's
 free memory, a CPU's available RAM within its cgroup), at most `cap` (a larger batch buys no speed: 256 rows on
-a CPU, 2048 on a GPU), at least 1. A row of T tokens holds, forward only, its logits and the four
-vocabulary-sized temporaries the measures make of them (fp32, 5 T V values) and one block's activations (4 T C +
-T I + heads T^2); backpropagating, a training step's tensors at batch 1 (`budget.transformer_batches`, fitted on
+a CPU, 2048 on a GPU), at least 1. A row of T tokens holds, forward only, its logits and one vocabulary-sized
+temporary (fp32, 2 T V values: a loss's log-softmax; the scan's statistics make theirs a chunk of positions at a
+time, `memloc.tasks.lm.measures.position_stats`) and one block's activations (4 T C + T I + heads T^2);
+backpropagating, a training step's tensors at batch 1 (`budget.transformer_batches`, fitted on
 memloc's GPT). A model whose shape cannot be read (not a transformer) gets `cap`. On a CPU a forward batch's
 logits also stay within `CPU_LOGITS` bytes: the vocabulary-sized tensors are memory-bound there, and GPT-2 small's
 scan held 9.4 GiB at 128 rows (BENCHMARKS.md, `benchmarks/lm_scale.py`) and an informal check saw no gain from
@@ -77,7 +78,7 @@ def row_bytes(shape: dict, length: int, *, backward: bool = False, recompute: bo
             step = rest + (one - rest) + _FP32 * t * shape["width"] * shape["layers"]
         return int(step)
     c, i, v = shape["width"], shape["hidden"], shape["vocab"]
-    return _FP32 * t * (5 * v + 4 * c + i + shape.get("heads", 1) * t)
+    return _FP32 * t * (2 * v + 4 * c + i + shape.get("heads", 1) * t)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -200,11 +200,48 @@ def greedy_generate(model: nn.Module, prefixes: list[list[int]], length: int, *,
     return out
 
 
+STATS_BYTES = 64 << 20  # bytes of one chunk of positions' vocabulary-sized temporaries in `position_stats`
+
+
+def position_stats(logits: torch.Tensor, targets: torch.Tensor, *, moments: bool = False) -> dict[str, torch.Tensor]:
+    """Per position of logits (b, k, V) and targets (b, k): "hit" (argmax == target, the lowest id among ties),
+    "logp" (the target's log-probability, float32) and with `moments` "mu" and "var" (the mean and variance of
+    log p(z) under the position's distribution), each (b, k).
+
+    The vocabulary-sized temporaries (the log-softmax, the probabilities, their products) are made a chunk of
+    positions at a time, about `STATS_BYTES` each: the pass's peak is the logits themselves, not five times
+    them. Every position is reduced alone, so the values are those of one call over the whole tensor."""
+    b, k, v = logits.shape
+    flat, tgt = logits.reshape(b * k, v), targets.reshape(b * k)
+    out = {"hit": torch.empty(b * k, dtype=torch.bool, device=logits.device)}
+    for name in ("logp", "mu", "var") if moments else ("logp",):
+        out[name] = torch.empty(b * k, dtype=torch.float32, device=logits.device)
+    if b * k == 0:
+        return {name: t.view(b, k) for name, t in out.items()}
+    n = b * k
+    # chunks of at least `rows` positions (at most twice that): never one position alone where there are more, as a
+    # one-row sum is reduced in another order (its last bits apart from the whole tensor's)
+    rows = max(2, STATS_BYTES // (4 * v))
+    chunks = max(1, n // rows)
+    for c in range(chunks):
+        lo, hi = c * n // chunks, (c + 1) * n // chunks
+        x, t = flat[lo:hi].float(), tgt[lo:hi]
+        out["hit"][lo:hi] = x.argmax(-1) == t
+        logp = F.log_softmax(x, -1)
+        del x
+        out["logp"][lo:hi] = logp.gather(-1, t[:, None])[:, 0]
+        if moments:
+            p = logp.exp()
+            mu = (p * logp).sum(-1)  # E_z log p(z)
+            out["mu"][lo:hi] = mu
+            out["var"][lo:hi] = (p * logp.square()).sum(-1) - mu.square()
+    return {name: t.view(b, k) for name, t in out.items()}
+
+
 def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax == target, cross-entropy in nats) per position, for logits (b, k, V) and targets (b, k)."""
-    logits = logits.float()
-    nll = -F.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]  # (b, k)
-    return logits.argmax(-1) == targets, nll
+    st = position_stats(logits, targets)
+    return st["hit"], -st["logp"]
 
 
 def _teacher_forced(model: nn.Module, full: torch.Tensor, plen: int, *, batch_size: int,

@@ -27,12 +27,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core.batching import in_batches, rows_that_fit
 from ...core.errors import ConfigError
-from .measures import _block_size, _device, _evaluating, _groups, causal_lm
+from .measures import _block_size, _device, _evaluating, _groups, causal_lm, position_stats
 
 K = 0.2  # the share of tokens Min-K% and Min-K%++ average (the papers' recommended 20%)
 ORIENT = {"loss": -1.0, "zlib": -1.0, "min_k": 1.0, "min_k_pp": 1.0, "ref_ratio": -1.0}  # x ORIENT: higher = member
@@ -47,7 +46,8 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_siz
     model's next-token distribution there, and whether it is that distribution's argmax (the lowest id among
     ties, as greedy decoding takes it: the teacher-forced extraction of `memloc.tasks.lm.measures` from the same pass).
     Each sequence must fit the model's context (ConfigError otherwise). Memory: one batch of (batch_size, n-1,
-    vocabulary) float32 and four such temporaries; `batch_size` None: what fits (`memloc.core.batching`)."""
+    vocabulary) logits, their temporaries a chunk of positions at a time (`measures.position_stats`); `batch_size`
+    None: what fits (`memloc.core.batching`)."""
     model = causal_lm(model)
     rows = [[int(t) for t in s] for s in seqs]
     short = next((i for i, r in enumerate(rows) if len(r) < 2), None)
@@ -69,14 +69,8 @@ def token_logprobs(model: nn.Module, seqs: Sequence[Sequence[int]], *, batch_siz
 
             def part(lo: int, hi: int, full=full, idx=idx) -> None:
                 ids = full[lo:hi].to(device)
-                logits = model(ids[:, :-1]).float()  # (b, n-1, V)
-                hit = logits.argmax(-1) == ids[:, 1:]
-                logp_all = F.log_softmax(logits, -1)
-                del logits
-                p_all = logp_all.exp()
-                mu = (p_all * logp_all).sum(-1)  # (b, n-1): E_z log p(z)
-                var = (p_all * logp_all.square()).sum(-1) - mu.square()
-                logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+                st = position_stats(model(ids[:, :-1]), ids[:, 1:], moments=True)  # (b, n-1) each
+                hit, logp, mu, var = st["hit"], st["logp"], st["mu"], st["var"]
                 for j, i in enumerate(idx[lo:hi]):
                     out[i] = {"logp": logp[j].double().cpu().numpy(), "mu": mu[j].double().cpu().numpy(),
                               "sigma": var[j].clamp_min(0).sqrt().double().cpu().numpy(),

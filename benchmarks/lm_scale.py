@@ -11,6 +11,8 @@ GPU also torch's peak allocated):
 
 - ``scan``: the audit's one teacher-forced pass (`memloc.tasks.lm.membership.token_logprobs`: extraction, loss and the
   membership scores' statistics from the same logits), batch chosen by `memloc.core.batching`;
+- ``forward``: the bare forward pass (memloc's wrapper: the logits and nothing made of them) over the same rows at
+  the scan's batch: the scan's ceiling (the issue's GPU goal: the scan at no less than 70% of its tokens per second);
 - ``generate``: Hugging Face `generate`, greedy with its cache, on `--generate` of the sequences (the usual way to
   test extraction), to compare per sequence with the scan;
 - ``audit``: the whole `memloc audit --no-remove` command (scan, k-extractability at the prefix lengths, held-out
@@ -111,7 +113,7 @@ def stage(args) -> dict:
     rows = [json.loads(line) for line in seqs.read_text().splitlines()]
     ids = [([int(t[1:]) for t in r["prefix"].split()], [int(t[1:]) for t in r["suffix"].split()]) for r in rows]
     found: dict = {}
-    if args.stage in ("scan", "generate"):
+    if args.stage in ("scan", "generate", "forward"):
         from memloc.core.batching import rows_that_fit
         from memloc.tasks.lm.hf import load_hf
         from memloc.tasks.lm.membership import token_logprobs
@@ -124,6 +126,11 @@ def stage(args) -> dict:
         if args.stage == "scan":
             stats = token_logprobs(model, [p + s for p, s in ids])
             found["extracted"] = sum(bool(st["hit"][len(p) - 1:].all()) for st, (p, _) in zip(stats, ids))
+        elif args.stage == "forward":  # the model's bare forward over the scan's rows at the scan's batch: its ceiling
+            with torch.no_grad():
+                for lo in range(0, len(ids), found["batch"]):
+                    rows = torch.tensor([p + q for p, q in ids[lo:lo + found["batch"]]], device=args.device)
+                    model(rows[:, :-1])
         else:
             hits = 0
             with torch.no_grad():
@@ -176,7 +183,7 @@ def main() -> None:
     ap.add_argument("--methods", default="attribution,ig,hard-concrete,balanced-subnet")
     ap.add_argument("--steps", type=int, default=None, help="the learned methods' steps and ig's (default: theirs: "
                     "slimming and hard-concrete 1000, balanced-subnet 200, ig 20 per layer)")
-    ap.add_argument("--stages", default="scan,generate,audit,localize")
+    ap.add_argument("--stages", default="forward,scan,generate,audit,localize")
     ap.add_argument("--by-extraction", action="store_true", help="localize the sequences the model extracts (found "
                     "by a pass over every row, as the audit's removal does) instead of --indices of the planted ones")
     ap.add_argument("--recompute", default=None, help="localize each method once per setting of this comma-separated "
@@ -215,9 +222,15 @@ def main() -> None:
         found = {k: v for k, v in r.items() if k in ("batch", "extracted", "sequences", "exit", "failed",
                                                       "scoring_seconds")}
         print(f"{r['stage']}: {r.get('seconds', '-')} s, {mem}  {found}", flush=True)
-    for name in ("scan", "generate"):
+    for name in ("forward", "scan", "generate"):
         if name in stages and (name != "generate" or args.generate):
             record(run_stage(name, args, folder, seqs))
+    done = {r["stage"]: r for r in result["stages"] if "seconds" in r}
+    if "forward" in done and "scan" in done:
+        result["scan_share_of_bare_forward"] = round(done["forward"]["seconds"] / done["scan"]["seconds"], 3)
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"the scan runs at {100 * result['scan_share_of_bare_forward']:.0f}% of a bare forward's tokens per "
+              "second", flush=True)
     run = out / "audit"
     if "audit" in stages or "localize" in stages:
         record(run_stage("audit", args, folder, seqs, ["audit", f"hf:{folder}", "--sequences", str(seqs), "--out",

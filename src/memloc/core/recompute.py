@@ -26,6 +26,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def restoring(obj: object, **values) -> Callable[[], ContextManager]:
+    """A context factory: inside each context, `obj`'s attributes hold `values` (taken now), and get back whatever
+    they held on entry afterwards. What the masks' `freeze` returns."""
+    @contextlib.contextmanager
+    def restored() -> Iterator[None]:
+        saved = {name: getattr(obj, name) for name in values}
+        for name, value in values.items():
+            setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(obj, name, value)
+    return restored
+
+
 def blocks_of(model: nn.Module) -> nn.ModuleList | None:
     """The model's decoder blocks: its longest nn.ModuleList of at least two modules of one class (the outermost of
     equal ones); None where it has none."""

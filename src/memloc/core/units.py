@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import RunError
 from .layers import Layer
+from .recompute import restoring
 
 
 class UnitMasks:
@@ -53,17 +54,7 @@ class UnitMasks:
     def freeze(self) -> Callable[[], ContextManager]:
         """A context that puts the rows and flags set now back while it lasts, capturing nothing: a block computed
         again in the backward pass (`memloc.core.recompute`) sees the masks of its forward pass."""
-        rows, edited = self.rows, self.edited
-
-        @contextlib.contextmanager
-        def restored() -> Iterator[None]:
-            saved = self.rows, self.edited, self.captured
-            self.rows, self.edited, self.captured = rows, edited, None
-            try:
-                yield
-            finally:
-                self.rows, self.edited, self.captured = saved
-        return restored
+        return restoring(self, rows=self.rows, edited=self.edited, captured=None)
 
     def edited_of(self, masks: torch.Tensor) -> list[bool]:
         """Per candidate layer: does some row of masks (Q, U) remove one of its units (one host sync)."""

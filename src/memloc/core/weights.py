@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from .errors import ConfigError
 from .layers import Layer
+from .recompute import restoring
 
 
 @dataclass(frozen=True)
@@ -111,17 +112,7 @@ class WeightMasks:
 
     def freeze(self) -> Callable[[], ContextManager]:
         """A context that puts the scale and shift set now back while it lasts (see `UnitMasks.freeze`)."""
-        scale, shift = self.scale, self.shift
-
-        @contextlib.contextmanager
-        def restored() -> Iterator[None]:
-            saved = self.scale, self.shift
-            self.scale, self.shift = scale, shift
-            try:
-                yield
-            finally:
-                self.scale, self.shift = saved
-        return restored
+        return restoring(self, scale=self.scale, shift=self.shift)
 
     def views(self, j: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         lo, hi, shape = int(self.offsets[j]), int(self.offsets[j + 1]), self.matrices[j].shape

@@ -169,12 +169,17 @@ def test_scoring_time_is_the_methods_own_not_the_measurement(monkeypatch):
 
     from memloc.probes.localization import probe
 
-    slow = probe._hits
+    slow, slow_heldout = probe._hits, probe._heldout
 
     def hits(*args, **kwargs):
         time.sleep(0.3)
         return slow(*args, **kwargs)
+
+    def heldout(*args, **kwargs):
+        time.sleep(0.3)
+        return slow_heldout(*args, **kwargs)
     monkeypatch.setattr(probe, "_hits", hits)
+    monkeypatch.setattr(probe, "_heldout", heldout)
     model, data = planted_model(), planted_data()
     s = loc.localize(model, data, method="zero-out", k=2).summary
     assert s["extracted_after"] == 0.0
@@ -860,3 +865,25 @@ def test_recompute_on_refuses_a_model_without_blocks(digits_master, tmp_path, ca
                  str(tmp_path / "idx.txt"), "--quiet"])
     assert_one_line_error(code, capsys.readouterr().err, "--recompute on", "no list of blocks")
     assert not (run / "probes" / "localize").exists()
+
+
+def test_the_held_out_extraction_and_perplexity_come_from_one_pass(tiny_run):
+    """The --until sweep's held-out measurement: one pass gives the held-out rows' extraction and the perplexity,
+    equal to the two passes it replaces (`_hits` and `heldout_perplexity` at the same batch) exactly, and the model
+    is called once per batch, not twice."""
+    from memloc.probes.localization import edit
+    from memloc.probes.memorization import heldout_perplexity
+    from memloc.tasks.experiment import open_run
+    loaded = open_run(tiny_run, device="cpu")
+    model, data = loaded.model(), loaded.data
+    task = task_of(data)
+    calls = _counting(model)
+    hits, ppl = edit._heldout(model, task, batch_size=7, quality=True)
+    one_pass = calls[0]
+    assert one_pass == -(-len(data.x_test) // 7)
+    assert torch.equal(hits, edit._hits(model, task, "test", batch_size=7))
+    assert ppl == heldout_perplexity(model, data, batch_size=7) and ppl > 1
+    assert edit._heldout(model, task, batch_size=7, quality=False)[1] is None
+    planted = planted_model()
+    q = edit._heldout(planted, task_of(planted_data()), batch_size=2, quality=True)[1]
+    assert q == heldout_perplexity(planted, planted_data(), batch_size=2)

@@ -85,6 +85,14 @@ def _check_enumeration(data: TextData, cfg: MemorizationConfig) -> None:
                      model_flags=f"--exact-up-to below {10 ** n:,} (the exposure is then estimated)", force=None)
 
 
+def perplexity_terms(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(sum of the cross-entropy over the trained target tokens, their count) of one batch: float logits (B, T, V),
+    encoded targets y (B, T). Summed over batches in order, exp(total / count) is `heldout_perplexity`."""
+    tokens, trained, _ = decode_targets(y)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+    return float((ce.view(tokens.shape) * trained).sum()), int(trained.sum())
+
+
 @torch.no_grad()
 def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int | None = None) -> float | None:
     """exp(mean cross-entropy) over every held-out target token, teacher-forced (held-out canaries included);
@@ -97,12 +105,8 @@ def heldout_perplexity(model: nn.Module, data: TextData, *, batch_size: int | No
 
     def part(lo: int, hi: int) -> None:
         nonlocal total, count
-        x = data.x_test[lo:hi].to(device)
-        tokens, trained, _ = decode_targets(data.y_test[lo:hi].to(device))
-        logits = model(x).float()
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
-        total += float((ce.view(tokens.shape) * trained).sum())
-        count += int(trained.sum())
+        t, c = perplexity_terms(model(data.x_test[lo:hi].to(device)).float(), data.y_test[lo:hi].to(device))
+        total, count = total + t, count + c
     try:
         in_batches(len(data.x_test), batch_size, part, what="the perplexity pass")
     finally:

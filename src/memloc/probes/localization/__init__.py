@@ -12,11 +12,11 @@ from ..base import ProbeResult
 from .edit import (
     _cost,
     _cost_text,
+    _heldout,
     _hits,
     _in_out,
     _is_text,
     _outgoing_norms,
-    _quality,
     _rows,
     _share,
     _top,
@@ -68,4 +68,4 @@ __all__ = ["ALL_METHODS", "METHODS", "PROBE", "PROBE_NAME", "UNIT_KINDS", "WEIGH
            "ProbeResult", "weight_matrices",
            # private names, for the modules, tests and studies that import them from here
            "_chosen", "_grown", "_plan", "_within", "_cost", "_cost_text", "_hits", "_in_out", "_is_text",
-           "_outgoing_norms", "_quality", "_rows", "_share", "_top", "_Localizer", "_per_row"]
+           "_outgoing_norms", "_heldout", "_rows", "_share", "_top", "_Localizer", "_per_row"]

@@ -9,6 +9,7 @@ read by `methods`' activations too); extraction of every example (`_hits`) and t
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -38,22 +39,46 @@ def _rows(cfg, model: nn.Module, x: torch.Tensor, *, backward: bool = True) -> i
 def _hits(model: nn.Module, task: Task, split: str, *, batch_size: int) -> torch.Tensor:
     """(N,) bool `task.match` of every training ("train") or held-out ("test") example, eval mode, float32; the
     batch halved on an out-of-memory error (`memloc.core.batching.in_batches`)."""
+    return _pass(model, task, split, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def _heldout(model: nn.Module, task: Task, *, batch_size: int, quality: bool) -> tuple[torch.Tensor, float | None]:
+    """The held-out examples' `_hits` and, with `quality`, what an edit must keep, from the same pass: a
+    language model's held-out perplexity (the same batches, so the same value as `heldout_perplexity`'s own pass),
+    else the test accuracy of those hits."""
+    hits, terms = _pass(model, task, "test", batch_size=batch_size, perplexity=quality and _is_text(task))
+    if not quality:
+        return hits, None
+    if _is_text(task):
+        return hits, math.exp(terms[0] / terms[1]) if terms[1] else None
+    return hits, float(hits.float().mean()) if len(hits) else None
+
+
+def _pass(model: nn.Module, task: Task, split: str, *, batch_size: int,
+          perplexity: bool = False) -> tuple[torch.Tensor, list]:
     data = task.data
     x, y = (data.x_train, task.targets("given")) if split == "train" else (data.x_test, task.targets("test"))
     device = next(model.parameters()).device
     out = torch.zeros(len(x), dtype=torch.bool)
+    terms = [0.0, 0]  # the perplexity's sum of cross-entropies and its count of tokens
     was_training = model.training
     model.eval()
+    if perplexity:
+        from ..memorization import perplexity_terms
 
     def part(lo: int, hi: int) -> None:
         xb, yb = x[lo:hi].to(device, non_blocking=True), y[lo:hi].to(device, non_blocking=True)
         logits = model(task.inputs(xb, device)).float()
         out[lo:hi] = task.match(task.predict(logits), yb).cpu()
+        if perplexity:
+            t, c = perplexity_terms(logits, yb)
+            terms[0], terms[1] = terms[0] + t, terms[1] + c
     try:
         in_batches(len(x), batch_size, part, what="localization's extraction pass")
     finally:
         model.train(was_training)
-    return out
+    return out, terms
 
 
 # ----------------------------------------------------------------------------- the edit, scoped
@@ -225,15 +250,6 @@ def _share(hits: torch.Tensor, seqs: np.ndarray) -> float:
 
 def _is_text(task: Task) -> bool:
     return getattr(task.data, "canaries", None) is not None
-
-
-def _quality(model: nn.Module, task: Task, hits: tuple[torch.Tensor, torch.Tensor], rows: int) -> float | None:
-    """What an edit must keep: a language model's held-out perplexity (None without held-out text), else the
-    test accuracy."""
-    if _is_text(task):
-        from ..memorization import heldout_perplexity
-        return heldout_perplexity(model, task.data, batch_size=rows)
-    return float(hits[1].float().mean()) if len(hits[1]) else None
 
 
 def _cost(task: Task, base: float | None, now: float | None) -> float | None:

@@ -76,7 +76,7 @@ from ..engine import Context, Probe, run_probe
 from ..flipping.config import FlipConfig
 from ..flipping.probe import _from_json, _merge_states, _to_json
 from ..flipping.probe import candidate_layers as flip_candidates
-from .edit import _cost, _cost_text, _hits, _is_text, _quality, _rows, _share, scoped_edit, top_units
+from .edit import _cost, _cost_text, _heldout, _hits, _is_text, _rows, _share, scoped_edit, top_units
 from .methods import RECOMPUTE_BELOW, SCORERS, _Localizer
 
 PROBE_NAME = "localize"
@@ -291,20 +291,20 @@ def localize_units(model: nn.Module, data, cfg: LocalizeConfig | None = None, *,
     train_before = memo.get("train_hits")  # the plan's pass over the unedited model: not measured again
     if train_before is None:
         train_before = _hits(model, task, "train", batch_size=rows)
-    before = (train_before, _hits(model, task, "test", batch_size=rows))
+    test_before, quality_before = _heldout(model, task, batch_size=rows, quality=cfg.until is not None)
+    before = (train_before, test_before)
     sweep: list[dict] = []
     while True:
         top = top_units(scores, units, k)
         mask = np.ones(loc.U, dtype=np.float32)
         mask[top] = 0.0
         with scoped_edit(model, units, mask):
-            after = (_hits(model, task, "train", batch_size=rows), _hits(model, task, "test", batch_size=rows))
-            quality = _quality(model, task, after, rows) if cfg.until is not None else None
+            test_after, quality = _heldout(model, task, batch_size=rows, quality=cfg.until is not None)
+            after = (_hits(model, task, "train", batch_size=rows), test_after)
         if cfg.until is None:
             break
         if not sweep:
-            sweep.append({"k": 0, "extracted": _share(before[0], loc.seqs), "quality": _quality(model, task, before,
-                                                                                                  rows)})
+            sweep.append({"k": 0, "extracted": _share(before[0], loc.seqs), "quality": quality_before})
         step = {"k": int(len(top)), "extracted": _share(after[0], loc.seqs), "quality": quality,
                 "scores": scores, "k_arg": k, "top": top, "mask": mask, "after": after,
                 "elapsed": time.perf_counter() - t0}

@@ -818,12 +818,20 @@ def test_recomputing_hugging_face_blocks_gives_the_same_gradients(family):
     pytest.importorskip("transformers")
     from memloc.tasks.lm.hf import build_hf
     torch.manual_seed(0)
+    from memloc.core.recompute import blocks_of
     hf = build_hf(family, vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16).eval()
+    assert blocks_of(hf) is hf.get_submodule(f"hf.{hf.plan.blocks}")  # the decoder layers, not another list
+    # the block's first norm (a recomputation may stop once it has every tensor the backward needs: early in the
+    # block is always reached)
+    calls = _counting(next(m for m in blocks_of(hf)[1].modules() if "norm" in type(m).__name__.lower()))
     data = planted_data(10)
     for method in ("attribution", "ig"):
         opts = dict(method=method, k=2, batch_size=4, indices=(0, 3, 10, 11), heads=True, ig_steps=3)
+        calls[0] = 0
         kept = loc.localize(hf, data, recompute="off", **opts)
+        plain, calls[0] = calls[0], 0
         again = loc.localize(hf, data, recompute="on", **opts)
+        assert calls[0] > plain  # the recomputations
         assert np.abs(kept.arrays["scores"]).max() > 0
         np.testing.assert_allclose(again.arrays["scores"], kept.arrays["scores"], rtol=1e-5, atol=1e-8)
 

@@ -72,10 +72,9 @@ def row_bytes(shape: dict, length: int, *, backward: bool = False, recompute: bo
     t = int(length)
     if backward:
         step, _ = budget.transformer_batches({**shape, "block": t}, 1, 0)
-        if recompute:
-            rest, _ = budget.transformer_batches({**shape, "block": t, "layers": 0}, 1, 0)  # embedding, logits
+        if recompute:  # the embedding and logits, one block's activations, every block's input
             one, _ = budget.transformer_batches({**shape, "block": t, "layers": 1}, 1, 0)
-            step = rest + (one - rest) + _FP32 * t * shape["width"] * shape["layers"]
+            step = one + _FP32 * t * shape["width"] * shape["layers"]
         return int(step)
     c, i, v = shape["width"], shape["hidden"], shape["vocab"]
     return _FP32 * t * (2 * v + 4 * c + i + shape.get("heads", 1) * t)

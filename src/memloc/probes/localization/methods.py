@@ -141,20 +141,17 @@ class _Localizer:
                 raise ConfigError("--recompute on: the model has no list of blocks to compute again (a transformer's "
                                   "decoder layers); use --recompute auto or off")
             return False
+        fits = cfg.batch_size is None and x.dim() == 2  # memloc chooses the rows: recomputing lets it take more
+        more = rows_that_fit(self.model, length=x.shape[1], backward=True, recompute=True) if fits else self.rows
         if cfg.recompute == "auto":
-            if cfg.batch_size is not None or x.dim() != 2:
-                return False
             need = len(self.seqs) * (cfg.ig_steps if cfg.method == "ig" else 1)
             if cfg.method == "balanced-subnet":
                 need = max(need, len(self.others))
-            more = rows_that_fit(self.model, length=x.shape[1], backward=True, recompute=True)
-            if self.rows >= min(need, RECOMPUTE_BELOW) or more <= self.rows:
+            if not fits or self.rows >= min(need, RECOMPUTE_BELOW) or more <= self.rows:
                 return False
             self.log(f"localize: {self.rows} rows fit a backward pass; recomputing each block's activations in the "
                      f"backward pass fits {more} (--recompute off to keep them)")
-            self.rows = more
-        elif cfg.batch_size is None and x.dim() == 2:
-            self.rows = rows_that_fit(self.model, length=x.shape[1], backward=True, recompute=True)
+        self.rows = more
         return True
 
     def recomputing(self) -> ContextManager:

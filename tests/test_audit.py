@@ -183,6 +183,35 @@ def test_an_audit_without_removal_writes_no_edit(trained, tmp_path):
     assert not (out / "edited").exists() and not (out / "probes" / "removal").exists()
 
 
+def test_a_bf16_audit_finds_what_the_fp32_audit_finds_and_edits_float32_weights(trained, token_run, tmp_path):
+    """--precision bf16: the scan and the removal compute under bf16 autocast (the fixture's model, 64 wide, is below
+    auto's bf16 width, so the fixture's audit is fp32 on any CPU): the same sequences extracted, losses within bf16's
+    rounding yet not equal (the arithmetic did change), the setting recorded in the run; the edit and the exported
+    folder are float32, within the perplexity bound. A token file's streaming scan computes in the same arithmetic."""
+    from safetensors import safe_open
+    out = tmp_path / "run"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),
+                 "--precision", "bf16", "--quiet"]) == 0
+    want, got = _rows(trained["run"]), _rows(out)
+    assert [r["extracted"] for r in got] == [r["extracted"] for r in want]
+    loss = {k: np.array([float(r["loss"]) for r in rows]) for k, rows in (("fp32", want), ("bf16", got))}
+    assert not np.array_equal(loss["fp32"], loss["bf16"])
+    assert np.abs(loss["fp32"] - loss["bf16"]).max() < 0.05 * loss["fp32"].max()
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "bf16"
+    s = json.loads((out / "probes" / "removal" / "summary.json").read_text())
+    assert s["perplexity_cost"] is not None and s["perplexity_cost"] <= 0.05
+    with safe_open(str(out / "edited" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}
+    stream = tmp_path / "stream"
+    assert main(["audit", f"hf:{trained['model']}", "--sequences", str(token_run["root"] / "toks.bin"),
+                 "--out", str(stream), "--chunk", "8", "--no-remove", "--precision", "bf16", "--quiet"]) == 0
+    fp32_scan, bf16_scan = _scan_rows(token_run["run"]), _scan_rows(stream)
+    assert [r["extracted"] for r in bf16_scan] == [r["extracted"] for r in want]
+    streamed = np.array([float(r["loss"]) for r in bf16_scan])
+    assert not np.array_equal(streamed, np.array([float(r["loss"]) for r in fp32_scan]))
+    assert np.abs(streamed - loss["bf16"]).max() < 0.05 * loss["bf16"].max()
+
+
 def test_an_audit_killed_after_localizing_resumes_to_the_same_removal(trained, tmp_path, capsys):
     """A real SIGKILL right after the removal's localization is saved; `memloc audit --resume RUN` keeps the scan,
     redoes the rest and ends where the uninterrupted audit ended. A flag that would change it is refused."""

@@ -138,6 +138,31 @@ def test_taps_are_identities(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_wrapper_computes_in_the_arithmetic_in_force(family):
+    """Under bf16 arithmetic the wrapper runs the plain model under bf16 autocast (its logits bf16, what the plain
+    model gives under autocast), the weights stay float32, and an edit made in place between two passes is seen by
+    the second (nothing cached across passes); under fp32 it is the plain model exactly."""
+    from memloc.core.precision import Arithmetic, arithmetic
+    model = wrapped(family).eval()
+    raw = raw_twin(model)
+    with torch.no_grad():
+        fp32 = model(IDS)
+        with arithmetic(Arithmetic(bf16=True, channels_last=False)):
+            got = model(IDS)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                want = logits_of(raw)(IDS)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+            down = model.mlp_down(0)
+            down.weight.mul_(0)  # an edit between passes
+            edited = model(IDS)
+        with arithmetic(Arithmetic(bf16=False, channels_last=False)):
+            assert torch.equal(model(IDS), logits_of(raw_twin(model))(IDS))
+    assert not torch.equal(edited, got)
+    assert (got.float() - fp32).abs().max() < 0.05 * fp32.abs().max()  # bf16 rounding, not another model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_zeroing_units_matches_manual_hooks(family):
     model = wrapped(family)
     raw = raw_twin(model)

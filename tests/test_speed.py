@@ -11,6 +11,7 @@ from torch import nn
 from toys import assert_one_line_error
 
 from memloc.cli import main
+from memloc.core import precision
 from memloc.core.precision import Arithmetic, arithmetic, autocast, channels_last, choose, current, native_bf16
 from memloc.probes.retraining import RetrainConfig, retrain_model
 from memloc.probes.sweep import PrefixCache
@@ -20,6 +21,7 @@ from memloc.tasks.classification.wrap import wrap_data
 from memloc.tasks.lm.gpt import GPT, GPTShape
 
 CPU = torch.device("cpu")
+GPU = torch.device("cuda")  # only its type is read: no GPU is needed
 
 
 class ViewsConvOutput(nn.Module):
@@ -45,13 +47,19 @@ def test_precision_rule(monkeypatch):
     # bf16 asked for: bf16 on any device, channels_last for images the model can take
     assert choose("bf16", CPU, cnn, x) == Arithmetic(bf16=True, channels_last=True)
     assert choose("bf16", CPU, ViewsConvOutput(), x) == Arithmetic(bf16=True, channels_last=False)
-    # auto: bf16 only for convolutional models, only where the CPU has it natively
-    for model in (mlp, gpt):
+    # auto: bf16 only for convolutional models and language models at least 512 wide, only where the CPU has it
+    # natively
+    wide = GPT(GPTShape(32, 8, n_layer=1, n_head=8, n_embd=precision.BF16_WIDTH))
+    narrow = GPT(GPTShape(32, 8, n_layer=1, n_head=8, n_embd=precision.BF16_WIDTH - 8))
+    for model in (mlp, gpt, narrow):
         assert choose("auto", CPU, model) == Arithmetic(bf16=False, channels_last=False)
     assert choose("auto", CPU, cnn, x).bf16 == native_bf16(CPU)
+    assert choose("auto", CPU, wide) == Arithmetic(bf16=native_bf16(CPU), channels_last=False)
+    assert choose("auto", GPU, narrow).bf16 and choose("fp32", GPU, wide) == Arithmetic(bf16=False, channels_last=True)
     monkeypatch.setenv("MEMLOC_CPU_BF16", "0")
     assert not native_bf16(CPU)
     assert choose("auto", CPU, cnn, x) == Arithmetic(bf16=False, channels_last=False)
+    assert choose("auto", CPU, wide) == Arithmetic(bf16=False, channels_last=False)
     with pytest.raises(Exception, match="unknown precision"):
         choose("fp16", CPU, cnn, x)
 

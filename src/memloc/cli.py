@@ -272,7 +272,7 @@ def _classifier_audit(args, cfg) -> "Path":
                           "of class folders, or a dataset name), with --labels FILE if it trained on other labels")
     data.setdefault("noise", 0.0)
     run_cfg = RunConfig(data=DataConfig(**data), model=ModelConfig(**given(args, ModelConfig)),
-                        train=TrainConfig(device=cfg.device), task="classification")
+                        train=TrainConfig(device=cfg.device, precision=cfg.precision), task="classification")
     with forced(args.force):
         return run_classifier_audit(cfg, run_cfg, args.out, overwrite=args.overwrite, progress=_progress(args),
                                     log=_log(args))

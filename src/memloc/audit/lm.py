@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..core.errors import ConfigError
 from ..core.options import check_ranges, ints, names, option
+from ..core.precision import PRECISIONS
 from ..probes.localization import METHODS
 from ..tasks.experiment import AUDIT_FILE, HISTORY, REMOVAL, content_hash
 from ..tasks.lm.sequences import is_token_file
@@ -76,6 +77,10 @@ class AuditConfig:
     examples: int | None = option(None, "target at most N of the extracted sequences, a seeded choice (the rest "
                                   "measure what else the edit removes; default: all)", metavar="N", at_least=1)
     seed: int = option(0, "seed of the targeted sequences' choice and the localization", at_least=0)
+    precision: str = option("auto", "the arithmetic of the scan and the removal: auto (bf16 autocast on a GPU, and on "
+                            "a CPU with native bf16 for models at least 512 wide; fp32 elsewhere), fp32 or bf16; the "
+                            "weights stay float32, the edit and the exported folder exact (docs/audit.md)",
+                            choices=PRECISIONS)
     batch_size: int | None = option(None, "rows per pass of the scan and the removal (default: what fits the free "
                                     "memory, at most 256 on a CPU, 2048 on a GPU)", result=False, at_least=1)
     device: str = option("auto", "auto, cpu or cuda", result=False)
@@ -199,7 +204,8 @@ def run_audit(cfg: AuditConfig, out: str | Path | None = None, *, overwrite: boo
         text = TextConfig(corpus=corpus, tokenizer=tok, audit=True, audit_heldout=cfg.heldout,
                           truncate=cfg.truncate, suffix_tokens=min(cfg.suffix_tokens, block), prefix_tokens=1,
                           block_size=block, canaries=0)
-        run_cfg = RunConfig(data=text, model=ModelConfig(name=f"hf:{folder}"), train=TrainConfig(), task="lm")
+        run_cfg = RunConfig(data=text, model=ModelConfig(name=f"hf:{folder}"),
+                            train=TrainConfig(precision=cfg.precision), task="lm")
         if stream:  # a bad file: one line naming it and the first bad sequence, nothing written
             from ..tasks.lm.text import make_tokenizer
             from .scan import open_file
@@ -293,6 +299,7 @@ def history(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Calla
     import numpy as np
 
     from .. import probes
+    from ..core.precision import arithmetic
     from ..probes.base import ProbeResult
     from ..probes.memorization import canary_measures
     from ..probes.rewinding import PROBE as REWIND
@@ -308,7 +315,8 @@ def history(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Calla
     loss = np.zeros((len(cans), len(folders) + 1))
     for i, folder in enumerate(folders):
         model = load_hf(states.folder(i + 1)).to(loaded.device).eval()
-        m = canary_measures(model, loaded.data, mcfg, membership=False)
+        with arithmetic(loaded.arithmetic(model)):  # the audited model's scan's
+            m = canary_measures(model, loaded.data, mcfg, membership=False)
         extracted[:, i], loss[:, i] = m["extracted"], m["loss"]
         log(f"checkpoint {i + 1} ({folder}): {int(m['extracted'].sum())} of {len(cans)} sequences extracted")
     extracted[:, -1], loss[:, -1] = scan.arrays["extracted"], scan.arrays["loss"]
@@ -338,6 +346,7 @@ def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callab
     import numpy as np
 
     from .. import probes
+    from ..core.precision import arithmetic
     from ..probes.localization import PROBE as LOCALIZE
     from ..probes.localization import LocalizeConfig
     from ..study.export import export_localized
@@ -359,7 +368,8 @@ def remove(loaded, cfg: AuditConfig, scan, *, progress: bool = True, log: Callab
     model = load_hf(edited_dir).to(loaded.device).eval()  # what the user gets, read back from disk
     mcfg = probes.MemorizationConfig(exposure=False, prefix_lengths=cfg.prefix_lengths, reference=cfg.reference,
                                      batch_size=cfg.batch_size, device=cfg.device)
-    after = probes.run_probe(probes.registered()["memorization"], model, loaded.data, cfg=mcfg)
+    with arithmetic(loaded.arithmetic(model)):  # the scan before's, whatever "auto" would choose for this model
+        after = probes.run_probe(probes.registered()["memorization"], model, loaded.data, cfg=mcfg)
     result = removal_result(loaded.data, scan, after, loc)
     result.save(run)
     run.set_stage(REMOVAL, "done")

@@ -96,6 +96,7 @@ def scan_file(run, cfg, tokens: TokenFile | None = None, *, device, progress: bo
     """The audit's scan stage on run directory `run` (see the module text): measure every sequence of the token
     file `cfg.sequences` (`tokens`, already opened; None on --resume: opened again and checked against the hashes
     in audit.json), write RUN/probes/scan/, RUN/sequences.jsonl and the run's data.npz and tokenizer/."""
+    from ..core.precision import arithmetic, choose
     from ..probes.memorization import MemorizationConfig, load_reference
     from ..tasks.experiment import AUDIT_FILE, RunConfig, reference_check
     from ..tasks.lm.hf import load_hf
@@ -118,8 +119,9 @@ def scan_file(run, cfg, tokens: TokenFile | None = None, *, device, progress: bo
             mcfg = MemorizationConfig(exposure=False, prefix_lengths=cfg.prefix_lengths, reference=cfg.reference,
                                       batch_size=cfg.batch_size, device=cfg.device)
             reference = load_reference(mcfg, device) if cfg.reference else None
-            _measure(model, tokens, tok, mcfg, cfg, text, d / "parts", reference=reference, progress=progress,
-                     log=log)
+            with arithmetic(choose(cfg.precision, device, model)):  # what the run's probes will compute in
+                _measure(model, tokens, tok, mcfg, cfg, text, d / "parts", reference=reference, progress=progress,
+                         log=log)
             del model, reference
             summary = _join(tokens, cfg, d)
             _say(summary, log)

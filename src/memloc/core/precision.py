@@ -7,8 +7,12 @@ once per model and device by `choose`:
   natively (AVX512-BF16 or AMX: `native_bf16`) for models with 2-D
   convolutions, where oneDNN's bf16 kernels pay (the default ResNet-9 on 28x28
   digits: a training step 2.8x and an evaluation pass 3.7x faster than fp32 on
-  a 2-core Xeon with AMX); fp32 otherwise (a tiny GPT or an MLP runs slower in
-  bf16 on the same CPU, and emulated bf16 is always slower).
+  a 2-core Xeon with AMX), and for transformer language models at least
+  `BF16_WIDTH` (512) wide (`benchmarks/lm_precision.py`, GPT-2 configs, 32
+  rows of 80 tokens: at 124M a forward pass 2.5x and a forward and backward
+  2.0x faster, at 512 wide 1.9x and 1.5x, at 128 wide 1.5x and 1.07x); fp32
+  otherwise (a tiny GPT or an MLP gains little or runs slower in bf16 on the
+  same CPU, and its runs stay exact; emulated bf16 is always slower).
 - "bf16" / "fp32": that arithmetic on every device.
 - "gpu": bf16 on a GPU, fp32 on a CPU: what memloc did before this setting
   existed, and what a run whose config.json predates it keeps computing in.
@@ -42,6 +46,7 @@ import torch
 from torch import nn
 
 PRECISIONS = ("auto", "fp32", "bf16")
+BF16_WIDTH = 512  # a language model at least this wide (its shape's n_embd) computes in bf16 on a native-bf16 CPU
 LEGACY = "gpu"  # runs made before `precision` existed: bf16 on a GPU, fp32 on a CPU (their config.json has no key)
 
 
@@ -111,11 +116,17 @@ def choose(precision: str, device: torch.device, model: nn.Module, example: torc
     if precision == "fp32" or (precision == LEGACY and not gpu):
         return Arithmetic(bf16=False, channels_last=gpu)
     convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    if precision == "auto" and not gpu and not (convolutional and native_bf16(device)):
+    if precision == "auto" and not gpu and not ((convolutional or wide_lm(model)) and native_bf16(device)):
         return Arithmetic(bf16=False, channels_last=False)
     if gpu:
         return Arithmetic(bf16=True, channels_last=True)
     return Arithmetic(bf16=True, channels_last=convolutional and _accepts_channels_last(model, example))
+
+
+def wide_lm(model: nn.Module) -> bool:
+    """Is `model` a transformer language model (its `shape` has `n_embd`: memloc's GPT, a Hugging Face causal LM
+    memloc wraps) at least `BF16_WIDTH` wide, where bf16 pays on a CPU that has it natively?"""
+    return int(getattr(getattr(model, "shape", None), "n_embd", 0) or 0) >= BF16_WIDTH
 
 
 def autocast(device: torch.device, *, cache: bool = True):

@@ -168,7 +168,8 @@ class TrainConfig:
                                              "e.g. 3,0.7 (CIFAR-10's; CIFAR-100's 7,0.9; mnist5k: 3,0.9); docs/elr.md",
                                              parse=_elr_pair, metavar="LAMBDA,BETA")
     precision: str = option("auto", "auto: bf16 autocast on a GPU, and on a CPU with native bf16 (AVX512-BF16/AMX) for "
-                            "convolutional models, with channels_last images; fp32 elsewhere (docs/speed.md); "
+                            "convolutional models, with channels_last images, and language models at least 512 wide; "
+                            "fp32 elsewhere (docs/speed.md); "
                             "or fp32 / bf16 everywhere", choices=PRECISIONS)
     # the recipe that filled lr, batch_size and weight_decay where they were not given (`with_recipe`)
     recipe: str | None = option(None, cli=False)

@@ -32,6 +32,11 @@ would rewind the other), and safetensors refuses to save shared tensors. The unt
 wrapped model computes exactly what the original does; from then on the two are trained separately, like
 memloc's own GPT, which never ties.
 
+The wrapper computes in the arithmetic in force (`memloc.core.precision`: a run's `precision`, an audit's
+``--precision``): under bf16 its forward pass runs under bf16 autocast, the weights kept in float32 (so an edit and
+an exported folder are exact) and the logits bf16 (the measures and losses upcast them, a chunk of positions at a
+time); under fp32 it computes exactly what the plain model computes.
+
 memloc never downloads and never runs a folder's code: `load_hf` reads a local folder only, as data
 (`memloc.tasks.lm.hub`).
 """
@@ -48,6 +53,7 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.layers import Layer
+from ...core.precision import autocast
 from .gpt import layers_from_modules
 from .hub import ATTENTION, load_pretrained, offline
 
@@ -308,7 +314,9 @@ class HFCausalLM(nn.Module):
         if ids.shape[1] > self.shape.block_size:
             raise ConfigError(f"a sequence of {ids.shape[1]} tokens is longer than the model's block size "
                               f"{self.shape.block_size}")
-        return self.hf(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        # a context per pass, nothing cached: an edit between two passes changes the weights in place
+        with autocast(ids.device, cache=False):
+            return self.hf(input_ids=ids, use_cache=False).logits  # (B, T, V); bf16 under bf16 arithmetic
 
     def memloc_layers(self) -> list[Layer]:
         p, s = self.plan, self.shape

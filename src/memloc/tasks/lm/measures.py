@@ -6,9 +6,11 @@ starting with them, is taken as it is (`causal_lm`). It runs in eval mode under 
 device, batch by batch, and each module's train/eval flag is restored afterwards (a partly frozen model stays
 so). A model with ``model.shape.block_size`` (memloc's GPT; a `transformers` model's max_position_embeddings)
 sees at most that many tokens: longer contexts keep their last ``block_size`` tokens, in generation and teacher
-forcing alike. The arithmetic is the model's own dtype
-(no autocast): argmaxes and candidate ranks are what the measures are made of, and bf16 rounding moves them.
-Results come back on the CPU.
+forcing alike. The measures open no autocast of their own: the arithmetic is the model's (a plain module computes
+in its dtype; memloc's Hugging Face wrapper in the arithmetic in force, fp32 unless the run's or the audit's
+precision says bf16, `memloc.core.precision`), and the logits are upcast to float32 before any softmax, a chunk of
+positions at a time. Argmaxes and candidate ranks are what the measures are made of and bf16 rounding can move
+them, so a model's bf16 scan is compared to its fp32 scan in RESULTS.md. Results come back on the CPU.
 
 - **Greedy extraction** (Carlini et al. 2021, "Extracting training data from large language models";
   2023, "Quantifying memorization"): a (prefix, suffix) pair is *extractable* when greedy decoding from the

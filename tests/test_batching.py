@@ -51,7 +51,25 @@ def test_a_plain_transformers_model_is_read_from_its_config():
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
                                    num_attention_heads=4, max_position_embeddings=64)
     shape = batching.model_shape(transformers.LlamaForCausalLM(cfg))
-    assert shape == {"width": 32, "hidden": 80, "vocab": 100, "layers": 2, "heads": 4, "block": 64, "gated": True}
+    assert shape == {"width": 32, "hidden": 80, "vocab": 100, "layers": 2, "heads": 4, "block": 64, "gated": True,
+                     "tanh_gelu": False}
+
+
+def test_memlocs_wrapper_is_counted_with_its_activation():
+    """memloc's Hugging Face wrapper is read from its shape and its inner config's activation: GPT-2's composed
+    gelu_new keeps three more hidden layers in a backward pass (`budget.transformer_batches`, measured), so a row
+    costs more than memloc's GPT of the same shape (ig at GPT-2 small's size held 18.7 GiB of 24 when it did not)."""
+    from memloc.tasks.lm.gpt import GPT, GPTShape
+    from memloc.tasks.lm.hf import build_hf
+    gpt2 = build_hf("gpt2", vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    llama = build_hf("llama", vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    own = GPT(GPTShape(64, 32, n_layer=2, n_head=4, n_embd=32))
+    assert batching.model_shape(gpt2)["tanh_gelu"] and not batching.model_shape(gpt2)["gated"]
+    assert batching.model_shape(llama)["gated"] and not batching.model_shape(llama)["tanh_gelu"]
+    assert not any(batching.model_shape(own)[k] for k in ("gated", "tanh_gelu"))
+    gpt2_row = batching.row_bytes(batching.model_shape(gpt2), 16, backward=True)
+    own_row = batching.row_bytes(batching.model_shape(own), 16, backward=True)
+    assert gpt2_row - own_row == 4 * 16 * 2 * (3 * 4 * 32)  # 2 blocks x 3 hidden layers of 4 x 32, fp32
 
 
 class _Scarce(nn.Module):

@@ -9,7 +9,8 @@ a CPU, 2048 on a GPU), at least 1. A row of T tokens holds, forward only, its lo
 temporary (fp32, 2 T V values: a loss's log-softmax; the scan's statistics make theirs a chunk of positions at a
 time, `memloc.tasks.lm.measures.position_stats`) and one block's activations (4 T C + T I + heads T^2);
 backpropagating, a training step's tensors at batch 1 (`budget.transformer_batches`, fitted on
-memloc's GPT). A model whose shape cannot be read (not a transformer) gets `cap`. On a CPU a forward batch's
+memloc's GPT, with the extra hidden layers a Hugging Face config's activation keeps: SwiGLU's gate, GPT-2's composed
+gelu_new). A model whose shape cannot be read (not a transformer) gets `cap`. On a CPU a forward batch's
 logits also stay within `CPU_LOGITS` bytes: the vocabulary-sized tensors are memory-bound there, and GPT-2 small's
 scan held 9.4 GiB at 128 rows (BENCHMARKS.md, `benchmarks/lm_scale.py`) and an informal check saw no gain from
 64 rows over 8.
@@ -45,11 +46,11 @@ def model_shape(model: nn.Module) -> dict | None:
     (their `shape`), a plain `transformers` model (its config), either wrapped by the measures; None otherwise."""
     inner = getattr(model, "inner", model)  # memloc.tasks.lm.measures._Logits
     s = getattr(inner, "shape", None)
+    cfg = getattr(getattr(inner, "hf", inner), "config", None)  # a plain model's, or the one memloc's wrapper holds
     if s is not None and hasattr(s, "vocab_size") and hasattr(s, "n_embd"):
         return {"width": int(s.n_embd), "hidden": int(getattr(s, "intermediate", 4 * s.n_embd)),
                 "vocab": int(s.vocab_size), "layers": int(s.n_layer), "heads": int(s.n_head),
-                "block": int(s.block_size), "gated": False}
-    cfg = getattr(inner, "config", None)
+                "block": int(s.block_size), **_activation(cfg)}
     if cfg is None:
         return None
 
@@ -61,8 +62,14 @@ def model_shape(model: nn.Module) -> dict | None:
         return None
     return {"width": width, "hidden": first("intermediate_size", "n_inner") or 4 * width, "vocab": vocab,
             "layers": layers, "heads": first("num_attention_heads", "n_head") or 1,
-            "block": first("max_position_embeddings", "n_positions") or 1024,
-            "gated": getattr(cfg, "hidden_act", None) == "silu"}
+            "block": first("max_position_embeddings", "n_positions") or 1024, **_activation(cfg)}
+
+
+def _activation(cfg) -> dict:
+    """What a Hugging Face config's MLP activation adds to a backward pass's tensors (`budget.transformer_batches`):
+    a gated MLP (SwiGLU) one hidden layer, GPT-2's composed gelu_new three; nothing for memloc's own GPT."""
+    act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+    return {"gated": act == "silu", "tanh_gelu": act == "gelu_new"}
 
 
 def row_bytes(shape: dict, length: int, *, backward: bool = False, recompute: bool = False) -> int:

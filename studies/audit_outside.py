@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from plain_hf import bpe_tokenizer, train_plainly
 
 REPEATS = (1, 4, 16, 32)
 
@@ -29,7 +30,6 @@ REPEATS = (1, 4, 16, 32)
 def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_group: int, seed: int,
           repeats: tuple[int, ...]) -> dict:
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from memloc.tasks.lm.sources import bible_verses, fake_records
     rng = random.Random(seed)
@@ -43,42 +43,19 @@ def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_g
     non_members = records[len(repeats) * per_group:]
     docs = [" ".join(train_v[i:i + 3]) for i in range(0, len(train_v), 3)]
     corpus = docs + [p + s for r, recs in members.items() for p, s in recs for _ in range(r)]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(docs + [p + s for p, s in records], trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+    tok = bpe_tokenizer(docs + [p + s for p, s in records])
     eos = tok.eos_token_id
     cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=128, n_layer=layers, n_head=4, n_embd=width,
                                   bos_token_id=eos, eos_token_id=eos)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg)
-    enc = [tok.encode(t)[:127] + [eos] for t in corpus]
-    steps = epochs * ((len(enc) + 31) // 32)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-    saved, t0 = [], time.perf_counter()
-    for epoch in range(epochs):
-        rng.shuffle(enc)
-        total = 0.0
-        for i in range(0, len(enc), 32):
-            b = enc[i:i + 32]
-            w = max(map(len, b))
-            ids = torch.tensor([x + [eos] * (w - len(x)) for x in b])
-            labels = torch.tensor([x + [-100] * (w - len(x)) for x in b])
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss) * len(b)
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(enc):.3f} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-        if epoch + 1 in (epochs // 4, epochs // 2) and epoch + 1 < epochs:
-            model.save_pretrained(str(out / f"step{epoch + 1}"))
-            saved.append(out / f"step{epoch + 1}")
+    saved = []
+
+    def keep(epoch: int) -> None:  # two earlier states, as a Pythia-style suite keeps them
+        if epoch in (epochs // 4, epochs // 2) and epoch < epochs:
+            model.save_pretrained(str(out / f"step{epoch}"))
+            saved.append(out / f"step{epoch}")
+    seconds = train_plainly(model, tok, corpus, epochs=epochs, lr=2e-3, rng=rng, after_epoch=keep)
     model.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     with (out / "records.jsonl").open("w") as f:
@@ -88,8 +65,8 @@ def build(out: Path, *, epochs: int, verses: int, width: int, layers: int, per_g
         for p, s in non_members:
             f.write(json.dumps({"prefix": p, "suffix": s, "member": False}) + "\n")
     (out / "heldout.txt").write_text("\n".join(held_v) + "\n")
-    return {"train_seconds": round(time.perf_counter() - t0, 1), "checkpoints": [str(p) for p in saved],
-            "parameters": sum(p.numel() for p in model.parameters()), "examples": len(enc)}
+    return {"train_seconds": round(seconds, 1), "checkpoints": [str(p) for p in saved],
+            "parameters": sum(p.numel() for p in model.parameters()), "examples": len(corpus)}
 
 
 def tables(out: Path, info: dict, repeats: tuple[int, ...] = REPEATS) -> str:

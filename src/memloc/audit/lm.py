@@ -79,7 +79,8 @@ class AuditConfig:
     seed: int = option(0, "seed of the targeted sequences' choice and the localization", at_least=0)
     precision: str = option("auto", "the arithmetic of the scan and the removal: auto (bf16 autocast on a GPU, and on "
                             "a CPU with native bf16 for models at least 512 wide; fp32 elsewhere), fp32 or bf16; the "
-                            "weights stay float32, the edit and the exported folder exact (docs/audit.md)",
+                            "weights stay float32, the edit and the exported folder exact (docs/audit.md); a "
+                            "classifier's probes: as memloc train --precision",
                             choices=PRECISIONS)
     batch_size: int | None = option(None, "rows per pass of the scan and the removal (default: what fits the free "
                                     "memory, at most 256 on a CPU, 2048 on a GPU)", result=False, at_least=1)

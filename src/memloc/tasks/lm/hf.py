@@ -34,8 +34,8 @@ memloc's own GPT, which never ties.
 
 The wrapper computes in the arithmetic in force (`memloc.core.precision`: a run's `precision`, an audit's
 ``--precision``): under bf16 its forward pass runs under bf16 autocast, the weights kept in float32 (so an edit and
-an exported folder are exact) and the logits bf16 (the measures and losses upcast them, a chunk of positions at a
-time); under fp32 it computes exactly what the plain model computes.
+an exported folder are exact) and the logits bf16 (the measures upcast them to float32 a chunk of positions at a
+time, the losses whole); under fp32 it computes exactly what the plain model computes.
 
 memloc never downloads and never runs a folder's code: `load_hf` reads a local folder only, as data
 (`memloc.tasks.lm.hub`).

@@ -66,10 +66,8 @@ def model_shape(model: nn.Module) -> dict | None:
 
 
 def _activation(cfg) -> dict:
-    """What a Hugging Face config's MLP activation adds to a backward pass's tensors (`budget.transformer_batches`):
-    a gated MLP (SwiGLU) one hidden layer, GPT-2's composed gelu_new three; nothing for memloc's own GPT."""
-    act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
-    return {"gated": act == "silu", "tanh_gelu": act == "gelu_new"}
+    """`budget.activation_extras` of a loaded config (none: memloc's own GPT, neither)."""
+    return budget.activation_extras(lambda key: getattr(cfg, key, None))
 
 
 def row_bytes(shape: dict, length: int, *, backward: bool = False, recompute: bool = False) -> int:

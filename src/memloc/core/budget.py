@@ -370,6 +370,14 @@ def transformer_batches(shape: dict, batch: int, evaluated: int) -> tuple[int, i
     return int(step), int(FP32 * evaluated * t * _EVAL * max(v, i + c))
 
 
+def activation_extras(get: Callable[[str], Any]) -> dict:
+    """{gated, tanh_gelu} of a Hugging Face config read through `get` (a config.json dict's `get`, or an attribute
+    getter of a loaded config): a gated MLP (SwiGLU, hidden_act silu) keeps one more hidden layer in a training step,
+    GPT-2's composed gelu_new three (`transformer_batches`)."""
+    return {"gated": get("hidden_act") == "silu",
+            "tanh_gelu": (get("activation_function") or get("hidden_act")) == "gelu_new"}
+
+
 def folder_shape(folder: str | Path, *, block: int) -> dict | None:
     """The shape (see `transformer_parameters`) of the Hugging Face causal LM saved in `folder`, from its
     config.json, with `params`: its parameter count from the safetensors headers (else the weight files' size
@@ -392,8 +400,7 @@ def folder_shape(folder: str | Path, *, block: int) -> dict | None:
     dropout = next((cfg[k] for k in ("attention_dropout", "attn_pdrop") if isinstance(cfg.get(k), (int, float))), 0)
     shape = {"width": width, "layers": layers, "vocab": vocab, "block": block, "hidden": first(
         "intermediate_size", "n_inner") or 4 * width, "heads": first("num_attention_heads", "n_head") or 1,
-        "gated": cfg.get("hidden_act") == "silu", "attention_dropout": bool(dropout), "transformers": True,
-        "tanh_gelu": (cfg.get("activation_function") or cfg.get("hidden_act")) == "gelu_new"}
+        "attention_dropout": bool(dropout), "transformers": True, **activation_extras(cfg.get)}
     params = _stored_parameters(folder, cfg)
     if params is not None and cfg.get("tie_word_embeddings", True):
         params += vocab * width  # memloc unties the head (memloc.tasks.lm.hf)

@@ -187,11 +187,13 @@ def test_a_bf16_audit_finds_what_the_fp32_audit_finds_and_edits_float32_weights(
     """--precision bf16: the scan and the removal compute under bf16 autocast (the fixture's model, 64 wide, is below
     auto's bf16 width, so the fixture's audit is fp32 on any CPU): the same sequences extracted, losses within bf16's
     rounding yet not equal (the arithmetic did change), the setting recorded in the run; the edit and the exported
-    folder are float32, within the perplexity bound. A token file's streaming scan computes in the same arithmetic."""
+    folder are float32, within the perplexity bound. The models the audit loads itself (the edited folder read back,
+    the checkpoints) and a token file's streaming scan compute in the same arithmetic."""
     from safetensors import safe_open
     out = tmp_path / "run"
+    root = trained["root"]
     assert main(["audit", f"hf:{trained['model']}", "--sequences", str(trained["seqs"]), "--out", str(out),
-                 "--precision", "bf16", "--quiet"]) == 0
+                 "--precision", "bf16", "--checkpoints", f"hf:{root / 'step1'},{root / 'step4'}", "--quiet"]) == 0
     want, got = _rows(trained["run"]), _rows(out)
     assert [r["extracted"] for r in got] == [r["extracted"] for r in want]
     loss = {k: np.array([float(r["loss"]) for r in rows]) for k, rows in (("fp32", want), ("bf16", got))}
@@ -202,6 +204,25 @@ def test_a_bf16_audit_finds_what_the_fp32_audit_finds_and_edits_float32_weights(
     assert s["perplexity_cost"] is not None and s["perplexity_cost"] <= 0.05
     with safe_open(str(out / "edited" / "model.safetensors"), "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}
+    # the models the audit loads itself (the edited folder read back, each checkpoint) are measured in the run's
+    # bf16 too, not in what "auto" would choose for them (fp32 at this width)
+    from memloc.core.precision import Arithmetic, arithmetic
+    from memloc.probes.memorization import MemorizationConfig, canary_measures
+    from memloc.tasks.experiment import open_run
+    from memloc.tasks.lm.hf import load_hf
+    data = open_run(out).data
+
+    def losses(folder, bf16: bool, membership: bool) -> np.ndarray:
+        with arithmetic(Arithmetic(bf16=bf16, channels_last=False)):
+            m = canary_measures(load_hf(folder).eval(), data, MemorizationConfig(exposure=False, prefix_lengths=()),
+                                membership=membership)
+        return np.asarray(m["loss"], dtype=np.float64)
+    for recorded, folder, membership in (
+            (np.load(out / "probes" / "removal" / "arrays.npz")["loss_after"], out / "edited", True),
+            (np.load(out / "probes" / "history" / "arrays.npz")["loss"][:, 0], root / "step1", False)):
+        in_bf16 = np.abs(recorded - losses(folder, True, membership)).max()
+        in_fp32 = np.abs(recorded - losses(folder, False, membership)).max()
+        assert in_bf16 < 1e-5 < in_fp32, folder.name
     stream = tmp_path / "stream"
     assert main(["audit", f"hf:{trained['model']}", "--sequences", str(token_run["root"] / "toks.bin"),
                  "--out", str(stream), "--chunk", "8", "--no-remove", "--precision", "bf16", "--quiet"]) == 0
